@@ -1,0 +1,30 @@
+"""Errors the library raises for things a user wrote: specs, recipes, data, flags.
+
+Every message names the file, the field (as a path such as ``layers[2].prior.scale``) or
+the value at fault and says what was expected. The CLI turns these into exit status 2.
+"""
+
+
+class PyroSparseError(Exception):
+    """Base class for every error caused by user input."""
+
+
+class SpecError(PyroSparseError, ValueError):
+    """A model spec or inference recipe is invalid.
+
+    ``source`` is the file (or ``<dict>``), ``path`` the location inside it.
+    """
+
+    def __init__(self, message, source=None, path=None):
+        self.source = source
+        self.path = path
+        where = ": ".join(p for p in (source, path) if p)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class DataError(PyroSparseError, ValueError):
+    """A data set or data file is unusable (missing arrays, NaN, bad labels, ...)."""
+
+
+class CheckpointError(PyroSparseError):
+    """A checkpoint or saved model cannot be read safely."""
