@@ -1,0 +1,293 @@
+"""Data sets that work offline, and loaders for users' files.
+
+Built in:
+
+* ``digits``: scikit-learn's bundled 8x8 digits (1797 images), features scaled to [0, 1],
+  a fixed stratified 80/20 train/test split. Flat vectors of 64; ``image_shape`` (1, 8, 8).
+* ``mnist1d``: MNIST-1D (Greydanus 2020) generated locally with ``mnist1d.data.make_dataset``
+  (never its download path): 4000/1000 sequences of length 40.
+* ``sparse-regression``: y = X beta + noise with a known sparse support (``true_support``).
+
+Users' files: ``.npz`` (``x_train``, ``y_train`` [, ``x_test``, ``y_test``]), ``.csv`` with a
+header and a ``target`` column, and MNIST-format IDX files (a directory holding
+``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
+``t10k-labels-idx1-ubyte``, each optionally gzipped). Every loader checks what it reads and
+raises :class:`~pyro_sparse.errors.DataError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+BUILTIN = ("digits", "mnist1d", "sparse-regression")
+
+
+@dataclass
+class Dataset:
+    """Train/test tensors plus what a network needs to size itself."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    task: str  # "classification" | "regression"
+    num_outputs: int  # classes, or regression targets
+    image_shape: tuple | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def feature_shape(self) -> tuple:
+        return tuple(self.x_train.shape[1:])
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the arrays: identifies the data a run saw."""
+        h = hashlib.sha256()
+        for t in (self.x_train, self.y_train, self.x_test, self.y_test):
+            a = t.detach().cpu().contiguous().numpy()
+            h.update(str(a.shape).encode())
+            h.update(a.tobytes())
+        return h.hexdigest()
+
+    def to(self, device):
+        for key in ("x_train", "y_train", "x_test", "y_test"):
+            setattr(self, key, getattr(self, key).to(device))
+        return self
+
+
+def _split(x, y, test_fraction, seed, stratify):
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(x, y, test_size=test_fraction, random_state=seed,
+                            stratify=y if stratify else None)
+
+
+def _finish(name, x_train, y_train, x_test, y_test, task, num_outputs=None, image_shape=None, source=None,
+            extras=None):
+    """Validate arrays and turn them into a :class:`Dataset`."""
+    src = source or name
+    arrays = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+    for key, a in arrays.items():
+        if a.size == 0 or len(a) == 0:
+            raise DataError(f"{src}: {key} is empty")
+        if not np.issubdtype(a.dtype, np.number) and a.dtype != bool:
+            raise DataError(f"{src}: {key} must be numeric, got dtype {a.dtype}")
+        if not np.all(np.isfinite(a.astype(np.float64))):
+            bad = int(np.sum(~np.isfinite(a.astype(np.float64))))
+            raise DataError(f"{src}: {key} contains {bad} NaN or infinite value(s)")
+    for split in ("train", "test"):
+        if len(arrays[f"x_{split}"]) != len(arrays[f"y_{split}"]):
+            raise DataError(f"{src}: x_{split} has {len(arrays[f'x_{split}'])} rows but y_{split} has "
+                            f"{len(arrays[f'y_{split}'])}")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(f"{src}: x_train rows have shape {x_train.shape[1:]} but x_test rows {x_test.shape[1:]}")
+    if task == "classification":
+        for key in ("y_train", "y_test"):
+            y = arrays[key].astype(np.float64)
+            if y.ndim != 1:
+                raise DataError(f"{src}: {key} must be a vector of class labels, got shape {y.shape}")
+            if np.any(y != np.round(y)):
+                raise DataError(f"{src}: {key} has non-integer class labels")
+        classes = num_outputs if num_outputs is not None else int(max(y_train.max(), y_test.max())) + 1
+        for key in ("y_train", "y_test"):
+            y = arrays[key]
+            if y.min() < 0 or y.max() >= classes:
+                raise DataError(f"{src}: {key} has labels outside 0..{classes - 1} "
+                                f"(found {int(y.min())}..{int(y.max())})")
+        to_y = lambda y: torch.as_tensor(np.asarray(y, dtype=np.int64))  # noqa: E731
+        num_outputs = classes
+    else:
+        y_train = y_train.reshape(len(y_train), -1)
+        y_test = y_test.reshape(len(y_test), -1)
+        if y_train.shape[1] != y_test.shape[1]:
+            raise DataError(f"{src}: y_train has {y_train.shape[1]} targets but y_test {y_test.shape[1]}")
+        num_outputs = y_train.shape[1]
+        to_y = lambda y: torch.as_tensor(np.asarray(y, dtype=np.float32))  # noqa: E731
+    to_x = lambda x: torch.as_tensor(np.asarray(x, dtype=np.float32))  # noqa: E731
+    return Dataset(name, to_x(x_train), to_y(y_train), to_x(x_test), to_y(y_test), task, num_outputs,
+                   image_shape, extras or {})
+
+
+# ---------------------------------------------------------------------------- built in
+def load_digits(test_fraction=0.2, seed=0) -> Dataset:
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    x = d.data.astype(np.float32) / 16.0
+    x_train, x_test, y_train, y_test = _split(x, d.target, test_fraction, seed, stratify=True)
+    return _finish("digits", x_train, y_train, x_test, y_test, "classification", 10, image_shape=(1, 8, 8))
+
+
+def load_mnist1d(num_samples=5000, seed=42) -> Dataset:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples, args.seed = num_samples, seed
+    d = make_dataset(args)  # generated locally; never mnist1d's download path
+    return _finish("mnist1d", d["x"], d["y"], d["x_test"], d["y_test"], "classification", 10)
+
+
+def load_sparse_regression(n=600, d=50, k=5, noise=0.5, seed=0, test_fraction=0.2) -> Dataset:
+    """y = X beta + eps, X ~ N(0, I), beta with ``k`` non-zero entries of magnitude 1..3."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    beta = np.zeros(d, dtype=np.float32)
+    support = np.sort(rng.choice(d, size=k, replace=False))
+    beta[support] = rng.uniform(1, 3, size=k) * rng.choice([-1, 1], size=k)
+    y = x @ beta + noise * rng.standard_normal(n).astype(np.float32)
+    x_train, x_test, y_train, y_test = _split(x, y, test_fraction, seed, stratify=False)
+    return _finish("sparse-regression", x_train, y_train, x_test, y_test, "regression",
+                   extras={"true_support": support.tolist(), "true_beta": beta.tolist(), "noise": noise})
+
+
+# ---------------------------------------------------------------------------- files
+def _task_of(y):
+    y = np.asarray(y)
+    if np.issubdtype(y.dtype, np.integer) or y.dtype == bool:
+        return "classification"
+    return "regression"
+
+
+def load_npz(path, test_fraction=0.2, seed=0) -> Dataset:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except ValueError as e:
+        raise DataError(f"{path}: cannot read as .npz without pickles ({e})") from None
+    except Exception as e:  # zipfile.BadZipFile, OSError, EOFError
+        raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    for key in ("x_train", "y_train"):
+        if key not in arrays:
+            raise DataError(f"{path}: missing array {key!r} (found {sorted(arrays)})")
+    has_test = "x_test" in arrays or "y_test" in arrays
+    if has_test and not ("x_test" in arrays and "y_test" in arrays):
+        raise DataError(f"{path}: give both x_test and y_test, or neither")
+    x, y = arrays["x_train"], arrays["y_train"]
+    if len(x) != len(y):
+        raise DataError(f"{path}: x_train has {len(x)} rows but y_train has {len(y)}")
+    if len(x) == 0:
+        raise DataError(f"{path}: x_train is empty")
+    task = _task_of(y)
+    if has_test:
+        x_train, y_train, x_test, y_test = x, y, arrays["x_test"], arrays["y_test"]
+    else:
+        if len(x) < 2:
+            raise DataError(f"{path}: need at least 2 rows to split off a test set")
+        x_train, x_test, y_train, y_test = _split(x, y, test_fraction, seed, stratify=False)
+    num_classes = int(arrays["num_classes"]) if "num_classes" in arrays else None
+    return _finish(os.path.basename(path), x_train, y_train, x_test, y_test, task, num_classes, source=path)
+
+
+def load_csv(path, target, test_fraction=0.2, seed=0) -> Dataset:
+    if not target:
+        raise DataError(f"{path}: a CSV needs --target naming the label column")
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    rows = [r for r in rows if any(c.strip() for c in r)]
+    if not rows:
+        raise DataError(f"{path}: the file is empty")
+    header, body = [h.strip() for h in rows[0]], rows[1:]
+    if target not in header:
+        raise DataError(f"{path}: no column {target!r}; columns are {header}")
+    if not body:
+        raise DataError(f"{path}: no data rows after the header")
+    values = np.empty((len(body), len(header)), dtype=np.float64)
+    for i, row in enumerate(body):
+        if len(row) != len(header):
+            raise DataError(f"{path}: line {i + 2} has {len(row)} fields, the header has {len(header)}")
+        for j, cell in enumerate(row):
+            try:
+                values[i, j] = float(cell)
+            except ValueError:
+                raise DataError(f"{path}: line {i + 2}, column {header[j]!r}: not a number: {cell!r}") from None
+    t = header.index(target)
+    y = values[:, t]
+    x = np.delete(values, t, axis=1)
+    if len(x) < 2:
+        raise DataError(f"{path}: need at least 2 rows to split off a test set")
+    if not np.all(np.isfinite(x)):
+        raise DataError(f"{path}: features contain {int(np.sum(~np.isfinite(x)))} NaN or infinite value(s)")
+    task = "classification" if np.all(np.isfinite(y)) and np.all(y == np.round(y)) else "regression"
+    if task == "classification":
+        y = y.astype(np.int64)
+    x_train, x_test, y_train, y_test = _split(x, y, test_fraction, seed, stratify=False)
+    return _finish(os.path.basename(path), x_train, y_train, x_test, y_test, task, source=path)
+
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path) -> np.ndarray:
+    """Read one IDX file (Y. LeCun's MNIST format), gzipped or not."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read IDX file ({e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = math.prod(shape) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DataError(f"{path}: IDX data has {len(raw) - header} bytes, shape {shape} needs {expected}")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def _find_idx(directory, stem):
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        p = os.path.join(directory, name)
+        if os.path.exists(p):
+            return p
+    raise DataError(f"{directory}: missing IDX file {stem}[.gz]")
+
+
+def load_idx_dir(directory) -> Dataset:
+    parts = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = read_idx(_find_idx(directory, f"{prefix}-images-idx3-ubyte"))
+        labels = read_idx(_find_idx(directory, f"{prefix}-labels-idx1-ubyte"))
+        if images.ndim != 3 or labels.ndim != 1:
+            raise DataError(f"{directory}: {prefix} images must be 3-D and labels 1-D, got "
+                            f"{images.shape} and {labels.shape}")
+        parts[split] = (images.reshape(len(images), -1).astype(np.float32) / 255.0, labels.astype(np.int64))
+    h, w = read_idx(_find_idx(directory, "t10k-images-idx3-ubyte")).shape[1:]
+    return _finish(os.path.basename(os.path.normpath(directory)), *parts["train"], *parts["test"],
+                   "classification", image_shape=(1, h, w), source=directory)
+
+
+def load_dataset(name_or_path: str, target: str | None = None, seed: int = 0) -> Dataset:
+    """A built-in data set by name, or a user's ``.npz`` / ``.csv`` file or IDX directory."""
+    if name_or_path == "digits":
+        return load_digits(seed=seed)
+    if name_or_path == "mnist1d":
+        return load_mnist1d()
+    if name_or_path == "sparse-regression":
+        return load_sparse_regression(seed=seed)
+    path = name_or_path
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file, and not a built-in data set ({', '.join(BUILTIN)})")
+    if os.path.isdir(path):
+        return load_idx_dir(path)
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: the file is empty")
+    if path.endswith(".npz"):
+        return load_npz(path, seed=seed)
+    if path.endswith(".csv"):
+        return load_csv(path, target, seed=seed)
+    raise DataError(f"{path}: unknown data format; expected .npz, .csv or a directory of IDX files")

@@ -1,0 +1,243 @@
+"""Variational families (guides) for Bayesian networks.
+
+* :class:`MeanFieldGuide`: ``q(w) = prod_i N(w_i | mu_i, sigma_i^2)`` on real-valued sites and
+  ``LogNormal`` on positive sites (scales, precisions). It samples ``Normal(loc, scale)``
+  *directly at each site* (unlike Pyro's ``AutoNormal``, which samples an unconstrained copy and
+  a ``Delta``), so ``TraceMeanField_ELBO`` and :class:`~pyro_sparse.elbo.MeanFieldELBO` use the
+  analytic KL, and local reparameterisation can replace the weight draw. The scale is stored
+  as ``log sigma``: the additive parameterisation (theta, log sigma^2) of Sparse VD
+  (Molchanov et al. 2017), so ``log_alpha = log sigma^2 - log theta^2`` is read off directly.
+* :class:`DeltaGuide`: a point mass per site, i.e. MAP estimation with the same model.
+
+Guides discover the model's sites from one prototype run in which each site takes the
+initial value its prior proposes (``infer["ps_init"]``: the usual deterministic initialisation
+for weights), so a fresh mean-field network predicts like a freshly initialised deterministic one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+from pyro.distributions import constraints
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
+from torch import nn
+from torch.distributions import kl_divergence
+
+GUIDES: dict[str, type["Guide"]] = {}
+
+#: documented range of log sigma for every Gaussian/log-normal posterior scale: sigma in
+#: [exp(-12), exp(4)] ~ [6e-6, 55]; keeps log-variances finite (Sparse VD can drive sigma to 0).
+LOG_SCALE_MIN, LOG_SCALE_MAX = -12.0, 4.0
+
+
+def register_guide(name):
+    def wrap(cls):
+        cls.spec_name = name
+        GUIDES[name] = cls
+        return cls
+
+    return wrap
+
+
+def _init_from_prior(site):
+    init = site["infer"].get("ps_init")
+    if init is not None:
+        return init.detach().clone()
+    return init_to_feasible(site)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def _event_support(fn):
+    while isinstance(fn, dist.Independent):
+        fn = fn.base_dist
+    return fn.support
+
+
+def is_positive(support) -> bool:
+    """True for (0, inf) and [0, inf) supports: sites that get a log-normal posterior."""
+    if support is constraints.positive or support is constraints.nonnegative:
+        return True
+    return type(support).__name__ in ("_GreaterThan", "_GreaterThanEq") and float(support.lower_bound) == 0.0
+
+
+def prototype_trace(model, *args, **kwargs):
+    """Trace of ``model`` with every latent site at its initial value (no sampling).
+
+    The observation site is hidden: without ``y`` it would otherwise look latent."""
+    hidden = poutine.block(model, hide=["obs"])
+    with torch.no_grad():
+        return poutine.trace(InitMessenger(_init_from_prior)(hidden)).get_trace(*args, **kwargs)
+
+
+def latent_sites(trace):
+    """Latent sample sites of a trace, in execution order."""
+    return [site for site in trace.nodes.values()
+            if site["type"] == "sample" and not site["is_observed"]
+            and type(site["fn"]).__name__ != "_Subsample"]
+
+
+class Guide(nn.Module):
+    """Base class: set up lazily from the model's first call (or :meth:`setup`)."""
+
+    def __init__(self, model):
+        super().__init__()
+        # stored in a tuple so nn.Module does not register the network as a submodule
+        self._model = (model,)
+        self.sites: dict[str, dict] = {}
+
+    @property
+    def model(self):
+        return self._model[0]
+
+    def setup(self, *args, **kwargs):
+        if self.sites:
+            return self
+        trace = prototype_trace(self.model, *args, **kwargs)
+        for site in latent_sites(trace):
+            self._add_site(site)
+        if not self.sites:
+            raise ValueError("the model has no latent sample sites")
+        return self
+
+    def _add_site(self, site):
+        raise NotImplementedError
+
+    def median(self) -> dict[str, torch.Tensor]:
+        """Point value per site (posterior median), e.g. for deterministic predictions."""
+        raise NotImplementedError
+
+
+@register_guide("meanfield")
+class MeanFieldGuide(Guide):
+    """Fully factorised Gaussian / log-normal guide.
+
+    Args:
+        model: the Pyro model (``net.model``).
+        init_scale: initial posterior standard deviation of weights. The default
+            ``exp(-5)`` gives log sigma^2 = -10, the Sparse VD initialisation.
+        init_scale_hyper: initial log-space standard deviation of positive sites.
+        local_reparam: let analytically tractable weight sites be replaced by their
+            pre-activations when a :class:`~pyro_sparse.local_reparam.LocalReparameterization`
+            handler is active.
+    """
+
+    def __init__(self, model, init_scale: float = math.exp(-5.0), init_scale_hyper: float = 0.1,
+                 local_reparam: bool = True):
+        super().__init__(model)
+        for name, v in (("init_scale", init_scale), ("init_scale_hyper", init_scale_hyper)):
+            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+                raise ValueError(f"MeanFieldGuide {name} must be a positive number, got {v!r}")
+        self.init_scale = float(init_scale)
+        self.init_scale_hyper = float(init_scale_hyper)
+        self.local_reparam = local_reparam
+        self.locs = nn.ParameterDict()
+        self.log_scales = nn.ParameterDict()
+
+    def _add_site(self, site):
+        name, value = site["name"], site["value"]
+        support = _event_support(site["fn"])
+        if support is constraints.real:
+            family, loc, log_scale = "normal", value, math.log(self.init_scale)
+        elif is_positive(support):
+            family, loc, log_scale = "lognormal", value.log(), math.log(self.init_scale_hyper)
+        else:
+            raise NotImplementedError(f"MeanFieldGuide: site {name!r} has support {support}; "
+                                      "only real and positive sites are supported")
+        self.locs[_key(name)] = nn.Parameter(loc.detach().clone())
+        self.log_scales[_key(name)] = nn.Parameter(torch.full_like(loc, log_scale))
+        q = self._distribution(family, self.locs[_key(name)], self.log_scales[_key(name)])
+        self.sites[name] = {"family": family, "event_dim": value.dim(),
+                            "local_reparam": self.local_reparam and family == "normal"
+                            and site["infer"].get("ps_local_reparam_ok", False)
+                            and _has_analytic_kl(q.to_event(value.dim()), site["fn"])}
+
+    @staticmethod
+    def _distribution(family, loc, log_scale):
+        scale = log_scale.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX).exp()
+        return dist.Normal(loc, scale) if family == "normal" else dist.LogNormal(loc, scale)
+
+    def distribution(self, name):
+        """The posterior distribution of site ``name`` (without event dims)."""
+        info = self.sites[name]
+        return self._distribution(info["family"], self.locs[_key(name)], self.log_scales[_key(name)])
+
+    def forward(self, *args, **kwargs):
+        if not self.sites:
+            self.setup(*args, **kwargs)
+        for name, info in self.sites.items():
+            pyro.sample(name, self.distribution(name).to_event(info["event_dim"]),
+                        infer={"ps_local_reparam": info["local_reparam"]})
+
+    def median(self):
+        out = {}
+        for name, info in self.sites.items():
+            loc = self.locs[_key(name)].detach()
+            out[name] = loc if info["family"] == "normal" else loc.exp()
+        return out
+
+    def mean(self, name):
+        q = self.distribution(name)
+        return q.mean.detach()
+
+    def log_alpha(self, name):
+        """log alpha = log sigma^2 - log theta^2 of a Gaussian site (Molchanov et al. 2017)."""
+        if self.sites[name]["family"] != "normal":
+            raise ValueError(f"site {name!r} is not Gaussian")
+        q = self.distribution(name)
+        return (2 * q.scale.log() - (q.loc.square() + 1e-16).log()).detach()
+
+
+def _has_analytic_kl(q, p):
+    try:
+        kl_divergence(q, p)
+        return True
+    except NotImplementedError:
+        return False
+
+
+@register_guide("delta")
+class DeltaGuide(Guide):
+    """Point-mass guide ``q(w) = delta(w - w_hat)``: the ELBO becomes the MAP objective
+    ``log p(y | w_hat) + log p(w_hat)``. Positive sites are stored as logs."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.values = nn.ParameterDict()
+
+    def _add_site(self, site):
+        name, value = site["name"], site["value"]
+        support = _event_support(site["fn"])
+        if support is constraints.real:
+            family, raw = "real", value
+        elif is_positive(support):
+            family, raw = "positive", value.log()
+        else:
+            raise NotImplementedError(f"DeltaGuide: site {name!r} has support {support}")
+        self.values[_key(name)] = nn.Parameter(raw.detach().clone())
+        self.sites[name] = {"family": family, "event_dim": value.dim()}
+
+    def _value(self, name):
+        raw = self.values[_key(name)]
+        return raw if self.sites[name]["family"] == "real" else raw.exp()
+
+    def forward(self, *args, **kwargs):
+        if not self.sites:
+            self.setup(*args, **kwargs)
+        for name, info in self.sites.items():
+            pyro.sample(name, dist.Delta(self._value(name), event_dim=info["event_dim"]))
+
+    def median(self):
+        return {name: self._value(name).detach() for name in self.sites}
+
+
+def build_guide(name: str, model, **options) -> Guide:
+    if name not in GUIDES:
+        raise ValueError(f"unknown guide {name!r}; expected one of {sorted(GUIDES)}")
+    return GUIDES[name](model, **options)

@@ -1,0 +1,302 @@
+"""Bayesian layers and the parameter-free layers they compose with.
+
+A Bayesian layer holds priors, not weights: in ``forward`` it asks each prior for its
+parameter (which emits the Pyro sample sites) and applies the usual operation. The
+variational parameters live in the guide. Each layer also knows
+
+* ``out_shape(in_shape)``: shape inference (per example, no batch dimension), used to
+  resolve ``auto`` sizes and to check that a spec's sizes chain;
+* ``param_axes``: which tensor dimension is each group axis (``unit``, ``input``, ...),
+  so priors and reduction rules can act on groups;
+* ``deterministic(params)``: the plain ``torch.nn`` module with given parameter values,
+  used for MAP/Laplace training, masked predictions and ``compact()``.
+
+New layer types register with :func:`register_layer` and become usable in specs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .local_reparam import gaussian_conv2d, gaussian_linear
+from .priors import Gaussian, build_prior
+from .schema import Field
+
+LAYERS: dict[str, type["Layer"]] = {}
+
+
+def register_layer(name: str):
+    def wrap(cls):
+        cls.spec_name = name
+        LAYERS[name] = cls
+        return cls
+
+    return wrap
+
+
+class Layer(nn.Module):
+    """Base class. ``fields`` declare the spec options; ``site`` is the sample-site prefix."""
+
+    spec_name = "layer"
+    fields: dict[str, Field] = {}
+    #: name prefix for automatically named layers (``fc`` -> fc1, fc2, ...)
+    prefix = "layer"
+    #: parameter name -> {axis name: tensor dim}
+    param_axes: dict[str, dict[str, int]] = {}
+
+    def __init__(self):
+        super().__init__()
+        self.site = self.prefix
+
+    @classmethod
+    def from_config(cls, cfg: dict, in_shape: tuple) -> "Layer":
+        """Build from validated spec options, given the per-example input shape."""
+        return cls(**cfg)
+
+    def out_shape(self, in_shape: tuple) -> tuple:
+        return tuple(in_shape)
+
+    def priors(self) -> dict:
+        """Parameter name -> prior, for the parameters this layer samples."""
+        return {}
+
+    def param_shapes(self) -> dict[str, torch.Size]:
+        return {name: getattr(self, f"{name}_init").shape for name in self.priors()}
+
+    def deterministic(self, params: dict[str, torch.Tensor]) -> nn.Module:
+        """The plain PyTorch module with parameter values ``params`` (name -> tensor)."""
+        raise NotImplementedError
+
+
+class _Stateless(Layer):
+    """A parameter-free layer wrapping a ``torch.nn`` module."""
+
+    def _module(self) -> nn.Module:
+        raise NotImplementedError
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+        self.fn = self._module()
+
+    def forward(self, x):
+        return self.fn(x)
+
+    def deterministic(self, params):
+        return self._module()
+
+
+def _activation(name, module, doc):
+    cls = type(name, (_Stateless,), {"prefix": name.lower(), "_module": lambda self: module(),
+                                      "__doc__": doc})
+    return register_layer(name.lower())(cls)
+
+
+ReLU = _activation("ReLU", nn.ReLU, "Rectified linear unit.")
+Tanh = _activation("Tanh", nn.Tanh, "Hyperbolic tangent.")
+Sigmoid = _activation("Sigmoid", nn.Sigmoid, "Logistic sigmoid.")
+GELU = _activation("GELU", nn.GELU, "Gaussian error linear unit.")
+
+
+@register_layer("flatten")
+class Flatten(_Stateless):
+    """Flatten every dimension but the batch."""
+
+    prefix = "flatten"
+
+    def _module(self):
+        return nn.Flatten()
+
+    def out_shape(self, in_shape):
+        return (math.prod(in_shape),)
+
+
+@register_layer("dropout")
+class Dropout(_Stateless):
+    """Ordinary (Bernoulli) dropout, active in training mode only."""
+
+    prefix = "dropout"
+    fields = {"p": Field("float", 0.5, nonneg=True)}
+
+    def __init__(self, p=0.5):
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout p must be in [0, 1), got {p!r}")
+        super().__init__(p=p)
+
+    def _module(self):
+        return nn.Dropout(self.options["p"])
+
+
+def _pool_out(size, k, s, p):
+    return (size + 2 * p - k) // s + 1
+
+
+class _Pool2d(_Stateless):
+    fields = {"kernel_size": Field("int", positive=True), "stride": Field("int", None, positive=True,
+                                                                          allow_none=True),
+              "padding": Field("int", 0, nonneg=True)}
+    torch_cls = nn.MaxPool2d
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__(kernel_size=kernel_size, stride=stride or kernel_size, padding=padding)
+
+    def _module(self):
+        return self.torch_cls(**self.options)
+
+    def out_shape(self, in_shape):
+        if len(in_shape) != 3:
+            raise ValueError(f"expects (channels, height, width) input, got shape {tuple(in_shape)}")
+        c, h, w = in_shape
+        k, s, p = self.options["kernel_size"], self.options["stride"], self.options["padding"]
+        oh, ow = _pool_out(h, k, s, p), _pool_out(w, k, s, p)
+        if oh <= 0 or ow <= 0:
+            raise ValueError(f"kernel {k} does not fit input of size {h}x{w}")
+        return (c, oh, ow)
+
+
+@register_layer("maxpool2d")
+class MaxPool2d(_Pool2d):
+    prefix = "pool"
+    torch_cls = nn.MaxPool2d
+
+
+@register_layer("avgpool2d")
+class AvgPool2d(_Pool2d):
+    prefix = "pool"
+    torch_cls = nn.AvgPool2d
+
+
+class _Parametric(Layer):
+    """Shared machinery of layers with a Bayesian weight and an optional Bayesian bias."""
+
+    def __init__(self, torch_layer: nn.Module, prior, bias_prior):
+        super().__init__()
+        self.weight_prior = build_prior(prior if prior is not None else Gaussian())
+        self.has_bias = torch_layer.bias is not None
+        self.bias_prior = build_prior(bias_prior if bias_prior is not None else Gaussian()) if self.has_bias else None
+        # The usual deterministic initialisation, so training starts like a deterministic net.
+        self.register_buffer("weight_init", torch_layer.weight.detach().clone(), persistent=False)
+        if self.has_bias:
+            self.register_buffer("bias_init", torch_layer.bias.detach().clone(), persistent=False)
+
+    def priors(self):
+        out = {"weight": self.weight_prior}
+        if self.has_bias:
+            out["bias"] = self.bias_prior
+        return out
+
+    def sample_params(self):
+        weight = self.weight_prior.sample(f"{self.site}.weight", self.weight_init, self.param_axes["weight"])
+        bias = None
+        if self.has_bias:
+            bias = self.bias_prior.sample(f"{self.site}.bias", self.bias_init, self.param_axes["bias"])
+        return weight, bias
+
+
+@register_layer("linear")
+class Linear(_Parametric):
+    """Bayesian affine map ``y = x W^T + b`` on the last dimension; W is (out, in)."""
+
+    prefix = "fc"
+    fields = {"in": Field("size", "auto"), "out": Field("size"), "bias": Field("bool", True),
+              "prior": Field("any", None, allow_none=True), "bias_prior": Field("any", None, allow_none=True)}
+    param_axes = {"weight": {"unit": 0, "input": 1}, "bias": {"unit": 0}}
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, prior=None, bias_prior=None):
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"Linear {name} must be a positive integer, got {v!r}")
+        super().__init__(nn.Linear(in_features, out_features, bias=bias), prior, bias_prior)
+        self.in_features, self.out_features = in_features, out_features
+
+    @classmethod
+    def from_config(cls, cfg, in_shape):
+        cfg = dict(cfg)
+        size = cfg.pop("in")
+        if size == "auto":
+            if not in_shape:
+                raise ValueError("cannot infer 'in' from a scalar input")
+            size = in_shape[-1]
+        return cls(size, cfg.pop("out"), **cfg)
+
+    def out_shape(self, in_shape):
+        if not in_shape or in_shape[-1] != self.in_features:
+            raise ValueError(f"expects inputs whose last dimension is {self.in_features}, "
+                             f"got shape {tuple(in_shape)}")
+        return (*in_shape[:-1], self.out_features)
+
+    def forward(self, x):
+        weight, bias = self.sample_params()
+        return gaussian_linear(x, weight, bias)
+
+    def deterministic(self, params):
+        w = params["weight"]
+        m = nn.Linear(w.shape[1], w.shape[0], bias="bias" in params, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            m.weight.copy_(w)
+            if "bias" in params:
+                m.bias.copy_(params["bias"])
+        return m
+
+
+@register_layer("conv2d")
+class Conv2d(_Parametric):
+    """Bayesian 2-D convolution; weight (out_channels, in_channels, kh, kw)."""
+
+    prefix = "conv"
+    fields = {"in": Field("size", "auto"), "out": Field("size"), "kernel_size": Field("int", positive=True),
+              "stride": Field("int", 1, positive=True), "padding": Field("int", 0, nonneg=True),
+              "bias": Field("bool", True),
+              "prior": Field("any", None, allow_none=True), "bias_prior": Field("any", None, allow_none=True)}
+    param_axes = {"weight": {"unit": 0, "channel": 0, "input": 1}, "bias": {"unit": 0, "channel": 0}}
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, bias: bool = True, prior=None, bias_prior=None):
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels),
+                        ("kernel_size", kernel_size), ("stride", stride)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"Conv2d {name} must be a positive integer, got {v!r}")
+        super().__init__(nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias),
+                         prior, bias_prior)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+
+    @classmethod
+    def from_config(cls, cfg, in_shape):
+        cfg = dict(cfg)
+        size = cfg.pop("in")
+        if size == "auto":
+            if len(in_shape) != 3:
+                raise ValueError(f"expects (channels, height, width) input, got shape {list(in_shape)}; "
+                                 "set input_shape: image or a list in the spec")
+            size = in_shape[0]
+        return cls(size, cfg.pop("out"), **cfg)
+
+    def out_shape(self, in_shape):
+        if len(in_shape) != 3 or in_shape[0] != self.in_channels:
+            raise ValueError(f"expects input of shape ({self.in_channels}, height, width), "
+                             f"got {tuple(in_shape)}")
+        _, h, w = in_shape
+        oh = _pool_out(h, self.kernel_size, self.stride, self.padding)
+        ow = _pool_out(w, self.kernel_size, self.stride, self.padding)
+        if oh <= 0 or ow <= 0:
+            raise ValueError(f"kernel {self.kernel_size} does not fit input of size {h}x{w}")
+        return (self.out_channels, oh, ow)
+
+    def forward(self, x):
+        weight, bias = self.sample_params()
+        return gaussian_conv2d(x, weight, bias, stride=self.stride, padding=self.padding)
+
+    def deterministic(self, params):
+        w = params["weight"]
+        m = nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[2:]), self.stride, self.padding,
+                      bias="bias" in params, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            m.weight.copy_(w)
+            if "bias" in params:
+                m.bias.copy_(params["bias"])
+        return m

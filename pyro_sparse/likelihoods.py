@@ -1,0 +1,160 @@
+"""Likelihoods: the observation model at the end of a network.
+
+Each likelihood puts the observations in ``pyro.plate("data", size=N, subsample=idx)``:
+with a mini-batch of B rows out of N, Pyro scales the data term by N/B, so the ELBO of a
+mini-batch is an unbiased estimate of the full-data ELBO while the prior/KL terms, which
+sit outside the plate, are counted once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+
+from .priors import sample_scale
+from .schema import Configurable, Field
+
+LIKELIHOODS: dict[str, type["Likelihood"]] = {}
+
+
+def register_likelihood(name):
+    def wrap(cls):
+        cls.spec_name = name
+        LIKELIHOODS[name] = cls
+        return cls
+
+    return wrap
+
+
+class Likelihood(Configurable):
+    """Base class. ``task`` is 'classification', 'regression' or 'binary'."""
+
+    task = "classification"
+
+    def distribution(self, output: torch.Tensor):
+        """The observation distribution given the network output (batch first)."""
+        raise NotImplementedError
+
+    def output_dim(self, num_outputs: int) -> int:
+        return num_outputs
+
+    def observe(self, output, y=None, dataset_size=None, subsample=None):
+        """Emit the ``obs`` site inside the data plate; return the distribution."""
+        batch = output.shape[0]
+        size = dataset_size if dataset_size is not None else batch
+        if subsample is None:
+            subsample = torch.arange(batch, device=output.device)
+        fn = self.distribution(output)
+        with pyro.plate("data", size=size, subsample=subsample):
+            pyro.sample("obs", fn, obs=y)
+        return fn
+
+    def predictive_mean(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Posterior predictive mean from S stacked outputs of shape (S, B, ...)."""
+        raise NotImplementedError
+
+    def log_predictive(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-point log posterior predictive log (1/S) sum_s p(y | output_s), shape (B,)."""
+        raise NotImplementedError
+
+    def pointwise_log_likelihood(self, outputs, y):
+        """log p(y_n | output_s) for stacked outputs (S, B, ...): shape (S, B)."""
+        raise NotImplementedError
+
+
+def _log_mean_exp(logp, dim=0):
+    return torch.logsumexp(logp, dim) - math.log(logp.shape[dim])
+
+
+@register_likelihood("categorical")
+class Categorical(Likelihood):
+    """``y ~ Categorical(softmax(f(x)))`` for classification."""
+
+    fields = {}
+
+    def distribution(self, output):
+        return dist.Categorical(logits=output)
+
+    def pointwise_log_likelihood(self, outputs, y):
+        logp = F.log_softmax(outputs, -1)
+        return logp.gather(-1, y.expand(logp.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+
+    def predictive_mean(self, outputs):
+        return F.softmax(outputs, -1).mean(0)
+
+    def log_predictive(self, outputs, y):
+        return _log_mean_exp(self.pointwise_log_likelihood(outputs, y))
+
+
+@register_likelihood("bernoulli")
+class Bernoulli(Likelihood):
+    """``y ~ Bernoulli(sigmoid(f(x)))`` for binary labels; the network has one output."""
+
+    task = "binary"
+    fields = {}
+
+    def output_dim(self, num_outputs):
+        return 1
+
+    def distribution(self, output):
+        return dist.Bernoulli(logits=output.squeeze(-1))
+
+    def pointwise_log_likelihood(self, outputs, y):
+        logits = outputs.squeeze(-1)
+        return -F.binary_cross_entropy_with_logits(logits, y.expand(logits.shape).to(logits.dtype),
+                                                   reduction="none")
+
+    def predictive_mean(self, outputs):
+        return torch.sigmoid(outputs.squeeze(-1)).mean(0)
+
+    def log_predictive(self, outputs, y):
+        return _log_mean_exp(self.pointwise_log_likelihood(outputs, y))
+
+
+@register_likelihood("gaussian")
+class Gaussian(Likelihood):
+    """``y ~ N(f(x), sigma^2)`` for regression; fixed ``noise`` or learned.
+
+    With ``learn_noise: true`` the noise scale is a latent site ``likelihood.noise`` with a
+    half-normal prior of scale ``noise`` (log-normal posterior in the mean-field guide).
+    """
+
+    task = "regression"
+    fields = {"noise": Field("float", 1.0, positive=True), "learn_noise": Field("bool", False)}
+
+    def noise_scale(self, like):
+        if not self.learn_noise:
+            return like.new_tensor(self.noise)
+        prior = dist.HalfNormal(like.new_tensor(self.noise)).expand([1])
+        return sample_scale("likelihood.noise", prior, like.new_full((1,), self.noise))
+
+    def distribution(self, output, noise=None):
+        if noise is None:
+            noise = self.noise_scale(output)
+        return dist.Normal(output, noise).to_event(1)
+
+    def pointwise_log_likelihood(self, outputs, y, noise=None):
+        noise = outputs.new_tensor(self.noise) if noise is None else noise
+        return dist.Normal(outputs, noise).log_prob(y.expand(outputs.shape)).sum(-1)
+
+    def predictive_mean(self, outputs):
+        return outputs.mean(0)
+
+    def log_predictive(self, outputs, y, noise=None):
+        return _log_mean_exp(self.pointwise_log_likelihood(outputs, y, noise))
+
+
+def build_likelihood(spec) -> Likelihood:
+    if isinstance(spec, Likelihood):
+        return spec
+    if isinstance(spec, str):
+        spec = {"type": spec}
+    options = dict(spec)
+    kind = options.pop("type")
+    if kind not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood {kind!r}; expected one of {sorted(LIKELIHOODS)}")
+    return LIKELIHOODS[kind](**options)

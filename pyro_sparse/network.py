@@ -1,0 +1,121 @@
+"""A Bayesian network: layers with priors, composed with a likelihood, as a Pyro model.
+
+``net.model(x, y, dataset_size=N)`` is the Pyro model: every Bayesian layer emits its
+sample sites (``fc1.weight``, ...) and the likelihood observes ``y`` in the data plate.
+``net(x)`` runs the layers only and returns the network output (logits, means).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pyro.poutine as poutine
+import torch
+from torch import nn
+
+from .layers import Layer
+from .likelihoods import Likelihood, build_likelihood
+from .local_reparam import LocalReparameterization
+
+
+class BayesianNetwork(nn.Module):
+    """Sequential Bayesian network.
+
+    Args:
+        layers: a list of :class:`~pyro_sparse.layers.Layer` or ``(name, layer)`` pairs.
+            Unnamed layers get ``fc1, fc2, conv1, relu1, ...``; the name is the sample-site
+            prefix.
+        likelihood: a :class:`~pyro_sparse.likelihoods.Likelihood` or its spec name.
+        input_shape: per-example input shape. Inputs are reshaped to it (so flat digits can
+            feed a conv net declared with ``input_shape=(1, 8, 8)``).
+    """
+
+    def __init__(self, layers, likelihood="categorical", input_shape=None):
+        super().__init__()
+        named, counts = [], Counter()
+        for item in layers:
+            name, layer = item if isinstance(item, tuple) else (None, item)
+            if not isinstance(layer, Layer):
+                raise TypeError(f"expected a pyro_sparse layer, got {type(layer).__name__}")
+            if name is None:
+                counts[layer.prefix] += 1
+                name = f"{layer.prefix}{counts[layer.prefix]}"
+            named.append((name, layer))
+        names = [n for n, _ in named]
+        if len(set(names)) != len(names):
+            raise ValueError(f"layer names must be unique, got {names}")
+        self.layers = nn.ModuleDict(named)
+        for name, layer in self.layers.items():
+            layer.site = name
+        self.likelihood: Likelihood = build_likelihood(likelihood)
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
+
+    # ------------------------------------------------------------------ structure
+    def bayesian_layers(self):
+        """(name, layer) for layers that own sample sites."""
+        return [(n, l) for n, l in self.layers.items() if l.priors()]
+
+    def param_sites(self):
+        """Site name -> (layer, parameter name, prior) for every layer parameter."""
+        return {f"{n}.{p}": (l, p, prior) for n, l in self.bayesian_layers() for p, prior in l.priors().items()}
+
+    def num_weights(self) -> int:
+        """Number of network parameters (weights and biases), the quantity pruning reduces."""
+        return sum(math.prod(s) for _, l in self.bayesian_layers() for s in l.param_shapes().values())
+
+    # ------------------------------------------------------------------ model
+    def _reshape(self, x):
+        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
+            x = x.reshape(x.shape[0], *self.input_shape)
+        return x
+
+    def forward(self, x):
+        x = self._reshape(x)
+        for layer in self.layers.values():
+            x = layer(x)
+        return x
+
+    def model(self, x, y=None, dataset_size=None, subsample=None):
+        """The Pyro model p(y, w | x) = p(w) prod_n p(y_n | f(x_n; w))."""
+        output = self(x)
+        self.likelihood.observe(output, y, dataset_size, subsample)
+        return output
+
+    # ------------------------------------------------------------------ predictions
+    @torch.no_grad()
+    def sample_outputs(self, x, guide, num_samples=10, local_reparam=True):
+        """Network outputs under ``num_samples`` posterior draws: tensor (S, B, ...).
+
+        Pre-activations are drawn with local reparameterisation (each test point gets its own
+        draw, which leaves every per-point predictive distribution unchanged).
+        """
+        outputs = []
+        for _ in range(num_samples):
+            with LocalReparameterization() if local_reparam else _null():
+                guide_trace = poutine.trace(guide).get_trace(x)
+                outputs.append(poutine.replay(self, trace=guide_trace)(x))
+        return torch.stack(outputs)
+
+    @torch.no_grad()
+    def point_outputs(self, x, values: dict):
+        """Network outputs with every latent site fixed to ``values`` (e.g. posterior means)."""
+        return poutine.condition(self, data=values)(x)
+
+    def deterministic(self, params: dict[str, torch.Tensor]) -> nn.Sequential:
+        """A plain ``torch.nn.Sequential`` with the given layer parameters (site -> tensor)."""
+        modules = []
+        if self.input_shape is not None:
+            modules.append(nn.Unflatten(1, self.input_shape))
+        for name, layer in self.layers.items():
+            own = {p: params[f"{name}.{p}"] for p in layer.priors()}
+            modules.append(layer.deterministic(own))
+        return nn.Sequential(*modules)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

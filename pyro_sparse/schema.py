@@ -1,0 +1,148 @@
+"""Declarative fields: one description of an option serves the YAML specs and the Python API.
+
+A :class:`Field` says what a value must be (type, sign, choices) and its default.
+:func:`validate` checks a mapping against a dict of fields and raises a
+:class:`~pyro_sparse.errors.SpecError` that names the source file, the path inside it
+(``layers[2].prior.scale``) and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import SpecError
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: str  # "float" | "int" | "bool" | "str" | "choice" | "size" | "any" | "dict" | "list"
+    default: Any = REQUIRED
+    positive: bool = False  # > 0
+    nonneg: bool = False  # >= 0
+    choices: tuple = ()
+    allow_none: bool = False
+    doc: str = ""
+
+    def expected(self) -> str:
+        if self.kind == "choice":
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.kind == "size":
+            return "a positive integer or 'auto'"
+        sign = " > 0" if self.positive else (" >= 0" if self.nonneg else "")
+        noun = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string",
+                "dict": "a mapping", "list": "a list"}.get(self.kind, "a value")
+        return noun + sign
+
+    def check(self, value, path: str, source: str | None):
+        """Return the validated (possibly converted) value or raise SpecError."""
+        def bad(why=None):
+            raise SpecError(why or f"expected {self.expected()}, got {value!r}", source, path)
+
+        if value is None:
+            if self.allow_none:
+                return None
+            bad()
+        kind = self.kind
+        if kind == "any":
+            return value
+        if kind == "bool":
+            if not isinstance(value, bool):
+                bad()
+            return value
+        if kind == "str":
+            if not isinstance(value, str):
+                bad()
+            return value
+        if kind == "dict":
+            if not isinstance(value, dict):
+                bad()
+            return value
+        if kind == "list":
+            if not isinstance(value, list):
+                bad()
+            return value
+        if kind == "choice":
+            if value not in self.choices:
+                bad()
+            return value
+        if kind == "size":
+            if value == "auto":
+                return value
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                bad()
+            return value
+        if kind in ("float", "int"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                # YAML reads 1e-3 (no dot) as a string: accept numeric strings for floats.
+                if kind == "float" and isinstance(value, str):
+                    try:
+                        value = float(value)
+                    except ValueError:
+                        bad()
+                else:
+                    bad()
+            if kind == "int" and not float(value).is_integer():
+                bad()
+            value = int(value) if kind == "int" else float(value)
+            if not math.isfinite(value):
+                bad()
+            if self.positive and not value > 0:
+                bad()
+            if self.nonneg and not value >= 0:
+                bad()
+            return value
+        raise AssertionError(f"unknown field kind {kind}")
+
+
+def validate(fields: dict[str, Field], values: dict, path: str = "", source: str | None = None,
+             ignore: tuple = ()) -> dict:
+    """Check ``values`` against ``fields``; return a dict with defaults filled in.
+
+    Unknown keys and missing required keys are errors naming ``path``.
+    """
+    if not isinstance(values, dict):
+        raise SpecError(f"expected a mapping, got {values!r}", source, path or None)
+    prefix = f"{path}." if path else ""
+    unknown = [k for k in values if k not in fields and k not in ignore]
+    if unknown:
+        raise SpecError(f"unknown key {unknown[0]!r}; expected one of {sorted(fields)}",
+                        source, prefix + str(unknown[0]))
+    out = {}
+    for key, field in fields.items():
+        if key in values:
+            out[key] = field.check(values[key], prefix + key, source)
+        elif field.default is REQUIRED:
+            raise SpecError(f"missing required key {key!r} ({field.expected()})", source, path or None)
+        else:
+            out[key] = field.default
+    return out
+
+
+class Configurable:
+    """Base for classes whose constructor arguments are declared as :class:`Field` s.
+
+    ``fields`` lists the options in positional order; ``__init__`` validates them so the
+    Python API gives the same clear errors as a YAML spec.
+    """
+
+    fields: dict[str, Field] = {}
+
+    def __init__(self, *args, **kwargs):
+        names = list(self.fields)
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__} takes at most {len(names)} positional arguments")
+        for name, arg in zip(names, args):
+            if name in kwargs:
+                raise TypeError(f"{type(self).__name__} got two values for {name!r}")
+            kwargs[name] = arg
+        self.config = validate(self.fields, kwargs, path=type(self).__name__)
+        for key, value in self.config.items():
+            setattr(self, key, value)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+        return f"{type(self).__name__}({args})"

@@ -1,0 +1,180 @@
+"""Declarative model specs (``models/*.yaml``): architecture + priors + likelihood.
+
+A spec is a mapping::
+
+    name: mlp_gaussian
+    input_shape: auto          # auto (the data's feature shape), image, or a list like [1, 8, 8]
+    prior: {type: gaussian, scale: 1.0}       # default weight prior for every layer
+    bias_prior: {type: gaussian, scale: 1.0}  # default bias prior
+    layers:
+      - {type: linear, in: auto, out: 300}
+      - {type: relu}
+      - {type: linear, out: auto, prior: {type: gaussian, scale: 0.5}}
+    likelihood: {type: categorical}
+
+It is checked in two passes, both before anything trains: :func:`parse_model_spec` checks keys,
+types, layer/prior names and values; :func:`build_network` resolves ``auto`` sizes from the
+data and checks that sizes chain. Every error names the file, the path inside it
+(``layers[2].prior.scale``) and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import yaml
+
+from .errors import SpecError
+from .layers import LAYERS
+from .likelihoods import LIKELIHOODS
+from .network import BayesianNetwork
+from .priors import PRIORS
+from .schema import Field, validate
+
+MODEL_FIELDS = {
+    "name": Field("str", None, allow_none=True),
+    "description": Field("str", None, allow_none=True),
+    "input_shape": Field("any", "auto"),
+    "prior": Field("any", None, allow_none=True),
+    "bias_prior": Field("any", None, allow_none=True),
+    "layers": Field("list"),
+    "likelihood": Field("any", "categorical"),
+}
+
+
+def load_yaml(path: str) -> dict:
+    """Read a YAML mapping with the safe loader; errors name the file."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise SpecError("no such file", path) from None
+    except IsADirectoryError:
+        raise SpecError("is a directory, expected a YAML file", path) from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"invalid YAML: {e}", path) from None
+    if not isinstance(data, dict):
+        raise SpecError(f"expected a mapping at the top level, got {type(data).__name__}", path)
+    return data
+
+
+def _typed(registry, value, path, source, what):
+    """Validate a ``{type: ..., **options}`` entry against a registry of Configurable classes."""
+    if isinstance(value, str):
+        value = {"type": value}
+    if not isinstance(value, dict):
+        raise SpecError(f"expected a {what} name or a mapping with 'type', got {value!r}", source, path)
+    kind = value.get("type")
+    if kind is None:
+        raise SpecError(f"missing 'type' (one of {sorted(registry)})", source, path)
+    if kind not in registry:
+        raise SpecError(f"unknown {what} type {kind!r}; expected one of {sorted(registry)}", source,
+                        f"{path}.type")
+    options = validate(registry[kind].fields, {k: v for k, v in value.items() if k != "type"}, path, source)
+    return {"type": kind, **options}
+
+
+def parse_prior(value, path, source=None) -> dict:
+    return _typed(PRIORS, value, path, source, "prior")
+
+
+def parse_model_spec(data: dict, source: str | None = None) -> dict:
+    """Check a model spec's structure and values; return it normalised (defaults filled in)."""
+    spec = validate(MODEL_FIELDS, data, "", source)
+    shape = spec["input_shape"]
+    if not (shape in ("auto", "image") or (isinstance(shape, list) and shape and all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape))):
+        raise SpecError(f"expected 'auto', 'image' or a list of positive integers, got {shape!r}",
+                        source, "input_shape")
+    for key in ("prior", "bias_prior"):
+        if spec[key] is not None:
+            spec[key] = parse_prior(spec[key], key, source)
+    spec["likelihood"] = _typed(LIKELIHOODS, spec["likelihood"], "likelihood", source, "likelihood")
+    if not spec["layers"]:
+        raise SpecError("expected at least one layer", source, "layers")
+    layers = []
+    for i, entry in enumerate(spec["layers"]):
+        path = f"layers[{i}]"
+        if not isinstance(entry, dict) or "type" not in entry:
+            raise SpecError(f"expected a mapping with 'type' (one of {sorted(LAYERS)}), got {entry!r}",
+                            source, path)
+        kind = entry["type"]
+        if kind not in LAYERS:
+            raise SpecError(f"unknown layer type {kind!r}; expected one of {sorted(LAYERS)}", source,
+                            f"{path}.type")
+        fields = {**LAYERS[kind].fields, "name": Field("str", None, allow_none=True)}
+        layer = {"type": kind, **validate(fields, {k: v for k, v in entry.items() if k != "type"}, path, source)}
+        for key in ("prior", "bias_prior"):
+            if layer.get(key) is not None:
+                layer[key] = parse_prior(layer[key], f"{path}.{key}", source)
+        layers.append(layer)
+    parametric = [i for i, l in enumerate(layers) if "out" in l]
+    for i in parametric[:-1]:
+        if layers[i]["out"] == "auto":
+            raise SpecError("'out: auto' is only allowed on the last layer with weights", source,
+                            f"layers[{i}].out")
+    spec["layers"] = layers
+    return spec
+
+
+def load_model_spec(path: str) -> dict:
+    spec = parse_model_spec(load_yaml(path), path)
+    spec["_source"] = path
+    return spec
+
+
+def _resolve_input_shape(spec, feature_shape, image_shape, source):
+    shape = spec["input_shape"]
+    if shape == "auto":
+        return tuple(feature_shape)
+    if shape == "image":
+        if image_shape is None:
+            raise SpecError("input_shape 'image' but the data set has no image shape; give a list",
+                            source, "input_shape")
+        shape = image_shape
+    shape = tuple(shape)
+    if math.prod(shape) != math.prod(feature_shape):
+        raise SpecError(f"input shape {list(shape)} has {math.prod(shape)} values but the data's examples "
+                        f"have shape {list(feature_shape)}", source, "input_shape")
+    return shape
+
+
+def build_network(spec: dict, feature_shape, num_outputs: int, image_shape=None,
+                  source: str | None = None) -> BayesianNetwork:
+    """Instantiate a parsed spec for data with per-example ``feature_shape`` and ``num_outputs``."""
+    source = source or spec.get("_source")
+    likelihood_cfg = dict(spec["likelihood"])
+    likelihood = LIKELIHOODS[likelihood_cfg.pop("type")](**likelihood_cfg)
+    out_dim = likelihood.output_dim(num_outputs)
+    input_shape = _resolve_input_shape(spec, feature_shape, image_shape, source)
+    shape = input_shape
+    last_parametric = max((i for i, l in enumerate(spec["layers"]) if "out" in l), default=None)
+    layers = []
+    for i, cfg in enumerate(spec["layers"]):
+        cfg = dict(cfg)
+        kind, name = cfg.pop("type"), cfg.pop("name", None)
+        cls = LAYERS[kind]
+        if "prior" in cls.fields:
+            cfg["prior"] = cfg.get("prior") or spec["prior"]
+            cfg["bias_prior"] = cfg.get("bias_prior") or spec["bias_prior"]
+        if cfg.get("out") == "auto" and i == last_parametric:
+            cfg["out"] = out_dim
+        try:
+            layer = cls.from_config(cfg, shape)
+            shape = layer.out_shape(shape)
+        except (ValueError, TypeError) as e:
+            raise SpecError(f"{e} (input to this layer has shape {list(shape)})", source, f"layers[{i}]") from None
+        layers.append((name, layer) if name else layer)
+    if tuple(shape) != (out_dim,):
+        raise SpecError(f"the network's output has shape {list(shape)} but the {spec['likelihood']['type']} "
+                        f"likelihood needs ({out_dim},) for this data", source,
+                        f"layers[{last_parametric if last_parametric is not None else len(layers) - 1}].out")
+    try:
+        return BayesianNetwork(layers, likelihood, input_shape=input_shape)
+    except ValueError as e:
+        raise SpecError(str(e), source, "layers") from None
+
+
+def spec_name(spec: dict) -> str:
+    return spec.get("name") or os.path.splitext(os.path.basename(spec.get("_source", "model")))[0]
