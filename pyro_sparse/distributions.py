@@ -1,0 +1,230 @@
+"""Sparsity priors as Pyro distributions, with analytic KL terms.
+
+The functions here are the probability pieces of two sparsification methods:
+
+* Sparse Variational Dropout (Molchanov, Ashukha, Vetrov 2017, "Variational Dropout
+  Sparsifies Deep Neural Networks", ICML): a Gaussian posterior N(theta, sigma^2) per weight
+  against the improper log-uniform prior p(w) ∝ 1/|w|.
+* The (regularised) horseshoe (Piironen & Vehtari 2017; Louizos, Ullrich, Welling 2017):
+  log-normal posteriors on scales against Gamma / inverse-gamma hyperpriors.
+
+Each KL is registered with :func:`torch.distributions.kl.register_kl`, so
+``kl_divergence(guide_fn, model_fn)`` and therefore :class:`pyro.infer.TraceMeanField_ELBO`
+use it. Registrations are on the torch base classes, which also covers Pyro's wrappers
+(``pyro.distributions.Normal`` subclasses ``torch.distributions.Normal`` and so on), and
+pyro's ``Independent``/``Independent`` rule sums them through ``.to_event``.
+"""
+
+import math
+
+import torch
+from torch.distributions import constraints
+from torch.distributions import Gamma, InverseGamma, LogNormal, Normal
+from torch.distributions.kl import register_kl
+
+from pyro.distributions import TorchDistribution
+
+__all__ = [
+    "LogUniform",
+    "log_alpha",
+    "kl_normal_loguniform",
+    "kl_lognormal_gamma",
+    "kl_lognormal_inverse_gamma",
+    "kl_lognormal_halfcauchy_mc",
+    "LOG_ALPHA_MIN",
+    "LOG_ALPHA_MAX",
+]
+
+# Range that log alpha is clamped to. At +20 the Sparse-VD KL below is < 1e-8 (its limit is 0);
+# at -20 the weight is essentially deterministic. Outside the range the gradient is zero.
+LOG_ALPHA_MIN = -20.0
+LOG_ALPHA_MAX = 20.0
+_THETA2_EPS = 1e-16  # added to theta^2 so that theta = 0 gives a finite (clamped) log alpha
+
+# Constants of the Sparse VD KL approximation (Molchanov et al. 2017, eq. 14).
+_K1, _K2, _K3 = 0.63576, 1.87320, 1.48695
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+class LogUniform(TorchDistribution):
+    r"""Improper log-uniform prior :math:`p(w) \propto 1/|w|` on the real line.
+
+    The scale-invariant prior of Sparse Variational Dropout (Molchanov, Ashukha, Vetrov 2017).
+    It has no normalising constant, so :meth:`log_prob` returns the *unnormalised*
+    :math:`\log p(w) = -\log|w|`, and it has no sampler. It is meant to be paired with a
+    Gaussian guide, whose KL against it is known in closed form up to an additive constant
+    (:func:`kl_normal_loguniform`).
+
+    The distribution holds no tensor: ``log_prob`` takes device and dtype from its argument,
+    the KL from the guide's parameters. Use it as any other prior::
+
+        pyro.sample("fc1.weight", LogUniform().expand([out, inp]).to_event(2))
+
+    :param batch_shape: batch shape (default ``()``); usually set with ``.expand``.
+    """
+
+    arg_constraints = {}
+    support = constraints.real
+    has_rsample = False
+
+    def __init__(self, batch_shape=torch.Size(), validate_args=None):
+        try:
+            batch_shape = torch.Size(batch_shape)
+        except TypeError:
+            raise ValueError(f"LogUniform: batch_shape must be a sequence of ints, got {batch_shape!r}")
+        if any(n < 0 for n in batch_shape):
+            raise ValueError(f"LogUniform: batch_shape must be non-negative, got {tuple(batch_shape)}")
+        super().__init__(batch_shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        try:
+            ok = torch.broadcast_shapes(self.batch_shape, batch_shape) == batch_shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"LogUniform.expand: cannot expand batch_shape {tuple(self.batch_shape)} "
+                f"to {tuple(batch_shape)}"
+            )
+        new = self._get_checked_instance(LogUniform, _instance)
+        super(LogUniform, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def __repr__(self):
+        return f"LogUniform(batch_shape={tuple(self.batch_shape)})"
+
+    def log_prob(self, value):
+        """Unnormalised log density ``-log|value|`` (``+inf`` at 0)."""
+        if self._validate_args:
+            self._validate_sample(value)
+        lp = -value.abs().log()
+        return lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
+
+    def sample(self, sample_shape=torch.Size()):
+        raise NotImplementedError(
+            "LogUniform is an improper prior and has no sampler; use it as a prior with a guide"
+        )
+
+    rsample = sample
+
+
+def log_alpha(loc, scale):
+    r"""Dropout rate of a Gaussian weight posterior, in log space.
+
+    :math:`\log\alpha = \log\sigma^2 - \log(\theta^2 + \epsilon)` with :math:`\epsilon = 10^{-16}`,
+    clamped to ``[LOG_ALPHA_MIN, LOG_ALPHA_MAX] = [-20, 20]`` (Molchanov et al. 2017, sec. 4.1;
+    a weight is pruned where :math:`\log\alpha > 3`).
+
+    :param loc: posterior mean :math:`\theta`.
+    :param scale: posterior standard deviation :math:`\sigma > 0`.
+    """
+    la = 2 * scale.log() - (loc * loc + _THETA2_EPS).log()
+    return la.clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+
+
+def kl_normal_loguniform(loc, scale):
+    r"""Elementwise :math:`KL(N(\theta, \sigma^2)\,\|\,\text{LogUniform})` up to a constant.
+
+    The approximation of Molchanov, Ashukha, Vetrov (2017, eq. 14):
+
+    .. math::
+        -KL \approx k_1\,\mathrm{sigmoid}(k_2 + k_3 \log\alpha)
+                    - \tfrac12 \log(1 + \alpha^{-1}) - k_1,
+
+    :math:`k_1 = 0.63576,\ k_2 = 1.87320,\ k_3 = 1.48695`, with
+    :math:`\log\alpha` from :func:`log_alpha`. The exact KL is
+    :math:`-\tfrac12\log\alpha + E_{\epsilon\sim N(1,\alpha)}\log|\epsilon| + C`; the
+    approximation matches it up to a constant. The result is >= 0 and tends to 0 as
+    :math:`\alpha\to\infty`.
+    """
+    la = log_alpha(loc, scale)
+    neg_kl = _K1 * torch.sigmoid(_K2 + _K3 * la) - 0.5 * torch.nn.functional.softplus(-la) - _K1
+    return -neg_kl
+
+
+def _lognormal_entropy(loc, scale):
+    # H[LogNormal(m, s)] = m + 1/2 + log s + 1/2 log(2 pi)
+    return loc + 0.5 + scale.log() + _HALF_LOG_2PI
+
+
+def kl_lognormal_gamma(loc, scale, concentration, rate):
+    r""":math:`KL(\mathrm{LogNormal}(m, s)\,\|\,\mathrm{Gamma}(a, b))` in closed form (rate ``b``).
+
+    With :math:`E_q\log x = m`, :math:`E_q x = e^{m + s^2/2}` and
+    :math:`H[q] = m + \tfrac12 + \log s + \tfrac12\log 2\pi`:
+
+    .. math::
+        KL = -H[q] - a\log b + \log\Gamma(a) - (a - 1)\,m + b\,e^{m + s^2/2}.
+    """
+    e_log_p = (
+        concentration * rate.log()
+        - torch.lgamma(concentration)
+        + (concentration - 1) * loc
+        - rate * torch.exp(loc + 0.5 * scale**2)
+    )
+    return -_lognormal_entropy(loc, scale) - e_log_p
+
+
+def kl_lognormal_inverse_gamma(loc, scale, concentration, rate):
+    r""":math:`KL(\mathrm{LogNormal}(m, s)\,\|\,\mathrm{InvGamma}(a, b))` in closed form.
+
+    The inverse-gamma density is :math:`b^a x^{-a-1} e^{-b/x} / \Gamma(a)`; with
+    :math:`E_q\log x = m` and :math:`E_q[1/x] = e^{-m + s^2/2}`:
+
+    .. math::
+        KL = -H[q] - a\log b + \log\Gamma(a) + (a + 1)\,m + b\,e^{-m + s^2/2}.
+
+    The horseshoe slab :math:`c^2 \sim \mathrm{InvGamma}(\nu/2, \nu s^2/2)` (Piironen &
+    Vehtari 2017) is the typical use.
+    """
+    e_log_p = (
+        concentration * rate.log()
+        - torch.lgamma(concentration)
+        - (concentration + 1) * loc
+        - rate * torch.exp(-loc + 0.5 * scale**2)
+    )
+    return -_lognormal_entropy(loc, scale) - e_log_p
+
+
+def kl_lognormal_halfcauchy_mc(loc, scale, cauchy_scale, num_samples=1):
+    r"""Monte Carlo estimate of :math:`KL(\mathrm{LogNormal}(m, s)\,\|\,C^+(0, \gamma))`.
+
+    There is no closed form. With :math:`x_i = e^{m + s\epsilon_i}`, :math:`\epsilon_i\sim N(0,1)`
+    (reparameterised, so the estimate is differentiable) and
+    :math:`\log C^+(x; \gamma) = \log(2/\pi) - \log\gamma - \log(1 + x^2/\gamma^2)`:
+
+    .. math::
+        \widehat{KL} = -H[q] - \frac1N\sum_i \log C^+(x_i; \gamma).
+
+    The entropy is exact, so only the cross term is noisy. Not registered with ``register_kl``:
+    ``TraceMeanField_ELBO`` already falls back to a one-sample estimate for this pair. Uses the
+    global torch RNG; the sample axis is the leading one.
+    """
+    if int(num_samples) < 1:
+        raise ValueError(f"kl_lognormal_halfcauchy_mc: num_samples must be >= 1, got {num_samples!r}")
+    log_gamma = torch.as_tensor(cauchy_scale, dtype=loc.dtype, device=loc.device).log()
+    shape = torch.broadcast_shapes(loc.shape, scale.shape, log_gamma.shape)
+    eps = torch.randn((int(num_samples),) + shape, dtype=loc.dtype, device=loc.device)
+    log_x = loc + scale * eps
+    # log(1 + x^2/gamma^2) = softplus(2 (log x - log gamma)), stable for large x
+    log_p = math.log(2 / math.pi) - log_gamma - torch.nn.functional.softplus(2 * (log_x - log_gamma))
+    return -_lognormal_entropy(loc, scale) - log_p.mean(0)
+
+
+@register_kl(Normal, LogUniform)
+def _kl_normal_loguniform(p, q):
+    kl = kl_normal_loguniform(p.loc, p.scale)
+    return kl.expand(torch.broadcast_shapes(kl.shape, q.batch_shape))
+
+
+@register_kl(LogNormal, Gamma)
+def _kl_lognormal_gamma(p, q):
+    return kl_lognormal_gamma(p.loc, p.scale, q.concentration, q.rate)
+
+
+@register_kl(LogNormal, InverseGamma)
+def _kl_lognormal_inverse_gamma(p, q):
+    return kl_lognormal_inverse_gamma(p.loc, p.scale, q.concentration, q.rate)
