@@ -27,6 +27,8 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
 from torch import nn
 from torch.distributions import kl_divergence
 
+from .distributions import log_alpha
+
 GUIDES: dict[str, type["Guide"]] = {}
 
 #: documented range of log sigma for every Gaussian/log-normal posterior scale: sigma in
@@ -113,6 +115,10 @@ class Guide(nn.Module):
         """Point value per site (posterior median), e.g. for deterministic predictions."""
         raise NotImplementedError
 
+    def site_posterior(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gaussian marginals ``(loc, var)`` of a real-valued site's posterior (detached)."""
+        raise NotImplementedError
+
 
 @register_guide("meanfield")
 class MeanFieldGuide(Guide):
@@ -182,16 +188,16 @@ class MeanFieldGuide(Guide):
             out[name] = loc if info["family"] == "normal" else loc.exp()
         return out
 
-    def mean(self, name):
+    def site_posterior(self, name):
         q = self.distribution(name)
-        return q.mean.detach()
+        return q.loc.detach(), q.scale.detach().square()
 
     def log_alpha(self, name):
         """log alpha = log sigma^2 - log theta^2 of a Gaussian site (Molchanov et al. 2017)."""
         if self.sites[name]["family"] != "normal":
             raise ValueError(f"site {name!r} is not Gaussian")
         q = self.distribution(name)
-        return (2 * q.scale.log() - (q.loc.square() + 1e-16).log()).detach()
+        return log_alpha(q.loc, q.scale).detach()
 
 
 def _has_analytic_kl(q, p):
@@ -235,6 +241,12 @@ class DeltaGuide(Guide):
 
     def median(self):
         return {name: self._value(name).detach() for name in self.sites}
+
+    def site_posterior(self, name):
+        """A point mass: variance 0 (infinite precision). Rules that need a posterior
+        precision should use a Laplace approximation of a MAP fit instead."""
+        value = self._value(name).detach()
+        return value, torch.zeros_like(value)
 
 
 def build_guide(name: str, model, **options) -> Guide:

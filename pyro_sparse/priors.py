@@ -20,6 +20,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from .distributions import LogUniform as LogUniformDistribution
 from .local_reparam import gaussian_posterior
 from .schema import Configurable, Field
 
@@ -91,15 +92,23 @@ class Prior(Configurable):
         """Emit sample sites for the parameter at ``site``; return the parameter."""
         raise NotImplementedError
 
-    def gaussian_conditional(self, site: str, values: dict):
-        """Zero-mean Gaussian prior scale of the parameter given fitted hyper-variables.
+    def gaussian_prior(self, site: str, values: dict):
+        """``(loc, scale)`` of the parameter's Gaussian prior given fitted hyper-variables.
 
-        ``values`` maps site names to point values (e.g. posterior medians) of this prior's
-        scale sites. Used by the reduction module to read the prior as a Gaussian. Returns a
-        tensor broadcastable to the parameter, or ``None`` if the prior is not conditionally
-        Gaussian.
+        ``values`` maps site names to point values (posterior medians) of this prior's scale
+        sites. For hierarchical priors this is the conditional prior given those values; the
+        reduction module reads it as the "full prior" of Bayesian model reduction. Tensors or
+        floats broadcastable to the parameter.
         """
-        return None
+        raise NotImplementedError(f"{type(self).__name__} is not conditionally Gaussian")
+
+    def parameter_posterior(self, site: str, loc, var, values: dict):
+        """Gaussian marginals ``(loc, var)`` of the *parameter* from those of its sample site.
+
+        The identity for centred priors; a non-centred prior (w = scale * eps) maps the
+        posterior of eps to that of w given the fitted scales in ``values``.
+        """
+        return loc, var
 
 
 @register_prior("gaussian")
@@ -115,8 +124,8 @@ class Gaussian(Prior):
         prior = dist.Normal(_full((), self.loc, init), _full((), self.scale, init)).expand(init.shape)
         return sample_weight(site, prior, init)
 
-    def gaussian_conditional(self, site, values):
-        return torch.tensor(self.scale)
+    def gaussian_prior(self, site, values):
+        return self.loc, self.scale
 
 
 @register_prior("gaussian_gamma")
@@ -149,8 +158,28 @@ class GaussianGamma(Prior):
         prior = dist.Normal(torch.zeros_like(scale), scale)
         return sample_weight(site, prior, init)
 
-    def gaussian_conditional(self, site, values):
-        return values[self.precision_site(site)].rsqrt()
+    def gaussian_prior(self, site, values):
+        return 0.0, values[self.precision_site(site)].rsqrt()
+
+
+@register_prior("log_uniform")
+class LogUniform(Prior):
+    """Sparse Variational Dropout prior: improper log-uniform ``p(w) ∝ 1/|w|`` per weight
+    (Molchanov, Ashukha, Vetrov 2017).
+
+    With a Gaussian posterior N(theta, sigma^2) the KL is the registered closed-form
+    approximation in :mod:`pyro_sparse.distributions`, so local reparameterisation applies.
+    Prune where ``log alpha = log sigma^2 - log theta^2 > 3``. As a Gaussian the prior is the
+    flat limit (precision 0), which is what :meth:`gaussian_prior` reports.
+    """
+
+    fields = {}
+
+    def sample(self, site, init, axes):
+        return sample_weight(site, LogUniformDistribution(init.shape), init)
+
+    def gaussian_prior(self, site, values):
+        return 0.0, float("inf")
 
 
 def build_prior(spec) -> Prior:

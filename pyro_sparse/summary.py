@@ -1,0 +1,89 @@
+"""The posterior summary: where every fitting method ends and every reduction rule starts.
+
+For each layer parameter (``fc1.weight``, ...) a :class:`SiteSummary` holds a Gaussian
+approximation of its posterior marginals, ``N(loc, 1/precision)`` element-wise (plus an
+optional full or low-rank block where the guide has one), and the Gaussian prior that produced
+it, ``N(prior_loc, 1/prior_precision)`` (for hierarchical priors: the conditional prior given
+the fitted scales). BMR, Savage-Dickey, OPD and magnitude rules read only this, so they run
+unchanged on SVI and Laplace posteriors (DESIGN.md, "The flow of one run").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .distributions import log_alpha
+
+
+@dataclass
+class SiteSummary:
+    """Gaussian posterior and Gaussian (conditional) prior of one parameter tensor."""
+
+    layer: str
+    param: str
+    loc: torch.Tensor
+    precision: torch.Tensor  # diagonal posterior precision, same shape as loc
+    prior_loc: torch.Tensor  # broadcastable to loc
+    prior_precision: torch.Tensor  # broadcastable to loc
+    axes: dict = field(default_factory=dict)  # group axis -> tensor dim
+    log_alpha: torch.Tensor | None = None  # Sparse VD log sigma^2/theta^2, where defined
+    block: dict | None = None  # {"precision": (n, n)} or {"cov_factor", "cov_diag"} over loc.flatten()
+
+    @property
+    def name(self):
+        return f"{self.layer}.{self.param}"
+
+    @property
+    def variance(self):
+        return self.precision.reciprocal()
+
+    def to(self, device=None, dtype=None):
+        def move(t):
+            return t.to(device=device, dtype=dtype) if torch.is_tensor(t) else t
+
+        return SiteSummary(self.layer, self.param, move(self.loc), move(self.precision), move(self.prior_loc),
+                           move(self.prior_precision), self.axes, move(self.log_alpha),
+                           {k: move(v) for k, v in self.block.items()} if self.block else None)
+
+
+class PosteriorSummary(dict):
+    """Site name -> :class:`SiteSummary`, in network order; ``method`` says where it came from."""
+
+    def __init__(self, *args, method: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.method = method
+
+    def num_weights(self) -> int:
+        return sum(s.loc.numel() for s in self.values())
+
+    def locs(self) -> dict[str, torch.Tensor]:
+        return {k: s.loc for k, s in self.items()}
+
+
+@torch.no_grad()
+def summarize(network, guide) -> PosteriorSummary:
+    """Posterior summary of a fitted SVI guide (mean-field, delta, or any guide with
+    ``site_posterior``).
+
+    The guide gives, per sample site, a Gaussian ``(loc, var)`` of the site's value and point
+    values of positive hyper-sites; each prior maps these to the *parameter's* posterior and its
+    conditional Gaussian prior (:meth:`~pyro_sparse.priors.Prior.parameter_posterior`), so
+    non-centred parameterisations (horseshoe: w = scale * eps) are summarised on w itself.
+    """
+    values = guide.median()
+    out = PosteriorSummary(method=f"svi-{getattr(guide, 'spec_name', type(guide).__name__)}")
+    for name, (layer, param, prior) in network.param_sites().items():
+        q_loc, q_var = guide.site_posterior(name)
+        loc, var = prior.parameter_posterior(name, q_loc, q_var, values)
+        prior_loc, prior_scale = prior.gaussian_prior(name, values)
+        alpha = None
+        if name in guide.sites and guide.sites[name].get("family") == "normal":
+            alpha = log_alpha(loc, var.sqrt())
+        block = guide.site_block(name) if hasattr(guide, "site_block") else None
+        out[name] = SiteSummary(layer.site, param, loc, var.reciprocal(),
+                                torch.as_tensor(prior_loc, dtype=loc.dtype, device=loc.device),
+                                torch.as_tensor(prior_scale, dtype=loc.dtype, device=loc.device).square().reciprocal(),
+                                dict(layer.param_axes[param]), alpha, block)
+    return out
