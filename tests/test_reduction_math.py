@@ -312,6 +312,33 @@ def test_spike_slab_bimodal_split_and_fixed_point():
     assert abs(float(zeta) - (math.log(30.5) - math.log(170.5))) < 0.05
 
 
+@pytest.mark.parametrize("case", ["bimodal", "similar", "skewed_slow"])
+def test_spike_slab_reaches_the_limit_of_the_plain_iteration(case):
+    g = _gen(16)
+    if case == "bimodal":
+        delta_f = torch.cat([-8 + torch.randn(300, generator=g, dtype=D), 2 + torch.randn(700, generator=g, dtype=D)])
+    elif case == "similar":
+        delta_f = 1.0 + 0.5 * torch.randn(2000, generator=g, dtype=D)
+    else:  # Savage-Dickey dF of a typical posterior: f'(zeta*) ~ 0.9, the plain map crawls
+        mu, pi = torch.randn(2000, generator=g, dtype=D), 0.1 + 10 * torch.rand(2000, generator=g, dtype=D)
+        delta_f = savage_dickey(mu, pi, 0.0, 1.0)
+    zeta_plain = torch.zeros((), dtype=D)
+    for steps in range(20000):  # the update exactly as written in the paper
+        new = _zeta_map(zeta_plain, delta_f)
+        if abs(float(new - zeta_plain)) < 1e-13:
+            break
+        zeta_plain = new
+    else:
+        raise AssertionError("reference iteration did not converge")
+    if case == "skewed_slow":
+        assert steps > 150
+
+    keep, zeta = spike_slab_decision(delta_f, max_iter=50)
+
+    assert abs(float(zeta - zeta_plain)) < 1e-7
+    assert torch.equal(keep, delta_f <= zeta_plain)
+
+
 def test_spike_slab_differs_from_the_zero_threshold():
     # A layer where most weights are redundant prunes a weight with slightly negative dF ...
     mostly_pruned = torch.cat([torch.full((20,), -20.0), torch.full((180,), 6.0), torch.tensor([-0.5])])

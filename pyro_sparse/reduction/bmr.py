@@ -308,13 +308,25 @@ def group_delta_f(delta_f, dim=None, *, groups=None, num_groups=None, keepdim=Fa
 # --------------------------------------------------------------------------- spike-and-slab
 
 
+def _zeta_map(flat, zeta):
+    """``f(zeta) = psi(alpha) - psi(beta)`` and its derivative, for a float64 ``flat``."""
+    q = torch.sigmoid(zeta - flat)  # q_k = q(z_k = 1)
+    r = torch.sigmoid(flat - zeta)  # 1 - q_k, without cancellation
+    alpha = 1.0 + q.sum()
+    beta = 1.0 + r.sum()
+    f = torch.digamma(alpha) - torch.digamma(beta)
+    # d alpha / d zeta = sum q(1-q) = -d beta / d zeta
+    df = (torch.polygamma(1, alpha) + torch.polygamma(1, beta)) * (q * r).sum()
+    return float(f), float(df)
+
+
 def spike_slab_decision(delta_f, max_iter=100, tol=1e-8):
     r"""Layer-wise spike-and-slab decision on BMR evidence changes (Markovic et al. 2023).
 
     Each weight k of a layer is either kept (slab, :math:`z_k = 1`) or removed (spike,
     :math:`z_k = 0`), with :math:`z_k \sim \mathrm{Bernoulli}(\rho)` and a layer-wide
     inclusion probability :math:`\rho \sim \mathrm{Beta}(1, 1)`. Since
-    :math:`\Delta F_k = \ln p(y \mid z_k=0) - \ln p(y \mid z_k=1)`, mean-field updates give
+    :math:`\Delta F_k = \ln p(y \mid z_k=0) - \ln p(y \mid z_k=1)`, the mean-field updates are
 
     .. math::
 
@@ -322,41 +334,70 @@ def spike_slab_decision(delta_f, max_iter=100, tol=1e-8):
         \alpha = 1 + \textstyle\sum_k q_k, \quad \beta = 1 + \sum_k (1 - q_k), \quad
         \zeta = \mathbb{E}[\ln\rho - \ln(1-\rho)] = \psi(\alpha) - \psi(\beta),
 
-    so :math:`q_k` is the posterior probability that weight k is *kept* and :math:`\zeta`
-    the expected prior log-odds of keeping. The updates are iterated from
-    :math:`\zeta = 0` (the Beta(1, 1) value) until :math:`|\Delta\zeta| <` ``tol``; the map
-    :math:`\zeta \mapsto \psi(\alpha) - \psi(\beta)` is increasing, so the iterates are
-    monotone and converge to a fixed point. A weight is kept when :math:`q_k \ge 1/2`, i.e.
-    when ``delta_f <= zeta``. All elements of ``delta_f`` (any shape) form one layer.
+    so :math:`q_k` is the posterior probability that weight k is *kept* (in the slab),
+    :math:`q(\rho) = \mathrm{Beta}(\alpha, \beta)` and :math:`\zeta` is the expected prior
+    log-odds of keeping a weight of this layer. A weight is kept when :math:`q_k \ge 1/2`,
+    i.e. when ``delta_f <= zeta``. All elements of ``delta_f`` (any shape) form one layer.
+
+    Solving for :math:`\zeta`: write the update as :math:`\zeta \leftarrow f(\zeta)`. The map
+    is increasing, so iterating it from :math:`\zeta_0 = 0` (the Beta(1, 1) value) moves
+    monotonically to the nearest fixed point in the direction of :math:`f(0) - 0`; but near a
+    flat fixed point (:math:`f' \approx 1`, e.g. when many :math:`\Delta F_k` are alike) it
+    needs thousands of steps. The same fixed point is found here by safeguarded Newton steps
+    on :math:`h(\zeta) = f(\zeta) - \zeta`, with
+    :math:`f'(\zeta) = (\psi_1(\alpha) + \psi_1(\beta)) \sum_k q_k (1 - q_k)`: where
+    :math:`f' \ge 1` the plain update is taken instead, and once a step has crossed a root the
+    steps stay inside the bracket (bisection otherwise). This reproduces the limit of the
+    plain iteration whenever :math:`h` has a single root between 0 and the first crossing.
+    Each step is one pass over ``delta_f``, computed in float64; iteration stops when
+    :math:`|\Delta\zeta| <` ``tol``, with a ``RuntimeWarning`` if ``max_iter`` steps do not
+    get there.
 
     Returns ``(keep_mask, zeta)``: a bool tensor shaped like ``delta_f`` (True = keep) and a
-    0-d tensor. Warns (``RuntimeWarning``) if ``max_iter`` is reached first.
+    0-d float64 tensor.
     """
     d = torch.as_tensor(delta_f)
-    if not d.is_floating_point():
-        d = d.to(torch.get_default_dtype())
     if d.numel() == 0:
         raise ValueError("delta_f: must contain at least one element")
-    check_no_nan("delta_f", d)
-    if int(max_iter) != max_iter or max_iter < 1:
+    if d.is_floating_point():
+        check_no_nan("delta_f", d)
+    if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter < 1:
         raise ValueError(f"max_iter: must be a positive integer, got {max_iter!r}")
     if not tol > 0:
         raise ValueError(f"tol: must be positive, got {tol!r}")
-    flat = d.reshape(-1)
-    zeta = torch.zeros((), dtype=d.dtype, device=d.device)
+    flat = d.reshape(-1).to(torch.float64)
+
+    zeta = 0.0
+    f, df = _zeta_map(flat, zeta)
+    h = f - zeta
+    start_side = h > 0
+    inner, outer = zeta, None  # last point on the starting side; first point past a root
+    converged = h == 0.0
+    step = 0.0
     for _ in range(int(max_iter)):
-        alpha = 1.0 + torch.sigmoid(zeta - flat).sum()
-        beta = 1.0 + torch.sigmoid(flat - zeta).sum()  # sum(1 - q), without cancellation
-        new = torch.digamma(alpha) - torch.digamma(beta)
-        step = abs(float(new - zeta))
-        zeta = new
-        if step < tol:
+        if converged:
             break
-    else:
+        if df < 1.0:
+            proposal = zeta + h / (1.0 - df)  # Newton on h; moves towards sign(h)
+        else:
+            proposal = f  # the plain update, which cannot pass the nearest fixed point
+        if outer is not None and not min(inner, outer) < proposal < max(inner, outer):
+            proposal = 0.5 * (inner + outer)
+        step = proposal - zeta
+        zeta = proposal
+        f, df = _zeta_map(flat, zeta)
+        h = f - zeta
+        if h == 0.0 or (h > 0) == start_side:
+            inner = zeta
+        else:
+            outer = zeta
+        converged = h == 0.0 or abs(step) < tol
+    if not converged:
         warnings.warn(
             f"spike_slab_decision: zeta not converged after max_iter={max_iter} "
-            f"(last step {step:.3g} >= tol={tol})",
+            f"(last step {abs(step):.3g} >= tol={tol})",
             RuntimeWarning,
             stacklevel=2,
         )
-    return d <= zeta, zeta
+    zeta = torch.tensor(zeta, dtype=torch.float64, device=d.device)
+    return flat.reshape(d.shape) <= zeta, zeta
