@@ -26,6 +26,8 @@ from pyro_sparse.reduction import (
     spike_slab_decision,
     structured_mask,
 )
+from pyro_sparse.reduction.bmr import _fixed_point_newton
+from pyro_sparse.reduction.bmr import _zeta_map as _zeta_map_and_slope
 
 D = torch.float64
 NOISE_VAR = 0.7
@@ -337,6 +339,33 @@ def test_spike_slab_reaches_the_limit_of_the_plain_iteration(case):
 
     assert abs(float(zeta - zeta_plain)) < 1e-7
     assert torch.equal(keep, delta_f <= zeta_plain)
+
+
+def test_fixed_point_solver_survives_where_plain_newton_diverges():
+    # f(x) = x - arctan(x - 3): increasing, f' < 1, fixed point 3. Plain Newton on
+    # h = -arctan(x - 3) from 0 diverges (|x0 - root| > 1.39); the bracket must save it.
+    def fn(x):
+        return x - math.atan(x - 3.0), 1.0 - 1.0 / (1.0 + (x - 3.0) ** 2)
+
+    x, steps = 0.0, []
+    for _ in range(4):
+        f, df = fn(x)
+        x = x + (f - x) / (1.0 - df)
+        steps.append(x)
+    assert abs(steps[-1] - 3.0) > 100  # unguarded Newton runs away
+
+    root, converged, _ = _fixed_point_newton(fn, 0.0, max_iter=100, tol=1e-12)
+    assert converged and abs(root - 3.0) < 1e-10
+
+
+def test_spike_slab_map_has_slope_below_one():
+    # The uniqueness argument in the docstring: 0 < f'(zeta) < 1 everywhere.
+    g = _gen(17)
+    for n, spread in [(1, 1.0), (7, 0.1), (300, 3.0), (3000, 10.0)]:
+        delta_f = spread * torch.randn(n, generator=g, dtype=D)
+        for zeta in torch.linspace(-30, 30, 25).tolist():
+            _, slope = _zeta_map_and_slope(delta_f, zeta)
+            assert 0 < slope < 1
 
 
 def test_spike_slab_differs_from_the_zero_threshold():
