@@ -531,3 +531,13 @@ def test_structured_mask_removes_whole_rows_and_filters():
     assert group_level["fc.weight"].shape == (6,)
     with pytest.raises(ValueError, match="fraction"):
         structured_mask(groups, -0.1)
+
+
+def test_closed_form_rejects_bad_scales_naming_the_argument():
+    with pytest.raises(ValueError, match=r"reduced_scale.*-0\.5"):
+        bmr_diagonal_zero_mean(torch.zeros(2, dtype=D), 1.0, 1.0, torch.tensor([0.1, -0.5], dtype=D))
+    # pi = 0.1, s = 1, g = 10: 1 + g^2 (pi - 1/s^2) = -89 < 0, the reduced posterior is improper.
+    with pytest.raises(ValueError, match=r"reduced_scale.*10\.0"):
+        bmr_diagonal_zero_mean(torch.zeros(2, dtype=D), 0.1, 1.0, torch.tensor([0.5, 10.0], dtype=D))
+    with pytest.raises(ValueError, match=r"reduced_precision.*inf"):
+        bmr_gaussian(torch.zeros(2, dtype=D), 1.0, 0.0, 1.0, 0.0, torch.tensor([1.0, math.inf], dtype=D))

@@ -123,10 +123,11 @@ def _lowest(flat, k):
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=flat.device)
     t = torch.kthvalue(flat, k).values
-    below = flat < t
-    tied = flat == t
-    need = k - below.sum()
-    return below | (tied & (torch.cumsum(tied, 0) <= need))
+    lowest = flat < t
+    need = k - int(lowest.sum())
+    tied = torch.nonzero(flat == t).squeeze(1)  # increasing positions
+    lowest[tied[:need]] = True
+    return lowest
 
 
 # --------------------------------------------------------------------------- mask builders
