@@ -1,17 +1,20 @@
 """Command-line interface: ``pyro-sparse <command> ...`` (also ``python -m pyro_sparse``).
 
 Errors caused by input (bad spec, data, flags, files) print one line naming the culprit and
-exit with status 2; ``--debug`` shows the traceback instead.
+exit with status 2; ``--debug`` shows the traceback instead. Library warnings
+(:class:`~pyro_sparse.errors.PyroSparseWarning`: a data fingerprint that differs from the
+run's, a resume from ``checkpoint.pt.prev``, a NaN recovery) print as one ``warning:`` line
+on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+import warnings
 
-from .errors import PyroSparseError
+from .errors import PyroSparseError, PyroSparseWarning
 
 COMMANDS = {}
 
@@ -35,9 +38,10 @@ def _print_metrics(metrics: dict, title: str):
 
 def _add_fit(sub):
     p = sub.add_parser("fit", help="fit a model spec with an inference recipe")
-    p.add_argument("--model", required=True, help="model spec (models/*.yaml)")
-    p.add_argument("--inference", required=True, help="inference recipe (inference/*.yaml)")
-    p.add_argument("--data", required=True, help="digits | mnist1d | sparse-regression | PATH.npz | PATH.csv | IDX dir")
+    p.add_argument("--model", help="model spec (models/*.yaml); not needed with --resume")
+    p.add_argument("--inference", help="inference recipe (inference/*.yaml); not needed with --resume")
+    p.add_argument("--data", help="digits | mnist1d | sparse-regression | PATH.npz | PATH.csv | IDX dir; "
+                   "not needed with --resume")
     p.add_argument("--target", help="label column of a CSV file")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
@@ -52,10 +56,15 @@ def _add_fit(sub):
 def cmd_fit(args):
     from .runs import fit_run
 
+    missing = [f"--{k}" for k in ("model", "inference", "data") if getattr(args, k) is None]
+    if missing and not args.resume:
+        raise PyroSparseError(f"fit needs {', '.join(missing)} (or --resume to continue the run in --out)")
     for flag in ("epochs",):
         v = getattr(args, flag)
         if v is not None and v <= 0:
             raise PyroSparseError(f"--{flag} must be a positive integer, got {v}")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise PyroSparseError(f"--seed must be an integer in [0, 2**32), got {args.seed}")
     _, metrics = fit_run(args.model, args.inference, args.data, args.out, epochs=args.epochs, seed=args.seed,
                          device=args.device, resume=args.resume, overwrite=args.overwrite, target=args.target,
                          progress=not args.no_progress)
@@ -72,13 +81,17 @@ def _add_evaluate(sub):
 
 @command("evaluate", "evaluate a run")
 def cmd_evaluate(args):
+    from .checkpoint import read_json
     from .runs import load_run
 
+    if args.samples is not None and args.samples <= 0:
+        raise PyroSparseError(f"--samples must be a positive integer, got {args.samples}")
     path = os.path.join(args.dir, "metrics.json")
     if args.data is None and args.samples is None and os.path.exists(path):
-        with open(path) as f:
-            _print_metrics(json.load(f), f"run {args.dir}")
-        return 0
+        metrics = read_json(path, "metrics file")
+        if metrics:
+            _print_metrics(metrics, f"run {args.dir}")
+            return 0
     run = load_run(args.dir, data=args.data)
     metrics = run.trainer.evaluate(args.samples)
     _print_metrics(metrics, f"run {args.dir} on {args.data or 'its own data'}")
@@ -100,13 +113,29 @@ ADDERS = [_add_fit, _add_evaluate]
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return COMMANDS[args.command][0](args)
-    except PyroSparseError as e:
-        if args.debug:
-            raise
-        print(f"pyro-sparse {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; resume with --resume", file=sys.stderr)
-        return 130
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PyroSparseWarning):
+            print(f"pyro-sparse {args.command}: warning: {message}", file=sys.stderr)
+        else:
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", PyroSparseWarning)
+        warnings.showwarning = show
+        try:
+            return COMMANDS[args.command][0](args)
+        except PyroSparseError as e:
+            if args.debug:
+                raise
+            print(f"pyro-sparse {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # unwritable --out, full disk, ...: the environment, not a bug
+            if args.debug:
+                raise
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            print(f"pyro-sparse {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted; resume with --resume", file=sys.stderr)
+            return 130
