@@ -338,9 +338,10 @@ class SVITrainer:
                 f"retr{'y' if retries == 1 else 'ies'} (nan_retries: {allowed}), each restoring the last good "
                 f"state and multiplying the learning rate by nan_lr_factor {factor}{where}. Lower optimizer.lr, "
                 "set grad_clip or lengthen kl_warmup_epochs")
-        rng = torch.get_rng_state()
+        rng, recoveries = torch.get_rng_state(), self.recoveries
         source = self._restore_last_good()
         torch.set_rng_state(rng)  # a different Monte Carlo draw on the retry
+        self.recoveries = recoveries  # the restored state predates the faults: keep their record
         scale = factor ** (retries + 1)
         for group in self.optimizer.param_groups:
             group["lr"] *= scale

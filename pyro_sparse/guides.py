@@ -136,6 +136,12 @@ class MeanFieldGuide(Guide):
         local_reparam: let analytically tractable weight sites be replaced by their
             pre-activations when a :class:`~pyro_sparse.local_reparam.LocalReparameterization`
             handler is active.
+
+    Clamp: every posterior scale is ``exp(clamp(log_scale, LOG_SCALE_MIN, LOG_SCALE_MAX))``,
+    i.e. sigma in [exp(-12), exp(4)] ~ [6.1e-6, 54.6] and log sigma^2 in [-24, 8], so a
+    variance can neither underflow to 0 (log alpha = -inf, division by zero in the KL) nor
+    overflow. Outside the range the gradient with respect to ``log_scale`` is 0; the stored
+    parameter may sit beyond the bound, the distribution never does.
     """
 
     def __init__(self, model, init_scale: float = math.exp(-5.0), init_scale_hyper: float = 0.1,
