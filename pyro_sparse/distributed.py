@@ -67,6 +67,15 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+def env_rank() -> int:
+    """The rank torchrun assigned (``RANK``; 0 when unset): valid before the process group
+    exists and after it has ended."""
+    try:
+        return int(os.environ.get("RANK", 0))
+    except ValueError:
+        return 0
+
+
 def is_main_process() -> bool:
     """Rank 0: the one process that writes files and prints."""
     return rank() == 0
@@ -246,3 +255,41 @@ def on_main(fn, *args, **kwargs):
             raise error
         raise PyroSparseError(f"rank 0 failed: {box[1]}")
     return box[0]
+
+
+# ---------------------------------------------------------------------------- local launches
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (for a local rendezvous)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def launch_local(fn, world_size: int = 2, args: tuple = (), backend: str = "gloo", timeout_s: float = 300.0):
+    """Run ``fn(*args)`` in ``world_size`` fresh local processes joined in one process group,
+    as ``torchrun --nproc_per_node=world_size`` would (for tests and quick checks on one machine).
+
+    ``fn`` must be importable by name (a module-level function). Each process gets torchrun's
+    environment variables, one CPU thread, and leaves the group when ``fn`` returns. An
+    exception in any process is raised here (``torch.multiprocessing.ProcessRaisedException``);
+    a collective that waits longer than ``timeout_s`` fails instead of hanging.
+    """
+    import torch.multiprocessing as mp
+
+    mp.spawn(_local_entry, args=(fn, world_size, free_port(), backend, tuple(args), timeout_s),
+             nprocs=world_size, join=True)
+
+
+def _local_entry(rank_, fn, world, port, backend, args, timeout_s):
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank_),
+                       "LOCAL_RANK": str(rank_), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world)})
+    torch.set_num_threads(1)
+    init_from_env(backend, timeout_s=timeout_s)
+    try:
+        fn(*args)
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the other ranks may be inside a collective
+        raise
+    shutdown()
