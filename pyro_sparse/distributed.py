@@ -267,7 +267,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def launch_local(fn, world_size: int = 2, args: tuple = (), backend: str = "gloo", timeout_s: float = 300.0):
+def launch_local(fn, world_size: int = 2, args: tuple = (), backend: str = "gloo", timeout_s: float = 300.0,
+                 start_method: str = "spawn"):
     """Run ``fn(*args)`` in ``world_size`` fresh local processes joined in one process group,
     as ``torchrun --nproc_per_node=world_size`` would (for tests and quick checks on one machine).
 
@@ -275,11 +276,13 @@ def launch_local(fn, world_size: int = 2, args: tuple = (), backend: str = "gloo
     environment variables, one CPU thread, and leaves the group when ``fn`` returns. An
     exception in any process is raised here (``torch.multiprocessing.ProcessRaisedException``);
     a collective that waits longer than ``timeout_s`` fails instead of hanging.
+    ``start_method="forkserver"`` with ``multiprocessing.set_forkserver_preload([...])`` pays the
+    imports once for several launches.
     """
     import torch.multiprocessing as mp
 
-    mp.spawn(_local_entry, args=(fn, world_size, free_port(), backend, tuple(args), timeout_s),
-             nprocs=world_size, join=True)
+    mp.start_processes(_local_entry, args=(fn, world_size, free_port(), backend, tuple(args), timeout_s),
+                       nprocs=world_size, join=True, start_method=start_method)
 
 
 def _local_entry(rank_, fn, world, port, backend, args, timeout_s):
