@@ -133,7 +133,9 @@ def init_from_env(backend: str | None = None, device="cpu", timeout_s: float = 1
             raise PyroSparseError(f"device {str(device)!r} requested but CUDA is not available")
         torch.cuda.set_device(device)
     backend = backend or default_backend(device)
-    dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s))
+    # binding the GPU (device_id) lets NCCL set up eagerly and barriers know their device
+    dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=device if device.type == "cuda" else None)
     return True
 
 
