@@ -11,6 +11,12 @@ reparameterisation) and beta_t the KL warm-up. Each epoch it evaluates the poste
 on held-out data, appends to ``metrics.jsonl`` and writes an atomic checkpoint from which
 ``resume`` continues bit-for-bit (the RNG states are part of it).
 
+Inside a ``torch.distributed`` process group (``torchrun``) the same trainer runs data-parallel:
+each rank takes its shard of every epoch's permutation, ``batch_size`` is the global batch
+(``ceil(batch_size / W)`` rows per rank), gradients are averaged over the ranks after
+``backward`` (which makes the step the single-process step on the union batch; see
+:mod:`pyro_sparse.distributed`), evaluation runs on rank 0 and only rank 0 writes files.
+
 Numerical faults. Every step checks that the loss and the gradient norm are finite *before*
 the optimiser applies the update. On the CPU the check reads the flag at once (a cheap
 host read) and stops at the faulty step. On an accelerator the flag and the index of the
@@ -39,6 +45,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import load_safe, save_atomic, write_text_atomic
 from .data import Dataset
 from .elbo import MeanFieldELBO
@@ -145,13 +152,19 @@ class SVITrainer:
         self.network, self.guide, self.data, self.recipe = network, guide, dataset, recipe
         self.out_dir, self.progress = (os.fspath(out_dir) if out_dir is not None else None), progress
         self.device = check_device(recipe["device"])
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        if self.world > 1:
+            self.device = distributed.rank_device(self.device)
+            self.progress = progress and distributed.is_main_process()
         if recipe.get("num_threads"):
             torch.set_num_threads(recipe["num_threads"])
         self.data.to(self.device)
         self.network.to(self.device)
         self.num_train = len(self.data.x_train)
-        self.batch_size = min(recipe["batch_size"], self.num_train)
-        self.steps_per_epoch = math.ceil(self.num_train / self.batch_size)
+        # rows per epoch and per step on this rank (all of them when not distributed)
+        self.num_local = math.ceil(self.num_train / self.world)
+        self.batch_size = min(math.ceil(recipe["batch_size"] / self.world), self.num_local)
+        self.steps_per_epoch = math.ceil(self.num_local / self.batch_size)
         try:
             self.guide.setup(self.data.x_train[: self.batch_size], self.data.y_train[: self.batch_size],
                              dataset_size=self.num_train)
@@ -161,6 +174,8 @@ class SVITrainer:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DataError(f"{dataset.name}: the network cannot run on these data ({msg})") from None
         self.guide.to(self.device)
+        if self.world > 1:
+            distributed.broadcast_parameters(self.guide.parameters())
         self.elbo = MeanFieldELBO(local_reparam=recipe["local_reparam"])
         self.optimizer = make_optimizer(self.guide.parameters(), recipe["optimizer"])
         self.scheduler = make_scheduler(self.optimizer, recipe["schedule"], recipe["epochs"])
@@ -173,6 +188,7 @@ class SVITrainer:
         self._good_state = None  # in-memory copy of the last good state, while none is on disk
         self._on_disk = False  # this trainer wrote or resumed checkpoint.pt: restore from there
         self._resumed_from_prev = False  # checkpoint.pt was corrupt: do not rotate it into .prev
+        self._batch, self._ok = 0, None  # the step's batch index and finiteness flag (see _step)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -204,7 +220,7 @@ class SVITrainer:
                           "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history))
 
     def save(self):
-        if self.out_dir:
+        if self.out_dir and distributed.is_main_process():
             save_atomic(self.state_dict(), self.checkpoint_path(), keep_previous=not self._resumed_from_prev)
             self._resumed_from_prev, self._on_disk, self._good_state = False, True, None
             self._write_history()
@@ -263,43 +279,54 @@ class SVITrainer:
                 return f"gradient of {name}"
         return "gradient"
 
-    def _step(self, idx, beta, b=0):
-        """One SVI step. Returns ``(loss, ok)`` as device tensors; ``ok`` is False when the loss
-        or the gradient norm is NaN/inf. With ``check_each_step`` a fault raises
-        :class:`NonFiniteStep` before the optimiser applies the update."""
+    def _step(self, idx, beta):
+        """One SVI step; returns the (detached) loss. Sets ``self._ok``, a device tensor that is
+        False when the loss or the gradient norm is NaN/inf; with ``check_each_step`` such a
+        fault raises :class:`NonFiniteStep` before the optimiser applies the update."""
         x, y = self.data.x_train[idx], self.data.y_train[idx]
         self.elbo.kl_weight = beta
         loss = self.elbo.differentiable_loss(self.network.model, self.guide, x, y,
                                              dataset_size=self.num_train, subsample=idx)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.world > 1:
+            distributed.average_gradients(self.guide.parameters())
         params = [p for p in self.guide.parameters() if p.grad is not None]
         if self.recipe["grad_clip"]:
             norm = torch.nn.utils.clip_grad_norm_(params, self.recipe["grad_clip"])
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         loss = loss.detach()
-        ok = torch.isfinite(loss) & torch.isfinite(norm)
+        # Data-parallel: the averaged gradient (so its norm) is the same on every rank, the local
+        # loss is not; deciding on the norm alone keeps the ranks in step (a non-finite loss
+        # still shows in the all-reduced epoch loss).
+        ok = torch.isfinite(norm) if self.world > 1 else torch.isfinite(loss) & torch.isfinite(norm)
         if self.check_each_step and not ok:  # host read: cheap on the CPU
-            raise self._fault(self._nonfinite_what(loss), b)
+            raise self._fault(self._nonfinite_what(loss), self._batch)
         self.optimizer.step()
-        return loss, ok
+        self._ok = ok
+        return loss
 
     def train_epoch(self):
         """One pass over the training data in a random order; returns the epoch's figures.
 
         Raises :class:`NonFiniteStep` naming the first faulty step of the epoch."""
-        perm = torch.randperm(self.num_train, generator=self.generator).to(self.device)
+        perm = torch.randperm(self.num_train, generator=self.generator)
+        if self.world > 1:
+            perm = distributed.shard(perm)  # same permutation on every rank; rank r takes r::W
+        perm = perm.to(self.device)
         total = torch.zeros((), device=self.device)
         first_bad = torch.full((), -1.0, device=self.device)  # index of the first faulty batch, on device
         start = time.perf_counter()
         for b in range(self.steps_per_epoch):
             idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
             beta = self.kl_weight(self.epoch + b / self.steps_per_epoch)
-            loss, ok = self._step(idx, beta, b)
-            total = total + loss
-            if not self.check_each_step:  # no host sync: the flag is read with the loss below
-                first_bad = torch.where((first_bad < 0) & ~ok, float(b), first_bad)
+            self._batch, self._ok = b, None
+            total = total + self._step(idx, beta)
+            if not self.check_each_step and self._ok is not None:  # no host sync: read with the loss below
+                first_bad = torch.where((first_bad < 0) & ~self._ok, float(b), first_bad)
+        if self.world > 1:
+            total = distributed.all_reduce_sum(total) / self.world  # the global estimate, on every rank
         total, first = torch.stack([total, first_bad.to(total.dtype)]).tolist()  # one host sync per epoch
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -315,8 +342,9 @@ class SVITrainer:
         return {"loss": total / self.steps_per_epoch, "seconds": seconds}
 
     def evaluate(self, num_samples=None):
-        return evaluate(self.network, self.guide, self.data.x_test, self.data.y_test,
-                        num_samples or self.recipe["eval_samples"])
+        args = (self.network, self.guide, self.data.x_test, self.data.y_test,
+                num_samples or self.recipe["eval_samples"])
+        return evaluate(*args) if self.world == 1 else distributed.on_main(evaluate, *args)
 
     def _restore_last_good(self) -> str:
         """Load the last good state: this run's checkpoint on disk, else the in-memory copy."""
@@ -359,7 +387,7 @@ class SVITrainer:
         torch.manual_seed(self.recipe["seed"])
         if resume:
             self.resume()
-            if self.out_dir:
+            if self.out_dir and distributed.is_main_process():
                 self._write_history()  # metrics.jsonl may lag the checkpoint after a kill
         bar = tqdm(total=epochs, initial=self.epoch, desc="fit", unit="epoch", disable=not self.progress,
                    dynamic_ncols=True)
@@ -368,6 +396,8 @@ class SVITrainer:
             while self.epoch < epochs:
                 if self._good_state is None and not self._on_disk:
                     self._good_state = copy.deepcopy(self.state_dict())
+                if self.world > 1:  # per-rank noise, a function of (seed, epoch, retry): resumable
+                    torch.manual_seed(distributed.rank_seed(self.recipe["seed"], self.epoch, retries))
                 try:
                     figures = self.train_epoch()
                 except NonFiniteStep as fault:

@@ -4,6 +4,10 @@ A run directory holds ``model.yaml`` and ``inference.yaml`` (copies of what was 
 ``run.json`` (versions, seed, data name and fingerprint), ``metrics.jsonl`` (one line per
 epoch), ``checkpoint.pt`` and, when done, ``metrics.json``. :func:`fit_run` creates or resumes
 one; :func:`load_run` rebuilds the fitted network and guide from one.
+
+Under ``torchrun`` (or with ``distributed=True``) :func:`fit_run` joins the process group and
+fits data-parallel; every rank reads the specs, data and (on resume) the checkpoint, and only
+rank 0 creates, clears or writes files in the run directory.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import yaml
 
+from . import distributed as ddp
 from .checkpoint import load_safe, read_json, write_json_atomic, write_text_atomic
 from .data import Dataset, load_dataset
 from .errors import PyroSparseError, PyroSparseWarning, SpecError
@@ -113,17 +118,22 @@ def _overrides(recipe: dict, epochs, seed, device) -> dict:
 
 
 def fit_run(model_path: str, recipe_path: str, data: str, out_dir: str, epochs=None, seed=None,
-            device=None, resume=False, overwrite=False, target=None, progress=True) -> tuple[Run, dict]:
+            device=None, resume=False, overwrite=False, target=None, progress=True,
+            distributed=None) -> tuple[Run, dict]:
     """Fit a model spec with a recipe on data into ``out_dir``; returns (run, final metrics).
 
     Everything (specs, recipe, overrides, device, data, network) is validated before
     ``out_dir`` is created or, with ``overwrite``, removed; ``overwrite`` only replaces a
     directory holding a previous run (``run.json``).
+
+    ``distributed``: True requires the torchrun environment and fits data-parallel; None (the
+    default) does so when that environment describes more than one process; False never.
     """
     _check_out_dir(out_dir, resume, overwrite)
     out_dir = os.fspath(out_dir)
+    clear = not resume and os.path.isdir(out_dir) and bool(os.listdir(out_dir))  # decided before any rank writes
     if resume:
-        for name in os.listdir(out_dir):  # temporary files of a write that a kill interrupted
+        for name in os.listdir(out_dir) if ddp.env_rank() == 0 else ():  # left by a write a kill interrupted
             if name.startswith(".tmp-"):
                 os.unlink(os.path.join(out_dir, name))
         model_spec = load_model_spec(os.path.join(out_dir, "model.yaml"))
@@ -143,13 +153,18 @@ def fit_run(model_path: str, recipe_path: str, data: str, out_dir: str, epochs=N
         recipe = load_recipe(recipe_path)
         recipe.update(_overrides(recipe, epochs, seed, device))
     dataset = load_dataset(data, target=target, seed=0)
+    owner = False  # whether this call creates (and so ends) the process group
+    if distributed or (distributed is None and ddp.launched_by_torchrun()):
+        owner = ddp.init_from_env(device=recipe["device"])
     network, guide = build(model_spec, recipe, dataset)
     run = Run(network, guide, dataset, model_spec, recipe, out_dir)
     run.trainer = make_trainer(run, out_dir, progress)  # validates the data against the network
-    if not resume:
-        if os.path.isdir(out_dir) and os.listdir(out_dir):
-            shutil.rmtree(out_dir)  # only with overwrite, on a run directory (_check_out_dir)
+    main = ddp.is_main_process()
+    if clear and main:
+        shutil.rmtree(out_dir)  # only with overwrite, on a run directory (_check_out_dir)
+    if main:
         os.makedirs(out_dir, exist_ok=True)
+    if not resume and main:
         write_text_atomic(os.path.join(out_dir, "model.yaml"), yaml.safe_dump(_strip(model_spec), sort_keys=False))
         write_text_atomic(os.path.join(out_dir, "inference.yaml"), yaml.safe_dump(_strip(recipe), sort_keys=False))
         write_json_atomic(os.path.join(out_dir, "run.json"), {
@@ -160,7 +175,10 @@ def fit_run(model_path: str, recipe_path: str, data: str, out_dir: str, epochs=N
     metrics = run.trainer.fit(epochs=recipe["epochs"], resume=resume)
     metrics.update({"model": model_spec.get("name"), "data": data, "method": recipe["method"],
                     "guide": recipe["guide"]})
-    write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
+    if main:
+        write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
+    if owner:
+        ddp.shutdown()
     return run, metrics
 
 
