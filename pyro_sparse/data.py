@@ -49,6 +49,24 @@ class Dataset:
     image_shape: tuple | None = None
     extras: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        for key in ("x_train", "y_train", "x_test", "y_test"):
+            t = getattr(self, key)
+            if not torch.is_tensor(t) or t.dim() == 0 or len(t) == 0:
+                raise DataError(f"{self.name}: {key} must be a non-empty tensor with one row per example, "
+                                f"got {type(t).__name__}{tuple(t.shape) if torch.is_tensor(t) else ''}")
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if len(x) != len(y):
+                raise DataError(f"{self.name}: x_{split} has {len(x)} rows but y_{split} has {len(y)}")
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+            raise DataError(f"{self.name}: x_train rows have shape {tuple(self.x_train.shape[1:])} but x_test rows "
+                            f"{tuple(self.x_test.shape[1:])}")
+        if self.task not in ("classification", "regression"):
+            raise DataError(f"{self.name}: task must be 'classification' or 'regression', got {self.task!r}")
+        if isinstance(self.num_outputs, bool) or not isinstance(self.num_outputs, int) or self.num_outputs < 1:
+            raise DataError(f"{self.name}: num_outputs must be a positive integer, got {self.num_outputs!r}")
+
     @property
     def feature_shape(self) -> tuple:
         return tuple(self.x_train.shape[1:])

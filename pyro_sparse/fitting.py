@@ -104,6 +104,9 @@ def evaluate(network, guide, x, y, num_samples=10, batch_size=2048) -> dict:
     Classification: accuracy of the predictive mean and NLL = -mean_n log (1/S) sum_s p(y_n | w_s).
     Regression: RMSE of the predictive mean and the same NLL.
     """
+    for name, v in (("num_samples", num_samples), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"evaluate: {name} must be a positive integer, got {v!r}")
     if isinstance(guide, DeltaGuide):
         num_samples = 1
     lik = network.likelihood
@@ -383,6 +386,8 @@ class SVITrainer:
 
     def fit(self, epochs=None, resume=False) -> dict:
         """Train to ``epochs`` (default: the recipe's); returns the final metrics."""
+        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+            raise SpecError(f"expected a positive integer, got {epochs!r}", None, "SVITrainer.fit.epochs")
         epochs = epochs or self.recipe["epochs"]
         torch.manual_seed(self.recipe["seed"])
         if resume:

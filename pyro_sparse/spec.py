@@ -46,6 +46,8 @@ MODEL_FIELDS = {
 
 def load_yaml(path: str) -> dict:
     """Read a YAML mapping with the safe loader; errors name the file."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise SpecError(f"expected a path to a YAML file, got {short_repr(path)}")
     try:
         with open(path) as f:
             data = yaml.safe_load(f)

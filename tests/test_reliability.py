@@ -20,18 +20,18 @@ import yaml
 from pyro_sparse import checkpoint as ckpt_mod
 from pyro_sparse.checkpoint import load_safe, save_atomic
 from pyro_sparse.cli import main
-from pyro_sparse.data import load_dataset, load_digits, load_sparse_regression
+from pyro_sparse.data import Dataset, load_dataset, load_digits
 from pyro_sparse.distributions import LOG_ALPHA_MAX, LOG_ALPHA_MIN, log_alpha
 from pyro_sparse.errors import CheckpointError, DataError, PyroSparseError, PyroSparseWarning, SpecError
-from pyro_sparse.fitting import NumericalError, SVITrainer
+from pyro_sparse.fitting import NumericalError, SVITrainer, evaluate
 from pyro_sparse.guides import LOG_SCALE_MAX, LOG_SCALE_MIN, MeanFieldGuide, build_guide
 from pyro_sparse.layers import Conv2d, Dropout, Linear, MaxPool2d
 from pyro_sparse.likelihoods import Gaussian as GaussianLikelihood
 from pyro_sparse.network import BayesianNetwork
 from pyro_sparse.priors import GaussianGamma
 from pyro_sparse.recipe import parse_recipe
-from pyro_sparse.runs import build, fit_run
-from pyro_sparse.spec import parse_model_spec
+from pyro_sparse.runs import build
+from pyro_sparse.spec import load_model_spec, parse_model_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {"layers": [{"type": "linear", "in": "auto", "out": 16}, {"type": "relu"}, {"type": "linear", "out": "auto"}]}
@@ -238,6 +238,16 @@ def test_trainer_arguments(digits, tiny_net):
     # a plain mapping is validated and filled in like a YAML recipe
     t = SVITrainer(tiny_net, guide, digits, {"epochs": 1, "optimizer": {"name": "SGD", "lr": "1e-2"}}, progress=False)
     assert t.recipe["batch_size"] == 128 and t.optimizer.param_groups[0]["lr"] == 0.01
+    with pytest.raises(SpecError, match="SVITrainer.fit.epochs: expected a positive integer, got 0"):
+        t.fit(epochs=0)
+    with pytest.raises(ValueError, match="evaluate: num_samples must be a positive integer, got 0"):
+        evaluate(tiny_net, guide, digits.x_test, digits.y_test, num_samples=0)
+    with pytest.raises(DataError, match="d: x_test has 3 rows but y_test has 2"):
+        Dataset("d", torch.ones(4, 2), torch.zeros(4), torch.ones(3, 2), torch.zeros(2), "classification", 2)
+    with pytest.raises(DataError, match="task must be 'classification' or 'regression', got 'ranking'"):
+        Dataset("d", torch.ones(4, 2), torch.zeros(4), torch.ones(2, 2), torch.zeros(2), "ranking", 2)
+    with pytest.raises(SpecError, match="expected a path to a YAML file, got 3"):
+        load_model_spec(3)  # an int would otherwise be opened as a file descriptor
 
 
 # ============================================================================ 2. numerical faults
