@@ -336,8 +336,8 @@ class SVITrainer:
         seconds = time.perf_counter() - start
         if first >= 0:
             raise self._fault("loss or gradient", int(first))
-        if not math.isfinite(total):
-            raise self._fault("loss", self.steps_per_epoch - 1)
+        if not math.isfinite(total):  # e.g. another rank's local loss; the step is not known here
+            raise self._fault("epoch loss (a step's loss was NaN/inf)", self.steps_per_epoch - 1)
         for name, p in self.guide.named_parameters():
             if not torch.isfinite(p).all():
                 raise NonFiniteStep(f"parameter {name}", self.steps + self.steps_per_epoch, self.epoch + 1,
