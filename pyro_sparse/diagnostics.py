@@ -640,7 +640,15 @@ def compare(idatas: dict):
         raise ValueError(f"compare needs at least two models, got {len(idatas)}")
     sizes = {name: int(idata.log_likelihood[OBS].sizes[OBS_DIM]) for name, idata in idatas.items()}
     if len(set(sizes.values())) != 1:
-        raise ValueError(f"compare: models must share their observations, got {sizes} observations")
+        raise ValueError(f"models must share their observations, got {sizes} observations")
+    observed = {name: np.asarray(idata.observed_data[OBS]) for name, idata in idatas.items()
+                if "observed_data" in idata.groups()}
+    if observed:
+        first_name, first = next(iter(observed.items()))
+        for name, values in observed.items():
+            if values.shape != first.shape or not np.array_equal(values, first):
+                raise ValueError(f"models must share their observations: the observed data of {name!r} "
+                                 f"differ from those of {first_name!r}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         elpds = {name: az.loo(idata, pointwise=True, reff=1.0) for name, idata in idatas.items()}
@@ -738,13 +746,14 @@ def forest_selection(idata, max_rows: int = 24):
     name = weights[-1]
     var = idata.posterior[name]
     unit_dim, input_dim = var.dims[2], var.dims[3] if var.ndim > 3 else None
-    units = np.asarray(var[unit_dim][:2])
+    units = [int(u) for u in np.asarray(var[unit_dim][:2])]
     coords[unit_dim] = units
     if input_dim is not None:
         mean = np.abs(np.asarray(var.sel({unit_dim: units}).mean(("chain", "draw")))).reshape(len(units), -1)
         top = np.argsort(-mean.max(0))[: max(1, max_rows // len(units))]
         coords[input_dim] = np.asarray(var[input_dim])[np.sort(top)]
-    return [name], coords, f"posterior of {name}: units {list(units)} (largest |mean| inputs)"
+    return [name], coords, (f"posterior of {name}[{unit_dim}, {input_dim}]: units {units}, "
+                            f"inputs with the largest |mean|")
 
 
 def plot_forest(idata, path: str, max_rows: int = 24, hdi_prob: float = 0.94) -> str:
