@@ -112,7 +112,7 @@ def site_dims(network, shapes: dict[str, tuple]) -> dict[str, list]:
       (``fc1_unit``, ``fc1_input``, ``conv1_unit``); where two axes share a dim the first
       declared wins; dims without an axis are ``L_param_dim<d>`` (a conv kernel's height).
     * Hyper-sites of a parameter ``P`` (name ``P.<suffix>``, keepdim shape broadcastable to
-      ``P``): dim ``d`` takes ``P``'s name where the sizes agree, singleton dims are squeezed.
+      ``P``): singleton dims are squeezed, the others take ``P``'s dim name.
     * Other sites of layer ``L`` (``L.<rest>``, e.g. group variables ``lstm1.z_hidden``): the
       axes of ``param_axes[rest]`` if the layer declares them, else the layer axis of the same
       size (first declared), singleton dims squeezed.
@@ -157,10 +157,12 @@ def site_dims(network, shapes: dict[str, tuple]) -> dict[str, list]:
         if parents:
             parent = max(parents, key=len)
             for d, size in enumerate(shape):
-                if size == shapes[parent][d]:
+                if size == 1:
+                    dims.append(None)
+                elif size == shapes[parent][d]:
                     dims.append(claim(out[parent][d], size, f"{_var(site)}_dim{d}"))
                 else:
-                    dims.append(None if size == 1 else claim(f"{_var(site)}_dim{d}", size, ""))
+                    dims.append(claim(f"{_var(site)}_dim{d}", size, f"{_var(site)}_dim{d}"))
             out[site] = dims
             continue
         head, _, rest = site.partition(".")
@@ -527,9 +529,8 @@ def to_inference_data(network, guide, data, num_samples: int = 100, masks: dict 
 
 
 def _kappa_dims(site, shape, dims, shapes):
-    """Dims of a kappa (keepdim shape of the parameter): the parameter's dim where the sizes
-    agree, squeezed where kappa is shared by a group."""
-    return [dims[site][d] if n == shapes[site][d] else None for d, n in enumerate(shape)]
+    """Dims of a kappa (keepdim shape of the parameter): the parameter's dims, singletons squeezed."""
+    return [dims[site][d] if n == shapes[site][d] and n > 1 else None for d, n in enumerate(shape)]
 
 
 def _method(guide) -> str:
