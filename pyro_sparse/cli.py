@@ -102,11 +102,19 @@ def _add_report(sub):
     p.add_argument("dir", help="run directory")
     p.add_argument("--samples", type=int, default=100, help="posterior draws (default 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    p.add_argument("--threads", type=int, help="torch CPU threads (small networks: 1 is fastest)")
 
 
 @command("report", "write a run report")
 def cmd_report(args):
     from .report import write_report
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise PyroSparseError(f"--threads must be a positive integer, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     write_report(args.dir, num_samples=args.samples, seed=args.seed)
     print(f"wrote {os.path.join(args.dir, 'report.md')}")

@@ -568,7 +568,8 @@ def loo(idata) -> dict:
     Draws from q are independent, so the relative efficiency is 1. Returns ``elpd_loo``,
     ``se``, ``p_loo``, ``n_samples``, ``n_data_points``, ``good_k`` (ArviZ's threshold
     ``min(1 - 1/log10 S, 0.7)``), ``pareto_k_max``, ``n_bad_k`` (observations with
-    :math:`\\hat k` above it), ``pareto_k`` (array) and ``loo_i`` (array).
+    :math:`\\hat k` above it), ``pareto_k`` (array), ``loo_i`` (array) and ``elpd_data`` (ArviZ's
+    result, which :func:`compare` accepts in place of the InferenceData).
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the k-hat warning: counted in n_bad_k instead
@@ -577,7 +578,8 @@ def loo(idata) -> dict:
     return {"elpd_loo": float(res.elpd_loo), "se": float(res.se), "p_loo": float(res.p_loo),
             "n_samples": int(res.n_samples), "n_data_points": int(res.n_data_points),
             "good_k": float(res.good_k), "pareto_k_max": float(np.max(k)),
-            "n_bad_k": int(np.sum(k > res.good_k)), "pareto_k": k, "loo_i": np.asarray(res.loo_i)}
+            "n_bad_k": int(np.sum(k > res.good_k)), "pareto_k": k, "loo_i": np.asarray(res.loo_i),
+            "elpd_data": res}
 
 
 def vi_pareto_k(idata) -> float:
@@ -631,11 +633,12 @@ def _logsumexp(a):
     return (m + np.log(np.sum(np.exp(a - m), axis=-1, keepdims=True)))[..., 0]
 
 
-def compare(idatas: dict):
+def compare(idatas: dict, loos: dict | None = None):
     """``az.compare`` by PSIS-LOO (stacking weights), with iid-draw ``reff = 1`` per model.
 
     ``idatas`` maps model names to InferenceData with ``log_likelihood`` over the *same*
-    observations. Returns a pandas DataFrame indexed by model, best first.
+    observations; ``loos`` optionally holds their :func:`loo` results, to skip recomputing.
+    Returns a pandas DataFrame indexed by model, best first.
     """
     if len(idatas) < 2:
         raise ValueError(f"compare needs at least two models, got {len(idatas)}")
@@ -652,7 +655,8 @@ def compare(idatas: dict):
                                  f"differ from those of {first_name!r}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        elpds = {name: az.loo(idata, pointwise=True, reff=1.0) for name, idata in idatas.items()}
+        elpds = {name: (loos[name]["elpd_data"] if loos and name in loos else az.loo(idata, pointwise=True, reff=1.0))
+                 for name, idata in idatas.items()}
         return az.compare(elpds, ic="loo")
 
 
@@ -739,7 +743,7 @@ def forest_selection(idata, max_rows: int = 24):
         for name in scales:
             for dim in idata.posterior[name].dims[2:]:
                 coords[dim] = np.asarray(idata.posterior[dim][:per])
-        return scales, coords, "posterior of group scales"
+        return scales, coords, f"posterior of the scale / precision sites (first {per} entries of each)"
     weights = [n for n in idata.posterior.data_vars
                if idata.posterior[n].attrs.get("role") == "weight" and idata.posterior[n].ndim == 4]
     if not weights:
@@ -753,8 +757,13 @@ def forest_selection(idata, max_rows: int = 24):
         mean = np.abs(np.asarray(var.sel({unit_dim: units}).mean(("chain", "draw")))).reshape(len(units), -1)
         top = np.argsort(-mean.max(0))[: max(1, max_rows // len(units))]
         coords[input_dim] = np.asarray(var[input_dim])[np.sort(top)]
-    return [name], coords, (f"posterior of {name}[{unit_dim}, {input_dim}]: units {units}, "
-                            f"inputs with the largest |mean|")
+    return [name], coords, (f"posterior of {name}[{unit_dim}, {input_dim}]\n"
+                            f"units {units}, the inputs with the largest |mean|")
+
+
+def scales_shown(idata, var_names) -> bool:
+    scales = set(attributes(idata).get("scale_sites", []))
+    return bool(var_names) and all(v in scales for v in var_names)
 
 
 def plot_forest(idata, path: str, max_rows: int = 24, hdi_prob: float = 0.94) -> str:
@@ -771,8 +780,11 @@ def plot_forest(idata, path: str, max_rows: int = 24, hdi_prob: float = 0.94) ->
         warnings.simplefilter("ignore")
         az.plot_forest(idata, var_names=var_names, coords=coords, combined=True, hdi_prob=hdi_prob, ax=ax,
                        textsize=9, filter_vars=None)
-    ax.set_title(f"{title}\n(median, 50% and {hdi_prob:.0%} HDI; one chain of q draws)", fontsize=10)
+    if not scales_shown(idata, var_names):
+        ax.axvline(0.0, color="grey", lw=0.8, ls=":")  # weights whose interval straddles 0
+    ax.set_title("")
     ax.set_xlabel("value")
+    fig.suptitle(f"{title}\n(median, 50% and {hdi_prob:.0%} HDI; one chain of q draws)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path

@@ -271,7 +271,7 @@ def write_report(directory: str, num_samples: int = 100, seed: int = 0, progress
     loos = {name: D.loo(idata) for name, idata in models.items()}
     loo_rows = [_loo_row(name, models[name], loos[name]) for name in models]
     corrected = D.importance_corrected_loo(dense)
-    table = D.compare(models) if len(models) > 1 else None
+    table = D.compare(models, loos) if len(models) > 1 else None
 
     # figures
     figs = {}
@@ -447,14 +447,15 @@ def compare_entries(entries: list[str], num_samples: int = 100, seed: int = 0) -
     for entry in entries:
         models[_entry_name(entry, models)] = load_entry(entry, num_samples, seed)
     obs = {name: D.attributes(m).get("observations") for name, m in models.items()}
+    loos = {name: D.loo(m) for name, m in models.items()}
     try:
-        table = D.compare(models)
+        table = D.compare(models, loos)
     except ValueError as e:
         raise PyroSparseError(f"compare: {e}; observations: {obs}") from None
     rows = []
     for name in table.index:
         a = D.attributes(models[name])
-        loo = D.loo(models[name])
+        loo = loos[name]
         row = {"model": name}
         for col in ("rank", "elpd_loo", "se", "p_loo", "elpd_diff", "dse", "weight", "warning"):
             row[col] = table.loc[name, col]
