@@ -377,7 +377,11 @@ def _report_markdown(run, result, table, summary, dense, history) -> str:
                                                                  "se", "dse", "warning")}} for idx in table.index]
         lines += ["`az.compare` (stacking weights):", "", markdown_table(rows), ""]
     c = result["importance_corrected_loo"]
-    if math.isfinite(c["vi_pareto_k"]):
+    if a.get("method") == "map":
+        lines += ["A point-mass (MAP) guide has no posterior spread: every draw is the same network, so "
+                  "PSIS-LOO degenerates (k-hat = inf) and the figures above are the training log-likelihood. "
+                  "Fit a Laplace approximation or a mean-field guide for LOO and evidence-based reduction.", ""]
+    elif math.isfinite(c["vi_pareto_k"]):
         verdict = "reliable" if c["reliable"] else "NOT reliable (k-hat > 0.7): use the uncorrected figures"
         lines += [f"Importance-corrected PSIS-LOO for VI draws (Magnusson et al. 2019): elpd_loo = "
                   f"{c['elpd_loo']:.2f} (se {c['se']:.2f}); k-hat of p(y, theta)/q(theta) (Yao et al. 2018) = "
