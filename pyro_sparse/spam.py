@@ -114,9 +114,9 @@ def _check_options(options, source=None):
     if options["curvature"] == "kfac" and options["hessian"] != "ggn":
         raise SpecError("the KFAC curvature is a GGN; use hessian: ggn or curvature: diag", source,
                         "laplace.hessian")
-    if options["curvature"] == "kfac" and options["mc_samples"] is not None:
-        raise SpecError("mc_samples applies to the diagonal GGN only; use curvature: diag or mc_samples: null",
-                        source, "laplace.mc_samples")
+    if options["mc_samples"] is not None and (options["curvature"], options["hessian"]) != ("diag", "ggn"):
+        raise SpecError("mc_samples applies to the diagonal GGN only; use curvature: diag, hessian: ggn "
+                        "or mc_samples: null", source, "laplace.mc_samples")
     return options
 
 
@@ -647,6 +647,13 @@ class LaplaceTrainer(SVITrainer):
         figures["seconds"] = time.perf_counter() - start
         self._sync_guide()
         return figures
+
+    def _recover(self, retries):
+        """SVITrainer's recovery (last good state, lower weight learning rate), and the same
+        reduction of the log-delta learning rate: a marglik step can diverge too."""
+        super()._recover(retries)
+        for group in self.hyper_optimizer.param_groups:
+            group["lr"] *= self.recipe["nan_lr_factor"] ** (retries + 1)
 
     def epoch_record(self, figures: dict) -> dict:
         record = {"epoch": self.epoch, "steps": self.steps, "loss": figures["loss"],

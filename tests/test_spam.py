@@ -121,6 +121,8 @@ def test_recipe_and_setup_errors_name_the_field(digits):
         parse_recipe({"method": "laplace", "guide": "delta", "laplace": {"curvature": "kfac", "hessian": "ef"}})
     with pytest.raises(SpecError, match="laplace.structure"):
         parse_recipe({"method": "laplace", "guide": "delta", "laplace": {"structure": "rowwise"}})
+    with pytest.raises(SpecError, match="laplace.mc_samples"):
+        parse_recipe({"method": "laplace", "guide": "delta", "laplace": {"hessian": "ef", "mc_samples": 2}})
     with pytest.raises(SpecError, match="laplace.hyper_lr"):
         parse_recipe({"method": "laplace", "guide": "delta", "laplace": {"hyper_lr": -1}})
     spec, recipe = parse_specs(SMALL, dict(small_recipe(), guide="meanfield"))
@@ -128,6 +130,28 @@ def test_recipe_and_setup_errors_name_the_field(digits):
     assert isinstance(guide, MeanFieldGuide)
     with pytest.raises(SpecError, match="guide: delta"):
         LaplaceTrainer(network, guide, digits, recipe, progress=False)
+
+
+def test_a_diverging_marglik_step_is_retried_with_a_lower_learning_rate(digits, monkeypatch):
+    """NaN handling is SVITrainer's: restore the last good state, lower the learning rate, retry."""
+    trainer = make_trainer(digits, epochs=3)
+    original, calls = LaplaceTrainer.marglik_step, []
+
+    def flaky(self):
+        calls.append(self.epoch)
+        if len(calls) == 1:
+            with torch.no_grad():
+                next(iter(self.prior.parameters())).fill_(float("nan"))
+            raise FloatingPointError("non-finite log marginal likelihood")
+        return original(self)
+
+    monkeypatch.setattr(LaplaceTrainer, "marglik_step", flaky)
+    trainer.fit()
+    assert calls == [1, 1, 2]  # epoch 2's marglik step failed once, then epochs 2 and 3 went through
+    assert trainer.epoch == 3 and all(torch.isfinite(p).all() for p in trainer.prior.parameters())
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5)
+    assert trainer.hyper_optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5)
+    assert [h["epoch"] for h in trainer.history] == [1, 2, 3]
 
 
 # --------------------------------------------------------------------------- the marginal likelihood
