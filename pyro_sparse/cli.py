@@ -46,6 +46,9 @@ def _add_fit(sub):
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--distributed", action="store_true", default=None,
+                   help="data-parallel over the processes of a torchrun launch (the default when "
+                        "torchrun's WORLD_SIZE > 1); fails outside torchrun")
 
 
 @command("fit", "fit a model")
@@ -58,8 +61,11 @@ def cmd_fit(args):
             raise PyroSparseError(f"--{flag} must be a positive integer, got {v}")
     _, metrics = fit_run(args.model, args.inference, args.data, args.out, epochs=args.epochs, seed=args.seed,
                          device=args.device, resume=args.resume, overwrite=args.overwrite, target=args.target,
-                         progress=not args.no_progress)
-    _print_metrics(metrics, f"fitted {args.out}")
+                         progress=not args.no_progress, distributed=args.distributed)
+    from .distributed import env_rank
+
+    if env_rank() == 0:  # under torchrun only rank 0 prints
+        _print_metrics(metrics, f"fitted {args.out}")
     return 0
 
 

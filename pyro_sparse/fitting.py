@@ -10,6 +10,12 @@ with the loss from :class:`~pyro_sparse.elbo.MeanFieldELBO` (analytic KL, local
 reparameterisation) and beta_t the KL warm-up. Each epoch it evaluates the posterior predictive
 on held-out data, appends to ``metrics.jsonl`` and writes an atomic checkpoint from which
 ``resume`` continues bit-for-bit (the RNG states are part of it).
+
+Inside a ``torch.distributed`` process group (``torchrun``) the same trainer runs data-parallel:
+each rank takes its shard of every epoch's permutation, ``batch_size`` is the global batch
+(``ceil(batch_size / W)`` rows per rank), gradients are averaged over the ranks after
+``backward`` (which makes the step the single-process step on the union batch; see
+:mod:`pyro_sparse.distributed`), evaluation runs on rank 0 and only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import load_safe, save_atomic, write_text_atomic
 from .elbo import MeanFieldELBO
 from .errors import PyroSparseError
@@ -81,6 +88,10 @@ class SVITrainer:
         self.network, self.guide, self.data, self.recipe = network, guide, dataset, recipe
         self.out_dir, self.progress = out_dir, progress
         self.device = torch.device(recipe["device"])
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        if self.world > 1:
+            self.device = distributed.rank_device(self.device)
+            self.progress = progress and distributed.is_main_process()
         if recipe.get("num_threads"):
             torch.set_num_threads(recipe["num_threads"])
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -88,11 +99,15 @@ class SVITrainer:
         self.data.to(self.device)
         self.network.to(self.device)
         self.num_train = len(self.data.x_train)
-        self.batch_size = min(recipe["batch_size"], self.num_train)
-        self.steps_per_epoch = math.ceil(self.num_train / self.batch_size)
+        # rows per epoch and per step on this rank (all of them when not distributed)
+        self.num_local = math.ceil(self.num_train / self.world)
+        self.batch_size = min(math.ceil(recipe["batch_size"] / self.world), self.num_local)
+        self.steps_per_epoch = math.ceil(self.num_local / self.batch_size)
         self.guide.setup(self.data.x_train[: self.batch_size], self.data.y_train[: self.batch_size],
                          dataset_size=self.num_train)
         self.guide.to(self.device)
+        if self.world > 1:
+            distributed.broadcast_parameters(self.guide.parameters())
         self.elbo = MeanFieldELBO(local_reparam=recipe["local_reparam"])
         self.optimizer = make_optimizer(self.guide.parameters(), recipe["optimizer"])
         self.scheduler = make_scheduler(self.optimizer, recipe["schedule"], recipe["epochs"])
@@ -126,7 +141,7 @@ class SVITrainer:
         return os.path.join(self.out_dir, CHECKPOINT) if self.out_dir else None
 
     def save(self):
-        if self.out_dir:
+        if self.out_dir and distributed.is_main_process():
             save_atomic(self.state_dict(), self.checkpoint_path())
             write_text_atomic(os.path.join(self.out_dir, "metrics.jsonl"),
                               "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history))
@@ -154,6 +169,8 @@ class SVITrainer:
                                              dataset_size=self.num_train, subsample=idx)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.world > 1:
+            distributed.average_gradients(self.guide.parameters())
         if self.recipe["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(self.guide.parameters(), self.recipe["grad_clip"])
         self.optimizer.step()
@@ -161,13 +178,18 @@ class SVITrainer:
 
     def train_epoch(self):
         """One pass over the training data in a random order; returns the epoch's figures."""
-        perm = torch.randperm(self.num_train, generator=self.generator).to(self.device)
+        perm = torch.randperm(self.num_train, generator=self.generator)
+        if self.world > 1:
+            perm = distributed.shard(perm)  # same permutation on every rank; rank r takes r::W
+        perm = perm.to(self.device)
         total = torch.zeros((), device=self.device)
         start = time.perf_counter()
         for b in range(self.steps_per_epoch):
             idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
             beta = self.kl_weight(self.epoch + b / self.steps_per_epoch)
             total = total + self._step(idx, beta)
+        if self.world > 1:
+            total = distributed.all_reduce_sum(total) / self.world  # the global estimate, on every rank
         total = total.item()  # one host sync per epoch
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -180,8 +202,9 @@ class SVITrainer:
         return {"loss": total / self.steps_per_epoch, "seconds": seconds}
 
     def evaluate(self, num_samples=None):
-        return evaluate(self.network, self.guide, self.data.x_test, self.data.y_test,
-                        num_samples or self.recipe["eval_samples"])
+        args = (self.network, self.guide, self.data.x_test, self.data.y_test,
+                num_samples or self.recipe["eval_samples"])
+        return evaluate(*args) if self.world == 1 else distributed.on_main(evaluate, *args)
 
     def _recover(self, retries):
         """Restore the last good state and lower the learning rate after a numerical fault."""
@@ -212,6 +235,8 @@ class SVITrainer:
             while self.epoch < epochs:
                 if self._good_state is None:
                     self._good_state = copy.deepcopy(self.state_dict())
+                if self.world > 1:  # per-rank noise, a function of (seed, epoch, retry): resumable
+                    torch.manual_seed(distributed.rank_seed(self.recipe["seed"], self.epoch, retries))
                 try:
                     figures = self.train_epoch()
                 except FloatingPointError as e:

@@ -4,6 +4,10 @@ A run directory holds ``model.yaml`` and ``inference.yaml`` (copies of what was 
 ``run.json`` (versions, seed, data name and fingerprint), ``metrics.jsonl`` (one line per
 epoch), ``checkpoint.pt`` and, when done, ``metrics.json``. :func:`fit_run` creates or resumes
 one; :func:`load_run` rebuilds the fitted network and guide from one.
+
+Under ``torchrun`` (or with ``distributed=True``) :func:`fit_run` joins the process group and
+fits data-parallel; every rank reads the specs, data and (on resume) the checkpoint, and only
+rank 0 creates, clears or writes files in the run directory.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import yaml
 
+from . import distributed as ddp
 from .checkpoint import load_safe, write_json_atomic, write_text_atomic
 from .data import Dataset, load_dataset
 from .errors import PyroSparseError, SpecError
@@ -79,8 +84,14 @@ def make_trainer(run: Run, out_dir=None, progress=True):
 
 
 def fit_run(model_path: str, recipe_path: str, data: str, out_dir: str, epochs=None, seed=None,
-            device=None, resume=False, overwrite=False, target=None, progress=True) -> tuple[Run, dict]:
-    """Fit a model spec with a recipe on data into ``out_dir``; returns (run, final metrics)."""
+            device=None, resume=False, overwrite=False, target=None, progress=True,
+            distributed=None) -> tuple[Run, dict]:
+    """Fit a model spec with a recipe on data into ``out_dir``; returns (run, final metrics).
+
+    ``distributed``: True requires the torchrun environment and fits data-parallel; None (the
+    default) does so when that environment describes more than one process; False never.
+    """
+    clear = False
     ckpt = os.path.join(out_dir, CHECKPOINT)
     if resume:
         if not os.path.exists(ckpt):
@@ -94,7 +105,7 @@ def fit_run(model_path: str, recipe_path: str, data: str, out_dir: str, epochs=N
             if not overwrite:
                 raise PyroSparseError(f"{out_dir}: output directory exists and is not empty; "
                                       "use --resume to continue it or --overwrite to replace it")
-            shutil.rmtree(out_dir)
+            clear = True  # below: once the specs and data have loaded, and only on rank 0
         model_spec = load_model_spec(model_path)
         recipe = load_recipe(recipe_path)
         if epochs is not None:
@@ -104,10 +115,17 @@ def fit_run(model_path: str, recipe_path: str, data: str, out_dir: str, epochs=N
         if device is not None:
             recipe["device"] = device
     dataset = load_dataset(data, target=target, seed=0)
+    owner = False  # whether this call creates (and so ends) the process group
+    if distributed or (distributed is None and ddp.launched_by_torchrun()):
+        owner = ddp.init_from_env(device=recipe["device"])
     network, guide = build(model_spec, recipe, dataset)
     run = Run(network, guide, dataset, model_spec, recipe, out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    if not resume:
+    main = ddp.is_main_process()
+    if clear and main:
+        shutil.rmtree(out_dir)
+    if main:
+        os.makedirs(out_dir, exist_ok=True)
+    if not resume and main:
         write_text_atomic(os.path.join(out_dir, "model.yaml"), yaml.safe_dump(_strip(model_spec), sort_keys=False))
         write_text_atomic(os.path.join(out_dir, "inference.yaml"), yaml.safe_dump(_strip(recipe), sort_keys=False))
         write_json_atomic(os.path.join(out_dir, "run.json"), {
@@ -118,7 +136,10 @@ def fit_run(model_path: str, recipe_path: str, data: str, out_dir: str, epochs=N
     metrics = run.trainer.fit(epochs=recipe["epochs"], resume=resume)
     metrics.update({"model": model_spec.get("name"), "data": data, "method": recipe["method"],
                     "guide": recipe["guide"]})
-    write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
+    if main:
+        write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
+    if owner:
+        ddp.shutdown()
     return run, metrics
 
 
