@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import distributed
 from .curvature import LIKELIHOODS, diag_ef, diag_ggn, kfac_ggn, log_likelihood
 from .distributions import log_alpha
 from .errors import SpecError
@@ -493,6 +494,10 @@ class LaplaceTrainer(SVITrainer):
             raise SpecError(f"method laplace trains a point estimate: set guide: delta (got {recipe['guide']!r})",
                             source, "guide")
         self.likelihood, self.noise = _likelihood_of(network, source)
+        if distributed.world_size() > 1:
+            raise SpecError("method laplace runs in a single process (its curvature and marglik steps are "
+                            "not data-parallel); launch it without torchrun", source, "method")
+        self.world, self.rank = 1, 0  # what SVITrainer's loop reads
         self.device = torch.device(recipe["device"])
         if recipe.get("num_threads"):
             torch.set_num_threads(recipe["num_threads"])
@@ -500,7 +505,7 @@ class LaplaceTrainer(SVITrainer):
             raise SpecError(f"device {recipe['device']!r} requested but CUDA is not available", source, "device")
         self.data.to(self.device)
         self.network.to(self.device)
-        self.num_train = len(self.data.x_train)
+        self.num_train = self.num_local = len(self.data.x_train)
         self.batch_size = min(recipe["batch_size"], self.num_train)
         self.steps_per_epoch = math.ceil(self.num_train / self.batch_size)
         self.x_train = _shaped(network, self.data.x_train)
