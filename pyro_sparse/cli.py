@@ -116,6 +116,64 @@ def build_parser():
 ADDERS = [_add_fit, _add_evaluate]
 
 
+def _add_report(sub):
+    p = sub.add_parser("report", help="ArviZ posterior, reduced models, plots and report.md for a run")
+    p.add_argument("dir", help="run directory")
+    p.add_argument("--samples", type=int, default=100, help="posterior draws (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    p.add_argument("--threads", type=int, help="torch CPU threads (small networks: 1 is fastest)")
+
+
+@command("report", "write a run report")
+def cmd_report(args):
+    from .report import write_report
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise PyroSparseError(f"--threads must be a positive integer, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    write_report(args.dir, num_samples=args.samples, seed=args.seed)
+    print(f"wrote {os.path.join(args.dir, 'report.md')}")
+    return 0
+
+
+def _add_compare(sub):
+    p = sub.add_parser("compare", help="rank runs by PSIS-LOO (az.compare) next to accuracy, sparsity and size")
+    p.add_argument("entries", nargs="+", help="run directories, DIR:RULE for a reduced model of a report, or .nc files")
+    p.add_argument("--samples", type=int, default=100, help="draws for runs without posterior.nc")
+    p.add_argument("--out", help="also write the table here (.md, or .csv)")
+
+
+@command("compare", "compare runs")
+def cmd_compare(args):
+    from .report import compare_entries, markdown_table, text_table
+
+    if args.samples < 2:
+        raise PyroSparseError(f"--samples must be an integer >= 2, got {args.samples}")
+    rows = compare_entries(args.entries, num_samples=args.samples)
+    print(text_table(rows))
+    if args.out:
+        if args.out.endswith(".csv"):
+            import csv
+
+            with open(args.out, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        else:
+            with open(args.out, "w") as f:
+                f.write("# Model comparison (PSIS-LOO, az.compare) with accuracy, sparsity and size\n\n")
+                f.write(markdown_table(rows) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+ADDERS.extend([_add_report, _add_compare])
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -412,10 +412,7 @@ class SVITrainer:
                 self.epoch += 1
                 self.steps += self.steps_per_epoch
                 self.train_seconds += figures["seconds"]
-                record = {"epoch": self.epoch, "steps": self.steps, "loss": figures["loss"],
-                          "elbo_per_datum": -figures["loss"] / self.num_train,
-                          "epoch_seconds": figures["seconds"], "lr": self.optimizer.param_groups[0]["lr"],
-                          "kl_weight": self.kl_weight(self.epoch)}
+                record = self.epoch_record(figures)
                 if self.epoch % self.recipe["eval_every"] == 0 or self.epoch == epochs:
                     record.update(self.evaluate())
                 self.history.append(record)
@@ -430,6 +427,13 @@ class SVITrainer:
                 bar.update(1)
         bar.close()
         return self.summary()
+
+    def epoch_record(self, figures: dict) -> dict:
+        """The ``metrics.jsonl`` line of the epoch just trained (held-out figures are added by ``fit``)."""
+        return {"epoch": self.epoch, "steps": self.steps, "loss": figures["loss"],
+                "elbo_per_datum": -figures["loss"] / self.num_train,
+                "epoch_seconds": figures["seconds"], "lr": self.optimizer.param_groups[0]["lr"],
+                "kl_weight": self.kl_weight(self.epoch)}
 
     def summary(self) -> dict:
         last = dict(self.history[-1]) if self.history else {}

@@ -218,3 +218,7 @@ def load_run(directory: str, data: str | None = None, device="cpu") -> Run:
 def parse_specs(model: dict, recipe: dict) -> tuple[dict, dict]:
     """Parse in-memory spec and recipe mappings (the Python API's equivalent of the YAML files)."""
     return parse_model_spec(model, "<model>"), parse_recipe(recipe, "<inference>")
+
+
+# Fitting methods defined in their own modules register themselves (method name + recipe section).
+from . import spam as _spam  # noqa: E402,F401  (method: laplace)
