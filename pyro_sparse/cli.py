@@ -145,6 +145,7 @@ def _add_compare(sub):
     p.add_argument("entries", nargs="+", help="run directories, DIR:RULE for a reduced model of a report, or .nc files")
     p.add_argument("--samples", type=int, default=100, help="draws for runs without posterior.nc")
     p.add_argument("--out", help="also write the table here (.md, or .csv)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 @command("compare", "compare runs")
@@ -153,6 +154,9 @@ def cmd_compare(args):
 
     if args.samples < 2:
         raise PyroSparseError(f"--samples must be an integer >= 2, got {args.samples}")
+    if args.out and os.path.exists(args.out) and not (args.overwrite and os.path.isfile(args.out)):
+        raise PyroSparseError(f"{args.out}: exists; use --overwrite to replace it" if os.path.isfile(args.out)
+                              else f"{args.out}: exists and is not a file")
     rows = compare_entries(args.entries, num_samples=args.samples)
     print(text_table(rows))
     if args.out:

@@ -61,11 +61,14 @@ class NumericalError(PyroSparseError):
 
 
 class NonFiniteStep(FloatingPointError):
-    """A NaN/inf loss or gradient at one optimisation step (caught and recovered by ``fit``)."""
+    """A NaN/inf loss or gradient at one optimisation step (caught and recovered by ``fit``).
 
-    def __init__(self, what: str, step: int, epoch: int, batch: int, batches: int):
+    ``text`` replaces the standard message, e.g. for a fault a trainer could only see at the
+    end of an epoch (a plain ``FloatingPointError`` raised by a subclass's ``train_epoch``)."""
+
+    def __init__(self, what: str, step: int, epoch: int, batch: int, batches: int, text: str | None = None):
         self.what, self.step, self.epoch, self.batch = what, step, epoch, batch
-        super().__init__(f"non-finite {what} at step {step} (epoch {epoch}, batch {batch} of {batches})")
+        super().__init__(text or f"non-finite {what} at step {step} (epoch {epoch}, batch {batch} of {batches})")
 
 
 def check_compatible(network, dataset):
@@ -139,6 +142,12 @@ class SVITrainer:
         out_dir: where ``metrics.jsonl`` and the checkpoint go (``None``: nowhere).
         progress: show a tqdm bar.
     """
+
+    # Defaults for trainers that subclass without calling __init__ (see spam.LaplaceTrainer).
+    recoveries: tuple | list = ()
+    check_each_step = True
+    _on_disk = _resumed_from_prev = False
+    _batch, _ok, _last_fault = 0, None, None
 
     def __init__(self, network, guide, dataset, recipe, out_dir=None, progress=True):
         if not isinstance(dataset, Dataset):
@@ -231,8 +240,7 @@ class SVITrainer:
     def _load_checked(self, path):
         """Load and apply one checkpoint file; CheckpointError if unreadable or for another model."""
         state = load_safe(path, map_location=self.device)
-        required = ("epoch", "steps", "train_seconds", "guide", "optimizer", "scheduler", "rng_torch",
-                    "rng_generator", "history")
+        required = ("epoch", "steps", "history")  # the rest is the trainer's load_state_dict's business
         if not isinstance(state, dict) or state.get("format") != 1 or any(k not in state for k in required):
             raise CheckpointError(f"{path}: not a pyro-sparse training checkpoint (format 1)")
         try:
@@ -359,8 +367,11 @@ class SVITrainer:
         self.load_state_dict(copy.deepcopy(self._good_state))
         return f"the in-memory state of epoch {self.epoch}"
 
-    def _recover(self, fault, retries):
-        """After a numerical fault: restore the last good state, lower the learning rate."""
+    def _recover(self, retries):
+        """After a numerical fault (``self._last_fault``, set by ``fit``): restore the last good
+        state and lower the learning rate; NumericalError once ``retries`` reaches ``nan_retries``."""
+        fault = self._last_fault or NonFiniteStep("value", self.steps, self.epoch + 1, 0, self.steps_per_epoch,
+                                                  f"non-finite value in epoch {self.epoch + 1}")
         factor, allowed = self.recipe["nan_lr_factor"], self.recipe["nan_retries"]
         if retries >= allowed:
             where = (f"; the last good checkpoint is {self.checkpoint_path()}" if self._on_disk else "")
@@ -369,7 +380,7 @@ class SVITrainer:
                 f"retr{'y' if retries == 1 else 'ies'} (nan_retries: {allowed}), each restoring the last good "
                 f"state and multiplying the learning rate by nan_lr_factor {factor}{where}. Lower optimizer.lr, "
                 "set grad_clip or lengthen kl_warmup_epochs")
-        rng, recoveries = torch.get_rng_state(), self.recoveries
+        rng, recoveries = torch.get_rng_state(), list(self.recoveries)
         source = self._restore_last_good()
         torch.set_rng_state(rng)  # a different Monte Carlo draw on the retry
         self.recoveries = recoveries  # the restored state predates the faults: keep their record
@@ -405,8 +416,11 @@ class SVITrainer:
                     torch.manual_seed(distributed.rank_seed(self.recipe["seed"], self.epoch, retries))
                 try:
                     figures = self.train_epoch()
-                except NonFiniteStep as fault:
-                    self._recover(fault, retries)
+                except FloatingPointError as e:
+                    self._last_fault = e if isinstance(e, NonFiniteStep) else NonFiniteStep(
+                        "value", self.steps + self.steps_per_epoch, self.epoch + 1, self.steps_per_epoch,
+                        self.steps_per_epoch, f"{e} in epoch {self.epoch + 1}")
+                    self._recover(retries)
                     retries += 1
                     continue
                 self.epoch += 1

@@ -474,7 +474,8 @@ def test_sigkill_at_a_random_point_then_resume_matches_an_uninterrupted_run(tmp_
 
 # ============================================================================ 4. no overwrite
 def test_output_directories_are_never_overwritten_without_overwrite(tmp_path, capsys):
-    """``fit`` is the only command that writes a directory; it refuses a non-empty one."""
+    """``fit`` refuses a non-empty --out, ``compare --out`` an existing file; ``report`` only adds
+    its own files to a run directory."""
     m, r = specs(tmp_path, epochs=1)
     run = tmp_path / "run"
     assert main(fit_args(m, r, run)) == 0
@@ -500,12 +501,23 @@ def test_output_directories_are_never_overwritten_without_overwrite(tmp_path, ca
     afile = tmp_path / "file"
     afile.write_text("x")
     assert main(fit_args(m, r, afile, "--overwrite")) == 2 and afile.read_text() == "x"
-    # every subcommand that takes --out is covered here
+    # compare --out never replaces an existing file without --overwrite
+    table = tmp_path / "table.md"
+    table.write_text("mine")
+    capsys.readouterr()
+    assert main(["compare", str(run), "--out", str(table)]) == 2
+    assert "table.md: exists; use --overwrite to replace it" in capsys.readouterr().err
+    assert table.read_text() == "mine"
+    # report adds its own files to a run directory and never modifies the run's files
+    before = {f: (run / f).read_bytes() for f in os.listdir(run)}
+    assert main(["report", str(run), "--samples", "4", "--threads", "1"]) == 0
+    assert {f: (run / f).read_bytes() for f in before} == before and (run / "report.md").exists()
+    # every subcommand with an output option is covered here
     from pyro_sparse.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     writers = {name for name, p in sub.choices.items() if any("--out" in a.option_strings for a in p._actions)}
-    assert writers == {"fit"}, f"new writing commands {writers - {'fit'}} need a no-overwrite test"
+    assert writers == {"fit", "compare"}, f"new writing commands {writers - {'fit', 'compare'}} need a test here"
 
 
 # ============================================================================ 5. reproducibility
