@@ -128,6 +128,8 @@ def _add_report(sub):
 def cmd_report(args):
     from .report import write_report
 
+    if not 0 <= args.seed < 2**32:
+        raise PyroSparseError(f"--seed must be an integer in [0, 2**32), got {args.seed}")
     if args.threads is not None:
         if args.threads < 1:
             raise PyroSparseError(f"--threads must be a positive integer, got {args.threads}")

@@ -95,6 +95,11 @@ def test_argparse_errors_and_debug(tmp_path, capsys):
         main(["--debug", *fit_args(m, r, tmp_path / "run", "--seed", "-5")])
     assert main(["evaluate", str(tmp_path / "nothing")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+    for argv in (["evaluate", str(tmp_path), "--samples", "0"], ["report", str(tmp_path), "--seed", "-1"],
+                 ["report", str(tmp_path), "--samples", "1"], ["compare", str(tmp_path), "--samples", "1"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "--s" in err and "Traceback" not in err, argv
 
 
 def _npz(tmp_path, **arrays):
