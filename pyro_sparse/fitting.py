@@ -147,11 +147,16 @@ class SVITrainer:
         warm = self.recipe["kl_warmup_epochs"]
         return 1.0 if warm <= 0 else min(1.0, epoch_float / warm)
 
+    def objective(self):
+        """The ``(model, guide)`` callables the ELBO is evaluated on; subclasses may wrap them
+        in effect handlers (iterative BMR fixes pruned weights this way)."""
+        return self.network.model, self.guide
+
     def _step(self, idx, beta):
         x, y = self.data.x_train[idx], self.data.y_train[idx]
         self.elbo.kl_weight = beta
-        loss = self.elbo.differentiable_loss(self.network.model, self.guide, x, y,
-                                             dataset_size=self.num_train, subsample=idx)
+        model, guide = self.objective()
+        loss = self.elbo.differentiable_loss(model, guide, x, y, dataset_size=self.num_train, subsample=idx)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.recipe["grad_clip"]:

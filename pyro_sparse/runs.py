@@ -145,3 +145,9 @@ def load_run(directory: str, data: str | None = None, device="cpu") -> Run:
 def parse_specs(model: dict, recipe: dict) -> tuple[dict, dict]:
     """Parse in-memory spec and recipe mappings (the Python API's equivalent of the YAML files)."""
     return parse_model_spec(model, "<model>"), parse_recipe(recipe, "<inference>")
+
+
+# fitting methods defined elsewhere register their recipe ``method`` and trainer on import
+from .reduction.iterative import IterativeBMRTrainer  # noqa: E402  (method: svi_bmr)
+
+register_fitter("svi_bmr", IterativeBMRTrainer)
