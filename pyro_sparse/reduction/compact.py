@@ -28,6 +28,7 @@ else are kept.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -347,7 +348,9 @@ def build_module(spec: dict) -> nn.Sequential:
     for i, entry in enumerate(spec["layers"]):
         kind = entry.get("type")
         if kind == "linear":
-            modules.append(nn.Linear(entry["in"], entry["out"], bias=entry["bias"]))
+            with warnings.catch_warnings():  # a layer whose units were all removed has no weights
+                warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+                modules.append(nn.Linear(entry["in"], entry["out"], bias=entry["bias"]))
         elif kind == "conv2d":
             modules.append(nn.Conv2d(entry["in"], entry["out"], tuple(entry["kernel_size"]), entry["stride"],
                                      entry["padding"], bias=entry["bias"]))
