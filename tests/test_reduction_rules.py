@@ -233,3 +233,15 @@ def test_group_log_alpha_reads_real_group_sites_of_the_guide():
     la = out["fc1.weight"][0]
     assert la.shape == (3, 1)
     assert torch.allclose(la.flatten(), torch.tensor([math.log(0.01), math.log(100.0), 0.0]))
+
+
+def test_bmr_with_a_nonzero_prior_mean_uses_the_general_formula():
+    s = make_summary()
+    for site in s.values():
+        site.prior_loc = torch.tensor(0.2, dtype=torch.float64)
+    d = reduce(s, "bmr", reduced_scale=0.05)
+    for k in weights(s):
+        dF, _, _ = bmr_gaussian(s[k].loc, s[k].precision, 0.2, 1.0, 0.0, 400.0)
+        assert torch.allclose(d.scores[k], dF)
+    d0 = reduce(make_summary(), "bmr", reduced_scale=0.05)
+    assert not all(torch.allclose(d.scores[k], d0.scores[k]) for k in weights(s))

@@ -52,7 +52,7 @@ from numbers import Real
 
 import torch
 
-from .bmr import bmr_gaussian, group_delta_f, savage_dickey, spike_slab_decision
+from .bmr import bmr_diagonal_zero_mean, bmr_gaussian, group_delta_f, savage_dickey, spike_slab_decision
 from .scores import (
     magnitude_scores,
     mask_by_sparsity,
@@ -194,6 +194,10 @@ def _delta_f(site, method, reduced_scale, shrink):
     if method == "savage-dickey":
         return savage_dickey(site.loc, precision, prior_loc, prior_precision)
     # BMR towards N(0, g^2): g absolute, or shrink * (prior standard deviation)
+    if not bool((prior_loc != 0).any()):  # zero-mean prior: the cheaper closed form, same value
+        prior_scale = prior_precision.rsqrt()
+        g = float(reduced_scale) if reduced_scale is not None else shrink * prior_scale
+        return bmr_diagonal_zero_mean(site.loc, precision, prior_scale, g)
     if reduced_scale is not None:
         reduced_precision = torch.as_tensor(float(reduced_scale) ** -2, dtype=site.loc.dtype)
     else:
