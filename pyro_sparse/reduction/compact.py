@@ -21,9 +21,9 @@ Which units go. A unit (neuron, or conv channel) of a hidden layer is deleted wh
   (e.g. ReLU of a negative bias), and kept when not.
 
 Deleting units makes more units dead or constant, so both passes repeat until nothing changes.
-The output layer keeps all its units. Between two parametric layers only element-wise
-activations, dropout (inference mode), pooling and flatten may appear; units feeding anything
-else are kept.
+The output layer keeps all its units, and a conv layer at least one channel (torch has no
+convolution with zero channels). Between two parametric layers only element-wise activations,
+dropout (inference mode), pooling and flatten may appear; units feeding anything else are kept.
 """
 
 from __future__ import annotations
