@@ -245,3 +245,58 @@ def test_bmr_with_a_nonzero_prior_mean_uses_the_general_formula():
         assert torch.allclose(d.scores[k], dF)
     d0 = reduce(make_summary(), "bmr", reduced_scale=0.05)
     assert not all(torch.allclose(d.scores[k], d0.scores[k]) for k in weights(s))
+
+
+def _with_low_rank_block(s, name, rank=3, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    n = s[name].loc.numel()
+    factor = 0.2 * torch.randn(n, rank, generator=g, dtype=torch.float64)
+    diag = 0.01 + 0.05 * torch.rand(n, generator=g, dtype=torch.float64)
+    s[name].block = {"cov_factor": factor, "cov_diag": diag, "shape": tuple(s[name].loc.shape)}
+    cov = factor @ factor.T + diag.diag_embed()
+    s[name].precision = cov.diagonal().reciprocal().reshape(s[name].loc.shape)  # marginal precisions
+    return cov
+
+
+def test_structured_savage_dickey_uses_the_joint_term_of_a_block():
+    from torch.distributions import MultivariateNormal, Normal
+
+    s = make_summary(shapes=(("fc1", (6, 5)), ("fc2", (3, 6))), prior_scale=0.7)
+    cov = _with_low_rank_block(s, "fc1.weight")
+    d = reduce(s, "savage-dickey", structured=True)
+    w, b = s["fc1.weight"], s["fc1.bias"]
+    for unit in range(6):
+        idx = slice(unit * 5, (unit + 1) * 5)
+        joint = MultivariateNormal(w.loc[unit], cov[idx, idx]).log_prob(torch.zeros(5, dtype=torch.float64))
+        zero = torch.zeros(5, dtype=torch.float64)
+        prior = Normal(zero, torch.full((5,), 0.7, dtype=torch.float64)).log_prob(zero).sum()
+        bias = savage_dickey(b.loc[unit], b.precision[unit], 0.0, 1 / 0.49)
+        assert d.group_scores["fc1"][unit].item() == pytest.approx((joint - prior + bias).item(), rel=1e-9)
+    marginal_sum = reduce(make_summary(shapes=(("fc1", (6, 5)), ("fc2", (3, 6))), prior_scale=0.7),
+                          "savage-dickey", structured=True).group_scores["fc1"]
+    assert not torch.allclose(d.group_scores["fc1"], marginal_sum)
+
+
+def test_opd_reads_the_precision_diagonal_of_a_block():
+    s = make_summary(shapes=(("fc1", (6, 5)), ("fc2", (3, 6))))
+    cov = _with_low_rank_block(s, "fc1.weight")
+    d = reduce(s, "opd", sparsity=0.5)
+    p_diag = torch.linalg.inv(cov).diagonal().reshape(6, 5)
+    assert torch.allclose(d.scores["fc1.weight"], p_diag * s["fc1.weight"].loc ** 2, rtol=1e-9)
+    assert bool((p_diag > s["fc1.weight"].precision).all())  # P_ii >= 1 / Sigma_ii, strictly here
+
+
+def test_group_log_alpha_asks_a_group_prior_first():
+    from pyro_sparse.layers import Linear
+    from pyro_sparse.network import BayesianNetwork
+
+    net = BayesianNetwork([Linear(4, 3)])
+
+    class GroupPrior:  # what a group prior exposes
+        def group_log_alpha(self, site, guide):
+            return torch.tensor([[1.0], [5.0], [-2.0]])
+
+    layer = net.layers["fc1"]
+    layer.priors = lambda: {"weight": GroupPrior()}
+    out = group_log_alpha(net, guide=None)
+    assert torch.equal(out["fc1.weight"][0], torch.tensor([[1.0], [5.0], [-2.0]]))

@@ -33,7 +33,10 @@ constant contribution to the next layer's bias, so predictions do not change.
 the group of a unit is its row of the weight (every element along the ``unit`` axis index) and
 its bias; the group quantity is the sum over the group (:math:`\Delta F_g = \sum_k \Delta F_k`
 under a factorised posterior, :math:`S_g = \sum_i s_i` for OPD, :math:`\sum\theta_i^2` for
-magnitude, one uniform draw per unit for random). ``sparsity`` is then the fraction of units
+magnitude, one uniform draw per unit for random). Where the summary has a correlated block
+(a low-rank or full posterior covariance), ``savage-dickey`` uses the joint term of each unit,
+:math:`\ln N(0; \mu_g, \Sigma_g) - \ln p(0)`, instead of the sum of marginal terms, and ``opd``
+reads :math:`P_{ii}` off the block's precision. ``sparsity`` is then the fraction of units
 removed from each hidden layer. The last parametric layer of the summary is the network output
 and never loses units.
 
@@ -219,7 +222,7 @@ def _natural(site, method, reduced_scale, shrink, generator):
         if not bool(torch.isfinite(site.precision).all()):
             raise ValueError(f"method 'opd': site {site.name!r} has an infinite posterior precision (a point "
                              "estimate); OPD needs a posterior precision (SVI or Laplace summary)")
-        return opd_scores(site.loc, site.precision)
+        return opd_scores(site.loc, _precision_diagonal(site))
     if method == "magnitude":
         return magnitude_scores(site.loc)
     return random_scores(site.loc.shape, generator, dtype=site.loc.dtype, device=site.loc.device)
@@ -228,6 +231,76 @@ def _natural(site, method, reduced_scale, shrink, generator):
 def _keep_score(method, natural):
     """Higher = keep, for ranking to a target sparsity."""
     return -natural if method in _HIGH_PRUNES else natural
+
+
+def _low_rank(site):
+    """``(cov_factor (n, r), cov_diag (n,))`` of a site's low-rank block over ``loc.flatten()``,
+    or None. A ``{"precision": (n, n)}`` block is turned into its Cholesky factor of the
+    covariance (rank n, zero diagonal)."""
+    block = site.block
+    if not block:
+        return None
+    if "cov_factor" in block:
+        return block["cov_factor"].to(site.loc.dtype), block["cov_diag"].to(site.loc.dtype)
+    if "precision" in block:
+        cov = torch.cholesky_inverse(torch.linalg.cholesky(block["precision"].to(site.loc.dtype)))
+        return torch.linalg.cholesky(cov), torch.zeros(cov.shape[0], dtype=cov.dtype)
+    return None
+
+
+def _precision_diagonal(site):
+    r""":math:`P_{ii}`, the diagonal of the posterior precision matrix (OPD reads this).
+
+    Without a block it is the summary's (mean-field) precision. With a low-rank block
+    :math:`\Sigma = D + FF^\top`, Woodbury gives
+    :math:`P = D^{-1} - D^{-1}F(I + F^\top D^{-1}F)^{-1}F^\top D^{-1}`, whose diagonal costs
+    :math:`O(nr^2)`; note :math:`P_{ii} \ge 1/\Sigma_{ii}`.
+    """
+    lr = _low_rank(site)
+    if lr is None:
+        return site.precision
+    factor, diag = lr
+    if not bool((diag > 0).all()):
+        return torch.linalg.inv(diag.diag_embed() + factor @ factor.T).diagonal().reshape(site.loc.shape)
+    u = factor / diag[:, None]  # D^-1 F
+    k = torch.eye(factor.shape[1], dtype=factor.dtype) + factor.T @ u
+    w = torch.linalg.solve_triangular(torch.linalg.cholesky(k), u.T, upper=False)  # L^-1 F^T D^-1
+    return (diag.reciprocal() - w.square().sum(0)).reshape(site.loc.shape)
+
+
+def _unit_index(shape, unit_dim):
+    """(G, m) indices into ``flatten()`` of the elements of each unit."""
+    return torch.arange(math.prod(shape)).reshape(shape).movedim(unit_dim, 0).reshape(shape[unit_dim], -1)
+
+
+def _group_savage_dickey_block(site, unit_dim):
+    r"""Savage-Dickey for removing each unit jointly under a low-rank block posterior.
+
+    For unit g with posterior :math:`N(\mu_g, \Sigma_g)`, :math:`\Sigma_g = D_g + F_gF_g^\top`
+    (the unit's rows of the block), and diagonal prior :math:`N(\eta_g, \Pi_g^{-1})`:
+    :math:`\Delta F_g = \ln N(0; \mu_g, \Sigma_g) - \ln N(0; \eta_g, \Pi_g^{-1})` (the joint term,
+    not the sum of marginal terms), with the determinant lemma and Woodbury:
+    :math:`\ln|\Sigma_g| = \ln|D_g| + \ln|I + F_g^\top D_g^{-1}F_g|`,
+    :math:`\mu^\top\Sigma_g^{-1}\mu = \mu^\top D_g^{-1}\mu - c^\top c`,
+    :math:`c = L^{-1}F_g^\top D_g^{-1}\mu`, :math:`LL^\top = I + F_g^\top D_g^{-1}F_g`.
+    """
+    factor, diag = _low_rank(site)
+    idx = _unit_index(site.loc.shape, unit_dim)
+    mu = site.loc.reshape(-1)[idx]
+    prior_loc = torch.broadcast_to(site.prior_loc, site.loc.shape).reshape(-1)[idx]
+    prior_precision = torch.broadcast_to(site.prior_precision, site.loc.shape).reshape(-1)[idx]
+    f, d = factor[idx], diag[idx]  # (G, m, r), (G, m)
+    if not bool((d > 0).all()):
+        cov = f @ f.transpose(1, 2) + d.diag_embed()
+        return savage_dickey(mu, torch.linalg.inv(cov), prior_loc, prior_precision.diag_embed())
+    u = f / d[..., None]
+    k = torch.eye(f.shape[-1], dtype=f.dtype) + f.transpose(1, 2) @ u
+    chol = torch.linalg.cholesky(k)
+    logdet = d.log().sum(-1) + 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    c = torch.linalg.solve_triangular(chol, (u.transpose(1, 2) @ mu[..., None]), upper=False)[..., 0]
+    quad = (mu * mu / d).sum(-1) - c.square().sum(-1)
+    return (-0.5 * logdet - 0.5 * quad - 0.5 * prior_precision.log().sum(-1)
+            + 0.5 * (prior_precision * prior_loc.square()).sum(-1))
 
 
 def _group_sum(method, weight_q, bias_q, unit_dim):
@@ -249,13 +322,17 @@ def group_log_alpha(network, guide) -> dict:
     ``z`` of Lobacheva et al.), multiplying the parameter along a group axis. Its
     :math:`\log\alpha_z = \log\sigma_z^2 - \log\mu_z^2` is returned shaped to broadcast
     against the parameter: the variable's shape as it is when it already broadcasts, else read
-    along the ``unit`` axis. Sites of other families (log-normal scales) are left out. Returns
+    along the ``unit`` axis. Sites of other families (log-normal scales) are left out. A prior with a
+    ``group_log_alpha(site, guide)`` method (group priors) is asked directly instead. Returns
     ``{param site: [log alpha tensors]}`` (empty when the guide has none).
     """
     out = {}
     sites = getattr(guide, "sites", {})
-    for name, (layer, param, _prior) in network.param_sites().items():
+    for name, (layer, param, prior) in network.param_sites().items():
         shape = torch.Size(layer.param_shapes()[param])
+        if hasattr(prior, "group_log_alpha"):  # a group prior that knows its own group variable
+            out[name] = [prior.group_log_alpha(name, guide)]
+            continue
         for gname, info in sites.items():
             if not gname.startswith(name + ".") or info.get("family") != "normal":
                 continue
@@ -378,6 +455,12 @@ def reduce(summary, method, sparsity=None, threshold=None, structured=False, *, 
                 group_q[s.layer] = random_scores((s.loc.shape[unit_dim],), generator, dtype=s.loc.dtype)
                 continue
             bias_q = _natural(bias, method, reduced_scale, shrink, generator) if bias is not None else None
+            if method == "savage-dickey" and _low_rank(s) is not None:
+                # a correlated block: the joint term of each unit's weights (plus its bias' term)
+                _gaussian_parts(s, method)
+                joint = _group_savage_dickey_block(s, unit_dim)
+                group_q[s.layer] = joint + bias_q if bias_q is not None else joint
+                continue
             group_q[s.layer] = _group_sum(method, natural[k], bias_q, unit_dim)
         if sparsity is not None:
             keep_units = mask_by_sparsity({L: _keep_score(method, q) for L, q in group_q.items()}, sparsity,
