@@ -14,7 +14,7 @@ from pyro_sparse.local_reparam import LocalReparameterization
 from pyro_sparse.network import BayesianNetwork
 from pyro_sparse.recipe import parse_recipe
 from pyro_sparse.reduction.iterative import IterativeBMRTrainer, PrunedWeights
-from pyro_sparse.runs import build, load_run  # noqa: F401  (registers method svi_bmr)
+from pyro_sparse.runs import build  # importing runs registers method svi_bmr
 from pyro_sparse.spec import parse_model_spec
 
 G0 = 1e-6

@@ -245,7 +245,7 @@ def compact_plan(network, summary_or_values, decision=None) -> CompactPlan:
     values = masked_values(summary_or_values, decision)
     masks = decision.masks if decision is not None else {}
     shapes = layer_shapes(network)
-    plist, between, links, spec_layers = [], [], [], []
+    plist, between, links = [], [], []
     prev_out = None
     for name, layer, in_shape, out_shape in shapes:
         if layer.priors():

@@ -192,7 +192,8 @@ def _gaussian_parts(site, method):
 
 
 def _delta_f(site, method, reduced_scale, shrink):
-    """Element-wise evidence change for removing each element of ``site``."""
+    """Element-wise evidence change for removing each element of ``site``: Savage-Dickey for
+    ``method="savage-dickey"``, else BMR towards N(0, g^2) (``bmr``, ``spike-slab``)."""
     precision, prior_loc, prior_precision = _gaussian_parts(site, method)
     if method == "savage-dickey":
         return savage_dickey(site.loc, precision, prior_loc, prior_precision)
@@ -212,7 +213,7 @@ def _delta_f(site, method, reduced_scale, shrink):
 def _natural(site, method, reduced_scale, shrink, generator):
     """The rule's per-element quantity for one site (``Decision.scores``)."""
     if method in ("bmr", "savage-dickey", "spike-slab"):
-        return _delta_f(site, "savage-dickey" if method == "savage-dickey" else "bmr", reduced_scale, shrink)
+        return _delta_f(site, method, reduced_scale, shrink)
     if method == "log-alpha":
         if site.log_alpha is None:
             raise ValueError(f"method 'log-alpha': site {site.name!r} has no log alpha (it needs a Gaussian "
@@ -322,8 +323,9 @@ def group_log_alpha(network, guide) -> dict:
     ``z`` of Lobacheva et al.), multiplying the parameter along a group axis. Its
     :math:`\log\alpha_z = \log\sigma_z^2 - \log\mu_z^2` is returned shaped to broadcast
     against the parameter: the variable's shape as it is when it already broadcasts, else read
-    along the ``unit`` axis. Sites of other families (log-normal scales) are left out. A prior with a
-    ``group_log_alpha(site, guide)`` method (group priors) is asked directly instead. Returns
+    along the ``unit`` axis. Sites of other families (log-normal scales) are left out. A prior
+    with a ``group_log_alpha(site, guide)`` method (group priors) is asked directly instead.
+    Returns
     ``{param site: [log alpha tensors]}`` (empty when the guide has none).
     """
     out = {}
