@@ -104,6 +104,78 @@ def cmd_evaluate(args):
     return 0
 
 
+def _add_reduce(sub):
+    from .reduction.rules import METHODS
+
+    p = sub.add_parser("reduce", help="prune a fitted run with one rule and save the compact network")
+    p.add_argument("dir", help="run directory (from pyro-sparse fit)")
+    p.add_argument("--method", help=f"reduction rule: {', '.join(METHODS)} (default: the recipe's reduction.method)")
+    p.add_argument("--sparsity", type=float, help="target fraction of weights (structured: units per layer) to remove")
+    p.add_argument("--threshold", type=float, help="the rule's threshold (bmr/savage-dickey: delta F, default 0; "
+                                                   "log-alpha: default 3)")
+    p.add_argument("--structured", action="store_true", help="remove whole units / conv filters")
+    p.add_argument("--scope", default="global", help="global | layer: rank weights over the network or per layer")
+    p.add_argument("--reduced-scale", type=float, help="bmr: standard deviation of the reduced prior N(0, g^2)")
+    p.add_argument("--samples", type=int, default=0, help="also report the masked posterior predictive (draws)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random rule and the predictive draws")
+
+
+@command("reduce", "reduce a fitted run")
+def cmd_reduce(args):
+    from .reduction.workflow import reduce_run
+
+    method = args.method
+    if method is None:
+        from .recipe import load_recipe
+
+        path = os.path.join(args.dir, "inference.yaml")
+        recipe = load_recipe(path) if os.path.exists(path) else {}
+        method = (recipe.get("reduction") or {}).get("method")
+        if method is None:
+            raise PyroSparseError("--method: required (the run's recipe names no reduction.method)")
+    if args.scope not in ("global", "layer"):
+        raise PyroSparseError(f"--scope: expected 'global' or 'layer', got {args.scope!r}")
+    if args.samples < 0:
+        raise PyroSparseError(f"--samples: must be >= 0, got {args.samples}")
+    extra = {"reduced_scale": args.reduced_scale} if args.reduced_scale is not None else {}
+    report = reduce_run(args.dir, method, sparsity=args.sparsity, threshold=args.threshold,
+                        structured=args.structured, scope=args.scope, num_samples=args.samples, seed=args.seed,
+                        **extra)
+    keys = [k for k in report if k.startswith("test_")] + [
+        "sparsity", "weights_kept", "weights_total", "units_removed", "compression_ratio", "compact_ratio",
+        "flops_dense", "flops_compact", "param_bytes_dense", "param_bytes_compact", "max_abs_logit_diff"]
+    _print_metrics({k: report[k] for k in keys}, f"reduced {args.dir} with {method}")
+    print("  units kept per layer: " + ", ".join(f"{k} {v['units_kept']}/{v['units_total']}"
+                                                 for k, v in report["layers"].items()))
+    print(f"  wrote {report['report_path']} and {report['compact_path']}")
+    return 0
+
+
+def _add_sweep(sub):
+    p = sub.add_parser("sweep", help="accuracy against sparsity for ranking rules (table, JSON, CSV, PNG)")
+    p.add_argument("dir", help="run directory")
+    p.add_argument("--method", required=True, help="opd, magnitude, random, bmr, savage-dickey, log-alpha "
+                                                   "(comma-separated for several curves)")
+    p.add_argument("--sparsities", default="0.5,0.8,0.9,0.95,0.98,0.99", help="comma-separated fractions")
+    p.add_argument("--structured", action="store_true", help="remove whole units (fractions of units per layer)")
+    p.add_argument("--scope", default="global", help="global | layer")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+
+
+@command("sweep", "sparsity sweep")
+def cmd_sweep(args):
+    from .reduction.workflow import format_sweep, sweep_run
+
+    if args.scope not in ("global", "layer"):
+        raise PyroSparseError(f"--scope: expected 'global' or 'layer', got {args.scope!r}")
+    result = sweep_run(args.dir, args.method, args.sparsities, structured=args.structured, scope=args.scope,
+                       seed=args.seed, plot=not args.no_plot)
+    print(format_sweep(result))
+    print("wrote " + ", ".join(result["paths"]))
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="pyro-sparse", description="Bayesian sparsification of neural networks")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -113,7 +185,7 @@ def build_parser():
     return parser
 
 
-ADDERS = [_add_fit, _add_evaluate]
+ADDERS = [_add_fit, _add_evaluate, _add_reduce, _add_sweep]
 
 
 def _add_report(sub):

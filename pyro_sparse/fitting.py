@@ -290,14 +290,19 @@ class SVITrainer:
                 return f"gradient of {name}"
         return "gradient"
 
+    def objective(self):
+        """The ``(model, guide)`` callables the ELBO is evaluated on; subclasses may wrap them
+        in effect handlers (iterative BMR fixes pruned weights this way)."""
+        return self.network.model, self.guide
+
     def _step(self, idx, beta):
         """One SVI step; returns the (detached) loss. Sets ``self._ok``, a device tensor that is
         False when the loss or the gradient norm is NaN/inf; with ``check_each_step`` such a
         fault raises :class:`NonFiniteStep` before the optimiser applies the update."""
         x, y = self.data.x_train[idx], self.data.y_train[idx]
         self.elbo.kl_weight = beta
-        loss = self.elbo.differentiable_loss(self.network.model, self.guide, x, y,
-                                             dataset_size=self.num_train, subsample=idx)
+        model, guide = self.objective()
+        loss = self.elbo.differentiable_loss(model, guide, x, y, dataset_size=self.num_train, subsample=idx)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.world > 1:

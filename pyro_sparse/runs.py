@@ -222,3 +222,6 @@ def parse_specs(model: dict, recipe: dict) -> tuple[dict, dict]:
 
 # Fitting methods defined in their own modules register themselves (method name + recipe section).
 from . import spam as _spam  # noqa: E402,F401  (method: laplace)
+from .reduction.iterative import IterativeBMRTrainer  # noqa: E402  (method: svi_bmr)
+
+register_fitter("svi_bmr", IterativeBMRTrainer)

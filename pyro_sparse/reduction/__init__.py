@@ -7,6 +7,16 @@ know nothing about networks:
   2023), its Savage-Dickey limit, group sums and the layer-wise spike-and-slab decision;
 - :mod:`.scores`: Optimal Posterior Damage (Dhahri et al. 2024), magnitude and random scores,
   and the rules that turn scores or evidence into keep-masks (True = keep).
+
+On top of them, reading a :class:`~pyro_sparse.summary.PosteriorSummary`:
+
+- :mod:`.rules`: ``reduce(summary, method, sparsity=None, threshold=None, structured=False)``
+  -> :class:`Decision` (masks, evidence/scores, units removed);
+- :mod:`.compact`: the masked network, the masked posterior predictive and ``compact()``, the
+  deterministic network with removed units physically deleted;
+- :mod:`.report`: counts, FLOPs, bytes, accuracy and NLL before and after;
+- :mod:`.workflow`: reduce / sweep a run directory, ``save_compact`` / ``load_compact``;
+- :mod:`.iterative`: iterative BMR during training (recipe ``method: svi_bmr``).
 """
 
 from .bmr import (
@@ -26,7 +36,26 @@ from .scores import (
     structured_mask,
 )
 
+from .compact import compact, compact_plan, masked_module, masked_predictive, masked_values
+from .report import reduction_report
+from .rules import METHODS, Decision, group_log_alpha, reduce
+from .workflow import load_compact, reduce_run, save_compact, sweep_run
+
 __all__ = [
+    "METHODS",
+    "Decision",
+    "reduce",
+    "group_log_alpha",
+    "compact",
+    "compact_plan",
+    "masked_module",
+    "masked_predictive",
+    "masked_values",
+    "reduction_report",
+    "reduce_run",
+    "sweep_run",
+    "save_compact",
+    "load_compact",
     "bmr_gaussian",
     "bmr_diagonal_zero_mean",
     "savage_dickey",

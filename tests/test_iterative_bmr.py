@@ -1,0 +1,109 @@
+"""Iterative BMR: pruned weights are fixed at N(0, g0^2) in prior and guide and stay pruned."""
+
+import math
+
+import pyro.poutine as poutine
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from pyro_sparse.elbo import MeanFieldELBO
+from pyro_sparse.guides import MeanFieldGuide
+from pyro_sparse.layers import Linear, ReLU
+from pyro_sparse.local_reparam import LocalReparameterization
+from pyro_sparse.network import BayesianNetwork
+from pyro_sparse.recipe import parse_recipe
+from pyro_sparse.reduction.iterative import IterativeBMRTrainer, PrunedWeights
+from pyro_sparse.runs import build  # importing runs registers method svi_bmr
+from pyro_sparse.spec import parse_model_spec
+
+G0 = 1e-6
+
+
+def small():
+    torch.manual_seed(0)
+    net = BayesianNetwork([Linear(4, 3), ReLU(), Linear(3, 2)])
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    guide = MeanFieldGuide(net.model, init_scale=0.3).setup(x, y)
+    mask = torch.tensor([[True, False, True, False], [False, False, False, False], [True, True, True, False]])
+    return net, guide, x, y, mask
+
+
+def test_pruned_elements_have_zero_kl_and_zero_gradient():
+    net, guide, x, y, mask = small()
+    pruner = PrunedWeights({"fc1.weight": mask}, G0)
+    elbo = MeanFieldELBO(local_reparam=True)
+    loglik, kl = elbo.terms(pruner(net.model), pruner(guide), x, y, dataset_size=8)
+    expected = 0.0
+    for name in guide.sites:
+        q = guide.distribution(name)
+        term = kl_divergence(Normal(q.loc, q.scale), Normal(0.0, 1.0))
+        if name == "fc1.weight":
+            term = term[mask]
+        expected = expected + term.sum()
+    assert kl.item() == pytest.approx(expected.item(), rel=1e-6)
+    (kl - loglik).backward()
+    for p in (guide.locs["fc1__weight"], guide.log_scales["fc1__weight"]):
+        assert torch.equal(p.grad[~mask], torch.zeros_like(p.grad[~mask]))
+        assert bool((p.grad[mask] != 0).any())
+
+
+def test_the_guide_hands_layers_the_reduced_posterior():
+    net, guide, x, y, mask = small()
+    pruner = PrunedWeights({"fc1.weight": mask}, G0)
+    with LocalReparameterization() as handler:
+        poutine.trace(pruner(guide)).get_trace(x)
+    post = handler.posteriors["fc1.weight"]
+    assert torch.equal(post.loc[~mask], torch.zeros(int((~mask).sum())))
+    assert torch.allclose(post.scale[~mask], torch.full((int((~mask).sum()),), G0))
+    assert torch.equal(post.loc[mask], guide.locs["fc1__weight"].detach()[mask])
+    # without local reparameterisation the sampled weights are N(0, G0^2) where pruned
+    trace = poutine.trace(pruner(guide)).get_trace(x)
+    assert trace.nodes["fc1.weight"]["value"][~mask].abs().max() < 10 * G0
+
+
+def _trainer(digits, out_dir=None, epochs=4):
+    spec = parse_model_spec({"input_shape": "auto", "layers": [{"type": "linear", "in": "auto", "out": 16},
+                                                               {"type": "relu"}, {"type": "linear", "out": "auto"}]})
+    recipe = parse_recipe({"method": "svi_bmr", "guide_options": {"init_scale": 0.0067}, "epochs": epochs,
+                           "optimizer": {"name": "Adam", "lr": 0.02}, "batch_size": 256, "eval_samples": 2,
+                           "reduction": {"method": "savage-dickey", "warmup_epochs": 1, "every": 1,
+                                         "pruned_scale": G0}})
+    net, guide = build(spec, recipe, digits)
+    return IterativeBMRTrainer(net, guide, digits, recipe, out_dir=out_dir, progress=False)
+
+
+def _check_fixed(trainer, masks):
+    for name, mask in masks.items():
+        key = name.replace(".", "__")
+        assert torch.equal(trainer.guide.locs[key].detach()[~mask], torch.zeros(int((~mask).sum())))
+        assert torch.equal(trainer.guide.log_scales[key].detach()[~mask],
+                           torch.full((int((~mask).sum()),), math.log(G0)))
+
+
+def test_pruned_weights_stay_pruned_across_blocks(digits, tmp_path):
+    trainer = _trainer(digits, str(tmp_path / "run"))
+    trainer.fit(epochs=2)  # warm-up epoch, one block, pruning steps after epochs 1 and 2
+    first = {k: v.clone() for k, v in trainer.masks.items()}
+    assert sum(int((~m).sum()) for m in first.values()) > 0
+    _check_fixed(trainer, first)
+    metrics = trainer.fit(epochs=4)
+    for name, mask in trainer.masks.items():
+        assert not bool((mask & ~first[name]).any())  # nothing pruned comes back
+    _check_fixed(trainer, first)  # two more SVI blocks did not move the pruned weights
+    _check_fixed(trainer, trainer.masks)
+    steps = [h["sparsity"] for h in trainer.bmr_history]
+    assert len(steps) == 3 and steps == sorted(steps)  # after epochs 1, 2, 3 (not the last)
+    assert metrics["bmr_sparsity"] == pytest.approx(trainer.sparsity()) == pytest.approx(steps[-1])
+    # resume from the checkpoint: the same masks
+    again = _trainer(digits, str(tmp_path / "run"))
+    again.resume()
+    assert all(torch.equal(again.masks[k], trainer.masks[k]) for k in trainer.masks)
+
+
+def test_bad_reduction_section_names_the_field(digits):
+    spec = parse_model_spec({"layers": [{"type": "linear", "in": "auto", "out": "auto"}]})
+    recipe = parse_recipe({"method": "svi_bmr", "reduction": {"method": "opd"}})
+    net, guide = build(spec, recipe, digits)
+    with pytest.raises(Exception, match="reduction.method"):
+        IterativeBMRTrainer(net, guide, digits, recipe, progress=False)

@@ -1,0 +1,302 @@
+"""reduce(summary, method, ...) -> Decision: every rule against its formula, counts against requests."""
+
+import math
+
+import pytest
+import torch
+
+from pyro_sparse.reduction import (
+    bmr_gaussian,
+    group_log_alpha,
+    mask_by_sparsity,
+    reduce,
+    savage_dickey,
+    spike_slab_decision,
+)
+from pyro_sparse.summary import PosteriorSummary, SiteSummary
+
+AXES = {"weight": {"unit": 0, "input": 1}, "bias": {"unit": 0}}
+
+
+def make_summary(shapes=(("fc1", (6, 5)), ("fc2", (4, 6)), ("fc3", (3, 4))), seed=0, prior_scale=1.0,
+                 dtype=torch.float64):
+    """A summary with Gaussian prior N(0, prior_scale^2) and random mean-field posteriors."""
+    g = torch.Generator().manual_seed(seed)
+    out = PosteriorSummary(method="test")
+    for layer, shape in shapes:
+        for param, s in (("weight", shape), ("bias", shape[:1])):
+            loc = torch.randn(s, generator=g, dtype=dtype) * 0.5
+            sd = 0.05 + torch.rand(s, generator=g, dtype=dtype) * 0.5
+            out[f"{layer}.{param}"] = SiteSummary(
+                layer, param, loc, sd.square().reciprocal(), torch.zeros((), dtype=dtype),
+                torch.tensor(prior_scale ** -2, dtype=dtype), dict(AXES[param]),
+                sd.square().log() - loc.square().log(), None)
+    return out
+
+
+def weights(s):
+    return [k for k in s if not k.endswith("bias")]
+
+
+def test_savage_dickey_masks_are_the_sign_of_delta_f_and_biases_are_kept():
+    s = make_summary()
+    d = reduce(s, "savage-dickey")
+    for k in weights(s):
+        dF = savage_dickey(s[k].loc, s[k].precision, 0.0, 1.0)
+        assert torch.equal(d.masks[k], dF <= 0)
+        assert torch.allclose(d.scores[k], dF)
+    assert all(bool(d.masks[k].all()) for k in s if k.endswith("bias"))
+    assert d.score_name == "delta_f"
+    kept = sum(int((savage_dickey(s[k].loc, s[k].precision, 0.0, 1.0) <= 0).sum()) for k in weights(s))
+    assert d.counts() == (kept, 30 + 24 + 12)
+    assert d.sparsity == pytest.approx(1 - kept / 66)
+
+
+@pytest.mark.parametrize("kwargs,reduced_precision", [({"reduced_scale": 0.1}, 100.0),
+                                                       ({"shrink": 0.05}, 1 / (0.05 * 2.0) ** 2),
+                                                       ({}, 1 / (0.01 * 2.0) ** 2)])
+def test_bmr_uses_the_reduced_gaussian(kwargs, reduced_precision):
+    s = make_summary(prior_scale=2.0)
+    d = reduce(s, "bmr", **kwargs)
+    for k in weights(s):
+        dF, _, _ = bmr_gaussian(s[k].loc, s[k].precision, 0.0, 0.25, 0.0, reduced_precision)
+        assert torch.allclose(d.scores[k], dF)
+        assert torch.equal(d.masks[k], dF <= 0)
+
+
+def test_threshold_moves_the_evidence_cut():
+    s = make_summary()
+    d = reduce(s, "savage-dickey", threshold=1.5)
+    for k in weights(s):
+        assert torch.equal(d.masks[k], d.scores[k] <= 1.5)
+
+
+def test_spike_slab_is_layer_wise():
+    s = make_summary(shapes=(("fc1", (40, 30)), ("fc2", (5, 40))), seed=3)
+    d = reduce(s, "spike-slab")
+    for k in weights(s):
+        dF, _, _ = bmr_gaussian(s[k].loc, s[k].precision, 0.0, 1.0, 0.0, 1e4)
+        keep, zeta = spike_slab_decision(dF)
+        assert torch.equal(d.masks[k], keep)
+        assert d.zeta[k] == pytest.approx(float(zeta))
+
+
+def test_log_alpha_threshold_and_group_variables():
+    s = make_summary()
+    d = reduce(s, "log-alpha")
+    for k in weights(s):
+        assert torch.equal(d.masks[k], s[k].log_alpha <= 3.0)
+    # a group variable with log alpha > 3 on unit 2 of fc1 removes that whole row
+    group = torch.full((6, 1), -5.0, dtype=torch.float64)
+    group[2] = 4.0
+    d2 = reduce(s, "log-alpha", groups={"fc1.weight": [group]})
+    assert not d2.masks["fc1.weight"][2].any()
+    assert torch.equal(d2.masks["fc1.weight"][[0, 1, 3, 4, 5]], d.masks["fc1.weight"][[0, 1, 3, 4, 5]])
+    assert not d2.units["fc1"][2]
+    # structured: units decided by the unit group variables alone
+    d3 = reduce(s, "log-alpha", structured=True, groups={"fc1.weight": [group], "fc2.weight": [
+        torch.full((4, 1), -1.0, dtype=torch.float64)]})
+    assert d3.units["fc1"].tolist() == [True, True, False, True, True, True]
+    assert bool(d3.units["fc2"].all()) and not d3.masks["fc1.bias"][2]
+
+
+def test_structured_log_alpha_without_group_variables_is_an_error():
+    with pytest.raises(ValueError, match="group variables"):
+        reduce(make_summary(), "log-alpha", structured=True)
+
+
+@pytest.mark.parametrize("q", [0.0, 0.3, 0.5, 0.9, 0.95])
+@pytest.mark.parametrize("method", ["opd", "magnitude", "random", "savage-dickey", "bmr", "log-alpha"])
+def test_unstructured_sparsity_matches_the_request(method, q):
+    s = make_summary(shapes=(("fc1", (30, 20)), ("fc2", (10, 30)), ("fc3", (3, 10))))
+    d = reduce(s, method, sparsity=q)
+    n = 600 + 300 + 30
+    assert d.counts()[1] - d.counts()[0] == math.floor(q * n + 0.5)
+    d = reduce(s, method, sparsity=q, scope="layer")
+    for k in weights(s):
+        numel = s[k].loc.numel()
+        assert int((~d.masks[k]).sum()) == math.floor(q * numel + 0.5)
+
+
+def test_global_magnitude_keeps_the_largest_weights():
+    s = make_summary(shapes=(("fc1", (30, 20)), ("fc2", (10, 30))))
+    d = reduce(s, "magnitude", sparsity=0.8)
+    flat = torch.cat([s[k].loc.abs().flatten() for k in weights(s)])
+    cut = flat.sort(descending=True).values[int(0.2 * flat.numel()) - 1]
+    for k in weights(s):
+        assert torch.equal(d.masks[k], s[k].loc.abs() >= cut)
+
+
+def test_opd_ranks_by_precision_times_squared_mean():
+    s = make_summary(shapes=(("fc1", (30, 20)), ("fc2", (10, 30))))
+    d = reduce(s, "opd", sparsity=0.7)
+    expected = mask_by_sparsity({k: s[k].precision * s[k].loc.square() for k in weights(s)}, 0.7)
+    for k in weights(s):
+        assert torch.equal(d.masks[k], expected[k])
+
+
+@pytest.mark.parametrize("method", ["opd", "magnitude", "random", "savage-dickey", "bmr"])
+def test_structured_removes_whole_units_per_layer(method):
+    s = make_summary(shapes=(("fc1", (20, 5)), ("fc2", (10, 20)), ("fc3", (3, 10))))
+    d = reduce(s, method, sparsity=0.3, structured=True)
+    for layer, n in (("fc1", 20), ("fc2", 10)):
+        removed = ~d.units[layer]
+        assert int(removed.sum()) == math.floor(0.3 * n + 0.5)
+        assert torch.equal(d.masks[f"{layer}.weight"], d.units[layer][:, None].expand_as(d.masks[f"{layer}.weight"]))
+        assert torch.equal(d.masks[f"{layer}.bias"], d.units[layer])
+    assert bool(d.units["fc3"].all()) and bool(d.masks["fc3.weight"].all())  # the output layer
+
+
+def test_structured_group_quantities_sum_over_the_row_and_the_bias():
+    s = make_summary(shapes=(("fc1", (8, 5)), ("fc2", (3, 8))))
+    w, b = s["fc1.weight"], s["fc1.bias"]
+    d = reduce(s, "opd", sparsity=0.5, structured=True)
+    assert torch.allclose(d.group_scores["fc1"], (w.precision * w.loc ** 2).sum(1) + b.precision * b.loc ** 2)
+    d = reduce(s, "savage-dickey", structured=True)
+    expected = savage_dickey(w.loc, w.precision, 0.0, 1.0).sum(1) + savage_dickey(b.loc, b.precision, 0.0, 1.0)
+    assert torch.allclose(d.group_scores["fc1"], expected)
+    assert torch.equal(d.units["fc1"], expected <= 0)
+    d = reduce(s, "magnitude", sparsity=0.5, structured=True)
+    assert torch.allclose(d.group_scores["fc1"], (w.loc ** 2).sum(1) + b.loc ** 2)
+
+
+def test_units_are_removed_when_every_incoming_weight_is():
+    s = make_summary()
+    d = reduce(s, "magnitude", sparsity=0.85)
+    for k in weights(s):
+        layer = k.split(".")[0]
+        if layer == "fc3":
+            assert bool(d.units[layer].all())
+        else:
+            assert torch.equal(d.units[layer], d.masks[k].any(1))
+    assert d.units_removed == {k: int((~v).sum()) for k, v in d.units.items()}
+
+
+def test_random_is_reproducible_by_seed():
+    s = make_summary()
+    a, b, c = (reduce(s, "random", sparsity=0.5, seed=seed) for seed in (1, 1, 2))
+    assert all(torch.equal(a.masks[k], b.masks[k]) for k in s)
+    assert not all(torch.equal(a.masks[k], c.masks[k]) for k in s)
+
+
+def test_bad_arguments_name_the_argument_and_value():
+    s = make_summary()
+    with pytest.raises(ValueError, match="method: unknown reduction method 'obd'"):
+        reduce(s, "obd")
+    with pytest.raises(ValueError, match=r"sparsity: must be a number in \[0, 1\), got 1.0"):
+        reduce(s, "opd", sparsity=1.0)
+    with pytest.raises(ValueError, match="sparsity: must be.*-0.1"):
+        reduce(s, "opd", sparsity=-0.1)
+    with pytest.raises(ValueError, match="not both"):
+        reduce(s, "opd", sparsity=0.5, threshold=1.0)
+    with pytest.raises(ValueError, match="sparsity: method 'magnitude' ranks weights"):
+        reduce(s, "magnitude")
+    with pytest.raises(ValueError, match="sparsity: the spike-slab rule"):
+        reduce(s, "spike-slab", sparsity=0.5)
+    with pytest.raises(ValueError, match="scope: must be 'global' or 'layer', got 'unit'"):
+        reduce(s, "opd", sparsity=0.5, scope="unit")
+    with pytest.raises(ValueError, match="reduced_scale: must be a positive number, got -1"):
+        reduce(s, "bmr", reduced_scale=-1)
+
+
+def test_point_estimates_and_improper_priors_are_refused_by_bmr():
+    s = make_summary()
+    s["fc1.weight"].precision = torch.full_like(s["fc1.weight"].loc, math.inf)
+    with pytest.raises(ValueError, match="'fc1.weight' has an infinite posterior precision"):
+        reduce(s, "bmr")
+    with pytest.raises(ValueError, match="opd.*infinite posterior precision"):
+        reduce(s, "opd", sparsity=0.5)
+    reduce(s, "magnitude", sparsity=0.5)  # fine: magnitude needs only the means
+    s = make_summary()
+    s["fc2.weight"].prior_precision = torch.tensor(0.0, dtype=torch.float64)  # log-uniform
+    with pytest.raises(ValueError, match="'fc2.weight' has no proper Gaussian prior.*log-alpha"):
+        reduce(s, "savage-dickey")
+
+
+def test_group_log_alpha_reads_real_group_sites_of_the_guide():
+    from pyro_sparse.guides import MeanFieldGuide
+    from pyro_sparse.layers import Linear, ReLU
+    from pyro_sparse.network import BayesianNetwork
+
+    net = BayesianNetwork([Linear(4, 3), ReLU(), Linear(3, 2)])
+    guide = MeanFieldGuide(net.model, init_scale=0.1).setup(torch.randn(2, 4))
+    assert group_log_alpha(net, guide) == {}
+
+    class FakeGuide:  # a guide with a unit group variable fc1.weight.z of shape (3,)
+        sites = {"fc1.weight.z": {"family": "normal"}, "fc1.weight.unit_scale": {"family": "lognormal"}}
+
+        def site_posterior(self, name):
+            return torch.tensor([1.0, 0.1, 2.0]), torch.tensor([0.01, 1.0, 4.0])
+
+    out = group_log_alpha(net, FakeGuide())
+    assert list(out) == ["fc1.weight"]
+    la = out["fc1.weight"][0]
+    assert la.shape == (3, 1)
+    assert torch.allclose(la.flatten(), torch.tensor([math.log(0.01), math.log(100.0), 0.0]))
+
+
+def test_bmr_with_a_nonzero_prior_mean_uses_the_general_formula():
+    s = make_summary()
+    for site in s.values():
+        site.prior_loc = torch.tensor(0.2, dtype=torch.float64)
+    d = reduce(s, "bmr", reduced_scale=0.05)
+    for k in weights(s):
+        dF, _, _ = bmr_gaussian(s[k].loc, s[k].precision, 0.2, 1.0, 0.0, 400.0)
+        assert torch.allclose(d.scores[k], dF)
+    d0 = reduce(make_summary(), "bmr", reduced_scale=0.05)
+    assert not all(torch.allclose(d.scores[k], d0.scores[k]) for k in weights(s))
+
+
+def _with_low_rank_block(s, name, rank=3, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    n = s[name].loc.numel()
+    factor = 0.2 * torch.randn(n, rank, generator=g, dtype=torch.float64)
+    diag = 0.01 + 0.05 * torch.rand(n, generator=g, dtype=torch.float64)
+    s[name].block = {"cov_factor": factor, "cov_diag": diag, "shape": tuple(s[name].loc.shape)}
+    cov = factor @ factor.T + diag.diag_embed()
+    s[name].precision = cov.diagonal().reciprocal().reshape(s[name].loc.shape)  # marginal precisions
+    return cov
+
+
+def test_structured_savage_dickey_uses_the_joint_term_of_a_block():
+    from torch.distributions import MultivariateNormal, Normal
+
+    s = make_summary(shapes=(("fc1", (6, 5)), ("fc2", (3, 6))), prior_scale=0.7)
+    cov = _with_low_rank_block(s, "fc1.weight")
+    d = reduce(s, "savage-dickey", structured=True)
+    w, b = s["fc1.weight"], s["fc1.bias"]
+    for unit in range(6):
+        idx = slice(unit * 5, (unit + 1) * 5)
+        joint = MultivariateNormal(w.loc[unit], cov[idx, idx]).log_prob(torch.zeros(5, dtype=torch.float64))
+        zero = torch.zeros(5, dtype=torch.float64)
+        prior = Normal(zero, torch.full((5,), 0.7, dtype=torch.float64)).log_prob(zero).sum()
+        bias = savage_dickey(b.loc[unit], b.precision[unit], 0.0, 1 / 0.49)
+        assert d.group_scores["fc1"][unit].item() == pytest.approx((joint - prior + bias).item(), rel=1e-9)
+    marginal_sum = reduce(make_summary(shapes=(("fc1", (6, 5)), ("fc2", (3, 6))), prior_scale=0.7),
+                          "savage-dickey", structured=True).group_scores["fc1"]
+    assert not torch.allclose(d.group_scores["fc1"], marginal_sum)
+
+
+def test_opd_reads_the_precision_diagonal_of_a_block():
+    s = make_summary(shapes=(("fc1", (6, 5)), ("fc2", (3, 6))))
+    cov = _with_low_rank_block(s, "fc1.weight")
+    d = reduce(s, "opd", sparsity=0.5)
+    p_diag = torch.linalg.inv(cov).diagonal().reshape(6, 5)
+    assert torch.allclose(d.scores["fc1.weight"], p_diag * s["fc1.weight"].loc ** 2, rtol=1e-9)
+    assert bool((p_diag > s["fc1.weight"].precision).all())  # P_ii >= 1 / Sigma_ii, strictly here
+
+
+def test_group_log_alpha_asks_a_group_prior_first():
+    from pyro_sparse.layers import Linear
+    from pyro_sparse.network import BayesianNetwork
+
+    net = BayesianNetwork([Linear(4, 3)])
+
+    class GroupPrior:  # what a group prior exposes
+        def group_log_alpha(self, site, guide):
+            return torch.tensor([[1.0], [5.0], [-2.0]])
+
+    layer = net.layers["fc1"]
+    layer.priors = lambda: {"weight": GroupPrior()}
+    out = group_log_alpha(net, guide=None)
+    assert torch.equal(out["fc1.weight"][0], torch.tensor([[1.0], [5.0], [-2.0]]))
