@@ -51,7 +51,7 @@ from .data import Dataset
 from .elbo import MeanFieldELBO
 from .errors import CheckpointError, DataError, PyroSparseError, PyroSparseWarning, SpecError
 from .guides import DeltaGuide
-from .recipe import RECIPE_FIELDS, check_device, make_optimizer, make_scheduler, parse_recipe
+from .recipe import RECIPE_FIELDS, check_device, guide_param_groups, make_optimizer, make_scheduler, parse_recipe
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -189,7 +189,9 @@ class SVITrainer:
         if self.world > 1:
             distributed.broadcast_parameters(self.guide.parameters())
         self.elbo = MeanFieldELBO(local_reparam=recipe["local_reparam"])
-        self.optimizer = make_optimizer(self.guide.parameters(), recipe["optimizer"])
+        self.optimizer = make_optimizer(
+            guide_param_groups(self.guide, recipe["optimizer"], recipe.get("scale_lr_factor", 1.0)),
+            recipe["optimizer"])
         self.scheduler = make_scheduler(self.optimizer, recipe["schedule"], recipe["epochs"])
         self.generator = torch.Generator().manual_seed(recipe["seed"])
         self.epoch, self.steps, self.train_seconds = 0, 0, 0.0
