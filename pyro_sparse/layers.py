@@ -67,6 +67,11 @@ class Layer(nn.Module):
     def param_shapes(self) -> dict[str, torch.Size]:
         return {name: getattr(self, f"{name}_init").shape for name in self.priors()}
 
+    def leaves(self) -> list["Layer"]:
+        """The layers that own this layer's sample sites: itself; a composite layer (a
+        transformer block) lists its Bayesian sub-layers, whose ``site`` is their path."""
+        return [self]
+
     def deterministic(self, params: dict[str, torch.Tensor]) -> nn.Module:
         """The plain PyTorch module with parameter values ``params`` (name -> tensor)."""
         raise NotImplementedError
@@ -306,3 +311,7 @@ class Conv2d(_Parametric):
             if "bias" in params:
                 m.bias.copy_(params["bias"])
         return m
+
+
+# Layer families defined in their own modules register themselves on import.
+from . import transformer  # noqa: E402,F401  (ViT / MLP-Mixer layers)

@@ -72,8 +72,10 @@ class BayesianNetwork(nn.Module):
         return [(n, l) for n, l in self.layers.items() if l.priors()]
 
     def param_sites(self):
-        """Site name -> (layer, parameter name, prior) for every layer parameter."""
-        return {f"{n}.{p}": (l, p, prior) for n, l in self.bayesian_layers() for p, prior in l.priors().items()}
+        """Site name -> (layer, parameter name, prior) for every layer parameter. The layer is the
+        leaf that owns the site (``block1.attn.q`` for ``block1.attn.q.weight``; see ``Layer.leaves``)."""
+        return {f"{leaf.site}.{p}": (leaf, p, prior) for _, l in self.bayesian_layers() for leaf in l.leaves()
+                for p, prior in leaf.priors().items()}
 
     def num_weights(self) -> int:
         """Number of network parameters (weights and biases), the quantity pruning reduces."""

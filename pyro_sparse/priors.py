@@ -9,9 +9,9 @@ Site naming (DESIGN.md): the parameter site is ``<layer>.<param>`` (``fc1.weight
 scale sites append a suffix (``fc1.weight.unit_scale``, ``fc1.weight.global_scale``).
 
 Group axes of a parameter: ``weight`` (one per element), ``layer`` (one for the tensor),
-``unit`` (output neuron / out-channel), ``input`` (input feature / in-channel), and for
-recurrent layers ``gate`` and ``hidden``. A layer declares which tensor dimension each
-axis lives on.
+``unit`` (output neuron / out-channel), ``input`` (input feature / in-channel), for
+recurrent layers ``gate`` and ``hidden``, and for attention projections ``head``. A layer
+declares which tensor dimension each axis lives on.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class GaussianGamma(Prior):
     fields = {
         "concentration": Field("float", 2.0, positive=True),
         "rate": Field("float", 2.0, positive=True),
-        "group": Field("choice", "layer", choices=("layer", "unit", "input", "weight")),
+        "group": Field("choice", "layer", choices=("layer", "unit", "input", "weight", "head")),
     }
 
     def precision_site(self, site):

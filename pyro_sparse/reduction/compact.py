@@ -24,6 +24,12 @@ Deleting units makes more units dead or constant, so both passes repeat until no
 The output layer keeps all its units, and a conv layer at least one channel (torch has no
 convolution with zero channels). Between two parametric layers only element-wise activations,
 dropout (inference mode), pooling and flatten may appear; units feeding anything else are kept.
+
+Layers that compact themselves. A Bayesian layer with a ``compact_entry(values, masks)`` hook
+(the transformer family, :mod:`pyro_sparse.transformer`) returns its compact spec entry, its
+compact parameters and what it removed (attention heads, MLP hidden units; see
+:mod:`.transformer`); its class rebuilds the module with ``build_compact(entry)``. Such a layer
+keeps its input and output widths, so it separates the linear/conv chains around it.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..layers import Conv2d, Linear
+from ..layers import LAYERS, Conv2d, Linear, _Stateless
 
 __all__ = ["masked_values", "masked_module", "masked_predictive", "compact", "compact_plan", "CompactPlan",
            "build_module", "layer_shapes"]
@@ -144,10 +150,18 @@ class CompactPlan:
     dead: dict = field(default_factory=dict)
     constant: dict = field(default_factory=dict)
     folded: list = field(default_factory=list)
+    #: self-compacting layers: layer -> what its hook removed (``heads_total``, ``heads_kept``,
+    #: ``heads_removed``, ``units``: MLP -> {total, kept, removed, ...})
+    blocks: dict = field(default_factory=dict)
 
     @property
     def units_removed(self):
         return {k: self.total_units[k] - len(v) for k, v in self.kept_units.items()}
+
+    @property
+    def heads_removed(self):
+        """layer -> number of attention heads removed."""
+        return {k: len(v["heads_removed"]) for k, v in self.blocks.items() if "heads_removed" in v}
 
 
 class _P:
@@ -186,7 +200,8 @@ class _Link:
             self.block = features // channels if self.transparent else None
         else:
             self.block = None
-        self.modules = [layer.deterministic({}).eval() for layer in between]
+        # only a transparent link is ever evaluated (constant units)
+        self.modules = [layer.deterministic({}).eval() for layer in between] if self.transparent else []
 
     # B's weight viewed as (out, units of A, rest...)
     def view(self, t):
@@ -248,10 +263,13 @@ def compact_plan(network, summary_or_values, decision=None) -> CompactPlan:
     plist, between, links = [], [], []
     prev_out = None
     for name, layer, in_shape, out_shape in shapes:
-        if layer.priors():
+        if layer.priors() and hasattr(layer, "compact_entry"):
+            between.append(layer)  # compacts itself; no chain runs through it
+        elif layer.priors():
             if not isinstance(layer, (Linear, Conv2d)):
                 raise ValueError(f"compact: layer {name!r} of type {type(layer).__name__} is not supported "
-                                 "(linear and conv2d layers, with activations, dropout, pooling, flatten)")
+                                 "(linear and conv2d layers, with activations, dropout, pooling, flatten, and "
+                                 "layers with a compact_entry hook)")
             w = values[f"{name}.weight"].detach().clone()
             m = masks.get(f"{name}.weight", torch.ones_like(w, dtype=torch.bool)).clone()
             b = mb = None
@@ -313,7 +331,7 @@ def compact_plan(network, summary_or_values, decision=None) -> CompactPlan:
             changed = True
 
     # the spec and the parameters of the built module
-    spec_layers, params = [], {}
+    spec_layers, params, blocks, kept_units, total_units = [], {}, {}, {}, {}
     offset = 1 if network.input_shape is not None else 0
     by_name = {p.name: p for p in plist}
     for i, (name, layer, in_shape, out_shape) in enumerate(shapes):
@@ -327,15 +345,26 @@ def compact_plan(network, summary_or_values, decision=None) -> CompactPlan:
             params[f"{i + offset}.weight"] = (p.w * p.m.to(p.w.dtype)).contiguous()
             if p.b is not None:
                 params[f"{i + offset}.bias"] = (p.b * p.mb.to(p.b.dtype)).contiguous()
+        elif layer.priors():  # a layer with a compact_entry hook
+            own = {p: values[f"{name}.{p}"].detach() for p in layer.priors()}
+            own_masks = {p: masks[f"{name}.{p}"] for p in layer.priors() if f"{name}.{p}" in masks}
+            entry, own_params, info = layer.compact_entry(own, own_masks)
+            spec_layers.append({**entry, "name": name})
+            params.update({f"{i + offset}.{k}": v for k, v in own_params.items()})
+            blocks[name] = {k: v for k, v in info.items() if k != "folded"}
+            for sub, u in info.get("units", {}).items():
+                kept_units[f"{name}.{sub}"], total_units[f"{name}.{sub}"] = u["kept"], u["total"]
+                dead[f"{name}.{sub}"], constant[f"{name}.{sub}"] = u["unread"], u["constant"]
+            folded.update(f"{name}.{f}" for f in info.get("folded", ()))
         else:
             entry = _spec_of(layer)
             entry["name"] = name
             spec_layers.append(entry)
     spec = {"format": 1, "input_shape": list(network.input_shape) if network.input_shape is not None else None,
             "layers": spec_layers}
-    return CompactPlan(spec, params, {p.name: p.keep.tolist() for p in plist},
-                       {p.name: int(values[f"{p.name}.weight"].shape[0]) for p in plist}, dead, constant,
-                       sorted(folded))
+    return CompactPlan(spec, params, {**{p.name: p.keep.tolist() for p in plist}, **kept_units},
+                       {**{p.name: int(values[f"{p.name}.weight"].shape[0]) for p in plist}, **total_units},
+                       dead, constant, sorted(folded), blocks)
 
 
 def build_module(spec: dict) -> nn.Sequential:
@@ -369,6 +398,11 @@ def build_module(spec: dict) -> nn.Sequential:
         elif kind in ("maxpool2d", "avgpool2d"):
             cls = nn.MaxPool2d if kind == "maxpool2d" else nn.AvgPool2d
             modules.append(cls(entry["kernel_size"], entry.get("stride"), entry.get("padding", 0)))
+        elif hasattr(LAYERS.get(kind), "build_compact"):  # a layer that compacts itself
+            modules.append(LAYERS[kind].build_compact(entry))
+        elif isinstance(LAYERS.get(kind), type) and issubclass(LAYERS[kind], _Stateless):
+            options = {k: v for k, v in entry.items() if k not in ("type", "name")}
+            modules.append(LAYERS[kind](**options).deterministic({}))
         else:
             raise ValueError(f"spec.layers[{i}].type: unsupported layer type {kind!r}")
     return nn.Sequential(*modules)

@@ -3,6 +3,9 @@
 Counts (per layer and overall): weights kept/total, biases kept/total, units kept/total (as
 :func:`~.compact.compact` physically deleted them), parameters of the dense network, non-zero
 parameters and dense parameters of the compact network, their bytes, and FLOPs per example.
+Transformer and Mixer blocks count their MLP hidden units as units, and the report lists per
+block the attention heads kept and removed and the MLP units removed (``blocks``,
+``heads_removed_per_block``; FLOPs of attention as in :mod:`.transformer`).
 
 FLOPs count the multiply-adds of the parametric layers as 2 operations each (activations,
 pooling and bias additions are not counted): ``2 * in * out`` for a linear layer and
@@ -41,6 +44,17 @@ def output_metrics(likelihood, outputs, y, noise=None) -> dict:
     return {"accuracy": (pred == y.long()).float().mean().item(), "nll": nll}
 
 
+def _block_summary(info):
+    out = {}
+    if "heads_total" in info:
+        out.update({"heads_total": info["heads_total"], "heads_kept": list(info["heads_kept"]),
+                    "heads_removed": list(info["heads_removed"])})
+    for mlp, u in info.get("units", {}).items():
+        out[f"{mlp}_units_total"] = u["total"]
+        out[f"{mlp}_units_removed"] = u["removed"]
+    return out
+
+
 def _count(t):
     return int(t.sum()) if t is not None else 0
 
@@ -64,6 +78,18 @@ def reduction_report(network, summary_or_values, decision, x_test=None, y_test=N
     offset = 1 if network.input_shape is not None else 0
     index = {name: i + offset for i, name in enumerate(network.layers)}
     for name, layer in network.bayesian_layers():
+        if hasattr(layer, "reduction_counts"):  # a layer that compacts itself (transformer blocks)
+            prefix = f"{index[name]}."
+            own = {p: values[f"{name}.{p}"] for p in layer.priors()}
+            entry = layer.reduction_counts(
+                own, {p: decision.masks.get(f"{name}.{p}", torch.ones_like(v, dtype=torch.bool))
+                      for p, v in own.items()},
+                {k[len(prefix):]: v for k, v in plan.params.items() if k.startswith(prefix)},
+                plan.blocks.get(name, {}), shapes[name][0])
+            layers[name] = entry
+            for key in totals:
+                totals[key] += entry[key]
+            continue
         w = values[f"{name}.weight"]
         b = values.get(f"{name}.bias")
         mw = decision.masks[f"{name}.weight"]
@@ -101,6 +127,9 @@ def reduction_report(network, summary_or_values, decision, x_test=None, y_test=N
         "flops_ratio": totals["flops_dense"] / max(totals["flops_compact"], 1),
         "folded_biases": plan.folded,
     })
+    if plan.blocks:  # attention heads and MLP hidden units removed per block
+        report["blocks"] = {name: _block_summary(info) for name, info in plan.blocks.items() if info}
+        report["heads_removed_per_block"] = plan.heads_removed
     if x_test is not None and y_test is not None:
         lik = network.likelihood
         with torch.no_grad():

@@ -1,0 +1,958 @@
+r"""Bayesian Vision Transformer and MLP-Mixer layers.
+
+Markovic, Friston & Kiebel (2023) apply Bayesian model reduction from LeNet up to Vision
+Transformers (Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words") and MLP-Mixers
+(Tolstikhin et al. 2021). The layers here give those architectures priors on every parameter.
+Sequences are tensors ``(B, T, D)``: T tokens of width D; a Linear map acts on the last dim.
+
+Layers (spec ``type`` in brackets):
+
+* :class:`PatchEmbed` (``patch_embed``): ``(C, H, W) -> (T, D)``, a strided convolution with
+  kernel = stride = ``patch_size`` (``mode: conv``), or the same map written as a Linear layer
+  over flattened patches (``mode: linear``); both give identical outputs.
+* :class:`ClassToken` (``class_token``): prepends a learned token, ``(T, D) -> (T + 1, D)``.
+* :class:`PosEmbed` (``pos_embed``): adds a learned position embedding ``(T, D)``.
+* :class:`LayerNorm` (``layernorm``): ``LN(x) = g * (x - mean) / sqrt(var + eps) + b`` over the
+  last dim (Ba et al. 2016); gain ``g`` (site ``.weight``, default prior N(1, 1)) and bias ``b``
+  (``.bias``, default N(0, 1)) may carry any prior.
+* :class:`MultiHeadSelfAttention` (``self_attention``): H heads of width d,
+
+  .. math::
+
+      q_h = x W^q_h{}^\top + b^q_h,\ k_h, v_h \text{ alike},\qquad
+      \mathrm{head}_h = \mathrm{softmax}\big(q_h k_h^\top / \sqrt{d}\big)\, v_h,\qquad
+      y = \textstyle\sum_h \mathrm{head}_h W^o_h{}^\top + b^o
+
+  (Vaswani et al. 2017). The four projections ``q, k, v, o`` are Bayesian linear layers with
+  any prior. Their weights carry a ``head`` axis so priors can group by head: ``q.weight``
+  (and k, v) has shape ``(H, d, D)`` with axes ``head`` (dim 0) and ``input`` (dim 2),
+  ``q.bias`` ``(H, d)``; ``o.weight`` has shape ``(D, H, d)`` with axes ``unit`` (dim 0) and
+  ``head`` (dim 1). (A query feature is a (head, feature) pair, so q/k/v have no single
+  ``unit`` dim; group them by ``head``, ``input``, ``layer`` or ``weight``.)
+* :class:`TransformerBlock` (``transformer_block``): the pre-LN encoder block
+  ``x + Attn(LN1(x))`` then ``x + MLP(LN2(x))`` with ``MLP = fc2(act(fc1(.)))``.
+* :class:`MixerBlock` (``mixer_block``): token mixing ``x + MLP_tok(LN1(x)^T)^T`` (an MLP over
+  the token axis, shared by the channels) then channel mixing ``x + MLP_ch(LN2(x))``.
+* :class:`TokenPool` (``token_pool``): global average over tokens (``mode: mean``) or the class
+  token (``mode: cls``), ``(T, D) -> (D,)``.
+
+Site names follow module paths: ``block1.ln1.weight``, ``block1.attn.q.weight``,
+``block1.mlp.fc1.weight``, ``block1.token_mlp.fc2.bias``. A block is a :class:`Composite`
+layer: its sub-layers are ordinary Bayesian layers whose ``site`` is the path, and
+``BayesianNetwork.param_sites`` lists them (``leaves()``), so summaries, rules and diagnostics
+see ``block1.mlp.fc1`` as a layer with its own units.
+
+Local reparameterisation (Kingma, Salimans & Welling 2015) is used wherever the guide allows
+it: every projection is a Linear map on the last dim, LayerNorm's gain and bias act
+element-wise, and the embeddings add a Gaussian. Pre-activations are drawn independently per
+token (per channel for token mixing): the marginal of each pre-activation is exact, the
+correlation between tokens that share a weight is dropped, the same approximation as for
+convolutions (Molchanov et al. 2017). A recipe with ``local_reparam: false`` samples weights
+instead (exact, noisier). The position embedding and the class token are used once per
+example, so for them per-example draws are exact.
+
+Reduction: :mod:`pyro_sparse.reduction.transformer` removes heads and MLP hidden units; each
+layer here knows its compact form (``compact_entry`` / ``build_compact``), so
+:func:`pyro_sparse.reduction.compact` handles these networks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import Layer, Linear, _Parametric, _Stateless, register_layer
+from .local_reparam import GaussianWeight, _sample_preactivation, _split, gaussian_conv2d, gaussian_linear
+from .priors import Gaussian, build_prior
+from .schema import Field
+
+__all__ = [
+    "Composite", "LayerNorm", "PatchEmbed", "ClassToken", "PosEmbed", "QKVProjection", "OutProjection",
+    "MultiHeadSelfAttention", "MLP", "TransformerBlock", "MixerBlock", "TokenPool", "ACTIVATIONS",
+    "attention", "transformer_block", "mixer_block",
+    "SplitHeads", "MergeHeads", "AttentionModule", "MLPModule", "TransformerBlockModule", "MixerBlockModule",
+]
+
+#: element-wise activations of the MLPs (``activation`` option); GELU is the exact (erf) one
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh}
+
+
+# =========================================================================== checks
+
+
+def _positive_int(owner, name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{owner} {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _flag(owner, name, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner} {name} must be true or false, got {value!r}")
+    return value
+
+
+def _activation_name(owner, value):
+    if value not in ACTIVATIONS:
+        raise ValueError(f"{owner} activation must be one of {sorted(ACTIVATIONS)}, got {value!r}")
+    return value
+
+
+def _positive_float(owner, name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+        raise ValueError(f"{owner} {name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _sequence_shape(owner, in_shape, dim=None):
+    if len(in_shape) != 2 or (dim is not None and in_shape[-1] != dim):
+        want = f"(tokens, {dim})" if dim is not None else "(tokens, features)"
+        raise ValueError(f"{owner} expects sequence inputs of shape {want}, got {tuple(in_shape)}")
+    return tuple(in_shape)
+
+
+# =========================================================================== the maths
+
+
+def _reshape(param, shape):
+    """A tensor or a :class:`GaussianWeight` viewed with another shape."""
+    if param is None:
+        return None
+    if isinstance(param, GaussianWeight):
+        return GaussianWeight(param.loc.reshape(shape), param.var.reshape(shape))
+    return param.reshape(shape)
+
+
+def gaussian_elementwise(x, gain=None, bias=None):
+    r"""``x * g + b`` for ``g, b`` that may be :class:`GaussianWeight` (one draw per element):
+    mean :math:`x\mu_g + \mu_b`, variance :math:`x^2\sigma_g^2 + \sigma_b^2`."""
+    g_mean, g_var = _split(gain)
+    b_mean, b_var = _split(bias)
+    mean = x * g_mean if g_mean is not None else x
+    if b_mean is not None:
+        mean = mean + b_mean
+    if g_var is None and b_var is None:
+        return mean
+    var = x * x * g_var if g_var is not None else torch.zeros_like(mean)
+    if b_var is not None:
+        var = var + b_var
+    return _sample_preactivation(mean, var)
+
+
+def attention(q, k, v, scale):
+    r"""Scaled dot-product attention per head: ``(B, T, H, d)`` each -> ``(B, T, H, d)``,
+
+    .. math:: \mathrm{head}_h = \mathrm{softmax}(q_h k_h^\top \cdot \mathrm{scale})\, v_h
+
+    with ``scale = 1/sqrt(d)`` in a transformer. Zero heads give a ``(B, T, 0, d)`` result."""
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * scale
+    return torch.einsum("bhts,bshd->bthd", scores.softmax(dim=-1), v)
+
+
+def transformer_block(x, ln1, attn, ln2, mlp):
+    """The pre-LN encoder block: ``x + attn(ln1(x))`` then ``+ mlp(ln2(.))`` (Xiong et al. 2020)."""
+    x = x + attn(ln1(x))
+    return x + mlp(ln2(x))
+
+
+def mixer_block(x, ln1, token_mlp, ln2, channel_mlp):
+    """The Mixer block: token mixing on ``(B, D, T)`` then channel mixing (Tolstikhin et al. 2021)."""
+    x = x + token_mlp(ln1(x).transpose(1, 2)).transpose(1, 2)
+    return x + channel_mlp(ln2(x))
+
+
+# =========================================================================== plain torch modules
+# What ``deterministic(params)`` and ``build_compact(entry)`` return: the parameter names inside
+# these modules equal the site names relative to the layer (``attn.q.weight``).
+
+
+def _parameter(t):
+    return nn.Parameter(t.detach().clone(), requires_grad=True)
+
+
+class SplitHeads(nn.Module):
+    """q/k/v projection: weight ``(H, d, D)``, bias ``(H, d)``; ``(..., D) -> (..., H, d)``."""
+
+    def __init__(self, weight, bias=None):
+        super().__init__()
+        self.weight = _parameter(weight)
+        self.bias = _parameter(bias) if bias is not None else None
+
+    def forward(self, x):
+        h, d, dim = self.weight.shape
+        b = self.bias.reshape(h * d) if self.bias is not None else None
+        return F.linear(x, self.weight.reshape(h * d, dim), b).unflatten(-1, (h, d))
+
+
+class MergeHeads(nn.Module):
+    """Output projection: weight ``(D, H, d)``, bias ``(D,)``; ``(..., H, d) -> (..., D)``."""
+
+    def __init__(self, weight, bias=None):
+        super().__init__()
+        self.weight = _parameter(weight)
+        self.bias = _parameter(bias) if bias is not None else None
+
+    def forward(self, x):
+        dim = self.weight.shape[0]
+        return F.linear(x.flatten(-2), self.weight.reshape(dim, -1), self.bias)
+
+
+class AttentionModule(nn.Module):
+    """Plain multi-head self-attention with :class:`SplitHeads` q, k, v and :class:`MergeHeads` o."""
+
+    def __init__(self, q, k, v, o, scale):
+        super().__init__()
+        self.q, self.k, self.v, self.o = q, k, v, o
+        self.scale = float(scale)
+
+    @property
+    def heads(self):
+        return self.q.weight.shape[0]
+
+    def forward(self, x):
+        return self.o(attention(self.q(x), self.k(x), self.v(x), self.scale))
+
+
+class MLPModule(nn.Module):
+    """Plain ``fc2(act(fc1(x)))``."""
+
+    def __init__(self, fc1, fc2, activation="gelu"):
+        super().__init__()
+        self.fc1, self.fc2 = fc1, fc2
+        self.activation = activation
+
+    def forward(self, x):
+        return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
+
+
+class TransformerBlockModule(nn.Module):
+    """Plain pre-LN transformer encoder block (:func:`transformer_block`)."""
+
+    def __init__(self, ln1, attn, ln2, mlp):
+        super().__init__()
+        self.ln1, self.attn, self.ln2, self.mlp = ln1, attn, ln2, mlp
+
+    def forward(self, x):
+        return transformer_block(x, self.ln1, self.attn, self.ln2, self.mlp)
+
+
+class MixerBlockModule(nn.Module):
+    """Plain MLP-Mixer block (:func:`mixer_block`)."""
+
+    def __init__(self, ln1, token_mlp, ln2, channel_mlp):
+        super().__init__()
+        self.ln1, self.token_mlp, self.ln2, self.channel_mlp = ln1, token_mlp, ln2, channel_mlp
+
+    def forward(self, x):
+        return mixer_block(x, self.ln1, self.token_mlp, self.ln2, self.channel_mlp)
+
+
+class PatchModule(nn.Module):
+    """Plain patch embedding: conv with kernel = stride = p, then ``(B, D, h, w) -> (B, h*w, D)``."""
+
+    def __init__(self, weight, bias=None):
+        super().__init__()
+        self.weight = _parameter(weight)
+        self.bias = _parameter(bias) if bias is not None else None
+
+    def forward(self, x):
+        p = self.weight.shape[-1]
+        return F.conv2d(x, self.weight, self.bias, stride=p).flatten(2).transpose(1, 2)
+
+
+class AddEmbedding(nn.Module):
+    """Plain ``x + weight`` (position embedding ``(T, D)``)."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = _parameter(weight)
+
+    def forward(self, x):
+        return x + self.weight
+
+
+class PrependToken(nn.Module):
+    """Plain class token: ``weight (1, D)`` prepended to every sequence."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = _parameter(weight)
+
+    def forward(self, x):
+        return torch.cat([self.weight.expand(x.shape[0], *self.weight.shape).to(x.dtype), x], dim=1)
+
+
+class TokenPoolModule(nn.Module):
+    """Mean over tokens, or the first (class) token."""
+
+    def __init__(self, mode="mean"):
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, x):
+        return x.mean(dim=1) if self.mode == "mean" else x[:, 0]
+
+
+def _layer_norm_module(weight, bias, eps):
+    m = nn.LayerNorm(weight.shape[0], eps=eps, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        m.weight.copy_(weight)
+        if bias is not None:
+            m.bias.copy_(bias)
+    return m
+
+
+def _linear_module(weight, bias):
+    m = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        m.weight.copy_(weight)
+        if bias is not None:
+            m.bias.copy_(bias)
+    return m
+
+
+# =========================================================================== reduction hooks
+
+
+class _Compactable:
+    """Hooks of :func:`pyro_sparse.reduction.compact` and the reduction report for layers that
+    compact themselves (:mod:`pyro_sparse.reduction.transformer`): ``compact_entry`` gives
+    ``(entry, params, info)``, the class method ``build_compact(entry)`` rebuilds the plain
+    module, ``reduction_counts`` the report's per-layer figures."""
+
+    def compact_entry(self, values: dict, masks: dict):
+        from .reduction.transformer import compact_layer
+
+        return compact_layer(self, values, masks)
+
+    def reduction_counts(self, values, masks, compact_params, info, in_shape) -> dict:
+        from .reduction.transformer import layer_counts
+
+        return layer_counts(self, values, masks, compact_params, info, in_shape)
+
+
+# =========================================================================== composite layers
+
+
+class Composite(Layer):
+    """A Bayesian layer made of named Bayesian sub-layers (``attn``, ``mlp``, ``ln1``, ...).
+
+    The sub-layers' sites are ``<site>.<child>`` (set whenever ``site`` is), ``priors()``,
+    ``param_shapes()`` and ``param_axes`` list their parameters by relative path
+    (``attn.q.weight``), and :meth:`leaves` gives the Bayesian leaf layers (each with its own
+    ``site`` and group axes), which is what ``BayesianNetwork.param_sites`` enumerates.
+    """
+
+    @property
+    def site(self):
+        return self.__dict__.get("_site", self.prefix)
+
+    @site.setter
+    def site(self, value):
+        self.__dict__["_site"] = value
+        for name, child in self.sublayers().items():
+            child.site = f"{value}.{name}"
+
+    def sublayers(self) -> dict:
+        """Direct sub-layers, in order (``name -> Layer``)."""
+        return {n: m for n, m in self._modules.items() if isinstance(m, Layer)}
+
+    def leaves(self) -> list:
+        return [leaf for child in self.sublayers().values() for leaf in child.leaves() if leaf.priors()]
+
+    def _flat(self, method):
+        return {f"{n}.{p}": v for n, child in self.sublayers().items() for p, v in method(child).items()}
+
+    def priors(self):
+        return self._flat(lambda c: c.priors())
+
+    def param_shapes(self):
+        return self._flat(lambda c: c.param_shapes())
+
+    @property
+    def param_axes(self):
+        return self._flat(lambda c: {p: c.param_axes[p] for p in c.priors()})
+
+    def _own(self, params, child):
+        """The parameters of sub-layer ``child`` from the composite's (relative names)."""
+        return {p: params[f"{child}.{p}"] for p in getattr(self, child).priors()}
+
+    def _children_deterministic(self, params):
+        return {n: c.deterministic(self._own(params, n)) for n, c in self.sublayers().items()}
+
+
+def _prior_or(value, default):
+    """``value`` if given, else ``default`` (None: the sub-layer's own default, a Gaussian)."""
+    value = value if value is not None else default
+    return build_prior(value) if value is not None else None
+
+
+# =========================================================================== leaf layers
+
+
+@register_layer("layernorm")
+class LayerNorm(_Compactable, _Parametric):
+    r"""Bayesian layer normalisation over the last dim (Ba, Kiros & Hinton 2016):
+    :math:`y = g \odot (x - \bar x)/\sqrt{\mathrm{Var}(x) + \epsilon} + b`.
+
+    Gain ``weight`` (prior ``prior``, default N(1, 1): the identity map a priori) and ``bias``
+    (default N(0, 1)), both ``(D,)`` on the ``unit`` axis. Under local reparameterisation the
+    output is drawn element-wise (:func:`gaussian_elementwise`)."""
+
+    prefix = "ln"
+    fields = {"dim": Field("size", "auto"), "eps": Field("float", 1e-5, positive=True),
+              "bias": Field("bool", True),
+              "gain_prior": Field("any", None, allow_none=True), "bias_prior": Field("any", None, allow_none=True)}
+    param_axes = {"weight": {"unit": 0}, "bias": {"unit": 0}}
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True, gain_prior=None, bias_prior=None):
+        _positive_int("LayerNorm", "dim", dim)
+        eps = _positive_float("LayerNorm", "eps", eps)
+        _flag("LayerNorm", "bias", bias)
+        gain_prior = gain_prior if gain_prior is not None else Gaussian(scale=1.0, loc=1.0)
+        super().__init__(nn.LayerNorm(dim, eps=eps, bias=bias), gain_prior, bias_prior)
+        self.dim, self.eps = dim, eps
+
+    @classmethod
+    def from_config(cls, cfg, in_shape):
+        cfg = dict(cfg)
+        dim = cfg.pop("dim")
+        if dim == "auto":
+            if not in_shape:
+                raise ValueError("cannot infer 'dim' from a scalar input")
+            dim = in_shape[-1]
+        return cls(dim, **cfg)
+
+    def out_shape(self, in_shape):
+        if not in_shape or in_shape[-1] != self.dim:
+            raise ValueError(f"LayerNorm expects inputs whose last dimension is {self.dim}, got {tuple(in_shape)}")
+        return tuple(in_shape)
+
+    def forward(self, x):
+        gain, bias = self.sample_params()
+        return gaussian_elementwise(F.layer_norm(x, (self.dim,), eps=self.eps), gain, bias)
+
+    def deterministic(self, params):
+        return _layer_norm_module(params["weight"], params.get("bias"), self.eps)
+
+    def compact_spec(self):
+        return {"type": "layernorm", "dim": self.dim, "eps": self.eps, "bias": self.has_bias}
+
+    @classmethod
+    def build_compact(cls, entry):
+        dim = entry["dim"]
+        return _layer_norm_module(torch.ones(dim), torch.zeros(dim) if entry["bias"] else None, entry["eps"])
+
+    def flops(self, params, in_shape, sparse=False):
+        return 0  # element-wise, like activations (not counted)
+
+
+@register_layer("patch_embed")
+class PatchEmbed(_Compactable, _Parametric):
+    r"""Patch embedding ``(C, H, W) -> (T, D)``, ``T = (H/p)(W/p)`` (Dosovitskiy et al. 2021).
+
+    Weight ``(D, C, p, p)`` (axes ``unit``/``channel`` 0, ``input`` 1), bias ``(D,)``. ``mode:
+    conv`` runs a convolution with kernel = stride = p; ``mode: linear`` runs the same map as a
+    Linear layer on the flattened patches (``F.unfold``, features in (c, i, j) order). Tokens are
+    in row-major patch order."""
+
+    prefix = "patch"
+    fields = {"in": Field("size", "auto"), "dim": Field("int", positive=True),
+              "patch_size": Field("int", positive=True), "mode": Field("choice", "conv", choices=("conv", "linear")),
+              "bias": Field("bool", True),
+              "prior": Field("any", None, allow_none=True), "bias_prior": Field("any", None, allow_none=True)}
+    param_axes = {"weight": {"unit": 0, "channel": 0, "input": 1}, "bias": {"unit": 0, "channel": 0}}
+
+    def __init__(self, in_channels: int, dim: int, patch_size: int, mode: str = "conv", bias: bool = True,
+                 prior=None, bias_prior=None):
+        for name, v in (("in_channels", in_channels), ("dim", dim), ("patch_size", patch_size)):
+            _positive_int("PatchEmbed", name, v)
+        if mode not in ("conv", "linear"):
+            raise ValueError(f"PatchEmbed mode must be 'conv' or 'linear', got {mode!r}")
+        _flag("PatchEmbed", "bias", bias)
+        super().__init__(nn.Conv2d(in_channels, dim, patch_size, patch_size, bias=bias), prior, bias_prior)
+        self.in_channels, self.dim, self.patch_size, self.mode = in_channels, dim, patch_size, mode
+
+    @classmethod
+    def from_config(cls, cfg, in_shape):
+        cfg = dict(cfg)
+        size = cfg.pop("in")
+        if size == "auto":
+            if len(in_shape) != 3:
+                raise ValueError(f"patch_embed expects (channels, height, width) input, got shape "
+                                 f"{list(in_shape)}; set input_shape: image or a list in the spec")
+            size = in_shape[0]
+        return cls(size, cfg.pop("dim"), cfg.pop("patch_size"), **cfg)
+
+    def out_shape(self, in_shape):
+        if len(in_shape) != 3 or in_shape[0] != self.in_channels:
+            raise ValueError(f"PatchEmbed expects input of shape ({self.in_channels}, height, width), "
+                             f"got {tuple(in_shape)}")
+        _, h, w = in_shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"patch_size {p} does not divide the image size {h}x{w}")
+        return ((h // p) * (w // p), self.dim)
+
+    def forward(self, x):
+        weight, bias = self.sample_params()
+        p = self.patch_size
+        if self.mode == "conv":
+            return gaussian_conv2d(x, weight, bias, stride=p).flatten(2).transpose(1, 2)
+        patches = F.unfold(x, p, stride=p).transpose(1, 2)  # (B, T, C*p*p)
+        return gaussian_linear(patches, _reshape(weight, (self.dim, -1)), bias)
+
+    def deterministic(self, params):
+        return PatchModule(params["weight"], params.get("bias"))
+
+    def compact_spec(self):
+        return {"type": "patch_embed", "in": self.in_channels, "dim": self.dim, "patch_size": self.patch_size,
+                "bias": self.has_bias}
+
+    @classmethod
+    def build_compact(cls, entry):
+        p = entry["patch_size"]
+        return PatchModule(torch.empty(entry["dim"], entry["in"], p, p),
+                           torch.empty(entry["dim"]) if entry["bias"] else None)
+
+    def flops(self, params, in_shape, sparse=False):
+        w = params["weight"]
+        n = int((w != 0).sum()) if sparse else w.numel()
+        return 2 * n * self.out_shape(in_shape)[0]
+
+
+class _Embedding(_Compactable, Layer):
+    """A Bayesian embedding tensor ``weight`` (axes ``token`` 0, ``unit`` 1), ViT initialisation
+    N(0, 0.02^2) truncated at two standard deviations."""
+
+    fields = {"prior": Field("any", None, allow_none=True), "bias_prior": Field("any", None, allow_none=True)}
+    param_axes = {"weight": {"token": 0, "unit": 1}}
+
+    def __init__(self, shape, prior=None):
+        super().__init__()
+        self.prior = build_prior(prior if prior is not None else Gaussian())
+        self.register_buffer("weight_init", nn.init.trunc_normal_(torch.empty(shape), std=0.02, a=-0.04, b=0.04),
+                             persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg, in_shape):
+        cfg = dict(cfg)
+        cfg.pop("bias_prior", None)  # an embedding has no bias (the spec's default bias prior lands here)
+        return cls(*cls.sizes(_sequence_shape(cls.__name__, in_shape)), **cfg)
+
+    def priors(self):
+        return {"weight": self.prior}
+
+    def sample_embedding(self, batch):
+        """The embedding, one draw per example under local reparameterisation: ``(B|1, *shape)``."""
+        w = self.prior.sample(f"{self.site}.weight", self.weight_init, self.param_axes["weight"])
+        if isinstance(w, GaussianWeight):
+            noise = torch.randn((batch, *w.loc.shape), dtype=w.loc.dtype, device=w.loc.device)
+            return w.loc + w.var.clamp_min(1e-16).sqrt() * noise
+        return w.unsqueeze(0)
+
+    def flops(self, params, in_shape, sparse=False):
+        return 0
+
+
+@register_layer("pos_embed")
+class PosEmbed(_Embedding):
+    """Learned position embedding: ``x + E``, ``E`` of shape ``(T, D)``."""
+
+    prefix = "pos"
+
+    @staticmethod
+    def sizes(in_shape):
+        return in_shape
+
+    def __init__(self, tokens: int, dim: int, prior=None):
+        _positive_int("PosEmbed", "tokens", tokens)
+        _positive_int("PosEmbed", "dim", dim)
+        super().__init__((tokens, dim), prior)
+        self.tokens, self.dim = tokens, dim
+
+    def out_shape(self, in_shape):
+        _sequence_shape("PosEmbed", in_shape)
+        if tuple(in_shape) != (self.tokens, self.dim):
+            raise ValueError(f"PosEmbed expects inputs of shape ({self.tokens}, {self.dim}), got {tuple(in_shape)}")
+        return tuple(in_shape)
+
+    def forward(self, x):
+        return x + self.sample_embedding(x.shape[0])
+
+    def deterministic(self, params):
+        return AddEmbedding(params["weight"])
+
+    def compact_spec(self):
+        return {"type": "pos_embed", "tokens": self.tokens, "dim": self.dim}
+
+    @classmethod
+    def build_compact(cls, entry):
+        return AddEmbedding(torch.empty(entry["tokens"], entry["dim"]))
+
+
+@register_layer("class_token")
+class ClassToken(_Embedding):
+    """A learned class token ``(1, D)`` prepended to every sequence: ``(T, D) -> (T + 1, D)``."""
+
+    prefix = "cls"
+
+    @staticmethod
+    def sizes(in_shape):
+        return (in_shape[-1],)
+
+    def __init__(self, dim: int, prior=None):
+        _positive_int("ClassToken", "dim", dim)
+        super().__init__((1, dim), prior)
+        self.dim = dim
+
+    def out_shape(self, in_shape):
+        _sequence_shape("ClassToken", in_shape, self.dim)
+        return (in_shape[0] + 1, self.dim)
+
+    def forward(self, x):
+        token = self.sample_embedding(x.shape[0]).expand(x.shape[0], 1, self.dim)
+        return torch.cat([token.to(x.dtype), x], dim=1)
+
+    def deterministic(self, params):
+        return PrependToken(params["weight"])
+
+    def compact_spec(self):
+        return {"type": "class_token", "dim": self.dim}
+
+    @classmethod
+    def build_compact(cls, entry):
+        return PrependToken(torch.empty(1, entry["dim"]))
+
+
+@register_layer("token_pool")
+class TokenPool(_Stateless):
+    """Global average pooling over tokens (``mode: mean``) or the class token (``mode: cls``)."""
+
+    prefix = "pool"
+    fields = {"mode": Field("choice", "mean", choices=("mean", "cls"))}
+
+    def __init__(self, mode="mean"):
+        if mode not in ("mean", "cls"):
+            raise ValueError(f"token_pool mode must be 'mean' or 'cls', got {mode!r}")
+        super().__init__(mode=mode)
+
+    def _module(self):
+        return TokenPoolModule(self.options["mode"])
+
+    def out_shape(self, in_shape):
+        _sequence_shape("TokenPool", in_shape)
+        return (in_shape[-1],)
+
+
+class QKVProjection(_Parametric):
+    """Bayesian query/key/value projection: a Linear map ``D -> H*d`` whose weight is kept as
+    ``(H, d, D)`` (axes ``head`` 0, ``input`` 2) and bias as ``(H, d)`` (``head`` 0), so priors
+    can group by head. Output ``(..., H, d)``."""
+
+    prefix = "q"
+    param_axes = {"weight": {"head": 0, "input": 2}, "bias": {"head": 0}}
+
+    def __init__(self, dim, heads, head_dim, bias=True, prior=None, bias_prior=None):
+        super().__init__(nn.Linear(dim, heads * head_dim, bias=bias), prior, bias_prior)
+        self.weight_init = self.weight_init.reshape(heads, head_dim, dim)
+        if self.has_bias:
+            self.bias_init = self.bias_init.reshape(heads, head_dim)
+        self.dim, self.heads, self.head_dim = dim, heads, head_dim
+
+    def forward(self, x):
+        weight, bias = self.sample_params()
+        hd = self.heads * self.head_dim
+        out = gaussian_linear(x, _reshape(weight, (hd, self.dim)), _reshape(bias, (hd,)))
+        return out.unflatten(-1, (self.heads, self.head_dim))
+
+    def deterministic(self, params):
+        return SplitHeads(params["weight"], params.get("bias"))
+
+
+class OutProjection(_Parametric):
+    """Bayesian output projection of attention: a Linear map ``H*d -> D`` whose weight is kept
+    as ``(D, H, d)`` (axes ``unit`` 0, ``head`` 1); bias ``(D,)``. Input ``(..., H, d)``."""
+
+    prefix = "o"
+    param_axes = {"weight": {"unit": 0, "head": 1}, "bias": {"unit": 0}}
+
+    def __init__(self, dim, heads, head_dim, bias=True, prior=None, bias_prior=None):
+        super().__init__(nn.Linear(heads * head_dim, dim, bias=bias), prior, bias_prior)
+        self.weight_init = self.weight_init.reshape(dim, heads, head_dim)
+        self.dim, self.heads, self.head_dim = dim, heads, head_dim
+
+    def forward(self, x):
+        weight, bias = self.sample_params()
+        return gaussian_linear(x.flatten(-2), _reshape(weight, (self.dim, self.heads * self.head_dim)), bias)
+
+    def deterministic(self, params):
+        return MergeHeads(params["weight"], params.get("bias"))
+
+
+# =========================================================================== composites
+
+
+def _resolve_head_dim(owner, dim, heads, head_dim):
+    _positive_int(owner, "heads", heads)
+    if head_dim in (None, "auto"):
+        if dim % heads:
+            raise ValueError(f"{owner}: dim {dim} is not divisible by heads {heads}; give head_dim")
+        return dim // heads
+    return _positive_int(owner, "head_dim", head_dim)
+
+
+@register_layer("self_attention")
+class MultiHeadSelfAttention(_Compactable, Composite):
+    """Bayesian multi-head self-attention ``(T, D) -> (T, D)`` (no residual; see
+    :class:`TransformerBlock`). Sub-layers ``q``, ``k``, ``v`` (:class:`QKVProjection`) and ``o``
+    (:class:`OutProjection`); ``prior``/``bias_prior`` apply to all four."""
+
+    prefix = "attn"
+    fields = {"dim": Field("size", "auto"), "heads": Field("int", positive=True), "head_dim": Field("size", "auto"),
+              "bias": Field("bool", True),
+              "prior": Field("any", None, allow_none=True), "bias_prior": Field("any", None, allow_none=True)}
+
+    def __init__(self, dim: int, heads: int, head_dim="auto", bias: bool = True, prior=None, bias_prior=None):
+        super().__init__()
+        _positive_int("MultiHeadSelfAttention", "dim", dim)
+        head_dim = _resolve_head_dim("MultiHeadSelfAttention", dim, heads, head_dim)
+        _flag("MultiHeadSelfAttention", "bias", bias)
+        for name in ("q", "k", "v"):
+            setattr(self, name, QKVProjection(dim, heads, head_dim, bias, prior, bias_prior))
+        self.o = OutProjection(dim, heads, head_dim, bias, prior, bias_prior)
+        self.dim, self.heads, self.head_dim, self.has_bias = dim, heads, head_dim, bias
+        self.scale = head_dim ** -0.5
+        self.site = self.site
+
+    @classmethod
+    def from_config(cls, cfg, in_shape):
+        cfg = dict(cfg)
+        dim = cfg.pop("dim")
+        if dim == "auto":
+            dim = _sequence_shape("self_attention", in_shape)[-1]
+        return cls(dim, **cfg)
+
+    def out_shape(self, in_shape):
+        return _sequence_shape("MultiHeadSelfAttention", in_shape, self.dim)
+
+    def forward(self, x):
+        return self.o(attention(self.q(x), self.k(x), self.v(x), self.scale))
+
+    def deterministic(self, params):
+        c = self._children_deterministic(params)
+        return AttentionModule(c["q"], c["k"], c["v"], c["o"], self.scale)
+
+    def compact_spec(self):
+        return {"type": "self_attention", "dim": self.dim, "heads": self.heads, "head_dim": self.head_dim,
+                "bias": self.has_bias}
+
+    @classmethod
+    def build_compact(cls, entry):
+        return _attention_from_entry(entry)
+
+    def flops(self, params, in_shape, sparse=False):
+        from .reduction.transformer import attention_flops
+
+        return attention_flops(params, in_shape[0], sparse)
+
+
+def _attention_from_entry(entry):
+    dim, heads, hd = entry["dim"], entry["heads"], entry["head_dim"]
+    bias = entry["bias"]
+
+    def split():
+        return SplitHeads(torch.empty(heads, hd, dim), torch.empty(heads, hd) if bias else None)
+
+    out_bias = entry.get("out_bias", bias)
+    return AttentionModule(split(), split(), split(),
+                           MergeHeads(torch.empty(dim, heads, hd), torch.empty(dim) if out_bias else None),
+                           entry.get("scale", hd ** -0.5))
+
+
+class MLP(Composite):
+    """Bayesian two-layer perceptron ``fc2(act(fc1(x)))`` on the last dim: ``in -> hidden -> out``."""
+
+    prefix = "mlp"
+
+    def __init__(self, in_features, hidden, out_features=None, activation="gelu", bias=True, prior=None,
+                 bias_prior=None):
+        super().__init__()
+        out_features = in_features if out_features is None else out_features
+        _activation_name("MLP", activation)
+        self.fc1 = Linear(in_features, hidden, bias, prior, bias_prior)
+        self.fc2 = Linear(hidden, out_features, bias, prior, bias_prior)
+        self.activation = activation
+        self.site = self.site
+
+    def forward(self, x):
+        return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
+
+    def deterministic(self, params):
+        c = self._children_deterministic(params)
+        return MLPModule(c["fc1"], c["fc2"], self.activation)
+
+
+def _mlp_from_entry(entry, key):
+    size_in, hidden, size_out = entry[f"{key}_in"], entry[key], entry[f"{key}_out"]
+    b1, b2 = entry.get(f"{key}_bias", entry["bias"]), entry.get(f"{key}_out_bias", entry["bias"])
+    fc1 = _linear_module(torch.empty(hidden, size_in), torch.empty(hidden) if b1 else None)
+    fc2 = _linear_module(torch.empty(size_out, hidden), torch.empty(size_out) if b2 else None)
+    return MLPModule(fc1, fc2, entry["activation"])
+
+
+_NORM_FIELDS = {"eps": Field("float", 1e-5, positive=True),
+                "norm_prior": Field("any", None, allow_none=True), "norm_bias_prior": Field("any", None, allow_none=True)}
+
+
+def _norm(dim, eps, norm_prior, norm_bias_prior):
+    return LayerNorm(dim, eps, True, norm_prior, norm_bias_prior)
+
+
+@register_layer("transformer_block")
+class TransformerBlock(_Compactable, Composite):
+    r"""Bayesian pre-LN transformer encoder block on ``(T, D)`` (:func:`transformer_block`).
+
+    Sub-layers ``ln1``, ``attn`` (:class:`MultiHeadSelfAttention`, ``heads`` heads of width
+    ``head_dim``, default D/heads), ``ln2``, ``mlp`` (``D -> mlp -> D``, ``activation``).
+    Priors: ``attn_prior`` for q/k/v/o weights, ``mlp_prior`` for fc1/fc2 weights (both default
+    to ``prior``, the spec's default weight prior), ``bias_prior`` for every projection bias,
+    ``norm_prior``/``norm_bias_prior`` for the LayerNorm gains/biases (default N(1, 1), N(0, 1)).
+    """
+
+    prefix = "block"
+    fields = {"dim": Field("size", "auto"), "heads": Field("int", positive=True), "head_dim": Field("size", "auto"),
+              "mlp": Field("int", positive=True), "activation": Field("choice", "gelu", choices=tuple(ACTIVATIONS)),
+              "bias": Field("bool", True), **_NORM_FIELDS,
+              "prior": Field("any", None, allow_none=True), "bias_prior": Field("any", None, allow_none=True),
+              "attn_prior": Field("any", None, allow_none=True), "mlp_prior": Field("any", None, allow_none=True)}
+
+    def __init__(self, dim: int, heads: int, mlp: int, head_dim="auto", activation="gelu", bias=True, eps=1e-5,
+                 prior=None, bias_prior=None, attn_prior=None, mlp_prior=None, norm_prior=None,
+                 norm_bias_prior=None):
+        super().__init__()
+        _positive_int("TransformerBlock", "dim", dim)
+        _positive_int("TransformerBlock", "mlp", mlp)
+        _flag("TransformerBlock", "bias", bias)
+        self.ln1 = _norm(dim, eps, norm_prior, norm_bias_prior)
+        self.attn = MultiHeadSelfAttention(dim, heads, head_dim, bias, _prior_or(attn_prior, prior), bias_prior)
+        self.ln2 = _norm(dim, eps, norm_prior, norm_bias_prior)
+        self.mlp = MLP(dim, mlp, dim, activation, bias, _prior_or(mlp_prior, prior), bias_prior)
+        self.dim, self.heads, self.head_dim, self.hidden = dim, heads, self.attn.head_dim, mlp
+        self.activation, self.has_bias, self.eps = activation, bias, self.ln1.eps
+        self.site = self.site
+
+    @classmethod
+    def from_config(cls, cfg, in_shape):
+        cfg = dict(cfg)
+        dim = cfg.pop("dim")
+        if dim == "auto":
+            dim = _sequence_shape("transformer_block", in_shape)[-1]
+        return cls(dim, cfg.pop("heads"), cfg.pop("mlp"), **cfg)
+
+    def out_shape(self, in_shape):
+        return _sequence_shape("TransformerBlock", in_shape, self.dim)
+
+    def forward(self, x):
+        return transformer_block(x, self.ln1, self.attn, self.ln2, self.mlp)
+
+    def deterministic(self, params):
+        c = self._children_deterministic(params)
+        return TransformerBlockModule(c["ln1"], c["attn"], c["ln2"], c["mlp"])
+
+    def compact_spec(self):
+        return {"type": "transformer_block", "dim": self.dim, "heads": self.heads, "head_dim": self.head_dim,
+                "mlp": self.hidden, "mlp_in": self.dim, "mlp_out": self.dim, "activation": self.activation,
+                "bias": self.has_bias, "eps": self.eps}
+
+    @classmethod
+    def build_compact(cls, entry):
+        dim, eps = entry["dim"], entry["eps"]
+        attn = _attention_from_entry({**entry, "out_bias": entry.get("out_bias", entry["bias"])})
+        return TransformerBlockModule(_layer_norm_module(torch.ones(dim), torch.zeros(dim), eps), attn,
+                                      _layer_norm_module(torch.ones(dim), torch.zeros(dim), eps),
+                                      _mlp_from_entry(entry, "mlp"))
+
+    def flops(self, params, in_shape, sparse=False):
+        from .reduction.transformer import block_flops
+
+        return block_flops(self, params, in_shape, sparse)
+
+
+@register_layer("mixer_block")
+class MixerBlock(_Compactable, Composite):
+    r"""Bayesian MLP-Mixer block on ``(T, D)`` (:func:`mixer_block`; Tolstikhin et al. 2021).
+
+    Sub-layers ``ln1``, ``token_mlp`` (``T -> token_mlp -> T``, applied to every channel),
+    ``ln2``, ``channel_mlp`` (``D -> channel_mlp -> D``, applied to every token). Priors:
+    ``token_prior``/``channel_prior`` for the two MLPs' weights (default ``prior``),
+    ``bias_prior``, ``norm_prior``/``norm_bias_prior`` as in :class:`TransformerBlock`.
+    """
+
+    prefix = "block"
+    fields = {"tokens": Field("size", "auto"), "dim": Field("size", "auto"),
+              "token_mlp": Field("int", positive=True), "channel_mlp": Field("int", positive=True),
+              "activation": Field("choice", "gelu", choices=tuple(ACTIVATIONS)), "bias": Field("bool", True),
+              **_NORM_FIELDS,
+              "prior": Field("any", None, allow_none=True), "bias_prior": Field("any", None, allow_none=True),
+              "token_prior": Field("any", None, allow_none=True), "channel_prior": Field("any", None, allow_none=True)}
+
+    def __init__(self, tokens: int, dim: int, token_mlp: int, channel_mlp: int, activation="gelu", bias=True,
+                 eps=1e-5, prior=None, bias_prior=None, token_prior=None, channel_prior=None, norm_prior=None,
+                 norm_bias_prior=None):
+        super().__init__()
+        for name, v in (("tokens", tokens), ("dim", dim), ("token_mlp", token_mlp), ("channel_mlp", channel_mlp)):
+            _positive_int("MixerBlock", name, v)
+        _flag("MixerBlock", "bias", bias)
+        self.ln1 = _norm(dim, eps, norm_prior, norm_bias_prior)
+        self.token_mlp = MLP(tokens, token_mlp, tokens, activation, bias, _prior_or(token_prior, prior), bias_prior)
+        self.ln2 = _norm(dim, eps, norm_prior, norm_bias_prior)
+        self.channel_mlp = MLP(dim, channel_mlp, dim, activation, bias, _prior_or(channel_prior, prior), bias_prior)
+        self.tokens, self.dim, self.token_hidden, self.channel_hidden = tokens, dim, token_mlp, channel_mlp
+        self.activation, self.has_bias, self.eps = activation, bias, self.ln1.eps
+        self.site = self.site
+
+    @classmethod
+    def from_config(cls, cfg, in_shape):
+        cfg = dict(cfg)
+        tokens, dim = cfg.pop("tokens"), cfg.pop("dim")
+        if tokens == "auto" or dim == "auto":
+            _sequence_shape("mixer_block", in_shape)
+        tokens = in_shape[0] if tokens == "auto" else tokens
+        dim = in_shape[-1] if dim == "auto" else dim
+        return cls(tokens, dim, cfg.pop("token_mlp"), cfg.pop("channel_mlp"), **cfg)
+
+    def out_shape(self, in_shape):
+        _sequence_shape("MixerBlock", in_shape)
+        if tuple(in_shape) != (self.tokens, self.dim):
+            raise ValueError(f"MixerBlock expects inputs of shape ({self.tokens}, {self.dim}), got {tuple(in_shape)}")
+        return tuple(in_shape)
+
+    def forward(self, x):
+        return mixer_block(x, self.ln1, self.token_mlp, self.ln2, self.channel_mlp)
+
+    def deterministic(self, params):
+        c = self._children_deterministic(params)
+        return MixerBlockModule(c["ln1"], c["token_mlp"], c["ln2"], c["channel_mlp"])
+
+    def compact_spec(self):
+        return {"type": "mixer_block", "tokens": self.tokens, "dim": self.dim,
+                "token_mlp": self.token_hidden, "token_mlp_in": self.tokens, "token_mlp_out": self.tokens,
+                "channel_mlp": self.channel_hidden, "channel_mlp_in": self.dim, "channel_mlp_out": self.dim,
+                "activation": self.activation, "bias": self.has_bias, "eps": self.eps}
+
+    @classmethod
+    def build_compact(cls, entry):
+        dim, eps = entry["dim"], entry["eps"]
+        return MixerBlockModule(_layer_norm_module(torch.ones(dim), torch.zeros(dim), eps),
+                                _mlp_from_entry(entry, "token_mlp"),
+                                _layer_norm_module(torch.ones(dim), torch.zeros(dim), eps),
+                                _mlp_from_entry(entry, "channel_mlp"))
+
+    def flops(self, params, in_shape, sparse=False):
+        from .reduction.transformer import block_flops
+
+        return block_flops(self, params, in_shape, sparse)
