@@ -59,6 +59,7 @@ layer here knows its compact form (``compact_entry`` / ``build_compact``), so
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -306,7 +307,10 @@ def _layer_norm_module(weight, bias, eps):
 
 
 def _linear_module(weight, bias):
-    m = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with warnings.catch_warnings():  # an MLP whose hidden units were all removed has no weights
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+        m = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                      dtype=weight.dtype)
     with torch.no_grad():
         m.weight.copy_(weight)
         if bias is not None:

@@ -162,7 +162,8 @@ class IterativeBMRTrainer(SVITrainer):
     # ------------------------------------------------------------------ pruning
     def sparsity(self) -> float:
         """Fraction of weights (biases excluded) pruned so far."""
-        total = sum(math.prod(layer.param_shapes()["weight"]) for _, layer in self.network.bayesian_layers())
+        total = sum(math.prod(layer.param_shapes()[param]) for layer, param, _ in self.network.param_sites().values()
+                    if param != "bias")
         pruned = sum(int((~m).sum()) for m in self.masks.values())
         return pruned / total if total else 0.0
 
