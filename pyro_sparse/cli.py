@@ -126,6 +126,7 @@ def cmd_reduce(args):
 
     method = args.method
     if method is None:
+        from . import runs  # noqa: F401  (registers the recipe sections of every fitting method)
         from .recipe import load_recipe
 
         path = os.path.join(args.dir, "inference.yaml")
@@ -147,6 +148,10 @@ def cmd_reduce(args):
     _print_metrics({k: report[k] for k in keys}, f"reduced {args.dir} with {method}")
     print("  units kept per layer: " + ", ".join(f"{k} {v['units_kept']}/{v['units_total']}"
                                                  for k, v in report["layers"].items()))
+    if report.get("blocks"):
+        from .reduction.report import format_blocks
+
+        print("\n".join("  " + line for line in format_blocks(report).splitlines()))
     print(f"  wrote {report['report_path']} and {report['compact_path']}")
     return 0
 

@@ -28,7 +28,7 @@ import torch
 from .compact import compact as build_compact
 from .compact import layer_shapes, masked_module, masked_predictive, point_values
 
-__all__ = ["reduction_report", "output_metrics"]
+__all__ = ["reduction_report", "output_metrics", "format_blocks"]
 
 
 @torch.no_grad()
@@ -53,6 +53,21 @@ def _block_summary(info):
         out[f"{mlp}_units_total"] = u["total"]
         out[f"{mlp}_units_removed"] = u["removed"]
     return out
+
+
+def format_blocks(report) -> str:
+    """One line per transformer/Mixer block of a report: heads kept and removed, MLP units removed."""
+    lines = []
+    for name, b in report.get("blocks", {}).items():
+        parts = []
+        if "heads_total" in b:
+            parts.append(f"heads kept {b['heads_kept']} of {b['heads_total']}, removed {b['heads_removed']}")
+        for key, removed in b.items():
+            if key.endswith("_units_removed"):
+                mlp = key[: -len("_units_removed")]
+                parts.append(f"{mlp} units removed {removed}/{b[f'{mlp}_units_total']}")
+        lines.append(f"{name}: " + "; ".join(parts))
+    return "\n".join(lines)
 
 
 def _count(t):
