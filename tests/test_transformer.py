@@ -22,7 +22,7 @@ from pyro_sparse.network import BayesianNetwork
 from pyro_sparse.priors import PRIORS, GaussianGamma
 from pyro_sparse.reduction import compact, load_compact, masked_module, reduce, reduction_report, save_compact
 from pyro_sparse.reduction.rules import Decision
-from pyro_sparse.reduction.transformer import attention_heads, mlp_units
+from pyro_sparse.reduction.transformer import attention_heads, head_evidence, mlp_units, remove_heads
 from pyro_sparse.spec import build_network, load_model_spec
 from pyro_sparse.summary import summarize
 from pyro_sparse.transformer import (
@@ -438,3 +438,25 @@ def test_specs_build_and_run(path):
     layer = next(l for l in net.layers.values() if isinstance(l, (TransformerBlock, MixerBlock)))
     if isinstance(layer, MixerBlock):
         assert layer.tokens == tokens
+
+
+def test_remove_heads_by_group_evidence():
+    net = BayesianNetwork([("attn", MultiHeadSelfAttention(4, 2)), ("pool", TokenPool()), ("head", Linear(4, 3))],
+                          input_shape=(5, 4))
+    values = random_values(net, torch.randn(2, 5, 4))
+    scores = {k: torch.full_like(v, -1.0) for k, v in values.items() if not k.endswith("bias")}
+    scores["attn.v.weight"][1] = 0.5  # head 1: its 2x4 value weights sum to 4 > 0
+    scores["attn.o.weight"][:, 0] = 0.1  # head 0: its 4x2 output columns sum to 0.8 > 0 ...
+    scores["attn.o.weight"][0, 0, 0] = -0.6  # ... now 7 * 0.1 - 0.6 = 0.1: still removed, by its outputs
+    decision = Decision("savage-dickey", {k: torch.ones_like(v, dtype=torch.bool) for k, v in values.items()},
+                        scores, "delta_f", {})
+    v_sum, o_sum = head_evidence(net, decision)["attn"]
+    assert torch.allclose(v_sum, torch.tensor([-8.0, 4.0])) and torch.allclose(o_sum, torch.tensor([0.1, -8.0]))
+    out = remove_heads(net, decision)
+    assert not out.masks["attn.v.weight"][1].any() and out.masks["attn.v.weight"][0].all()
+    assert not out.masks["attn.o.weight"][:, 0].any() and out.masks["attn.o.weight"][:, 1].all()
+    assert decision.masks["attn.v.weight"].all()  # the input decision is untouched
+    assert compact(net, values, out).plan.blocks["attn"]["heads_removed"] == [0, 1]
+    assert remove_heads(net, decision, threshold=0.5).masks["attn.o.weight"].all()
+    with pytest.raises(ValueError, match="head evidence sums per-weight delta F"):
+        remove_heads(net, Decision("magnitude", decision.masks, scores, "magnitude", {}))

@@ -16,7 +16,9 @@ On top of them, reading a :class:`~pyro_sparse.summary.PosteriorSummary`:
   deterministic network with removed units physically deleted;
 - :mod:`.report`: counts, FLOPs, bytes, accuracy and NLL before and after;
 - :mod:`.workflow`: reduce / sweep a run directory, ``save_compact`` / ``load_compact``;
-- :mod:`.iterative`: iterative BMR during training (recipe ``method: svi_bmr``).
+- :mod:`.iterative`: iterative BMR during training (recipe ``method: svi_bmr``);
+- :mod:`.transformer`: attention heads and MLP units of transformer / Mixer blocks (used by
+  ``compact``), and the group evidence for removing whole heads (``remove_heads``).
 """
 
 from .bmr import (
@@ -39,6 +41,7 @@ from .scores import (
 from .compact import compact, compact_plan, masked_module, masked_predictive, masked_values
 from .report import reduction_report
 from .rules import METHODS, Decision, group_log_alpha, reduce
+from .transformer import head_evidence, remove_heads
 from .workflow import load_compact, reduce_run, save_compact, sweep_run
 
 __all__ = [
@@ -46,6 +49,8 @@ __all__ = [
     "Decision",
     "reduce",
     "group_log_alpha",
+    "head_evidence",
+    "remove_heads",
     "compact",
     "compact_plan",
     "masked_module",

@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["attention_heads", "mlp_units", "compact_layer", "attention_flops", "block_flops", "layer_counts"]
+__all__ = ["attention_heads", "mlp_units", "compact_layer", "attention_flops", "block_flops", "layer_counts",
+           "head_evidence", "remove_heads"]
 
 
 def _mask(masks, name, like):
@@ -121,6 +122,62 @@ def mlp_units(values: dict, masks: dict, activation: str = "gelu") -> dict:
 
 def _join(prefix, name):
     return f"{prefix}.{name}" if prefix else name
+
+
+# --------------------------------------------------------------------------- structured: heads
+
+
+def _attention_layers(network):
+    from ..transformer import MultiHeadSelfAttention
+
+    return [m for m in network.modules() if isinstance(m, MultiHeadSelfAttention)]
+
+
+def head_evidence(network, decision) -> dict:
+    r"""Evidence for removing each attention head, from a decision of an evidence rule.
+
+    Under a factorised posterior the change in free energy of setting a group of weights to
+    zero is the sum over the group (Friston & Penny 2011; Markovic et al. 2023). A head goes
+    when its values are zero (:math:`W^v_h = 0`, the head then outputs the constant
+    :math:`b^v_h`) or when nothing reads it (:math:`W^o_{\cdot h} = 0`), so its evidence is
+
+    .. math:: \Delta F_h = \max\Big(\sum_{k \in W^v_h} \Delta F_k,\ \sum_{k \in W^o_{\cdot h}} \Delta F_k\Big)
+
+    with :math:`\Delta F_k` the per-weight evidence in ``decision.scores`` (``bmr``,
+    ``savage-dickey`` or ``spike-slab``). Returns ``{attention site: (v_sum (H,), o_sum (H,))}``.
+    Read it on a posterior that was not pruned during training: a weight pruned by iterative BMR
+    has a point-mass posterior and an evidence of about ``-ln(pruned_scale)`` for the zero it
+    already is.
+    """
+    if decision.score_name != "delta_f":
+        raise ValueError(f"decision: head evidence sums per-weight delta F; method {decision.method!r} gives "
+                         f"{decision.score_name!r} (use bmr, savage-dickey or spike-slab)")
+    out = {}
+    for attn in _attention_layers(network):
+        v, o = decision.scores[f"{attn.site}.v.weight"], decision.scores[f"{attn.site}.o.weight"]
+        out[attn.site] = (v.reshape(v.shape[0], -1).sum(1), o.transpose(0, 1).reshape(o.shape[1], -1).sum(1))
+    return out
+
+
+def remove_heads(network, decision, threshold: float = 0.0):
+    r"""The decision with whole attention heads removed where :math:`\Delta F_h > ` ``threshold``
+    (:func:`head_evidence`): the head's value weights (or, where that side has more evidence,
+    its output columns) are masked, so :func:`~.compact.compact` deletes the head. Weights the
+    decision already removed stay removed. Returns a new :class:`~.rules.Decision` whose
+    ``group_scores`` hold ``<attention site>.heads`` -> :math:`\Delta F_h`."""
+    from dataclasses import replace
+
+    masks = {k: v.clone() for k, v in decision.masks.items()}
+    groups = dict(decision.group_scores)
+    for site, (v_sum, o_sum) in head_evidence(network, decision).items():
+        evidence = torch.maximum(v_sum, o_sum)
+        groups[f"{site}.heads"] = evidence
+        gone = evidence > threshold
+        by_v, by_o = gone & (v_sum >= o_sum), gone & (v_sum < o_sum)
+        masks[f"{site}.v.weight"][by_v] = False
+        masks[f"{site}.o.weight"][:, by_o] = False
+    return replace(decision, masks=masks, group_scores=groups,
+                   options={**decision.options, "heads_threshold": float(threshold)})
 
 
 def _sub(d: dict, prefix: str) -> dict:
