@@ -460,3 +460,35 @@ def test_remove_heads_by_group_evidence():
     assert remove_heads(net, decision, threshold=0.5).masks["attn.o.weight"].all()
     with pytest.raises(ValueError, match="head evidence sums per-weight delta F"):
         remove_heads(net, Decision("magnitude", decision.masks, scores, "magnitude", {}))
+
+
+@pytest.mark.slow
+def test_mixer_digits_map_then_iterative_bmr(tmp_path):
+    """A short version of bench/acceptance_vit.py (about 30 s on one core): the tiny Mixer learns
+    digits with MAP, and iterative BMR (Savage-Dickey every 2 epochs, posterior scales learning 3x
+    faster) removes most weights at a small cost; compact == masked, units reported per block."""
+    import yaml
+
+    from pyro_sparse.reduction.workflow import reduce_run
+    from pyro_sparse.runs import fit_run
+
+    def recipe(name, **changes):
+        data = yaml.safe_load(open(os.path.join(ROOT, "inference", f"{name}.yaml")))
+        data.update(changes)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return str(path)
+
+    model = os.path.join(ROOT, "models", "mixer_tiny_gaussian.yaml")
+    _, metrics = fit_run(model, recipe("map_transformer", epochs=8), "digits", str(tmp_path / "map"), progress=False)
+    assert metrics["test_accuracy"] >= 0.93
+    bmr = recipe("svi_bmr_iterative", epochs=16, kl_warmup_epochs=4, scale_lr_factor=3.0, eval_every=16,
+                 eval_samples=1, reduction={"method": "savage-dickey", "warmup_epochs": 6, "every": 2})
+    _, metrics = fit_run(model, bmr, "digits", str(tmp_path / "bmr"), progress=False)
+    assert metrics["bmr_sparsity"] >= 0.6
+    report = reduce_run(str(tmp_path / "bmr"), "savage-dickey", write=False)
+    assert report["sparsity"] >= 0.6 and report["test_accuracy_reduced"] >= 0.92
+    assert report["max_abs_logit_diff"] <= TOL
+    assert set(report["blocks"]) == {"block1", "block2"}
+    assert sum(report["units_removed_per_layer"][f"block{b}.{m}.fc1"] for b in (1, 2)
+               for m in ("token_mlp", "channel_mlp")) > 0
