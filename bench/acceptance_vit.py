@@ -58,7 +58,7 @@ def reduced(directory, method, map_accuracy):
     row["points_below_map"] = 100 * (map_accuracy - r["test_accuracy_reduced"])
     print(f"  {method}: removed {r['sparsity']:.4f} of {r['weights_total']} weights; accuracy dense "
           f"{r['test_accuracy_dense']:.4f}, compact {r['test_accuracy_reduced']:.4f} "
-          f"({row['points_below_map']:+.2f} points below MAP); max |compact - masked| "
+          f"({row['points_below_map']:.2f} points below MAP); max |compact - masked| "
           f"{r['max_abs_logit_diff']:.1e}; params {r['params_dense']} -> {r['params_compact']}, "
           f"FLOPs {r['flops_dense']} -> {r['flops_compact']}")
     print("\n".join("    " + line for line in format_blocks(r).splitlines()))
