@@ -255,3 +255,6 @@ def build_guide(name: str, model, **options) -> Guide:
     if name not in GUIDES:
         raise ValueError(f"unknown guide {name!r}; expected one of {sorted(GUIDES)}")
     return GUIDES[name](model, **options)
+
+
+from . import structured_guides  # noqa: E402,F401  (registers 'structured' and 'lowrank')
