@@ -238,7 +238,7 @@ class GroupLogUniform(Prior):
     paper's q(z) q(w | z) with q(w_ij | z_g) = N(z_g mu_ij, z_g^2 sigma_ij^2); the KL of w~ is
     Normal-Normal in closed form (the z_g cancel) and the KL of z is the Sparse VD
     approximation (Molchanov et al. 2017). A group is pruned where
-    ``log alpha_z = log sigma_z^2 - log mu_z^2`` exceeds a threshold (:meth:`keep_mask`).
+    ``log alpha_z = log sigma_z^2 - log mu_z^2`` exceeds a threshold (:meth:`keep_mask`, default 0).
 
     Local reparameterisation: z is sampled once per mini-batch (one draw shared by the batch,
     a simplification of the paper's per-example draw); given z the pre-activations are Gaussian,
@@ -274,9 +274,16 @@ class GroupLogUniform(Prior):
         loc, var = guide.site_posterior(self.z_site(site))
         return log_alpha(loc, var.sqrt())
 
+    #: default pruning threshold on log alpha_z: alpha = 1, i.e. the multiplicative noise on the
+    #: group is as large as its signal (a Gaussian-dropout rate above 1/2). Louizos et al. set the
+    #: thresholds per layer by hand; on the digits MLP the fitted log alpha_z form two clusters,
+    #: below about -1 and above about 5, and 0 separates them.
+    default_threshold = 0.0
+
     def keep_mask(self, site, guide, threshold=None):
-        """Keep the groups with ``log alpha_z <= threshold`` (default 3), broadcast to the weight."""
-        keep = self.group_log_alpha(site, guide) <= (3.0 if threshold is None else threshold)
+        """Keep the groups with ``log alpha_z <= threshold`` (default :attr:`default_threshold`),
+        broadcast to the weight."""
+        keep = self.group_log_alpha(site, guide) <= (self.default_threshold if threshold is None else threshold)
         loc, _ = guide.site_posterior(site)
         return keep.expand(loc.shape)
 
