@@ -140,3 +140,25 @@ def test_lowrank_options_are_checked():
         LowRankGuide(net.model, rank=0)
     with pytest.raises(ValueError, match="max_params"):
         LowRankGuide(net.model, max_params=-3)
+
+
+@pytest.mark.parametrize("guide,opts", [("structured", {}), ("lowrank", {"rank": 2, "max_params": 400})])
+def test_recipes_select_the_guides_and_runs_resume(tmp_path, guide, opts):
+    import yaml
+
+    from pyro_sparse.runs import fit_run, load_run
+
+    m, r = tmp_path / "m.yaml", tmp_path / "r.yaml"
+    m.write_text(yaml.safe_dump({"prior": {"type": "horseshoe", "tau0": 0.1, "group": "unit"},
+                                 "layers": [{"type": "linear", "out": 16}, {"type": "relu"},
+                                            {"type": "linear", "out": "auto"}]}))
+    r.write_text(yaml.safe_dump({"guide": guide, "guide_options": opts, "epochs": 2, "batch_size": 256,
+                                 "optimizer": {"name": "Adam", "lr": 0.01}, "eval_samples": 2}))
+    run, metrics = fit_run(str(m), str(r), "digits", str(tmp_path / "run"), progress=False)
+    assert type(run.guide).spec_name == guide and math.isfinite(metrics["test_nll"])
+    if guide == "lowrank":
+        assert list(run.guide.blocks) == ["fc2"]  # fc1 has 64*16 + 16 > 400 parameters
+    again = load_run(str(tmp_path / "run"))
+    for (k, a), (_, b) in zip(run.guide.state_dict().items(), again.guide.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert summarize(again.network, again.guide)["fc2.weight"].loc.shape == (10, 16)
