@@ -37,7 +37,7 @@ def _add_fit(sub):
     p = sub.add_parser("fit", help="fit a model spec with an inference recipe")
     p.add_argument("--model", required=True, help="model spec (models/*.yaml)")
     p.add_argument("--inference", required=True, help="inference recipe (inference/*.yaml)")
-    p.add_argument("--data", required=True, help="digits | mnist1d | sparse-regression | PATH.npz | PATH.csv | IDX dir")
+    p.add_argument("--data", required=True, help="digits | mnist1d | sparse-regression | PATH.npz | PATH.csv | PATH.txt | IDX dir")
     p.add_argument("--target", help="label column of a CSV file")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")

@@ -271,8 +271,14 @@ def load_idx_dir(directory) -> Dataset:
                    "classification", image_shape=(1, h, w), source=directory)
 
 
-def load_dataset(name_or_path: str, target: str | None = None, seed: int = 0) -> Dataset:
-    """A built-in data set by name, or a user's ``.npz`` / ``.csv`` file or IDX directory."""
+def load_dataset(name_or_path: str, target: str | None = None, seed: int = 0, options: dict | None = None) -> Dataset:
+    """A built-in data set by name, or a user's ``.npz`` / ``.csv`` / ``.txt`` file or IDX directory.
+
+    ``options`` (the model spec's ``data:`` section) configure a text corpus
+    (:func:`pyro_sparse.text.load_text`: sequence_length, valid_fraction, max_vocab).
+    """
+    if options and not str(name_or_path).endswith(".txt"):
+        raise DataError(f"{name_or_path}: the spec's data options {sorted(options)} apply only to .txt corpora")
     if name_or_path == "digits":
         return load_digits(seed=seed)
     if name_or_path == "mnist1d":
@@ -290,4 +296,8 @@ def load_dataset(name_or_path: str, target: str | None = None, seed: int = 0) ->
         return load_npz(path, seed=seed)
     if path.endswith(".csv"):
         return load_csv(path, target, seed=seed)
-    raise DataError(f"{path}: unknown data format; expected .npz, .csv or a directory of IDX files")
+    if path.endswith(".txt"):
+        from .text import load_text
+
+        return load_text(path, **(options or {}))
+    raise DataError(f"{path}: unknown data format; expected .npz, .csv, .txt or a directory of IDX files")

@@ -44,6 +44,10 @@ def evaluate(network, guide, x, y, num_samples=10, batch_size=2048) -> dict:
     Classification: accuracy of the predictive mean and NLL = -mean_n log (1/S) sum_s p(y_n | w_s).
     Regression: RMSE of the predictive mean and the same NLL.
     """
+    if network.likelihood.task == "sequence":  # language models: per-character figures and BPC
+        from .text import evaluate_sequences
+
+        return evaluate_sequences(network, guide, x, y, num_samples)
     if isinstance(guide, DeltaGuide):
         num_samples = 1
     lik = network.likelihood
@@ -245,7 +249,7 @@ class SVITrainer:
         last = dict(self.history[-1]) if self.history else {}
         if "test_nll" not in last:
             last.update(self.evaluate())
-        out = {k: last[k] for k in ("test_accuracy", "test_rmse", "test_nll") if k in last}
+        out = {k: last[k] for k in ("test_accuracy", "test_rmse", "test_nll", "test_bpc") if k in last}
         out.update({"epochs": self.epoch, "steps": self.steps, "train_seconds": self.train_seconds,
                     "step_ms": 1000 * self.train_seconds / max(self.steps, 1),
                     "n_weights": self.network.num_weights()})

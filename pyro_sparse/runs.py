@@ -103,7 +103,7 @@ def fit_run(model_path: str, recipe_path: str, data: str, out_dir: str, epochs=N
             recipe["seed"] = seed
         if device is not None:
             recipe["device"] = device
-    dataset = load_dataset(data, target=target, seed=0)
+    dataset = load_dataset(data, target=target, seed=0, options=model_spec.get("data"))
     network, guide = build(model_spec, recipe, dataset)
     run = Run(network, guide, dataset, model_spec, recipe, out_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -131,7 +131,7 @@ def load_run(directory: str, data: str | None = None, device="cpu") -> Run:
     recipe = load_recipe(os.path.join(directory, "inference.yaml"))
     recipe["device"] = device
     info = json.load(open(os.path.join(directory, "run.json")))
-    dataset = load_dataset(data or info["data"], target=info.get("target"), seed=0)
+    dataset = load_dataset(data or info["data"], target=info.get("target"), seed=0, options=model_spec.get("data"))
     if data is None and dataset.fingerprint() != info.get("data_fingerprint"):
         warnings.warn(f"{directory}: the data {info['data']!r} differ from the data this run was fitted on "
                       "(fingerprint mismatch)", stacklevel=2)

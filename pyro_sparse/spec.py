@@ -25,6 +25,7 @@ import os
 
 import yaml
 
+from . import recurrent, text  # noqa: F401  (register the recurrent layers and the sequence likelihood)
 from .errors import SpecError
 from .layers import LAYERS
 from .likelihoods import LIKELIHOODS
@@ -40,6 +41,7 @@ MODEL_FIELDS = {
     "bias_prior": Field("any", None, allow_none=True),
     "layers": Field("list"),
     "likelihood": Field("any", "categorical"),
+    "data": Field("dict", None, allow_none=True),  # loader options, e.g. a text corpus's (text.TEXT_FIELDS)
 }
 
 
@@ -155,6 +157,8 @@ def build_network(spec: dict, feature_shape, num_outputs: int, image_shape=None,
         cfg = dict(cfg)
         kind, name = cfg.pop("type"), cfg.pop("name", None)
         cls = LAYERS[kind]
+        if hasattr(cls, "resolve_auto"):  # e.g. num_tokens: auto -> the vocabulary
+            cfg = cls.resolve_auto(cfg, out_dim)
         if "prior" in cls.fields:
             cfg["prior"] = cfg.get("prior") or spec["prior"]
             cfg["bias_prior"] = cfg.get("bias_prior") or spec["bias_prior"]
@@ -166,9 +170,13 @@ def build_network(spec: dict, feature_shape, num_outputs: int, image_shape=None,
         except (ValueError, TypeError) as e:
             raise SpecError(f"{e} (input to this layer has shape {list(shape)})", source, f"layers[{i}]") from None
         layers.append((name, layer) if name else layer)
-    if tuple(shape) != (out_dim,):
+    try:
+        expected = tuple(likelihood.output_shape(num_outputs, tuple(shape)))
+    except ValueError as e:
+        raise SpecError(str(e), source, "likelihood") from None
+    if tuple(shape) != expected:
         raise SpecError(f"the network's output has shape {list(shape)} but the {spec['likelihood']['type']} "
-                        f"likelihood needs ({out_dim},) for this data", source,
+                        f"likelihood needs {expected} for this data", source,
                         f"layers[{last_parametric if last_parametric is not None else len(layers) - 1}].out")
     try:
         return BayesianNetwork(layers, likelihood, input_shape=input_shape)
