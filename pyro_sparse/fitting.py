@@ -148,6 +148,11 @@ class SVITrainer:
 
     # ------------------------------------------------------------------ training
     def kl_weight(self, epoch_float: float) -> float:
+        """beta_t: 0 for ``kl_free_epochs`` (pre-training on the data term), then a linear
+        rise to 1 over ``kl_warmup_epochs``."""
+        epoch_float -= self.recipe.get("kl_free_epochs", 0.0)
+        if epoch_float < 0:
+            return 0.0
         warm = self.recipe["kl_warmup_epochs"]
         return 1.0 if warm <= 0 else min(1.0, epoch_float / warm)
 
