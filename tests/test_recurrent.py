@@ -442,3 +442,31 @@ def test_char_lm_run_from_a_text_file_reports_bpc(tmp_path, root):
     unigram_bits = float(-(p * p.log2()).sum())
     assert metrics["test_bpc"] == pytest.approx(metrics["test_nll"] / math.log(2))
     assert metrics["test_bpc"] < 0.35 * unigram_bits  # measured 0.70 bits vs 3.98
+
+
+def test_site_keep_masks_rules():
+    loc = torch.tensor([[0.1, 2.0], [0.0, -1.0]])
+    precision = torch.tensor([[4.0, 4.0], [1.0, 100.0]])
+    summary = PosteriorSummary()
+    summary["l.weight_hh"] = SiteSummary("l", "weight_hh", loc, precision, torch.zeros(()), torch.ones(()), {},
+                                         torch.tensor([[4.0, -1.0], [3.0, 3.5]]))
+    summary["l.bias"] = SiteSummary("l", "bias", torch.zeros(2), torch.ones(2), torch.zeros(()), torch.ones(()), {})
+    assert set(site_keep_masks(summary)) == {"l.weight_hh"}  # biases are never pruned
+    assert site_keep_masks(summary)["l.weight_hh"].tolist() == [[False, True], [True, False]]
+    # Savage-Dickey with prior N(0, 1): dF = 0.5 ln(P) - 0.5 P mu^2, keep where dF <= 0
+    delta_f = 0.5 * precision.log() - 0.5 * precision * loc**2
+    assert torch.equal(site_keep_masks(summary, 0.0, "savage-dickey")["l.weight_hh"], delta_f <= 0)
+    with pytest.raises(ValueError, match="method"):
+        site_keep_masks(summary, method="magnitude")
+    summary["l.weight_hh"].log_alpha = None
+    with pytest.raises(ValueError, match="no log alpha"):
+        site_keep_masks(summary)
+
+
+def test_compact_with_every_neuron_removed():
+    w_ih, w_hh, b = torch.randn(8, 3), torch.randn(8, 2), torch.randn(8)
+    m = recurrent_masks("lstm", torch.ones(8, 3, dtype=torch.bool), torch.ones(8, 2, dtype=torch.bool),
+                        z_hidden=torch.zeros(2, dtype=torch.bool))
+    assert m.report()["hidden"] == (0, 2) and m.report()["weights"][0] == 0
+    out = compact_lstm(w_ih, w_hh, b, m, z_hidden=torch.ones(2))(torch.randn(4, 5, 3))
+    assert out.shape == (4, 5, 0)
