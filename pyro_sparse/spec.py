@@ -93,6 +93,8 @@ def parse_model_spec(data: dict, source: str | None = None) -> dict:
         if spec[key] is not None:
             spec[key] = parse_prior(spec[key], key, source)
     spec["likelihood"] = _typed(LIKELIHOODS, spec["likelihood"], "likelihood", source, "likelihood")
+    if spec["data"] is not None:  # the only data options so far are a text corpus's
+        spec["data"] = validate(text.TEXT_FIELDS, spec["data"], "data", source)
     if not spec["layers"]:
         raise SpecError("expected at least one layer", source, "layers")
     layers = []

@@ -470,3 +470,17 @@ def test_compact_with_every_neuron_removed():
     assert m.report()["hidden"] == (0, 2) and m.report()["weights"][0] == 0
     out = compact_lstm(w_ih, w_hh, b, m, z_hidden=torch.ones(2))(torch.randn(4, 5, 3))
     assert out.shape == (4, 5, 0)
+
+
+def test_spec_data_options_are_checked_before_anything_runs(tmp_path, root):
+    import yaml
+
+    from pyro_sparse.errors import SpecError
+
+    spec = yaml.safe_load(open(os.path.join(root, "models", "char_lm_wn.yaml")))
+    spec["data"]["sequence_length"] = 0
+    path = os.path.join(tmp_path, "bad.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(spec, f)
+    with pytest.raises(SpecError, match=r"data\.sequence_length"):
+        load_model_spec(path)
