@@ -2,7 +2,10 @@
 
 Writes go to a temporary file in the same directory, are flushed to disk and then renamed
 over the target (``os.replace`` is atomic on POSIX), so a crash leaves either the old or the
-new file, never a torn one; the previous good checkpoint is kept as ``<name>.prev``.
+new file, never a torn one; the previous good checkpoint is kept as ``<name>.prev``. The old
+file is *linked* (or copied) to ``.prev`` before the new one replaces it, so at every instant
+``<name>`` itself exists once it has been written: a SIGKILL at any point leaves a loadable
+checkpoint.
 Reads use ``torch.load(weights_only=True)``: a file from someone else cannot run code, and a
 crafted pickle is refused with :class:`~pyro_sparse.errors.CheckpointError`.
 """
@@ -11,11 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, PyroSparseError
 
 
 def _atomic_write(path: str, write):
@@ -34,10 +38,31 @@ def _atomic_write(path: str, write):
         raise
 
 
+def _keep_copy(path: str, copy_path: str):
+    """Atomically make ``copy_path`` a copy of ``path`` (a hard link where possible)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".tmp-link-{os.getpid()}-{os.path.basename(copy_path)}")
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    try:
+        os.link(path, tmp)
+    except OSError:  # file systems without hard links
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, copy_path)
+
+
 def save_atomic(obj, path: str, keep_previous: bool = True):
-    """``torch.save(obj)`` to ``path`` atomically; keep the old file as ``path + '.prev'``."""
+    """``torch.save(obj)`` to ``path`` atomically; keep the old file as ``path + '.prev'``.
+
+    Order of operations: (1) the current ``path`` is linked to ``path.prev`` (atomic replace),
+    (2) the new state is written to a temporary file and fsynced, (3) it is renamed over
+    ``path``. A crash between any two steps leaves ``path`` loadable (old or new) and
+    ``path.prev`` loadable. Pass ``keep_previous=False`` to leave ``path.prev`` untouched
+    (used after resuming from ``.prev`` because ``path`` was corrupt: the corrupt file must
+    not become the "previous good" one).
+    """
     if keep_previous and os.path.exists(path):
-        os.replace(path, path + ".prev")
+        _keep_copy(path, path + ".prev")
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -46,7 +71,7 @@ def write_text_atomic(path: str, text: str):
 
 
 def write_json_atomic(path: str, obj):
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def load_safe(path: str, map_location="cpu"):
@@ -61,3 +86,17 @@ def load_safe(path: str, map_location="cpu"):
             raise CheckpointError(f"{path}: refused: the file contains objects other than tensors and "
                                   f"plain containers, which could run code ({msg})") from None
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {msg})") from None
+
+
+def read_json(path: str, what: str = "file") -> dict:
+    """Read a JSON mapping written by this library; errors name the file instead of a traceback."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise PyroSparseError(f"{path}: missing {what}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise PyroSparseError(f"{path}: unreadable {what} ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise PyroSparseError(f"{path}: unreadable {what} (expected a JSON object, got {type(data).__name__})")
+    return data

@@ -1,17 +1,20 @@
 """Command-line interface: ``pyro-sparse <command> ...`` (also ``python -m pyro_sparse``).
 
 Errors caused by input (bad spec, data, flags, files) print one line naming the culprit and
-exit with status 2; ``--debug`` shows the traceback instead.
+exit with status 2; ``--debug`` shows the traceback instead. Library warnings
+(:class:`~pyro_sparse.errors.PyroSparseWarning`: a data fingerprint that differs from the
+run's, a resume from ``checkpoint.pt.prev``, a NaN recovery) print as one ``warning:`` line
+on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+import warnings
 
-from .errors import PyroSparseError
+from .errors import PyroSparseError, PyroSparseWarning
 
 COMMANDS = {}
 
@@ -35,9 +38,10 @@ def _print_metrics(metrics: dict, title: str):
 
 def _add_fit(sub):
     p = sub.add_parser("fit", help="fit a model spec with an inference recipe")
-    p.add_argument("--model", required=True, help="model spec (models/*.yaml)")
-    p.add_argument("--inference", required=True, help="inference recipe (inference/*.yaml)")
-    p.add_argument("--data", required=True, help="digits | mnist1d | sparse-regression | PATH.npz | PATH.csv | PATH.txt | IDX dir")
+    p.add_argument("--model", help="model spec (models/*.yaml); not needed with --resume")
+    p.add_argument("--inference", help="inference recipe (inference/*.yaml); not needed with --resume")
+    p.add_argument("--data", help="digits | mnist1d | sparse-regression | PATH.npz | PATH.csv | PATH.txt | IDX dir; "
+                   "not needed with --resume")
     p.add_argument("--target", help="label column of a CSV file")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
@@ -46,20 +50,31 @@ def _add_fit(sub):
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--distributed", action="store_true", default=None,
+                   help="data-parallel over the processes of a torchrun launch (the default when "
+                        "torchrun's WORLD_SIZE > 1); fails outside torchrun")
 
 
 @command("fit", "fit a model")
 def cmd_fit(args):
     from .runs import fit_run
 
+    missing = [f"--{k}" for k in ("model", "inference", "data") if getattr(args, k) is None]
+    if missing and not args.resume:
+        raise PyroSparseError(f"fit needs {', '.join(missing)} (or --resume to continue the run in --out)")
     for flag in ("epochs",):
         v = getattr(args, flag)
         if v is not None and v <= 0:
             raise PyroSparseError(f"--{flag} must be a positive integer, got {v}")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise PyroSparseError(f"--seed must be an integer in [0, 2**32), got {args.seed}")
     _, metrics = fit_run(args.model, args.inference, args.data, args.out, epochs=args.epochs, seed=args.seed,
                          device=args.device, resume=args.resume, overwrite=args.overwrite, target=args.target,
-                         progress=not args.no_progress)
-    _print_metrics(metrics, f"fitted {args.out}")
+                         progress=not args.no_progress, distributed=args.distributed)
+    from .distributed import env_rank
+
+    if env_rank() == 0:  # under torchrun only rank 0 prints
+        _print_metrics(metrics, f"fitted {args.out}")
     return 0
 
 
@@ -72,13 +87,17 @@ def _add_evaluate(sub):
 
 @command("evaluate", "evaluate a run")
 def cmd_evaluate(args):
+    from .checkpoint import read_json
     from .runs import load_run
 
+    if args.samples is not None and args.samples <= 0:
+        raise PyroSparseError(f"--samples must be a positive integer, got {args.samples}")
     path = os.path.join(args.dir, "metrics.json")
     if args.data is None and args.samples is None and os.path.exists(path):
-        with open(path) as f:
-            _print_metrics(json.load(f), f"run {args.dir}")
-        return 0
+        metrics = read_json(path, "metrics file")
+        if metrics:
+            _print_metrics(metrics, f"run {args.dir}")
+            return 0
     run = load_run(args.dir, data=args.data)
     metrics = run.trainer.evaluate(args.samples)
     _print_metrics(metrics, f"run {args.dir} on {args.data or 'its own data'}")
@@ -97,16 +116,96 @@ def build_parser():
 ADDERS = [_add_fit, _add_evaluate]
 
 
+def _add_report(sub):
+    p = sub.add_parser("report", help="ArviZ posterior, reduced models, plots and report.md for a run")
+    p.add_argument("dir", help="run directory")
+    p.add_argument("--samples", type=int, default=100, help="posterior draws (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    p.add_argument("--threads", type=int, help="torch CPU threads (small networks: 1 is fastest)")
+
+
+@command("report", "write a run report")
+def cmd_report(args):
+    from .report import write_report
+
+    if not 0 <= args.seed < 2**32:
+        raise PyroSparseError(f"--seed must be an integer in [0, 2**32), got {args.seed}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise PyroSparseError(f"--threads must be a positive integer, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    write_report(args.dir, num_samples=args.samples, seed=args.seed)
+    print(f"wrote {os.path.join(args.dir, 'report.md')}")
+    return 0
+
+
+def _add_compare(sub):
+    p = sub.add_parser("compare", help="rank runs by PSIS-LOO (az.compare) next to accuracy, sparsity and size")
+    p.add_argument("entries", nargs="+", help="run directories, DIR:RULE for a reduced model of a report, or .nc files")
+    p.add_argument("--samples", type=int, default=100, help="draws for runs without posterior.nc")
+    p.add_argument("--out", help="also write the table here (.md, or .csv)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+
+@command("compare", "compare runs")
+def cmd_compare(args):
+    from .report import compare_entries, markdown_table, text_table
+
+    if args.samples < 2:
+        raise PyroSparseError(f"--samples must be an integer >= 2, got {args.samples}")
+    if args.out and os.path.exists(args.out) and not (args.overwrite and os.path.isfile(args.out)):
+        raise PyroSparseError(f"{args.out}: exists; use --overwrite to replace it" if os.path.isfile(args.out)
+                              else f"{args.out}: exists and is not a file")
+    rows = compare_entries(args.entries, num_samples=args.samples)
+    print(text_table(rows))
+    if args.out:
+        if args.out.endswith(".csv"):
+            import csv
+
+            with open(args.out, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        else:
+            with open(args.out, "w") as f:
+                f.write("# Model comparison (PSIS-LOO, az.compare) with accuracy, sparsity and size\n\n")
+                f.write(markdown_table(rows) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+ADDERS.extend([_add_report, _add_compare])
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return COMMANDS[args.command][0](args)
-    except PyroSparseError as e:
-        if args.debug:
-            raise
-        print(f"pyro-sparse {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; resume with --resume", file=sys.stderr)
-        return 130
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PyroSparseWarning):
+            print(f"pyro-sparse {args.command}: warning: {message}", file=sys.stderr)
+        else:
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", PyroSparseWarning)
+        warnings.showwarning = show
+        try:
+            return COMMANDS[args.command][0](args)
+        except PyroSparseError as e:
+            if args.debug:
+                raise
+            print(f"pyro-sparse {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # unwritable --out, full disk, ...: the environment, not a bug
+            if args.debug:
+                raise
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            print(f"pyro-sparse {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted; resume with --resume", file=sys.stderr)
+            return 130

@@ -30,6 +30,9 @@ import torch
 from .errors import DataError
 
 BUILTIN = ("digits", "mnist1d", "sparse-regression")
+#: most classes a label vector may imply (labels are class indices 0..K-1)
+MAX_CLASSES = 100_000
+_NUMERIC_KINDS = "biuf"  # bool, signed/unsigned int, float (not complex, time, text, object)
 
 
 @dataclass
@@ -41,10 +44,29 @@ class Dataset:
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
-    task: str  # "classification" | "regression"
+    task: str  # "classification" | "regression" | "sequence" (next-token targets per position, pyro_sparse.text)
     num_outputs: int  # classes, or regression targets
     image_shape: tuple | None = None
     extras: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for key in ("x_train", "y_train", "x_test", "y_test"):
+            t = getattr(self, key)
+            if not torch.is_tensor(t) or t.dim() == 0 or len(t) == 0:
+                raise DataError(f"{self.name}: {key} must be a non-empty tensor with one row per example, "
+                                f"got {type(t).__name__}{tuple(t.shape) if torch.is_tensor(t) else ''}")
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if len(x) != len(y):
+                raise DataError(f"{self.name}: x_{split} has {len(x)} rows but y_{split} has {len(y)}")
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+            raise DataError(f"{self.name}: x_train rows have shape {tuple(self.x_train.shape[1:])} but x_test rows "
+                            f"{tuple(self.x_test.shape[1:])}")
+        if self.task not in ("classification", "regression", "sequence"):
+            raise DataError(f"{self.name}: task must be 'classification', 'regression' or 'sequence', "
+                            f"got {self.task!r}")
+        if isinstance(self.num_outputs, bool) or not isinstance(self.num_outputs, int) or self.num_outputs < 1:
+            raise DataError(f"{self.name}: num_outputs must be a positive integer, got {self.num_outputs!r}")
 
     @property
     def feature_shape(self) -> tuple:
@@ -78,13 +100,26 @@ def _finish(name, x_train, y_train, x_test, y_test, task, num_outputs=None, imag
     src = source or name
     arrays = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
     for key, a in arrays.items():
+        a = np.asarray(a)
+        if a.ndim == 0:
+            raise DataError(f"{src}: {key} must be an array with one row per example, got a scalar")
         if a.size == 0 or len(a) == 0:
-            raise DataError(f"{src}: {key} is empty")
-        if not np.issubdtype(a.dtype, np.number) and a.dtype != bool:
-            raise DataError(f"{src}: {key} must be numeric, got dtype {a.dtype}")
-        if not np.all(np.isfinite(a.astype(np.float64))):
-            bad = int(np.sum(~np.isfinite(a.astype(np.float64))))
-            raise DataError(f"{src}: {key} contains {bad} NaN or infinite value(s)")
+            raise DataError(f"{src}: {key} is empty (shape {a.shape})")
+        if a.dtype.kind not in _NUMERIC_KINDS:
+            raise DataError(f"{src}: {key} must be numeric (bool, integer or float), got dtype {a.dtype}")
+        finite = np.isfinite(a.astype(np.float64))
+        if not np.all(finite):
+            raise DataError(f"{src}: {key} contains {int(np.sum(~finite))} NaN or infinite value(s)")
+        if key.startswith("x") or task != "classification":
+            big = np.abs(a.astype(np.float64)) > np.finfo(np.float32).max
+            if np.any(big):
+                raise DataError(f"{src}: {key} has {int(np.sum(big))} value(s) too large for float32 "
+                                f"(|v| > {np.finfo(np.float32).max:.3g})")
+        arrays[key] = a
+    x_train, y_train, x_test, y_test = (arrays[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+    if x_train.ndim == 1 and x_test.ndim == 1:  # one feature per example
+        x_train, x_test = x_train[:, None], x_test[:, None]
+        arrays["x_train"], arrays["x_test"] = x_train, x_test
     for split in ("train", "test"):
         if len(arrays[f"x_{split}"]) != len(arrays[f"y_{split}"]):
             raise DataError(f"{src}: x_{split} has {len(arrays[f'x_{split}'])} rows but y_{split} has "
@@ -104,6 +139,9 @@ def _finish(name, x_train, y_train, x_test, y_test, task, num_outputs=None, imag
             if y.min() < 0 or y.max() >= classes:
                 raise DataError(f"{src}: {key} has labels outside 0..{classes - 1} "
                                 f"(found {int(y.min())}..{int(y.max())})")
+        if classes > MAX_CLASSES:
+            raise DataError(f"{src}: labels up to {classes - 1} imply {classes} classes (at most {MAX_CLASSES}); "
+                            "class labels must be indices 0..K-1, and real-valued targets need a float dtype")
         to_y = lambda y: torch.as_tensor(np.asarray(y, dtype=np.int64))  # noqa: E731
         num_outputs = classes
     else:
@@ -163,12 +201,17 @@ def load_npz(path, test_fraction=0.2, seed=0) -> Dataset:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except ValueError as e:
-        raise DataError(f"{path}: cannot read as .npz without pickles ({e})") from None
-    except Exception as e:  # zipfile.BadZipFile, OSError, EOFError
-        raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+        raise DataError(f"{path}: cannot read as .npz without pickles ({str(e)[:200]})") from None
+    except Exception as e:  # zipfile.BadZipFile, OSError, EOFError, zlib.error, AttributeError (a .npy)
+        raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {str(e)[:200]})") from None
     for key in ("x_train", "y_train"):
         if key not in arrays:
             raise DataError(f"{path}: missing array {key!r} (found {sorted(arrays)})")
+    for key in ("x_train", "y_train", "x_test", "y_test"):
+        if key in arrays and arrays[key].ndim == 0:
+            raise DataError(f"{path}: {key} must be an array with one row per example, got a scalar")
+        if key in arrays and arrays[key].dtype.kind not in _NUMERIC_KINDS:
+            raise DataError(f"{path}: {key} must be numeric (bool, integer or float), got dtype {arrays[key].dtype}")
     has_test = "x_test" in arrays or "y_test" in arrays
     if has_test and not ("x_test" in arrays and "y_test" in arrays):
         raise DataError(f"{path}: give both x_test and y_test, or neither")
@@ -184,15 +227,31 @@ def load_npz(path, test_fraction=0.2, seed=0) -> Dataset:
         if len(x) < 2:
             raise DataError(f"{path}: need at least 2 rows to split off a test set")
         x_train, x_test, y_train, y_test = _split(x, y, test_fraction, seed, stratify=False)
-    num_classes = int(arrays["num_classes"]) if "num_classes" in arrays else None
+    num_classes = None
+    if "num_classes" in arrays:
+        k = arrays["num_classes"]
+        if k.size != 1 or k.dtype.kind not in "iu" or not 1 <= int(k.reshape(-1)[0]) <= MAX_CLASSES:
+            raise DataError(f"{path}: num_classes must be one integer in 1..{MAX_CLASSES}, got "
+                            f"{np.array2string(k.reshape(-1)[:5])} (dtype {k.dtype})")
+        num_classes = int(k.reshape(-1)[0])
+        if task != "classification":
+            raise DataError(f"{path}: num_classes is given but y_train has real-valued dtype {y.dtype}; "
+                            "class labels need an integer dtype")
     return _finish(os.path.basename(path), x_train, y_train, x_test, y_test, task, num_classes, source=path)
 
 
 def load_csv(path, target, test_fraction=0.2, seed=0) -> Dataset:
     if not target:
         raise DataError(f"{path}: a CSV needs --target naming the label column")
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: malformed CSV ({e})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     rows = [r for r in rows if any(c.strip() for c in r)]
     if not rows:
         raise DataError(f"{path}: the file is empty")
@@ -210,6 +269,10 @@ def load_csv(path, target, test_fraction=0.2, seed=0) -> Dataset:
                 values[i, j] = float(cell)
             except ValueError:
                 raise DataError(f"{path}: line {i + 2}, column {header[j]!r}: not a number: {cell!r}") from None
+    if header.count(target) > 1:
+        raise DataError(f"{path}: the header names the column {target!r} {header.count(target)} times")
+    if len(header) < 2:
+        raise DataError(f"{path}: no feature columns besides the target {target!r}")
     t = header.index(target)
     y = values[:, t]
     x = np.delete(values, t, axis=1)
@@ -233,8 +296,8 @@ def read_idx(path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot read IDX file ({e})") from None
+    except Exception as e:  # OSError (incl. BadGzipFile), EOFError (truncated gzip), zlib.error
+        raise DataError(f"{path}: cannot read IDX file ({type(e).__name__}: {e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path}: not an IDX file (bad magic number)")
     ndim = raw[3]
@@ -265,6 +328,10 @@ def load_idx_dir(directory) -> Dataset:
         if images.ndim != 3 or labels.ndim != 1:
             raise DataError(f"{directory}: {prefix} images must be 3-D and labels 1-D, got "
                             f"{images.shape} and {labels.shape}")
+        if images.size == 0 or labels.size == 0:
+            raise DataError(f"{directory}: {prefix} images or labels are empty ({images.shape}, {labels.shape})")
+        if labels.dtype.kind not in "iu":
+            raise DataError(f"{directory}: {prefix} labels must be integers, got IDX type {labels.dtype}")
         parts[split] = (images.reshape(len(images), -1).astype(np.float32) / 255.0, labels.astype(np.int64))
     h, w = read_idx(_find_idx(directory, "t10k-images-idx3-ubyte")).shape[1:]
     return _finish(os.path.basename(os.path.normpath(directory)), *parts["train"], *parts["test"],
@@ -277,7 +344,14 @@ def load_dataset(name_or_path: str, target: str | None = None, seed: int = 0, op
     ``options`` (the model spec's ``data:`` section) configure a text corpus
     (:func:`pyro_sparse.text.load_text`: sequence_length, valid_fraction, max_vocab).
     """
-    if options and not str(name_or_path).endswith(".txt"):
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise DataError(f"load_dataset: expected a data set name or a path, got {name_or_path!r}")
+    if target is not None and not isinstance(target, str):
+        raise DataError(f"load_dataset: target must be a column name, got {target!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise DataError(f"load_dataset: seed must be an integer in [0, 2**32), got {seed!r}")
+    name_or_path = os.fspath(name_or_path)
+    if options and not name_or_path.endswith(".txt"):
         raise DataError(f"{name_or_path}: the spec's data options {sorted(options)} apply only to .txt corpora")
     if name_or_path == "digits":
         return load_digits(seed=seed)

@@ -28,3 +28,9 @@ class DataError(PyroSparseError, ValueError):
 
 class CheckpointError(PyroSparseError):
     """A checkpoint or saved model cannot be read safely."""
+
+
+class PyroSparseWarning(UserWarning):
+    """Something the user should know but that does not stop the run (e.g. a data fingerprint
+    that differs from the one a run was fitted on, or a resume from ``checkpoint.pt.prev``).
+    The CLI prints these as one ``warning:`` line on stderr."""

@@ -10,6 +10,26 @@ with the loss from :class:`~pyro_sparse.elbo.MeanFieldELBO` (analytic KL, local
 reparameterisation) and beta_t the KL warm-up. Each epoch it evaluates the posterior predictive
 on held-out data, appends to ``metrics.jsonl`` and writes an atomic checkpoint from which
 ``resume`` continues bit-for-bit (the RNG states are part of it).
+
+Inside a ``torch.distributed`` process group (``torchrun``) the same trainer runs data-parallel:
+each rank takes its shard of every epoch's permutation, ``batch_size`` is the global batch
+(``ceil(batch_size / W)`` rows per rank), gradients are averaged over the ranks after
+``backward`` (which makes the step the single-process step on the union batch; see
+:mod:`pyro_sparse.distributed`), evaluation runs on rank 0 and only rank 0 writes files.
+
+Numerical faults. Every step checks that the loss and the gradient norm are finite *before*
+the optimiser applies the update. On the CPU the check reads the flag at once (a cheap
+host read) and stops at the faulty step. On an accelerator the flag and the index of the
+first faulty step stay on the device and are read with the epoch's loss (one host sync
+per epoch, as without the check). Either way the fault is reported with its global step,
+epoch and batch; the trainer restores the last good checkpoint (from disk when this trainer
+has written or resumed one, else from memory), multiplies the learning rate by
+``nan_lr_factor`` (recipe, default 0.5) and repeats the epoch with a fresh Monte Carlo draw.
+After ``nan_retries`` (default 3) consecutive failed attempts it stops with
+:class:`NumericalError`. The guide keeps every ``log sigma`` in ``[LOG_SCALE_MIN,
+LOG_SCALE_MAX]`` = [-12, 4] (:mod:`pyro_sparse.guides`) and ``log alpha`` is clamped to
+[-20, 20] (:mod:`pyro_sparse.distributions`), so variances can neither underflow to 0 nor
+overflow.
 """
 
 from __future__ import annotations
@@ -19,22 +39,69 @@ import json
 import math
 import os
 import time
+import warnings
 
 import pyro
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import load_safe, save_atomic, write_text_atomic
+from .data import Dataset
 from .elbo import MeanFieldELBO
-from .errors import PyroSparseError
+from .errors import CheckpointError, DataError, PyroSparseError, PyroSparseWarning, SpecError
 from .guides import DeltaGuide
-from .recipe import make_optimizer, make_scheduler
+from .recipe import RECIPE_FIELDS, check_device, make_optimizer, make_scheduler, parse_recipe
 
 CHECKPOINT = "checkpoint.pt"
 
 
 class NumericalError(PyroSparseError):
     """Training produced NaN/inf and did not recover within the allowed retries."""
+
+
+class NonFiniteStep(FloatingPointError):
+    """A NaN/inf loss or gradient at one optimisation step (caught and recovered by ``fit``).
+
+    ``text`` replaces the standard message, e.g. for a fault a trainer could only see at the
+    end of an epoch (a plain ``FloatingPointError`` raised by a subclass's ``train_epoch``)."""
+
+    def __init__(self, what: str, step: int, epoch: int, batch: int, batches: int, text: str | None = None):
+        self.what, self.step, self.epoch, self.batch = what, step, epoch, batch
+        super().__init__(text or f"non-finite {what} at step {step} (epoch {epoch}, batch {batch} of {batches})")
+
+
+def check_compatible(network, dataset):
+    """Raise :class:`DataError` if ``dataset`` cannot feed ``network`` (task, input size)."""
+    lik = getattr(network, "likelihood", None)
+    task = getattr(lik, "task", None)
+    kind = getattr(lik, "spec_name", type(lik).__name__)
+    if (task == "sequence") != (dataset.task == "sequence"):
+        raise DataError(f"{dataset.name}: the {kind} likelihood {'needs' if task == 'sequence' else 'cannot take'} "
+                        "sequence data (a text corpus, targets at every position); a language model uses "
+                        "likelihood: sequence_categorical")
+    if task == "regression" and dataset.task != "regression":
+        raise DataError(f"{dataset.name}: the {kind} likelihood needs real-valued targets but the data have "
+                        f"class labels; use likelihood: categorical (or bernoulli)")
+    if task in ("classification", "binary") and dataset.task != "classification":
+        raise DataError(f"{dataset.name}: the {kind} likelihood needs class labels but the data have "
+                        f"real-valued targets; use likelihood: gaussian")
+    if task == "binary" and dataset.num_outputs > 2:
+        raise DataError(f"{dataset.name}: the bernoulli likelihood needs labels 0/1 but the data have "
+                        f"{dataset.num_outputs} classes; use likelihood: categorical")
+    shape = getattr(network, "input_shape", None)
+    if shape is not None and math.prod(shape) != math.prod(dataset.feature_shape):
+        raise DataError(f"{dataset.name}: examples have shape {list(dataset.feature_shape)} but the network "
+                        f"takes input_shape {list(shape)}")
+
+
+def _as_recipe(recipe) -> dict:
+    """A parsed recipe: plain mappings from the Python API are validated like a YAML file."""
+    if not isinstance(recipe, dict):
+        raise SpecError(f"expected a recipe mapping (see parse_recipe), got {recipe!r}", None, "recipe")
+    if all(key in recipe for key in RECIPE_FIELDS):
+        return recipe
+    return parse_recipe(recipe, "<recipe>")
 
 
 @torch.no_grad()
@@ -44,6 +111,9 @@ def evaluate(network, guide, x, y, num_samples=10, batch_size=2048) -> dict:
     Classification: accuracy of the predictive mean and NLL = -mean_n log (1/S) sum_s p(y_n | w_s).
     Regression: RMSE of the predictive mean and the same NLL.
     """
+    for name, v in (("num_samples", num_samples), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"evaluate: {name} must be a positive integer, got {v!r}")
     if network.likelihood.task == "sequence":  # language models: per-character figures and BPC
         from .text import evaluate_sequences
 
@@ -81,29 +151,64 @@ class SVITrainer:
         progress: show a tqdm bar.
     """
 
+    # Defaults for trainers that subclass without calling __init__ (see spam.LaplaceTrainer).
+    recoveries: tuple | list = ()
+    check_each_step = True
+    _on_disk = _resumed_from_prev = False
+    _batch, _ok, _last_fault = 0, None, None
+
     def __init__(self, network, guide, dataset, recipe, out_dir=None, progress=True):
+        if not isinstance(dataset, Dataset):
+            raise DataError(f"SVITrainer: dataset must be a pyro_sparse.data.Dataset, got {type(dataset).__name__}")
+        for name, obj in (("network", network), ("guide", guide)):
+            if not (isinstance(obj, torch.nn.Module) and callable(getattr(obj, "setup" if name == "guide"
+                                                                            else "model", None))):
+                raise SpecError(f"expected a pyro_sparse {name}, got {type(obj).__name__}", None,
+                                f"SVITrainer.{name}")
+        if out_dir is not None and not isinstance(out_dir, (str, os.PathLike)):
+            raise SpecError(f"expected a directory path or None, got {out_dir!r}", None, "SVITrainer.out_dir")
+        recipe = _as_recipe(recipe)
+        check_compatible(network, dataset)
         self.network, self.guide, self.data, self.recipe = network, guide, dataset, recipe
-        self.out_dir, self.progress = out_dir, progress
-        self.device = torch.device(recipe["device"])
+        self.out_dir, self.progress = (os.fspath(out_dir) if out_dir is not None else None), progress
+        self.device = check_device(recipe["device"])
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        if self.world > 1:
+            self.device = distributed.rank_device(self.device)
+            self.progress = progress and distributed.is_main_process()
         if recipe.get("num_threads"):
             torch.set_num_threads(recipe["num_threads"])
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise PyroSparseError(f"device {recipe['device']!r} requested but CUDA is not available")
         self.data.to(self.device)
         self.network.to(self.device)
         self.num_train = len(self.data.x_train)
-        self.batch_size = min(recipe["batch_size"], self.num_train)
-        self.steps_per_epoch = math.ceil(self.num_train / self.batch_size)
-        self.guide.setup(self.data.x_train[: self.batch_size], self.data.y_train[: self.batch_size],
-                         dataset_size=self.num_train)
+        # rows per epoch and per step on this rank (all of them when not distributed)
+        self.num_local = math.ceil(self.num_train / self.world)
+        self.batch_size = min(math.ceil(recipe["batch_size"] / self.world), self.num_local)
+        self.steps_per_epoch = math.ceil(self.num_local / self.batch_size)
+        try:
+            self.guide.setup(self.data.x_train[: self.batch_size], self.data.y_train[: self.batch_size],
+                             dataset_size=self.num_train)
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            if isinstance(e, PyroSparseError):
+                raise
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"{dataset.name}: the network cannot run on these data ({msg})") from None
         self.guide.to(self.device)
+        if self.world > 1:
+            distributed.broadcast_parameters(self.guide.parameters())
         self.elbo = MeanFieldELBO(local_reparam=recipe["local_reparam"])
         self.optimizer = make_optimizer(self.guide.parameters(), recipe["optimizer"])
         self.scheduler = make_scheduler(self.optimizer, recipe["schedule"], recipe["epochs"])
         self.generator = torch.Generator().manual_seed(recipe["seed"])
         self.epoch, self.steps, self.train_seconds = 0, 0, 0.0
         self.history: list[dict] = []
-        self._good_state = None
+        self.recoveries: list[dict] = []  # one entry per numerical fault survived
+        #: check finiteness on the host at every step (CPU); else a device flag read once per epoch
+        self.check_each_step = self.device.type == "cpu"
+        self._good_state = None  # in-memory copy of the last good state, while none is on disk
+        self._on_disk = False  # this trainer wrote or resumed checkpoint.pt: restore from there
+        self._resumed_from_prev = False  # checkpoint.pt was corrupt: do not rotate it into .prev
+        self._batch, self._ok = 0, None  # the step's batch index and finiteness flag (see _step)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -112,7 +217,7 @@ class SVITrainer:
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                 "rng_torch": torch.get_rng_state(), "rng_generator": self.generator.get_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
-                "history": self.history}
+                "history": self.history, "recoveries": self.recoveries}
 
     def load_state_dict(self, state: dict):
         self.guide.load_state_dict(state["guide"])
@@ -125,26 +230,56 @@ class SVITrainer:
         if state.get("rng_cuda"):
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.history = list(state["history"])
+        self.recoveries = list(state.get("recoveries", []))
 
     def checkpoint_path(self):
         return os.path.join(self.out_dir, CHECKPOINT) if self.out_dir else None
 
+    def _write_history(self):
+        write_text_atomic(os.path.join(self.out_dir, "metrics.jsonl"),
+                          "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history))
+
     def save(self):
-        if self.out_dir:
-            save_atomic(self.state_dict(), self.checkpoint_path())
-            write_text_atomic(os.path.join(self.out_dir, "metrics.jsonl"),
-                              "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history))
+        if self.out_dir and distributed.is_main_process():
+            save_atomic(self.state_dict(), self.checkpoint_path(), keep_previous=not self._resumed_from_prev)
+            self._resumed_from_prev, self._on_disk, self._good_state = False, True, None
+            self._write_history()
+
+    def _load_checked(self, path):
+        """Load and apply one checkpoint file; CheckpointError if unreadable or for another model."""
+        state = load_safe(path, map_location=self.device)
+        required = ("epoch", "steps", "history")  # the rest is the trainer's load_state_dict's business
+        if not isinstance(state, dict) or state.get("format") != 1 or any(k not in state for k in required):
+            raise CheckpointError(f"{path}: not a pyro-sparse training checkpoint (format 1)")
+        try:
+            self.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{path}: does not match this model and recipe ({msg})") from None
+        return state
 
     def resume(self):
-        """Continue from ``out_dir``'s checkpoint (falls back to the previous one if corrupt)."""
+        """Continue from ``out_dir``'s checkpoint; if it is corrupt, from ``checkpoint.pt.prev``
+        (with a :class:`~pyro_sparse.errors.PyroSparseWarning`). Raises CheckpointError when
+        neither can be loaded safely."""
         path = self.checkpoint_path()
+        if path is None:
+            raise PyroSparseError("resume needs the trainer's out_dir")
         try:
-            state = load_safe(path, map_location=self.device)
-        except PyroSparseError:
-            if not os.path.exists(path + ".prev"):
+            self._load_checked(path)
+            self._resumed_from_prev = False
+        except PyroSparseError as first:
+            prev = path + ".prev"
+            if not os.path.exists(prev):
                 raise
-            state = load_safe(path + ".prev", map_location=self.device)
-        self.load_state_dict(state)
+            try:
+                state = self._load_checked(prev)
+            except PyroSparseError as second:
+                raise CheckpointError(f"{first}; the previous checkpoint is unusable too: {second}") from None
+            warnings.warn(f"{first}; continuing from the previous good checkpoint {prev} "
+                          f"(epoch {state['epoch']})", PyroSparseWarning, stacklevel=2)
+            self._resumed_from_prev = True
+        self._on_disk, self._good_state = True, None
 
     # ------------------------------------------------------------------ training
     def kl_weight(self, epoch_float: float) -> float:
@@ -156,99 +291,176 @@ class SVITrainer:
         warm = self.recipe["kl_warmup_epochs"]
         return 1.0 if warm <= 0 else min(1.0, epoch_float / warm)
 
+    def _fault(self, what, b):
+        return NonFiniteStep(what, self.steps + b + 1, self.epoch + 1, b + 1, self.steps_per_epoch)
+
+    def _nonfinite_what(self, loss):
+        """Name what went non-finite at this step (only called once a fault is known)."""
+        if not torch.isfinite(loss).all():
+            return "loss"
+        for name, p in self.guide.named_parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                return f"gradient of {name}"
+        return "gradient"
+
     def _step(self, idx, beta):
+        """One SVI step; returns the (detached) loss. Sets ``self._ok``, a device tensor that is
+        False when the loss or the gradient norm is NaN/inf; with ``check_each_step`` such a
+        fault raises :class:`NonFiniteStep` before the optimiser applies the update."""
         x, y = self.data.x_train[idx], self.data.y_train[idx]
         self.elbo.kl_weight = beta
         loss = self.elbo.differentiable_loss(self.network.model, self.guide, x, y,
                                              dataset_size=self.num_train, subsample=idx)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.world > 1:
+            distributed.average_gradients(self.guide.parameters())
+        params = [p for p in self.guide.parameters() if p.grad is not None]
         if self.recipe["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(self.guide.parameters(), self.recipe["grad_clip"])
+            norm = torch.nn.utils.clip_grad_norm_(params, self.recipe["grad_clip"])
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        loss = loss.detach()
+        # Data-parallel: the averaged gradient (so its norm) is the same on every rank, the local
+        # loss is not; deciding on the norm alone keeps the ranks in step (a non-finite loss
+        # still shows in the all-reduced epoch loss).
+        ok = torch.isfinite(norm) if self.world > 1 else torch.isfinite(loss) & torch.isfinite(norm)
+        if self.check_each_step and not ok:  # host read: cheap on the CPU
+            raise self._fault(self._nonfinite_what(loss), self._batch)
         self.optimizer.step()
-        return loss.detach()
+        self._ok = ok
+        return loss
 
     def train_epoch(self):
-        """One pass over the training data in a random order; returns the epoch's figures."""
-        perm = torch.randperm(self.num_train, generator=self.generator).to(self.device)
+        """One pass over the training data in a random order; returns the epoch's figures.
+
+        Raises :class:`NonFiniteStep` naming the first faulty step of the epoch."""
+        perm = torch.randperm(self.num_train, generator=self.generator)
+        if self.world > 1:
+            perm = distributed.shard(perm)  # same permutation on every rank; rank r takes r::W
+        perm = perm.to(self.device)
         total = torch.zeros((), device=self.device)
+        first_bad = torch.full((), -1.0, device=self.device)  # index of the first faulty batch, on device
         start = time.perf_counter()
         for b in range(self.steps_per_epoch):
             idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
             beta = self.kl_weight(self.epoch + b / self.steps_per_epoch)
+            self._batch, self._ok = b, None
             total = total + self._step(idx, beta)
-        total = total.item()  # one host sync per epoch
+            if not self.check_each_step and self._ok is not None:  # no host sync: read with the loss below
+                first_bad = torch.where((first_bad < 0) & ~self._ok, float(b), first_bad)
+        if self.world > 1:
+            total = distributed.all_reduce_sum(total) / self.world  # the global estimate, on every rank
+        total, first = torch.stack([total, first_bad.to(total.dtype)]).tolist()  # one host sync per epoch
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        if not math.isfinite(total):
-            raise FloatingPointError("non-finite loss")
-        for p in self.guide.parameters():
+        if first >= 0:
+            raise self._fault("loss or gradient", int(first))
+        if not math.isfinite(total):  # e.g. another rank's local loss; the step is not known here
+            raise self._fault("epoch loss (a step's loss was NaN/inf)", self.steps_per_epoch - 1)
+        for name, p in self.guide.named_parameters():
             if not torch.isfinite(p).all():
-                raise FloatingPointError("non-finite parameter")
+                raise NonFiniteStep(f"parameter {name}", self.steps + self.steps_per_epoch, self.epoch + 1,
+                                    self.steps_per_epoch, self.steps_per_epoch)
         return {"loss": total / self.steps_per_epoch, "seconds": seconds}
 
     def evaluate(self, num_samples=None):
-        return evaluate(self.network, self.guide, self.data.x_test, self.data.y_test,
-                        num_samples or self.recipe["eval_samples"])
+        args = (self.network, self.guide, self.data.x_test, self.data.y_test,
+                num_samples or self.recipe["eval_samples"])
+        return evaluate(*args) if self.world == 1 else distributed.on_main(evaluate, *args)
+
+    def _restore_last_good(self) -> str:
+        """Load the last good state: this run's checkpoint on disk, else the in-memory copy."""
+        if self._on_disk:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", PyroSparseWarning)  # already reported on resume
+                self.resume()
+            return f"checkpoint {self.checkpoint_path()} (epoch {self.epoch})"
+        self.load_state_dict(copy.deepcopy(self._good_state))
+        return f"the in-memory state of epoch {self.epoch}"
 
     def _recover(self, retries):
-        """Restore the last good state and lower the learning rate after a numerical fault."""
-        if retries >= self.recipe["nan_retries"]:
+        """After a numerical fault (``self._last_fault``, set by ``fit``): restore the last good
+        state and lower the learning rate; NumericalError once ``retries`` reaches ``nan_retries``."""
+        fault = self._last_fault or NonFiniteStep("value", self.steps, self.epoch + 1, 0, self.steps_per_epoch,
+                                                  f"non-finite value in epoch {self.epoch + 1}")
+        factor, allowed = self.recipe["nan_lr_factor"], self.recipe["nan_retries"]
+        if retries >= allowed:
+            where = (f"; the last good checkpoint is {self.checkpoint_path()}" if self._on_disk else "")
             raise NumericalError(
-                f"training diverged (NaN/inf) at epoch {self.epoch + 1} and did not recover after "
-                f"{retries} retries with the learning rate lowered by {self.recipe['nan_lr_factor']} each time; "
-                "lower optimizer.lr, enable grad_clip or lengthen kl_warmup_epochs")
-        rng = torch.get_rng_state()
-        self.load_state_dict(copy.deepcopy(self._good_state))
-        torch.set_rng_state(rng)  # a different draw on the retry
+                f"training diverged: {fault}, and it did not recover after {retries} "
+                f"retr{'y' if retries == 1 else 'ies'} (nan_retries: {allowed}), each restoring the last good "
+                f"state and multiplying the learning rate by nan_lr_factor {factor}{where}. Lower optimizer.lr, "
+                "set grad_clip or lengthen kl_warmup_epochs")
+        rng, recoveries = torch.get_rng_state(), list(self.recoveries)
+        source = self._restore_last_good()
+        torch.set_rng_state(rng)  # a different Monte Carlo draw on the retry
+        self.recoveries = recoveries  # the restored state predates the faults: keep their record
+        scale = factor ** (retries + 1)
         for group in self.optimizer.param_groups:
-            group["lr"] *= self.recipe["nan_lr_factor"] ** (retries + 1)
+            group["lr"] *= scale
         if self.scheduler:
-            self.scheduler.base_lrs = [lr * self.recipe["nan_lr_factor"] ** (retries + 1)
-                                       for lr in self.scheduler.base_lrs]
+            self.scheduler.base_lrs = [lr * scale for lr in self.scheduler.base_lrs]
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.recoveries.append({"epoch": fault.epoch, "step": fault.step, "batch": fault.batch,
+                                "what": fault.what, "retry": retries + 1, "lr": lr})
+        warnings.warn(f"{fault}; restored {source} and lowered the learning rate to {lr:.3g} "
+                      f"(retry {retries + 1} of {allowed})", PyroSparseWarning, stacklevel=3)
 
     def fit(self, epochs=None, resume=False) -> dict:
         """Train to ``epochs`` (default: the recipe's); returns the final metrics."""
+        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+            raise SpecError(f"expected a positive integer, got {epochs!r}", None, "SVITrainer.fit.epochs")
         epochs = epochs or self.recipe["epochs"]
         torch.manual_seed(self.recipe["seed"])
         if resume:
             self.resume()
+            if self.out_dir and distributed.is_main_process():
+                self._write_history()  # metrics.jsonl may lag the checkpoint after a kill
         bar = tqdm(total=epochs, initial=self.epoch, desc="fit", unit="epoch", disable=not self.progress,
                    dynamic_ncols=True)
         retries = 0
         with pyro.validation_enabled(False):
             while self.epoch < epochs:
-                if self._good_state is None:
+                if self._good_state is None and not self._on_disk:
                     self._good_state = copy.deepcopy(self.state_dict())
+                if self.world > 1:  # per-rank noise, a function of (seed, epoch, retry): resumable
+                    torch.manual_seed(distributed.rank_seed(self.recipe["seed"], self.epoch, retries))
                 try:
                     figures = self.train_epoch()
                 except FloatingPointError as e:
-                    bar.write(f"epoch {self.epoch + 1}: {e}; restoring the last good state "
-                              f"and lowering the learning rate (retry {retries + 1})")
+                    self._last_fault = e if isinstance(e, NonFiniteStep) else NonFiniteStep(
+                        "value", self.steps + self.steps_per_epoch, self.epoch + 1, self.steps_per_epoch,
+                        self.steps_per_epoch, f"{e} in epoch {self.epoch + 1}")
                     self._recover(retries)
                     retries += 1
                     continue
                 self.epoch += 1
                 self.steps += self.steps_per_epoch
                 self.train_seconds += figures["seconds"]
-                record = {"epoch": self.epoch, "steps": self.steps, "loss": figures["loss"],
-                          "elbo_per_datum": -figures["loss"] / self.num_train,
-                          "epoch_seconds": figures["seconds"], "lr": self.optimizer.param_groups[0]["lr"],
-                          "kl_weight": self.kl_weight(self.epoch)}
+                record = self.epoch_record(figures)
                 if self.epoch % self.recipe["eval_every"] == 0 or self.epoch == epochs:
                     record.update(self.evaluate())
                 self.history.append(record)
                 if self.scheduler:
                     self.scheduler.step()
                 self.save()
-                self._good_state = copy.deepcopy(self.state_dict())
+                if not self._on_disk:
+                    self._good_state = copy.deepcopy(self.state_dict())
                 retries = 0
                 bar.set_postfix({k: f"{record[k]:.4g}" for k in ("elbo_per_datum", "test_accuracy", "test_rmse")
                                  if k in record})
                 bar.update(1)
         bar.close()
         return self.summary()
+
+    def epoch_record(self, figures: dict) -> dict:
+        """The ``metrics.jsonl`` line of the epoch just trained (held-out figures are added by ``fit``)."""
+        return {"epoch": self.epoch, "steps": self.steps, "loss": figures["loss"],
+                "elbo_per_datum": -figures["loss"] / self.num_train,
+                "epoch_seconds": figures["seconds"], "lr": self.optimizer.param_groups[0]["lr"],
+                "kl_weight": self.kl_weight(self.epoch)}
 
     def summary(self) -> dict:
         last = dict(self.history[-1]) if self.history else {}
@@ -257,5 +469,5 @@ class SVITrainer:
         out = {k: last[k] for k in ("test_accuracy", "test_rmse", "test_nll", "test_bpc") if k in last}
         out.update({"epochs": self.epoch, "steps": self.steps, "train_seconds": self.train_seconds,
                     "step_ms": 1000 * self.train_seconds / max(self.steps, 1),
-                    "n_weights": self.network.num_weights()})
+                    "n_weights": self.network.num_weights(), "nan_recoveries": len(self.recoveries)})
         return out

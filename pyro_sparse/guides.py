@@ -17,6 +17,7 @@ for weights), so a fresh mean-field network predicts like a freshly initialised 
 from __future__ import annotations
 
 import math
+import sys
 
 import pyro
 import pyro.distributions as dist
@@ -90,6 +91,9 @@ class Guide(nn.Module):
 
     def __init__(self, model):
         super().__init__()
+        if not callable(model):
+            raise ValueError(f"{type(self).__name__}: model must be a callable Pyro model (e.g. net.model), "
+                             f"got {type(model).__name__}")
         # stored in a tuple so nn.Module does not register the network as a submodule
         self._model = (model,)
         self.sites: dict[str, dict] = {}
@@ -132,14 +136,22 @@ class MeanFieldGuide(Guide):
         local_reparam: let analytically tractable weight sites be replaced by their
             pre-activations when a :class:`~pyro_sparse.local_reparam.LocalReparameterization`
             handler is active.
+
+    Clamp: every posterior scale is ``exp(clamp(log_scale, LOG_SCALE_MIN, LOG_SCALE_MAX))``,
+    i.e. sigma in [exp(-12), exp(4)] ~ [6.1e-6, 54.6] and log sigma^2 in [-24, 8], so a
+    variance can neither underflow to 0 (log alpha = -inf, division by zero in the KL) nor
+    overflow. Outside the range the gradient with respect to ``log_scale`` is 0; the stored
+    parameter may sit beyond the bound, the distribution never does.
     """
 
     def __init__(self, model, init_scale: float = math.exp(-5.0), init_scale_hyper: float = 0.1,
                  local_reparam: bool = True):
         super().__init__(model)
         for name, v in (("init_scale", init_scale), ("init_scale_hyper", init_scale_hyper)):
-            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= sys.float_info.max:
                 raise ValueError(f"MeanFieldGuide {name} must be a positive number, got {v!r}")
+        if not isinstance(local_reparam, bool):
+            raise ValueError(f"MeanFieldGuide local_reparam must be true or false, got {local_reparam!r}")
         self.init_scale = float(init_scale)
         self.init_scale_hyper = float(init_scale_hyper)
         self.local_reparam = local_reparam
@@ -250,6 +262,6 @@ class DeltaGuide(Guide):
 
 
 def build_guide(name: str, model, **options) -> Guide:
-    if name not in GUIDES:
+    if not isinstance(name, str) or name not in GUIDES:
         raise ValueError(f"unknown guide {name!r}; expected one of {sorted(GUIDES)}")
     return GUIDES[name](model, **options)

@@ -24,7 +24,7 @@ from torch import nn
 
 from .local_reparam import gaussian_conv2d, gaussian_linear
 from .priors import Gaussian, build_prior
-from .schema import Field
+from .schema import Field, validate
 
 LAYERS: dict[str, type["Layer"]] = {}
 
@@ -80,7 +80,7 @@ class _Stateless(Layer):
 
     def __init__(self, **options):
         super().__init__()
-        self.options = options
+        self.options = validate(self.fields, options, path=type(self).__name__)
         self.fn = self._module()
 
     def forward(self, x):
@@ -123,7 +123,7 @@ class Dropout(_Stateless):
     fields = {"p": Field("float", 0.5, nonneg=True)}
 
     def __init__(self, p=0.5):
-        if not 0 <= p < 1:
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
             raise ValueError(f"dropout p must be in [0, 1), got {p!r}")
         super().__init__(p=p)
 
@@ -210,6 +210,8 @@ class Linear(_Parametric):
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"Linear {name} must be a positive integer, got {v!r}")
+        if not isinstance(bias, bool):
+            raise ValueError(f"Linear bias must be true or false, got {bias!r}")
         super().__init__(nn.Linear(in_features, out_features, bias=bias), prior, bias_prior)
         self.in_features, self.out_features = in_features, out_features
 
@@ -260,6 +262,10 @@ class Conv2d(_Parametric):
                         ("kernel_size", kernel_size), ("stride", stride)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"Conv2d {name} must be a positive integer, got {v!r}")
+        if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+            raise ValueError(f"Conv2d padding must be an integer >= 0, got {padding!r}")
+        if not isinstance(bias, bool):
+            raise ValueError(f"Conv2d bias must be true or false, got {bias!r}")
         super().__init__(nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias),
                          prior, bias_prior)
         self.in_channels, self.out_channels = in_channels, out_channels

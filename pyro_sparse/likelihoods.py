@@ -157,8 +157,10 @@ def build_likelihood(spec) -> Likelihood:
         return spec
     if isinstance(spec, str):
         spec = {"type": spec}
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ValueError(f"expected a Likelihood, a likelihood name or a mapping with 'type', got {spec!r}")
     options = dict(spec)
     kind = options.pop("type")
-    if kind not in LIKELIHOODS:
+    if not isinstance(kind, str) or kind not in LIKELIHOODS:
         raise ValueError(f"unknown likelihood {kind!r}; expected one of {sorted(LIKELIHOODS)}")
     return LIKELIHOODS[kind](**options)

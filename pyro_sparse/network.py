@@ -41,15 +41,30 @@ class BayesianNetwork(nn.Module):
             if name is None:
                 counts[layer.prefix] += 1
                 name = f"{layer.prefix}{counts[layer.prefix]}"
+            if not isinstance(name, str) or not name or "." in name:
+                raise ValueError(f"layer names must be non-empty strings without '.', got {name!r}")
             named.append((name, layer))
         names = [n for n, _ in named]
         if len(set(names)) != len(names):
             raise ValueError(f"layer names must be unique, got {names}")
-        self.layers = nn.ModuleDict(named)
+        if not named:
+            raise ValueError("expected at least one layer")
+        try:
+            self.layers = nn.ModuleDict(named)
+        except KeyError as e:  # e.g. a name that is an attribute of nn.ModuleDict
+            raise ValueError(f"invalid layer name: {e.args[0] if e.args else e}") from None
         for name, layer in self.layers.items():
             layer.site = name
         self.likelihood: Likelihood = build_likelihood(likelihood)
-        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        if input_shape is not None:
+            try:
+                input_shape = tuple(input_shape)
+            except TypeError:
+                input_shape = None, input_shape
+            if not input_shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
+                                          for s in input_shape):
+                raise ValueError(f"input_shape must be a sequence of positive integers, got {input_shape!r}")
+        self.input_shape = input_shape
 
     # ------------------------------------------------------------------ structure
     def bayesian_layers(self):

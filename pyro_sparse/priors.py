@@ -188,8 +188,10 @@ def build_prior(spec) -> Prior:
         return spec
     if isinstance(spec, str):
         spec = {"type": spec}
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ValueError(f"expected a Prior, a prior name or a mapping with 'type', got {spec!r}")
     options = dict(spec)
     kind = options.pop("type")
-    if kind not in PRIORS:
+    if not isinstance(kind, str) or kind not in PRIORS:
         raise ValueError(f"unknown prior type {kind!r}; expected one of {sorted(PRIORS)}")
     return PRIORS[kind](**options)

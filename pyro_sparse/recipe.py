@@ -25,10 +25,12 @@
 from __future__ import annotations
 
 import inspect
+import math
+import warnings
 
 import torch
 
-from .errors import SpecError
+from .errors import PyroSparseError, SpecError
 from .schema import Field, validate
 
 SCHEDULES = {
@@ -55,13 +57,16 @@ RECIPE_FIELDS = {
     "grad_clip": Field("float", None, positive=True, allow_none=True),
     "eval_samples": Field("int", 10, positive=True),
     "eval_every": Field("int", 1, positive=True),
-    "seed": Field("int", 0, nonneg=True),
+    "seed": Field("int", 0, nonneg=True, doc="in [0, 2**32)"),
     "device": Field("str", "cpu"),
     "num_threads": Field("int", None, positive=True, allow_none=True),
     "reduction": Field("dict", None, allow_none=True),
     "nan_retries": Field("int", 3, nonneg=True),
-    "nan_lr_factor": Field("float", 0.5, positive=True),
+    "nan_lr_factor": Field("float", 0.5, positive=True, doc="in (0, 1)"),
 }
+
+MAX_SEED = 2**32  # numpy's and Python's seeders accept [0, 2**32); torch's more
+MAX_THREADS = 1024
 
 #: other sections that fitting methods registered elsewhere may add (e.g. laplace)
 EXTRA_SECTIONS: dict[str, Field] = {}
@@ -72,6 +77,76 @@ def register_method(name: str, **sections: Field):
     """Allow ``method: <name>`` and the recipe sections that method reads."""
     METHODS.append(name)
     EXTRA_SECTIONS.update(sections)
+
+
+def _numeric_strings(cfg: dict) -> dict:
+    """PyYAML reads ``1e-3`` (no dot) as a string: turn numeric strings into floats."""
+    out = {}
+    for key, value in cfg.items():
+        if key != "name" and isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        out[key] = value
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def _dry_run(cfg_opt: dict, cfg_sched: dict | None, source):
+    """Build the optimiser (and schedule) on a dummy parameter and take two steps, so option
+    values torch only checks lazily (types, ranges, missing arguments) fail now with the field."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    try:
+        optimizer = make_optimizer([p], cfg_opt)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(2):
+                p.grad = torch.ones_like(p)
+                optimizer.step()
+    except Exception as e:  # torch raises ValueError, TypeError, RuntimeError, KeyError, ...
+        raise SpecError(f"{cfg_opt.get('name')} does not accept these options: {_first_line(e)}", source,
+                        "optimizer") from None
+    if cfg_sched is None:
+        return
+    try:
+        scheduler = make_scheduler(optimizer, cfg_sched, 10)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(3):
+                if scheduler is not None:
+                    scheduler.step()
+        lrs = [g["lr"] for g in optimizer.param_groups]
+    except Exception as e:
+        raise SpecError(f"schedule {cfg_sched.get('name')!r} does not accept these options: {_first_line(e)}",
+                        source, "schedule") from None
+    if not all(isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0 for lr in lrs):
+        raise SpecError(f"schedule {cfg_sched.get('name')!r} gives the learning rate {lrs[0]!r}; "
+                        "expected a finite number >= 0", source, "schedule")
+
+
+def check_device(device, path="device") -> torch.device:
+    """``torch.device`` for a recipe's device string; a clear error if it is malformed or absent."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise SpecError(f"expected 'cpu', 'cuda' or 'cuda:N', got {device!r}", None, path) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PyroSparseError(f"device {device!r} requested but CUDA is not available on this machine; "
+                                  "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise PyroSparseError(f"device {device!r} requested but this machine has "
+                                  f"{torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise PyroSparseError(f"device {device!r} requested but MPS is not available on this machine")
+    elif dev.type != "cpu":
+        raise SpecError(f"expected 'cpu', 'cuda' or 'cuda:N', got {device!r}", None, path)
+    return dev
 
 
 def _check_optimizer(cfg, source):
@@ -86,14 +161,15 @@ def _check_optimizer(cfg, source):
         if key not in allowed:
             raise SpecError(f"{name} has no option {key!r}; expected one of {sorted(allowed)}", source,
                             f"optimizer.{key}")
-        if key == "lr" and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+        if key == "lr" and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+                                and math.isfinite(value)):
             raise SpecError(f"expected a number > 0, got {value!r}", source, "optimizer.lr")
 
 
 def _check_schedule(cfg, source):
     opts = dict(cfg)
     name = opts.pop("name", "none")
-    if name not in SCHEDULES:
+    if not isinstance(name, str) or name not in SCHEDULES:
         raise SpecError(f"unknown schedule {name!r}; expected one of {sorted(SCHEDULES)}", source, "schedule.name")
     cls = SCHEDULES[name]
     if cls is None:
@@ -119,11 +195,31 @@ def parse_recipe(data: dict, source: str | None = None) -> dict:
 
     if recipe["guide"] not in GUIDES:
         raise SpecError(f"unknown guide {recipe['guide']!r}; expected one of {sorted(GUIDES)}", source, "guide")
+    recipe["optimizer"] = _numeric_strings(recipe["optimizer"])
+    recipe["schedule"] = _numeric_strings(recipe["schedule"])
     _check_optimizer(recipe["optimizer"], source)
     _check_schedule(recipe["schedule"], source)
-    if recipe["device"] != "cpu" and not recipe["device"].startswith(("cuda", "mps")):
+    _dry_run(recipe["optimizer"], recipe["schedule"], source)
+    check_seed(recipe["seed"], source, "seed")
+    if recipe["num_threads"] is not None and recipe["num_threads"] > MAX_THREADS:
+        raise SpecError(f"expected at most {MAX_THREADS} threads, got {recipe['num_threads']!r}", source,
+                        "num_threads")
+    if not recipe["nan_lr_factor"] < 1:
+        raise SpecError(f"expected a number in (0, 1) (the learning rate is multiplied by it after a NaN), "
+                        f"got {recipe['nan_lr_factor']!r}", source, "nan_lr_factor")
+    try:
+        dev = torch.device(recipe["device"])
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
         raise SpecError(f"expected 'cpu', 'cuda' or 'cuda:N', got {recipe['device']!r}", source, "device")
     return recipe
+
+
+def check_seed(seed, source=None, path="seed") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
+        raise SpecError(f"expected an integer in [0, 2**32), got {seed!r}", source, path)
+    return seed
 
 
 def load_recipe(path: str) -> dict:

@@ -4,11 +4,14 @@ A run directory holds ``model.yaml`` and ``inference.yaml`` (copies of what was 
 ``run.json`` (versions, seed, data name and fingerprint), ``metrics.jsonl`` (one line per
 epoch), ``checkpoint.pt`` and, when done, ``metrics.json``. :func:`fit_run` creates or resumes
 one; :func:`load_run` rebuilds the fitted network and guide from one.
+
+Under ``torchrun`` (or with ``distributed=True``) :func:`fit_run` joins the process group and
+fits data-parallel; every rank reads the specs, data and (on resume) the checkpoint, and only
+rank 0 creates, clears or writes files in the run directory.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -18,12 +21,13 @@ from dataclasses import dataclass
 import torch
 import yaml
 
-from .checkpoint import load_safe, write_json_atomic, write_text_atomic
+from . import distributed as ddp
+from .checkpoint import load_safe, read_json, write_json_atomic, write_text_atomic
 from .data import Dataset, load_dataset
-from .errors import PyroSparseError, SpecError
+from .errors import PyroSparseError, PyroSparseWarning, SpecError
 from .fitting import CHECKPOINT, SVITrainer
 from .guides import build_guide
-from .recipe import load_recipe, parse_recipe
+from .recipe import RECIPE_FIELDS, check_device, check_seed, load_recipe, parse_recipe
 from .spec import build_network, load_model_spec, parse_model_spec
 
 FITTERS = {"svi": SVITrainer}
@@ -68,7 +72,7 @@ def build(model_spec: dict, recipe: dict, dataset: Dataset) -> tuple:
     network = build_network(model_spec, dataset.feature_shape, dataset.num_outputs, dataset.image_shape)
     try:
         guide = build_guide(recipe["guide"], network.model, **recipe["guide_options"])
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ArithmeticError) as e:
         raise SpecError(str(e), recipe.get("_source"), "guide_options") from None
     return network, guide
 
@@ -78,63 +82,132 @@ def make_trainer(run: Run, out_dir=None, progress=True):
     return cls(run.network, run.guide, run.dataset, run.recipe, out_dir=out_dir, progress=progress)
 
 
-def fit_run(model_path: str, recipe_path: str, data: str, out_dir: str, epochs=None, seed=None,
-            device=None, resume=False, overwrite=False, target=None, progress=True) -> tuple[Run, dict]:
-    """Fit a model spec with a recipe on data into ``out_dir``; returns (run, final metrics)."""
-    ckpt = os.path.join(out_dir, CHECKPOINT)
+def _check_out_dir(out_dir, resume, overwrite):
+    """Refuse to write into a non-empty directory unless resuming it or told to overwrite a run."""
+    if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir):
+        raise PyroSparseError(f"the output directory must be a path, got {out_dir!r}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise PyroSparseError(f"{out_dir}: exists and is not a directory")
     if resume:
-        if not os.path.exists(ckpt):
+        ckpt = os.path.join(out_dir, CHECKPOINT)
+        if not (os.path.exists(ckpt) or os.path.exists(ckpt + ".prev")):
             raise PyroSparseError(f"{out_dir}: nothing to resume (no {CHECKPOINT})")
+        return
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        if not overwrite:
+            raise PyroSparseError(f"{out_dir}: output directory exists and is not empty; "
+                                  "use --resume to continue it or --overwrite to replace it")
+        if not os.path.exists(os.path.join(out_dir, "run.json")):
+            raise PyroSparseError(f"{out_dir}: --overwrite only replaces a previous run directory (one with "
+                                  "run.json); this one is not, so it is left alone")
+
+
+def _overrides(recipe: dict, epochs, seed, device) -> dict:
+    """Validated command-line overrides of a recipe's epochs, seed and device."""
+    out = {}
+    if epochs is not None:
+        out["epochs"] = RECIPE_FIELDS["epochs"].check(epochs, "--epochs", None)
+    if seed is not None:
+        out["seed"] = check_seed(seed, None, "--seed")
+    if device is not None:
+        if not isinstance(device, str):
+            raise SpecError(f"expected a device name such as 'cpu' or 'cuda', got {device!r}", None, "--device")
+        out["device"] = device
+    check_device(out.get("device", recipe["device"]), "--device" if device is not None else "device")
+    return out
+
+
+def fit_run(model_path: str, recipe_path: str, data: str, out_dir: str, epochs=None, seed=None,
+            device=None, resume=False, overwrite=False, target=None, progress=True,
+            distributed=None) -> tuple[Run, dict]:
+    """Fit a model spec with a recipe on data into ``out_dir``; returns (run, final metrics).
+
+    Everything (specs, recipe, overrides, device, data, network) is validated before
+    ``out_dir`` is created or, with ``overwrite``, removed; ``overwrite`` only replaces a
+    directory holding a previous run (``run.json``).
+
+    ``distributed``: True requires the torchrun environment and fits data-parallel; None (the
+    default) does so when that environment describes more than one process; False never.
+    """
+    _check_out_dir(out_dir, resume, overwrite)
+    out_dir = os.fspath(out_dir)
+    clear = not resume and os.path.isdir(out_dir) and bool(os.listdir(out_dir))  # decided before any rank writes
+    if resume:
+        for name in os.listdir(out_dir) if ddp.env_rank() == 0 else ():  # left by a write a kill interrupted
+            if name.startswith(".tmp-"):
+                os.unlink(os.path.join(out_dir, name))
         model_spec = load_model_spec(os.path.join(out_dir, "model.yaml"))
         recipe = load_recipe(os.path.join(out_dir, "inference.yaml"))
-        info = json.load(open(os.path.join(out_dir, "run.json")))
-        data, target = info["data"], info.get("target")
+        info = read_json(os.path.join(out_dir, "run.json"), "run record")
+        data, target = info.get("data"), info.get("target")
+        if not isinstance(data, str):
+            raise PyroSparseError(f"{os.path.join(out_dir, 'run.json')}: no data set recorded")
+        changes = _overrides(recipe, epochs, seed, device)
+        for key in ("epochs", "seed"):
+            if key in changes and changes[key] != recipe[key]:
+                raise PyroSparseError(f"--{key} {changes[key]} differs from this run's {key} {recipe[key]}; a "
+                                      f"resumed run continues with its own recipe ({out_dir}/inference.yaml)")
+        recipe.update(changes)
     else:
-        if os.path.exists(out_dir) and os.listdir(out_dir):
-            if not overwrite:
-                raise PyroSparseError(f"{out_dir}: output directory exists and is not empty; "
-                                      "use --resume to continue it or --overwrite to replace it")
-            shutil.rmtree(out_dir)
         model_spec = load_model_spec(model_path)
         recipe = load_recipe(recipe_path)
-        if epochs is not None:
-            recipe["epochs"] = epochs
-        if seed is not None:
-            recipe["seed"] = seed
-        if device is not None:
-            recipe["device"] = device
+        recipe.update(_overrides(recipe, epochs, seed, device))
     dataset = load_dataset(data, target=target, seed=0, options=model_spec.get("data"))
+    owner = False  # whether this call creates (and so ends) the process group
+    if distributed or (distributed is None and ddp.launched_by_torchrun()):
+        owner = ddp.init_from_env(device=recipe["device"])
     network, guide = build(model_spec, recipe, dataset)
     run = Run(network, guide, dataset, model_spec, recipe, out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    if not resume:
+    run.trainer = make_trainer(run, out_dir, progress)  # validates the data against the network
+    main = ddp.is_main_process()
+    if clear and main:
+        shutil.rmtree(out_dir)  # only with overwrite, on a run directory (_check_out_dir)
+    if main:
+        os.makedirs(out_dir, exist_ok=True)
+    if not resume and main:
         write_text_atomic(os.path.join(out_dir, "model.yaml"), yaml.safe_dump(_strip(model_spec), sort_keys=False))
         write_text_atomic(os.path.join(out_dir, "inference.yaml"), yaml.safe_dump(_strip(recipe), sort_keys=False))
         write_json_atomic(os.path.join(out_dir, "run.json"), {
             "data": data, "target": target, "data_fingerprint": dataset.fingerprint(),
             "seed": recipe["seed"], "versions": versions(),
-            "model_source": os.path.abspath(model_path), "inference_source": os.path.abspath(recipe_path)})
-    run.trainer = make_trainer(run, out_dir, progress)
+            "model_source": os.path.abspath(model_path), "inference_source": os.path.abspath(recipe_path),
+            "model_spec": _strip(model_spec), "recipe": _strip(recipe)})
     metrics = run.trainer.fit(epochs=recipe["epochs"], resume=resume)
     metrics.update({"model": model_spec.get("name"), "data": data, "method": recipe["method"],
                     "guide": recipe["guide"]})
-    write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
+    if main:
+        write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
+    if owner:
+        ddp.shutdown()
     return run, metrics
 
 
 def load_run(directory: str, data: str | None = None, device="cpu") -> Run:
     """Rebuild the fitted network and guide of a run directory (on ``device``)."""
-    for name in ("model.yaml", "inference.yaml", "run.json", CHECKPOINT):
+    if not isinstance(directory, (str, os.PathLike)) or not os.path.isdir(directory):
+        raise PyroSparseError(f"{directory}: not a run directory (no such directory)")
+    directory = os.fspath(directory)
+    for name in ("model.yaml", "inference.yaml", "run.json"):
         if not os.path.exists(os.path.join(directory, name)):
             raise PyroSparseError(f"{directory}: not a run directory (missing {name})")
+    if not any(os.path.exists(os.path.join(directory, CHECKPOINT + s)) for s in ("", ".prev")):
+        raise PyroSparseError(f"{directory}: not a run directory (missing {CHECKPOINT})")
     model_spec = load_model_spec(os.path.join(directory, "model.yaml"))
     recipe = load_recipe(os.path.join(directory, "inference.yaml"))
     recipe["device"] = device
-    info = json.load(open(os.path.join(directory, "run.json")))
+    check_device(device)
+    info = read_json(os.path.join(directory, "run.json"), "run record")
+    if data is None and not isinstance(info.get("data"), str):
+        raise PyroSparseError(f"{os.path.join(directory, 'run.json')}: no data set recorded; pass data=")
     dataset = load_dataset(data or info["data"], target=info.get("target"), seed=0, options=model_spec.get("data"))
-    if data is None and dataset.fingerprint() != info.get("data_fingerprint"):
-        warnings.warn(f"{directory}: the data {info['data']!r} differ from the data this run was fitted on "
-                      "(fingerprint mismatch)", stacklevel=2)
+    if dataset.fingerprint() != info.get("data_fingerprint"):
+        if data is None:
+            msg = (f"{directory}: the data {info['data']!r} differ from the data this run was fitted on "
+                   "(fingerprint mismatch)")
+        else:
+            msg = (f"{directory}: evaluating on {data!r}, whose fingerprint differs from the data this run was "
+                   f"fitted on ({info.get('data')!r}, sha256 {str(info.get('data_fingerprint'))[:12]}...)")
+        warnings.warn(msg, PyroSparseWarning, stacklevel=2)
     network, guide = build(model_spec, recipe, dataset)
     run = Run(network, guide, dataset, model_spec, recipe, directory)
     run.trainer = make_trainer(run, directory, progress=False)
@@ -145,3 +218,7 @@ def load_run(directory: str, data: str | None = None, device="cpu") -> Run:
 def parse_specs(model: dict, recipe: dict) -> tuple[dict, dict]:
     """Parse in-memory spec and recipe mappings (the Python API's equivalent of the YAML files)."""
     return parse_model_spec(model, "<model>"), parse_recipe(recipe, "<inference>")
+
+
+# Fitting methods defined in their own modules register themselves (method name + recipe section).
+from . import spam as _spam  # noqa: E402,F401  (method: laplace)

@@ -17,6 +17,15 @@ from .errors import SpecError
 REQUIRED = object()
 
 
+def short_repr(value, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages about arbitrary input."""
+    try:
+        text = repr(value)
+    except Exception:  # e.g. an int with more digits than Python will print
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 @dataclass(frozen=True)
 class Field:
     kind: str  # "float" | "int" | "bool" | "str" | "choice" | "size" | "any" | "dict" | "list"
@@ -40,7 +49,7 @@ class Field:
     def check(self, value, path: str, source: str | None):
         """Return the validated (possibly converted) value or raise SpecError."""
         def bad(why=None):
-            raise SpecError(why or f"expected {self.expected()}, got {value!r}", source, path)
+            raise SpecError(why or f"expected {self.expected()}, got {short_repr(value)}", source, path)
 
         if value is None:
             if self.allow_none:
@@ -85,11 +94,18 @@ class Field:
                         bad()
                 else:
                     bad()
-            if kind == "int" and not float(value).is_integer():
-                bad()
-            value = int(value) if kind == "int" else float(value)
-            if not math.isfinite(value):
-                bad()
+            if kind == "int":
+                if isinstance(value, float):
+                    if not (math.isfinite(value) and value.is_integer()):
+                        bad()
+                    value = int(value)
+            else:
+                try:
+                    value = float(value)
+                except OverflowError:  # an int too large for a float
+                    bad()
+                if not math.isfinite(value):
+                    bad()
             if self.positive and not value > 0:
                 bad()
             if self.nonneg and not value >= 0:
@@ -105,12 +121,12 @@ def validate(fields: dict[str, Field], values: dict, path: str = "", source: str
     Unknown keys and missing required keys are errors naming ``path``.
     """
     if not isinstance(values, dict):
-        raise SpecError(f"expected a mapping, got {values!r}", source, path or None)
+        raise SpecError(f"expected a mapping, got {short_repr(values)}", source, path or None)
     prefix = f"{path}." if path else ""
     unknown = [k for k in values if k not in fields and k not in ignore]
     if unknown:
-        raise SpecError(f"unknown key {unknown[0]!r}; expected one of {sorted(fields)}",
-                        source, prefix + str(unknown[0]))
+        raise SpecError(f"unknown key {short_repr(unknown[0])}; expected one of {sorted(fields)}",
+                        source, prefix + short_repr(unknown[0]).strip("'"))
     out = {}
     for key, field in fields.items():
         if key in values:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 
+import torch
 import yaml
 
 from . import recurrent, text  # noqa: F401  (register the recurrent layers and the sequence likelihood)
@@ -31,7 +32,7 @@ from .layers import LAYERS
 from .likelihoods import LIKELIHOODS
 from .network import BayesianNetwork
 from .priors import PRIORS
-from .schema import Field, validate
+from .schema import Field, short_repr, validate
 
 MODEL_FIELDS = {
     "name": Field("str", None, allow_none=True),
@@ -47,6 +48,8 @@ MODEL_FIELDS = {
 
 def load_yaml(path: str) -> dict:
     """Read a YAML mapping with the safe loader; errors name the file."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise SpecError(f"expected a path to a YAML file, got {short_repr(path)}")
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
@@ -56,6 +59,12 @@ def load_yaml(path: str) -> dict:
         raise SpecError("is a directory, expected a YAML file", path) from None
     except yaml.YAMLError as e:
         raise SpecError(f"invalid YAML: {e}", path) from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"not a text file ({e})", path) from None
+    except (ValueError, RecursionError) as e:  # e.g. an integer with thousands of digits, deep nesting
+        raise SpecError(f"invalid YAML: {type(e).__name__}: {str(e)[:200]}", path) from None
+    except OSError as e:
+        raise SpecError(f"cannot read: {e.strerror or e}", path) from None
     if not isinstance(data, dict):
         raise SpecError(f"expected a mapping at the top level, got {type(data).__name__}", path)
     return data
@@ -66,12 +75,12 @@ def _typed(registry, value, path, source, what):
     if isinstance(value, str):
         value = {"type": value}
     if not isinstance(value, dict):
-        raise SpecError(f"expected a {what} name or a mapping with 'type', got {value!r}", source, path)
+        raise SpecError(f"expected a {what} name or a mapping with 'type', got {short_repr(value)}", source, path)
     kind = value.get("type")
     if kind is None:
         raise SpecError(f"missing 'type' (one of {sorted(registry)})", source, path)
-    if kind not in registry:
-        raise SpecError(f"unknown {what} type {kind!r}; expected one of {sorted(registry)}", source,
+    if not isinstance(kind, str) or kind not in registry:
+        raise SpecError(f"unknown {what} type {short_repr(kind)}; expected one of {sorted(registry)}", source,
                         f"{path}.type")
     options = validate(registry[kind].fields, {k: v for k, v in value.items() if k != "type"}, path, source)
     return {"type": kind, **options}
@@ -87,7 +96,7 @@ def parse_model_spec(data: dict, source: str | None = None) -> dict:
     shape = spec["input_shape"]
     if not (shape in ("auto", "image") or (isinstance(shape, list) and shape and all(
             isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape))):
-        raise SpecError(f"expected 'auto', 'image' or a list of positive integers, got {shape!r}",
+        raise SpecError(f"expected 'auto', 'image' or a list of positive integers, got {short_repr(shape)}",
                         source, "input_shape")
     for key in ("prior", "bias_prior"):
         if spec[key] is not None:
@@ -101,11 +110,11 @@ def parse_model_spec(data: dict, source: str | None = None) -> dict:
     for i, entry in enumerate(spec["layers"]):
         path = f"layers[{i}]"
         if not isinstance(entry, dict) or "type" not in entry:
-            raise SpecError(f"expected a mapping with 'type' (one of {sorted(LAYERS)}), got {entry!r}",
+            raise SpecError(f"expected a mapping with 'type' (one of {sorted(LAYERS)}), got {short_repr(entry)}",
                             source, path)
         kind = entry["type"]
-        if kind not in LAYERS:
-            raise SpecError(f"unknown layer type {kind!r}; expected one of {sorted(LAYERS)}", source,
+        if not isinstance(kind, str) or kind not in LAYERS:
+            raise SpecError(f"unknown layer type {short_repr(kind)}; expected one of {sorted(LAYERS)}", source,
                             f"{path}.type")
         fields = {**LAYERS[kind].fields, "name": Field("str", None, allow_none=True)}
         layer = {"type": kind, **validate(fields, {k: v for k, v in entry.items() if k != "type"}, path, source)}
@@ -144,6 +153,18 @@ def _resolve_input_shape(spec, feature_shape, image_shape, source):
     return shape
 
 
+def _dry_run(layer, in_shape):
+    """Run a Bayesian layer once on one zero example with every site at its initial value, so
+    prior options that only matter at sampling time (e.g. a ``group`` axis the parameter does
+    not have) fail while building, with the layer's path. Uses no random numbers."""
+    if not layer.priors():
+        return
+    from .guides import prototype_trace
+
+    with torch.random.fork_rng(devices=[]):
+        prototype_trace(layer, torch.zeros(1, *in_shape))
+
+
 def build_network(spec: dict, feature_shape, num_outputs: int, image_shape=None,
                   source: str | None = None) -> BayesianNetwork:
     """Instantiate a parsed spec for data with per-example ``feature_shape`` and ``num_outputs``."""
@@ -168,9 +189,11 @@ def build_network(spec: dict, feature_shape, num_outputs: int, image_shape=None,
             cfg["out"] = out_dim
         try:
             layer = cls.from_config(cfg, shape)
+            _dry_run(layer, shape)
             shape = layer.out_shape(shape)
-        except (ValueError, TypeError) as e:
-            raise SpecError(f"{e} (input to this layer has shape {list(shape)})", source, f"layers[{i}]") from None
+        except (ValueError, TypeError, RuntimeError, MemoryError, OverflowError, IndexError, KeyError) as e:
+            msg = (str(e).splitlines() or [type(e).__name__])[0][:300]
+            raise SpecError(f"{msg} (input to this layer has shape {list(shape)})", source, f"layers[{i}]") from None
         layers.append((name, layer) if name else layer)
     try:
         expected = tuple(likelihood.output_shape(num_outputs, tuple(shape)))

@@ -1,0 +1,708 @@
+"""SpaM: online Laplace marginal-likelihood training, and Optimal Posterior Damage pruning.
+
+Dhahri, Immer, Charpentier, Günnemann, Fortuin (2024), "Shaving Weights with Occam's Razor:
+Bayesian Sparsification for Neural Networks Using the Marginal Likelihood" (SpaM), built on the
+online model selection of Immer, Bauer, Fortuin, Rätsch, Khan (2021), "Scalable Marginal
+Likelihood Estimation for Model Selection in Deep Learning" (their Algorithm 1).
+
+**Training.** The weights ``theta`` of the network's deterministic twin
+(:meth:`~pyro_sparse.layers.Layer.deterministic`, parameters named like the sample sites,
+``fc1.weight``) follow the MAP objective under a Gaussian prior ``N(0, diag(delta)^-1)``; on a
+mini-batch ``B`` out of ``N`` training points
+
+    ``loss(theta) = -(N / |B|) sum_{n in B} log p(y_n | f(x_n; theta)) - log N(theta; 0, diag(delta)^-1)``.
+
+Every ``F`` epochs after a burn-in of ``E0`` epochs the Laplace approximation at the current
+``theta`` is fitted -- a curvature ``H`` of the negative log-likelihood on the training data
+(diagonal GGN, diagonal empirical Fisher, or KFAC; :mod:`pyro_sparse.curvature`) -- and ``K``
+Adam steps on ``log delta`` raise the Laplace log marginal likelihood
+
+    ``log p(D | delta) ~= log p(D | theta) - 0.5 [log det(H + P0) - log det P0 + theta' P0 theta]``,
+    ``P0 = diag(delta)``
+
+(:func:`pyro_sparse.laplace.log_marglik_diag`, :func:`~pyro_sparse.laplace.log_marglik_kfac`),
+with ``H`` held fixed during the ``K`` steps. With parameter-wise or unit-wise precisions
+(:func:`~pyro_sparse.laplace.make_prior_precision`) this is an automatic Occam's razor: the
+evidence raises ``delta_i`` for weights the data do not determine, and the MAP steps then shrink
+them towards 0. The spec's own priors are replaced by this learned Gaussian prior.
+
+**Posterior summary.** The fitted posterior ``N(theta, diag(H + delta)^-1)`` is summarised like
+any other fit (:func:`summarize_laplace` -> :class:`~pyro_sparse.summary.PosteriorSummary`, same
+site names as SVI), so BMR, Savage-Dickey, log-alpha, magnitude and OPD rules run on it
+unchanged. The summary's ``H`` is the exact diagonal GGN (or empirical Fisher) on the whole
+training set at the final ``theta``, whatever curvature drove training.
+
+**Pruning.** Optimal Posterior Damage ``s_i = P_ii theta_i^2`` ranks single weights
+(unstructured); for structured pruning a hidden unit's (filter's) score is the sum over its
+weight row and bias ``S_g = sum_{i in g} s_i``, and removing a unit masks its row, its bias and
+the columns of the next layer that read it (:func:`structured_masks`). A short masked
+fine-tune (:func:`masked_fine_tune`) can follow; masked weights stay exactly zero.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import distributed
+from .curvature import LIKELIHOODS, diag_ef, diag_ggn, kfac_ggn, log_likelihood
+from .distributions import log_alpha
+from .errors import SpecError
+from .fitting import SVITrainer
+from .guides import DeltaGuide, _key
+from .laplace import PRIOR_STRUCTURES, kfac_eig, log_marglik_diag, log_marglik_kfac, make_prior_precision
+from .recipe import make_optimizer, make_scheduler, register_method
+from .reduction import (
+    group_scores,
+    magnitude_scores,
+    mask_by_sparsity,
+    opd_scores,
+    random_scores,
+    structured_mask,
+)
+from .schema import Field, validate
+from .summary import PosteriorSummary, SiteSummary
+
+__all__ = [
+    "LAPLACE_FIELDS",
+    "LaplaceTrainer",
+    "deterministic_network",
+    "laplace_curvature",
+    "laplace_log_marglik",
+    "optimize_prior_precision",
+    "evaluate_deterministic",
+    "laplace_summary",
+    "summarize_laplace",
+    "pruning_scores",
+    "unstructured_masks",
+    "structured_masks",
+    "prune_masks",
+    "mask_sparsity",
+    "apply_masks",
+    "masked_fine_tune",
+]
+
+CURVATURES = ("diag", "kfac")
+HESSIANS = ("ggn", "ef")
+
+#: options of the ``laplace:`` section of an inference recipe (``method: laplace``)
+LAPLACE_FIELDS = {
+    "structure": Field("choice", "parameterwise", choices=PRIOR_STRUCTURES,
+                       doc="prior precision structure: scalar | layerwise | parameterwise | unitwise"),
+    "curvature": Field("choice", "diag", choices=CURVATURES, doc="diag | kfac Hessian approximation"),
+    "hessian": Field("choice", "ggn", choices=HESSIANS, doc="ggn (generalised Gauss-Newton) | ef (empirical Fisher)"),
+    "prior_precision": Field("float", 1.0, positive=True, doc="initial (and, with hyper_steps 0, fixed) delta"),
+    "burn_in": Field("int", 10, nonneg=True, doc="epochs of MAP training before the first marglik step"),
+    "marglik_frequency": Field("int", 5, positive=True, doc="F: a marglik step every F epochs after burn_in"),
+    "hyper_steps": Field("int", 50, nonneg=True, doc="K: Adam steps on log delta per marglik step (0: plain MAP)"),
+    "hyper_lr": Field("float", 0.1, positive=True, doc="Adam learning rate of log delta"),
+    "curvature_subset": Field("int", None, positive=True, allow_none=True,
+                              doc="fit the curvature on this many random training points, scaled by N/m"),
+    "mc_samples": Field("int", None, positive=True, allow_none=True,
+                        doc="Monte Carlo GGN with this many sampled targets per input (null: exact)"),
+    "curvature_batch_size": Field("int", None, positive=True, allow_none=True,
+                                  doc="chunk size for the curvature pass (memory); null: all at once"),
+}
+
+
+def _check_options(options, source=None):
+    if options["curvature"] == "kfac" and options["hessian"] != "ggn":
+        raise SpecError("the KFAC curvature is a GGN; use hessian: ggn or curvature: diag", source,
+                        "laplace.hessian")
+    if options["mc_samples"] is not None and (options["curvature"], options["hessian"]) != ("diag", "ggn"):
+        raise SpecError("mc_samples applies to the diagonal GGN only; use curvature: diag, hessian: ggn "
+                        "or mc_samples: null", source, "laplace.mc_samples")
+    return options
+
+
+@dataclass(frozen=True)
+class _LaplaceSection(Field):
+    """The recipe's ``laplace:`` section, validated against :data:`LAPLACE_FIELDS` when the recipe
+    is parsed (errors name ``laplace.<key>`` and the file)."""
+
+    def check(self, value, path, source):
+        return _check_options(validate(LAPLACE_FIELDS, {} if value is None else value, path, source), source)
+
+
+LAPLACE_SECTION = _LaplaceSection("dict", validate(LAPLACE_FIELDS, {}), allow_none=True,
+                                  doc="options of method laplace (SpaM)")
+
+
+# --------------------------------------------------------------------------- networks and data
+
+
+def deterministic_network(network, values) -> nn.Sequential:
+    """The plain ``nn.Sequential`` twin of ``network`` with parameter values ``values`` (site -> tensor).
+
+    Unlike :meth:`BayesianNetwork.deterministic` the children are named like the layers
+    (``fc1``, ``relu1``), so parameter names equal site names (``fc1.weight``) and there is no
+    leading ``Unflatten``: inputs must already have ``network.input_shape``
+    (see :func:`_shaped`).
+    """
+    modules = OrderedDict()
+    for name, layer in network.layers.items():
+        own = {p: values[f"{name}.{p}"] for p in layer.priors()}
+        modules[name] = layer.deterministic(own)
+    return nn.Sequential(modules)
+
+
+def _shaped(network, x):
+    if network.input_shape is not None and tuple(x.shape[1:]) != tuple(network.input_shape):
+        return x.reshape(x.shape[0], *network.input_shape)
+    return x
+
+
+def _likelihood_of(network, source=None):
+    """(curvature likelihood name, Gaussian noise std) of a network's likelihood."""
+    lik = network.likelihood
+    name = getattr(lik, "spec_name", None)
+    if name not in LIKELIHOODS:
+        raise SpecError(f"method laplace supports the likelihoods {LIKELIHOODS}, got {name!r}", source, "likelihood")
+    if name == "gaussian":
+        if lik.learn_noise:
+            raise SpecError("method laplace needs a fixed Gaussian noise; set learn_noise: false", source,
+                            "likelihood.learn_noise")
+        return name, float(lik.noise)
+    return name, 1.0
+
+
+@torch.no_grad()
+def evaluate_deterministic(model, likelihood, x, y, batch_size=2048) -> dict:
+    """Held-out metrics of a point estimate, as :func:`pyro_sparse.fitting.evaluate` computes them
+    for one posterior sample: accuracy (or RMSE) of the prediction and the mean NLL.
+
+    ``likelihood`` is the network's :class:`~pyro_sparse.likelihoods.Likelihood`; ``x`` must be
+    shaped for ``model``.
+    """
+    was_training = model.training
+    model.eval()
+    correct, sq_err, nll, n = 0.0, 0.0, 0.0, 0
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        outputs = model(xb).unsqueeze(0)
+        mean = likelihood.predictive_mean(outputs)
+        nll -= likelihood.log_predictive(outputs, yb).sum().item()
+        if likelihood.task == "regression":
+            sq_err += (mean - yb).square().sum().item()
+        else:
+            pred = mean.argmax(-1) if likelihood.task == "classification" else (mean > 0.5).long()
+            correct += (pred == yb.long()).sum().item()
+        n += len(xb)
+    model.train(was_training)
+    if likelihood.task == "regression":
+        return {"test_rmse": math.sqrt(sq_err / y.numel()), "test_nll": nll / n}
+    return {"test_accuracy": correct / n, "test_nll": nll / n}
+
+
+# --------------------------------------------------------------------------- the marginal likelihood
+
+
+def laplace_curvature(model, x, y, likelihood, noise=1.0, curvature="diag", hessian="ggn", subset=None,
+                      mc_samples=None, batch_size=None, generator=None):
+    """The curvature ``H`` of ``-log p(D | theta)`` for the Laplace approximation, summed over the data.
+
+    ``curvature="diag"`` with ``hessian="ggn"``: :func:`~pyro_sparse.curvature.diag_ggn` (exact,
+    or Monte Carlo with ``mc_samples`` sampled targets); ``hessian="ef"``: the empirical Fisher
+    :func:`~pyro_sparse.curvature.diag_ef`; ``curvature="kfac"``: the Kronecker factors
+    :func:`~pyro_sparse.curvature.kfac_ggn` (layer -> ``(A, G)``).
+
+    With ``subset = m < N`` the curvature is fitted on ``m`` training points drawn without
+    replacement (``generator``) and multiplied by ``N / m`` -- an unbiased estimate of the sum
+    over all ``N`` (for KFAC the count-carrying factor ``A`` is scaled). This trades noise in
+    ``H`` for a marglik step ``N / m`` times cheaper.
+
+    Returns dict name -> tensor (diagonal) or layer -> ``(A, G)`` (KFAC).
+    """
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got curvature={curvature!r}")
+    if hessian not in HESSIANS:
+        raise ValueError(f"hessian must be one of {HESSIANS}, got hessian={hessian!r}")
+    n = x.shape[0]
+    scale = 1.0
+    if subset is not None and subset < n:
+        idx = torch.randperm(n, generator=generator)[:subset].to(x.device)
+        x, y = x[idx], y[idx]
+        scale = n / subset
+    if curvature == "kfac":
+        if hessian != "ggn":
+            raise ValueError(f"the KFAC curvature is a GGN; got hessian={hessian!r}")
+        kfac = kfac_ggn(model, x, y, likelihood, noise, batch_size=batch_size)
+        return {name: (a * scale, g) for name, (a, g) in kfac.items()}
+    if hessian == "ef":
+        diag = diag_ef(model, x, y, likelihood, noise, batch_size=batch_size)
+    else:
+        diag = diag_ggn(model, x, y, likelihood, noise, mc_samples=mc_samples, batch_size=batch_size,
+                        generator=generator)
+    return {name: h * scale for name, h in diag.items()} if scale != 1.0 else diag
+
+
+def laplace_log_marglik(log_lik, theta, curv, prior, curvature="diag"):
+    """Laplace log marginal likelihood ``log p(D | delta)`` for a curvature from
+    :func:`laplace_curvature` (differentiable in the prior's ``log delta``)."""
+    if curvature == "kfac":
+        return log_marglik_kfac(log_lik, theta, curv, prior)
+    return log_marglik_diag(log_lik, theta, curv, prior)
+
+
+def optimize_prior_precision(log_lik, theta, curv, prior, optimizer, steps, curvature="diag"):
+    """``steps`` gradient steps of ``optimizer`` (over ``prior``'s log precisions) on ``-log p(D | delta)``
+    with ``theta`` and the curvature held fixed (Immer et al. 2021, Algorithm 1, inner loop).
+
+    For the diagonal curvature the objective is evaluated on flat vectors,
+    ``log p(D | theta) - 0.5 [sum log(H + delta) - sum log delta + sum delta theta^2]`` with
+    ``H`` and ``theta^2`` concatenated once -- the formula of
+    :func:`~pyro_sparse.laplace.log_marglik_diag`, with fewer tensor operations per step.
+
+    Returns the trajectory of the log marginal likelihood, a tensor of ``steps + 1`` values:
+    before each step, and after the last (the last by the general formula).
+    """
+    theta = {name: t.detach() for name, t in theta.items()}
+    log_lik = torch.as_tensor(log_lik).detach()
+    if curvature == "kfac":
+        curv = kfac_eig(curv)  # once, reused by every step
+        objective = lambda: laplace_log_marglik(log_lik, theta, curv, prior, curvature)  # noqa: E731
+    else:
+        h = torch.cat([curv[name].detach().reshape(-1) for name in prior.names])
+        theta2 = torch.cat([theta[name].reshape(-1).square() for name in prior.names])
+
+        def objective():
+            log_delta = torch.cat([v.reshape(-1) for v in prior.full_log_precision_dict().values()])
+            delta = log_delta.exp()
+            return log_lik - 0.5 * ((h + delta).log().sum() - log_delta.sum() + (delta * theta2).sum())
+
+    values = []
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        lml = objective()
+        (-lml).backward()
+        optimizer.step()
+        values.append(lml.detach())
+    with torch.no_grad():
+        values.append(laplace_log_marglik(log_lik, theta, curv, prior, curvature).detach())
+    return torch.stack(values)
+
+
+# --------------------------------------------------------------------------- the posterior summary
+
+
+def laplace_summary(network, model, prior, x, y, likelihood, noise=1.0, hessian="ggn", batch_size=None,
+                    method="laplace"):
+    """The diagonal Laplace posterior of ``model`` (the deterministic twin of ``network``) as a
+    :class:`~pyro_sparse.summary.PosteriorSummary`.
+
+    Per site: ``loc = theta`` (the MAP), ``precision = H_ii + delta_i`` with ``H`` the diagonal
+    GGN (``hessian="ggn"``) or empirical Fisher (``"ef"``) on ``(x, y)``, ``prior_loc = 0``,
+    ``prior_precision = delta`` (full shape), the network's group axes, and
+    ``log_alpha = log(1 / P_ii) - log theta_i^2``.
+    """
+    if hessian == "ef":
+        curv = diag_ef(model, x, y, likelihood, noise, batch_size=batch_size)
+    elif hessian == "ggn":
+        curv = diag_ggn(model, x, y, likelihood, noise, batch_size=batch_size)
+    else:
+        raise ValueError(f"hessian must be one of {HESSIANS}, got hessian={hessian!r}")
+    deltas = {name: d.detach() for name, d in prior.precision_dict().items()}
+    params = dict(model.named_parameters())
+    out = PosteriorSummary(method=method)
+    for name, (layer, param, _) in network.param_sites().items():
+        if name not in params or name not in deltas:
+            raise ValueError(f"model / prior lack the network parameter {name!r}")
+        loc = params[name].detach().clone()
+        delta = deltas[name].expand(loc.shape).clone()
+        precision = curv[name].detach() + delta
+        out[name] = SiteSummary(layer.site, param, loc, precision, torch.zeros((), dtype=loc.dtype, device=loc.device),
+                                delta, dict(layer.param_axes[param]), log_alpha(loc, precision.rsqrt()))
+    return out
+
+
+def summarize_laplace(trainer) -> PosteriorSummary:
+    """The posterior summary of a fitted :class:`LaplaceTrainer` (see :func:`laplace_summary`),
+    on the whole training set at the current weights and prior precisions."""
+    return trainer.posterior_summary()
+
+
+# --------------------------------------------------------------------------- pruning
+
+
+def pruning_scores(summary, rule="opd", generator=None) -> dict:
+    """Per-weight scores of a summary; low scores are pruned first.
+
+    ``"opd"``: Optimal Posterior Damage ``P_ii theta_i^2`` (Dhahri et al. 2024); ``"magnitude"``:
+    ``|theta_i|``; ``"random"``: Uniform(0, 1) draws from ``generator``.
+    """
+    if rule == "opd":
+        return {name: opd_scores(s.loc, s.precision) for name, s in summary.items()}
+    if rule == "magnitude":
+        return {name: magnitude_scores(s.loc) for name, s in summary.items()}
+    if rule == "random":
+        return {name: random_scores(s.loc.shape, generator, dtype=s.loc.dtype).to(s.loc.device)
+                for name, s in summary.items()}
+    raise ValueError(f"rule must be 'opd', 'magnitude' or 'random', got rule={rule!r}")
+
+
+def unstructured_masks(scores, sparsity, scope="global") -> dict:
+    """Keep-masks removing the lowest-scoring fraction ``sparsity`` of single weights
+    (:func:`~pyro_sparse.reduction.mask_by_sparsity`; ``scope`` global or per layer)."""
+    return mask_by_sparsity(scores, sparsity, scope=scope)
+
+
+def _unit_layers(network):
+    """(layer, consumer layer) pairs: every parametric layer but the output one, and the next."""
+    names = [name for name, _ in network.bayesian_layers()]
+    return list(zip(names[:-1], names[1:]))
+
+
+def structured_masks(scores, network, fraction) -> dict:
+    """Keep-masks removing the lowest-scoring ``fraction`` of hidden units (filters) in every layer.
+
+    A unit's score is the sum of its weights' scores over its row (filter) and its bias,
+    ``S_g = sum_{i in g} s_i`` (Dhahri et al. 2024, structured OPD with ``s = opd``). The output
+    layer's units (classes, targets) are never removed. A removed unit of layer ``l`` masks its
+    weight row and bias, and the input columns of the next parametric layer that read it (for a
+    ``Flatten`` between a conv and a linear layer, the block of ``H*W`` columns of its
+    channel), so the unit is gone whatever the activation's value at 0.
+
+    Returns site -> bool mask (True = keep) for every site in ``scores``.
+    """
+    pairs = _unit_layers(network)
+    if not pairs:
+        raise ValueError("structured pruning needs at least one hidden parametric layer")
+    groups = {}
+    for layer, _ in pairs:
+        s = group_scores(scores[f"{layer}.weight"])
+        if f"{layer}.bias" in scores:
+            s = s + scores[f"{layer}.bias"]
+        groups[layer] = s
+    unit_keep = structured_mask(groups, fraction)
+    masks = {name: torch.ones(s.shape, dtype=torch.bool, device=s.device) for name, s in scores.items()}
+    for layer, consumer in pairs:
+        keep = unit_keep[layer]
+        w = masks[f"{layer}.weight"]
+        w &= keep.reshape(-1, *([1] * (w.dim() - 1)))
+        if f"{layer}.bias" in masks:
+            masks[f"{layer}.bias"] &= keep
+        cw = masks[f"{consumer}.weight"]
+        n_in = cw.shape[1]
+        if n_in % keep.numel():
+            raise ValueError(f"cannot map the {keep.numel()} units of {layer!r} onto the {n_in} inputs of "
+                             f"{consumer!r}")
+        cols = keep.repeat_interleave(n_in // keep.numel())
+        cw &= cols.reshape(1, -1, *([1] * (cw.dim() - 2)))
+    return masks
+
+
+def prune_masks(summary, sparsity, rule="opd", structured=False, network=None, scope="global", generator=None):
+    """Masks from a posterior summary: ``rule`` scores (:func:`pruning_scores`), then
+    :func:`unstructured_masks` (``sparsity`` = fraction of weights) or, with ``structured=True``,
+    :func:`structured_masks` (``sparsity`` = fraction of hidden units per layer; needs ``network``)."""
+    scores = pruning_scores(summary, rule, generator)
+    if structured:
+        if network is None:
+            raise ValueError("structured=True needs the network (to know which layer reads which unit)")
+        return structured_masks(scores, network, sparsity)
+    return unstructured_masks(scores, sparsity, scope)
+
+
+def mask_sparsity(masks) -> float:
+    """Fraction of entries removed (False) over all masks."""
+    total = sum(m.numel() for m in masks.values())
+    kept = sum(int(m.sum()) for m in masks.values())
+    return 1.0 - kept / total
+
+
+@torch.no_grad()
+def apply_masks(model, masks):
+    """Zero the masked-out parameters of ``model`` in place (names as in ``model.named_parameters()``)."""
+    for name, p in model.named_parameters():
+        if name in masks:
+            p.mul_(masks[name].to(p.dtype))
+    return model
+
+
+def masked_fine_tune(model, masks, x, y, likelihood, noise=1.0, prior=None, epochs=5, batch_size=64, lr=1e-3,
+                     generator=None):
+    """Retrain the kept weights of ``model`` in place on the MAP objective, the pruned ones held at 0.
+
+    Adam on ``-(N/|B|) sum log p(y | f(x)) + 0.5 sum_i delta_i theta_i^2`` (``delta`` from
+    ``prior``, fixed; no prior term with ``prior=None``). The masked weights start at 0, their
+    gradients are multiplied by the mask before every step (so Adam's moments stay 0 for them),
+    and the mask is re-applied after every step, so they are exactly 0 at the end.
+    """
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "epochs" else 1):
+            raise ValueError(f"{name} must be a {'non-negative' if name == 'epochs' else 'positive'} int, "
+                             f"got {name}={value!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a number > 0, got lr={lr!r}")
+    apply_masks(model, masks)
+    params = dict(model.named_parameters())
+    keep = {name: masks[name].to(p.dtype) for name, p in params.items() if name in masks}
+    deltas = {} if prior is None else {name: d.detach() for name, d in prior.precision_dict().items()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    n = x.shape[0]
+    batch_size = min(batch_size, n)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=generator).to(x.device)
+        for start in range(0, n, batch_size):
+            idx = perm[start:start + batch_size]
+            loss = -(n / len(idx)) * log_likelihood(model, x[idx], y[idx], likelihood, noise)
+            for name, delta in deltas.items():
+                loss = loss + 0.5 * (delta * params[name].square()).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for name, m in keep.items():
+                params[name].grad.mul_(m)
+            optimizer.step()
+            apply_masks(model, masks)
+    model.eval()
+    return model
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class LaplaceTrainer(SVITrainer):
+    """Online marginal-likelihood training (SpaM) of a network's deterministic twin.
+
+    Same interface and files as :class:`~pyro_sparse.fitting.SVITrainer` (``fit(epochs,
+    resume)``, ``metrics.jsonl`` each epoch, atomic checkpoints that resume bit-for-bit, NaN
+    recovery, ``summary()``), whose loop it reuses; one epoch is the MAP pass over mini-batches
+    followed, when due, by a marglik step (:meth:`marglik_step`), whose time counts as training
+    time. The recipe needs ``method: laplace``, ``guide: delta`` and reads its ``laplace:``
+    section (:data:`LAPLACE_FIELDS`). The delta guide is kept equal to the current weights, so
+    :func:`~pyro_sparse.runs.load_run` and every guide-based tool see the MAP network.
+    Held-out figures are those of the MAP network.
+
+    Attributes: ``net`` (the ``nn.Sequential`` being trained, parameters named like sites),
+    ``prior`` (a :class:`~pyro_sparse.laplace.PriorPrecision`), ``options`` (the laplace section).
+    """
+
+    def __init__(self, network, guide, dataset, recipe, out_dir=None, progress=True):
+        source = recipe.get("_source")
+        self.network, self.guide, self.data, self.recipe = network, guide, dataset, recipe
+        self.out_dir, self.progress = out_dir, progress
+        self.options = _check_options(validate(LAPLACE_FIELDS, recipe.get("laplace") or {}, "laplace", source),
+                                      source)
+        if not isinstance(guide, DeltaGuide):
+            raise SpecError(f"method laplace trains a point estimate: set guide: delta (got {recipe['guide']!r})",
+                            source, "guide")
+        self.likelihood, self.noise = _likelihood_of(network, source)
+        if distributed.world_size() > 1:
+            raise SpecError("method laplace runs in a single process (its curvature and marglik steps are "
+                            "not data-parallel); launch it without torchrun", source, "method")
+        self.world, self.rank = 1, 0  # what SVITrainer's loop reads
+        self.device = torch.device(recipe["device"])
+        if recipe.get("num_threads"):
+            torch.set_num_threads(recipe["num_threads"])
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise SpecError(f"device {recipe['device']!r} requested but CUDA is not available", source, "device")
+        self.data.to(self.device)
+        self.network.to(self.device)
+        self.num_train = self.num_local = len(self.data.x_train)
+        self.batch_size = min(recipe["batch_size"], self.num_train)
+        self.steps_per_epoch = math.ceil(self.num_train / self.batch_size)
+        self.x_train = _shaped(network, self.data.x_train)
+        self.x_test = _shaped(network, self.data.x_test)
+        self.guide.setup(self.data.x_train[: self.batch_size], self.data.y_train[: self.batch_size],
+                         dataset_size=self.num_train)
+        self.guide.to(self.device)
+        init = self.guide.median()
+        missing = [name for name in network.param_sites() if name not in init]
+        if missing:
+            raise SpecError(f"method laplace needs centred priors whose sample sites are the layer parameters; "
+                            f"the guide has no sites {missing}", source, "prior")
+        self.net = deterministic_network(network, init).to(self.device)
+        self.prior = make_prior_precision(self.options["structure"], self.net,
+                                          init=self.options["prior_precision"]).to(self.device)
+        self.optimizer = make_optimizer(self.net.parameters(), recipe["optimizer"])
+        self.hyper_optimizer = torch.optim.Adam(self.prior.parameters(), lr=self.options["hyper_lr"])
+        self.scheduler = make_scheduler(self.optimizer, recipe["schedule"], recipe["epochs"])
+        self.generator = torch.Generator().manual_seed(recipe["seed"])
+        self.epoch, self.steps, self.train_seconds = 0, 0, 0.0
+        self.history: list[dict] = []
+        self._good_state = None
+        self._refresh_prior()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"format": 1, "method": "laplace", "epoch": self.epoch, "steps": self.steps,
+                "train_seconds": self.train_seconds,
+                "weights": self.net.state_dict(), "prior": self.prior.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "hyper_optimizer": self.hyper_optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "rng_torch": torch.get_rng_state(), "rng_generator": self.generator.get_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+                "history": self.history}
+
+    def load_state_dict(self, state: dict):
+        self.net.load_state_dict(state["weights"])
+        self.prior.load_state_dict(state["prior"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.hyper_optimizer.load_state_dict(state["hyper_optimizer"])
+        if self.scheduler and state["scheduler"]:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.steps, self.train_seconds = state["epoch"], state["steps"], state["train_seconds"]
+        torch.set_rng_state(state["rng_torch"])
+        self.generator.set_state(state["rng_generator"])
+        if state.get("rng_cuda"):
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self.history = list(state["history"])
+        self._refresh_prior()
+        self._sync_guide()
+
+    def _refresh_prior(self):
+        """Cache the (detached) precisions used by the MAP steps until the next marglik step."""
+        with torch.no_grad():
+            self._deltas = {name: d.detach() for name, d in self.prior.precision_dict().items()}
+            full = self.prior.full_log_precision_dict()
+            self._log_prior_const = sum(float(v.sum()) for v in full.values()) * 0.5 \
+                - 0.5 * math.log(2 * math.pi) * sum(v.numel() for v in full.values())
+
+    @torch.no_grad()
+    def _sync_guide(self):
+        for name, p in self.net.named_parameters():
+            self.guide.values[_key(name)].copy_(p)
+
+    def values(self) -> dict:
+        """Site -> current weight (detached), e.g. for ``compact()``."""
+        return {name: p.detach().clone() for name, p in self.net.named_parameters()}
+
+    # ------------------------------------------------------------------ training
+    def map_loss(self, idx):
+        """``-(N/|B|) sum_B log p(y | f(x; theta)) - log N(theta; 0, diag(delta)^-1)`` on the rows ``idx``."""
+        ll = log_likelihood(self.net, self.x_train[idx], self.data.y_train[idx], self.likelihood, self.noise)
+        quad = 0.0
+        for name, p in self.net.named_parameters():
+            quad = quad + (self._deltas[name] * p.square()).sum()
+        return -(self.num_train / len(idx)) * ll - (self._log_prior_const - 0.5 * quad)
+
+    def marglik_due(self, epoch: int) -> bool:
+        """A marglik step follows epoch ``epoch`` (1-based) at ``burn_in + F, burn_in + 2F, ...``."""
+        o = self.options
+        return o["hyper_steps"] > 0 and epoch > o["burn_in"] and (epoch - o["burn_in"]) % o["marglik_frequency"] == 0
+
+    def curvature(self):
+        """The training curvature per the recipe (:func:`laplace_curvature`) at the current weights."""
+        o = self.options
+        return laplace_curvature(self.net, self.x_train, self.data.y_train, self.likelihood, self.noise,
+                                 o["curvature"], o["hessian"], o["curvature_subset"], o["mc_samples"],
+                                 o["curvature_batch_size"], self.generator)
+
+    def log_marglik(self, curv=None):
+        """The Laplace log marginal likelihood at the current weights and precisions (a tensor,
+        differentiable in ``log delta``), with the recipe's curvature unless ``curv`` is given."""
+        curv = self.curvature() if curv is None else curv
+        with torch.no_grad():
+            ll = log_likelihood(self.net, self.x_train, self.data.y_train, self.likelihood, self.noise)
+        theta = {name: p.detach() for name, p in self.net.named_parameters()}
+        return laplace_log_marglik(ll, theta, curv, self.prior, self.options["curvature"])
+
+    def marglik_step(self) -> dict:
+        """Fit the Laplace approximation and take ``hyper_steps`` Adam steps on ``log delta``."""
+        start = time.perf_counter()
+        curv = self.curvature()
+        with torch.no_grad():
+            ll = log_likelihood(self.net, self.x_train, self.data.y_train, self.likelihood, self.noise)
+        theta = {name: p.detach() for name, p in self.net.named_parameters()}
+        trajectory = optimize_prior_precision(ll, theta, curv, self.prior, self.hyper_optimizer,
+                                              self.options["hyper_steps"], self.options["curvature"])
+        self._refresh_prior()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        first, last = trajectory[0].item(), trajectory[-1].item()
+        if not (math.isfinite(first) and math.isfinite(last)):
+            raise FloatingPointError("non-finite log marginal likelihood")
+        log_delta = torch.cat([v.reshape(-1) for v in self.prior.full_log_precision_dict().values()])
+        return {"log_marglik": last, "log_marglik_start": first, "log_marglik_per_datum": last / self.num_train,
+                "log_prior_precision_mean": log_delta.mean().item(), "marglik_seconds": time.perf_counter() - start}
+
+    def train_epoch(self):
+        """One MAP pass over the training data in a random order, then a marglik step when due."""
+        perm = torch.randperm(self.num_train, generator=self.generator).to(self.device)
+        total = torch.zeros((), device=self.device)
+        start = time.perf_counter()
+        self.net.train()
+        for b in range(self.steps_per_epoch):
+            idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
+            loss = self.map_loss(idx)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.recipe["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.recipe["grad_clip"])
+            self.optimizer.step()
+            total = total + loss.detach()
+        total = total.item()
+        if not math.isfinite(total):
+            raise FloatingPointError("non-finite loss")
+        for p in self.net.parameters():
+            if not torch.isfinite(p).all():
+                raise FloatingPointError("non-finite parameter")
+        figures = {"loss": total / self.steps_per_epoch}
+        if self.marglik_due(self.epoch + 1):
+            figures.update(self.marglik_step())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        figures["seconds"] = time.perf_counter() - start
+        self._sync_guide()
+        return figures
+
+    def _recover(self, retries):
+        """SVITrainer's recovery (last good state, lower weight learning rate), and the same
+        reduction of the log-delta learning rate: a marglik step can diverge too."""
+        super()._recover(retries)
+        for group in self.hyper_optimizer.param_groups:
+            group["lr"] *= self.recipe["nan_lr_factor"] ** (retries + 1)
+
+    def epoch_record(self, figures: dict) -> dict:
+        record = {"epoch": self.epoch, "steps": self.steps, "loss": figures["loss"],
+                  "neg_log_joint_per_datum": figures["loss"] / self.num_train,
+                  "epoch_seconds": figures["seconds"], "lr": self.optimizer.param_groups[0]["lr"]}
+        record.update({k: v for k, v in figures.items() if k not in ("loss", "seconds")})
+        return record
+
+    def evaluate(self, num_samples=None):
+        """Held-out metrics of the MAP network (``num_samples`` is ignored: a point estimate)."""
+        return evaluate_deterministic(self.net, self.network.likelihood, self.x_test, self.data.y_test)
+
+    # ------------------------------------------------------------------ the posterior and pruning
+    def posterior_summary(self, batch_size=None) -> PosteriorSummary:
+        """:func:`laplace_summary` on the whole training set (curvature: the recipe's ``hessian``,
+        always the exact diagonal)."""
+        return laplace_summary(self.network, self.net, self.prior, self.x_train, self.data.y_train,
+                               self.likelihood, self.noise, self.options["hessian"],
+                               batch_size or self.options["curvature_batch_size"],
+                               method=f"laplace-{self.options['structure']}")
+
+    def pruned(self, masks, fine_tune_epochs=0, lr=None, seed=None) -> nn.Sequential:
+        """A masked copy of ``net`` (the trainer is unchanged), optionally fine-tuned for
+        ``fine_tune_epochs`` epochs by :func:`masked_fine_tune` with the current fixed prior."""
+        model = apply_masks(copy.deepcopy(self.net), masks)
+        if fine_tune_epochs:
+            generator = torch.Generator().manual_seed(self.recipe["seed"] if seed is None else seed)
+            masked_fine_tune(model, masks, self.x_train, self.data.y_train, self.likelihood, self.noise,
+                             self.prior, fine_tune_epochs, self.batch_size,
+                             lr or self.recipe["optimizer"].get("lr", 1e-3), generator)
+        return model.eval()
+
+    def evaluate_model(self, model) -> dict:
+        """Held-out metrics of another deterministic twin (e.g. a pruned copy)."""
+        return evaluate_deterministic(model, self.network.likelihood, self.x_test, self.data.y_test)
+
+
+register_method("laplace", laplace=LAPLACE_SECTION)
+
+
+def _register_fitter():
+    from .runs import register_fitter
+
+    register_fitter("laplace", LaplaceTrainer)
+
+
+_register_fitter()
