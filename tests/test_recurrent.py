@@ -363,13 +363,15 @@ def test_char_lm_spec_and_bits_per_character(tmp_path, root):
     assert metrics["test_nll"] == pytest.approx(nll, rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["lstm_classifier", "lstm_classifier_w", "lstm_classifier_wn", "lstm_classifier_wgn"])
+@pytest.mark.parametrize("name", ["lstm_classifier", "lstm_classifier_w", "lstm_classifier_wn", "lstm_classifier_wgn",
+                                  "gru_classifier_wgn"])
 def test_classifier_specs_build(root, name):
     net = build_network(load_model_spec(os.path.join(root, "models", f"{name}.yaml")), (40,), 10)
     sites = set(net.param_sites())
-    assert {"lstm.weight_ih", "lstm.weight_hh", "lstm.bias", "fc.weight"} <= sites
-    assert ("lstm.z_hidden" in sites) == name.endswith(("wn", "wgn"))
-    assert ("lstm.z_gates" in sites) == name.endswith("wgn")
+    cell = name.split("_")[0]
+    assert {f"{cell}.weight_ih", f"{cell}.weight_hh", f"{cell}.bias", "fc.weight"} <= sites
+    assert (f"{cell}.z_hidden" in sites) == name.endswith(("wn", "wgn"))
+    assert (f"{cell}.z_gates" in sites) == name.endswith("wgn")
     inits = {site: getattr(layer, f"{p}_init") for site, (layer, p, _) in net.param_sites().items()}
     assert net.point_outputs(torch.randn(2, 40), inits).shape == (2, 10)
 
