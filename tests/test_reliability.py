@@ -249,7 +249,7 @@ def test_trainer_arguments(digits, tiny_net):
         evaluate(tiny_net, guide, digits.x_test, digits.y_test, num_samples=0)
     with pytest.raises(DataError, match="d: x_test has 3 rows but y_test has 2"):
         Dataset("d", torch.ones(4, 2), torch.zeros(4), torch.ones(3, 2), torch.zeros(2), "classification", 2)
-    with pytest.raises(DataError, match="task must be 'classification' or 'regression', got 'ranking'"):
+    with pytest.raises(DataError, match="task must be 'classification', 'regression' or 'sequence', got 'ranking'"):
         Dataset("d", torch.ones(4, 2), torch.zeros(4), torch.ones(2, 2), torch.zeros(2), "ranking", 2)
     with pytest.raises(SpecError, match="expected a path to a YAML file, got 3"):
         load_model_spec(3)  # an int would otherwise be opened as a file descriptor
