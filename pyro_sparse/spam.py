@@ -612,28 +612,14 @@ class LaplaceTrainer(SVITrainer):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"format": 1, "method": "laplace", "epoch": self.epoch, "steps": self.steps,
-                "train_seconds": self.train_seconds,
-                "weights": self.net.state_dict(), "prior": self.prior.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "hyper_optimizer": self.hyper_optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-                "rng_torch": torch.get_rng_state(), "rng_generator": self.generator.get_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
-                "history": self.history}
+        return {**self.training_state(), "method": "laplace", "weights": self.net.state_dict(),
+                "prior": self.prior.state_dict(), "hyper_optimizer": self.hyper_optimizer.state_dict()}
 
     def load_state_dict(self, state: dict):
         self.net.load_state_dict(state["weights"])
         self.prior.load_state_dict(state["prior"])
-        self.optimizer.load_state_dict(state["optimizer"])
         self.hyper_optimizer.load_state_dict(state["hyper_optimizer"])
-        if self.scheduler and state["scheduler"]:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.epoch, self.steps, self.train_seconds = state["epoch"], state["steps"], state["train_seconds"]
-        torch.set_rng_state(state["rng_torch"])
-        self.generator.set_state(state["rng_generator"])
-        if state.get("rng_cuda"):
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-        self.history = list(state["history"])
+        self.load_training_state(state)
         self._refresh_prior()
         self._sync_guide()
 
