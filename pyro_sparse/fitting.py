@@ -76,6 +76,10 @@ def check_compatible(network, dataset):
     lik = getattr(network, "likelihood", None)
     task = getattr(lik, "task", None)
     kind = getattr(lik, "spec_name", type(lik).__name__)
+    if (task == "sequence") != (dataset.task == "sequence"):
+        raise DataError(f"{dataset.name}: the {kind} likelihood {'needs' if task == 'sequence' else 'cannot take'} "
+                        "sequence data (a text corpus, targets at every position); a language model uses "
+                        "likelihood: sequence_categorical")
     if task == "regression" and dataset.task != "regression":
         raise DataError(f"{dataset.name}: the {kind} likelihood needs real-valued targets but the data have "
                         f"class labels; use likelihood: categorical (or bernoulli)")
@@ -110,6 +114,10 @@ def evaluate(network, guide, x, y, num_samples=10, batch_size=2048) -> dict:
     for name, v in (("num_samples", num_samples), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"evaluate: {name} must be a positive integer, got {v!r}")
+    if network.likelihood.task == "sequence":  # language models: per-character figures and BPC
+        from .text import evaluate_sequences
+
+        return evaluate_sequences(network, guide, x, y, num_samples)
     if isinstance(guide, DeltaGuide):
         num_samples = 1
     lik = network.likelihood
@@ -205,16 +213,17 @@ class SVITrainer:
         self._batch, self._ok = 0, None  # the step's batch index and finiteness flag (see _step)
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
+    def training_state(self) -> dict:
+        """What every trainer checkpoints besides its model: optimiser, schedule, counters,
+        random states and history (plain tensors and containers, loadable with weights_only)."""
         return {"format": 1, "epoch": self.epoch, "steps": self.steps, "train_seconds": self.train_seconds,
-                "guide": self.guide.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                 "rng_torch": torch.get_rng_state(), "rng_generator": self.generator.get_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
                 "history": self.history, "recoveries": self.recoveries}
 
-    def load_state_dict(self, state: dict):
-        self.guide.load_state_dict(state["guide"])
+    def load_training_state(self, state: dict):
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler and state["scheduler"]:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -225,6 +234,13 @@ class SVITrainer:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.history = list(state["history"])
         self.recoveries = list(state.get("recoveries", []))
+
+    def state_dict(self) -> dict:
+        return {**self.training_state(), "guide": self.guide.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        self.guide.load_state_dict(state["guide"])
+        self.load_training_state(state)
 
     def checkpoint_path(self):
         return os.path.join(self.out_dir, CHECKPOINT) if self.out_dir else None
@@ -277,6 +293,11 @@ class SVITrainer:
 
     # ------------------------------------------------------------------ training
     def kl_weight(self, epoch_float: float) -> float:
+        """beta_t: 0 for ``kl_free_epochs`` (pre-training on the data term), then a linear
+        rise to 1 over ``kl_warmup_epochs``."""
+        epoch_float -= self.recipe.get("kl_free_epochs", 0.0)
+        if epoch_float < 0:
+            return 0.0
         warm = self.recipe["kl_warmup_epochs"]
         return 1.0 if warm <= 0 else min(1.0, epoch_float / warm)
 
@@ -460,7 +481,7 @@ class SVITrainer:
         last = dict(self.history[-1]) if self.history else {}
         if "test_nll" not in last:
             last.update(self.evaluate())
-        out = {k: last[k] for k in ("test_accuracy", "test_rmse", "test_nll") if k in last}
+        out = {k: last[k] for k in ("test_accuracy", "test_rmse", "test_nll", "test_bpc") if k in last}
         out.update({"epochs": self.epoch, "steps": self.steps, "train_seconds": self.train_seconds,
                     "step_ms": 1000 * self.train_seconds / max(self.steps, 1),
                     "n_weights": self.network.num_weights(), "nan_recoveries": len(self.recoveries)})
