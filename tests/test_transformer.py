@@ -19,7 +19,7 @@ from pyro_sparse.guides import MeanFieldGuide, prototype_trace
 from pyro_sparse.layers import Linear
 from pyro_sparse.local_reparam import GaussianWeight, LocalReparameterization
 from pyro_sparse.network import BayesianNetwork
-from pyro_sparse.priors import PRIORS, GaussianGamma
+from pyro_sparse.priors import GaussianGamma
 from pyro_sparse.reduction import compact, load_compact, masked_module, reduce, reduction_report, save_compact
 from pyro_sparse.reduction.rules import Decision
 from pyro_sparse.reduction.transformer import attention_heads, head_evidence, mlp_units, remove_heads
@@ -420,9 +420,6 @@ def test_every_image_size_has_every_prior():
 
 @pytest.mark.parametrize("path", SPECS, ids=[os.path.basename(p)[:-5] for p in SPECS])
 def test_specs_build_and_run(path):
-    if "horseshoe" in path and "horseshoe" not in PRIORS:
-        pytest.skip("the horseshoe prior is not on this branch yet (priors branch; the specs use its "
-                    "documented options, plus group: head on attention)")
     size = 28 if "_28_" in path else 8
     net = build_network(load_model_spec(path), (size * size,), 10, (1, size, size))
     x = torch.randn(3, size * size)
