@@ -40,7 +40,7 @@ def _add_fit(sub):
     p = sub.add_parser("fit", help="fit a model spec with an inference recipe")
     p.add_argument("--model", help="model spec (models/*.yaml); not needed with --resume")
     p.add_argument("--inference", help="inference recipe (inference/*.yaml); not needed with --resume")
-    p.add_argument("--data", help="digits | mnist1d | sparse-regression | PATH.npz | PATH.csv | IDX dir; "
+    p.add_argument("--data", help="digits | mnist1d | sparse-regression | PATH.npz | PATH.csv | PATH.txt | IDX dir; "
                    "not needed with --resume")
     p.add_argument("--target", help="label column of a CSV file")
     p.add_argument("--out", required=True, help="run directory to write")

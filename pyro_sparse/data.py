@@ -44,7 +44,7 @@ class Dataset:
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
-    task: str  # "classification" | "regression"
+    task: str  # "classification" | "regression" | "sequence" (next-token targets per position, pyro_sparse.text)
     num_outputs: int  # classes, or regression targets
     image_shape: tuple | None = None
     extras: dict = field(default_factory=dict)
@@ -62,8 +62,9 @@ class Dataset:
         if self.x_train.shape[1:] != self.x_test.shape[1:]:
             raise DataError(f"{self.name}: x_train rows have shape {tuple(self.x_train.shape[1:])} but x_test rows "
                             f"{tuple(self.x_test.shape[1:])}")
-        if self.task not in ("classification", "regression"):
-            raise DataError(f"{self.name}: task must be 'classification' or 'regression', got {self.task!r}")
+        if self.task not in ("classification", "regression", "sequence"):
+            raise DataError(f"{self.name}: task must be 'classification', 'regression' or 'sequence', "
+                            f"got {self.task!r}")
         if isinstance(self.num_outputs, bool) or not isinstance(self.num_outputs, int) or self.num_outputs < 1:
             raise DataError(f"{self.name}: num_outputs must be a positive integer, got {self.num_outputs!r}")
 
@@ -337,8 +338,12 @@ def load_idx_dir(directory) -> Dataset:
                    "classification", image_shape=(1, h, w), source=directory)
 
 
-def load_dataset(name_or_path: str, target: str | None = None, seed: int = 0) -> Dataset:
-    """A built-in data set by name, or a user's ``.npz`` / ``.csv`` file or IDX directory."""
+def load_dataset(name_or_path: str, target: str | None = None, seed: int = 0, options: dict | None = None) -> Dataset:
+    """A built-in data set by name, or a user's ``.npz`` / ``.csv`` / ``.txt`` file or IDX directory.
+
+    ``options`` (the model spec's ``data:`` section) configure a text corpus
+    (:func:`pyro_sparse.text.load_text`: sequence_length, valid_fraction, max_vocab).
+    """
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise DataError(f"load_dataset: expected a data set name or a path, got {name_or_path!r}")
     if target is not None and not isinstance(target, str):
@@ -346,6 +351,8 @@ def load_dataset(name_or_path: str, target: str | None = None, seed: int = 0) ->
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise DataError(f"load_dataset: seed must be an integer in [0, 2**32), got {seed!r}")
     name_or_path = os.fspath(name_or_path)
+    if options and not name_or_path.endswith(".txt"):
+        raise DataError(f"{name_or_path}: the spec's data options {sorted(options)} apply only to .txt corpora")
     if name_or_path == "digits":
         return load_digits(seed=seed)
     if name_or_path == "mnist1d":
@@ -363,4 +370,8 @@ def load_dataset(name_or_path: str, target: str | None = None, seed: int = 0) ->
         return load_npz(path, seed=seed)
     if path.endswith(".csv"):
         return load_csv(path, target, seed=seed)
-    raise DataError(f"{path}: unknown data format; expected .npz, .csv or a directory of IDX files")
+    if path.endswith(".txt"):
+        from .text import load_text
+
+        return load_text(path, **(options or {}))
+    raise DataError(f"{path}: unknown data format; expected .npz, .csv, .txt or a directory of IDX files")

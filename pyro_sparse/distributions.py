@@ -18,14 +18,19 @@ pyro's ``Independent``/``Independent`` rule sums them through ``.to_event``.
 import math
 
 import torch
+import torch.nn.functional as F
 from torch.distributions import constraints
 from torch.distributions import Gamma, InverseGamma, LogNormal, Normal
 from torch.distributions.kl import register_kl
+from torch.distributions.utils import lazy_property
 
+import pyro.distributions as dist
 from pyro.distributions import TorchDistribution
 
 __all__ = [
     "LogUniform",
+    "LogScaleNormal",
+    "kl_normal_loguniform_log",
     "log_alpha",
     "kl_normal_loguniform",
     "kl_lognormal_gamma",
@@ -111,6 +116,47 @@ class LogUniform(TorchDistribution):
     rsample = sample
 
 
+class LogScaleNormal(dist.Normal):
+    r"""``Normal(loc, exp(log_scale))`` that keeps :math:`\log\sigma`.
+
+    The mean-field guide stores every Gaussian posterior as :math:`(\mu, \log\sigma)`. With this
+    class the KL terms (Sparse VD, Gaussian prior) and the local-reparameterisation variance
+    :math:`\sigma^2 = e^{2\log\sigma}` are computed from :math:`\log\sigma` directly; ``scale``
+    is only materialised when something asks for it (sampling, ``log_prob``). Behaves as a
+    ``Normal`` everywhere else (``isinstance(d, Normal)`` holds).
+    """
+
+    arg_constraints = {"loc": constraints.real, "log_scale": constraints.real}
+
+    def __init__(self, loc, log_scale, validate_args=None):
+        if loc.shape != log_scale.shape:
+            loc, log_scale = torch.broadcast_tensors(loc, log_scale)
+        self.loc, self.log_scale = loc, log_scale
+        torch.distributions.Distribution.__init__(self, loc.shape, validate_args=validate_args)
+
+    @lazy_property
+    def scale(self):
+        return self.log_scale.exp()
+
+    @lazy_property
+    def variance(self):
+        return torch.exp(2 * self.log_scale)
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        return LogScaleNormal(self.loc.expand(batch_shape), self.log_scale.expand(batch_shape),
+                              validate_args=False)
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        z = (value - self.loc) * torch.exp(-self.log_scale)
+        return -0.5 * z * z - self.log_scale - _HALF_LOG_2PI
+
+    def entropy(self):
+        return 0.5 + _HALF_LOG_2PI + self.log_scale
+
+
 def log_alpha(loc, scale):
     r"""Dropout rate of a Gaussian weight posterior, in log space.
 
@@ -123,6 +169,52 @@ def log_alpha(loc, scale):
     """
     la = 2 * scale.log() - (loc * loc + _THETA2_EPS).log()
     return la.clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+
+
+class _SparseVDKL(torch.autograd.Function):
+    """Elementwise Sparse VD KL from (theta, log sigma); its gradient is formed in the forward pass.
+
+    With la = 2 log sigma - log(theta^2 + eps) clamped to [LOG_ALPHA_MIN, LOG_ALPHA_MAX]:
+
+        dKL/dla = -k1 k3 s (1 - s) - 1/2 sigmoid(-la),   s = sigmoid(k2 + k3 la)
+        dKL/dlog sigma = 2 dKL/dla,   dKL/dtheta = -2 theta / (theta^2 + eps) dKL/dla
+
+    (zero where the clamp is active, as for ``torch.clamp``). Autograd through the composed
+    formula runs ~35 small kernels over every weight per step; this runs ~20 in forward, mostly
+    in place, and two in backward: the KL of a Sparse VD network is the largest elementwise
+    cost of its SVI step.
+    """
+
+    @staticmethod
+    def forward(ctx, loc, log_scale):
+        t = loc.square().add_(_THETA2_EPS)  # theta^2 + eps
+        la_raw = t.log().neg_().add_(log_scale, alpha=2.0)
+        la = la_raw.clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+        s = la.mul(_K3).add_(_K2).sigmoid_()
+        neg_la = la.neg()
+        kl = F.softplus(neg_la).mul_(0.5).sub_(s, alpha=_K1).add_(_K1)
+        if any(ctx.needs_input_grad):
+            d_la = s.sub(1.0).mul_(s).mul_(_K1 * _K3).sub_(neg_la.sigmoid_(), alpha=0.5)
+            d_la.mul_(la == la_raw)  # no gradient where the clamp is active
+            ctx.save_for_backward(d_la.mul(loc).div_(t).mul_(-2.0), d_la.mul_(2.0))
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad):
+        g_loc, g_log_scale = ctx.saved_tensors
+        return grad * g_loc, grad * g_log_scale
+
+
+def kl_normal_loguniform_log(loc, log_scale):
+    r"""Elementwise :math:`KL(N(\theta, \sigma^2)\,\|\,\text{LogUniform})` from
+    :math:`(\theta, \log\sigma)`, the additive parameterisation of Sparse VD.
+
+    Same value as :func:`kl_normal_loguniform` (Molchanov et al. 2017, eq. 14) with
+    :math:`\log\alpha = 2\log\sigma - \log(\theta^2 + 10^{-16})` clamped to [-20, 20], computed
+    without the exp/log round trip and with a fused backward: the KL of a Sparse VD layer is the
+    largest elementwise cost of an SVI step.
+    """
+    return _SparseVDKL.apply(loc, log_scale)
 
 
 def kl_normal_loguniform(loc, scale):
@@ -140,9 +232,7 @@ def kl_normal_loguniform(loc, scale):
     approximation matches it up to a constant. The result is >= 0 and tends to 0 as
     :math:`\alpha\to\infty`.
     """
-    la = log_alpha(loc, scale)
-    neg_kl = _K1 * torch.sigmoid(_K2 + _K3 * la) - 0.5 * torch.nn.functional.softplus(-la) - _K1
-    return -neg_kl
+    return kl_normal_loguniform_log(loc, scale.log())
 
 
 def _lognormal_entropy(loc, scale):
@@ -228,3 +318,21 @@ def _kl_lognormal_gamma(p, q):
 @register_kl(LogNormal, InverseGamma)
 def _kl_lognormal_inverse_gamma(p, q):
     return kl_lognormal_inverse_gamma(p.loc, p.scale, q.concentration, q.rate)
+
+
+@register_kl(LogScaleNormal, LogUniform)
+def _kl_logscalenormal_loguniform(p, q):
+    kl = kl_normal_loguniform_log(p.loc, p.log_scale)
+    if kl.shape == q.batch_shape:  # the usual case; broadcast_shapes costs ~40 us
+        return kl
+    return kl.expand(torch.broadcast_shapes(kl.shape, q.batch_shape))
+
+
+@register_kl(LogScaleNormal, Normal)
+def _kl_logscalenormal_normal(p, q):
+    """KL(N(m, e^{2l}) || N(m0, s0^2)) = log s0 - l + (e^{2l} + (m - m0)^2) / (2 s0^2) - 1/2."""
+    if isinstance(q, LogScaleNormal):
+        log_s0, precision0 = q.log_scale, torch.exp(-2 * q.log_scale)
+    else:
+        log_s0, precision0 = q.scale.log(), q.scale.square().reciprocal()
+    return log_s0 - p.log_scale + 0.5 * (p.variance + (p.loc - q.loc).square()) * precision0 - 0.5

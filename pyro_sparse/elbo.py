@@ -26,9 +26,37 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO
+from pyro.poutine.messenger import Messenger
 from torch.distributions import kl_divergence
 
 from .local_reparam import LocalReparameterization
+
+
+class _SiteRecorder(Messenger):
+    """A light ``poutine.trace`` (+ ``poutine.replay``) for the ELBO's hot path.
+
+    Records each sample site's message by name, without building a ``Trace`` graph or copying
+    messages; with ``replay`` (name -> guide message) it sets the value of latent sites from the
+    guide, as ``ReplayMessenger`` does. One SVI step runs it twice; ``traces()`` keeps returning
+    real Pyro traces for anyone who wants them.
+    """
+
+    def __init__(self, replay=None):
+        super().__init__()
+        self.sites = {}
+        self.replay = replay
+
+    def _pyro_sample(self, msg):
+        if self.replay is not None and not msg["is_observed"]:
+            guide_msg = self.replay.get(msg["name"])
+            if guide_msg is not None:
+                msg["done"] = True
+                msg["value"] = guide_msg["value"]
+
+    def _pyro_post_sample(self, msg):
+        if msg["name"] in self.sites:
+            raise RuntimeError(f"Multiple sample sites named {msg['name']!r}")
+        self.sites[msg["name"]] = msg
 
 
 class MeanFieldELBO(ELBO):
@@ -59,16 +87,20 @@ class MeanFieldELBO(ELBO):
 
     def terms(self, model, guide, *args, **kwargs):
         """(expected log-likelihood estimate, total KL estimate), both differentiable."""
-        model_trace, guide_trace = self.traces(model, guide, *args, **kwargs)
+        with LocalReparameterization() if self.local_reparam else nullcontext():
+            with _SiteRecorder() as guide_rec:
+                guide(*args, **kwargs)
+            with _SiteRecorder(replay=guide_rec.sites) as model_rec:
+                model(*args, **kwargs)
         loglik, kl = 0.0, 0.0
-        for name, site in model_trace.nodes.items():
-            if site["type"] != "sample" or type(site["fn"]).__name__ == "_Subsample":
+        for name, site in model_rec.sites.items():
+            if type(site["fn"]).__name__ == "_Subsample":
                 continue
             if site["is_observed"]:
                 term = site["fn"].log_prob(site["value"])
                 loglik = loglik + scale_and_mask(term, site["scale"], site["mask"]).sum()
                 continue
-            guide_site = guide_trace.nodes[name]
+            guide_site = guide_rec.sites[name]
             try:
                 term = kl_divergence(guide_site["fn"], site["fn"])
             except NotImplementedError:

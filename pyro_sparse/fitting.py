@@ -76,6 +76,10 @@ def check_compatible(network, dataset):
     lik = getattr(network, "likelihood", None)
     task = getattr(lik, "task", None)
     kind = getattr(lik, "spec_name", type(lik).__name__)
+    if (task == "sequence") != (dataset.task == "sequence"):
+        raise DataError(f"{dataset.name}: the {kind} likelihood {'needs' if task == 'sequence' else 'cannot take'} "
+                        "sequence data (a text corpus, targets at every position); a language model uses "
+                        "likelihood: sequence_categorical")
     if task == "regression" and dataset.task != "regression":
         raise DataError(f"{dataset.name}: the {kind} likelihood needs real-valued targets but the data have "
                         f"class labels; use likelihood: categorical (or bernoulli)")
@@ -110,6 +114,10 @@ def evaluate(network, guide, x, y, num_samples=10, batch_size=2048) -> dict:
     for name, v in (("num_samples", num_samples), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"evaluate: {name} must be a positive integer, got {v!r}")
+    if network.likelihood.task == "sequence":  # language models: per-character figures and BPC
+        from .text import evaluate_sequences
+
+        return evaluate_sequences(network, guide, x, y, num_samples)
     if isinstance(guide, DeltaGuide):
         num_samples = 1
     lik = network.likelihood
@@ -277,6 +285,11 @@ class SVITrainer:
 
     # ------------------------------------------------------------------ training
     def kl_weight(self, epoch_float: float) -> float:
+        """beta_t: 0 for ``kl_free_epochs`` (pre-training on the data term), then a linear
+        rise to 1 over ``kl_warmup_epochs``."""
+        epoch_float -= self.recipe.get("kl_free_epochs", 0.0)
+        if epoch_float < 0:
+            return 0.0
         warm = self.recipe["kl_warmup_epochs"]
         return 1.0 if warm <= 0 else min(1.0, epoch_float / warm)
 
@@ -460,7 +473,7 @@ class SVITrainer:
         last = dict(self.history[-1]) if self.history else {}
         if "test_nll" not in last:
             last.update(self.evaluate())
-        out = {k: last[k] for k in ("test_accuracy", "test_rmse", "test_nll") if k in last}
+        out = {k: last[k] for k in ("test_accuracy", "test_rmse", "test_nll", "test_bpc") if k in last}
         out.update({"epochs": self.epoch, "steps": self.steps, "train_seconds": self.train_seconds,
                     "step_ms": 1000 * self.train_seconds / max(self.steps, 1),
                     "n_weights": self.network.num_weights(), "nan_recoveries": len(self.recoveries)})

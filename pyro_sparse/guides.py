@@ -28,7 +28,7 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
 from torch import nn
 from torch.distributions import kl_divergence
 
-from .distributions import log_alpha
+from .distributions import LogScaleNormal, log_alpha
 
 GUIDES: dict[str, type["Guide"]] = {}
 
@@ -178,8 +178,10 @@ class MeanFieldGuide(Guide):
 
     @staticmethod
     def _distribution(family, loc, log_scale):
-        scale = log_scale.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX).exp()
-        return dist.Normal(loc, scale) if family == "normal" else dist.LogNormal(loc, scale)
+        log_scale = log_scale.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
+        if family == "normal":
+            return LogScaleNormal(loc, log_scale)  # a Normal that keeps log sigma (cheaper KL terms)
+        return dist.LogNormal(loc, log_scale.exp())
 
     def distribution(self, name):
         """The posterior distribution of site ``name`` (without event dims)."""
@@ -265,3 +267,6 @@ def build_guide(name: str, model, **options) -> Guide:
     if not isinstance(name, str) or name not in GUIDES:
         raise ValueError(f"unknown guide {name!r}; expected one of {sorted(GUIDES)}")
     return GUIDES[name](model, **options)
+
+
+from . import structured_guides  # noqa: E402,F401  (registers 'structured' and 'lowrank')

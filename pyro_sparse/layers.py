@@ -178,6 +178,8 @@ class _Parametric(Layer):
         self.weight_prior = build_prior(prior if prior is not None else Gaussian())
         self.has_bias = torch_layer.bias is not None
         self.bias_prior = build_prior(bias_prior if bias_prior is not None else Gaussian()) if self.has_bias else None
+        for param, p in self.priors().items():
+            p.check_axes(param, self.param_axes[param])
         # The usual deterministic initialisation, so training starts like a deterministic net.
         self.register_buffer("weight_init", torch_layer.weight.detach().clone(), persistent=False)
         if self.has_bias:

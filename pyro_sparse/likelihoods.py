@@ -42,6 +42,10 @@ class Likelihood(Configurable):
     def output_dim(self, num_outputs: int) -> int:
         return num_outputs
 
+    def output_shape(self, num_outputs: int, shape: tuple) -> tuple:
+        """Per-example network output shape this likelihood needs (``shape``: the network's)."""
+        return (self.output_dim(num_outputs),)
+
     def observe(self, output, y=None, dataset_size=None, subsample=None):
         """Emit the ``obs`` site inside the data plate; return the distribution."""
         batch = output.shape[0]

@@ -100,7 +100,7 @@ def gaussian_posterior(name: str) -> GaussianWeight | None:
     normal = handler.posteriors.get(name)
     if normal is None:
         return None
-    return GaussianWeight(normal.loc, normal.scale.square())
+    return GaussianWeight(normal.loc, normal.variance)
 
 
 def _sample_preactivation(mean, var):

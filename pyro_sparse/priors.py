@@ -21,7 +21,8 @@ import pyro.distributions as dist
 import torch
 
 from .distributions import LogUniform as LogUniformDistribution
-from .local_reparam import gaussian_posterior
+from .distributions import log_alpha
+from .local_reparam import GaussianWeight, gaussian_posterior
 from .schema import Configurable, Field
 
 PRIORS: dict[str, type["Prior"]] = {}
@@ -60,16 +61,21 @@ def _full(shape, value, like):
     return torch.full(tuple(shape), float(value), dtype=like.dtype, device=like.device)
 
 
-def sample_weight(name, prior_fn, init, role="weight", local_reparam=True):
+def sample_weight(name, prior_fn, init, role="weight", local_reparam=True, group_sites=()):
     """Emit the sample site of a real-valued parameter and return what the layer uses.
 
     ``prior_fn`` is a distribution with the parameter's full batch shape; ``init`` is the
     deterministic initial value the guide starts from. Under an active
     :class:`~pyro_sparse.local_reparam.LocalReparameterization` handler the return value is
     the site's Gaussian posterior (a GaussianWeight) instead of a sample.
+    ``group_sites`` names the hyper-sites (emitted before this one) that set the scale of this
+    parameter's groups; structured guides condition the weights on them
+    (:class:`~pyro_sparse.structured_guides.StructuredGuide`).
     """
-    value = pyro.sample(name, prior_fn.to_event(init.dim()),
-                        infer={"ps_role": role, "ps_init": init, "ps_local_reparam_ok": local_reparam})
+    infer = {"ps_role": role, "ps_init": init, "ps_local_reparam_ok": local_reparam}
+    if group_sites:
+        infer["ps_group_sites"] = tuple(group_sites)
+    value = pyro.sample(name, prior_fn.to_event(init.dim()), infer=infer)
     posterior = gaussian_posterior(name) if local_reparam else None
     return posterior if posterior is not None else value
 
@@ -109,6 +115,23 @@ class Prior(Configurable):
         posterior of eps to that of w given the fitted scales in ``values``.
         """
         return loc, var
+
+    def parameter_block(self, site: str, block: dict, values: dict) -> dict:
+        """A low-rank block ``{"cov_factor": (n, r), "cov_diag": (n,)}`` over the sample site's
+        flattened elements, mapped to the parameter (identity for centred priors)."""
+        return block
+
+    def check_axes(self, param: str, axes: dict):
+        """Raise ValueError if this prior groups along an axis the parameter does not have."""
+        group = getattr(self, "group", None)
+        if group is not None and group not in ("weight", "layer") and group not in axes:
+            raise ValueError(f"{self.spec_name} prior on the {param}: group {group!r} is not an axis of "
+                             f"this parameter; expected one of {['weight', 'layer', *axes]}")
+
+    def keep_mask(self, site: str, guide, threshold=None):
+        """The prior's own pruning rule: a boolean keep-mask of the parameter's shape, or None
+        where the prior has no rule of its own (e.g. a plain Gaussian)."""
+        return None
 
 
 @register_prior("gaussian")
@@ -180,6 +203,281 @@ class LogUniform(Prior):
 
     def gaussian_prior(self, site, values):
         return 0.0, float("inf")
+
+    def keep_mask(self, site, guide, threshold=None):
+        """Keep where ``log alpha <= threshold`` (default 3; Molchanov et al. 2017)."""
+        loc, var = guide.site_posterior(site)
+        return log_alpha(loc, var.sqrt()) <= (3.0 if threshold is None else threshold)
+
+
+#: group axes a group prior accepts; a layer checks the axis exists (``Prior.check_axes``)
+GROUP_CHOICES = ("weight", "layer", "unit", "input", "channel", "gate", "hidden")
+
+
+def _scale_param(param, scale):
+    """``scale * param`` for a tensor or a :class:`GaussianWeight` (given the scale)."""
+    return param.scaled(scale) if isinstance(param, GaussianWeight) else param * scale
+
+
+def _standard_normal(init):
+    return dist.Normal(_full((), 0.0, init), _full((), 1.0, init)).expand(init.shape)
+
+
+@register_prior("group_log_uniform")
+class GroupLogUniform(Prior):
+    """Group normal-Jeffreys prior (Louizos, Ullrich, Welling 2017, "Bayesian Compression").
+
+    One multiplicative variable per group with the scale-invariant log-uniform prior and
+    Gaussian weights given it::
+
+        p(z_g) ∝ 1/|z_g|,   p(w_ij | z_g) = N(0, z_g^2)
+
+    written non-centred, ``w = z * w~`` with ``w~ ~ N(0, 1)``. Sites: ``<site>.z_<group>``
+    (z, one per group, e.g. ``fc1.weight.z_unit`` of shape (300, 1)) and ``<site>`` (w~).
+    With Gaussian posteriors q(z_g) = N(mu_z, sigma_z^2) and q(w~) = N(mu, sigma^2) this is the
+    paper's q(z) q(w | z) with q(w_ij | z_g) = N(z_g mu_ij, z_g^2 sigma_ij^2); the KL of w~ is
+    Normal-Normal in closed form (the z_g cancel) and the KL of z is the Sparse VD
+    approximation (Molchanov et al. 2017). A group is pruned where
+    ``log alpha_z = log sigma_z^2 - log mu_z^2`` exceeds a threshold (:meth:`keep_mask`, default 0).
+
+    Local reparameterisation: z is sampled once per mini-batch (one draw shared by the batch,
+    a simplification of the paper's per-example draw); given z the pre-activations are Gaussian,
+    so the layer gets ``GaussianWeight(z mu, z^2 sigma^2)``.
+    """
+
+    fields = {"group": Field("choice", "unit", choices=GROUP_CHOICES, doc="one z per group along this axis")}
+
+    def z_site(self, site):
+        return f"{site}.z_{self.group}"
+
+    def sample(self, site, init, axes):
+        gshape = group_shape(init.shape, axes, self.group)
+        z = pyro.sample(self.z_site(site), LogUniformDistribution(gshape).to_event(len(gshape)),
+                        infer={"ps_role": "group", "ps_init": _full(gshape, 1.0, init)})
+        w_tilde = sample_weight(site, _standard_normal(init), init, group_sites=(self.z_site(site),))
+        return _scale_param(w_tilde, z)
+
+    def gaussian_prior(self, site, values):
+        """Conditional prior N(0, z^2) at the posterior median of z."""
+        return 0.0, values[self.z_site(site)].abs()
+
+    def parameter_posterior(self, site, loc, var, values):
+        """q(w | z) = N(z mu, z^2 sigma^2) at the posterior median of z."""
+        z = values[self.z_site(site)]
+        return z * loc, z * z * var
+
+    def parameter_block(self, site, block, values):
+        return _scale_block(block, values[self.z_site(site)])
+
+    def group_log_alpha(self, site, guide):
+        """``log alpha`` of every group's z (group shape), from the guide's Gaussian q(z)."""
+        loc, var = guide.site_posterior(self.z_site(site))
+        return log_alpha(loc, var.sqrt())
+
+    #: default pruning threshold on log alpha_z: alpha = 1, i.e. the multiplicative noise on the
+    #: group is as large as its signal (a Gaussian-dropout rate above 1/2). Louizos et al. set the
+    #: thresholds per layer by hand; on the digits MLP the fitted log alpha_z form two clusters,
+    #: below about -1 and above about 5, and 0 separates them.
+    default_threshold = 0.0
+
+    def keep_mask(self, site, guide, threshold=None):
+        """Keep the groups with ``log alpha_z <= threshold`` (default :attr:`default_threshold`),
+        broadcast to the weight."""
+        keep = self.group_log_alpha(site, guide) <= (self.default_threshold if threshold is None else threshold)
+        loc, _ = guide.site_posterior(site)
+        return keep.expand(loc.shape)
+
+
+def _scale_block(block, scale):
+    """The low-rank block of ``scale * x`` from that of x. ``block["shape"]`` is x's shape;
+    ``scale`` broadcasts against it (one value per group)."""
+    f = torch.as_tensor(scale).expand(block["shape"]).reshape(-1)
+    return {**block, "cov_factor": block["cov_factor"] * f[:, None], "cov_diag": block["cov_diag"] * f * f}
+
+
+HALF = 0.5
+
+
+@register_prior("horseshoe")
+class Horseshoe(Prior):
+    """(Regularised) horseshoe prior, non-centred (Carvalho et al. 2010; Piironen & Vehtari
+    2017; Louizos et al. 2017; Ghosh et al. 2019).
+
+    ::
+
+        tau ~ C+(0, tau0)                    one global scale for the parameter tensor
+        lambda_g ~ C+(0, 1)                  one local scale per group
+        w = s_g * eps,  eps ~ N(0, 1)        with s_g = tau * lambda_g
+
+    With ``regularized=True`` a slab ``c^2 ~ InvGamma(slab_df/2, slab_df * slab_scale^2 / 2)``
+    bounds the scales: ``lambda~_g^2 = c^2 lambda_g^2 / (c^2 + tau^2 lambda_g^2)`` and
+    ``s_g = tau * lambda~_g``, i.e. ``1/s_g^2 = 1/c^2 + 1/(tau^2 lambda_g^2)``.
+
+    With ``decompose=True`` (default) each half-Cauchy is written as a product of a Gamma and an
+    inverse-gamma variable (Louizos et al. 2017; Ghosh et al. 2019): if
+    ``a ~ Gamma(1/2, rate=1/b^2)`` and ``c ~ InvGamma(1/2, 1)`` then ``sqrt(a c) ~ C+(0, b)``.
+    Sites (``<site>`` = ``fc1.weight``)::
+
+        <site>.global_scale_a ~ Gamma(1/2, rate 1/tau0^2)    tau^2 = global_scale_a * global_scale_b
+        <site>.global_scale_b ~ InvGamma(1/2, 1)
+        <site>.<group>_scale_a ~ Gamma(1/2, 1)              lambda^2 = <group>_scale_a * <group>_scale_b
+        <site>.<group>_scale_b ~ InvGamma(1/2, 1)
+        <site>.slab_variance ~ InvGamma(...)                 c^2 (regularised only)
+        <site>                ~ N(0, 1)                      eps
+
+    so that with log-normal posteriors on the positive sites every KL term is in closed form
+    (:mod:`pyro_sparse.distributions`). With ``decompose=False`` the sites are
+    ``<site>.global_scale ~ C+(0, tau0)`` and ``<site>.<group>_scale ~ C+(0, 1)``, whose KL the
+    ELBO estimates by Monte Carlo. Given the scales (sampled once per mini-batch) the weights
+    are Gaussian, so local reparameterisation applies.
+
+    The "tiered" horseshoe of Markovic et al. (2023): ``group: unit``, ``tau0: 0.01``,
+    ``regularized: true``, slab InvGamma(2, 6) (``slab_df: 4, slab_scale: sqrt(3)``), and on the
+    output layer ``group: layer`` (a single scale); see ``models/mlp_horseshoe.yaml``.
+    Prune rule (:meth:`keep_mask`): keep groups whose relative scale ``s_g / tau`` (at the
+    posterior medians) is at least ``threshold``.
+    """
+
+    fields = {
+        "tau0": Field("float", 1.0, positive=True, doc="scale of the half-Cauchy prior of the global scale"),
+        "group": Field("choice", "unit", choices=GROUP_CHOICES, doc="one local scale per group along this axis"),
+        "regularized": Field("bool", False, doc="add the Piironen-Vehtari slab"),
+        "slab_df": Field("float", 4.0, positive=True, doc="nu of the slab c^2 ~ InvGamma(nu/2, nu s^2/2)"),
+        "slab_scale": Field("float", 2.0, positive=True, doc="s of the slab"),
+        "decompose": Field("bool", True, doc="half-Cauchy as Gamma x InvGamma (closed-form KL terms)"),
+    }
+
+    # ---------------------------------------------------------------- site names
+    def global_sites(self, site):
+        return [f"{site}.global_scale_a", f"{site}.global_scale_b"] if self.decompose else [f"{site}.global_scale"]
+
+    def local_sites(self, site):
+        g = f"{site}.{self.group}_scale"
+        return [f"{g}_a", f"{g}_b"] if self.decompose else [g]
+
+    def slab_site(self, site):
+        return f"{site}.slab_variance"
+
+    def slab_concentration_rate(self):
+        return 0.5 * self.slab_df, 0.5 * self.slab_df * self.slab_scale ** 2
+
+    # ---------------------------------------------------------------- maths
+    def _log_square(self, names, values):
+        """log tau^2 (or log lambda^2) from the values of its sites."""
+        if self.decompose:
+            return values[names[0]].log() + values[names[1]].log()
+        return 2 * values[names[0]].log()
+
+    def log_scale2(self, site, values):
+        """log s_g^2 of every group (group shape) given values of the hyper-sites.
+
+        ``log s^2 = log v - softplus(log v - log c^2)`` with ``v = tau^2 lambda^2`` in the
+        regularised case (= log(c^2 v / (c^2 + v))), ``log v`` otherwise."""
+        log_v = self._log_square(self.global_sites(site), values) + self._log_square(self.local_sites(site), values)
+        if self.regularized:
+            log_v = log_v - torch.nn.functional.softplus(log_v - values[self.slab_site(site)].log())
+        return log_v
+
+    def group_scale(self, site, values):
+        """Effective scale ``s_g = tau * lambda~_g`` per group (group shape)."""
+        return torch.exp(0.5 * self.log_scale2(site, values))
+
+    # ---------------------------------------------------------------- sites
+    def initial_values(self, site, init, gshape):
+        """Initial values of the hyper-sites: tau = tau0, c^2 at the slab's mode, and lambda such
+        that ``tau * lambda`` is the root-mean-square of the deterministic initial weights (so the
+        initial eps = w_init / s is of order one, like its N(0, 1) prior). A decomposed
+        half-Cauchy ``sqrt(a b)`` starts with ``a`` at its prior mean and ``b`` making up the rest."""
+        lshape = [1] * init.dim()
+        rms = float(init.square().mean().sqrt().clamp_min(1e-6))
+        tau, lam = self.tau0, rms / self.tau0
+        values = {}
+        for names, scale, value, shape in ((self.global_sites(site), self.tau0, tau, lshape),
+                                           (self.local_sites(site), 1.0, lam, gshape)):
+            if self.decompose:
+                a = HALF * scale ** 2  # mean of Gamma(1/2, rate 1/scale^2)
+                values[names[0]], values[names[1]] = _full(shape, a, init), _full(shape, value ** 2 / a, init)
+            else:
+                values[names[0]] = _full(shape, value, init)
+        if self.regularized:
+            a, b = self.slab_concentration_rate()
+            values[self.slab_site(site)] = _full(lshape, b / (a + 1), init)  # mode of InvGamma(a, b)
+        return values
+
+    def _hyperpriors(self, site, like):
+        """Prior distribution (batch shape ()) of every hyper-site."""
+        def full(v):
+            return _full((), v, like)
+
+        out = {}
+        for names, scale in ((self.global_sites(site), self.tau0), (self.local_sites(site), 1.0)):
+            if self.decompose:
+                out[names[0]] = dist.Gamma(full(HALF), full(1.0 / scale ** 2))
+                out[names[1]] = dist.InverseGamma(full(HALF), full(1.0))
+            else:
+                out[names[0]] = dist.HalfCauchy(full(scale))
+        if self.regularized:
+            a, b = self.slab_concentration_rate()
+            out[self.slab_site(site)] = dist.InverseGamma(full(a), full(b))
+        return out
+
+    def sample(self, site, init, axes):
+        gshape = group_shape(init.shape, axes, self.group)
+        start = self.initial_values(site, init, gshape)
+        values = {name: sample_scale(name, fn.expand(start[name].shape), start[name])
+                  for name, fn in self._hyperpriors(site, init).items()}
+        eps_init = init / self.group_scale(site, start)
+        eps = sample_weight(site, _standard_normal(init), eps_init, group_sites=tuple(self.local_sites(site)))
+        return _scale_param(eps, self.group_scale(site, values))
+
+    # ---------------------------------------------------------------- summary
+    def gaussian_prior(self, site, values):
+        """Conditional prior N(0, s_g^2) at the posterior medians of the scales."""
+        return 0.0, self.group_scale(site, values)
+
+    def parameter_posterior(self, site, loc, var, values):
+        s = self.group_scale(site, values)
+        return s * loc, s * s * var
+
+    def parameter_block(self, site, block, values):
+        return _scale_block(block, self.group_scale(site, values))
+
+    def global_scale(self, site, values):
+        """The global scale tau (a one-element tensor of the parameter's rank)."""
+        return torch.exp(0.5 * self._log_square(self.global_sites(site), values))
+
+    def relative_scale(self, site, values):
+        """``lambda~_g = s_g / tau`` per group: the (regularised) local scale on the prior's
+        C+(0, 1) scale."""
+        return self.group_scale(site, values) / self.global_scale(site, values)
+
+    def keep_mask(self, site, guide, threshold=None):
+        """Keep groups whose relative scale ``lambda~_g = s_g / tau`` (posterior medians) is at
+        least ``threshold`` (default 3), broadcast to the parameter's shape.
+
+        A group the data do not need keeps its local scale near the prior's typical values
+        (the KL alone puts the median of lambda^2 near 1), while groups that carry signal move
+        into the Cauchy tail. The default 3 is about the 80th percentile of C+(0, 1), above the
+        no-data mode; Carvalho, Polson & Scott (2010) threshold the shrinkage coefficient
+        1/(1 + lambda^2) in the same spirit.
+        """
+        rel = self.relative_scale(site, guide.median())
+        loc, _ = guide.site_posterior(site)
+        return (rel >= (3.0 if threshold is None else threshold)).expand(loc.shape)
+
+
+def prior_masks(network, guide, thresholds: dict | None = None) -> dict:
+    """Keep-masks of every parameter whose prior has its own pruning rule.
+
+    ``thresholds`` maps a prior's spec name (``log_uniform``, ``group_log_uniform``,
+    ``horseshoe``) to the threshold its :meth:`Prior.keep_mask` uses."""
+    thresholds = thresholds or {}
+    out = {}
+    for name, (_, _, prior) in network.param_sites().items():
+        mask = prior.keep_mask(name, guide, thresholds.get(prior.spec_name))
+        if mask is not None:
+            out[name] = mask
+    return out
 
 
 def build_prior(spec) -> Prior:

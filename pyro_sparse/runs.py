@@ -152,7 +152,7 @@ def fit_run(model_path: str, recipe_path: str, data: str, out_dir: str, epochs=N
         model_spec = load_model_spec(model_path)
         recipe = load_recipe(recipe_path)
         recipe.update(_overrides(recipe, epochs, seed, device))
-    dataset = load_dataset(data, target=target, seed=0)
+    dataset = load_dataset(data, target=target, seed=0, options=model_spec.get("data"))
     owner = False  # whether this call creates (and so ends) the process group
     if distributed or (distributed is None and ddp.launched_by_torchrun()):
         owner = ddp.init_from_env(device=recipe["device"])
@@ -199,7 +199,7 @@ def load_run(directory: str, data: str | None = None, device="cpu") -> Run:
     info = read_json(os.path.join(directory, "run.json"), "run record")
     if data is None and not isinstance(info.get("data"), str):
         raise PyroSparseError(f"{os.path.join(directory, 'run.json')}: no data set recorded; pass data=")
-    dataset = load_dataset(data or info["data"], target=info.get("target"), seed=0)
+    dataset = load_dataset(data or info["data"], target=info.get("target"), seed=0, options=model_spec.get("data"))
     if dataset.fingerprint() != info.get("data_fingerprint"):
         if data is None:
             msg = (f"{directory}: the data {info['data']!r} differ from the data this run was fitted on "

@@ -634,8 +634,10 @@ class LaplaceTrainer(SVITrainer):
             loss = self.map_loss(idx)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if self.recipe["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.recipe["grad_clip"])
+            # the gradient norm (clipped or not) doubles as the finiteness check of this step
+            norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.recipe["grad_clip"] or math.inf)
+            if self.check_each_step and not bool(torch.isfinite(loss) & torch.isfinite(norm)):
+                raise self._fault("loss" if not torch.isfinite(loss) else "gradient", b)  # before the update
             self.optimizer.step()
             total = total + loss.detach()
         total = total.item()

@@ -26,6 +26,7 @@ import os
 import torch
 import yaml
 
+from . import recurrent, text  # noqa: F401  (register the recurrent layers and the sequence likelihood)
 from .errors import SpecError
 from .layers import LAYERS
 from .likelihoods import LIKELIHOODS
@@ -41,6 +42,7 @@ MODEL_FIELDS = {
     "bias_prior": Field("any", None, allow_none=True),
     "layers": Field("list"),
     "likelihood": Field("any", "categorical"),
+    "data": Field("dict", None, allow_none=True),  # loader options, e.g. a text corpus's (text.TEXT_FIELDS)
 }
 
 
@@ -100,6 +102,8 @@ def parse_model_spec(data: dict, source: str | None = None) -> dict:
         if spec[key] is not None:
             spec[key] = parse_prior(spec[key], key, source)
     spec["likelihood"] = _typed(LIKELIHOODS, spec["likelihood"], "likelihood", source, "likelihood")
+    if spec["data"] is not None:  # the only data options so far are a text corpus's
+        spec["data"] = validate(text.TEXT_FIELDS, spec["data"], "data", source)
     if not spec["layers"]:
         raise SpecError("expected at least one layer", source, "layers")
     layers = []
@@ -176,6 +180,8 @@ def build_network(spec: dict, feature_shape, num_outputs: int, image_shape=None,
         cfg = dict(cfg)
         kind, name = cfg.pop("type"), cfg.pop("name", None)
         cls = LAYERS[kind]
+        if hasattr(cls, "resolve_auto"):  # e.g. num_tokens: auto -> the vocabulary
+            cfg = cls.resolve_auto(cfg, out_dim)
         if "prior" in cls.fields:
             cfg["prior"] = cfg.get("prior") or spec["prior"]
             cfg["bias_prior"] = cfg.get("bias_prior") or spec["bias_prior"]
@@ -189,9 +195,13 @@ def build_network(spec: dict, feature_shape, num_outputs: int, image_shape=None,
             msg = (str(e).splitlines() or [type(e).__name__])[0][:300]
             raise SpecError(f"{msg} (input to this layer has shape {list(shape)})", source, f"layers[{i}]") from None
         layers.append((name, layer) if name else layer)
-    if tuple(shape) != (out_dim,):
+    try:
+        expected = tuple(likelihood.output_shape(num_outputs, tuple(shape)))
+    except ValueError as e:
+        raise SpecError(str(e), source, "likelihood") from None
+    if tuple(shape) != expected:
         raise SpecError(f"the network's output has shape {list(shape)} but the {spec['likelihood']['type']} "
-                        f"likelihood needs ({out_dim},) for this data", source,
+                        f"likelihood needs {expected} for this data", source,
                         f"layers[{last_parametric if last_parametric is not None else len(layers) - 1}].out")
     try:
         return BayesianNetwork(layers, likelihood, input_shape=input_shape)

@@ -82,6 +82,8 @@ def summarize(network, guide) -> PosteriorSummary:
         if name in guide.sites and guide.sites[name].get("family") == "normal":
             alpha = log_alpha(loc, var.sqrt())
         block = guide.site_block(name) if hasattr(guide, "site_block") else None
+        if block is not None:
+            block = prior.parameter_block(name, block, values)
         out[name] = SiteSummary(layer.site, param, loc, var.reciprocal(),
                                 torch.as_tensor(prior_loc, dtype=loc.dtype, device=loc.device),
                                 torch.as_tensor(prior_scale, dtype=loc.dtype, device=loc.device).square().reciprocal(),

@@ -295,3 +295,83 @@ def test_lognormal_halfcauchy_mc(m, s, gamma):
     assert abs(est.item() - exact) < 4 * se
     with pytest.raises(ValueError, match="num_samples"):
         kl_lognormal_halfcauchy_mc(tm, ts, gamma, num_samples=0)
+
+
+# ---------------------------------------------------------------- pieces used by the horseshoe and the fast path
+
+@pytest.mark.parametrize("b", [1.0, 0.01])
+def test_half_cauchy_is_sqrt_of_gamma_times_inverse_gamma(b):
+    # the decomposition the Horseshoe prior uses: a ~ Gamma(1/2, rate 1/b^2), c ~ InvGamma(1/2, 1)
+    # => sqrt(a c) ~ C+(0, b). Compare the empirical CDF with 2/pi arctan(x/b) at its deciles.
+    torch.manual_seed(3)
+    n = 400_000
+    a = dist.Gamma(torch.tensor(0.5, dtype=torch.float64), torch.tensor(1 / b**2, dtype=torch.float64)).sample((n,))
+    c = dist.InverseGamma(torch.tensor(0.5, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)).sample((n,))
+    x = (a * c).sqrt()
+    for p in np.linspace(0.1, 0.9, 9):
+        q = b * math.tan(math.pi * p / 2)  # the half-Cauchy quantile
+        emp = (x <= q).double().mean().item()
+        assert abs(emp - p) < 4 * math.sqrt(p * (1 - p) / n), (p, emp)
+
+
+@pytest.mark.parametrize("prior", [
+    dist.Gamma(torch.tensor(0.5, dtype=torch.float64), torch.tensor(1e4, dtype=torch.float64)),  # tau, tau0 = 0.01
+    dist.Gamma(torch.tensor(0.5, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)),  # lambda
+    dist.InverseGamma(torch.tensor(0.5, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)),
+    dist.InverseGamma(torch.tensor(2.0, dtype=torch.float64), torch.tensor(6.0, dtype=torch.float64)),  # slab
+])
+@pytest.mark.parametrize("m,s", [(-9.0, 0.3), (0.5, 1.0), (2.0, 0.1)])
+def test_horseshoe_kl_terms_match_monte_carlo(prior, m, s):
+    # exactly the (prior, posterior) pairs a decomposed regularised horseshoe produces
+    q = dist.LogNormal(torch.tensor(m, dtype=torch.float64), torch.tensor(s, dtype=torch.float64))
+    kl = kl_divergence(q, prior).item()
+    torch.manual_seed(4)
+    x = q.sample((400_000,))
+    terms = q.log_prob(x) - prior.log_prob(x)
+    se = terms.std().item() / math.sqrt(len(x))
+    assert abs(kl - terms.mean().item()) < 4 * se + 1e-9
+
+
+def test_log_scale_normal_is_a_normal():
+    from pyro_sparse.distributions import LogScaleNormal
+
+    loc = torch.tensor([[0.3, -1.0], [2.0, 0.0]], dtype=torch.float64)
+    ls = torch.tensor([[-1.0, 0.5], [-3.0, 0.1]], dtype=torch.float64)
+    d, ref = LogScaleNormal(loc, ls), dist.Normal(loc, ls.exp())
+    x = torch.tensor([[0.1, 0.2], [-1.0, 3.0]], dtype=torch.float64)
+    torch.testing.assert_close(d.log_prob(x), ref.log_prob(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(d.entropy(), ref.entropy(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(d.variance, ref.variance, rtol=1e-12, atol=0)
+    torch.testing.assert_close(d.scale, ref.scale, rtol=0, atol=0)
+    assert d.expand([3, 2, 2]).batch_shape == (3, 2, 2)
+    assert d.to_event(2).event_shape == (2, 2)
+    torch.manual_seed(0)
+    a = d.rsample()
+    torch.manual_seed(0)
+    torch.testing.assert_close(a, ref.rsample())
+    # its KLs agree with the plain Normal's
+    p_normal = dist.Normal(torch.tensor(0.5, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64))
+    torch.testing.assert_close(kl_divergence(d, p_normal), kl_divergence(ref, p_normal), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kl_divergence(d, LogUniform([2, 2])), kl_divergence(ref, LogUniform([2, 2])),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_fused_sparse_vd_gradient_matches_autograd_of_the_formula():
+    from pyro_sparse.distributions import LOG_ALPHA_MIN, kl_normal_loguniform_log
+
+    k1, k2, k3 = 0.63576, 1.87320, 1.48695
+    # includes clamped elements: log alpha > 20 (theta ~ 0) and < -20 (tiny sigma)
+    loc = torch.tensor([0.3, -1.2, 1e-9, 2.0, 0.05], dtype=torch.float64, requires_grad=True)
+    ls = torch.tensor([-2.0, 0.3, -1.0, -12.0, -3.0], dtype=torch.float64, requires_grad=True)
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, 1.5], dtype=torch.float64)
+
+    la = (2 * ls - (loc**2 + 1e-16).log()).clamp(LOG_ALPHA_MIN, -LOG_ALPHA_MIN)
+    ref = -(k1 * torch.sigmoid(k2 + k3 * la) - 0.5 * torch.nn.functional.softplus(-la) - k1)
+    g_ref = torch.autograd.grad((ref * weights).sum(), [loc, ls])
+    got = kl_normal_loguniform_log(loc, ls)
+    torch.testing.assert_close(got, ref.detach(), rtol=1e-12, atol=1e-12)
+    g_got = torch.autograd.grad((got * weights).sum(), [loc, ls])
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert g_got[1][2] == 0 and g_got[1][3] == 0  # clamped: no gradient, as torch.clamp
+    assert torch.autograd.gradcheck(kl_normal_loguniform_log, (loc, ls))

@@ -421,3 +421,21 @@ def test_spam_opd_keeps_accuracy_at_high_sparsity(root):
     assert acc["spam", 0.95] >= 0.93, acc
     for sparsity in (0.9, 0.95, 0.98):
         assert acc["spam", sparsity] > acc["map", sparsity], acc
+
+
+def test_a_nan_map_step_is_caught_at_that_step_before_the_update(digits, monkeypatch):
+    """The MAP phase checks every step (on the CPU): the fault names its step and no NaN reaches
+    the weights; the epoch is retried from the last good state."""
+    trainer = make_trainer(digits, epochs=2)
+    original, calls = LaplaceTrainer.map_loss, []
+
+    def poisoned(self, idx):
+        calls.append(self.steps)
+        loss = original(self, idx)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(LaplaceTrainer, "map_loss", poisoned)
+    trainer.fit()
+    fault = trainer._last_fault
+    assert (fault.what, fault.step, fault.epoch, fault.batch) == ("loss", 3, 1, 3)
+    assert trainer.epoch == 2 and all(torch.isfinite(p).all() for p in trainer.net.parameters())
