@@ -115,7 +115,7 @@ def run_task(task: dict) -> dict:
 def _run(task):
     import pyro
 
-    from pyro_sparse.reduction import compact, masked_module, masked_predictive, reduction_report, save_compact
+    from pyro_sparse.reduction import masked_module, masked_predictive
     from pyro_sparse.runs import Run, build, make_trainer, parse_specs
 
     entry = resolve(MODELS[task["model"]], METHODS[task["method"]])
@@ -153,38 +153,28 @@ def _run(task):
     }
     generator = torch.Generator().manual_seed(task["seed"])
     compact_dir = task.get("compact_dir")
-    if compact_dir and task["seed"] == 0:
+    keep_modules = bool(compact_dir) and task["seed"] == 0
+    recurrent = _is_recurrent(network)
+    if keep_modules:
         os.makedirs(compact_dir, exist_ok=True)
-        dense_module = compact(network, summary, None)
-        path = os.path.join(compact_dir, f"{entry.model.key}--{method.key}--dense.pt")
-        save_compact(path, dense_module, {"model": entry.model.key, "method": method.key})
-        result["dense_path"] = path
+        result["dense_path"] = _save(masked_module(network, summary), compact_dir, entry, "dense")
     for rule in method.rules:
         r = {"label": rule.label}
         try:
-            decision = decide(rule, network, guide, summary, recipe, seed=task["seed"])
-            module = compact(network, summary, decision)
-            report = reduction_report(network, summary, decision, module=module)
+            if recurrent:
+                module, counts = _reduce_recurrent(rule, network, guide, summary, recipe)
+            else:
+                module, counts = _reduce(rule, network, guide, summary, recipe, task["seed"])
+            decision = counts.pop("_decision", None)
             with torch.no_grad():
                 point = classification_metrics(module(x), y)
                 pred = point
-                if sampled:
+                if sampled and decision is not None:
                     pred = classification_metrics(
                         masked_predictive(network, summary, decision, x, samples, generator), y)
-            r.update({
-                "point": point, "predictive": pred, "sparsity": report["sparsity"],
-                "weights_total": report["weights_total"], "weights_kept": report["weights_kept"],
-                "units_removed": report["units_removed"], "units_total": report["units_total"],
-                "hidden_units_total": report["units_total"] - _output_units(module),
-                "units_removed_per_layer": report["units_removed_per_layer"],
-                "params_dense": report["params_dense"], "params_nonzero": report["params_nonzero"],
-                "params_compact": report["params_compact"], "flops_dense": report["flops_dense"],
-                "flops_compact": report["flops_compact"],
-            })
-            if compact_dir and task["seed"] == 0:
-                path = os.path.join(compact_dir, f"{entry.model.key}--{method.key}--{rule.key}.pt")
-                save_compact(path, module, {"model": entry.model.key, "method": method.key, "rule": rule.key})
-                r["compact_path"] = path
+            r.update({"point": point, "predictive": pred, **counts})
+            if keep_modules:
+                r["compact_path"] = _save(module, compact_dir, entry, rule.key)
         except Exception as e:
             r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         result["rules"][rule.key] = r
@@ -201,6 +191,82 @@ def _run(task):
                 rows.append({"target": q, "error": f"{type(e).__name__}: {e}"})
         result["curves"][curve] = rows
     return result
+
+
+def _save(module, directory, entry, name):
+    """Keep a network for the latency section (a private temporary file of this benchmark)."""
+    path = os.path.join(directory, f"{entry.model.key}--{entry.method.key}--{name}.pt")
+    torch.save(module, path)
+    return path
+
+
+def _is_recurrent(network):
+    try:
+        from pyro_sparse.recurrent import _Recurrent
+    except ImportError:
+        return False
+    return any(isinstance(layer, _Recurrent) for layer in network.layers.values())
+
+
+def _reduce(rule, network, guide, summary, recipe, seed):
+    """(compact network, counts) of a rule on a feed-forward network."""
+    from pyro_sparse.reduction import compact, reduction_report
+
+    decision = decide(rule, network, guide, summary, recipe, seed=seed)
+    module = compact(network, summary, decision)
+    report = reduction_report(network, summary, decision, module=module)
+    keys = ("sparsity", "weights_total", "weights_kept", "units_removed", "units_total", "units_removed_per_layer",
+            "params_dense", "params_nonzero", "params_compact", "flops_dense", "flops_compact")
+    counts = {k: report[k] for k in keys}
+    counts["hidden_units_total"] = report["units_total"] - _output_units(module)
+    counts["_decision"] = decision
+    return module, counts
+
+
+def _tensor_count(module, nonzero=False):
+    tensors = [t for t in module.state_dict().values() if t.is_floating_point()]
+    return sum(int((t != 0).sum()) if nonzero else t.numel() for t in tensors)
+
+
+def _reduce_recurrent(rule, network, guide, summary, recipe):
+    """(compact network, counts) on a network with LSTM/GRU layers: log alpha or Savage-Dickey
+    element masks with the gate and neuron structure of :mod:`pyro_sparse.reduction.recurrent`
+    (Lobacheva et al. 2018), compacted by ``compact_recurrent_network``. Other rules mask the
+    weights of the posterior-mean network without compacting it. No masked posterior predictive
+    here (``masked_predictive`` addresses feed-forward layers only): the point network's figures
+    stand for it."""
+    from pyro_sparse.reduction import masked_module
+
+    dense = masked_module(network, summary)
+    counts = {"params_dense": _tensor_count(dense)}
+    weights = [k for k, s in summary.items() if not s.param.startswith("bias") and not s.param.startswith("z_")]
+    if rule.method in ("log-alpha", "savage-dickey"):
+        from pyro_sparse.reduction.recurrent import compact_recurrent_network, reduce_recurrent_network
+
+        threshold = _threshold(rule, recipe)
+        if threshold is None:
+            threshold = 3.0 if rule.method == "log-alpha" else 0.0
+        red = reduce_recurrent_network(network, summary, threshold, rule.method)
+        module = compact_recurrent_network(network, guide.median(), red).eval()
+        keep = red.keep
+        hidden = [m.hidden for masks in red.layers.values() for m in masks]
+        counts.update({"units_removed": sum(int((~h).sum()) for h in hidden),
+                       "hidden_units_total": sum(h.numel() for h in hidden)})
+        counts["units_removed_per_layer"] = {name: sum(int((~m.hidden).sum()) for m in masks)
+                                             for name, masks in red.layers.items()}
+    else:
+        decision = decide(rule, network, guide, summary, recipe)
+        module = masked_module(network, summary, decision)
+        keep = decision.masks
+        counts.update({"units_removed": None, "hidden_units_total": None, "units_removed_per_layer": None,
+                       "not_compacted": True})
+    total = sum(summary[k].loc.numel() for k in weights)
+    kept = sum(int(keep[k].sum()) if k in keep else summary[k].loc.numel() for k in weights)
+    counts.update({"sparsity": 1 - kept / total, "weights_total": total, "weights_kept": kept,
+                   "units_total": counts["hidden_units_total"],
+                   "params_compact": _tensor_count(module), "params_nonzero": _tensor_count(module, nonzero=True),
+                   "flops_dense": None, "flops_compact": None})
+    return module, counts
 
 
 def _curve_rule(name):
@@ -224,7 +290,7 @@ def tasks(mode: str, seeds: dict, compact_dir=None, models=None, methods=None, s
         if not hasattr(e, "spec"):
             skipped.append({"model": e.model.key, "method": e.method.key, "reason": e.reason})
             continue
-        scale = 1.0 if mode == "full" else e.model.quick_scale
+        scale = e.scale(mode)
         for seed in seeds[e.model.key]:
             todo.append({"model": e.model.key, "method": e.method.key, "seed": seed, "scale": scale,
                          "samples": samples, "compact_dir": compact_dir, "device": device})

@@ -35,20 +35,31 @@ TABLE_SPARSITY = 0.9
 
 @dataclass(frozen=True)
 class Derived:
-    """A spec made from ``base`` (a path under the repository) with top-level keys replaced."""
+    """A spec made from ``base`` (a path under the repository) with top-level keys replaced and,
+    optionally, keys of single layers (``layers``: index into the spec's layer list -> changes;
+    -1 is the last layer)."""
 
     base: str
     changes: dict
-    note: str = ""
+    layers: dict = field(default_factory=dict)
 
     def load(self) -> dict:
         spec = yaml.safe_load(open(os.path.join(ROOT, self.base)))
         spec.update(copy.deepcopy(self.changes))
+        for index, changes in self.layers.items():
+            spec["layers"][index].update(copy.deepcopy(changes))
         spec["name"] = f"{spec.get('name', 'spec')}+{'+'.join(sorted(self.changes))}"
         return spec
 
     def __str__(self):
-        return f"{self.base} with " + ", ".join(f"{k}: {v}" for k, v in self.changes.items())
+        parts = [f"{k}: {_flow(v)}" for k, v in self.changes.items()]
+        parts += [f"layers[{i}].{k}: {_flow(v)}" for i, c in self.layers.items() for k, v in c.items()]
+        return f"{self.base} with " + ", ".join(parts)
+
+
+def _flow(value):
+    """A value as YAML flow text (what one would write in the spec)."""
+    return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6).strip()
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,7 @@ class Model:
     specs: dict  # family -> tuple of candidates (paths or Derived)
     recipes: dict = field(default_factory=dict)  # method key -> recipe file overriding the method's
     quick_scale: float = 0.5  # quick mode: fraction of the recipe's epochs (and warm-up schedule)
+    quick_scales: dict = field(default_factory=dict)  # method key -> its own quick fraction
     headline: bool = False
     cost: float = 1.0  # rough cost of an epoch relative to the digits MLP (orders the work queue)
 
@@ -123,6 +135,9 @@ METHODS = {m.key: m for m in (
 
 _LENET_BASE = "models/lenet5_gaussian.yaml"
 _CNN1D_BASE = "models/cnn_mnist1d_gaussian.yaml"
+# the tiered regularised horseshoe of models/mlp_horseshoe.yaml (Markovic et al. 2023): unit scales in
+# the hidden layers, one scale for the output layer
+_HORSESHOE = {"type": "horseshoe", "tau0": 0.01, "regularized": True, "slab_df": 4.0, "slab_scale": 1.7320508}
 MLP_SPECS = {
     "gaussian": ("models/mlp_gaussian.yaml",),
     "log_uniform": ("models/mlp_sparsevd.yaml",),
@@ -137,15 +152,19 @@ def _conv_specs(base, stem):
         "log_uniform": (f"models/{stem}_sparsevd.yaml", Derived(base, {"prior": {"type": "log_uniform"}})),
         "group_log_uniform": (f"models/{stem}_group_loguniform.yaml",
                               Derived(base, {"prior": {"type": "group_log_uniform", "group": "unit"}})),
-        "horseshoe": (f"models/{stem}_horseshoe.yaml",),
+        "horseshoe": (f"models/{stem}_horseshoe.yaml",
+                      Derived(base, {"prior": dict(_HORSESHOE, group="unit")},
+                              layers={-1: {"prior": dict(_HORSESHOE, group="layer")}})),
     }
 
 
 MODELS = {m.key: m for m in (
     Model("digits-mlp", "digits MLP 64-300-100-10", "digits", MLP_SPECS, quick_scale=0.5, headline=True),
     Model("digits-lenet5", "digits LeNet-5 (conv 20-50, fc 500)", "digits", _conv_specs(_LENET_BASE, "lenet5"),
-          quick_scale=0.3, cost=3.0),
-    Model("mnist1d-mlp", "MNIST-1D MLP 40-300-100-10", "mnist1d", MLP_SPECS, quick_scale=0.3, cost=3.0),
+          recipes={"sparsevd": "inference/svi_lenet5_sparsevd.yaml"}, quick_scale=0.3,
+          quick_scales={"sparsevd": 0.5}, cost=3.0),
+    Model("mnist1d-mlp", "MNIST-1D MLP 40-300-100-10", "mnist1d", MLP_SPECS, quick_scale=0.3,
+          quick_scales={"sparsevd": 0.5}, cost=3.0),
     Model("mnist1d-cnn", "MNIST-1D CNN (1x8x5 fold, conv 32-64, fc 128)", "mnist1d",
           _conv_specs(_CNN1D_BASE, "cnn_mnist1d"), quick_scale=0.25, cost=5.0),
     Model("mnist1d-lstm", "MNIST-1D LSTM 128 (40 steps)", "mnist1d",
@@ -153,7 +172,7 @@ MODELS = {m.key: m for m in (
            "group_log_uniform": ("models/lstm_classifier_wgn.yaml",)},
           recipes={"map": "inference/map_rnn.yaml", "sparsevd": "inference/svi_sparsevd_rnn.yaml",
                    "group_lu": "inference/svi_sparsevd_rnn.yaml"},
-          quick_scale=0.1, cost=20.0),
+          quick_scale=0.2, quick_scales={"map": 0.5, "sparsevd": 0.3, "group_lu": 0.3}, cost=20.0),
 )}
 
 
@@ -169,6 +188,12 @@ class Entry:
     @property
     def key(self):
         return f"{self.model.key}/{self.method.key}"
+
+    def scale(self, mode: str) -> float:
+        """Fraction of the recipe's epochs this entry runs in ``mode`` ("quick" or "full")."""
+        if mode == "full":
+            return 1.0
+        return self.model.quick_scales.get(self.method.key, self.model.quick_scale)
 
 
 @dataclass

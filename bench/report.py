@@ -52,8 +52,10 @@ def _row_label(method, rule):
     return METHODS[method].label, rule["label"]
 
 
-def _units(rule):
-    return f"{rule['units_removed']}/{rule['hidden_units_total']}"
+def _units_cell(rules):
+    if rules[0].get("not_compacted"):
+        return "- (masked only)"
+    return _mean_std([x["units_removed"] for x in rules], "{:.0f}") + f" / {rules[0]['hidden_units_total']}"
 
 
 # --------------------------------------------------------------------------- quality tables
@@ -70,7 +72,7 @@ def headline_table(results, model):
                      _mean_std([x["point"]["nll"] for x in rules]),
                      _mean_std([x["point"]["ece"] for x in rules]),
                      _mean_std([x["sparsity"] for x in rules], "{:.1f}", pct=True),
-                     _mean_std([x["units_removed"] for x in rules], "{:.0f}") + f" / {rules[0]['hidden_units_total']}",
+                     _units_cell(rules),
                      _mean_std([x["params_compact"] for x in rules], "{:.0f}") + f" / {rules[0]['params_dense']}",
                      len(seeds)])
     header = ["method", "rule", "test acc %", "NLL", f"ECE ({ECE_BINS} bins)", "weights removed %",
@@ -93,7 +95,8 @@ def detail_table(results, model):
                      _mean_std([x["predictive"]["ece"] for x in rules]) if sampled else "=",
                      _mean_std([x["sparsity"] for x in rules], "{:.1f}", pct=True),
                      _mean_std([x["params_nonzero"] for x in rules], "{:.0f}"),
-                     _mean_std([x["flops_dense"] / max(x["flops_compact"], 1) for x in rules], "{:.1f}"),
+                     _mean_std([x["flops_dense"] / max(x["flops_compact"], 1) for x in rules
+                                if x.get("flops_dense")], "{:.1f}"),
                      f"{runs[0]['epochs']}",
                      _mean_std([r["fit_cpu_s"] for r in runs], "{:.1f}"),
                      len(runs)])
@@ -235,7 +238,7 @@ def plot_scaling(rows, path):
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     widths = sorted({r["width"] for r in rows})
-    for ax, ylabel in ((a, "ms per step (CPU time)"), (b, "peak resident growth (MiB)")):
+    for ax, ylabel in ((a, "ms per step (CPU time)"), (b, "peak memory growth (MiB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(widths)
@@ -370,22 +373,26 @@ def write(results: dict, path: str, plot_dir: str, prefix: str) -> list:
         lines += ["## Scaling with width", "",
                   "MLP 64-h-h-10 (`models/mlp_sparsevd.yaml` with both hidden layers of width h), digits, batch 64: "
                   "the Sparse VD SVI step (`inference/svi_sparsevd.yaml`) against the plain-PyTorch step. Each "
-                  "(width, network) runs in a fresh forked process. *Peak* is the growth of the process's resident "
-                  "set over building the network, guide and optimiser and running the steps (`VmHWM` after a reset "
-                  "through `/proc/self/clear_refs`, minus `VmRSS` before): parameters, gradients, optimiser state, "
-                  "activations and allocator slack. About 20 MiB of it is a per-process constant (first-touch "
-                  "pages; see h = 100, whose parameters take < 1 MiB).", ""]
+                  "(width, network) runs in its own process, forked from a freshly spawned interpreter. *Peak* is the "
+                  "growth of the process's anonymous memory at its peak over building the network, guide and "
+                  "optimiser and running the steps (`VmHWM - RssFile - RssShmem` at the end minus `RssAnon` before, "
+                  "from `/proc/self/status`, the high-water mark reset through `/proc/self/clear_refs`): "
+                  "parameters, gradients, optimiser state, activations, temporaries and allocator slack, without "
+                  "the ~20 MiB of shared-library code pages a fresh process touches. For scale, parameters + "
+                  "gradients + two Adam moments of the plain network take 16 bytes per weight, and twice that for "
+                  "the mean-field guide (a mean and a log-scale per weight).", ""]
         by = {(r["kind"], r["width"]): r for r in scaling}
         rows = []
         for w in sorted({r["width"] for r in scaling}):
             p_, s_ = by.get(("plain", w), {}), by.get(("sparsevd", w), {})
             if "error" in p_ or "error" in s_ or not p_ or not s_:
-                rows.append([w, "-", "-", "-", "-", "-", "-", p_.get("error", "") + s_.get("error", "")])
+                rows.append([w, "-", "-", "-", "-", "-", "-", "-", p_.get("error", "") + s_.get("error", "")])
                 continue
             rows.append([w, f"{s_['params']:,}", _ms(p_["cpu"]), _ms(s_["cpu"]), f"{s_['cpu'] / p_['cpu']:.1f}x",
-                         f"{p_['peak_bytes'] / 2**20:.0f}", f"{s_['peak_bytes'] / 2**20:.0f}", ""])
-        lines += [_table(["h", "weights", "plain ms", "Sparse VD ms", "ratio", "plain peak MiB", "Sparse VD peak MiB",
-                          "note"], rows), ""]
+                         f"{16 * p_['params'] / 2**20:.1f}", f"{p_['peak_bytes'] / 2**20:.1f}",
+                         f"{s_['peak_bytes'] / 2**20:.1f}", f"{s_['peak_bytes'] / max(p_['peak_bytes'], 1):.1f}x"])
+        lines += [_table(["h", "parameters", "plain ms", "Sparse VD ms", "time ratio", "16 B/parameter MiB",
+                          "plain peak MiB", "Sparse VD peak MiB", "memory ratio"], rows), ""]
         p = plot_scaling(scaling, os.path.join(plot_dir, f"{prefix}scaling.png"))
         if p:
             plots.append(p)

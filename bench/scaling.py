@@ -6,14 +6,17 @@ The network is ``models/mlp_sparsevd.yaml`` with both hidden layers of width ``h
 guide, local reparameterisation, analytic KL, Adam); the plain step is ``nn.Sequential`` +
 cross-entropy + ``torch.optim.Adam`` of the same architecture.
 
-Each (width, network) runs in its own forked child process, so one measurement's memory cannot
-hide in another's freed pages. **Peak memory** is the growth of the child's resident set
-over the run: the child resets its high-water mark (``echo 5 > /proc/self/clear_refs``, Linux
->= 4.0), reads ``VmRSS``, builds the network, guide and optimiser, runs the warm-up and the timed
-steps, and reports ``VmHWM - VmRSS_before`` from ``/proc/self/status``. That counts everything
-the step keeps or touches: parameters, gradients, optimiser state, activations and allocator
-slack (torch's CPU allocator returns large blocks to the OS, so ``tracemalloc`` would see none of
-it). **Step time** is the median CPU time of single steps (see :mod:`bench.timing`).
+Each (width, network) runs in its own child process, forked from a freshly spawned interpreter
+that has only imported the library and loaded the data, so one measurement's memory cannot hide
+in pages another measurement (or the rest of the benchmark) freed. **Peak memory** is the growth of the child's anonymous memory at its peak: the child resets
+its high-water mark (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0), reads ``RssAnon``,
+builds the network, guide and optimiser, runs the warm-up and the timed steps, and reports
+``VmHWM - RssFile - RssShmem - RssAnon_before`` from ``/proc/self/status``. That counts what the
+step allocates and keeps or touches at its peak (parameters, gradients, optimiser state,
+activations, temporaries, allocator slack) but not the pages of the shared libraries' code the
+child faults in as it runs (about 20 MiB of libtorch, which ``VmHWM - VmRSS_before`` would
+include; that figure is kept as ``rss_growth_bytes``). torch's CPU allocator hands large blocks
+back to the OS, so ``tracemalloc`` would see none of this. **Step time** is the median CPU time of single steps (see :mod:`bench.timing`).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def _measure(kind, width, budget_s, conn):
         torch.set_num_threads(1)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        before = _status("VmRSS")
+        anon_before, rss_before = _status("RssAnon"), _status("VmRSS")
         step, n_params = _stepper(kind, width)
         import time
 
@@ -73,7 +76,8 @@ def _measure(kind, width, budget_s, conn):
 
         t = timed(step, repeats=steps, warmup=0)
         conn.send({"kind": kind, "width": width, "params": n_params, "steps": steps, **t,
-                   "peak_bytes": _status("VmHWM") - before})
+                   "peak_bytes": _status("VmHWM") - _status("RssFile") - _status("RssShmem") - anon_before,
+                   "rss_growth_bytes": _status("VmHWM") - rss_before})
     except Exception as e:  # reported by the parent
         conn.send({"kind": kind, "width": width, "error": f"{type(e).__name__}: {e}"})
     finally:
@@ -124,25 +128,58 @@ def _stepper(kind, width):
     return step, network.num_weights()
 
 
-def run(widths=WIDTHS_QUICK, budget_s=1.0, log=print) -> list:
-    """One row per (width, kind in plain / sparsevd), each measured in a fresh forked child."""
-    _prepare()
-    ctx = mp.get_context("fork")
+def _server(widths, budget_s, conn):
+    """In a fresh (spawned) interpreter: prepare once, then fork one child per measurement."""
     rows = []
-    for width in widths:
-        for kind in ("plain", "sparsevd"):
-            parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_measure, args=(kind, width, budget_s, child))
-            p.start()
-            child.close()
-            try:
-                row = parent.recv()
-            except EOFError:
-                row = {"kind": kind, "width": width, "error": f"child exited with code {p.exitcode}"}
-            p.join()
-            rows.append(row)
-            if "error" in row:
-                log(f"  scaling {kind} h={width}: {row['error']}")
-            else:
-                log(f"  scaling {kind} h={width}: {1e3 * row['cpu']:.2f} ms/step, peak +{row['peak_bytes'] / 2**20:.1f} MiB")
+    try:
+        _prepare()
+        ctx = mp.get_context("fork")
+        for width in widths:
+            for kind in ("plain", "sparsevd"):
+                parent, child = ctx.Pipe(duplex=False)
+                p = ctx.Process(target=_measure, args=(kind, width, budget_s, child))
+                p.start()
+                child.close()
+                try:
+                    row = parent.recv()
+                except EOFError:
+                    row = {"kind": kind, "width": width, "error": f"child exited with code {p.exitcode}"}
+                p.join()
+                rows.append(row)
+                conn.send(("row", row))
+    except Exception as e:
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+    conn.send(("done", None))
+    conn.close()
+
+
+def run(widths=WIDTHS_QUICK, budget_s=1.0, log=print) -> list:
+    """One row per (width, kind in plain / sparsevd), each measured in a fresh forked child of a
+    freshly spawned interpreter (the caller's heap, with the free memory of earlier work, would
+    let a forked child grow without touching new pages)."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    server = ctx.Process(target=_server, args=(tuple(widths), budget_s, child))
+    server.start()
+    child.close()
+    rows = []
+    while True:
+        try:
+            kind, value = parent.recv()
+        except EOFError:
+            log(f"  scaling: the measuring process exited with code {server.exitcode}")
+            break
+        if kind == "done":
+            break
+        if kind == "error":
+            log(f"  scaling: {value}")
+            continue
+        row = value
+        rows.append(row)
+        if "error" in row:
+            log(f"  scaling {row['kind']} h={row['width']}: {row['error']}")
+        else:
+            log(f"  scaling {row['kind']} h={row['width']}: {1e3 * row['cpu']:.2f} ms/step, "
+                f"peak +{row['peak_bytes'] / 2**20:.1f} MiB")
+    server.join()
     return rows

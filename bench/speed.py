@@ -160,9 +160,11 @@ def reduction_rules(repeats=3, log=print) -> dict:
 
 def latency(quality_results, repeats=15, log=print) -> list:
     """Dense vs compact inference time at batch 1 and 256 for every seed-0 compact network."""
-    from pyro_sparse.reduction import load_compact
-
     torch.set_num_threads(1)
+
+    def load_compact(path):  # written by this benchmark's own workers (bench.quality._save)
+        return torch.load(path, weights_only=False).eval()
+
     rows = []
     for r in quality_results:
         if r.get("seed") != 0 or "dense_path" not in r:
@@ -175,7 +177,8 @@ def latency(quality_results, repeats=15, log=print) -> list:
                 continue
             small = load_compact(rule["compact_path"])
             row = {"model": r["model"], "method": r["method"], "rule": rule_key,
-                   "params_dense": dense_params, "params_compact": sum(p.numel() for p in small.parameters())}
+                   "params_dense": rule.get("params_dense", dense_params), "params_compact": rule["params_compact"],
+                   "not_compacted": rule.get("not_compacted", False)}
             for b, calls in ((1, 100), (256, 10)):
                 x = data.x_test[:b]
                 with torch.inference_mode():
