@@ -213,16 +213,17 @@ class SVITrainer:
         self._batch, self._ok = 0, None  # the step's batch index and finiteness flag (see _step)
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
+    def training_state(self) -> dict:
+        """What every trainer checkpoints besides its model: optimiser, schedule, counters,
+        random states and history (plain tensors and containers, loadable with weights_only)."""
         return {"format": 1, "epoch": self.epoch, "steps": self.steps, "train_seconds": self.train_seconds,
-                "guide": self.guide.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                 "rng_torch": torch.get_rng_state(), "rng_generator": self.generator.get_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
                 "history": self.history, "recoveries": self.recoveries}
 
-    def load_state_dict(self, state: dict):
-        self.guide.load_state_dict(state["guide"])
+    def load_training_state(self, state: dict):
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler and state["scheduler"]:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -233,6 +234,13 @@ class SVITrainer:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.history = list(state["history"])
         self.recoveries = list(state.get("recoveries", []))
+
+    def state_dict(self) -> dict:
+        return {**self.training_state(), "guide": self.guide.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        self.guide.load_state_dict(state["guide"])
+        self.load_training_state(state)
 
     def checkpoint_path(self):
         return os.path.join(self.out_dir, CHECKPOINT) if self.out_dir else None

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .priors import sample_scale
-from .schema import Configurable, Field
+from .schema import Configurable, Field, build_registered
 
 LIKELIHOODS: dict[str, type["Likelihood"]] = {}
 
@@ -70,6 +70,12 @@ class Likelihood(Configurable):
         raise NotImplementedError
 
 
+def categorical_log_likelihood(logits, y):
+    """log softmax(logits)[y], broadcasting ``y`` over leading sample dimensions of ``logits``."""
+    logp = F.log_softmax(logits, -1)
+    return logp.gather(-1, y.expand(logp.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+
+
 def _log_mean_exp(logp, dim=0):
     return torch.logsumexp(logp, dim) - math.log(logp.shape[dim])
 
@@ -84,8 +90,7 @@ class Categorical(Likelihood):
         return dist.Categorical(logits=output)
 
     def pointwise_log_likelihood(self, outputs, y):
-        logp = F.log_softmax(outputs, -1)
-        return logp.gather(-1, y.expand(logp.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+        return categorical_log_likelihood(outputs, y)
 
     def predictive_mean(self, outputs):
         return F.softmax(outputs, -1).mean(0)
@@ -153,14 +158,5 @@ class Gaussian(Likelihood):
 
 
 def build_likelihood(spec) -> Likelihood:
-    if isinstance(spec, Likelihood):
-        return spec
-    if isinstance(spec, str):
-        spec = {"type": spec}
-    if not isinstance(spec, dict) or "type" not in spec:
-        raise ValueError(f"expected a Likelihood, a likelihood name or a mapping with 'type', got {spec!r}")
-    options = dict(spec)
-    kind = options.pop("type")
-    if not isinstance(kind, str) or kind not in LIKELIHOODS:
-        raise ValueError(f"unknown likelihood {kind!r}; expected one of {sorted(LIKELIHOODS)}")
-    return LIKELIHOODS[kind](**options)
+    """A likelihood from an instance, a type name, or a ``{type: ..., **options}`` mapping."""
+    return build_registered(LIKELIHOODS, spec, Likelihood, "likelihood")

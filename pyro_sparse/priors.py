@@ -23,7 +23,7 @@ import torch
 from .distributions import LogUniform as LogUniformDistribution
 from .distributions import log_alpha
 from .local_reparam import GaussianWeight, gaussian_posterior
-from .schema import Configurable, Field
+from .schema import Configurable, Field, build_registered
 
 PRIORS: dict[str, type["Prior"]] = {}
 
@@ -482,14 +482,4 @@ def prior_masks(network, guide, thresholds: dict | None = None) -> dict:
 
 def build_prior(spec) -> Prior:
     """A prior from an instance, a type name, or a ``{type: ..., **options}`` mapping."""
-    if isinstance(spec, Prior):
-        return spec
-    if isinstance(spec, str):
-        spec = {"type": spec}
-    if not isinstance(spec, dict) or "type" not in spec:
-        raise ValueError(f"expected a Prior, a prior name or a mapping with 'type', got {spec!r}")
-    options = dict(spec)
-    kind = options.pop("type")
-    if not isinstance(kind, str) or kind not in PRIORS:
-        raise ValueError(f"unknown prior type {kind!r}; expected one of {sorted(PRIORS)}")
-    return PRIORS[kind](**options)
+    return build_registered(PRIORS, spec, Prior, "prior", "prior type")

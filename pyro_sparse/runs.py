@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from . import distributed as ddp
-from .checkpoint import load_safe, read_json, write_json_atomic, write_text_atomic
+from .checkpoint import read_json, write_json_atomic, write_text_atomic
 from .data import Dataset, load_dataset
 from .errors import PyroSparseError, PyroSparseWarning, SpecError
 from .fitting import CHECKPOINT, SVITrainer

@@ -162,3 +162,20 @@ class Configurable:
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
         return f"{type(self).__name__}({args})"
+
+
+def build_registered(registry: dict, spec, base: type, what: str, kind_label: str | None = None):
+    """An instance from a registry of :class:`Configurable` classes: ``spec`` is an instance of
+    ``base``, a registered name, or a ``{type: name, **options}`` mapping. Errors call the
+    thing ``what`` ('prior') and its name ``kind_label`` ('prior type')."""
+    if isinstance(spec, base):
+        return spec
+    if isinstance(spec, str):
+        spec = {"type": spec}
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ValueError(f"expected a {base.__name__}, a {what} name or a mapping with 'type', got {spec!r}")
+    options = dict(spec)
+    kind = options.pop("type")
+    if not isinstance(kind, str) or kind not in registry:
+        raise ValueError(f"unknown {kind_label or what} {kind!r}; expected one of {sorted(registry)}")
+    return registry[kind](**options)

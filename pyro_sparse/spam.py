@@ -26,6 +26,13 @@ with ``H`` held fixed during the ``K`` steps. With parameter-wise or unit-wise p
 evidence raises ``delta_i`` for weights the data do not determine, and the MAP steps then shrink
 them towards 0. The spec's own priors are replaced by this learned Gaussian prior.
 
+**Data-parallel.** Inside a ``torch.distributed`` process group (``torchrun``) the MAP steps run
+like :class:`~pyro_sparse.fitting.SVITrainer`'s (each rank's shard of the epoch's permutation,
+``batch_size`` the global batch, gradients averaged over the ranks), and the marglik step's
+statistics -- the curvature and ``log p(D | theta)``, sums over the data -- are computed on a
+partition of the rows and added with one all-reduce (:func:`laplace_statistics`); every rank
+then takes the same steps on ``log delta``. Only rank 0 evaluates and writes.
+
 **Posterior summary.** The fitted posterior ``N(theta, diag(H + delta)^-1)`` is summarised like
 any other fit (:func:`summarize_laplace` -> :class:`~pyro_sparse.summary.PosteriorSummary`, same
 site names as SVI), so BMR, Savage-Dickey, log-alpha, magnitude and OPD rules run on it
@@ -75,6 +82,7 @@ __all__ = [
     "deterministic_network",
     "laplace_curvature",
     "laplace_log_marglik",
+    "laplace_statistics",
     "optimize_prior_precision",
     "evaluate_deterministic",
     "laplace_summary",
@@ -240,6 +248,68 @@ def laplace_curvature(model, x, y, likelihood, noise=1.0, curvature="diag", hess
         diag = diag_ggn(model, x, y, likelihood, noise, mc_samples=mc_samples, batch_size=batch_size,
                         generator=generator)
     return {name: h * scale for name, h in diag.items()} if scale != 1.0 else diag
+
+
+def laplace_statistics(model, x, y, likelihood, noise=1.0, curvature="diag", hessian="ggn", rows=None,
+                       mc_samples=None, batch_size=None, generator=None):
+    """The data statistics of one marglik step: the curvature ``H`` of :func:`laplace_curvature`
+    and the log-likelihood ``log p(D | theta) = sum_{n=1}^N log p(y_n | f(x_n; theta))`` at the
+    current weights, both sums over the data -- data-parallel inside a process group.
+
+    ``rows`` (an index tensor of ``m`` training rows, or None for all ``N``) is the curvature
+    subset, the same on every rank; ``H`` is fitted on it and multiplied by ``N / m`` as in
+    :func:`laplace_curvature`. The log-likelihood always runs over all ``N`` rows.
+
+    With ``W`` ranks each rank takes the strided part ``r::W`` of the curvature rows and of the
+    training rows (:func:`~pyro_sparse.distributed.shard` without padding: a partition) and
+    computes its partial sums; one :func:`~pyro_sparse.distributed.all_reduce_sum` adds them, so
+    every rank holds the statistics of the whole set. Diagonal curvatures and ``log p(D | theta)``
+    are plain sums. Of the KFAC factors ``A = sum_{n,l} a~ a~'`` carries the count and adds up,
+    while ``G = 1/(N L) sum_{n,l,k} g g'`` is a mean: rank ``r`` with ``m_r`` of the ``m`` rows
+    contributes ``(m_r / m) G_r``, so the sum is the mean over all ``m`` rows (``L``, the positions
+    per example, is the same on every rank). ``generator`` drives the Monte Carlo GGN draws
+    (``mc_samples``); under a process group give each rank its own.
+
+    Returns ``(curvature, log_lik)``: dict as :func:`laplace_curvature`, and a 0-d tensor.
+    """
+    n = x.shape[0]
+    world = distributed.world_size()
+    scale = 1.0
+    if rows is not None:
+        rows = torch.as_tensor(rows, device=x.device)
+        scale = n / len(rows)
+    m = n if rows is None else len(rows)
+    if world > 1:
+        if m < world:
+            raise ValueError(f"the curvature needs at least one row per rank: {m} rows for {world} ranks")
+        rows = distributed.shard(torch.arange(n, device=x.device) if rows is None else rows, pad=False)
+        x_ll, y_ll = x[distributed.rank()::world], y[distributed.rank()::world]
+    else:
+        x_ll, y_ll = x, y
+    x_h, y_h = (x, y) if rows is None else (x[rows], y[rows])
+    curv = laplace_curvature(model, x_h, y_h, likelihood, noise, curvature, hessian, None, mc_samples,
+                             batch_size, generator)
+    with torch.no_grad():
+        log_lik = log_likelihood(model, x_ll, y_ll, likelihood, noise)
+    if world > 1:
+        names = list(curv)
+        if curvature == "kfac":
+            weight = len(rows) / m  # this rank's share of the rows over which G is a mean
+            parts = [t for name in names for t in (curv[name][0], curv[name][1] * weight)]
+        else:
+            parts = [curv[name] for name in names]
+        parts = distributed.all_reduce_sum([t.contiguous() for t in parts] + [log_lik.reshape(1)])
+        log_lik = parts.pop().reshape(())
+        if curvature == "kfac":
+            curv = {name: (parts[2 * i], parts[2 * i + 1]) for i, name in enumerate(names)}
+        else:
+            curv = dict(zip(names, parts))
+    if scale != 1.0:
+        if curvature == "kfac":
+            curv = {name: (a * scale, g) for name, (a, g) in curv.items()}
+        else:
+            curv = {name: h * scale for name, h in curv.items()}
+    return curv, log_lik
 
 
 def laplace_log_marglik(log_lik, theta, curv, prior, curvature="diag"):
@@ -478,7 +548,8 @@ class LaplaceTrainer(SVITrainer):
     time. The recipe needs ``method: laplace``, ``guide: delta`` and reads its ``laplace:``
     section (:data:`LAPLACE_FIELDS`). The delta guide is kept equal to the current weights, so
     :func:`~pyro_sparse.runs.load_run` and every guide-based tool see the MAP network.
-    Held-out figures are those of the MAP network.
+    Held-out figures are those of the MAP network. Inside a process group it trains
+    data-parallel (see :meth:`train_epoch` and :meth:`statistics`); only rank 0 writes.
 
     Attributes: ``net`` (the ``nn.Sequential`` being trained, parameters named like sites),
     ``prior`` (a :class:`~pyro_sparse.laplace.PriorPrecision`), ``options`` (the laplace section).
@@ -494,20 +565,27 @@ class LaplaceTrainer(SVITrainer):
             raise SpecError(f"method laplace trains a point estimate: set guide: delta (got {recipe['guide']!r})",
                             source, "guide")
         self.likelihood, self.noise = _likelihood_of(network, source)
-        if distributed.world_size() > 1:
-            raise SpecError("method laplace runs in a single process (its curvature and marglik steps are "
-                            "not data-parallel); launch it without torchrun", source, "method")
-        self.world, self.rank = 1, 0  # what SVITrainer's loop reads
+        self.world, self.rank = distributed.world_size(), distributed.rank()
         self.device = torch.device(recipe["device"])
+        if self.world > 1:
+            self.device = distributed.rank_device(self.device)
+            self.progress = progress and distributed.is_main_process()
         if recipe.get("num_threads"):
             torch.set_num_threads(recipe["num_threads"])
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise SpecError(f"device {recipe['device']!r} requested but CUDA is not available", source, "device")
         self.data.to(self.device)
         self.network.to(self.device)
-        self.num_train = self.num_local = len(self.data.x_train)
-        self.batch_size = min(recipe["batch_size"], self.num_train)
-        self.steps_per_epoch = math.ceil(self.num_train / self.batch_size)
+        self.num_train = len(self.data.x_train)
+        # rows per epoch and per step on this rank; batch_size is the global batch (as SVITrainer)
+        self.num_local = math.ceil(self.num_train / self.world)
+        self.batch_size = min(math.ceil(recipe["batch_size"] / self.world), self.num_local)
+        self.steps_per_epoch = math.ceil(self.num_local / self.batch_size)
+        rows = min(self.options["curvature_subset"] or self.num_train, self.num_train)
+        if rows < self.world:
+            raise SpecError(f"the curvature is fitted on {rows} rows, fewer than the {self.world} ranks; "
+                            "raise laplace.curvature_subset or use fewer processes", source,
+                            "laplace.curvature_subset")
         self.x_train = _shaped(network, self.data.x_train)
         self.x_test = _shaped(network, self.data.x_test)
         self.guide.setup(self.data.x_train[: self.batch_size], self.data.y_train[: self.batch_size],
@@ -528,32 +606,20 @@ class LaplaceTrainer(SVITrainer):
         self.epoch, self.steps, self.train_seconds = 0, 0, 0.0
         self.history: list[dict] = []
         self._good_state = None
+        if self.world > 1:  # the same starting point on every rank
+            distributed.broadcast_parameters(list(self.net.parameters()) + list(self.prior.parameters()))
         self._refresh_prior()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"format": 1, "method": "laplace", "epoch": self.epoch, "steps": self.steps,
-                "train_seconds": self.train_seconds,
-                "weights": self.net.state_dict(), "prior": self.prior.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "hyper_optimizer": self.hyper_optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-                "rng_torch": torch.get_rng_state(), "rng_generator": self.generator.get_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
-                "history": self.history}
+        return {**self.training_state(), "method": "laplace", "weights": self.net.state_dict(),
+                "prior": self.prior.state_dict(), "hyper_optimizer": self.hyper_optimizer.state_dict()}
 
     def load_state_dict(self, state: dict):
         self.net.load_state_dict(state["weights"])
         self.prior.load_state_dict(state["prior"])
-        self.optimizer.load_state_dict(state["optimizer"])
         self.hyper_optimizer.load_state_dict(state["hyper_optimizer"])
-        if self.scheduler and state["scheduler"]:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.epoch, self.steps, self.train_seconds = state["epoch"], state["steps"], state["train_seconds"]
-        torch.set_rng_state(state["rng_torch"])
-        self.generator.set_state(state["rng_generator"])
-        if state.get("rng_cuda"):
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-        self.history = list(state["history"])
+        self.load_training_state(state)
         self._refresh_prior()
         self._sync_guide()
 
@@ -588,31 +654,58 @@ class LaplaceTrainer(SVITrainer):
         o = self.options
         return o["hyper_steps"] > 0 and epoch > o["burn_in"] and (epoch - o["burn_in"]) % o["marglik_frequency"] == 0
 
-    def curvature(self):
-        """The training curvature per the recipe (:func:`laplace_curvature`) at the current weights."""
+    def statistics(self):
+        """``(curvature, log p(D | theta))`` per the recipe at the current weights
+        (:func:`laplace_statistics`): the curvature on all training rows or on the random
+        ``curvature_subset`` (drawn from the trainer's generator, the same on every rank), summed
+        over the ranks with one all-reduce when data-parallel."""
         o = self.options
-        return laplace_curvature(self.net, self.x_train, self.data.y_train, self.likelihood, self.noise,
-                                 o["curvature"], o["hessian"], o["curvature_subset"], o["mc_samples"],
-                                 o["curvature_batch_size"], self.generator)
+        m = o["curvature_subset"]
+        rows = torch.randperm(self.num_train, generator=self.generator)[:m] if m is not None and m < self.num_train \
+            else None
+        generator = self.generator
+        if self.world > 1 and o["mc_samples"] is not None:
+            # the MC draws of a shard must not advance the shared generator by a shard-dependent
+            # amount: each rank draws from its own stream, a function of (seed, epoch, rank)
+            generator = torch.Generator().manual_seed(distributed.rank_seed(self.recipe["seed"], self.epoch, 0x4D43))
+        return laplace_statistics(self.net, self.x_train, self.data.y_train, self.likelihood, self.noise,
+                                  o["curvature"], o["hessian"], rows, o["mc_samples"], o["curvature_batch_size"],
+                                  generator)
+
+    def curvature(self):
+        """The training curvature per the recipe (:func:`laplace_curvature`) at the current weights
+        (summed over the ranks when data-parallel)."""
+        return self.statistics()[0]
+
+    def _log_lik(self):
+        """``log p(D | theta)`` on the whole training set (summed over the ranks' shards)."""
+        world = self.world
+        with torch.no_grad():
+            ll = log_likelihood(self.net, self.x_train[self.rank::world], self.data.y_train[self.rank::world],
+                                self.likelihood, self.noise)
+        return distributed.all_reduce_sum(ll) if world > 1 else ll
 
     def log_marglik(self, curv=None):
         """The Laplace log marginal likelihood at the current weights and precisions (a tensor,
         differentiable in ``log delta``), with the recipe's curvature unless ``curv`` is given."""
-        curv = self.curvature() if curv is None else curv
-        with torch.no_grad():
-            ll = log_likelihood(self.net, self.x_train, self.data.y_train, self.likelihood, self.noise)
+        curv, ll = self.statistics() if curv is None else (curv, self._log_lik())
         theta = {name: p.detach() for name, p in self.net.named_parameters()}
         return laplace_log_marglik(ll, theta, curv, self.prior, self.options["curvature"])
 
     def marglik_step(self) -> dict:
-        """Fit the Laplace approximation and take ``hyper_steps`` Adam steps on ``log delta``."""
+        """Fit the Laplace approximation and take ``hyper_steps`` Adam steps on ``log delta``.
+
+        Data-parallel, the statistics are summed over the ranks (:meth:`statistics`) and every
+        rank then takes the same deterministic steps on the same numbers; rank 0's ``log delta``
+        is broadcast at the end all the same, so floating-point differences between devices can
+        never let the ranks' priors drift apart."""
         start = time.perf_counter()
-        curv = self.curvature()
-        with torch.no_grad():
-            ll = log_likelihood(self.net, self.x_train, self.data.y_train, self.likelihood, self.noise)
+        curv, ll = self.statistics()
         theta = {name: p.detach() for name, p in self.net.named_parameters()}
         trajectory = optimize_prior_precision(ll, theta, curv, self.prior, self.hyper_optimizer,
                                               self.options["hyper_steps"], self.options["curvature"])
+        if self.world > 1:
+            distributed.broadcast_parameters(self.prior.parameters())
         self._refresh_prior()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -624,8 +717,17 @@ class LaplaceTrainer(SVITrainer):
                 "log_prior_precision_mean": log_delta.mean().item(), "marglik_seconds": time.perf_counter() - start}
 
     def train_epoch(self):
-        """One MAP pass over the training data in a random order, then a marglik step when due."""
-        perm = torch.randperm(self.num_train, generator=self.generator).to(self.device)
+        """One MAP pass over the training data in a random order, then a marglik step when due.
+
+        Data-parallel as :meth:`SVITrainer.train_epoch <pyro_sparse.fitting.SVITrainer.train_epoch>`:
+        rank ``r`` steps on its shard ``perm[r::W]`` of the shared permutation, and the gradients
+        of the weights are averaged over the ranks after ``backward`` (before clipping), which
+        makes each step the single-process step on the union batch (the prior term is the same on
+        every rank and its average is itself)."""
+        perm = torch.randperm(self.num_train, generator=self.generator)
+        if self.world > 1:
+            perm = distributed.shard(perm)  # same permutation on every rank; rank r takes r::W
+        perm = perm.to(self.device)
         total = torch.zeros((), device=self.device)
         start = time.perf_counter()
         self.net.train()
@@ -634,12 +736,19 @@ class LaplaceTrainer(SVITrainer):
             loss = self.map_loss(idx)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.world > 1:
+                distributed.average_gradients(self.net.parameters())
             # the gradient norm (clipped or not) doubles as the finiteness check of this step
             norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.recipe["grad_clip"] or math.inf)
-            if self.check_each_step and not bool(torch.isfinite(loss) & torch.isfinite(norm)):
+            # data-parallel: decide on the averaged gradient's norm, the same on every rank (a
+            # non-finite local loss shows in the all-reduced epoch loss below)
+            ok = torch.isfinite(norm) if self.world > 1 else torch.isfinite(loss) & torch.isfinite(norm)
+            if self.check_each_step and not bool(ok):
                 raise self._fault("loss" if not torch.isfinite(loss) else "gradient", b)  # before the update
             self.optimizer.step()
             total = total + loss.detach()
+        if self.world > 1:
+            total = distributed.all_reduce_sum(total) / self.world  # the global estimate, on every rank
         total = total.item()
         if not math.isfinite(total):
             raise FloatingPointError("non-finite loss")
@@ -670,8 +779,10 @@ class LaplaceTrainer(SVITrainer):
         return record
 
     def evaluate(self, num_samples=None):
-        """Held-out metrics of the MAP network (``num_samples`` is ignored: a point estimate)."""
-        return evaluate_deterministic(self.net, self.network.likelihood, self.x_test, self.data.y_test)
+        """Held-out metrics of the MAP network (``num_samples`` is ignored: a point estimate);
+        data-parallel, rank 0 evaluates and hands the figures to every rank."""
+        args = (self.net, self.network.likelihood, self.x_test, self.data.y_test)
+        return evaluate_deterministic(*args) if self.world == 1 else distributed.on_main(evaluate_deterministic, *args)
 
     # ------------------------------------------------------------------ the posterior and pruning
     def posterior_summary(self, batch_size=None) -> PosteriorSummary:

@@ -26,11 +26,10 @@ from collections import Counter
 
 import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 
 from .data import Dataset
 from .errors import DataError, SpecError
-from .likelihoods import Likelihood, _log_mean_exp, register_likelihood
+from .likelihoods import Categorical, categorical_log_likelihood, register_likelihood
 from .schema import Field, validate
 
 __all__ = ["TEXT_FIELDS", "UNKNOWN", "load_text", "SequenceCategorical", "evaluate_sequences"]
@@ -100,7 +99,7 @@ def load_text(path: str, sequence_length: int = 100, valid_fraction: float = 0.1
 
 
 @register_likelihood("sequence_categorical")
-class SequenceCategorical(Likelihood):
+class SequenceCategorical(Categorical):
     """``y_t ~ Categorical(softmax(f(x)_t))`` at every position of a sequence (language models).
 
     The network outputs logits (B, T, V); ``y`` is (B, T). The data plate is over sequences and
@@ -125,15 +124,8 @@ class SequenceCategorical(Likelihood):
 
     @staticmethod
     def token_log_likelihood(outputs, y):
-        logp = F.log_softmax(outputs, -1)
-        return logp.gather(-1, y.expand(logp.shape[:-1]).unsqueeze(-1)).squeeze(-1)
-
-    def predictive_mean(self, outputs):
-        return F.softmax(outputs, -1).mean(0)
-
-    def log_predictive(self, outputs, y):
-        """Per-sequence log posterior predictive log (1/S) sum_s p(y_n | w_s), shape (B,)."""
-        return _log_mean_exp(self.pointwise_log_likelihood(outputs, y))
+        """log p(y_t | ...) at every position: (S, B, T, V) outputs -> (S, B, T)."""
+        return categorical_log_likelihood(outputs, y)
 
 
 @torch.no_grad()

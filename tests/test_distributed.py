@@ -228,3 +228,116 @@ def test_torchrun_cli_fit_matches_single_process_accuracy(tmp_path):
     assert distributed["epochs"] == single["epochs"] == 4 and distributed["steps"] == single["steps"] == 48
     assert distributed["test_accuracy"] > 0.8
     assert abs(distributed["test_accuracy"] - single["test_accuracy"]) <= 0.03
+
+
+# ------------------------------------------------------------------ method laplace (SpaM), 2 processes
+LAPLACE = {"method": "laplace", "guide": "delta", "epochs": 2, "batch_size": 128,
+           "optimizer": {"name": "Adam", "lr": 0.01}, "seed": 2,
+           "laplace": {"structure": "layerwise", "burn_in": 0, "marglik_frequency": 1, "hyper_steps": 5,
+                       "hyper_lr": 0.1, "curvature_subset": 300}}
+
+
+def even_digits():
+    """digits with 1436 training rows: W = 2 divides N and the global batch, so no row is padded
+    and the union of the ranks' batches is exactly the single-process batch."""
+    from pyro_sparse.data import Dataset, load_digits
+
+    d = load_digits()
+    return Dataset(d.name, d.x_train[:1436], d.y_train[:1436], d.x_test, d.y_test, d.task, d.num_outputs)
+
+
+def _laplace_statistics_worker():
+    """All-reduced statistics of 2 shards == the single-process statistics of the whole set (float64):
+    diagonal GGN and EF, KFAC (A adds up, G is a count-weighted mean), subsets, log-likelihood."""
+    from pyro_sparse.curvature import log_likelihood
+    from pyro_sparse.data import load_digits
+    from pyro_sparse.spam import laplace_curvature, laplace_statistics
+
+    data = load_digits()
+    x, y = data.x_train.double(), data.y_train  # 1437 rows: shards of 719 and 718
+    torch.manual_seed(0)  # the same network on both ranks
+    net = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10)).double()
+    with torch.no_grad():
+        reference_ll = log_likelihood(net, x, y, "categorical")
+    rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(4))[:301]  # odd subset: 151 + 150
+    for curvature, hessian, subset in (("diag", "ggn", None), ("diag", "ggn", 301), ("diag", "ef", 301),
+                                       ("kfac", "ggn", None), ("kfac", "ggn", 301)):
+        curv, ll = laplace_statistics(net, x, y, "categorical", curvature=curvature, hessian=hessian,
+                                      rows=None if subset is None else rows)
+        reference = laplace_curvature(net, x, y, "categorical", curvature=curvature, hessian=hessian, subset=subset,
+                                      generator=torch.Generator().manual_seed(4))
+        assert abs(ll.item() - reference_ll.item()) <= 1e-9 * abs(reference_ll.item())
+        assert set(curv) == set(reference)
+        pairs = [(curv[k], reference[k]) for k in reference] if curvature == "diag" else \
+            [(c, r) for k in reference for c, r in zip(curv[k], reference[k])]
+        for got, want in pairs:
+            err, scale = (got - want).abs().max().item(), want.abs().max().item()
+            assert scale > 0 and err <= 1e-9 * scale, (curvature, hessian, subset, err, scale)
+    # one rank's own share is not the whole (the reduction is what makes them equal)
+    mine = laplace_curvature(net, x[ddp.rank()::2], y[ddp.rank()::2], "categorical")
+    assert (mine["0.weight"] - laplace_curvature(net, x, y, "categorical")["0.weight"]).abs().max() > 1e-3
+
+
+def test_laplace_statistics_summed_over_shards_equal_the_full_set():
+    launch(_laplace_statistics_worker)
+
+
+def _laplace_fit(data, out_dir=None, epochs=None, resume=False):
+    from pyro_sparse.runs import build, parse_specs
+    from pyro_sparse.spam import LaplaceTrainer
+
+    spec, recipe = parse_specs(SMALL, LAPLACE)
+    network, guide = build(spec, recipe, data)
+    trainer = LaplaceTrainer(network, guide, data, recipe, out_dir=out_dir, progress=False)
+    trainer.fit(epochs=epochs, resume=resume)
+    return trainer
+
+
+def _laplace_log_delta(trainer):
+    return torch.cat([v.detach().reshape(-1) for v in trainer.prior.full_log_precision_dict().values()])
+
+
+def _laplace_fit_worker(tmp):
+    """A 2-epoch data-parallel Laplace fit (a marglik step after each epoch); rank 1 never writes;
+    1 epoch + resume = 2 straight epochs."""
+    from pyro_sparse import fitting
+
+    if ddp.rank() == 1:
+        def forbidden(*args, **kwargs):
+            raise AssertionError(f"rank 1 wrote a file: {args[1] if len(args) > 1 else args}")
+
+        fitting.save_atomic = fitting.write_text_atomic = forbidden
+    data = even_digits()
+    straight = _laplace_fit(data, os.path.join(tmp, "a"))
+    assert (straight.num_local, straight.batch_size, straight.steps_per_epoch) == (718, 64, 12)
+    _laplace_fit(data, os.path.join(tmp, "b"), epochs=1)
+    dist.barrier()
+    resumed = _laplace_fit(data, os.path.join(tmp, "b"), resume=True)
+    assert torch.equal(_laplace_log_delta(resumed), _laplace_log_delta(straight))
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
+    # weights and precisions are identical on both ranks
+    flat = torch.cat([p.detach().reshape(-1) for p in straight.net.parameters()] + [_laplace_log_delta(straight)])
+    gathered = [torch.empty_like(flat) for _ in range(2)]
+    dist.all_gather(gathered, flat)
+    assert torch.equal(gathered[0], gathered[1])
+    torch.save({"history": straight.history, "log_delta": _laplace_log_delta(straight)},
+               os.path.join(tmp, f"laplace-rank{ddp.rank()}.pt"))
+
+
+def test_distributed_laplace_fit_matches_one_process_and_only_rank_0_writes(tmp_path):
+    launch(_laplace_fit_worker, str(tmp_path))
+    single = _laplace_fit(even_digits())
+    ranks = [torch.load(tmp_path / f"laplace-rank{r}.pt") for r in range(2)]
+    untimed = [[{k: v for k, v in h.items() if not k.endswith("seconds")} for h in r["history"]] for r in ranks]
+    assert untimed[0] == untimed[1]  # rank 0's evaluation, the all-reduced loss and marglik
+    files = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert [f["epoch"] for f in files] == [1, 2] and [f["loss"] for f in files] == [h["loss"]
+                                                                                   for h in ranks[0]["history"]]
+    for got, want in zip(ranks[0]["history"], single.history):
+        # the MAP steps are the single-process steps on the same global batches, the marglik
+        # steps see the same (all-reduced) statistics: equal up to float32 summation order
+        for key in ("loss", "log_marglik", "log_prior_precision_mean", "test_accuracy"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-5), key
+    want = _laplace_log_delta(single)
+    assert want.abs().max() > 0.05  # log delta (0 at the start) has moved
+    torch.testing.assert_close(ranks[0]["log_delta"], want, rtol=0, atol=1e-5)
