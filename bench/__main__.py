@@ -109,7 +109,19 @@ def main(argv=None):
     parser.add_argument("--widths", default=None, help="hidden widths of the scaling section, e.g. 100,400")
     parser.add_argument("--results", default=None, help="markdown file to write (default bench/RESULTS.md, "
                                                          "bench/RESULTS-full.md with --full)")
+    parser.add_argument("--from-json", default=None, metavar="PATH",
+                        help="only write the markdown and plots again from a results-*.json of an earlier run")
     args = parser.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            results = json.load(f)
+        name = results["meta"]["mode"]
+        path = args.results or os.path.join(os.path.dirname(os.path.abspath(args.from_json)),
+                                            "RESULTS-full.md" if name == "full" else "RESULTS.md")
+        plots = report.write(results, path, os.path.join(os.path.dirname(os.path.abspath(path)), "plots"),
+                             prefix=f"{name}-")
+        log(f"wrote {path} and {len(plots)} plot(s) from {args.from_json}")
+        return
     full = args.full
     name = "full" if full else "quick"
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}

@@ -140,28 +140,39 @@ def _plt():
     return plt
 
 
-def _palette():
-    """One colour per (method, rule) of the registry, the same in every panel."""
+_MARKERS = "*PXDs^vph<>"
+
+
+def _styles():
+    """One style per (method, rule) of the registry, the same in every panel: curves of the
+    threshold-free rules get tab10 colours, the evidence rules (points) markers and Dark2 colours."""
     import matplotlib
 
-    keys = [(m.key, c) for m in METHODS.values() for c in m.curves]
-    keys += [(m.key, r.key) for m in METHODS.values() for r in m.rules if r.sparsity is None]
-    cmap = matplotlib.colormaps["tab20"]
-    return {k: cmap(i % 20) for i, k in enumerate(keys)}
+    curves = [(m.key, c) for m in METHODS.values() for c in m.curves]
+    points = [(m.key, r.key) for m in METHODS.values() for r in m.rules if r.sparsity is None]
+    tab, dark = matplotlib.colormaps["tab10"], matplotlib.colormaps["Dark2"]
+    out = {k: {"color": tab(i % 10)} for i, k in enumerate(curves)}
+    out.update({k: {"color": dark(i % 8), "marker": _MARKERS[i % len(_MARKERS)]} for i, k in enumerate(points)})
+    return out
+
+
+_TICKS = (0.1, 0.3, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
 
 
 def plot_curves(results, models, path):
     plt = _plt()
     from matplotlib.ticker import NullFormatter
 
-    colors = _palette()
+    styles = _styles()
     models = [m for m in models if _curves(results, m)]
     if not models:
         return None
-    cols = min(2, len(models))
-    rows = math.ceil(len(models) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
+    cols = 2
+    rows = math.ceil((len(models) + 1) / cols)  # one more panel for the legend
+    fig, axes = plt.subplots(rows, cols, figsize=(5.0 * cols, 3.3 * rows), squeeze=False)
+    handles = {}
     for ax, model in zip(axes.flat, models):
+        lowest = SPARSITIES[0]
         for (method, rule), per_seed in _curves(results, model).items():
             xs, ms, ss = [], [], []
             for q in SPARSITIES:
@@ -170,31 +181,39 @@ def plot_curves(results, models, path):
                     xs.append(q)
                     ms.append(statistics.fmean(accs))
                     ss.append(statistics.stdev(accs) if len(accs) > 1 else 0.0)
-            color = colors.get((method, rule))
-            ax.plot(xs, ms, marker="o", ms=3, color=color, label=f"{METHODS[method].label}: {rule}")
+            color = styles[(method, rule)]["color"]
+            label = f"{METHODS[method].label} + {rule} (curve)"
+            handles[label], = ax.plot(xs, ms, marker="o", ms=3, color=color, label=label)
             ax.fill_between(xs, [m - s for m, s in zip(ms, ss)], [m + s for m, s in zip(ms, ss)],
                             color=color, alpha=0.2)
-        for (method, rule_key), items in _group(results, model).items():  # threshold rules as points
+        for (method, rule_key), items in _group(results, model).items():  # evidence rules as points
             rule = items[0][1]
-            if METHODS[method].rules and any(r.key == rule_key and r.sparsity is None for r in METHODS[method].rules):
-                xs = statistics.fmean(x["sparsity"] for _, x in items)
-                ys = statistics.fmean(x["point"]["accuracy"] for _, x in items)
-                ax.scatter([xs], [ys], marker="*", s=80, zorder=5, color=colors.get((method, rule_key)),
-                           edgecolors="k", linewidths=0.4, label=f"{METHODS[method].label}: {rule['label']}")
+            if any(r.key == rule_key and r.sparsity is None for r in METHODS[method].rules):
+                x = statistics.fmean(r["sparsity"] for _, r in items)
+                y = statistics.fmean(r["point"]["accuracy"] for _, r in items)
+                lowest = min(lowest, x)
+                st = styles[(method, rule_key)]
+                label = f"{METHODS[method].label}: {rule['label']}"
+                handles[label] = ax.scatter([x], [y], marker=st["marker"], s=60, zorder=5, color=st["color"],
+                                            edgecolors="k", linewidths=0.4, label=label)
         ax.set_xscale("logit")
-        ax.set_xticks(list(SPARSITIES))
-        ax.set_xticklabels([f"{q:.0%}" for q in SPARSITIES], fontsize=7)
+        left = max(0.01, min(0.45, 0.8 * lowest))
+        ax.set_xlim(left, 0.998)
+        ticks = [t for t in _TICKS if t >= left]
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:.0%}" for t in ticks], fontsize=7)
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_ylim(0, 1)
-        ax.set_xlabel("fraction of weights removed", fontsize=8)
+        ax.set_xlabel("fraction of weights removed (logit scale)", fontsize=8)
         ax.set_ylabel("test accuracy (no fine-tuning)", fontsize=8)
         ax.set_title(MODELS[model].label, fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="lower left")
-    for ax in list(axes.flat)[len(models):]:
+    rest = list(axes.flat)[len(models):]
+    for ax in rest:
         ax.axis("off")
+    rest[0].legend(list(handles.values()), list(handles), loc="center", fontsize=7, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=72)
     plt.close(fig)
     return path
 
@@ -295,8 +314,8 @@ def write(results: dict, path: str, plot_dir: str, prefix: str) -> list:
               "the compact network, whose remaining matrices are dense. Threshold-free rules (magnitude, "
               f"random, OPD) are applied at {TABLE_SPARSITY:.0%} sparsity in the tables, without fine-tuning; "
               "evidence rules (log alpha, Savage-Dickey, BMR, spike-and-slab, iterative BMR) decide their own "
-              "sparsity. For iterative BMR the pruning happened during training and the final "
-              "Savage-Dickey step only confirms it.", ""]
+              "sparsity. For iterative BMR the pruning happened during training; the final Savage-Dickey step on "
+              "the fitted posterior adds at most a few weights (`bmr_sparsity` in `results-*.json`).", ""]
     plots = []
     head = next((m for m in models if MODELS[m].headline), None)
     if head:
@@ -341,7 +360,8 @@ def write(results: dict, path: str, plot_dir: str, prefix: str) -> list:
                          f"{r['ratio']:.2f}x",
                          f"{r['ratio_amortised']:.2f}x" if "ratio_amortised" in r else "",
                          r["amortised"]["what"] + f" of {_ms(r['amortised']['each_cpu'])} ms"
-                         if "amortised" in r else ""])
+                         if "amortised" in r else
+                         f"between-step work failed: {r['amortised_error']}" if "amortised_error" in r else ""])
         lines += [_table(["model", "method", "step ms", "plain ms", "ratio", "amortised ratio", "between steps"],
                          rows), ""]
         p = plot_steps(steps, os.path.join(plot_dir, f"{prefix}step-ratio.png"))
@@ -411,8 +431,8 @@ def write(results: dict, path: str, plot_dir: str, prefix: str) -> list:
                   _table(["model", "method", "why"], [[n["model"], n["method"], n["reason"]] for n in notes]), ""]
     lines += ["## Entries", "", "The registry (`bench/registry.py`): spec and recipe of every cell that ran.", "",
               _table(["model", "method", "spec", "recipe", "epochs"],
-                     sorted({(r["model"], METHODS[r["method"]].label, r["spec"], r["recipe"], r["epochs"])
-                             for r in _ok(quality) if r["seed"] == min(meta["seeds"][r["model"]])})), ""]
+                     [(r["model"], METHODS[r["method"]].label, r["spec"], r["recipe"], r["epochs"])
+                      for r in _ok(quality) if r["seed"] == min(meta["seeds"][r["model"]])]), ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return plots

@@ -128,7 +128,11 @@ def step_ratios(models, repeats=15, calls=10, methods=None, log=print) -> list:
                     row.update({"batch": batch, "library": t["library"], "plain": t["plain"],
                                 "ratio": t["library"]["cpu"] / t["plain"]["cpu"],
                                 "ratio_wall": t["library"]["wall"] / t["plain"]["wall"]})
-                    extra = _amortised(trainer, recipe, repeats)
+                    try:
+                        extra = _amortised(trainer, recipe, repeats)
+                    except Exception as e:
+                        extra = None
+                        row["amortised_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                     if extra:
                         row["amortised"] = extra
                         row["ratio_amortised"] = (t["library"]["cpu"] + extra["cpu"]) / t["plain"]["cpu"]
