@@ -73,6 +73,22 @@ def timed(fn, repeats):
     return 1e3 * statistics.median(times), 1e3 * min(times)
 
 
+def reduce_calls(summary) -> dict:
+    """name -> a call of ``reduce`` on ``summary``, one per rule (also used by ``python -m bench``)."""
+    return {
+        "bmr (threshold 0)": lambda: reduce(summary, "bmr"),
+        "savage-dickey (threshold 0)": lambda: reduce(summary, "savage-dickey"),
+        "spike-slab (layer-wise)": lambda: reduce(summary, "spike-slab"),
+        "log-alpha (threshold 3)": lambda: reduce(summary, "log-alpha"),
+        "opd global 0.9": lambda: reduce(summary, "opd", sparsity=0.9),
+        "opd structured 0.5": lambda: reduce(summary, "opd", sparsity=0.5, structured=True),
+        "magnitude global 0.9": lambda: reduce(summary, "magnitude", sparsity=0.9),
+        "magnitude layer 0.9": lambda: reduce(summary, "magnitude", sparsity=0.9, scope="layer"),
+        "random global 0.9": lambda: reduce(summary, "random", sparsity=0.9),
+        "savage-dickey structured": lambda: reduce(summary, "savage-dickey", structured=True),
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
@@ -115,17 +131,7 @@ def main():
     summary = synthetic_summary(dtype, g)
     print(f"\nreduce(summary, ...) on a synthetic summary: {summary.num_weights()} parameters "
           f"in {len(summary)} sites")
-    calls = {
-        "bmr (threshold 0)": lambda: reduce(summary, "bmr"),
-        "savage-dickey (threshold 0)": lambda: reduce(summary, "savage-dickey"),
-        "spike-slab (layer-wise)": lambda: reduce(summary, "spike-slab"),
-        "log-alpha (threshold 3)": lambda: reduce(summary, "log-alpha"),
-        "opd global 0.9": lambda: reduce(summary, "opd", sparsity=0.9),
-        "opd structured 0.5": lambda: reduce(summary, "opd", sparsity=0.5, structured=True),
-        "magnitude layer 0.9": lambda: reduce(summary, "magnitude", sparsity=0.9, scope="layer"),
-        "random global 0.9": lambda: reduce(summary, "random", sparsity=0.9),
-        "savage-dickey structured": lambda: reduce(summary, "savage-dickey", structured=True),
-    }
+    calls = reduce_calls(summary)
     width = max(len(name) for name in calls)
     print(f"{'reduce(...)':<{width}}  {'median':>8}  {'min':>8}")
     for name, fn in calls.items():

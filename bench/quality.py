@@ -1,0 +1,297 @@
+"""Quality: fit each registry entry, reduce its posterior by each rule, and measure the result.
+
+One *task* is one (model, method, seed): build the network and guide from the entry's spec and
+recipe (:func:`pyro_sparse.runs.build`, seeded by the recipe's seed), fit with the recipe's
+trainer, summarise the posterior (:func:`pyro_sparse.summary.summarize`, or the Laplace
+summary of SpaM), and for every rule of the method
+
+* decide (:func:`pyro_sparse.reduction.reduce`), build the compact network
+  (:func:`~pyro_sparse.reduction.compact`, units physically removed) and count what went
+  (:func:`~pyro_sparse.reduction.reduction_report`);
+* measure test accuracy, NLL and ECE of the compact network (posterior means: the network one
+  deploys) and, for sampled posteriors, of the masked posterior predictive (``S`` draws).
+
+Threshold-free rules are also swept over :data:`~bench.registry.SPARSITIES` (the masked
+posterior-mean network; no fine-tuning). Tasks run in worker processes, one torch thread each;
+a task returns plain numbers (and writes its seed-0 compact networks for the latency section).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+
+import torch
+
+from .metrics import classification_metrics
+from .registry import MODELS, METHODS, SPARSITIES, resolve, scale_recipe
+
+_DATA = {}
+
+
+def dataset(name):
+    from pyro_sparse.data import load_dataset
+
+    if name not in _DATA:
+        _DATA[name] = load_dataset(name)
+    return _DATA[name]
+
+
+def _summary(trainer, network, guide):
+    from pyro_sparse.summary import summarize
+
+    if hasattr(trainer, "posterior_summary"):  # SpaM: the Laplace posterior
+        return trainer.posterior_summary()
+    return summarize(network, guide)
+
+
+def _threshold(rule, recipe):
+    if rule.threshold is not None or not rule.from_recipe:
+        return rule.threshold
+    section = recipe.get("reduction") or {}
+    return section.get("threshold")
+
+
+def decision_from_masks(summary, masks, method):
+    """A :class:`~pyro_sparse.reduction.Decision` from keep-masks (site -> bool tensor; missing
+    sites kept). A unit is removed when all its incoming weights are; the last layer keeps all."""
+    from pyro_sparse.reduction import Decision
+
+    full, units, layers = {}, {}, []
+    for name, site in summary.items():
+        m = masks.get(name)
+        full[name] = torch.ones_like(site.loc, dtype=torch.bool) if m is None else m.expand_as(site.loc).bool()
+        if site.param != "bias" and "unit" in site.axes:
+            axis = site.axes["unit"]
+            keep = full[name].movedim(axis, 0).flatten(1).any(1)
+            units[site.layer] = keep
+            layers.append(site.layer)
+    if layers:
+        units[layers[-1]] = torch.ones_like(units[layers[-1]])
+    return Decision(method, full, {}, "mask", units)
+
+
+def decide(rule, network, guide, summary, recipe, seed=0, sparsity=None):
+    from pyro_sparse.reduction import group_log_alpha, reduce
+
+    if rule.method == "prior":
+        from pyro_sparse.priors import prior_masks
+
+        return decision_from_masks(summary, prior_masks(network, guide), "prior")
+    options = {"structured": rule.structured, "seed": seed}
+    q = rule.sparsity if sparsity is None else sparsity
+    if q is not None:
+        options["sparsity"] = q
+    else:
+        threshold = _threshold(rule, recipe)
+        if threshold is not None:
+            options["threshold"] = threshold
+    if rule.method == "log-alpha":
+        options["groups"] = group_log_alpha(network, guide)
+    return reduce(summary, rule.method, **options)
+
+
+@torch.no_grad()
+def _predictive(network, guide, x, samples):
+    return network.sample_outputs(x, guide, samples)
+
+
+def run_task(task: dict) -> dict:
+    """Fit and reduce one (model, method, seed); returns plain numbers (or ``error``)."""
+    torch.set_num_threads(1)
+    start_cpu, start_wall = time.process_time(), time.perf_counter()
+    out = {"model": task["model"], "method": task["method"], "seed": task["seed"]}
+    try:
+        out.update(_run(task))
+    except Exception as e:  # one failing cell must not stop the benchmark
+        out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        out["traceback"] = traceback.format_exc(limit=6)
+    out["task_cpu_s"] = time.process_time() - start_cpu
+    out["task_wall_s"] = time.perf_counter() - start_wall
+    return out
+
+
+def _run(task):
+    import pyro
+
+    from pyro_sparse.reduction import masked_module, masked_predictive
+    from pyro_sparse.runs import Run, build, make_trainer, parse_specs
+
+    entry = resolve(MODELS[task["model"]], METHODS[task["method"]])
+    method = entry.method
+    recipe = scale_recipe(entry.recipe, task["scale"])
+    recipe["seed"] = task["seed"]
+    recipe["device"] = task.get("device", "cpu")
+    recipe["num_threads"] = 1
+    spec, recipe = parse_specs(entry.spec, recipe)
+    data = dataset(entry.model.data)
+    pyro.set_rng_seed(task["seed"])
+    network, guide = build(spec, recipe, data)
+    trainer = make_trainer(Run(network, guide, data, spec, recipe), None, progress=False)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    fit = trainer.fit()
+    fit_cpu, fit_wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    network.cpu()
+    x, y = data.x_test.cpu(), data.y_test.cpu()
+    samples = task["samples"]
+    summary = _summary(trainer, network, guide)
+    sampled = not method.point and not hasattr(trainer, "posterior_summary")
+    with torch.no_grad():
+        dense_point = classification_metrics(masked_module(network, summary)(x), y)
+        if sampled:
+            wrapped = trainer.objective()[1] if hasattr(trainer, "objective") else guide
+            dense_pred = classification_metrics(_predictive(network, wrapped, x, samples), y)
+        else:
+            dense_pred = dense_point
+    result = {
+        "spec": entry.spec_source, "recipe": entry.recipe_source, "epochs": recipe["epochs"],
+        "fit_cpu_s": fit_cpu, "fit_wall_s": fit_wall, "steps": fit.get("steps"), "step_ms": fit.get("step_ms"),
+        "n_params": network.num_weights(), "dense_point": dense_point, "dense_predictive": dense_pred,
+        "trainer_metrics": {k: v for k, v in fit.items() if isinstance(v, (int, float))},
+        "sampled": sampled, "rules": {}, "curves": {},
+    }
+    generator = torch.Generator().manual_seed(task["seed"])
+    compact_dir = task.get("compact_dir")
+    keep_modules = bool(compact_dir) and task["seed"] == 0
+    recurrent = _is_recurrent(network)
+    if keep_modules:
+        os.makedirs(compact_dir, exist_ok=True)
+        result["dense_path"] = _save(masked_module(network, summary), compact_dir, entry, "dense")
+    for rule in method.rules:
+        r = {"label": rule.label}
+        try:
+            if recurrent:
+                module, counts = _reduce_recurrent(rule, network, guide, summary, recipe)
+            else:
+                module, counts = _reduce(rule, network, guide, summary, recipe, task["seed"])
+            decision = counts.pop("_decision", None)
+            with torch.no_grad():
+                point = classification_metrics(module(x), y)
+                pred = point
+                if sampled and decision is not None:
+                    pred = classification_metrics(
+                        masked_predictive(network, summary, decision, x, samples, generator), y)
+            r.update({"point": point, "predictive": pred, **counts})
+            if keep_modules:
+                r["compact_path"] = _save(module, compact_dir, entry, rule.key)
+        except Exception as e:
+            r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        result["rules"][rule.key] = r
+    for curve in method.curves:
+        rows = []
+        for q in SPARSITIES:
+            try:
+                rule = _curve_rule(curve)
+                decision = decide(rule, network, guide, summary, recipe, seed=task["seed"], sparsity=q)
+                with torch.no_grad():
+                    m = classification_metrics(masked_module(network, summary, decision)(x), y)
+                rows.append({"target": q, "sparsity": decision.sparsity, **m})
+            except Exception as e:
+                rows.append({"target": q, "error": f"{type(e).__name__}: {e}"})
+        result["curves"][curve] = rows
+    return result
+
+
+def _save(module, directory, entry, name):
+    """Keep a network for the latency section (a private temporary file of this benchmark)."""
+    path = os.path.join(directory, f"{entry.model.key}--{entry.method.key}--{name}.pt")
+    torch.save(module, path)
+    return path
+
+
+def _is_recurrent(network):
+    try:
+        from pyro_sparse.recurrent import _Recurrent
+    except ImportError:
+        return False
+    return any(isinstance(layer, _Recurrent) for layer in network.layers.values())
+
+
+def _reduce(rule, network, guide, summary, recipe, seed):
+    """(compact network, counts) of a rule on a feed-forward network."""
+    from pyro_sparse.reduction import compact, reduction_report
+
+    decision = decide(rule, network, guide, summary, recipe, seed=seed)
+    module = compact(network, summary, decision)
+    report = reduction_report(network, summary, decision, module=module)
+    keys = ("sparsity", "weights_total", "weights_kept", "units_removed", "units_total", "units_removed_per_layer",
+            "params_dense", "params_nonzero", "params_compact", "flops_dense", "flops_compact")
+    counts = {k: report[k] for k in keys}
+    counts["hidden_units_total"] = report["units_total"] - _output_units(module)
+    counts["_decision"] = decision
+    return module, counts
+
+
+def _tensor_count(module, nonzero=False):
+    tensors = [t for t in module.state_dict().values() if t.is_floating_point()]
+    return sum(int((t != 0).sum()) if nonzero else t.numel() for t in tensors)
+
+
+def _reduce_recurrent(rule, network, guide, summary, recipe):
+    """(compact network, counts) on a network with LSTM/GRU layers: log alpha or Savage-Dickey
+    element masks with the gate and neuron structure of :mod:`pyro_sparse.reduction.recurrent`
+    (Lobacheva et al. 2018), compacted by ``compact_recurrent_network``. Other rules mask the
+    weights of the posterior-mean network without compacting it. No masked posterior predictive
+    here (``masked_predictive`` addresses feed-forward layers only): the point network's figures
+    stand for it."""
+    from pyro_sparse.reduction import masked_module
+
+    dense = masked_module(network, summary)
+    counts = {"params_dense": _tensor_count(dense)}
+    weights = [k for k, s in summary.items() if not s.param.startswith("bias") and not s.param.startswith("z_")]
+    if rule.method in ("log-alpha", "savage-dickey"):
+        from pyro_sparse.reduction.recurrent import compact_recurrent_network, reduce_recurrent_network
+
+        threshold = _threshold(rule, recipe)
+        if threshold is None:
+            threshold = 3.0 if rule.method == "log-alpha" else 0.0
+        red = reduce_recurrent_network(network, summary, threshold, rule.method)
+        module = compact_recurrent_network(network, guide.median(), red).eval()
+        keep = red.keep
+        hidden = [m.hidden for masks in red.layers.values() for m in masks]
+        counts.update({"units_removed": sum(int((~h).sum()) for h in hidden),
+                       "hidden_units_total": sum(h.numel() for h in hidden)})
+        counts["units_removed_per_layer"] = {name: sum(int((~m.hidden).sum()) for m in masks)
+                                             for name, masks in red.layers.items()}
+    else:
+        decision = decide(rule, network, guide, summary, recipe)
+        module = masked_module(network, summary, decision)
+        keep = decision.masks
+        counts.update({"units_removed": None, "hidden_units_total": None, "units_removed_per_layer": None,
+                       "not_compacted": True})
+    total = sum(summary[k].loc.numel() for k in weights)
+    kept = sum(int(keep[k].sum()) if k in keep else summary[k].loc.numel() for k in weights)
+    counts.update({"sparsity": 1 - kept / total, "weights_total": total, "weights_kept": kept,
+                   "units_total": counts["hidden_units_total"],
+                   "params_compact": _tensor_count(module), "params_nonzero": _tensor_count(module, nonzero=True),
+                   "flops_dense": None, "flops_compact": None})
+    return module, counts
+
+
+def _curve_rule(name):
+    from .registry import Rule
+
+    return Rule(name, name, name)
+
+
+def _output_units(module):
+    """Units of the compact network's last parametric layer (never removed)."""
+    last = [m for m in module if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))][-1]
+    return last.weight.shape[0]
+
+
+def tasks(mode: str, seeds: dict, compact_dir=None, models=None, methods=None, samples=10, device="cpu"):
+    """(tasks to run, skipped cells) for a mode; ``seeds``: model key -> seeds."""
+    from .registry import entries
+
+    todo, skipped = [], []
+    for e in entries(models, methods):
+        if not hasattr(e, "spec"):
+            skipped.append({"model": e.model.key, "method": e.method.key, "reason": e.reason})
+            continue
+        scale = e.scale(mode)
+        for seed in seeds[e.model.key]:
+            todo.append({"model": e.model.key, "method": e.method.key, "seed": seed, "scale": scale,
+                         "samples": samples, "compact_dir": compact_dir, "device": device})
+    return todo, skipped
