@@ -241,8 +241,9 @@ def make_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
     opts = dict(cfg)
     name = opts.pop("name")
     params = list(params)
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]  # groups too
     if (name in FUSED_BY_DEFAULT and "fused" not in opts and "foreach" not in opts
-            and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)):
+            and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in tensors)):
         opts["fused"] = True
     return getattr(torch.optim, name)(params, **opts)
 
