@@ -240,10 +240,10 @@ FUSED_BY_DEFAULT = ("Adam", "AdamW")
 def make_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
     opts = dict(cfg)
     name = opts.pop("name")
-    params = list(params)
-    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]  # groups too
+    params = list(params)  # tensors, or parameter groups (dicts with "params")
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
     if (name in FUSED_BY_DEFAULT and "fused" not in opts and "foreach" not in opts
-            and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in tensors)):
+            and all(t.device.type in ("cpu", "cuda") and t.is_floating_point() for t in tensors)):
         opts["fused"] = True
     return getattr(torch.optim, name)(params, **opts)
 

@@ -147,3 +147,16 @@ def test_shipped_recipes_parse(root):
 def test_recipe_defaults_and_numeric_strings():
     r = parse_recipe({"optimizer": {"name": "SGD", "lr": 0.1, "momentum": 0.9}, "grad_clip": "1e3"})
     assert r["grad_clip"] == 1000.0 and r["guide"] == "meanfield" and r["batch_size"] == 128
+
+
+def test_scale_lr_factor_gives_the_scales_their_own_learning_rate():
+    from pyro_sparse.guides import MeanFieldGuide
+    from pyro_sparse.recipe import guide_param_groups, make_optimizer
+
+    net = BayesianNetwork([Linear(4, 3)])
+    guide = MeanFieldGuide(net.model).setup(torch.randn(2, 4))
+    opt = make_optimizer(guide_param_groups(guide, {"lr": 0.002}, 5.0), {"name": "Adam", "lr": 0.002})
+    assert [g["lr"] for g in opt.param_groups] == [0.002, 0.01]
+    assert len(opt.param_groups[1]["params"]) == 2  # log-scales of fc1.weight and fc1.bias
+    plain = make_optimizer(guide_param_groups(guide, {"lr": 0.002}), {"name": "Adam", "lr": 0.002})
+    assert len(plain.param_groups) == 1
