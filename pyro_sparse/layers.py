@@ -37,6 +37,15 @@ def register_layer(name: str):
     return wrap
 
 
+def last_dim(size, in_shape: tuple, key: str) -> int:
+    """A spec size that may be ``auto``: then the last dimension of the per-example input."""
+    if size != "auto":
+        return size
+    if not in_shape:
+        raise ValueError(f"cannot infer {key!r} from a scalar input")
+    return in_shape[-1]
+
+
 class Layer(nn.Module):
     """Base class. ``fields`` declare the spec options; ``site`` is the sample-site prefix."""
 
@@ -224,12 +233,7 @@ class Linear(_Parametric):
     @classmethod
     def from_config(cls, cfg, in_shape):
         cfg = dict(cfg)
-        size = cfg.pop("in")
-        if size == "auto":
-            if not in_shape:
-                raise ValueError("cannot infer 'in' from a scalar input")
-            size = in_shape[-1]
-        return cls(size, cfg.pop("out"), **cfg)
+        return cls(last_dim(cfg.pop("in"), in_shape, "in"), cfg.pop("out"), **cfg)
 
     def out_shape(self, in_shape):
         if not in_shape or in_shape[-1] != self.in_features:

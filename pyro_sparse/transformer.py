@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Layer, Linear, _Parametric, _Stateless, register_layer
+from .layers import Layer, Linear, _Parametric, _Stateless, last_dim, register_layer
 from .local_reparam import GaussianWeight, _sample_preactivation, _split, gaussian_conv2d, gaussian_linear
 from .priors import Gaussian, build_prior
 from .schema import Field
@@ -423,12 +423,7 @@ class LayerNorm(_Compactable, _Parametric):
     @classmethod
     def from_config(cls, cfg, in_shape):
         cfg = dict(cfg)
-        dim = cfg.pop("dim")
-        if dim == "auto":
-            if not in_shape:
-                raise ValueError("cannot infer 'dim' from a scalar input")
-            dim = in_shape[-1]
-        return cls(dim, **cfg)
+        return cls(last_dim(cfg.pop("dim"), in_shape, "dim"), **cfg)
 
     def out_shape(self, in_shape):
         if not in_shape or in_shape[-1] != self.dim:
