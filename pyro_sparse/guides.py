@@ -29,6 +29,7 @@ from torch import nn
 from torch.distributions import kl_divergence
 
 from .distributions import LogScaleNormal, log_alpha
+from .schema import registrar
 
 GUIDES: dict[str, type["Guide"]] = {}
 
@@ -37,13 +38,8 @@ GUIDES: dict[str, type["Guide"]] = {}
 LOG_SCALE_MIN, LOG_SCALE_MAX = -12.0, 4.0
 
 
-def register_guide(name):
-    def wrap(cls):
-        cls.spec_name = name
-        GUIDES[name] = cls
-        return cls
-
-    return wrap
+#: class decorator: ``@register_guide("name")`` makes the class usable in specs as ``type: name``
+register_guide = registrar(GUIDES)
 
 
 def _init_from_prior(site):

@@ -23,18 +23,13 @@ from torch import nn
 
 from .local_reparam import gaussian_conv2d, gaussian_linear
 from .priors import Gaussian, build_prior
-from .schema import Field, validate
+from .schema import Field, registrar, validate
 
 LAYERS: dict[str, type["Layer"]] = {}
 
 
-def register_layer(name: str):
-    def wrap(cls):
-        cls.spec_name = name
-        LAYERS[name] = cls
-        return cls
-
-    return wrap
+#: class decorator: ``@register_layer("name")`` makes the class usable in specs as ``type: name``
+register_layer = registrar(LAYERS)
 
 
 def last_dim(size, in_shape: tuple, key: str) -> int:

@@ -16,18 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from .priors import sample_scale
-from .schema import Configurable, Field, build_registered
+from .schema import Configurable, Field, build_registered, registrar
 
 LIKELIHOODS: dict[str, type["Likelihood"]] = {}
 
 
-def register_likelihood(name):
-    def wrap(cls):
-        cls.spec_name = name
-        LIKELIHOODS[name] = cls
-        return cls
-
-    return wrap
+#: class decorator: ``@register_likelihood("name")`` makes the class usable in specs as ``type: name``
+register_likelihood = registrar(LIKELIHOODS)
 
 
 class Likelihood(Configurable):

@@ -23,20 +23,13 @@ import torch
 from .distributions import LogUniform as LogUniformDistribution
 from .distributions import log_alpha
 from .local_reparam import GaussianWeight, gaussian_posterior
-from .schema import Configurable, Field, build_registered
+from .schema import Configurable, Field, build_registered, registrar
 
 PRIORS: dict[str, type["Prior"]] = {}
 
 
-def register_prior(name: str):
-    """Class decorator: make a prior available to specs as ``type: <name>``."""
-
-    def wrap(cls):
-        cls.spec_name = name
-        PRIORS[name] = cls
-        return cls
-
-    return wrap
+#: class decorator: ``@register_prior("name")`` makes the class usable in specs as ``type: name``
+register_prior = registrar(PRIORS)
 
 
 def group_shape(shape: torch.Size, axes: dict[str, int], group: str) -> torch.Size:

@@ -179,3 +179,18 @@ def build_registered(registry: dict, spec, base: type, what: str, kind_label: st
     if not isinstance(kind, str) or kind not in registry:
         raise ValueError(f"unknown {kind_label or what} {kind!r}; expected one of {sorted(registry)}")
     return registry[kind](**options)
+
+
+def registrar(registry: dict):
+    """Make the class decorator of a registry: ``@register("name")`` stores the class in
+    ``registry`` under ``name`` (the ``type:`` a spec uses) and sets its ``spec_name``."""
+
+    def register(name: str):
+        def wrap(cls):
+            cls.spec_name = name
+            registry[name] = cls
+            return cls
+
+        return wrap
+
+    return register
