@@ -188,6 +188,11 @@ def _check_schedule(cfg, source):
 
 def parse_recipe(data: dict, source: str | None = None) -> dict:
     """Validate an inference recipe; return it with defaults filled in."""
+    # the built-in methods register themselves on import; import them here so that a recipe
+    # parses the same whatever the caller imported before (these modules import this one)
+    from . import spam  # noqa: F401  (method: laplace)
+    from .reduction import iterative  # noqa: F401  (method: svi_bmr)
+
     fields = dict(RECIPE_FIELDS)
     fields["method"] = Field("choice", "svi", choices=tuple(METHODS))
     fields.update(EXTRA_SECTIONS)

@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from . import recurrent, text  # noqa: F401  (register the recurrent layers and the sequence likelihood)
+from .data import INPUT_FIELDS
 from .errors import SpecError
 from .layers import LAYERS
 from .likelihoods import LIKELIHOODS
@@ -42,7 +43,7 @@ MODEL_FIELDS = {
     "bias_prior": Field("any", None, allow_none=True),
     "layers": Field("list"),
     "likelihood": Field("any", "categorical"),
-    "data": Field("dict", None, allow_none=True),  # loader options, e.g. a text corpus's (text.TEXT_FIELDS)
+    "data": Field("dict", None, allow_none=True),  # loader options: data.INPUT_FIELDS, or text.TEXT_FIELDS for a corpus
 }
 
 
@@ -102,8 +103,10 @@ def parse_model_spec(data: dict, source: str | None = None) -> dict:
         if spec[key] is not None:
             spec[key] = parse_prior(spec[key], key, source)
     spec["likelihood"] = _typed(LIKELIHOODS, spec["likelihood"], "likelihood", source, "likelihood")
-    if spec["data"] is not None:  # the only data options so far are a text corpus's
-        spec["data"] = validate(text.TEXT_FIELDS, spec["data"], "data", source)
+    if spec["data"] is not None:  # a text corpus's options, or array data's ``inputs``
+        given = spec["data"]
+        checked = validate({**text.TEXT_FIELDS, **INPUT_FIELDS}, given, "data", source)
+        spec["data"] = {k: v for k, v in checked.items() if k in given}  # the loader fills its own defaults
     if not spec["layers"]:
         raise SpecError("expected at least one layer", source, "layers")
     layers = []

@@ -138,3 +138,42 @@ def test_missing_empty_and_unknown_files(tmp_path):
     with pytest.raises(DataError, match="pickles"):
         load_dataset(str(pickled))
     assert torch.is_tensor(load_digits().x_train)
+
+
+def test_center_and_standardize_use_training_statistics(tmp_path):
+    rng = np.random.default_rng(0)
+    x_train = rng.uniform(0, 4, size=(50, 3)).astype(np.float32)
+    x_train[:, 2] = 7.0  # a constant feature: standardize must not divide by 0
+    x_test = rng.uniform(0, 4, size=(20, 3)).astype(np.float32)
+    y_train, y_test = rng.integers(0, 2, 50), rng.integers(0, 2, 20)
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    mean = x_train.mean(0)
+    raw = load_dataset(str(path))
+    assert torch.equal(raw.x_train, torch.from_numpy(x_train)) and "input_transform" not in raw.extras
+    c = load_dataset(str(path), options={"inputs": "center"})
+    np.testing.assert_allclose(c.x_train.numpy(), x_train - mean, atol=1e-5)
+    np.testing.assert_allclose(c.x_test.numpy(), x_test - mean, atol=1e-5)  # training mean, not the test mean
+    assert c.x_train.mean(0).abs().max() < 1e-5 and c.x_test.mean(0).abs().max() > 1e-3
+    s = load_dataset(str(path), options={"inputs": "standardize"})
+    sd = np.maximum(x_train.std(0, ddof=1), 1e-2)
+    np.testing.assert_allclose(s.x_test.numpy(), (x_test - mean) / sd, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(s.x_train.numpy()[:, :2].std(0, ddof=1), 1.0, rtol=1e-4)
+    assert torch.all(s.x_train[:, 2] == 0)
+    info = s.extras["input_transform"]
+    assert info["mode"] == "standardize"
+    np.testing.assert_allclose(info["mean"], mean, rtol=1e-5)
+    np.testing.assert_allclose(info["scale"], sd, rtol=1e-4)
+    assert torch.equal(c.y_train, raw.y_train) and torch.equal(c.y_test, raw.y_test)
+
+
+def test_data_options_are_checked(tmp_path):
+    with pytest.raises(DataError, match=r"data options \['sequence_length'\] do not apply"):
+        load_dataset("digits", options={"sequence_length": 10})
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abcabcabc " * 50)
+    with pytest.raises(DataError, match=r"data options \['inputs'\] do not apply"):
+        load_dataset(str(corpus), options={"inputs": "center"})
+    with pytest.raises(DataError, match="inputs must be one of"):
+        from pyro_sparse.data import transform_inputs
+        transform_inputs(load_digits(), "whiten")

@@ -160,3 +160,15 @@ def test_scale_lr_factor_gives_the_scales_their_own_learning_rate():
     assert len(opt.param_groups[1]["params"]) == 2  # log-scales of fc1.weight and fc1.bias
     plain = make_optimizer(guide_param_groups(guide, {"lr": 0.002}), {"name": "Adam", "lr": 0.002})
     assert len(plain.param_groups) == 1
+
+
+def test_data_inputs_option_is_validated_and_kept(root):
+    import copy
+
+    from pyro_sparse.spec import parse_model_spec
+
+    spec = yaml.safe_load(open(os.path.join(root, "models", "mlp_gaussian_centered.yaml")))
+    assert parse_model_spec(copy.deepcopy(spec))["data"] == {"inputs": "center"}
+    spec["data"] = {"inputs": "whiten"}
+    with pytest.raises(SpecError, match=r"x.yaml: data.inputs: expected one of 'raw', 'center', 'standardize'"):
+        parse_model_spec(spec, "x.yaml")
