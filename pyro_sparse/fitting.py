@@ -7,9 +7,14 @@ generators, history). One optimisation step is
     loss.backward(); clip; optimizer.step()
 
 with the loss from :class:`~pyro_sparse.elbo.MeanFieldELBO` (analytic KL, local
-reparameterisation) and beta_t the KL warm-up. Each epoch it evaluates the posterior predictive
-on held-out data, appends to ``metrics.jsonl`` and writes an atomic checkpoint from which
-``resume`` continues bit-for-bit (the RNG states are part of it).
+reparameterisation) and beta_t the KL warm-up. Where the same estimate needs no Pyro tracing
+(mean-field guide, local reparameterisation, fixed priors, a sequential network of Linear/Conv2d
+and parameter-free layers; :meth:`~pyro_sparse.elbo.DirectELBO.supports`) the trainer computes it
+with :class:`~pyro_sparse.elbo.DirectELBO` instead: same value, same random draws, no per-step
+Pyro overhead. ``elbo: pyro`` in the recipe keeps the Pyro path; ``trainer.elbo_path`` says
+which ran. Each epoch it evaluates the posterior predictive on held-out data, appends to
+``metrics.jsonl`` and writes an atomic checkpoint from which ``resume`` continues bit-for-bit
+(the RNG states are part of it).
 
 Inside a ``torch.distributed`` process group (``torchrun``) the same trainer runs data-parallel:
 each rank takes its shard of every epoch's permutation, ``batch_size`` is the global batch
@@ -48,7 +53,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import load_safe, save_atomic, write_text_atomic
 from .data import Dataset
-from .elbo import MeanFieldELBO
+from .elbo import DirectELBO, MeanFieldELBO
 from .errors import CheckpointError, DataError, PyroSparseError, PyroSparseWarning, SpecError
 from .guides import DeltaGuide
 from .recipe import RECIPE_FIELDS, check_device, guide_param_groups, make_optimizer, make_scheduler, parse_recipe
@@ -156,6 +161,8 @@ class SVITrainer:
     check_each_step = True
     _on_disk = _resumed_from_prev = False
     _batch, _ok, _last_fault = 0, None, None
+    #: which ELBO implementation the steps use: "direct" (DirectELBO) or "pyro" (MeanFieldELBO)
+    elbo_path = "pyro"
 
     def __init__(self, network, guide, dataset, recipe, out_dir=None, progress=True):
         if not isinstance(dataset, Dataset):
@@ -196,7 +203,7 @@ class SVITrainer:
         self.guide.to(self.device)
         if self.world > 1:
             distributed.broadcast_parameters(self.guide.parameters())
-        self.elbo = MeanFieldELBO(local_reparam=recipe["local_reparam"])
+        self.elbo, self.elbo_path, self.elbo_reason = self.make_elbo()
         self.optimizer = make_optimizer(
             guide_param_groups(self.guide, recipe["optimizer"], recipe.get("scale_lr_factor", 1.0)),
             recipe["optimizer"])
@@ -313,6 +320,24 @@ class SVITrainer:
                 return f"gradient of {name}"
         return "gradient"
 
+    def make_elbo(self):
+        """(elbo, path, reason): :class:`DirectELBO` ("direct") when the recipe's
+        ``local_reparam`` is on, ``elbo`` is ``auto``, the objective is the plain model and guide
+        (not wrapped by a subclass) and :meth:`DirectELBO.supports` accepts the pair; else
+        :class:`MeanFieldELBO` ("pyro") and why the direct path was not taken."""
+        recipe = self.recipe
+        if recipe.get("elbo", "auto") == "pyro":
+            reason = "the recipe sets elbo: pyro"
+        elif not recipe["local_reparam"]:
+            reason = "the recipe sets local_reparam: false"
+        elif type(self).objective is not SVITrainer.objective:
+            reason = f"{type(self).__name__} wraps the model and guide"
+        else:
+            reason = DirectELBO.supports(self.network, self.guide)
+        if reason is None:
+            return DirectELBO(), "direct", None
+        return MeanFieldELBO(local_reparam=recipe["local_reparam"]), "pyro", reason
+
     def objective(self):
         """The ``(model, guide)`` callables the ELBO is evaluated on; subclasses may wrap them
         in effect handlers (iterative BMR fixes pruned weights this way)."""
@@ -324,7 +349,7 @@ class SVITrainer:
         fault raises :class:`NonFiniteStep` before the optimiser applies the update."""
         x, y = self.data.x_train[idx], self.data.y_train[idx]
         self.elbo.kl_weight = beta
-        model, guide = self.objective()
+        model, guide = (self.network, self.guide) if self.elbo_path == "direct" else self.objective()
         loss = self.elbo.differentiable_loss(model, guide, x, y, dataset_size=self.num_train, subsample=idx)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -484,5 +509,6 @@ class SVITrainer:
         out = {k: last[k] for k in ("test_accuracy", "test_rmse", "test_nll", "test_bpc") if k in last}
         out.update({"epochs": self.epoch, "steps": self.steps, "train_seconds": self.train_seconds,
                     "step_ms": 1000 * self.train_seconds / max(self.steps, 1),
-                    "n_weights": self.network.num_weights(), "nan_recoveries": len(self.recoveries)})
+                    "n_weights": self.network.num_weights(), "nan_recoveries": len(self.recoveries),
+                    "elbo_path": self.elbo_path})
         return out

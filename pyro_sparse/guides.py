@@ -28,7 +28,7 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
 from torch import nn
 from torch.distributions import kl_divergence
 
-from .distributions import LogScaleNormal, log_alpha
+from .distributions import LogScaleNormal, clamp, log_alpha
 from .schema import registrar
 
 GUIDES: dict[str, type["Guide"]] = {}
@@ -174,7 +174,7 @@ class MeanFieldGuide(Guide):
 
     @staticmethod
     def _distribution(family, loc, log_scale):
-        log_scale = log_scale.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
+        log_scale = clamp(log_scale, LOG_SCALE_MIN, LOG_SCALE_MAX)
         if family == "normal":
             return LogScaleNormal(loc, log_scale)  # a Normal that keeps log sigma (cheaper KL terms)
         return dist.LogNormal(loc, log_scale.exp())
