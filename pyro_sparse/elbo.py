@@ -29,6 +29,7 @@ from pyro.infer import ELBO
 from pyro.poutine.messenger import Messenger
 from torch.distributions import kl_divergence
 
+from .distributions import kl_terms_for
 from .local_reparam import GaussianWeight, LocalReparameterization
 
 
@@ -207,8 +208,9 @@ class DirectELBO:
 
     # ------------------------------------------------------------------ the estimate
     def _steps(self, network, guide):
-        """Cached per (network, guide): [(layer, None)] for parameter-free layers and
-        [(layer, ((site, prior distribution), (site, prior distribution) or None))] for the rest."""
+        """Cached per (network, guide): ``(layer, None)`` for a parameter-free layer, else
+        ``(layer, (weight, bias))`` with ``(site, prior distribution, kl_terms)`` per parameter
+        (None for an absent bias; ``kl_terms`` None where the KL goes through ``kl_divergence``)."""
         plan = self._plan
         if plan is not None and plan[0] is network and plan[1] is guide:
             return plan[2]
@@ -225,9 +227,11 @@ class DirectELBO:
             priors = layer.priors()
             params = []
             for param in ("weight", "bias"):
-                prior = priors.get(param)
-                params.append(None if prior is None else
-                              (f"{layer.site}.{param}", prior.fixed_distribution(getattr(layer, f"{param}_init"))))
+                if param not in priors:
+                    params.append(None)
+                    continue
+                prior = priors[param].fixed_distribution(getattr(layer, f"{param}_init"))
+                params.append((f"{layer.site}.{param}", prior, kl_terms_for(prior)))
             steps.append((layer, tuple(params)))
         self._plan = (network, guide, steps)
         return steps
@@ -248,10 +252,14 @@ class DirectELBO:
                 if entry is None:
                     values.append(None)
                     continue
-                site, prior = entry
-                q = guide.distribution(site)
-                kl = kl + kl_divergence(q, prior).sum()
-                values.append(GaussianWeight(q.loc, q.variance))
+                site, prior, kl_terms = entry
+                if kl_terms is not None:  # one fused node: clamp, variance, KL and their gradients
+                    value, site_kl = guide.local_terms(site, kl_terms)
+                else:
+                    q = guide.distribution(site)
+                    value, site_kl = GaussianWeight(q.loc, q.variance), kl_divergence(q, prior).sum()
+                values.append(value)
+                kl = kl + site_kl
             h = layer.compute(h, *values)
         batch = h.shape[0]
         size = dataset_size if dataset_size is not None else batch

@@ -29,6 +29,7 @@ from torch import nn
 from torch.distributions import kl_divergence
 
 from .distributions import LogScaleNormal, clamp, log_alpha
+from .local_reparam import GaussianWeight
 from .schema import registrar
 
 GUIDES: dict[str, type["Guide"]] = {}
@@ -191,6 +192,17 @@ class MeanFieldGuide(Guide):
             pyro.sample(name, self.distribution(name).to_event(info["event_dim"]),
                         infer={"ps_local_reparam": info["local_reparam"]})
 
+    def local_terms(self, name, kl_terms):
+        """``(GaussianWeight(mu, sigma^2), sum KL(q || p))`` of the Gaussian site ``name`` in one
+        autograd node (:class:`_LocalTerms`): what a layer under local reparameterisation and
+        the ELBO's KL take from this guide, the KL by ``kl_terms`` (from
+        :func:`~pyro_sparse.distributions.kl_terms_for` of the site's fixed prior). Same values
+        and gradients as ``distribution(name)`` followed by its ``variance`` and
+        ``kl_divergence(..., prior).sum()``; used by :class:`~pyro_sparse.elbo.DirectELBO`."""
+        loc = self.locs[_key(name)]
+        var, kl = _LocalTerms.apply(loc, self.log_scales[_key(name)], kl_terms)
+        return GaussianWeight(loc, var), kl
+
     def median(self):
         out = {}
         for name, info in self.sites.items():
@@ -208,6 +220,41 @@ class MeanFieldGuide(Guide):
             raise ValueError(f"site {name!r} is not Gaussian")
         q = self.distribution(name)
         return log_alpha(q.loc, q.scale).detach()
+
+
+class _LocalTerms(torch.autograd.Function):
+    """Variance and summed KL of one mean-field Gaussian site from its raw parameters
+    ``(mu, log sigma)``: ``l = clamp(log sigma)``, ``var = exp(2 l)``, ``KL = sum kl(mu, l)``.
+
+    Backward, with ``g_var`` from the layer and ``g_kl`` from the ELBO:
+    ``d/d mu = g_kl dkl/dmu`` and ``d/d log sigma = [2 var g_var + g_kl dkl/dl] 1{clamp inactive}``:
+    four passes over the site instead of autograd's clamp, exp and KL nodes and their sums."""
+
+    @staticmethod
+    def forward(ctx, loc, raw_log_scale, kl_terms):
+        ctx.set_materialize_grads(False)
+        log_scale = raw_log_scale.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
+        var = torch.exp(2 * log_scale)  # as LogScaleNormal.variance
+        need = any(ctx.needs_input_grad)
+        kl, d_loc, d_log_scale = kl_terms(loc, log_scale, var, need)
+        if need:
+            inside = log_scale.eq_(raw_log_scale)  # 1.0 where the clamp is inactive
+            ctx.save_for_backward(var, d_loc, d_log_scale, inside)
+        return var, kl.sum()
+
+    @staticmethod
+    def backward(ctx, g_var, g_kl):
+        var, d_loc, d_log_scale, inside = ctx.saved_tensors
+        g_loc = g_log_scale = None
+        if g_kl is not None:
+            g_loc = d_loc * g_kl
+            g_log_scale = d_log_scale * g_kl
+        if g_var is not None:
+            g_log_scale = (torch.addcmul(g_log_scale, g_var, var, value=2.0) if g_log_scale is not None
+                           else g_var * var * 2.0)
+        if g_log_scale is not None:
+            g_log_scale.mul_(inside)
+        return g_loc, g_log_scale, None
 
 
 def _has_analytic_kl(q, p):
