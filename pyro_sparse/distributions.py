@@ -205,43 +205,57 @@ def log_alpha(loc, scale):
     return la.clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
 
 
+_CONSTANTS: dict = {}
+
+
+def _constants(values: tuple, like: torch.Tensor) -> tuple:
+    """``values`` as 0-dim tensors of ``like``'s dtype and device, cached: a Python number in a
+    tensor op is wrapped into a double tensor and cast at every call (~1 us per op on the CPU)."""
+    key = (values, like.dtype, like.device)
+    out = _CONSTANTS.get(key)
+    if out is None:
+        out = _CONSTANTS[key] = tuple(torch.tensor(v, dtype=like.dtype, device=like.device) for v in values)
+    return out
+
+
 def sparse_vd_kl_terms(loc, log_scale, grad: bool = True):
     r"""Elementwise Sparse VD KL and its partial derivatives, from :math:`(\theta, \log\sigma)`.
 
     With :math:`\log\alpha = 2\log\sigma - \log(\theta^2 + \epsilon)` clamped to
-    [LOG_ALPHA_MIN, LOG_ALPHA_MAX], :math:`e = 1/\alpha` and :math:`s = \mathrm{sigmoid}(k_2 + k_3\log\alpha)`
+    [LOG_ALPHA_MIN, LOG_ALPHA_MAX] and :math:`s = \mathrm{sigmoid}(k_2 + k_3\log\alpha)`
     (Molchanov et al. 2017, eq. 14):
 
     .. math::
-        KL = \tfrac12 \log(1 + e) - k_1 s + k_1, \qquad
-        \frac{\partial KL}{\partial\log\alpha} = -k_1 k_3 s(1 - s) - \tfrac12 \frac{e}{1 + e},
+        KL = k_1 (1 - s) + \tfrac12 \log(1 + \alpha^{-1}), \qquad
+        \frac{\partial KL}{\partial\log\alpha} = -k_1 k_3 s(1 - s) - \tfrac12\,\mathrm{sigmoid}(-\log\alpha),
 
     :math:`\partial KL/\partial\log\sigma = 2\,\partial KL/\partial\log\alpha` and
     :math:`\partial KL/\partial\theta = -2\theta/(\theta^2 + \epsilon)\,\partial KL/\partial\log\alpha`,
     both zero where the clamp is active (as ``torch.clamp``'s gradient). Returns ``(kl, dkl_dloc,
     dkl_dlog_scale)``, the derivatives None when ``grad`` is False; nothing is recorded by autograd.
 
-    Written for the CPU's cost model, where a pass over a weight-sized tensor costs more than
-    the arithmetic in it: ~25 passes, mostly in place; it works with ``nl = -log alpha``, takes
-    ``e`` as ``exp2(nl log2 e)`` (``exp2`` is several times cheaper than ``exp``) and
-    ``softplus(-log alpha)`` as ``log1p(e)`` (``softplus``'s own formula below its threshold 20,
-    which ``-log alpha <= 20`` never exceeds), and builds the clamp mask as floats (boolean
-    kernels are slow).
+    Written for the CPU's cost model, where each kernel launch and each pass over a weight-sized
+    tensor cost more than the arithmetic in it: 19 kernels, mostly in place, no Python numbers
+    (cached 0-dim constants); it works with ``nl = -log alpha``, takes :math:`\alpha^{-1}` as
+    ``exp2(nl log2 e)`` (``exp2`` is several times cheaper than ``exp``) and
+    ``softplus(-log alpha)`` as ``log1p(1/alpha)`` (``softplus``'s own formula below its
+    threshold 20, which ``-log alpha <= 20`` never exceeds), ``s(1 - s)`` with sigmoid's own
+    backward kernel, and builds the clamp mask as floats (boolean kernels are slow).
     """
+    eps, k1, k2, log2e, neg_2k1k3, zero = _constants((_THETA2_EPS, _K1, _K2, _LOG2E, -2 * _K1 * _K3, 0.0), loc)
     with torch.no_grad():
-        t = loc.square().add_(_THETA2_EPS)  # theta^2 + eps
+        t = torch.addcmul(eps, loc, loc)  # theta^2 + eps
         nl_raw = t.log().sub_(log_scale, alpha=2.0)  # -log alpha, unclamped
         nl = nl_raw.clamp(-LOG_ALPHA_MAX, -LOG_ALPHA_MIN)
-        s = nl.mul(-_K3).add_(_K2).sigmoid_()  # sigmoid(k2 + k3 log alpha)
-        e = nl.mul(_LOG2E).exp2_()  # 1 / alpha
-        kl = e.log1p().mul_(0.5).sub_(s, alpha=_K1).add_(_K1)
+        s = torch.add(k2, nl, alpha=-_K3).sigmoid_()  # sigmoid(k2 + k3 log alpha)
+        inv_alpha = torch.mul(nl, log2e).exp2_()
+        kl = torch.add(k1, s, alpha=-_K1).add_(inv_alpha.log1p_(), alpha=0.5)
         if not grad:
             return kl, None, None
         inside = nl_raw.eq_(nl)  # 1.0 where the clamp is inactive
-        sig = e.div_(torch.add(e, 1.0, out=nl))  # e / (1 + e) = sigmoid(-log alpha)
-        d_ls = s.sub(1.0).mul_(s).mul_(2 * _K1 * _K3).sub_(sig).mul_(inside)  # 2 dKL/dlog alpha
-        d_loc = torch.mul(loc, d_ls).div_(t).neg_()
-        return kl, d_loc, d_ls
+        d_log_scale = torch.ops.aten.sigmoid_backward(neg_2k1k3, s).sub_(nl.sigmoid_()).mul_(inside)
+        d_loc = torch.addcdiv(zero, loc, t, value=-1.0).mul_(d_log_scale)
+        return kl, d_loc, d_log_scale
 
 
 def normal_kl_terms(loc, log_scale, var, loc0: float, scale0: float, grad: bool = True):
@@ -255,13 +269,15 @@ def normal_kl_terms(loc, log_scale, var, loc0: float, scale0: float, grad: bool 
     for a fixed prior (``loc0``, ``scale0`` numbers) and ``var = exp(2 log_scale)``. Returns
     ``(kl, dkl_dloc, dkl_dlog_scale)`` as :func:`sparse_vd_kl_terms` does.
     """
+    precision0 = 1.0 / (scale0 * scale0)
+    m0, half_p0, p0, c0, minus_one = _constants(
+        (loc0, 0.5 * precision0, precision0, math.log(scale0) - 0.5, -1.0), loc)
     with torch.no_grad():
-        precision0 = 1.0 / (scale0 * scale0)
-        diff = loc - loc0
-        kl = torch.addcmul(var, diff, diff).mul_(0.5 * precision0).sub_(log_scale).add_(math.log(scale0) - 0.5)
+        diff = loc - m0
+        kl = torch.addcmul(var, diff, diff).mul_(half_p0).sub_(log_scale).add_(c0)
         if not grad:
             return kl, None, None
-        return kl, diff.mul_(precision0), var.mul(precision0).sub_(1.0)
+        return kl, diff.mul_(p0), torch.add(minus_one, var, alpha=precision0)
 
 
 def kl_terms_for(prior):

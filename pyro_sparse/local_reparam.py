@@ -33,7 +33,6 @@ from pyro.distributions import Independent, Normal
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
 
-from .distributions import FUSED_MIN_NUMEL
 
 
 @dataclass
@@ -105,32 +104,37 @@ def gaussian_posterior(name: str) -> GaussianWeight | None:
     return GaussianWeight(normal.loc, normal.variance)
 
 
-class _StdDev(torch.autograd.Function):
-    """``sqrt(clamp_min(var, 1e-16))`` with the same gradient, ``0.5 / sd`` where
-    ``var >= 1e-16`` and 0 elsewhere, its mask built as floats (torch's ``clamp_min`` backward
-    goes through boolean kernels that cost ~5x a float pass on the CPU)."""
+class _PreactivationSample(torch.autograd.Function):
+    """``mean + sqrt(max(var, 1e-16)) * eps``, ``eps = randn_like(mean)`` drawn here, as one
+    autograd node: the gradient is ``g`` for ``mean`` and ``g eps / (2 sd)`` for ``var`` where
+    ``var >= 1e-16`` (0 elsewhere, as for ``clamp_min``), the factor formed in the forward pass
+    with a float mask (torch's ``clamp_min`` backward goes through slow boolean kernels)."""
 
     @staticmethod
-    def forward(ctx, var):
+    def forward(ctx, mean, var):
+        ctx.set_materialize_grads(False)
         sd = var.clamp_min(1e-16).sqrt_()
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(var, sd)
-        return sd
+        eps = torch.randn_like(mean)
+        out = torch.addcmul(mean, sd, eps)
+        if ctx.needs_input_grad[1]:
+            d_var = eps.div_(sd.mul_(2.0))
+            d_var.mul_(torch.ge(var, 1e-16, out=sd))
+            ctx.save_for_backward(d_var)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        var, sd = ctx.saved_tensors
-        inside = torch.ge(var, 1e-16, out=torch.empty_like(grad))
-        return grad.div(sd).mul_(inside).mul_(0.5)
+        if grad is None:
+            return None, None
+        d_var = ctx.saved_tensors[0] if ctx.needs_input_grad[1] else None
+        return grad if ctx.needs_input_grad[0] else None, grad * d_var if d_var is not None else None
 
 
 def _sample_preactivation(mean, var):
     """``mean + sqrt(var) * eps``, ``eps ~ N(0, I)`` (variances floored at 1e-16)."""
-    if var.numel() >= FUSED_MIN_NUMEL and var.requires_grad and torch.is_grad_enabled():
-        sd = _StdDev.apply(var)
-    else:
-        sd = var.clamp_min(1e-16).sqrt()
-    return mean + sd * torch.randn_like(mean)
+    if torch.is_grad_enabled() and (mean.requires_grad or var.requires_grad):
+        return _PreactivationSample.apply(mean, var)
+    return mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
 
 
 def _split(param):
@@ -152,9 +156,10 @@ def gaussian_linear(x, weight, bias=None):
     mean = F.linear(x, w_mean, b_mean)
     if w_var is None and b_var is None:
         return mean
-    var = F.linear(x * x, w_var) if w_var is not None else torch.zeros_like(mean)
-    if b_var is not None:
-        var = var + b_var
+    if w_var is not None:
+        var = F.linear(x * x, w_var, b_var)
+    else:
+        var = torch.zeros_like(mean) + b_var
     return _sample_preactivation(mean, var)
 
 
@@ -165,9 +170,10 @@ def gaussian_conv2d(x, weight, bias=None, **conv_kwargs):
     mean = F.conv2d(x, w_mean, b_mean, **conv_kwargs)
     if w_var is None and b_var is None:
         return mean
-    var = F.conv2d(x * x, w_var, None, **conv_kwargs) if w_var is not None else torch.zeros_like(mean)
-    if b_var is not None:
-        var = var + b_var.view(1, -1, 1, 1)
+    if w_var is not None:
+        var = F.conv2d(x * x, w_var, b_var, **conv_kwargs)
+    else:
+        var = torch.zeros_like(mean) + b_var.view(1, -1, 1, 1)
     return _sample_preactivation(mean, var)
 
 
