@@ -208,9 +208,10 @@ class DirectELBO:
 
     # ------------------------------------------------------------------ the estimate
     def _steps(self, network, guide):
-        """Cached per (network, guide): ``(layer, None)`` for a parameter-free layer, else
-        ``(layer, (weight, bias))`` with ``(site, prior distribution, kl_terms)`` per parameter
-        (None for an absent bias; ``kl_terms`` None where the KL goes through ``kl_divergence``)."""
+        """Cached per (network, guide): the steps, ``(layer, None)`` for a parameter-free layer,
+        else ``(layer, (weight, bias))`` with ``(site, prior distribution, kl_terms)`` per parameter
+        (None for an absent bias; ``kl_terms`` None where the KL goes through ``kl_divergence``),
+        and the ``(site, kl_terms)`` of the sites whose KL has a closed-form gradient."""
         plan = self._plan
         if plan is not None and plan[0] is network and plan[1] is guide:
             return plan[2]
@@ -233,34 +234,40 @@ class DirectELBO:
                 prior = priors[param].fixed_distribution(getattr(layer, f"{param}_init"))
                 params.append((f"{layer.site}.{param}", prior, kl_terms_for(prior)))
             steps.append((layer, tuple(params)))
-        self._plan = (network, guide, steps)
-        return steps
+        fused = [(entry[0], entry[2]) for _, params in steps if params for entry in params
+                 if entry is not None and entry[2] is not None]
+        self._plan = (network, guide, (steps, fused))
+        return steps, fused
 
     def terms(self, network, guide, x, y, dataset_size=None, subsample=None):
         """(expected log-likelihood estimate, total KL), both differentiable; the same as
         ``MeanFieldELBO(local_reparam=True).terms(network.model, guide, x, y, ...)``."""
         if not guide.sites:
             guide.setup(x, y, dataset_size=dataset_size, subsample=subsample)
-        steps = self._steps(network, guide)
-        h, kl = network._reshape(x), 0.0
+        steps, fused = self._steps(network, guide)
+        # the guide's Gaussians and their KL: one node for every site with a closed-form KL
+        # gradient, kl_divergence for the others (no random draws, so the order is free)
+        values, kl = {}, 0.0
+        if fused:
+            weights, kl = guide.local_terms([site for site, _ in fused], [terms for _, terms in fused])
+            values = dict(zip((site for site, _ in fused), weights))
+        h = network._reshape(x)
         for layer, params in steps:
             if params is None:
                 h = layer(h)
                 continue
-            values = []
+            args = []
             for entry in params:
                 if entry is None:
-                    values.append(None)
+                    args.append(None)
                     continue
                 site, prior, kl_terms = entry
-                if kl_terms is not None:  # one fused node: clamp, variance, KL and their gradients
-                    value, site_kl = guide.local_terms(site, kl_terms)
-                else:
+                if kl_terms is None:
                     q = guide.distribution(site)
-                    value, site_kl = GaussianWeight(q.loc, q.variance), kl_divergence(q, prior).sum()
-                values.append(value)
-                kl = kl + site_kl
-            h = layer.compute(h, *values)
+                    values[site] = GaussianWeight(q.loc, q.variance)
+                    kl = kl + kl_divergence(q, prior).sum()
+                args.append(values[site])
+            h = layer.compute(h, *args)
         batch = h.shape[0]
         size = dataset_size if dataset_size is not None else batch
         scale = size / (len(subsample) if subsample is not None else batch)  # the data plate's N / B

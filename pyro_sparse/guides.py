@@ -192,16 +192,16 @@ class MeanFieldGuide(Guide):
             pyro.sample(name, self.distribution(name).to_event(info["event_dim"]),
                         infer={"ps_local_reparam": info["local_reparam"]})
 
-    def local_terms(self, name, kl_terms):
-        """``(GaussianWeight(mu, sigma^2), sum KL(q || p))`` of the Gaussian site ``name`` in one
-        autograd node (:class:`_LocalTerms`): what a layer under local reparameterisation and
-        the ELBO's KL take from this guide, the KL by ``kl_terms`` (from
-        :func:`~pyro_sparse.distributions.kl_terms_for` of the site's fixed prior). Same values
-        and gradients as ``distribution(name)`` followed by its ``variance`` and
-        ``kl_divergence(..., prior).sum()``; used by :class:`~pyro_sparse.elbo.DirectELBO`."""
-        loc = self.locs[_key(name)]
-        var, kl = _LocalTerms.apply(loc, self.log_scales[_key(name)], kl_terms)
-        return GaussianWeight(loc, var), kl
+    def local_terms(self, names, kl_terms):
+        """``([GaussianWeight(mu, sigma^2) per site], sum_sites sum KL(q || p))`` for the Gaussian
+        sites ``names``, in one autograd node (:class:`_LocalTerms`): what layers under local
+        reparameterisation and the ELBO's KL take from this guide, the KL of each site by its
+        ``kl_terms`` (from :func:`~pyro_sparse.distributions.kl_terms_for` of the site's fixed
+        prior). Same values and gradients as ``distribution(name)`` followed by its ``variance``
+        and ``kl_divergence(..., prior).sum()``; used by :class:`~pyro_sparse.elbo.DirectELBO`."""
+        locs = [self.locs[_key(name)] for name in names]
+        out = _LocalTerms.apply(tuple(kl_terms), *locs, *(self.log_scales[_key(name)] for name in names))
+        return [GaussianWeight(loc, var) for loc, var in zip(locs, out[:-1])], out[-1]
 
     def median(self):
         out = {}
@@ -223,38 +223,52 @@ class MeanFieldGuide(Guide):
 
 
 class _LocalTerms(torch.autograd.Function):
-    """Variance and summed KL of one mean-field Gaussian site from its raw parameters
-    ``(mu, log sigma)``: ``l = clamp(log sigma)``, ``var = exp(2 l)``, ``KL = sum kl(mu, l)``.
+    """Variances and total KL of mean-field Gaussian sites from their raw parameters
+    ``(mu, log sigma)``: per site ``l = clamp(log sigma)``, ``var = exp(2 l)`` and the summed KL
+    ``sum kl(mu, l)``, as one autograd node for all sites.
 
-    Backward, with ``g_var`` from the layer and ``g_kl`` from the ELBO:
-    ``d/d mu = g_kl dkl/dmu`` and ``d/d log sigma = [2 var g_var + g_kl dkl/dl] 1{clamp inactive}``:
-    four passes over the site instead of autograd's clamp, exp and KL nodes and their sums."""
+    Backward, with ``g_var`` from each layer and ``g_kl`` from the ELBO:
+    ``d/d mu = g_kl dkl/dmu`` and ``d/d log sigma = [2 var g_var + g_kl dkl/dl] 1{clamp inactive}``,
+    the partial derivatives of the KL formed in the forward pass: four passes over each site
+    instead of autograd's clamp, exp and KL nodes, their sums and the kernel launches of each."""
 
     @staticmethod
-    def forward(ctx, loc, raw_log_scale, kl_terms):
+    def forward(ctx, kl_terms, *params):
         ctx.set_materialize_grads(False)
-        log_scale = raw_log_scale.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
-        var = torch.exp(2 * log_scale)  # as LogScaleNormal.variance
         need = any(ctx.needs_input_grad)
-        kl, d_loc, d_log_scale = kl_terms(loc, log_scale, var, need)
+        sites = len(kl_terms)
+        variances, kls, saved = [], [], []
+        for terms, loc, raw in zip(kl_terms, params[:sites], params[sites:]):
+            log_scale = raw.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
+            var = torch.exp(2 * log_scale)  # as LogScaleNormal.variance
+            kl, d_loc, d_log_scale = terms(loc, log_scale, var, need)
+            kls.append(kl.sum())
+            variances.append(var)
+            if need:
+                saved += [var, d_loc, d_log_scale, log_scale.eq_(raw)]  # 1.0 where the clamp is inactive
         if need:
-            inside = log_scale.eq_(raw_log_scale)  # 1.0 where the clamp is inactive
-            ctx.save_for_backward(var, d_loc, d_log_scale, inside)
-        return var, kl.sum()
+            ctx.save_for_backward(*saved)
+        return (*variances, torch.stack(kls).sum() if sites > 1 else kls[0])
 
     @staticmethod
-    def backward(ctx, g_var, g_kl):
-        var, d_loc, d_log_scale, inside = ctx.saved_tensors
-        g_loc = g_log_scale = None
-        if g_kl is not None:
-            g_loc = d_loc * g_kl
-            g_log_scale = d_log_scale * g_kl
-        if g_var is not None:
-            g_log_scale = (torch.addcmul(g_log_scale, g_var, var, value=2.0) if g_log_scale is not None
-                           else g_var * var * 2.0)
-        if g_log_scale is not None:
-            g_log_scale.mul_(inside)
-        return g_loc, g_log_scale, None
+    def backward(ctx, *grads):
+        g_vars, g_kl = grads[:-1], grads[-1]
+        saved = ctx.saved_tensors
+        g_locs, g_log_scales = [], []
+        for i, g_var in enumerate(g_vars):
+            var, d_loc, d_log_scale, inside = saved[4 * i: 4 * i + 4]
+            g_loc = g_log_scale = None
+            if g_kl is not None:
+                g_loc = d_loc * g_kl
+                g_log_scale = d_log_scale * g_kl
+            if g_var is not None:
+                g_log_scale = (g_log_scale.addcmul_(g_var, var, value=2.0) if g_log_scale is not None
+                               else g_var * var * 2.0)
+            if g_log_scale is not None:
+                g_log_scale.mul_(inside)
+            g_locs.append(g_loc)
+            g_log_scales.append(g_log_scale)
+        return (None, *g_locs, *g_log_scales)
 
 
 def _has_analytic_kl(q, p):
