@@ -254,18 +254,23 @@ class _LocalTerms(torch.autograd.Function):
     def backward(ctx, *grads):
         g_vars, g_kl = grads[:-1], grads[-1]
         saved = ctx.saved_tensors
+        # the KL's gradient is usually exactly 1 (kl_weight 1): then skip multiplying by it (the
+        # host read is free on the CPU); a saved tensor returned as a gradient is copied, not
+        # aliased, by autograd if it becomes a .grad
+        unit = g_kl is not None and g_kl.device.type == "cpu" and float(g_kl) == 1.0
         g_locs, g_log_scales = [], []
         for i, g_var in enumerate(g_vars):
             var, d_loc, d_log_scale, inside = saved[4 * i: 4 * i + 4]
             g_loc = g_log_scale = None
             if g_kl is not None:
-                g_loc = d_loc * g_kl
-                g_log_scale = d_log_scale * g_kl
+                g_loc = d_loc if unit else d_loc * g_kl
+                g_log_scale = d_log_scale if unit else d_log_scale * g_kl
             if g_var is not None:
-                g_log_scale = (g_log_scale.addcmul_(g_var, var, value=2.0) if g_log_scale is not None
-                               else g_var * var * 2.0)
+                g_log_scale = (g_var * var * 2.0 if g_log_scale is None
+                               else torch.addcmul(g_log_scale, g_var, var, value=2.0) if unit
+                               else g_log_scale.addcmul_(g_var, var, value=2.0))
             if g_log_scale is not None:
-                g_log_scale.mul_(inside)
+                g_log_scale = g_log_scale * inside if g_log_scale is d_log_scale else g_log_scale.mul_(inside)
             g_locs.append(g_loc)
             g_log_scales.append(g_log_scale)
         return (None, *g_locs, *g_log_scales)
