@@ -34,6 +34,8 @@ __all__ = [
     "sparse_vd_kl_terms",
     "normal_kl_terms",
     "kl_terms_for",
+    "SparseVDKLTerms",
+    "NormalKLTerms",
     "clamp",
     "log_alpha",
     "kl_normal_loguniform",
@@ -280,18 +282,53 @@ def normal_kl_terms(loc, log_scale, var, loc0: float, scale0: float, grad: bool 
         return kl, diff.mul_(p0), torch.add(minus_one, var, alpha=precision0)
 
 
+class SparseVDKLTerms:
+    """``kl_terms`` of the log-uniform prior: :func:`sparse_vd_kl_terms` (all instances equal)."""
+
+    def __call__(self, loc, log_scale, var, grad=True):
+        return sparse_vd_kl_terms(loc, log_scale, grad)
+
+    def __eq__(self, other):
+        return type(other) is SparseVDKLTerms
+
+    def __hash__(self):
+        return hash(SparseVDKLTerms)
+
+    def __repr__(self):
+        return "SparseVDKLTerms()"
+
+
+class NormalKLTerms:
+    """``kl_terms`` of a fixed ``N(loc0, scale0^2)`` prior: :func:`normal_kl_terms`."""
+
+    def __init__(self, loc0: float, scale0: float):
+        self.loc0, self.scale0 = float(loc0), float(scale0)
+
+    def __call__(self, loc, log_scale, var, grad=True):
+        return normal_kl_terms(loc, log_scale, var, self.loc0, self.scale0, grad)
+
+    def __eq__(self, other):
+        return type(other) is NormalKLTerms and (other.loc0, other.scale0) == (self.loc0, self.scale0)
+
+    def __hash__(self):
+        return hash((self.loc0, self.scale0))
+
+    def __repr__(self):
+        return f"NormalKLTerms(loc0={self.loc0}, scale0={self.scale0})"
+
+
 def kl_terms_for(prior):
-    """``fn(loc, log_scale, var, grad) -> (kl, dkl_dloc, dkl_dlog_scale)`` giving the elementwise
+    """``kl_terms(loc, log_scale, var, grad) -> (kl, dkl_dloc, dkl_dlog_scale)``: the elementwise
     KL of a Gaussian posterior against the fixed prior distribution ``prior`` and its partial
-    derivatives (for fused gradients), or None where no such closed form is known here: the
-    log-uniform prior and Gaussian priors with one mean and one scale for every element."""
+    derivatives (for fused gradients), or None where no such closed form is known here. Known:
+    the log-uniform prior (:class:`SparseVDKLTerms`) and Gaussian priors with one mean and one
+    scale for every element (:class:`NormalKLTerms`)."""
     if isinstance(prior, LogUniform):
-        return lambda loc, log_scale, var, grad=True: sparse_vd_kl_terms(loc, log_scale, grad)
+        return SparseVDKLTerms()
     if type(prior) in (Normal, dist.Normal):
         loc0, scale0 = _single_value(prior.loc), _single_value(prior.scale)
         if loc0.dim() == 0 and scale0.dim() == 0 and not (loc0.requires_grad or scale0.requires_grad):
-            loc0, scale0 = float(loc0), float(scale0)
-            return lambda loc, log_scale, var, grad=True: normal_kl_terms(loc, log_scale, var, loc0, scale0, grad)
+            return NormalKLTerms(float(loc0), float(scale0))
     return None
 
 
