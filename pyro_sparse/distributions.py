@@ -269,17 +269,19 @@ def normal_kl_terms(loc, log_scale, var, loc0: float, scale0: float, grad: bool 
         \frac{\partial KL}{\partial l} = \frac{e^{2l}}{s_0^2} - 1,
 
     for a fixed prior (``loc0``, ``scale0`` numbers) and ``var = exp(2 log_scale)``. Returns
-    ``(kl, dkl_dloc, dkl_dlog_scale)`` as :func:`sparse_vd_kl_terms` does.
+    ``(kl, dkl_dloc, dkl_dlog_scale)`` as :func:`sparse_vd_kl_terms` does (``dkl_dloc`` is ``loc``
+    itself for the standard normal prior).
     """
     precision0 = 1.0 / (scale0 * scale0)
     m0, half_p0, p0, c0, minus_one = _constants(
         (loc0, 0.5 * precision0, precision0, math.log(scale0) - 0.5, -1.0), loc)
     with torch.no_grad():
-        diff = loc - m0
+        diff = loc if loc0 == 0 else loc - m0
         kl = torch.addcmul(var, diff, diff).mul_(half_p0).sub_(log_scale).add_(c0)
         if not grad:
             return kl, None, None
-        return kl, diff.mul_(p0), torch.add(minus_one, var, alpha=precision0)
+        d_loc = diff if precision0 == 1 else diff * p0  # may be ``loc`` itself: do not modify in place
+        return kl, d_loc, torch.add(minus_one, var, alpha=precision0)
 
 
 class SparseVDKLTerms:

@@ -271,14 +271,14 @@ class DirectELBO:
         batch = h.shape[0]
         size = dataset_size if dataset_size is not None else batch
         scale = size / (len(subsample) if subsample is not None else batch)  # the data plate's N / B
-        loglik = network.likelihood.log_likelihood(h, y) * scale
-        return loglik, kl
+        loglik = network.likelihood.log_likelihood(h, y)
+        return (loglik if scale == 1 else loglik * scale), kl
 
     def differentiable_loss(self, network, guide, x, y, dataset_size=None, subsample=None):
         """``kl_weight * KL - (N/B) log-likelihood``; sets ``last_terms``."""
         loglik, kl = self.terms(network, guide, x, y, dataset_size, subsample)
         self.last_terms = {"loglik": loglik.detach(), "kl": torch.as_tensor(kl).detach()}
-        return self.kl_weight * kl - loglik
+        return (kl if self.kl_weight == 1 else self.kl_weight * kl) - loglik  # 1 * kl is kl: one node fewer
 
     def loss(self, network, guide, *args, **kwargs):
         with torch.no_grad():

@@ -33,6 +33,8 @@ from pyro.distributions import Independent, Normal
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
 
+from .distributions import _constants
+
 
 
 @dataclass
@@ -113,12 +115,13 @@ class _PreactivationSample(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mean, var):
         ctx.set_materialize_grads(False)
+        floor, two = _constants((1e-16, 2.0), var)
         sd = var.clamp_min(1e-16).sqrt_()
         eps = torch.randn_like(mean)
         out = torch.addcmul(mean, sd, eps)
         if ctx.needs_input_grad[1]:
-            d_var = eps.div_(sd.mul_(2.0))
-            d_var.mul_(torch.ge(var, 1e-16, out=sd))
+            d_var = eps.div_(sd.mul_(two))
+            d_var.mul_(torch.ge(var, floor, out=sd))
             ctx.save_for_backward(d_var)
         return out
 
