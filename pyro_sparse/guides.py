@@ -28,7 +28,7 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
 from torch import nn
 from torch.distributions import kl_divergence
 
-from .distributions import LogScaleNormal, clamp, log_alpha
+from .distributions import LogScaleNormal, _constants, clamp, log_alpha
 from .local_reparam import GaussianWeight
 from .schema import registrar
 
@@ -240,7 +240,7 @@ class _LocalTerms(torch.autograd.Function):
         variances, kls, saved = [], [], []
         for terms, loc, raw in zip(kl_terms, params[:sites], params[sites:]):
             log_scale = raw.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
-            var = torch.mul(log_scale, 2.0).exp_()  # exp(2 l), as LogScaleNormal.variance
+            var = torch.mul(log_scale, _constants((2.0,), loc)[0]).exp_()  # exp(2 l), as LogScaleNormal.variance
             kl, d_loc, d_log_scale = terms(loc, log_scale, var, need)
             kls.append(kl.sum())
             variances.append(var)
