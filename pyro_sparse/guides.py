@@ -229,8 +229,8 @@ class _LocalTerms(torch.autograd.Function):
 
     Backward, with ``g_var`` from each layer and ``g_kl`` from the ELBO:
     ``d/d mu = g_kl dkl/dmu`` and ``d/d log sigma = [2 var g_var + g_kl dkl/dl] 1{clamp inactive}``,
-    the partial derivatives of the KL formed in the forward pass: four passes over each site
-    instead of autograd's clamp, exp and KL nodes, their sums and the kernel launches of each."""
+    the partial derivatives of the KL formed in the forward pass: at most three passes over each
+    site instead of autograd's clamp, exp and KL nodes, their sums and the kernels of each."""
 
     @staticmethod
     def forward(ctx, kl_terms, *params):

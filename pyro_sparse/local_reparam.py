@@ -36,7 +36,6 @@ from pyro.poutine.runtime import _PYRO_STACK
 from .distributions import _constants
 
 
-
 @dataclass
 class GaussianWeight:
     """A weight tensor known only through its Gaussian marginals ``N(loc, var)``."""
