@@ -351,6 +351,8 @@ def write(results: dict, path: str, plot_dir: str, prefix: str) -> list:
                   f"{speed['step_calls']} steps, median of {speed['step_repeats']} blocks. *Amortised* adds the work "
                   "a method does between steps (SpaM's marglik steps, iterative BMR's pruning steps), spread over "
                   "the steps of a full run of the recipe.", ""]
+        if speed.get("steps_note"):
+            lines += [speed["steps_note"], ""]
         rows = []
         for r in steps:
             if "error" in r:

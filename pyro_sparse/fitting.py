@@ -7,9 +7,14 @@ generators, history). One optimisation step is
     loss.backward(); clip; optimizer.step()
 
 with the loss from :class:`~pyro_sparse.elbo.MeanFieldELBO` (analytic KL, local
-reparameterisation) and beta_t the KL warm-up. Each epoch it evaluates the posterior predictive
-on held-out data, appends to ``metrics.jsonl`` and writes an atomic checkpoint from which
-``resume`` continues bit-for-bit (the RNG states are part of it).
+reparameterisation) and beta_t the KL warm-up. Where the same estimate needs no Pyro tracing
+(mean-field guide, local reparameterisation, fixed priors, a sequential network of Linear/Conv2d
+and parameter-free layers; :meth:`~pyro_sparse.elbo.DirectELBO.supports`) the trainer computes it
+with :class:`~pyro_sparse.elbo.DirectELBO` instead: same value, same random draws, no per-step
+Pyro overhead. ``elbo: pyro`` in the recipe keeps the Pyro path; ``trainer.elbo_path`` says
+which ran. Each epoch it evaluates the posterior predictive on held-out data, appends to
+``metrics.jsonl`` and writes an atomic checkpoint from which ``resume`` continues bit-for-bit
+(the RNG states are part of it).
 
 Inside a ``torch.distributed`` process group (``torchrun``) the same trainer runs data-parallel:
 each rank takes its shard of every epoch's permutation, ``batch_size`` is the global batch
@@ -48,12 +53,21 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import load_safe, save_atomic, write_text_atomic
 from .data import Dataset
-from .elbo import MeanFieldELBO
+from .elbo import DirectELBO, MeanFieldELBO
 from .errors import CheckpointError, DataError, PyroSparseError, PyroSparseWarning, SpecError
 from .guides import DeltaGuide
 from .recipe import RECIPE_FIELDS, check_device, guide_param_groups, make_optimizer, make_scheduler, parse_recipe
 
 CHECKPOINT = "checkpoint.pt"
+
+
+def _total_norm(grads: list) -> torch.Tensor:
+    """``torch.nn.utils.get_total_norm(grads)`` (the 2-norm of all gradients as one vector), by
+    the same kernels (``_foreach_norm``, ``stack``, ``vector_norm``) without its grouping
+    overhead when every gradient is on one device with one dtype."""
+    if grads and all(g.device == grads[0].device and g.dtype == grads[0].dtype for g in grads):
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+    return torch.nn.utils.get_total_norm(grads)
 
 
 class NumericalError(PyroSparseError):
@@ -156,6 +170,8 @@ class SVITrainer:
     check_each_step = True
     _on_disk = _resumed_from_prev = False
     _batch, _ok, _last_fault = 0, None, None
+    #: which ELBO implementation the steps use: "direct" (DirectELBO) or "pyro" (MeanFieldELBO)
+    elbo_path = "pyro"
 
     def __init__(self, network, guide, dataset, recipe, out_dir=None, progress=True):
         if not isinstance(dataset, Dataset):
@@ -196,10 +212,11 @@ class SVITrainer:
         self.guide.to(self.device)
         if self.world > 1:
             distributed.broadcast_parameters(self.guide.parameters())
-        self.elbo = MeanFieldELBO(local_reparam=recipe["local_reparam"])
+        self.elbo, self.elbo_path, self.elbo_reason = self.make_elbo()
         self.optimizer = make_optimizer(
             guide_param_groups(self.guide, recipe["optimizer"], recipe.get("scale_lr_factor", 1.0)),
             recipe["optimizer"])
+        self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.scheduler = make_scheduler(self.optimizer, recipe["schedule"], recipe["epochs"])
         self.generator = torch.Generator().manual_seed(recipe["seed"])
         self.epoch, self.steps, self.train_seconds = 0, 0, 0.0
@@ -313,35 +330,65 @@ class SVITrainer:
                 return f"gradient of {name}"
         return "gradient"
 
+    def make_elbo(self):
+        """(elbo, path, reason): :class:`DirectELBO` ("direct") when the recipe's
+        ``local_reparam`` is on, ``elbo`` is ``auto``, the objective is the plain model and guide
+        (not wrapped by a subclass) and :meth:`DirectELBO.supports` accepts the pair; else
+        :class:`MeanFieldELBO` ("pyro") and why the direct path was not taken."""
+        recipe = self.recipe
+        if recipe.get("elbo", "auto") == "pyro":
+            reason = "the recipe sets elbo: pyro"
+        elif not recipe["local_reparam"]:
+            reason = "the recipe sets local_reparam: false"
+        elif type(self).objective is not SVITrainer.objective:
+            reason = f"{type(self).__name__} wraps the model and guide"
+        else:
+            reason = DirectELBO.supports(self.network, self.guide)
+        if reason is None:
+            return DirectELBO(), "direct", None
+        return MeanFieldELBO(local_reparam=recipe["local_reparam"]), "pyro", reason
+
     def objective(self):
         """The ``(model, guide)`` callables the ELBO is evaluated on; subclasses may wrap them
         in effect handlers (iterative BMR fixes pruned weights this way)."""
         return self.network.model, self.guide
 
     def _step(self, idx, beta):
-        """One SVI step; returns the (detached) loss. Sets ``self._ok``, a device tensor that is
-        False when the loss or the gradient norm is NaN/inf; with ``check_each_step`` such a
-        fault raises :class:`NonFiniteStep` before the optimiser applies the update."""
+        """One SVI step; returns the (detached) loss. Sets ``self._ok``, False when the loss or
+        the gradient norm is NaN/inf (a device tensor unless ``check_each_step``); with
+        ``check_each_step`` such a fault raises :class:`NonFiniteStep` before the optimiser
+        applies the update."""
         x, y = self.data.x_train[idx], self.data.y_train[idx]
         self.elbo.kl_weight = beta
-        model, guide = self.objective()
+        model, guide = (self.network, self.guide) if self.elbo_path == "direct" else self.objective()
         loss = self.elbo.differentiable_loss(model, guide, x, y, dataset_size=self.num_train, subsample=idx)
-        self.optimizer.zero_grad(set_to_none=True)
+        params = self._params
+        for p in params:  # optimizer.zero_grad(set_to_none=True), without its per-call overhead
+            p.grad = None
         loss.backward()
         if self.world > 1:
             distributed.average_gradients(self.guide.parameters())
-        params = [p for p in self.guide.parameters() if p.grad is not None]
-        if self.recipe["grad_clip"]:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.recipe["grad_clip"])
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        params = [p for p in params if p.grad is not None]
+        norm = _total_norm([p.grad for p in params])
+        clip = self.recipe["grad_clip"]
         loss = loss.detach()
-        # Data-parallel: the averaged gradient (so its norm) is the same on every rank, the local
-        # loss is not; deciding on the norm alone keeps the ranks in step (a non-finite loss
-        # still shows in the all-reduced epoch loss).
-        ok = torch.isfinite(norm) if self.world > 1 else torch.isfinite(loss) & torch.isfinite(norm)
-        if self.check_each_step and not ok:  # host read: cheap on the CPU
-            raise self._fault(self._nonfinite_what(loss), self._batch)
+        if self.check_each_step:  # CPU: host reads are free, decide here
+            value = float(norm)
+            # clip_grad_norm_ multiplies every gradient by min(clip / (norm + 1e-6), 1) so as not
+            # to read the norm on the host; skipping a factor surely equal to 1 saves a pass over
+            # every gradient (the same update, bit for bit)
+            if clip and not (value + 1e-6) * (1 + 1e-6) < clip:
+                torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+            ok = math.isfinite(value) and (self.world > 1 or math.isfinite(float(loss)))
+            if not ok:
+                raise self._fault(self._nonfinite_what(loss), self._batch)
+        else:
+            if clip:
+                torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+            # Data-parallel: the averaged gradient (so its norm) is the same on every rank, the
+            # local loss is not; deciding on the norm alone keeps the ranks in step (a non-finite
+            # loss still shows in the all-reduced epoch loss).
+            ok = torch.isfinite(norm) if self.world > 1 else torch.isfinite(loss) & torch.isfinite(norm)
         self.optimizer.step()
         self._ok = ok
         return loss
@@ -484,5 +531,6 @@ class SVITrainer:
         out = {k: last[k] for k in ("test_accuracy", "test_rmse", "test_nll", "test_bpc") if k in last}
         out.update({"epochs": self.epoch, "steps": self.steps, "train_seconds": self.train_seconds,
                     "step_ms": 1000 * self.train_seconds / max(self.steps, 1),
-                    "n_weights": self.network.num_weights(), "nan_recoveries": len(self.recoveries)})
+                    "n_weights": self.network.num_weights(), "nan_recoveries": len(self.recoveries),
+                    "elbo_path": self.elbo_path})
         return out

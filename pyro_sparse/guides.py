@@ -28,7 +28,8 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
 from torch import nn
 from torch.distributions import kl_divergence
 
-from .distributions import LogScaleNormal, log_alpha
+from .distributions import LogScaleNormal, _constants, clamp, log_alpha
+from .local_reparam import GaussianWeight
 from .schema import registrar
 
 GUIDES: dict[str, type["Guide"]] = {}
@@ -174,7 +175,7 @@ class MeanFieldGuide(Guide):
 
     @staticmethod
     def _distribution(family, loc, log_scale):
-        log_scale = log_scale.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
+        log_scale = clamp(log_scale, LOG_SCALE_MIN, LOG_SCALE_MAX)
         if family == "normal":
             return LogScaleNormal(loc, log_scale)  # a Normal that keeps log sigma (cheaper KL terms)
         return dist.LogNormal(loc, log_scale.exp())
@@ -190,6 +191,17 @@ class MeanFieldGuide(Guide):
         for name, info in self.sites.items():
             pyro.sample(name, self.distribution(name).to_event(info["event_dim"]),
                         infer={"ps_local_reparam": info["local_reparam"]})
+
+    def local_terms(self, names, kl_terms):
+        """``([GaussianWeight(mu, sigma^2) per site], sum_sites sum KL(q || p))`` for the Gaussian
+        sites ``names``, in one autograd node (:class:`_LocalTerms`): what layers under local
+        reparameterisation and the ELBO's KL take from this guide, the KL of each site by its
+        ``kl_terms`` (from :func:`~pyro_sparse.distributions.kl_terms_for` of the site's fixed
+        prior). Same values and gradients as ``distribution(name)`` followed by its ``variance``
+        and ``kl_divergence(..., prior).sum()``; used by :class:`~pyro_sparse.elbo.DirectELBO`."""
+        locs = [self.locs[_key(name)] for name in names]
+        out = _LocalTerms.apply(tuple(kl_terms), *locs, *(self.log_scales[_key(name)] for name in names))
+        return [GaussianWeight(loc, var) for loc, var in zip(locs, out[:-1])], out[-1]
 
     def median(self):
         out = {}
@@ -208,6 +220,60 @@ class MeanFieldGuide(Guide):
             raise ValueError(f"site {name!r} is not Gaussian")
         q = self.distribution(name)
         return log_alpha(q.loc, q.scale).detach()
+
+
+class _LocalTerms(torch.autograd.Function):
+    """Variances and total KL of mean-field Gaussian sites from their raw parameters
+    ``(mu, log sigma)``: per site ``l = clamp(log sigma)``, ``var = exp(2 l)`` and the summed KL
+    ``sum kl(mu, l)``, as one autograd node for all sites.
+
+    Backward, with ``g_var`` from each layer and ``g_kl`` from the ELBO:
+    ``d/d mu = g_kl dkl/dmu`` and ``d/d log sigma = [2 var g_var + g_kl dkl/dl] 1{clamp inactive}``,
+    the partial derivatives of the KL formed in the forward pass: at most three passes over each
+    site instead of autograd's clamp, exp and KL nodes, their sums and the kernels of each."""
+
+    @staticmethod
+    def forward(ctx, kl_terms, *params):
+        ctx.set_materialize_grads(False)
+        need = any(ctx.needs_input_grad)
+        sites = len(kl_terms)
+        variances, kls, saved = [], [], []
+        for terms, loc, raw in zip(kl_terms, params[:sites], params[sites:]):
+            log_scale = raw.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
+            var = torch.mul(log_scale, _constants((2.0,), loc)[0]).exp_()  # exp(2 l), as LogScaleNormal.variance
+            kl, d_loc, d_log_scale = terms(loc, log_scale, var, need)
+            kls.append(kl.sum())
+            variances.append(var)
+            if need:
+                saved += [var, d_loc, d_log_scale, log_scale.eq_(raw)]  # 1.0 where the clamp is inactive
+        if need:
+            ctx.save_for_backward(*saved)
+        return (*variances, torch.stack(kls).sum() if sites > 1 else kls[0])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        g_vars, g_kl = grads[:-1], grads[-1]
+        saved = ctx.saved_tensors
+        # the KL's gradient is usually exactly 1 (kl_weight 1): then skip multiplying by it (the
+        # host read is free on the CPU); a saved tensor returned as a gradient is copied, not
+        # aliased, by autograd if it becomes a .grad
+        unit = g_kl is not None and g_kl.device.type == "cpu" and float(g_kl) == 1.0
+        g_locs, g_log_scales = [], []
+        for i, g_var in enumerate(g_vars):
+            var, d_loc, d_log_scale, inside = saved[4 * i: 4 * i + 4]
+            g_loc = g_log_scale = None
+            if g_kl is not None:
+                g_loc = d_loc if unit else d_loc * g_kl
+                g_log_scale = d_log_scale if unit else d_log_scale * g_kl
+            if g_var is not None:
+                g_log_scale = (g_var * var * 2.0 if g_log_scale is None
+                               else torch.addcmul(g_log_scale, g_var, var, value=2.0) if unit
+                               else g_log_scale.addcmul_(g_var, var, value=2.0))
+            if g_log_scale is not None:
+                g_log_scale = g_log_scale * inside if g_log_scale is d_log_scale else g_log_scale.mul_(inside)
+            g_locs.append(g_loc)
+            g_log_scales.append(g_log_scale)
+        return (None, *g_locs, *g_log_scales)
 
 
 def _has_analytic_kl(q, p):

@@ -206,6 +206,16 @@ class _Parametric(Layer):
             bias = self.bias_prior.sample(f"{self.site}.bias", self.bias_init, self.param_axes["bias"])
         return weight, bias
 
+    def compute(self, x, weight, bias):
+        """The layer's operation for given parameters: tensors, or under local
+        reparameterisation :class:`~pyro_sparse.local_reparam.GaussianWeight` (then the
+        pre-activations are sampled). ``forward`` is ``compute(x, *sample_params())``; the
+        direct ELBO (:class:`~pyro_sparse.elbo.DirectELBO`) calls it with the guide's Gaussians."""
+        raise NotImplementedError
+
+    def forward(self, x):
+        return self.compute(x, *self.sample_params())
+
 
 @register_layer("linear")
 class Linear(_Parametric):
@@ -236,8 +246,7 @@ class Linear(_Parametric):
                              f"got shape {tuple(in_shape)}")
         return (*in_shape[:-1], self.out_features)
 
-    def forward(self, x):
-        weight, bias = self.sample_params()
+    def compute(self, x, weight, bias):
         return gaussian_linear(x, weight, bias)
 
     def deterministic(self, params):
@@ -298,8 +307,7 @@ class Conv2d(_Parametric):
             raise ValueError(f"kernel {self.kernel_size} does not fit input of size {h}x{w}")
         return (self.out_channels, oh, ow)
 
-    def forward(self, x):
-        weight, bias = self.sample_params()
+    def compute(self, x, weight, bias):
         return gaussian_conv2d(x, weight, bias, stride=self.stride, padding=self.padding)
 
     def deterministic(self, params):

@@ -52,6 +52,11 @@ class Likelihood(Configurable):
             pyro.sample("obs", fn, obs=y)
         return fn
 
+    def log_likelihood(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``sum_b log p(y_b | output_b)`` over a mini-batch, differentiable: the value of the
+        ``obs`` site that :meth:`observe` emits, before the plate's scale N/B."""
+        return self.distribution(output).log_prob(y).sum()
+
     def predictive_mean(self, outputs: torch.Tensor) -> torch.Tensor:
         """Posterior predictive mean from S stacked outputs of shape (S, B, ...)."""
         raise NotImplementedError
@@ -83,6 +88,12 @@ class Categorical(Likelihood):
 
     def distribution(self, output):
         return dist.Categorical(logits=output)
+
+    def log_likelihood(self, output, y):
+        """``sum log softmax(logits)[y]`` over every position: one fused cross-entropy kernel."""
+        if y.is_floating_point():  # class indices stored as floats: the distribution's rule
+            return super().log_likelihood(output, y)
+        return -F.cross_entropy(output.reshape(-1, output.shape[-1]), y.reshape(-1), reduction="sum")
 
     def pointwise_log_likelihood(self, outputs, y):
         return categorical_log_likelihood(outputs, y)

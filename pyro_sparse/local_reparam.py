@@ -33,6 +33,8 @@ from pyro.distributions import Independent, Normal
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
 
+from .distributions import _constants
+
 
 @dataclass
 class GaussianWeight:
@@ -103,7 +105,37 @@ def gaussian_posterior(name: str) -> GaussianWeight | None:
     return GaussianWeight(normal.loc, normal.variance)
 
 
+class _PreactivationSample(torch.autograd.Function):
+    """``mean + sqrt(max(var, 1e-16)) * eps``, ``eps = randn_like(mean)`` drawn here, as one
+    autograd node: the gradient is ``g`` for ``mean`` and ``g eps / (2 sd)`` for ``var`` where
+    ``var >= 1e-16`` (0 elsewhere, as for ``clamp_min``), the factor formed in the forward pass
+    with a float mask (torch's ``clamp_min`` backward goes through slow boolean kernels)."""
+
+    @staticmethod
+    def forward(ctx, mean, var):
+        ctx.set_materialize_grads(False)
+        floor, two = _constants((1e-16, 2.0), var)
+        sd = var.clamp_min(1e-16).sqrt_()
+        eps = torch.randn_like(mean)
+        out = torch.addcmul(mean, sd, eps)
+        if ctx.needs_input_grad[1]:
+            d_var = eps.div_(sd.mul_(two))
+            d_var.mul_(torch.ge(var, floor, out=sd))
+            ctx.save_for_backward(d_var)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return None, None
+        d_var = ctx.saved_tensors[0] if ctx.needs_input_grad[1] else None
+        return grad if ctx.needs_input_grad[0] else None, grad * d_var if d_var is not None else None
+
+
 def _sample_preactivation(mean, var):
+    """``mean + sqrt(var) * eps``, ``eps ~ N(0, I)`` (variances floored at 1e-16)."""
+    if torch.is_grad_enabled() and (mean.requires_grad or var.requires_grad):
+        return _PreactivationSample.apply(mean, var)
     return mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
 
 
@@ -126,9 +158,10 @@ def gaussian_linear(x, weight, bias=None):
     mean = F.linear(x, w_mean, b_mean)
     if w_var is None and b_var is None:
         return mean
-    var = F.linear(x * x, w_var) if w_var is not None else torch.zeros_like(mean)
-    if b_var is not None:
-        var = var + b_var
+    if w_var is not None:
+        var = F.linear(x * x, w_var, b_var)
+    else:
+        var = torch.zeros_like(mean) + b_var
     return _sample_preactivation(mean, var)
 
 
@@ -139,9 +172,10 @@ def gaussian_conv2d(x, weight, bias=None, **conv_kwargs):
     mean = F.conv2d(x, w_mean, b_mean, **conv_kwargs)
     if w_var is None and b_var is None:
         return mean
-    var = F.conv2d(x * x, w_var, None, **conv_kwargs) if w_var is not None else torch.zeros_like(mean)
-    if b_var is not None:
-        var = var + b_var.view(1, -1, 1, 1)
+    if w_var is not None:
+        var = F.conv2d(x * x, w_var, b_var, **conv_kwargs)
+    else:
+        var = torch.zeros_like(mean) + b_var.view(1, -1, 1, 1)
     return _sample_preactivation(mean, var)
 
 

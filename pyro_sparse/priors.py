@@ -126,6 +126,12 @@ class Prior(Configurable):
         where the prior has no rule of its own (e.g. a plain Gaussian)."""
         return None
 
+    def fixed_distribution(self, init: torch.Tensor):
+        """The prior of the parameter as one distribution of batch shape ``init.shape`` when it
+        has no latent hyper-variables (then :meth:`sample` emits exactly one site with it), else
+        None. :class:`~pyro_sparse.elbo.DirectELBO` takes the KL against it without Pyro."""
+        return None
+
 
 @register_prior("gaussian")
 class Gaussian(Prior):
@@ -137,8 +143,10 @@ class Gaussian(Prior):
     }
 
     def sample(self, site, init, axes):
-        prior = dist.Normal(_full((), self.loc, init), _full((), self.scale, init)).expand(init.shape)
-        return sample_weight(site, prior, init)
+        return sample_weight(site, self.fixed_distribution(init), init)
+
+    def fixed_distribution(self, init):
+        return dist.Normal(_full((), self.loc, init), _full((), self.scale, init)).expand(init.shape)
 
     def gaussian_prior(self, site, values):
         return self.loc, self.scale
@@ -192,7 +200,10 @@ class LogUniform(Prior):
     fields = {}
 
     def sample(self, site, init, axes):
-        return sample_weight(site, LogUniformDistribution(init.shape), init)
+        return sample_weight(site, self.fixed_distribution(init), init)
+
+    def fixed_distribution(self, init):
+        return LogUniformDistribution(init.shape)
 
     def gaussian_prior(self, site, values):
         return 0.0, float("inf")

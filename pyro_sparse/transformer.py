@@ -430,8 +430,7 @@ class LayerNorm(_Compactable, _Parametric):
             raise ValueError(f"LayerNorm expects inputs whose last dimension is {self.dim}, got {tuple(in_shape)}")
         return tuple(in_shape)
 
-    def forward(self, x):
-        gain, bias = self.sample_params()
+    def compute(self, x, gain, bias):
         return gaussian_elementwise(F.layer_norm(x, (self.dim,), eps=self.eps), gain, bias)
 
     def deterministic(self, params):
@@ -496,8 +495,7 @@ class PatchEmbed(_Compactable, _Parametric):
             raise ValueError(f"patch_size {p} does not divide the image size {h}x{w}")
         return ((h // p) * (w // p), self.dim)
 
-    def forward(self, x):
-        weight, bias = self.sample_params()
+    def compute(self, x, weight, bias):
         p = self.patch_size
         if self.mode == "conv":
             return gaussian_conv2d(x, weight, bias, stride=p).flatten(2).transpose(1, 2)
@@ -662,8 +660,7 @@ class QKVProjection(_Parametric):
             self.bias_init = self.bias_init.reshape(heads, head_dim)
         self.dim, self.heads, self.head_dim = dim, heads, head_dim
 
-    def forward(self, x):
-        weight, bias = self.sample_params()
+    def compute(self, x, weight, bias):
         hd = self.heads * self.head_dim
         out = gaussian_linear(x, _reshape(weight, (hd, self.dim)), _reshape(bias, (hd,)))
         return out.unflatten(-1, (self.heads, self.head_dim))
@@ -684,8 +681,7 @@ class OutProjection(_Parametric):
         self.weight_init = self.weight_init.reshape(dim, heads, head_dim)
         self.dim, self.heads, self.head_dim = dim, heads, head_dim
 
-    def forward(self, x):
-        weight, bias = self.sample_params()
+    def compute(self, x, weight, bias):
         return gaussian_linear(x.flatten(-2), _reshape(weight, (self.dim, self.heads * self.head_dim)), bias)
 
     def deterministic(self, params):

@@ -1,0 +1,302 @@
+"""DirectELBO: the local-reparameterised mean-field ELBO computed without Pyro tracing.
+
+Reference: ``MeanFieldELBO(local_reparam=True)`` (guide and model run through Pyro's effect
+handlers). Both draw the same pre-activation noise in the same order, so with the same torch seed
+the two give the same loss and the same gradient up to float32 rounding (relative differences
+~1e-7 here; the tests allow 1e-5).
+"""
+
+import math
+import os
+
+import pyro
+import pytest
+import torch
+from torch.distributions import kl_divergence
+
+from pyro_sparse.distributions import (LogUniform, NormalKLTerms, SparseVDKLTerms, kl_terms_for, normal_kl_terms,
+                                       sparse_vd_kl_terms)
+from pyro_sparse.elbo import DirectELBO, MeanFieldELBO
+from pyro_sparse.errors import SpecError
+from pyro_sparse.fitting import SVITrainer
+from pyro_sparse.guides import MeanFieldGuide
+from pyro_sparse.layers import Linear, ReLU
+from pyro_sparse.likelihoods import Bernoulli, Categorical, Gaussian
+from pyro_sparse.network import BayesianNetwork
+from pyro_sparse.priors import Gaussian as GaussianPrior
+from pyro_sparse.recipe import load_recipe, parse_recipe
+from pyro_sparse.runs import build
+from pyro_sparse.spec import load_model_spec, parse_model_spec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def spec_path(name):
+    return os.path.join(ROOT, "models", name)
+
+
+def recipe_path(name):
+    return os.path.join(ROOT, "inference", name)
+
+
+def built(digits, model, recipe="svi_sparsevd.yaml", **overrides):
+    """(network, guide set up on the first batch, recipe) as the trainer builds them."""
+    spec = load_model_spec(spec_path(model)) if isinstance(model, str) else parse_model_spec(model)
+    rec = load_recipe(recipe_path(recipe))
+    rec.update(overrides)
+    net, guide = build(spec, rec, digits)
+    guide.setup(digits.x_train[:8], digits.y_train[:8], dataset_size=len(digits.x_train))
+    return net, guide, rec
+
+
+def perturb(guide, seed=3):
+    """Move the guide away from its initialisation (larger, varied scales; some clamped)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in guide.locs.values():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        for p in guide.log_scales.values():
+            p.copy_(-4.0 + 1.5 * torch.randn(p.shape, generator=g))
+        first = next(iter(guide.log_scales.values()))
+        first.view(-1)[:5] = torch.tensor([-13.0, -12.5, 4.5, 5.0, -30.0])  # beyond the clamp [-12, 4]
+
+
+def both(net, guide, x, y, n, idx, beta):
+    """(loss, gradients, last_terms) of the Pyro path and of the direct path, same seed."""
+    out = []
+    params = list(guide.parameters())
+    for elbo, first in ((MeanFieldELBO(kl_weight=beta), net.model), (DirectELBO(kl_weight=beta), net)):
+        torch.manual_seed(11)
+        with pyro.validation_enabled(False):
+            loss = elbo.differentiable_loss(first, guide, x, y, dataset_size=n, subsample=idx)
+        out.append((loss.detach(), torch.autograd.grad(loss, params), elbo.last_terms))
+    return out
+
+
+@pytest.mark.parametrize("model", ["mlp_sparsevd.yaml", "mlp_gaussian.yaml", "lenet5_sparsevd.yaml"])
+@pytest.mark.parametrize("beta", [0.3, 1.0])
+def test_same_seed_same_loss_and_gradients(digits, model, beta):
+    net, guide, _ = built(digits, model)
+    assert DirectELBO.supports(net, guide) is None
+    perturb(guide)
+    n = len(digits.x_train)
+    idx = torch.arange(100, 164)
+    x, y = digits.x_train[idx], digits.y_train[idx]
+    (l_ref, g_ref, t_ref), (l_dir, g_dir, t_dir) = both(net, guide, x, y, n, idx, beta)
+    torch.testing.assert_close(l_dir, l_ref, rtol=1e-5, atol=0.0)
+    for key in ("loglik", "kl"):
+        torch.testing.assert_close(t_dir[key], t_ref[key], rtol=1e-5, atol=0.0)
+    for (name, _), a, b in zip(guide.named_parameters(), g_dir, g_ref):
+        scale = b.abs().max().item()
+        assert scale > 0, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * scale, msg=lambda m: f"{name}: {m}")
+    # the clamped log-scales get no gradient on either path
+    first = next(iter(guide.log_scales))
+    k = [n for n, _ in guide.named_parameters()].index(f"log_scales.{first}")
+    assert torch.equal(g_dir[k].view(-1)[:5], torch.zeros(5))
+    # another seed gives another estimate: the agreement is not an accident of a constant loss
+    torch.manual_seed(12)
+    other = DirectELBO(kl_weight=beta).differentiable_loss(net, guide, x, y, dataset_size=n, subsample=idx)
+    assert abs(other.item() - l_dir.item()) > 1e-3 * abs(t_dir["loglik"].item())
+
+
+def test_float64_agreement_is_tight(digits):
+    """In double precision the two paths agree to ~1e-12: the same estimator, not just close."""
+    net, guide, _ = built(digits, "mlp_sparsevd.yaml")
+    net.to(torch.float64)
+    guide.to(torch.float64)
+    perturb(guide)
+    idx = torch.arange(32)
+    x, y = digits.x_train[idx].double(), digits.y_train[idx]
+    (l_ref, g_ref, _), (l_dir, g_dir, _) = both(net, guide, x, y, 500, idx, 0.7)
+    torch.testing.assert_close(l_dir, l_ref, rtol=1e-12, atol=0.0)
+    for a, b in zip(g_dir, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12 * b.abs().max().item())
+
+
+def test_data_term_scaling_matches_the_plate():
+    """(N / B) sum_b log p(y_b | f(x_b)) with N = dataset_size (or the batch), B = len(subsample)."""
+    torch.manual_seed(0)
+    net = BayesianNetwork([Linear(4, 5), ReLU(), Linear(5, 3)])
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    guide = MeanFieldGuide(net.model).setup(x, y)
+    for kwargs in ({}, {"dataset_size": 60}, {"dataset_size": 60, "subsample": torch.arange(10, 16)}):
+        values = []
+        for elbo, first in ((MeanFieldELBO(), net.model), (DirectELBO(), net)):
+            torch.manual_seed(4)
+            elbo.differentiable_loss(first, guide, x, y, **kwargs)
+            values.append(elbo.last_terms["loglik"])
+        torch.testing.assert_close(values[1], values[0], rtol=1e-6, atol=0.0)
+    assert values[0] < 0
+
+
+def test_local_terms_gradient_is_the_autograd_gradient_of_the_reference():
+    """guide.local_terms (one fused node) against guide.distribution + variance + kl_divergence,
+    in float64, with clamped log-scales and log alphas, weights of 0 and kl_weight != 1."""
+    torch.manual_seed(0)
+    net = BayesianNetwork([Linear(3, 4, prior={"type": "log_uniform"}, bias_prior=GaussianPrior(0.5, 0.2)),
+                           ReLU(), Linear(4, 2)]).to(torch.float64)
+    guide = MeanFieldGuide(net.model).setup(torch.randn(2, 3, dtype=torch.float64))
+    guide.to(torch.float64)
+    with torch.no_grad():
+        guide.locs["fc1__weight"].copy_(torch.tensor([[0.3, -1.2, 0.0], [2.0, 0.05, -0.4],
+                                                      [1e-9, 0.7, -0.01], [0.2, 0.2, 0.2]]))
+        guide.log_scales["fc1__weight"].copy_(torch.tensor([[-2.0, 0.3, -1.0], [-13.0, -3.0, 5.0],
+                                                            [-1.0, -12.5, -4.0], [-20.0, 4.5, -0.5]]))
+        guide.log_scales["fc1__bias"].copy_(torch.tensor([-1.0, 0.5, -3.0, 6.0]))
+    names = list(guide.sites)
+    priors = {name: prior.fixed_distribution(getattr(layer, f"{param}_init"))
+              for name, (layer, param, prior) in net.param_sites().items()}
+    terms = [kl_terms_for(priors[name]) for name in names]
+    g = torch.Generator().manual_seed(5)
+    weights = {name: torch.randn(guide.locs[name.replace(".", "__")].shape, generator=g, dtype=torch.float64)
+               for name in names}
+
+    def objective(fused):
+        if fused:
+            values, kl = guide.local_terms(names, terms)
+            variances = [v.var for v in values]
+        else:
+            qs = [guide.distribution(name) for name in names]
+            variances = [q.variance for q in qs]
+            kl = sum(kl_divergence(q, priors[name]).sum() for q, name in zip(qs, names))
+        return 0.37 * kl + sum((v * weights[name]).sum() for v, name in zip(variances, names)), kl
+
+    params = list(guide.parameters())
+    (ref, kl_ref), (got, kl_got) = objective(False), objective(True)
+    torch.testing.assert_close(kl_got, kl_ref, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=0.0)
+    for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # the same with a KL gradient of exactly 1 (the unit shortcut in backward)
+    got1 = guide.local_terms(names, terms)[1]
+    ref1 = sum(kl_divergence(guide.distribution(n), priors[n]).sum() for n in names)
+    for a, b in zip(torch.autograd.grad(got1, params), torch.autograd.grad(ref1, params)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_kl_terms_are_the_partial_derivatives():
+    """sparse_vd_kl_terms and normal_kl_terms return the KL and its exact partial derivatives."""
+    loc = torch.tensor([0.3, -1.2, 1e-9, 2.0, 0.05, -0.7], dtype=torch.float64, requires_grad=True)
+    ls = torch.tensor([-2.0, 0.3, -1.0, -12.0, -3.0, 1.1], dtype=torch.float64, requires_grad=True)
+    kl, d_loc, d_ls = sparse_vd_kl_terms(loc, ls)
+    ref = kl_divergence(torch.distributions.Normal(loc, ls.exp()), LogUniform(loc.shape))
+    torch.testing.assert_close(kl, ref.detach(), rtol=1e-12, atol=1e-14)
+    g = torch.autograd.grad(ref.sum(), [loc, ls])
+    torch.testing.assert_close(d_loc, g[0], rtol=1e-9, atol=1e-14)
+    torch.testing.assert_close(d_ls, g[1], rtol=1e-9, atol=1e-14)
+    var = torch.exp(2 * ls)
+    kl, d_loc, d_ls = normal_kl_terms(loc, ls, var.detach(), 0.4, 1.7)
+    prior = torch.distributions.Normal(torch.tensor(0.4, dtype=torch.float64), torch.tensor(1.7, dtype=torch.float64))
+    ref = kl_divergence(torch.distributions.Normal(loc, var.sqrt()), prior)
+    torch.testing.assert_close(kl, ref.detach(), rtol=1e-12, atol=1e-14)
+    g = torch.autograd.grad(ref.sum(), [loc, ls])
+    torch.testing.assert_close(d_loc, g[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(d_ls, g[1], rtol=1e-12, atol=1e-14)
+    assert kl_terms_for(LogUniform((3,))) == SparseVDKLTerms()
+    assert kl_terms_for(GaussianPrior(2.0, 0.5).fixed_distribution(torch.zeros(4))) == NormalKLTerms(0.5, 2.0)
+    per_element = torch.distributions.Normal(torch.zeros(4), torch.arange(1.0, 5.0))
+    assert kl_terms_for(per_element) is None
+
+
+@pytest.mark.parametrize("likelihood, y", [
+    (Categorical(), torch.tensor([0, 2, 1, 1, 0])),
+    (Bernoulli(), torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0])),
+    (Gaussian(noise=0.7), torch.linspace(-1, 1, 15).reshape(5, 3)),
+])
+def test_log_likelihood_is_the_observation_log_density(likelihood, y):
+    torch.manual_seed(0)
+    width = {Categorical: 3, Bernoulli: 1, Gaussian: 3}[type(likelihood)]
+    out = torch.randn(5, width)
+    expected = likelihood.distribution(out).log_prob(y).sum()
+    torch.testing.assert_close(likelihood.log_likelihood(out, y), expected, rtol=1e-6, atol=0.0)
+
+
+# ------------------------------------------------------------------ eligibility
+
+
+GAUSSIAN_GAMMA = {"input_shape": "auto", "prior": {"type": "gaussian_gamma", "group": "layer"},
+                  "layers": [{"type": "linear", "out": 16}, {"type": "relu"}, {"type": "linear", "out": "auto"}],
+                  "likelihood": {"type": "categorical"}}
+
+
+@pytest.mark.parametrize("model, recipe, overrides, expected", [
+    ("mlp_horseshoe.yaml", "svi_horseshoe.yaml", {}, "sites besides the layer parameters"),
+    ("mlp_group_loguniform.yaml", "svi_group_loguniform.yaml", {}, "sites besides the layer parameters"),
+    (GAUSSIAN_GAMMA, "svi_meanfield.yaml", {}, "sites besides the layer parameters"),
+    ("mlp_sparsevd.yaml", "svi_sparsevd.yaml", {"guide": "structured"}, "not the mean-field guide"),
+    ("mlp_sparsevd.yaml", "svi_sparsevd.yaml", {"guide": "delta", "guide_options": {}}, "not the mean-field guide"),
+    ("mlp_sparsevd.yaml", "svi_sparsevd.yaml", {"guide_options": {"local_reparam": False}}, "local reparam"),
+    ("vit_tiny_sparsevd.yaml", "svi_sparsevd.yaml", {}, "neither parameter-free nor Linear/Conv2d-like"),
+])
+def test_supports_gives_a_reason_where_the_direct_path_does_not_apply(digits, model, recipe, overrides, expected):
+    net, guide, _ = built(digits, model, recipe, **overrides)
+    reason = DirectELBO.supports(net, guide)
+    assert reason is not None and expected in reason, reason
+
+
+def test_learned_likelihood_noise_is_not_eligible():
+    torch.manual_seed(0)
+    net = BayesianNetwork([Linear(3, 4), ReLU(), Linear(4, 2)], Gaussian(noise=0.5, learn_noise=True))
+    guide = MeanFieldGuide(net.model).setup(torch.randn(5, 3), torch.randn(5, 2))
+    assert "likelihood.noise" in DirectELBO.supports(net, guide)
+    fixed = BayesianNetwork([Linear(3, 4), ReLU(), Linear(4, 2)], Gaussian(noise=0.5))
+    assert DirectELBO.supports(fixed, MeanFieldGuide(fixed.model).setup(torch.randn(5, 3), torch.randn(5, 2))) is None
+
+
+def test_the_direct_elbo_refuses_what_it_does_not_support(digits):
+    net, guide, _ = built(digits, "mlp_horseshoe.yaml", "svi_horseshoe.yaml")
+    with pytest.raises(ValueError, match="DirectELBO does not apply: the model has sites besides"):
+        DirectELBO().differentiable_loss(net, guide, digits.x_train[:4], digits.y_train[:4])
+
+
+# ------------------------------------------------------------------ the trainer
+
+
+def trainer_for(digits, model, recipe, **overrides):
+    spec = load_model_spec(spec_path(model))
+    rec = load_recipe(recipe_path(recipe))
+    rec.update(overrides)
+    net, guide = build(spec, rec, digits)
+    from pyro_sparse.runs import FITTERS
+
+    return FITTERS[rec["method"]](net, guide, digits, rec, progress=False)
+
+
+def test_trainer_chooses_the_path(digits):
+    t = trainer_for(digits, "mlp_sparsevd.yaml", "svi_sparsevd.yaml")
+    assert (t.elbo_path, t.elbo_reason, type(t.elbo)) == ("direct", None, DirectELBO)
+    t = trainer_for(digits, "mlp_sparsevd.yaml", "svi_sparsevd.yaml", elbo="pyro")
+    assert (t.elbo_path, type(t.elbo)) == ("pyro", MeanFieldELBO) and "elbo: pyro" in t.elbo_reason
+    t = trainer_for(digits, "mlp_sparsevd.yaml", "svi_sparsevd.yaml", local_reparam=False)
+    assert t.elbo_path == "pyro" and "local_reparam" in t.elbo_reason
+    t = trainer_for(digits, "mlp_sparsevd.yaml", "svi_bmr_iterative.yaml")
+    assert t.elbo_path == "pyro" and "IterativeBMRTrainer" in t.elbo_reason
+    t = trainer_for(digits, "mlp_horseshoe.yaml", "svi_horseshoe.yaml")
+    assert t.elbo_path == "pyro" and "sites besides" in t.elbo_reason
+
+
+def test_two_epochs_on_either_path_give_the_same_run(digits):
+    """Same seed: the same mini-batches, the same noise, so the same history and parameters
+    (KL warm-up, gradient clipping and the schedule included)."""
+    runs = {}
+    for path in ("auto", "pyro"):
+        t = trainer_for(digits, "mlp_sparsevd.yaml", "svi_sparsevd.yaml", elbo=path, epochs=2, eval_samples=2)
+        summary = t.fit()
+        assert summary["elbo_path"] == ("direct" if path == "auto" else "pyro")
+        runs[path] = (t.history, {k: v.clone() for k, v in t.guide.state_dict().items()})
+    (h_direct, p_direct), (h_pyro, p_pyro) = runs["auto"], runs["pyro"]
+    assert len(h_direct) == len(h_pyro) == 2
+    for a, b in zip(h_direct, h_pyro):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["kl_weight"] == b["kl_weight"]
+    assert h_direct[1]["loss"] != pytest.approx(h_direct[0]["loss"], rel=1e-3)  # it did train
+    for key in p_pyro:
+        torch.testing.assert_close(p_direct[key], p_pyro[key], rtol=1e-4, atol=1e-4)
+
+
+def test_bad_elbo_value_names_the_field():
+    with pytest.raises(SpecError, match="elbo") as info:
+        parse_recipe({"elbo": "fast"}, "recipe.yaml")
+    assert "'auto'" in str(info.value) and "'pyro'" in str(info.value) and "'fast'" in str(info.value)
+    assert parse_recipe({})["elbo"] == "auto"
