@@ -333,7 +333,7 @@ def test_text_loader_errors(tmp_path):
         load_text(path)
     from pyro_sparse.data import load_dataset
 
-    with pytest.raises(DataError, match="apply only to .txt"):
+    with pytest.raises(DataError, match=r"data options \[.sequence_length.\] do not apply to this data set"):
         load_dataset("digits", options={"sequence_length": 5})
 
 
