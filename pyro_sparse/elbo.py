@@ -65,7 +65,20 @@ class _SiteRecorder(Messenger):
         self.sites[msg["name"]] = msg
 
 
-class MeanFieldELBO(ELBO):
+class _LossFromDifferentiableLoss:
+    """``loss`` and ``loss_and_grads`` (the ``pyro.infer.SVI`` interface) from ``differentiable_loss``."""
+
+    def loss(self, model, guide, *args, **kwargs):
+        with torch.no_grad():
+            return float(self.differentiable_loss(model, guide, *args, **kwargs))
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        loss.backward()
+        return float(loss.detach())
+
+
+class MeanFieldELBO(_LossFromDifferentiableLoss, ELBO):
     """Negative ELBO as a differentiable loss; a drop-in ``loss`` for ``pyro.infer.SVI``.
 
     Args:
@@ -119,17 +132,8 @@ class MeanFieldELBO(ELBO):
         self.last_terms = {"loglik": torch.as_tensor(loglik).detach(), "kl": torch.as_tensor(kl).detach()}
         return self.kl_weight * kl - loglik
 
-    def loss(self, model, guide, *args, **kwargs):
-        with torch.no_grad():
-            return float(self.differentiable_loss(model, guide, *args, **kwargs))
 
-    def loss_and_grads(self, model, guide, *args, **kwargs):
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        loss.backward()
-        return float(loss.detach())
-
-
-class DirectELBO:
+class DirectELBO(_LossFromDifferentiableLoss):
     r"""The estimator of ``MeanFieldELBO(local_reparam=True)``, computed without Pyro.
 
     For a sequential network of parameter-free layers and Linear/Conv2d-like layers
@@ -290,12 +294,3 @@ class DirectELBO:
         loglik, kl = self.terms(network, guide, x, y, dataset_size, subsample)
         self.last_terms = {"loglik": loglik.detach(), "kl": torch.as_tensor(kl).detach()}
         return (kl if self.kl_weight == 1 else self.kl_weight * kl) - loglik  # 1 * kl is kl: one node fewer
-
-    def loss(self, network, guide, *args, **kwargs):
-        with torch.no_grad():
-            return float(self.differentiable_loss(network, guide, *args, **kwargs))
-
-    def loss_and_grads(self, network, guide, *args, **kwargs):
-        loss = self.differentiable_loss(network, guide, *args, **kwargs)
-        loss.backward()
-        return float(loss.detach())

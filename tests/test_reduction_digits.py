@@ -10,6 +10,11 @@ from pyro_sparse.runs import fit_run
 from pyro_sparse.summary import summarize
 
 
+def _accuracy(module, x, y):
+    with torch.no_grad():
+        return (module(x).argmax(-1) == y).float().mean().item()
+
+
 @pytest.mark.slow
 def test_one_shot_bmr_prunes_the_digits_mlp_without_losing_accuracy(root, tmp_path):
     """models/mlp_gaussian.yaml + inference/svi_meanfield.yaml (60 epochs, ~5-15 s).
@@ -24,8 +29,7 @@ def test_one_shot_bmr_prunes_the_digits_mlp_without_losing_accuracy(root, tmp_pa
     x, y = run.dataset.x_test, run.dataset.y_test
 
     def accuracy(module):
-        with torch.no_grad():
-            return (module(x).argmax(-1) == y).float().mean().item()
+        return _accuracy(module, x, y)
 
     dense = accuracy(masked_module(run.network, s))
     for method, at_least in (("savage-dickey", 0.55), ("bmr", 0.55), ("spike-slab", 0.6)):
@@ -56,8 +60,7 @@ def test_one_shot_savage_dickey_removes_80_percent_of_a_converged_posterior(root
     x, y = run.dataset.x_test, run.dataset.y_test
 
     def accuracy(module):
-        with torch.no_grad():
-            return (module(x).argmax(-1) == y).float().mean().item()
+        return _accuracy(module, x, y)
 
     dense = accuracy(masked_module(run.network, s))
     assert dense >= 0.95
