@@ -36,6 +36,10 @@ __all__ = [
     "kl_terms_for",
     "SparseVDKLTerms",
     "NormalKLTerms",
+    "neg_log_density_terms_for",
+    "summed_neg_log_density",
+    "NormalNegLogDensity",
+    "LogUniformNegLogDensity",
     "clamp",
     "log_alpha",
     "kl_normal_loguniform",
@@ -333,6 +337,115 @@ def kl_terms_for(prior):
         if loc0.dim() == 0 and scale0.dim() == 0 and not (loc0.requires_grad or scale0.requires_grad):
             return NormalKLTerms(float(loc0), float(scale0))
     return None
+
+
+class NormalNegLogDensity:
+    r"""``terms`` of a fixed ``N(loc0, scale0^2)`` prior at a point value (for a delta guide):
+
+    .. math::
+        -\sum_i \log N(w_i; m_0, s_0^2) = \frac{1}{2 s_0^2} \sum_i (w_i - m_0)^2
+            + n \left(\log s_0 + \tfrac12 \log 2\pi\right), \qquad
+        \frac{\partial}{\partial w_i} = \frac{w_i - m_0}{s_0^2}.
+
+    Called as ``(w, grad=True) -> (sum, d/dw)`` (``d/dw`` is ``w`` itself for the standard normal
+    prior: do not modify it in place; None when ``grad`` is False); nothing is recorded by autograd."""
+
+    def __init__(self, loc0: float, scale0: float):
+        self.loc0, self.scale0 = float(loc0), float(scale0)
+
+    def __call__(self, w, grad=True):
+        precision0 = 1.0 / (self.scale0 * self.scale0)
+        m0, half_p0, p0 = _constants((self.loc0, 0.5 * precision0, precision0), w)
+        with torch.no_grad():
+            diff = w if self.loc0 == 0 else w - m0
+            flat = diff.reshape(-1)
+            const = w.numel() * (math.log(self.scale0) + _HALF_LOG_2PI)
+            total = torch.dot(flat, flat).mul_(half_p0).add_(const)  # one pass: no squared buffer
+            if not grad:
+                return total, None
+            # ``w`` itself, not a view of it: autograd copies a gradient that shares its storage
+            # with a live tensor only when it sees the extra references (a view hides them)
+            return total, (diff if precision0 == 1 else diff * p0)
+
+    def __eq__(self, other):
+        return type(other) is NormalNegLogDensity and (other.loc0, other.scale0) == (self.loc0, self.scale0)
+
+    def __hash__(self):
+        return hash((NormalNegLogDensity, self.loc0, self.scale0))
+
+    def __repr__(self):
+        return f"NormalNegLogDensity(loc0={self.loc0}, scale0={self.scale0})"
+
+
+class LogUniformNegLogDensity:
+    r"""``terms`` of the improper log-uniform prior at a point value: with its unnormalised
+    density :math:`p(w) \propto 1/|w|` (as :meth:`LogUniform.log_prob`),
+    :math:`-\sum_i \log p(w_i) = \sum_i \log|w_i|` and :math:`\partial/\partial w_i = 1/w_i`.
+    Called as :class:`NormalNegLogDensity` is (all instances equal)."""
+
+    def __call__(self, w, grad=True):
+        with torch.no_grad():
+            total = w.abs().log_().sum()
+            return total, (torch.reciprocal(w) if grad else None)
+
+    def __eq__(self, other):
+        return type(other) is LogUniformNegLogDensity
+
+    def __hash__(self):
+        return hash(LogUniformNegLogDensity)
+
+    def __repr__(self):
+        return "LogUniformNegLogDensity()"
+
+
+def neg_log_density_terms_for(prior):
+    """``terms(w, grad) -> (-sum_i log p(w_i), d/dw)``: the summed negative log-density of the
+    fixed prior distribution ``prior`` at a point value and its gradient (for fused gradients),
+    or None where no such closed form is known here. Known, as for :func:`kl_terms_for`: the
+    log-uniform prior (:class:`LogUniformNegLogDensity`) and Gaussian priors with one mean and
+    one scale for every element (:class:`NormalNegLogDensity`). The value is ``prior.log_prob``'s,
+    negated and summed."""
+    if isinstance(prior, LogUniform):
+        return LogUniformNegLogDensity()
+    normal = kl_terms_for(prior)
+    if isinstance(normal, NormalKLTerms):
+        return NormalNegLogDensity(normal.loc0, normal.scale0)
+    return None
+
+
+class _SummedNegLogDensity(torch.autograd.Function):
+    """``sum_sites terms_k(w_k)`` (each :func:`neg_log_density_terms_for`) as one autograd node,
+    the gradient of each site formed in the forward pass: ``g * d/dw_k`` (``d/dw_k`` itself when
+    ``g`` is exactly 1, the usual ``kl_weight``; autograd copies a saved tensor it makes a
+    ``.grad``)."""
+
+    @staticmethod
+    def forward(ctx, terms, *weights):
+        ctx.set_materialize_grads(False)
+        need = any(ctx.needs_input_grad)
+        totals, grads = [], []
+        for fn, w in zip(terms, weights):
+            total, d_w = fn(w, need)
+            totals.append(total)
+            grads.append(d_w)
+        if need:
+            ctx.save_for_backward(*grads)
+        return torch.stack(totals).sum() if len(totals) > 1 else totals[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return (None,) * (1 + len(ctx.saved_tensors))
+        unit = grad.device.type == "cpu" and float(grad) == 1.0
+        return (None, *(d if unit else d * grad for d in ctx.saved_tensors))
+
+
+def summed_neg_log_density(terms, weights):
+    r""":math:`-\sum_k \sum_i \log p_k(w_{k,i})` for point values ``weights`` under fixed priors
+    whose ``terms`` (:func:`neg_log_density_terms_for`) are known, in one autograd node: the prior
+    term of the MAP objective (the KL of a delta guide). Same value and gradient as
+    ``sum(-prior.log_prob(w).sum())``."""
+    return _SummedNegLogDensity.apply(tuple(terms), *weights)
 
 
 class _SparseVDKL(torch.autograd.Function):

@@ -34,7 +34,7 @@ from pyro.infer import ELBO
 from pyro.poutine.messenger import Messenger
 from torch.distributions import kl_divergence
 
-from .distributions import kl_terms_for
+from .distributions import kl_terms_for, neg_log_density_terms_for, summed_neg_log_density
 from .local_reparam import GaussianWeight, LocalReparameterization
 
 
@@ -133,36 +133,94 @@ class MeanFieldELBO(_LossFromDifferentiableLoss, ELBO):
         return self.kl_weight * kl - loglik
 
 
+class _Plan:
+    """What :class:`DirectELBO` needs to know about one (network, guide) pair, computed once.
+
+    * ``steps``: per layer in order, ``(layer, None)`` for a parameter-free layer, else
+      ``(layer, (weight site, bias site or None))``;
+    * ``priors``: site -> its fixed prior distribution (batch shape of the parameter);
+    * ``point_mass``: the guide is a :class:`~pyro_sparse.guides.DeltaGuide`;
+    * ``fused``: the ``(site, terms)`` of the sites whose KL has a closed-form gradient, the
+      ``terms`` from :func:`~pyro_sparse.distributions.kl_terms_for` (mean field) or
+      :func:`~pyro_sparse.distributions.neg_log_density_terms_for` (point mass), and ``other``:
+      the ``(site, prior)`` of the rest, both in layer order.
+    """
+
+    def __init__(self, network, guide):
+        from .guides import DeltaGuide
+        from .layers import _Stateless
+
+        self.network, self.guide = network, guide
+        self.point_mass = isinstance(guide, DeltaGuide)
+        self.steps, self.priors = [], {}
+        for layer in network.layers.values():
+            if isinstance(layer, _Stateless):
+                self.steps.append((layer, None))
+                continue
+            priors = layer.priors()
+            sites = []
+            for param in ("weight", "bias"):
+                if param not in priors:
+                    sites.append(None)
+                    continue
+                site = f"{layer.site}.{param}"
+                self.priors[site] = priors[param].fixed_distribution(getattr(layer, f"{param}_init"))
+                sites.append(site)
+            self.steps.append((layer, tuple(sites)))
+        self.fused, self.other = [], []
+        terms_for = neg_log_density_terms_for if self.point_mass else kl_terms_for
+        for site, prior in self.priors.items():
+            terms = terms_for(prior)
+            if terms is None:
+                self.other.append((site, prior))
+            else:
+                self.fused.append((site, terms))
+
+
 class DirectELBO(_LossFromDifferentiableLoss):
-    r"""The estimator of ``MeanFieldELBO(local_reparam=True)``, computed without Pyro.
+    r"""The estimate of :class:`MeanFieldELBO`, computed without Pyro, for a mean-field or a
+    point-mass guide on a sequential network with fixed priors.
 
     For a sequential network of parameter-free layers and Linear/Conv2d-like layers
-    (:class:`~pyro_sparse.layers._Parametric`), a :class:`~pyro_sparse.guides.MeanFieldGuide`
-    whose every site is a Gaussian weight or bias under local reparameterisation, and fixed
-    priors (Gaussian, log-uniform: no hyper-sites), the Pyro run of guide and model does nothing
-    but hand each layer the guide's ``N(mu, sigma^2)`` and record distributions for the KL. Here
-    that is done directly (Kingma, Salimans & Welling 2015; Molchanov et al. 2017):
+    (:class:`~pyro_sparse.layers._Parametric`) with fixed priors (Gaussian, log-uniform: no
+    hyper-sites), the Pyro run of guide and model does nothing but hand each layer the guide's
+    value of its parameters and record distributions for the prior term. Here that is done
+    directly:
 
     .. math::
 
         -\mathcal{L} = \beta \sum_{\text{sites}} \mathrm{KL}(q(w) \,\|\, p(w))
                        - \frac{N}{B} \sum_{b=1}^{B} \log p(y_b \mid f(x_b)),
 
-    where each layer samples its pre-activations from ``GaussianWeight(mu, sigma^2)`` through the
-    same :meth:`~pyro_sparse.layers._Parametric.compute` that its ``forward`` calls, in the same
-    order (so with the same torch seed both give the same loss and gradients), the KL of each site
-    is ``kl_divergence(guide.distribution(site), prior.fixed_distribution(init))`` and the data
-    term is :meth:`~pyro_sparse.likelihoods.Likelihood.log_likelihood` times the data plate's
-    scale N/B. Pyro's per-step cost (two traced runs through effect handlers, distribution
-    objects, plates) is gone; :class:`MeanFieldELBO` remains the reference and the path for every
-    other model. :meth:`supports` says whether a (network, guide) pair is eligible.
+    with the network's output ``f(x)`` from the same
+    :meth:`~pyro_sparse.layers._Parametric.compute` that each layer's ``forward`` calls, in the
+    same order (so with the same torch seed both paths give the same loss and gradients), and the
+    data term :meth:`~pyro_sparse.likelihoods.Likelihood.log_likelihood` times the data plate's
+    scale N/B. What the guide hands the layers and the KL depend on the guide:
 
-    Where the prior's KL has known partial derivatives
-    (:func:`~pyro_sparse.distributions.kl_terms_for`: log-uniform, scalar Gaussian) the guide's
-    variances and the KL of all such sites come from one autograd node
-    (:meth:`~pyro_sparse.guides.MeanFieldGuide.local_terms`) whose backward is formed in the
-    forward pass: on the CPU each kernel launch of the composed formula costs more than its
-    arithmetic. Other fixed priors go through ``kl_divergence``.
+    * :class:`~pyro_sparse.guides.MeanFieldGuide` with every site a Gaussian under local
+      reparameterisation (Kingma, Salimans & Welling 2015; Molchanov et al. 2017): each layer gets
+      ``GaussianWeight(mu, sigma^2)`` and samples its pre-activations; the KL of a site is
+      ``kl_divergence(guide.distribution(site), prior)``. Where the prior's KL has known partial
+      derivatives (:func:`~pyro_sparse.distributions.kl_terms_for`: log-uniform, scalar Gaussian)
+      the variances and the KL of all such sites come from one autograd node
+      (:meth:`~pyro_sparse.guides.MeanFieldGuide.local_terms`) whose backward is formed in the
+      forward pass: on the CPU each kernel launch of the composed formula costs more than its
+      arithmetic. This is ``MeanFieldELBO(local_reparam=True)``.
+    * :class:`~pyro_sparse.guides.DeltaGuide` (MAP): each layer gets the point value ``w_hat``
+      (plain tensors: nothing is sampled) and the KL of a point mass is
+      ``log delta(w_hat) - log p(w_hat) = -log p(w_hat)`` (Pyro's registered
+      ``kl_divergence(Delta, p)``; a ``Delta``'s log-density at its own value is 0), so
+
+      .. math:: -\mathcal{L} = -\beta \sum_{\text{sites}} \log p(\hat w) - \frac{N}{B} \sum_b \log p(y_b \mid f(x_b; \hat w)),
+
+      the MAP objective. ``log p`` is the prior's own ``log_prob``: for the improper log-uniform
+      prior the unnormalised ``-log|w|``, as on the Pyro path. Local reparameterisation does not
+      apply (there is no variance), so this is ``MeanFieldELBO`` with either ``local_reparam``.
+
+    Pyro's per-step cost (two traced runs through effect handlers, distribution objects, plates)
+    is gone; :class:`MeanFieldELBO` remains the reference and the path for every other model.
+    :meth:`supports` says whether a (network, guide) pair is eligible.
 
     Args:
         kl_weight: beta multiplying the KL terms (the trainer sets it every step).
@@ -180,7 +238,7 @@ class DirectELBO(_LossFromDifferentiableLoss):
     def supports(network, guide) -> str | None:
         """None when the direct estimate equals the Pyro one for ``(network, guide)``, else a
         short reason why not. The guide must be set up (its sites known)."""
-        from .guides import MeanFieldGuide
+        from .guides import DeltaGuide, MeanFieldGuide
         from .layers import _Parametric, _Stateless
         from .likelihoods import Likelihood
         from .network import BayesianNetwork
@@ -190,8 +248,8 @@ class DirectELBO(_LossFromDifferentiableLoss):
         cls = type(network)
         if any(getattr(cls, m) is not getattr(BayesianNetwork, m) for m in ("forward", "model", "_reshape")):
             return f"{cls.__name__} overrides the model or the forward pass"
-        if type(guide) is not MeanFieldGuide:
-            return f"the guide is {type(guide).__name__}, not the mean-field guide"
+        if type(guide) not in (MeanFieldGuide, DeltaGuide):
+            return f"the guide is {type(guide).__name__}, neither the mean-field nor the delta guide"
         if guide.model != network.model:
             return "the guide was built for another model"
         if not guide.sites:
@@ -216,78 +274,89 @@ class DirectELBO(_LossFromDifferentiableLoss):
                 site = f"{layer.site}.{param}"
                 if prior.fixed_distribution(getattr(layer, f"{param}_init")) is None:
                     return f"the {prior.spec_name} prior of {site} has hyper-variables"
+        if type(guide) is DeltaGuide:
+            for name, info in guide.sites.items():
+                if info["family"] != "real":
+                    return f"site {name} is not real-valued"
+            return None
         for name, info in guide.sites.items():
             if info["family"] != "normal" or not info["local_reparam"]:
                 return f"site {name} is not a Gaussian under local reparameterisation"
         return None
 
     # ------------------------------------------------------------------ the estimate
-    def _steps(self, network, guide):
-        """Cached per (network, guide): the steps, ``(layer, None)`` for a parameter-free layer,
-        else ``(layer, (weight, bias))`` with ``(site, prior distribution, kl_terms)`` per parameter
-        (None for an absent bias; ``kl_terms`` None where the KL goes through ``kl_divergence``),
-        and the ``(site, kl_terms)`` of the sites whose KL has a closed-form gradient."""
+    def plan(self, network, guide) -> _Plan:
+        """The :class:`_Plan` of ``(network, guide)``, cached; ValueError when not supported."""
         plan = self._plan
-        if plan is not None and plan[0] is network and plan[1] is guide:
-            return plan[2]
+        if plan is not None and plan.network is network and plan.guide is guide:
+            return plan
         reason = self.supports(network, guide)
         if reason is not None:
             raise ValueError(f"DirectELBO does not apply: {reason}; use MeanFieldELBO")
-        from .layers import _Stateless
+        self._plan = plan = _Plan(network, guide)
+        return plan
 
-        steps = []
-        for layer in network.layers.values():
-            if isinstance(layer, _Stateless):
-                steps.append((layer, None))
-                continue
-            priors = layer.priors()
-            params = []
-            for param in ("weight", "bias"):
-                if param not in priors:
-                    params.append(None)
-                    continue
-                prior = priors[param].fixed_distribution(getattr(layer, f"{param}_init"))
-                params.append((f"{layer.site}.{param}", prior, kl_terms_for(prior)))
-            steps.append((layer, tuple(params)))
-        fused = [(entry[0], entry[2]) for _, params in steps if params for entry in params
-                 if entry is not None and entry[2] is not None]
-        self._plan = (network, guide, (steps, fused))
-        return steps, fused
+    @staticmethod
+    def mean_field_terms(guide, plan):
+        """``({site: GaussianWeight(mu, sigma^2)}, sum_sites KL(q || p))`` of a mean-field guide:
+        one fused node for the sites with a closed-form KL gradient, ``kl_divergence`` for the
+        others (no random draws here, so the order against the layers' draws is free)."""
+        values, kl = {}, 0.0
+        if plan.fused:
+            weights, kl = guide.local_terms([site for site, _ in plan.fused], [terms for _, terms in plan.fused])
+            values = dict(zip((site for site, _ in plan.fused), weights))
+        for site, prior in plan.other:
+            q = guide.distribution(site)
+            values[site] = GaussianWeight(q.loc, q.variance)
+            kl = kl + kl_divergence(q, prior).sum()
+        return values, kl
+
+    @staticmethod
+    def point_mass_terms(guide, plan):
+        """``({site: w_hat}, -sum_sites log p(w_hat))`` of a delta guide: the point values and
+        ``KL(delta_{w_hat} || p) = log delta(w_hat) - log p(w_hat) = -log p(w_hat)``, one fused
+        node (:func:`~pyro_sparse.distributions.summed_neg_log_density`) for the priors with a
+        closed-form gradient, ``log_prob`` for the others."""
+        values = {site: guide.value(site) for site in plan.priors}
+        kl = 0.0
+        if plan.fused:
+            kl = summed_neg_log_density([terms for _, terms in plan.fused], [values[site] for site, _ in plan.fused])
+        for site, prior in plan.other:
+            kl = kl - prior.log_prob(values[site]).sum()
+        return values, kl
+
+    @staticmethod
+    def forward(network, plan, values, x):
+        """The network's output on ``x`` with the parameter values ``values`` (site -> tensor or
+        GaussianWeight): each layer's ``compute``, as its ``forward`` would run it."""
+        h = network._reshape(x)
+        for layer, sites in plan.steps:
+            if sites is None:
+                h = layer(h)
+            else:
+                weight, bias = sites
+                h = layer.compute(h, values[weight], None if bias is None else values[bias])
+        return h
+
+    @staticmethod
+    def data_term(network, out, y, dataset_size=None, subsample=None):
+        """``(N / B) sum_b log p(y_b | out_b)``, the data plate's scale with ``N = dataset_size``
+        (default: the batch) and ``B = len(subsample)`` (default: the batch)."""
+        batch = out.shape[0]
+        size = dataset_size if dataset_size is not None else batch
+        scale = size / (len(subsample) if subsample is not None else batch)
+        loglik = network.likelihood.log_likelihood(out, y)
+        return loglik if scale == 1 else loglik * scale
 
     def terms(self, network, guide, x, y, dataset_size=None, subsample=None):
         """(expected log-likelihood estimate, total KL), both differentiable; the same as
         ``MeanFieldELBO(local_reparam=True).terms(network.model, guide, x, y, ...)``."""
         if not guide.sites:
             guide.setup(x, y, dataset_size=dataset_size, subsample=subsample)
-        steps, fused = self._steps(network, guide)
-        # the guide's Gaussians and their KL: one node for every site with a closed-form KL
-        # gradient, kl_divergence for the others (no random draws, so the order is free)
-        values, kl = {}, 0.0
-        if fused:
-            weights, kl = guide.local_terms([site for site, _ in fused], [terms for _, terms in fused])
-            values = dict(zip((site for site, _ in fused), weights))
-        h = network._reshape(x)
-        for layer, params in steps:
-            if params is None:
-                h = layer(h)
-                continue
-            args = []
-            for entry in params:
-                if entry is None:
-                    args.append(None)
-                    continue
-                site, prior, kl_terms = entry
-                if kl_terms is None:
-                    q = guide.distribution(site)
-                    values[site] = GaussianWeight(q.loc, q.variance)
-                    kl = kl + kl_divergence(q, prior).sum()
-                args.append(values[site])
-            h = layer.compute(h, *args)
-        batch = h.shape[0]
-        size = dataset_size if dataset_size is not None else batch
-        scale = size / (len(subsample) if subsample is not None else batch)  # the data plate's N / B
-        loglik = network.likelihood.log_likelihood(h, y)
-        return (loglik if scale == 1 else loglik * scale), kl
+        plan = self.plan(network, guide)
+        values, kl = (self.point_mass_terms if plan.point_mass else self.mean_field_terms)(guide, plan)
+        out = self.forward(network, plan, values, x)
+        return self.data_term(network, out, y, dataset_size, subsample), kl
 
     def differentiable_loss(self, network, guide, x, y, dataset_size=None, subsample=None):
         """``kl_weight * KL - (N/B) log-likelihood``; sets ``last_terms``."""

@@ -8,10 +8,10 @@ generators, history). One optimisation step is
 
 with the loss from :class:`~pyro_sparse.elbo.MeanFieldELBO` (analytic KL, local
 reparameterisation) and beta_t the KL warm-up. Where the same estimate needs no Pyro tracing
-(mean-field guide, local reparameterisation, fixed priors, a sequential network of Linear/Conv2d
-and parameter-free layers; :meth:`~pyro_sparse.elbo.DirectELBO.supports`) the trainer computes it
-with :class:`~pyro_sparse.elbo.DirectELBO` instead: same value, same random draws, no per-step
-Pyro overhead. ``elbo: pyro`` in the recipe keeps the Pyro path; ``trainer.elbo_path`` says
+(mean-field guide under local reparameterisation or delta guide (MAP), fixed priors, a sequential
+network of Linear/Conv2d and parameter-free layers; :meth:`~pyro_sparse.elbo.DirectELBO.supports`)
+the trainer computes it with :class:`~pyro_sparse.elbo.DirectELBO` instead: same value, same
+random draws, no per-step Pyro overhead. ``elbo: pyro`` in the recipe keeps the Pyro path; ``trainer.elbo_path`` says
 which ran. Each epoch it evaluates the posterior predictive on held-out data, appends to
 ``metrics.jsonl`` and writes an atomic checkpoint from which ``resume`` continues bit-for-bit
 (the RNG states are part of it).
@@ -331,14 +331,15 @@ class SVITrainer:
         return "gradient"
 
     def make_elbo(self):
-        """(elbo, path, reason): :class:`DirectELBO` ("direct") when the recipe's
-        ``local_reparam`` is on, ``elbo`` is ``auto``, the objective is the plain model and guide
-        (not wrapped by a subclass) and :meth:`DirectELBO.supports` accepts the pair; else
+        """(elbo, path, reason): :class:`DirectELBO` ("direct") when ``elbo`` is ``auto``, the
+        recipe's ``local_reparam`` is on or the guide is a point mass (a delta guide samples
+        nothing, so the flag does not change its estimate), the objective is the plain model and
+        guide (not wrapped by a subclass) and :meth:`DirectELBO.supports` accepts the pair; else
         :class:`MeanFieldELBO` ("pyro") and why the direct path was not taken."""
         recipe = self.recipe
         if recipe.get("elbo", "auto") == "pyro":
             reason = "the recipe sets elbo: pyro"
-        elif not recipe["local_reparam"]:
+        elif not recipe["local_reparam"] and not isinstance(self.guide, DeltaGuide):
             reason = "the recipe sets local_reparam: false"
         elif type(self).objective is not SVITrainer.objective:
             reason = f"{type(self).__name__} wraps the model and guide"

@@ -305,7 +305,9 @@ class DeltaGuide(Guide):
         self.values[_key(name)] = nn.Parameter(raw.detach().clone())
         self.sites[name] = {"family": family, "event_dim": value.dim()}
 
-    def _value(self, name):
+    def value(self, name):
+        """The point value ``w_hat`` of site ``name`` (differentiable in the guide's parameters):
+        the parameter itself for a real site, its exponential for a positive one."""
         raw = self.values[_key(name)]
         return raw if self.sites[name]["family"] == "real" else raw.exp()
 
@@ -313,15 +315,15 @@ class DeltaGuide(Guide):
         if not self.sites:
             self.setup(*args, **kwargs)
         for name, info in self.sites.items():
-            pyro.sample(name, dist.Delta(self._value(name), event_dim=info["event_dim"]))
+            pyro.sample(name, dist.Delta(self.value(name), event_dim=info["event_dim"]))
 
     def median(self):
-        return {name: self._value(name).detach() for name in self.sites}
+        return {name: self.value(name).detach() for name in self.sites}
 
     def site_posterior(self, name):
         """A point mass: variance 0 (infinite precision). Rules that need a posterior
         precision should use a Laplace approximation of a MAP fit instead."""
-        value = self._value(name).detach()
+        value = self.value(name).detach()
         return value, torch.zeros_like(value)
 
 

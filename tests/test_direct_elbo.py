@@ -1,9 +1,11 @@
-"""DirectELBO: the local-reparameterised mean-field ELBO computed without Pyro tracing.
+"""DirectELBO: the local-reparameterised mean-field ELBO and the MAP objective computed without
+Pyro tracing.
 
-Reference: ``MeanFieldELBO(local_reparam=True)`` (guide and model run through Pyro's effect
-handlers). Both draw the same pre-activation noise in the same order, so with the same torch seed
-the two give the same loss and the same gradient up to float32 rounding (relative differences
-~1e-7 here; the tests allow 1e-5).
+Reference: ``MeanFieldELBO`` (guide and model run through Pyro's effect handlers). With the
+mean-field guide both draw the same pre-activation noise in the same order, so with the same torch
+seed the two give the same loss and the same gradient up to float32 rounding (relative differences
+~1e-7 here; the tests allow 1e-5). With the delta guide nothing is drawn and both are the MAP
+objective ``-(N/B) sum log p(y | f(x; w)) - beta sum log p(w)``.
 """
 
 import math
@@ -14,16 +16,20 @@ import pytest
 import torch
 from torch.distributions import kl_divergence
 
-from pyro_sparse.distributions import (LogUniform, NormalKLTerms, SparseVDKLTerms, kl_terms_for, normal_kl_terms,
-                                       sparse_vd_kl_terms)
+import pyro.distributions as dist
+
+from pyro_sparse.distributions import (LogUniform, LogUniformNegLogDensity, NormalKLTerms, NormalNegLogDensity,
+                                       SparseVDKLTerms, kl_terms_for, neg_log_density_terms_for, normal_kl_terms,
+                                       sparse_vd_kl_terms, summed_neg_log_density)
 from pyro_sparse.elbo import DirectELBO, MeanFieldELBO
 from pyro_sparse.errors import SpecError
 from pyro_sparse.fitting import SVITrainer
-from pyro_sparse.guides import MeanFieldGuide
+from pyro_sparse.guides import DeltaGuide, MeanFieldGuide
 from pyro_sparse.layers import Linear, ReLU
 from pyro_sparse.likelihoods import Bernoulli, Categorical, Gaussian
 from pyro_sparse.network import BayesianNetwork
 from pyro_sparse.priors import Gaussian as GaussianPrior
+from pyro_sparse.priors import Prior, sample_weight
 from pyro_sparse.recipe import load_recipe, parse_recipe
 from pyro_sparse.runs import build
 from pyro_sparse.spec import load_model_spec, parse_model_spec
@@ -112,6 +118,164 @@ def test_float64_agreement_is_tight(digits):
     torch.testing.assert_close(l_dir, l_ref, rtol=1e-12, atol=0.0)
     for a, b in zip(g_dir, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12 * b.abs().max().item())
+
+
+# ------------------------------------------------------------------ the point-mass (MAP) objective
+
+
+def perturb_points(guide, seed=3):
+    """Move the delta guide's point values away from their initialisation."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in guide.values.values():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def neg_log_prior(net, guide):
+    """-sum_sites log p(w_hat), by hand: 0.5 w^2 / s^2 + log s + 0.5 log(2 pi) for a Gaussian
+    N(0, s^2) element, log|w| for a log-uniform one (its unnormalised density 1/|w|)."""
+    total = 0.0
+    for name, (layer, param, prior) in net.param_sites().items():
+        w = guide.value(name).detach().double()
+        if prior.spec_name == "log_uniform":
+            total += w.abs().log().sum().item()
+        else:
+            assert prior.spec_name == "gaussian" and prior.loc == 0.0, prior
+            total += (0.5 * w.square() / prior.scale ** 2 + math.log(prior.scale)
+                      + 0.5 * math.log(2 * math.pi)).sum().item()
+    return total
+
+
+@pytest.mark.parametrize("model", ["mlp_gaussian.yaml", "mlp_sparsevd.yaml", "lenet5_sparsevd.yaml",
+                                   "lenet5_gaussian.yaml"])
+@pytest.mark.parametrize("beta", [0.3, 1.0])
+def test_point_mass_same_loss_and_gradients(digits, model, beta):
+    """Delta guide (inference/map.yaml): the direct MAP objective is the Pyro path's, value,
+    terms and gradients, and its prior term is -sum log p(w_hat) by hand (so on the Pyro path
+    KL(delta || p) = log delta(w_hat) - log p(w_hat) with log delta(w_hat) = 0)."""
+    net, guide, rec = built(digits, model, "map.yaml")
+    assert isinstance(guide, DeltaGuide) and rec["local_reparam"] is False
+    assert DirectELBO.supports(net, guide) is None
+    perturb_points(guide)
+    n = len(digits.x_train)
+    idx = torch.arange(100, 164)
+    x, y = digits.x_train[idx], digits.y_train[idx]
+    params = list(guide.parameters())
+    out = []
+    for elbo, first in ((MeanFieldELBO(kl_weight=beta, local_reparam=False), net.model),
+                        (DirectELBO(kl_weight=beta), net)):
+        with pyro.validation_enabled(False):
+            loss = elbo.differentiable_loss(first, guide, x, y, dataset_size=n, subsample=idx)
+        out.append((loss.detach(), torch.autograd.grad(loss, params), elbo.last_terms))
+    (l_ref, g_ref, t_ref), (l_dir, g_dir, t_dir) = out
+    torch.testing.assert_close(l_dir, l_ref, rtol=1e-5, atol=0.0)
+    for key in ("loglik", "kl"):
+        torch.testing.assert_close(t_dir[key], t_ref[key], rtol=1e-5, atol=0.0)
+    assert t_dir["kl"].item() == pytest.approx(neg_log_prior(net, guide), rel=1e-5)
+    # the data term: (N / B) log p(y | f(x; w_hat)) with the plain deterministic network
+    with torch.no_grad():
+        logits = net.deterministic(guide.median())(x)
+    expected = (n / len(idx)) * torch.distributions.Categorical(logits=logits).log_prob(y).sum()
+    torch.testing.assert_close(t_dir["loglik"], expected, rtol=1e-5, atol=0.0)
+    for (name, _), a, b in zip(guide.named_parameters(), g_dir, g_ref):
+        scale = b.abs().max().item()
+        assert scale > 0, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * scale, msg=lambda m: f"{name}: {m}")
+    # nothing is sampled: another seed gives the same value, bit for bit
+    torch.manual_seed(12)
+    again = DirectELBO(kl_weight=beta).differentiable_loss(net, guide, x, y, dataset_size=n, subsample=idx)
+    assert torch.equal(again.detach(), l_dir)
+
+
+def test_point_mass_float64_agreement_is_tight(digits):
+    net, guide, _ = built(digits, "mlp_sparsevd.yaml", "map.yaml")
+    net.to(torch.float64)
+    guide.to(torch.float64)
+    perturb_points(guide)
+    idx = torch.arange(32)
+    x, y = digits.x_train[idx].double(), digits.y_train[idx]
+    params = list(guide.parameters())
+    out = []
+    for elbo, first in ((MeanFieldELBO(kl_weight=0.7), net.model), (DirectELBO(kl_weight=0.7), net)):
+        with pyro.validation_enabled(False):
+            loss = elbo.differentiable_loss(first, guide, x, y, dataset_size=500, subsample=idx)
+        out.append((loss.detach(), torch.autograd.grad(loss, params)))
+    (l_ref, g_ref), (l_dir, g_dir) = out
+    torch.testing.assert_close(l_dir, l_ref, rtol=1e-12, atol=0.0)
+    for a, b in zip(g_dir, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12 * b.abs().max().item())
+
+
+def test_neg_log_density_terms_are_the_log_prob_and_its_gradient():
+    """summed_neg_log_density against -prior.log_prob(w).sum() and autograd, float64: a scalar
+    Gaussian with a mean and a scale, the standard normal (its gradient is w itself) and the
+    improper log-uniform (-log p = log|w|); kl_weight != 1 and == 1."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(4, 3), (4,), (5, 2, 3)]
+    f64 = {"dtype": torch.float64}
+    priors = [GaussianPrior(scale=0.5, loc=2.0).fixed_distribution(torch.zeros(4, 3, **f64)),
+              GaussianPrior(scale=1.0).fixed_distribution(torch.zeros(4, **f64)),
+              LogUniform(torch.Size([5, 2, 3]))]
+    terms = [neg_log_density_terms_for(p) for p in priors]
+    assert terms == [NormalNegLogDensity(2.0, 0.5), NormalNegLogDensity(0.0, 1.0), LogUniformNegLogDensity()]
+    assert neg_log_density_terms_for(torch.distributions.Normal(torch.zeros(3), torch.arange(1.0, 4.0))) is None
+    assert neg_log_density_terms_for(dist.Laplace(torch.zeros(3), torch.ones(3))) is None
+    shifted = dist.Normal(torch.tensor(0.4, **f64), torch.tensor(1.7, **f64)).expand([4, 3])
+    assert neg_log_density_terms_for(shifted) == NormalNegLogDensity(0.4, 1.7)
+    priors.append(shifted)
+    terms.append(NormalNegLogDensity(0.4, 1.7))
+    shapes.append((4, 3))
+    ws = [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes]
+    for beta in (0.37, 1.0):
+        got = beta * summed_neg_log_density(terms, ws)
+        ref = beta * sum(-p.log_prob(w).sum() for p, w in zip(priors, ws))
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=0.0)
+        for a, b in zip(torch.autograd.grad(got, ws), torch.autograd.grad(ref, ws)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    # by hand: log|w| summed for the log-uniform prior
+    assert summed_neg_log_density(terms[2:3], ws[2:3]).item() == pytest.approx(
+        ws[2].detach().abs().log().sum().item(), rel=1e-12)
+    # the standard normal's gradient is w itself: it must become a copy, not an alias, in .grad
+    w = torch.nn.Parameter(torch.randn(6, 4, generator=g))
+    summed_neg_log_density([NormalNegLogDensity(0.0, 1.0)], [w]).backward()
+    assert torch.equal(w.grad, w.detach()) and w.grad.data_ptr() != w.data_ptr()
+
+
+class _LaplacePrior(Prior):
+    """A fixed prior without closed-form terms here: the direct path scores it with log_prob."""
+
+    def sample(self, site, init, axes):
+        return sample_weight(site, self.fixed_distribution(init), init)
+
+    def fixed_distribution(self, init):
+        return dist.Laplace(torch.zeros_like(init), torch.full_like(init, 0.3))
+
+
+def test_point_mass_with_a_prior_without_closed_form_terms():
+    """A Laplace prior on the first layer's weight goes through prior.log_prob; the rest is fused."""
+    torch.manual_seed(0)
+    net = BayesianNetwork([Linear(3, 4, prior=_LaplacePrior()), ReLU(), Linear(4, 2, prior={"type": "log_uniform"})])
+    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    guide = DeltaGuide(net.model).setup(x, y)
+    elbo = DirectELBO(kl_weight=0.6)
+    assert DirectELBO.supports(net, guide) is None
+    plan = elbo.plan(net, guide)
+    assert [site for site, _ in plan.other] == ["fc1.weight"] and len(plan.fused) == 3
+    params = list(guide.parameters())
+    out = []
+    for e, first in ((MeanFieldELBO(kl_weight=0.6), net.model), (elbo, net)):
+        loss = e.differentiable_loss(first, guide, x, y, dataset_size=60)
+        out.append((loss.detach(), torch.autograd.grad(loss, params), e.last_terms["kl"]))
+    (l_ref, g_ref, kl_ref), (l_dir, g_dir, kl_dir) = out
+    torch.testing.assert_close(l_dir, l_ref, rtol=1e-6, atol=0.0)
+    w1 = guide.value("fc1.weight").detach()
+    laplace = (w1.abs() / 0.3 + math.log(2 * 0.3)).sum()  # -log Laplace(w; 0, 0.3)
+    rest = sum(-p.fixed_distribution(getattr(l, f"{n}_init")).log_prob(guide.value(s).detach()).sum()
+               for s, (l, n, p) in net.param_sites().items() if s != "fc1.weight")
+    torch.testing.assert_close(kl_dir, laplace + rest, rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(kl_ref, kl_dir, rtol=1e-6, atol=0.0)
+    for a, b in zip(g_dir, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_data_term_scaling_matches_the_plate():
@@ -224,8 +388,12 @@ GAUSSIAN_GAMMA = {"input_shape": "auto", "prior": {"type": "gaussian_gamma", "gr
     ("mlp_horseshoe.yaml", "svi_horseshoe.yaml", {}, "sites besides the layer parameters"),
     ("mlp_group_loguniform.yaml", "svi_group_loguniform.yaml", {}, "sites besides the layer parameters"),
     (GAUSSIAN_GAMMA, "svi_meanfield.yaml", {}, "sites besides the layer parameters"),
-    ("mlp_sparsevd.yaml", "svi_sparsevd.yaml", {"guide": "structured"}, "not the mean-field guide"),
-    ("mlp_sparsevd.yaml", "svi_sparsevd.yaml", {"guide": "delta", "guide_options": {}}, "not the mean-field guide"),
+    ("mlp_sparsevd.yaml", "svi_sparsevd.yaml", {"guide": "structured"}, "neither the mean-field nor the delta"),
+    ("mlp_sparsevd.yaml", "svi_sparsevd.yaml", {"guide": "lowrank"}, "neither the mean-field nor the delta"),
+    ("mlp_horseshoe.yaml", "map.yaml", {}, "sites besides the layer parameters"),
+    ("mlp_group_loguniform.yaml", "map.yaml", {}, "sites besides the layer parameters"),
+    (GAUSSIAN_GAMMA, "map.yaml", {}, "sites besides the layer parameters"),
+    ("vit_tiny_gaussian.yaml", "map.yaml", {}, "neither parameter-free nor Linear/Conv2d-like"),
     ("mlp_sparsevd.yaml", "svi_sparsevd.yaml", {"guide_options": {"local_reparam": False}}, "local reparam"),
     ("vit_tiny_sparsevd.yaml", "svi_sparsevd.yaml", {}, "neither parameter-free nor Linear/Conv2d-like"),
 ])
@@ -274,6 +442,16 @@ def test_trainer_chooses_the_path(digits):
     assert t.elbo_path == "pyro" and "IterativeBMRTrainer" in t.elbo_reason
     t = trainer_for(digits, "mlp_horseshoe.yaml", "svi_horseshoe.yaml")
     assert t.elbo_path == "pyro" and "sites besides" in t.elbo_reason
+    # MAP: local_reparam: false (map.yaml's) does not matter for a point mass
+    t = trainer_for(digits, "mlp_gaussian.yaml", "map.yaml")
+    assert t.recipe["local_reparam"] is False
+    assert (t.elbo_path, t.elbo_reason, type(t.elbo)) == ("direct", None, DirectELBO)
+    t = trainer_for(digits, "lenet5_sparsevd.yaml", "map.yaml")
+    assert t.elbo_path == "direct"
+    t = trainer_for(digits, "mlp_gaussian.yaml", "map.yaml", elbo="pyro")
+    assert (t.elbo_path, type(t.elbo)) == ("pyro", MeanFieldELBO) and "elbo: pyro" in t.elbo_reason
+    t = trainer_for(digits, "mlp_horseshoe.yaml", "map.yaml")
+    assert t.elbo_path == "pyro" and "sites besides" in t.elbo_reason
 
 
 def test_two_epochs_on_either_path_give_the_same_run(digits):
@@ -293,6 +471,29 @@ def test_two_epochs_on_either_path_give_the_same_run(digits):
     assert h_direct[1]["loss"] != pytest.approx(h_direct[0]["loss"], rel=1e-3)  # it did train
     for key in p_pyro:
         torch.testing.assert_close(p_direct[key], p_pyro[key], rtol=1e-4, atol=1e-4)
+
+
+def test_two_epochs_of_map_on_either_path_give_the_same_run(digits):
+    """MAP (inference/map.yaml, cosine schedule, gradient clipping): the same mini-batches and the
+    same objective, so the same history and parameters on both paths."""
+    runs = {}
+    for path in ("auto", "pyro"):
+        t = trainer_for(digits, "mlp_gaussian.yaml", "map.yaml", elbo=path, epochs=2)
+        init = {k: v.clone() for k, v in t.guide.state_dict().items()}
+        summary = t.fit()
+        assert summary["elbo_path"] == ("direct" if path == "auto" else "pyro")
+        runs[path] = (t.history, {k: v.clone() for k, v in t.guide.state_dict().items()})
+    (h_direct, p_direct), (h_pyro, p_pyro) = runs["auto"], runs["pyro"]
+    assert len(h_direct) == len(h_pyro) == 2
+    for a, b in zip(h_direct, h_pyro):
+        for key in ("loss", "test_accuracy", "test_nll"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+        assert a["kl_weight"] == b["kl_weight"]
+    assert h_direct[1]["loss"] != pytest.approx(h_direct[0]["loss"], rel=1e-3)  # it did train
+    for key in p_pyro:
+        torch.testing.assert_close(p_direct[key], p_pyro[key], rtol=1e-4, atol=1e-5)
+    moved = max((p_direct[k] - init[k]).abs().max().item() for k in init)
+    assert moved > 1e-2  # the parameters moved far more than the tolerance
 
 
 def test_bad_elbo_value_names_the_field():
