@@ -17,10 +17,11 @@ LogNormal-Gamma, ...) and estimated with the guide's sample otherwise, exactly a
 With ``kl_weight=1`` and ``local_reparam=False`` the estimate has the same distribution as
 ``TraceMeanField_ELBO``'s.
 
-:class:`DirectELBO` computes the estimate of ``MeanFieldELBO(local_reparam=True)`` without Pyro
-for the models where Pyro's run only relays distributions (mean-field guide, fixed priors,
-sequential Linear/Conv2d networks): same value, same random draws, a fraction of the per-step
-overhead. :class:`MeanFieldELBO` stays the reference and the path for every other model.
+:class:`DirectELBO` computes the estimate of :class:`MeanFieldELBO` without Pyro for the models
+where Pyro's run only relays distributions (a mean-field guide under local reparameterisation or a
+delta guide, i.e. MAP; fixed priors; sequential Linear/Conv2d networks): same value, same random
+draws, a fraction of the per-step overhead. :class:`MeanFieldELBO` stays the reference and the
+path for every other model.
 """
 
 from __future__ import annotations
@@ -212,11 +213,18 @@ class DirectELBO(_LossFromDifferentiableLoss):
       ``log delta(w_hat) - log p(w_hat) = -log p(w_hat)`` (Pyro's registered
       ``kl_divergence(Delta, p)``; a ``Delta``'s log-density at its own value is 0), so
 
-      .. math:: -\mathcal{L} = -\beta \sum_{\text{sites}} \log p(\hat w) - \frac{N}{B} \sum_b \log p(y_b \mid f(x_b; \hat w)),
+      .. math::
+
+          -\mathcal{L} = -\beta \sum_{\text{sites}} \log p(\hat w)
+                         - \frac{N}{B} \sum_b \log p(y_b \mid f(x_b; \hat w)),
 
       the MAP objective. ``log p`` is the prior's own ``log_prob``: for the improper log-uniform
-      prior the unnormalised ``-log|w|``, as on the Pyro path. Local reparameterisation does not
-      apply (there is no variance), so this is ``MeanFieldELBO`` with either ``local_reparam``.
+      prior the unnormalised ``-log|w|``, as on the Pyro path. Where it has a known gradient
+      (:func:`~pyro_sparse.distributions.neg_log_density_terms_for`: log-uniform, scalar
+      Gaussian) the prior term of all such sites is one autograd node
+      (:func:`~pyro_sparse.distributions.summed_neg_log_density`); other fixed priors go through
+      ``log_prob``. Local reparameterisation does not apply (there is no variance), so this is
+      ``MeanFieldELBO`` with either ``local_reparam``.
 
     Pyro's per-step cost (two traced runs through effect handlers, distribution objects, plates)
     is gone; :class:`MeanFieldELBO` remains the reference and the path for every other model.

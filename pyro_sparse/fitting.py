@@ -11,10 +11,10 @@ reparameterisation) and beta_t the KL warm-up. Where the same estimate needs no 
 (mean-field guide under local reparameterisation or delta guide (MAP), fixed priors, a sequential
 network of Linear/Conv2d and parameter-free layers; :meth:`~pyro_sparse.elbo.DirectELBO.supports`)
 the trainer computes it with :class:`~pyro_sparse.elbo.DirectELBO` instead: same value, same
-random draws, no per-step Pyro overhead. ``elbo: pyro`` in the recipe keeps the Pyro path; ``trainer.elbo_path`` says
-which ran. Each epoch it evaluates the posterior predictive on held-out data, appends to
-``metrics.jsonl`` and writes an atomic checkpoint from which ``resume`` continues bit-for-bit
-(the RNG states are part of it).
+random draws, no per-step Pyro overhead. ``elbo: pyro`` in the recipe keeps the Pyro path;
+``trainer.elbo_path`` says which ran. Each epoch it evaluates the posterior predictive on held-out
+data, appends to ``metrics.jsonl`` and writes an atomic checkpoint from which ``resume`` continues
+bit-for-bit (the RNG states are part of it).
 
 Inside a ``torch.distributed`` process group (``torchrun``) the same trainer runs data-parallel:
 each rank takes its shard of every epoch's permutation, ``batch_size`` is the global batch

@@ -210,7 +210,8 @@ class _Parametric(Layer):
         """The layer's operation for given parameters: tensors, or under local
         reparameterisation :class:`~pyro_sparse.local_reparam.GaussianWeight` (then the
         pre-activations are sampled). ``forward`` is ``compute(x, *sample_params())``; the
-        direct ELBO (:class:`~pyro_sparse.elbo.DirectELBO`) calls it with the guide's Gaussians."""
+        direct ELBO (:class:`~pyro_sparse.elbo.DirectELBO`) calls it with the guide's Gaussians or,
+        for a delta guide, its point values."""
         raise NotImplementedError
 
     def forward(self, x):

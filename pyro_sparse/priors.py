@@ -129,7 +129,8 @@ class Prior(Configurable):
     def fixed_distribution(self, init: torch.Tensor):
         """The prior of the parameter as one distribution of batch shape ``init.shape`` when it
         has no latent hyper-variables (then :meth:`sample` emits exactly one site with it), else
-        None. :class:`~pyro_sparse.elbo.DirectELBO` takes the KL against it without Pyro."""
+        None. :class:`~pyro_sparse.elbo.DirectELBO` takes the KL against it (for a delta guide: its
+        log-density at the point value) without Pyro."""
         return None
 
 
