@@ -170,8 +170,9 @@ class SVITrainer:
     check_each_step = True
     _on_disk = _resumed_from_prev = False
     _batch, _ok, _last_fault = 0, None, None
-    #: which ELBO implementation the steps use: "direct" (DirectELBO) or "pyro" (MeanFieldELBO)
-    elbo_path = "pyro"
+    #: which ELBO implementation the steps use: "direct" (DirectELBO) or "pyro" (MeanFieldELBO);
+    #: None for subclasses that fit another objective (spam.LaplaceTrainer)
+    elbo_path = None
 
     def __init__(self, network, guide, dataset, recipe, out_dir=None, progress=True):
         if not isinstance(dataset, Dataset):
@@ -532,6 +533,7 @@ class SVITrainer:
         out = {k: last[k] for k in ("test_accuracy", "test_rmse", "test_nll", "test_bpc") if k in last}
         out.update({"epochs": self.epoch, "steps": self.steps, "train_seconds": self.train_seconds,
                     "step_ms": 1000 * self.train_seconds / max(self.steps, 1),
-                    "n_weights": self.network.num_weights(), "nan_recoveries": len(self.recoveries),
-                    "elbo_path": self.elbo_path})
+                    "n_weights": self.network.num_weights(), "nan_recoveries": len(self.recoveries)})
+        if self.elbo_path is not None:
+            out["elbo_path"] = self.elbo_path
         return out

@@ -87,6 +87,7 @@ def test_fit_writes_run_directory_and_resume_is_identical(tmp_path):
     for key in ("test_accuracy", "test_nll", "epochs", "steps", "train_seconds", "step_ms", "n_weights"):
         assert key in metrics, key
     assert metrics["method"] == "laplace" and metrics["epochs"] == 4 and metrics["steps"] == 4 * 12
+    assert "elbo_path" not in metrics  # SpaM fits no ELBO
     assert metrics["n_weights"] == 64 * 32 + 32 + 32 * 16 + 16 + 16 * 10 + 10
     assert metrics["test_accuracy"] > 0.85
     lines = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
