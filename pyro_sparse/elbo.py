@@ -139,10 +139,19 @@ class _Plan:
 
     * ``steps``: per layer in order, ``(layer, None)`` for a parameter-free layer, else
       ``(layer, (weight site, bias site or None))``;
-    * ``priors``: site -> its fixed prior distribution (batch shape of the parameter);
+    * ``owners``: parameter site -> ``(prior, init)``, the :class:`~pyro_sparse.priors.Prior`
+      object and the layer's deterministic initial value;
+    * ``hyper``: hyper-site -> its prior distribution (from
+      :meth:`~pyro_sparse.priors.Prior.hyper_priors`), in the guide's site order, which is the
+      order the guide draws them in;
+    * ``priors``: parameter site -> the prior of its own sample site when that does not depend on
+      hyper-values (:meth:`~pyro_sparse.priors.Prior.fixed_site_prior`: a fixed prior, or the
+      ``N(0, 1)`` of a non-centred one);
+    * ``conditional``: the parameter sites whose prior depends on hyper-values (e.g. the Gaussian
+      given a Gamma precision), in layer order;
     * ``point_mass``: the guide is a :class:`~pyro_sparse.guides.DeltaGuide`;
-    * ``fused``: the ``(site, terms)`` of the sites whose KL has a closed-form gradient, the
-      ``terms`` from :func:`~pyro_sparse.distributions.kl_terms_for` (mean field) or
+    * ``fused``: the ``(site, terms)`` of the sites in ``priors`` whose KL has a closed-form
+      gradient, the ``terms`` from :func:`~pyro_sparse.distributions.kl_terms_for` (mean field) or
       :func:`~pyro_sparse.distributions.neg_log_density_terms_for` (point mass), and ``other``:
       the ``(site, prior)`` of the rest, both in layer order.
     """
@@ -153,7 +162,8 @@ class _Plan:
 
         self.network, self.guide = network, guide
         self.point_mass = isinstance(guide, DeltaGuide)
-        self.steps, self.priors = [], {}
+        self.steps, self.priors, self.owners, self.conditional = [], {}, {}, []
+        hyper = {}
         for layer in network.layers.values():
             if isinstance(layer, _Stateless):
                 self.steps.append((layer, None))
@@ -164,10 +174,17 @@ class _Plan:
                 if param not in priors:
                     sites.append(None)
                     continue
-                site = f"{layer.site}.{param}"
-                self.priors[site] = priors[param].fixed_distribution(getattr(layer, f"{param}_init"))
+                site, prior, init = f"{layer.site}.{param}", priors[param], getattr(layer, f"{param}_init")
+                self.owners[site] = (prior, init)
+                hyper.update(prior.hyper_priors(site, init, layer.param_axes[param]))
+                fixed = prior.fixed_site_prior(init)
+                if fixed is None:
+                    self.conditional.append(site)
+                else:
+                    self.priors[site] = fixed
                 sites.append(site)
             self.steps.append((layer, tuple(sites)))
+        self.hyper = {name: hyper[name] for name in guide.sites if name in hyper}
         self.fused, self.other = [], []
         terms_for = neg_log_density_terms_for if self.point_mass else kl_terms_for
         for site, prior in self.priors.items():
@@ -264,11 +281,6 @@ class DirectELBO(_LossFromDifferentiableLoss):
             return "the guide is not set up yet"
         if type(network.likelihood).observe is not Likelihood.observe:
             return f"the {type(network.likelihood).__name__} likelihood overrides observe"
-        sites = network.param_sites()
-        if set(guide.sites) != set(sites):
-            extra = sorted(set(guide.sites) - set(sites))
-            return (f"the model has sites besides the layer parameters: {extra[:3]}" if extra
-                    else "the guide and the network's parameters differ")
         for name, layer in network.layers.items():
             if isinstance(layer, _Stateless):
                 continue
@@ -278,17 +290,29 @@ class DirectELBO(_LossFromDifferentiableLoss):
             if (kind.forward is not _Parametric.forward or kind.sample_params is not _Parametric.sample_params
                     or kind.compute is _Parametric.compute):
                 return f"layer {name!r} ({kind.__name__}) does not run compute(x, *sample_params())"
-            for param, prior in layer.priors().items():
-                site = f"{layer.site}.{param}"
-                if prior.fixed_distribution(getattr(layer, f"{param}_init")) is None:
-                    return f"the {prior.spec_name} prior of {site} has hyper-variables"
+        sites = network.param_sites()
+        hyper = {}
+        for site, (layer, param, prior) in sites.items():
+            found = prior.hyper_priors(site, getattr(layer, f"{param}_init"), layer.param_axes[param])
+            if found is None:
+                return f"the {prior.spec_name} prior of {site} has hyper-variables the direct path does not know"
+            if found and type(guide) is DeltaGuide:
+                return f"the {prior.spec_name} prior of {site} has hyper-sites (the direct MAP objective has none)"
+            hyper.update(found)
+        if set(guide.sites) != set(sites) | set(hyper):
+            extra = sorted(set(guide.sites) - set(sites) - set(hyper))
+            return (f"the model has sites besides the layer parameters and their priors' hyper-sites: {extra[:3]}"
+                    if extra else "the guide and the network's parameters differ")
         if type(guide) is DeltaGuide:
             for name, info in guide.sites.items():
                 if info["family"] != "real":
                     return f"site {name} is not real-valued"
             return None
         for name, info in guide.sites.items():
-            if info["family"] != "normal" or not info["local_reparam"]:
+            if name in hyper:
+                if info["local_reparam"]:
+                    return f"hyper-site {name} is under local reparameterisation"
+            elif info["family"] != "normal" or not info["local_reparam"]:
                 return f"site {name} is not a Gaussian under local reparameterisation"
         return None
 
@@ -306,17 +330,49 @@ class DirectELBO(_LossFromDifferentiableLoss):
 
     @staticmethod
     def mean_field_terms(guide, plan):
-        """``({site: GaussianWeight(mu, sigma^2)}, sum_sites KL(q || p))`` of a mean-field guide:
-        one fused node for the sites with a closed-form KL gradient, ``kl_divergence`` for the
-        others (no random draws here, so the order against the layers' draws is free)."""
-        values, kl = {}, 0.0
+        r"""``({site: what the layer uses}, sum_sites KL(q || p))`` of a mean-field guide, in the
+        order of the Pyro path's random draws.
+
+        1. The hyper-sites, in the guide's site order (as ``MeanFieldGuide.forward`` runs them):
+           each is drawn from its posterior, ``v = q.rsample()`` (log-normal for scales and
+           precisions, Gaussian for the ``z`` of the group log-uniform prior), and its KL is
+           ``kl_divergence(q, p)`` where registered, else ``log q(v) - log p(v)`` with that draw
+           (``MeanFieldELBO``'s rule).
+        2. The parameter sites (local reparameterisation: nothing drawn): each gets
+           ``GaussianWeight(mu, sigma^2)``; the KL against a prior that depends on no hyper-value
+           comes from one fused node (:meth:`~pyro_sparse.guides.MeanFieldGuide.local_terms`)
+           where :func:`~pyro_sparse.distributions.kl_terms_for` knows it, else from
+           ``kl_divergence`` against :meth:`~pyro_sparse.priors.Prior.site_prior` given the drawn
+           hyper-values.
+        3. Each layer gets :meth:`~pyro_sparse.priors.Prior.parameter` of its site's Gaussian and
+           the hyper-values (``s * eps`` for the non-centred priors), as ``Prior.sample`` hands it.
+        """
+        drawn, kl = {}, 0.0
+        for name, p in plan.hyper.items():
+            q = guide.distribution(name)
+            v = drawn[name] = q.rsample()
+            try:
+                term = kl_divergence(q, p)
+            except NotImplementedError:
+                term = q.log_prob(v) - p.log_prob(v)
+            kl = kl + term.sum()
+        values = {}
         if plan.fused:
-            weights, kl = guide.local_terms([site for site, _ in plan.fused], [terms for _, terms in plan.fused])
+            weights, fused_kl = guide.local_terms([site for site, _ in plan.fused], [terms for _, terms in plan.fused])
             values = dict(zip((site for site, _ in plan.fused), weights))
+            kl = fused_kl if not plan.hyper else kl + fused_kl
         for site, prior in plan.other:
             q = guide.distribution(site)
             values[site] = GaussianWeight(q.loc, q.variance)
             kl = kl + kl_divergence(q, prior).sum()
+        for site in plan.conditional:
+            prior, init = plan.owners[site]
+            q = guide.distribution(site)
+            values[site] = GaussianWeight(q.loc, q.variance)
+            kl = kl + kl_divergence(q, prior.site_prior(site, init, drawn)).sum()
+        if drawn:
+            for site, (prior, _) in plan.owners.items():
+                values[site] = prior.parameter(site, values[site], drawn)
         return values, kl
 
     @staticmethod

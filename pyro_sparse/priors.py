@@ -133,6 +133,37 @@ class Prior(Configurable):
         log-density at the point value) without Pyro."""
         return None
 
+    # ------------------------------------------------------------------ the pieces of sample()
+    # A prior's sample() is: draw the hyper-sites from hyper_priors() in order, then the
+    # parameter's own site <site> from site_prior() given their values, and hand the layer
+    # parameter() of that site's value. DirectELBO calls the same three methods with the values
+    # the guide drew, so both ELBO paths compute the same maths.
+
+    def hyper_priors(self, site: str, init: torch.Tensor, axes: dict):
+        """``{hyper-site name: its prior}`` (batch shape: the hyper-site's shape), in the order
+        :meth:`sample` emits them: ``{}`` for a prior without hyper-sites, None where the prior does
+        not describe its sites this way (then :class:`~pyro_sparse.elbo.DirectELBO` does not apply)."""
+        return {} if self.fixed_distribution(init) is not None else None
+
+    def fixed_site_prior(self, init: torch.Tensor):
+        """The prior of the parameter's own site ``<site>`` when it depends on no hyper-value (the
+        fixed distribution; ``N(0, 1)`` for a non-centred prior ``w = s * eps``), else None."""
+        return self.fixed_distribution(init)
+
+    def site_prior(self, site: str, init: torch.Tensor, values: dict):
+        """``p(<site> | hyper-values)``, batch shape ``init.shape``, given the values of the
+        hyper-sites (``values``: site name -> tensor, at least this prior's hyper-sites)."""
+        fixed = self.fixed_site_prior(init)
+        if fixed is None:
+            raise NotImplementedError(f"{type(self).__name__} does not say the prior of {site} given its hyper-sites")
+        return fixed
+
+    def parameter(self, site: str, value, values: dict):
+        """What the layer uses, from the value of the site ``<site>`` (a tensor, or under local
+        reparameterisation a :class:`~pyro_sparse.local_reparam.GaussianWeight`) and the values of
+        the hyper-sites: the value itself for a centred prior, ``s * eps`` for a non-centred one."""
+        return value
+
 
 @register_prior("gaussian")
 class Gaussian(Prior):
@@ -174,14 +205,20 @@ class GaussianGamma(Prior):
     def precision_site(self, site):
         return f"{site}.{self.group}_precision"
 
-    def sample(self, site, init, axes):
+    def hyper_priors(self, site, init, axes):
         gshape = group_shape(init.shape, axes, self.group)
-        hyper = dist.Gamma(_full((), self.concentration, init), _full((), self.rate, init)).expand(gshape)
-        precision = sample_scale(self.precision_site(site), hyper,
-                                 _full(gshape, self.concentration / self.rate, init))
-        scale = precision.rsqrt().expand(init.shape)
-        prior = dist.Normal(torch.zeros_like(scale), scale)
-        return sample_weight(site, prior, init)
+        return {self.precision_site(site):
+                dist.Gamma(_full((), self.concentration, init), _full((), self.rate, init)).expand(gshape)}
+
+    def site_prior(self, site, init, values):
+        """``N(0, 1 / lambda_g)`` per element, lambda_g the group's precision."""
+        scale = values[self.precision_site(site)].rsqrt().expand(init.shape)
+        return dist.Normal(torch.zeros_like(scale), scale)
+
+    def sample(self, site, init, axes):
+        (name, hyper), = self.hyper_priors(site, init, axes).items()
+        precision = sample_scale(name, hyper, _full(hyper.batch_shape, self.concentration / self.rate, init))
+        return sample_weight(site, self.site_prior(site, init, {name: precision}), init)
 
     def gaussian_prior(self, site, values):
         return 0.0, values[self.precision_site(site)].rsqrt()
@@ -255,12 +292,24 @@ class GroupLogUniform(Prior):
     def z_site(self, site):
         return f"{site}.z_{self.group}"
 
+    def hyper_priors(self, site, init, axes):
+        return {self.z_site(site): LogUniformDistribution(group_shape(init.shape, axes, self.group))}
+
+    def fixed_site_prior(self, init):
+        """``w~ ~ N(0, 1)``."""
+        return _standard_normal(init)
+
+    def parameter(self, site, value, values):
+        """``w = z * w~``."""
+        return _scale_param(value, values[self.z_site(site)])
+
     def sample(self, site, init, axes):
-        gshape = group_shape(init.shape, axes, self.group)
-        z = pyro.sample(self.z_site(site), LogUniformDistribution(gshape).to_event(len(gshape)),
+        (name, hyper), = self.hyper_priors(site, init, axes).items()
+        gshape = hyper.batch_shape
+        z = pyro.sample(name, hyper.to_event(len(gshape)),
                         infer={"ps_role": "group", "ps_init": _full(gshape, 1.0, init)})
-        w_tilde = sample_weight(site, _standard_normal(init), init, group_sites=(self.z_site(site),))
-        return _scale_param(w_tilde, z)
+        w_tilde = sample_weight(site, self.site_prior(site, init, {name: z}), init, group_sites=(name,))
+        return self.parameter(site, w_tilde, {name: z})
 
     def gaussian_prior(self, site, values):
         """Conditional prior N(0, z^2) at the posterior median of z."""
@@ -426,14 +475,29 @@ class Horseshoe(Prior):
             out[self.slab_site(site)] = dist.InverseGamma(full(a), full(b))
         return out
 
+    def hyper_priors(self, site, init, axes):
+        gshape = group_shape(init.shape, axes, self.group)
+        lshape = torch.Size([1] * init.dim())
+        shapes = {name: lshape for name in self.global_sites(site)}
+        shapes.update({name: gshape for name in self.local_sites(site)})
+        return {name: fn.expand(shapes.get(name, lshape)) for name, fn in self._hyperpriors(site, init).items()}
+
+    def fixed_site_prior(self, init):
+        """``eps ~ N(0, 1)``."""
+        return _standard_normal(init)
+
+    def parameter(self, site, value, values):
+        """``w = s_g * eps`` with ``s_g`` from :meth:`group_scale`."""
+        return _scale_param(value, self.group_scale(site, values))
+
     def sample(self, site, init, axes):
         gshape = group_shape(init.shape, axes, self.group)
         start = self.initial_values(site, init, gshape)
-        values = {name: sample_scale(name, fn.expand(start[name].shape), start[name])
-                  for name, fn in self._hyperpriors(site, init).items()}
+        values = {name: sample_scale(name, fn, start[name]) for name, fn in self.hyper_priors(site, init, axes).items()}
         eps_init = init / self.group_scale(site, start)
-        eps = sample_weight(site, _standard_normal(init), eps_init, group_sites=tuple(self.local_sites(site)))
-        return _scale_param(eps, self.group_scale(site, values))
+        eps = sample_weight(site, self.site_prior(site, init, values), eps_init,
+                            group_sites=tuple(self.local_sites(site)))
+        return self.parameter(site, eps, values)
 
     # ---------------------------------------------------------------- summary
     def gaussian_prior(self, site, values):

@@ -29,7 +29,7 @@ from pyro_sparse.layers import Linear, ReLU
 from pyro_sparse.likelihoods import Bernoulli, Categorical, Gaussian
 from pyro_sparse.network import BayesianNetwork
 from pyro_sparse.priors import Gaussian as GaussianPrior
-from pyro_sparse.priors import Prior, sample_weight
+from pyro_sparse.priors import Prior, sample_scale, sample_weight
 from pyro_sparse.recipe import load_recipe, parse_recipe
 from pyro_sparse.runs import build
 from pyro_sparse.spec import load_model_spec, parse_model_spec
@@ -61,10 +61,19 @@ def perturb(guide, seed=3):
     with torch.no_grad():
         for p in guide.locs.values():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-        for p in guide.log_scales.values():
-            p.copy_(-4.0 + 1.5 * torch.randn(p.shape, generator=g))
-        first = next(iter(guide.log_scales.values()))
-        first.view(-1)[:5] = torch.tensor([-13.0, -12.5, 4.5, 5.0, -30.0])  # beyond the clamp [-12, 4]
+        for key, p in guide.log_scales.items():
+            hyper = guide.sites[key.replace("__", ".")]["family"] == "lognormal"
+            # log-normal hyper-sites: log-space sd around 0.3, so their draws move the loss
+            p.copy_((-1.2 + 0.3 * torch.randn(p.shape, generator=g)) if hyper
+                    else (-4.0 + 1.5 * torch.randn(p.shape, generator=g)))
+        guide.log_scales[clamped_site(guide)].view(-1)[:5] = torch.tensor([-13.0, -12.5, 4.5, 5.0, -30.0])
+
+
+def clamped_site(guide):
+    """The first Gaussian site with at least 5 elements: ``perturb`` sets 5 log-scales beyond the
+    clamp [-12, 4] there."""
+    return next(key for key, p in guide.log_scales.items()
+                if p.numel() >= 5 and guide.sites[key.replace("__", ".")]["family"] == "normal")
 
 
 def both(net, guide, x, y, n, idx, beta):
@@ -79,10 +88,52 @@ def both(net, guide, x, y, n, idx, beta):
     return out
 
 
-@pytest.mark.parametrize("model", ["mlp_sparsevd.yaml", "mlp_gaussian.yaml", "lenet5_sparsevd.yaml"])
+GAUSSIAN_GAMMA = {"input_shape": "auto", "prior": {"type": "gaussian_gamma", "group": "layer"},
+                  "layers": [{"type": "linear", "out": 16}, {"type": "relu"}, {"type": "linear", "out": "auto"}],
+                  "likelihood": {"type": "categorical"}}
+GAUSSIAN_GAMMA_UNIT = {"input_shape": "auto", "prior": {"type": "gaussian_gamma", "group": "unit"},
+                       "bias_prior": {"type": "gaussian_gamma", "group": "layer", "concentration": 3.0, "rate": 0.5},
+                       "layers": [{"type": "linear", "out": 32}, {"type": "relu"}, {"type": "linear", "out": "auto"}],
+                       "likelihood": {"type": "categorical"}}
+#: the horseshoe with half-Cauchy sites (no closed-form KL: the one-sample estimate) and no slab
+HORSESHOE_CAUCHY = {"input_shape": "auto",
+                    "prior": {"type": "horseshoe", "tau0": 0.1, "group": "input", "decompose": False},
+                    "layers": [{"type": "linear", "out": 24}, {"type": "tanh"}, {"type": "linear", "out": "auto"}],
+                    "likelihood": {"type": "categorical"}}
+#: a convolutional net with channel groups (no conv spec in models/ has a hierarchical prior)
+CONV_HIER = {"input_shape": "image",
+             "layers": [{"type": "conv2d", "out": 6, "kernel_size": 3, "padding": 1,
+                         "prior": {"type": "group_log_uniform", "group": "channel"}},
+                        {"type": "relu"}, {"type": "maxpool2d", "kernel_size": 2},
+                        {"type": "conv2d", "out": 8, "kernel_size": 3,
+                         "prior": {"type": "horseshoe", "tau0": 0.1, "group": "input", "regularized": True}},
+                        {"type": "relu"}, {"type": "flatten"},
+                        {"type": "linear", "out": "auto", "prior": {"type": "gaussian_gamma", "group": "unit"}}],
+             "likelihood": {"type": "categorical"}}
+
+#: (model, recipe) of every mean-field case checked against the Pyro path
+MEAN_FIELD_CASES = [
+    ("mlp_sparsevd.yaml", "svi_sparsevd.yaml"), ("mlp_gaussian.yaml", "svi_sparsevd.yaml"),
+    ("lenet5_sparsevd.yaml", "svi_sparsevd.yaml"),
+    ("mlp_group_loguniform.yaml", "svi_group_loguniform.yaml"), ("mlp_horseshoe.yaml", "svi_horseshoe.yaml"),
+    (GAUSSIAN_GAMMA, "svi_meanfield.yaml"), (GAUSSIAN_GAMMA_UNIT, "svi_meanfield.yaml"),
+    (HORSESHOE_CAUCHY, "svi_horseshoe.yaml"), (CONV_HIER, "svi_horseshoe.yaml"),
+]
+
+
+def case_id(case):
+    model, _ = case
+    if isinstance(model, str):
+        return model.removesuffix(".yaml")
+    return {id(GAUSSIAN_GAMMA): "gaussian_gamma", id(GAUSSIAN_GAMMA_UNIT): "gaussian_gamma_unit",
+            id(HORSESHOE_CAUCHY): "horseshoe_cauchy", id(CONV_HIER): "conv_hier"}[id(model)]
+
+
+@pytest.mark.parametrize("case", MEAN_FIELD_CASES, ids=case_id)
 @pytest.mark.parametrize("beta", [0.3, 1.0])
-def test_same_seed_same_loss_and_gradients(digits, model, beta):
-    net, guide, _ = built(digits, model)
+def test_same_seed_same_loss_and_gradients(digits, case, beta):
+    model, recipe = case
+    net, guide, _ = built(digits, model, recipe)
     assert DirectELBO.supports(net, guide) is None
     perturb(guide)
     n = len(digits.x_train)
@@ -97,8 +148,7 @@ def test_same_seed_same_loss_and_gradients(digits, model, beta):
         assert scale > 0, name
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * scale, msg=lambda m: f"{name}: {m}")
     # the clamped log-scales get no gradient on either path
-    first = next(iter(guide.log_scales))
-    k = [n for n, _ in guide.named_parameters()].index(f"log_scales.{first}")
+    k = [n for n, _ in guide.named_parameters()].index(f"log_scales.{clamped_site(guide)}")
     assert torch.equal(g_dir[k].view(-1)[:5], torch.zeros(5))
     # another seed gives another estimate: the agreement is not an accident of a constant loss
     torch.manual_seed(12)
@@ -106,9 +156,10 @@ def test_same_seed_same_loss_and_gradients(digits, model, beta):
     assert abs(other.item() - l_dir.item()) > 1e-3 * abs(t_dir["loglik"].item())
 
 
-def test_float64_agreement_is_tight(digits):
+@pytest.mark.parametrize("case", [MEAN_FIELD_CASES[i] for i in (0, 3, 4, 6, 7)], ids=case_id)
+def test_float64_agreement_is_tight(digits, case):
     """In double precision the two paths agree to ~1e-12: the same estimator, not just close."""
-    net, guide, _ = built(digits, "mlp_sparsevd.yaml")
+    net, guide, _ = built(digits, *case)
     net.to(torch.float64)
     guide.to(torch.float64)
     perturb(guide)
@@ -379,20 +430,16 @@ def test_log_likelihood_is_the_observation_log_density(likelihood, y):
 # ------------------------------------------------------------------ eligibility
 
 
-GAUSSIAN_GAMMA = {"input_shape": "auto", "prior": {"type": "gaussian_gamma", "group": "layer"},
-                  "layers": [{"type": "linear", "out": 16}, {"type": "relu"}, {"type": "linear", "out": "auto"}],
-                  "likelihood": {"type": "categorical"}}
-
-
 @pytest.mark.parametrize("model, recipe, overrides, expected", [
-    ("mlp_horseshoe.yaml", "svi_horseshoe.yaml", {}, "sites besides the layer parameters"),
-    ("mlp_group_loguniform.yaml", "svi_group_loguniform.yaml", {}, "sites besides the layer parameters"),
-    (GAUSSIAN_GAMMA, "svi_meanfield.yaml", {}, "sites besides the layer parameters"),
     ("mlp_sparsevd.yaml", "svi_sparsevd.yaml", {"guide": "structured"}, "neither the mean-field nor the delta"),
     ("mlp_sparsevd.yaml", "svi_sparsevd.yaml", {"guide": "lowrank"}, "neither the mean-field nor the delta"),
-    ("mlp_horseshoe.yaml", "map.yaml", {}, "sites besides the layer parameters"),
-    ("mlp_group_loguniform.yaml", "map.yaml", {}, "sites besides the layer parameters"),
-    (GAUSSIAN_GAMMA, "map.yaml", {}, "sites besides the layer parameters"),
+    ("mlp_horseshoe.yaml", "svi_horseshoe.yaml", {"guide": "structured"}, "neither the mean-field nor the delta"),
+    ("mlp_group_loguniform.yaml", "svi_group_loguniform.yaml", {"guide": "lowrank"},
+     "neither the mean-field nor the delta"),
+    ("mlp_horseshoe.yaml", "svi_horseshoe.yaml", {"guide_options": {"local_reparam": False}}, "local reparam"),
+    ("mlp_horseshoe.yaml", "map.yaml", {}, "has hyper-sites (the direct MAP objective has none)"),
+    ("mlp_group_loguniform.yaml", "map.yaml", {}, "has hyper-sites (the direct MAP objective has none)"),
+    (GAUSSIAN_GAMMA, "map.yaml", {}, "has hyper-sites (the direct MAP objective has none)"),
     ("vit_tiny_gaussian.yaml", "map.yaml", {}, "neither parameter-free nor Linear/Conv2d-like"),
     ("mlp_sparsevd.yaml", "svi_sparsevd.yaml", {"guide_options": {"local_reparam": False}}, "local reparam"),
     ("vit_tiny_sparsevd.yaml", "svi_sparsevd.yaml", {}, "neither parameter-free nor Linear/Conv2d-like"),
@@ -413,16 +460,36 @@ def test_learned_likelihood_noise_is_not_eligible():
 
 
 def test_the_direct_elbo_refuses_what_it_does_not_support(digits):
-    net, guide, _ = built(digits, "mlp_horseshoe.yaml", "svi_horseshoe.yaml")
-    with pytest.raises(ValueError, match="DirectELBO does not apply: the model has sites besides"):
+    net, guide, _ = built(digits, "mlp_horseshoe.yaml", "map.yaml")
+    with pytest.raises(ValueError, match="DirectELBO does not apply: the horseshoe prior of fc1.weight has hyper"):
         DirectELBO().differentiable_loss(net, guide, digits.x_train[:4], digits.y_train[:4])
+
+
+class _ScaledPrior(Prior):
+    """A prior with a hyper-site that does not describe it (no ``hyper_priors``): ``w ~ N(0, s^2)``,
+    ``s ~ Gamma(2, 2)``."""
+
+    spec_name = "scaled"
+
+    def sample(self, site, init, axes):
+        s = sample_scale(f"{site}.s", dist.Gamma(torch.tensor(2.0), torch.tensor(2.0)), torch.tensor(1.0))
+        return sample_weight(site, dist.Normal(torch.zeros_like(init), s.expand(init.shape)), init)
+
+
+def test_a_prior_with_undeclared_hyper_sites_takes_the_pyro_path():
+    torch.manual_seed(0)
+    net = BayesianNetwork([Linear(3, 4, prior=_ScaledPrior()), ReLU(), Linear(4, 2)])
+    guide = MeanFieldGuide(net.model).setup(torch.randn(5, 3), torch.randint(0, 2, (5,)))
+    assert "fc1.weight.s" in guide.sites
+    reason = DirectELBO.supports(net, guide)
+    assert reason == "the scaled prior of fc1.weight has hyper-variables the direct path does not know"
 
 
 # ------------------------------------------------------------------ the trainer
 
 
 def trainer_for(digits, model, recipe, **overrides):
-    spec = load_model_spec(spec_path(model))
+    spec = load_model_spec(spec_path(model)) if isinstance(model, str) else parse_model_spec(model)
     rec = load_recipe(recipe_path(recipe))
     rec.update(overrides)
     net, guide = build(spec, rec, digits)
@@ -440,8 +507,18 @@ def test_trainer_chooses_the_path(digits):
     assert t.elbo_path == "pyro" and "local_reparam" in t.elbo_reason
     t = trainer_for(digits, "mlp_sparsevd.yaml", "svi_bmr_iterative.yaml")
     assert t.elbo_path == "pyro" and "IterativeBMRTrainer" in t.elbo_reason
-    t = trainer_for(digits, "mlp_horseshoe.yaml", "svi_horseshoe.yaml")
-    assert t.elbo_path == "pyro" and "sites besides" in t.elbo_reason
+    # priors with hyper-sites under the mean-field guide
+    for model, recipe in (("mlp_horseshoe.yaml", "svi_horseshoe.yaml"),
+                          ("mlp_group_loguniform.yaml", "svi_group_loguniform.yaml"),
+                          (GAUSSIAN_GAMMA, "svi_meanfield.yaml")):
+        t = trainer_for(digits, model, recipe)
+        assert (t.elbo_path, t.elbo_reason, type(t.elbo)) == ("direct", None, DirectELBO)
+        t = trainer_for(digits, model, recipe, guide="structured")
+        assert t.elbo_path == "pyro" and "neither the mean-field nor the delta" in t.elbo_reason
+        t = trainer_for(digits, model, recipe, guide="lowrank")
+        assert t.elbo_path == "pyro" and "neither the mean-field nor the delta" in t.elbo_reason
+        t = trainer_for(digits, model, "svi_bmr_iterative.yaml")
+        assert t.elbo_path == "pyro" and "IterativeBMRTrainer" in t.elbo_reason
     # MAP: local_reparam: false (map.yaml's) does not matter for a point mass
     t = trainer_for(digits, "mlp_gaussian.yaml", "map.yaml")
     assert t.recipe["local_reparam"] is False
@@ -451,15 +528,16 @@ def test_trainer_chooses_the_path(digits):
     t = trainer_for(digits, "mlp_gaussian.yaml", "map.yaml", elbo="pyro")
     assert (t.elbo_path, type(t.elbo)) == ("pyro", MeanFieldELBO) and "elbo: pyro" in t.elbo_reason
     t = trainer_for(digits, "mlp_horseshoe.yaml", "map.yaml")
-    assert t.elbo_path == "pyro" and "sites besides" in t.elbo_reason
+    assert t.elbo_path == "pyro" and "hyper-sites" in t.elbo_reason
 
 
-def test_two_epochs_on_either_path_give_the_same_run(digits):
+@pytest.mark.parametrize("case", [MEAN_FIELD_CASES[i] for i in (0, 3, 4, 5)], ids=case_id)
+def test_two_epochs_on_either_path_give_the_same_run(digits, case):
     """Same seed: the same mini-batches, the same noise, so the same history and parameters
     (KL warm-up, gradient clipping and the schedule included)."""
     runs = {}
     for path in ("auto", "pyro"):
-        t = trainer_for(digits, "mlp_sparsevd.yaml", "svi_sparsevd.yaml", elbo=path, epochs=2, eval_samples=2)
+        t = trainer_for(digits, *case, elbo=path, epochs=2, eval_samples=2)
         summary = t.fit()
         assert summary["elbo_path"] == ("direct" if path == "auto" else "pyro")
         runs[path] = (t.history, {k: v.clone() for k, v in t.guide.state_dict().items()})
