@@ -18,9 +18,10 @@ With ``kl_weight=1`` and ``local_reparam=False`` the estimate has the same distr
 ``TraceMeanField_ELBO``'s.
 
 :class:`DirectELBO` computes the estimate of :class:`MeanFieldELBO` without Pyro for the models
-where Pyro's run only relays distributions (a mean-field guide under local reparameterisation or a
-delta guide, i.e. MAP; fixed priors; sequential Linear/Conv2d networks): same value, same random
-draws, a fraction of the per-step overhead. :class:`MeanFieldELBO` stays the reference and the
+where Pyro's run only relays distributions and draws (a mean-field guide under local
+reparameterisation, with fixed priors or priors with hyper-sites; or a delta guide, i.e. MAP, with
+fixed priors; sequential Linear/Conv2d networks): same value, same random draws, a fraction of the
+per-step overhead. :class:`MeanFieldELBO` stays the reference and the
 path for every other model.
 """
 
@@ -197,13 +198,14 @@ class _Plan:
 
 class DirectELBO(_LossFromDifferentiableLoss):
     r"""The estimate of :class:`MeanFieldELBO`, computed without Pyro, for a mean-field or a
-    point-mass guide on a sequential network with fixed priors.
+    point-mass guide on a sequential network.
 
     For a sequential network of parameter-free layers and Linear/Conv2d-like layers
-    (:class:`~pyro_sparse.layers._Parametric`) with fixed priors (Gaussian, log-uniform: no
-    hyper-sites), the Pyro run of guide and model does nothing but hand each layer the guide's
-    value of its parameters and record distributions for the prior term. Here that is done
-    directly:
+    (:class:`~pyro_sparse.layers._Parametric`) whose priors are fixed (Gaussian, log-uniform) or
+    describe their hyper-sites (:meth:`~pyro_sparse.priors.Prior.hyper_priors`: Gaussian-Gamma,
+    group log-uniform, horseshoe; mean-field guide only), the Pyro run of guide and model does
+    nothing but draw the hyper-sites, hand each layer the guide's value of its parameters and
+    record distributions for the prior term. Here that is done directly:
 
     .. math::
 
@@ -216,10 +218,13 @@ class DirectELBO(_LossFromDifferentiableLoss):
     data term :meth:`~pyro_sparse.likelihoods.Likelihood.log_likelihood` times the data plate's
     scale N/B. What the guide hands the layers and the KL depend on the guide:
 
-    * :class:`~pyro_sparse.guides.MeanFieldGuide` with every site a Gaussian under local
-      reparameterisation (Kingma, Salimans & Welling 2015; Molchanov et al. 2017): each layer gets
-      ``GaussianWeight(mu, sigma^2)`` and samples its pre-activations; the KL of a site is
-      ``kl_divergence(guide.distribution(site), prior)``. Where the prior's KL has known partial
+    * :class:`~pyro_sparse.guides.MeanFieldGuide` with every parameter site a Gaussian under local
+      reparameterisation (Kingma, Salimans & Welling 2015; Molchanov et al. 2017): first the
+      hyper-sites are drawn from the guide in its site order (:meth:`mean_field_terms`), then each
+      layer gets :meth:`~pyro_sparse.priors.Prior.parameter` of ``GaussianWeight(mu, sigma^2)``
+      given them (``s * eps`` for a non-centred prior) and samples its pre-activations; the KL of
+      a parameter site is ``kl_divergence(guide.distribution(site), p(site | hyper-values))``,
+      that of a hyper-site ``kl_divergence`` where registered, else the one-sample estimate. Where the prior's KL has known partial
       derivatives (:func:`~pyro_sparse.distributions.kl_terms_for`: log-uniform, scalar Gaussian)
       the variances and the KL of all such sites come from one autograd node
       (:meth:`~pyro_sparse.guides.MeanFieldGuide.local_terms`) whose backward is formed in the

@@ -8,8 +8,9 @@ generators, history). One optimisation step is
 
 with the loss from :class:`~pyro_sparse.elbo.MeanFieldELBO` (analytic KL, local
 reparameterisation) and beta_t the KL warm-up. Where the same estimate needs no Pyro tracing
-(mean-field guide under local reparameterisation or delta guide (MAP), fixed priors, a sequential
-network of Linear/Conv2d and parameter-free layers; :meth:`~pyro_sparse.elbo.DirectELBO.supports`)
+(mean-field guide under local reparameterisation with fixed priors or priors with hyper-sites such
+as the horseshoe, or delta guide (MAP) with fixed priors; a sequential network of Linear/Conv2d and
+parameter-free layers; :meth:`~pyro_sparse.elbo.DirectELBO.supports`)
 the trainer computes it with :class:`~pyro_sparse.elbo.DirectELBO` instead: same value, same
 random draws, no per-step Pyro overhead. ``elbo: pyro`` in the recipe keeps the Pyro path;
 ``trainer.elbo_path`` says which ran. Each epoch it evaluates the posterior predictive on held-out
