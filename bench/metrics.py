@@ -37,7 +37,6 @@ def expected_calibration_error(probs: torch.Tensor, y: torch.Tensor, bins: int =
     correct = (pred == y).to(probs.dtype)
     # bin index b - 1 for conf in ((b-1)/M, b/M]; conf = 0 goes to the first bin
     index = (torch.ceil(conf * bins).long() - 1).clamp(0, bins - 1)
-    n = torch.zeros(bins, dtype=probs.dtype).index_add_(0, index, torch.ones_like(conf))
     acc = torch.zeros(bins, dtype=probs.dtype).index_add_(0, index, correct)
     cnf = torch.zeros(bins, dtype=probs.dtype).index_add_(0, index, conf)
     return float((acc - cnf).abs().sum() / len(y))

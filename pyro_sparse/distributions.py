@@ -18,7 +18,6 @@ pyro's ``Independent``/``Independent`` rule sums them through ``.to_event``.
 import math
 
 import torch
-import torch.nn.functional as F
 from torch.distributions import constraints
 from torch.distributions import Gamma, InverseGamma, LogNormal, Normal
 from torch.distributions.kl import register_kl
@@ -289,20 +288,24 @@ def normal_kl_terms(loc, log_scale, var, loc0: float, scale0: float, grad: bool 
         return kl, d_loc, torch.add(minus_one, var, alpha=precision0)
 
 
-class SparseVDKLTerms:
+class _ParameterFree:
+    """Equality, hash and repr of a callable without parameters: all its instances are equal."""
+
+    def __eq__(self, other):
+        return type(other) is type(self)
+
+    def __hash__(self):
+        return hash(type(self))
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class SparseVDKLTerms(_ParameterFree):
     """``kl_terms`` of the log-uniform prior: :func:`sparse_vd_kl_terms` (all instances equal)."""
 
     def __call__(self, loc, log_scale, var, grad=True):
         return sparse_vd_kl_terms(loc, log_scale, grad)
-
-    def __eq__(self, other):
-        return type(other) is SparseVDKLTerms
-
-    def __hash__(self):
-        return hash(SparseVDKLTerms)
-
-    def __repr__(self):
-        return "SparseVDKLTerms()"
 
 
 class NormalKLTerms:
@@ -377,7 +380,7 @@ class NormalNegLogDensity:
         return f"NormalNegLogDensity(loc0={self.loc0}, scale0={self.scale0})"
 
 
-class LogUniformNegLogDensity:
+class LogUniformNegLogDensity(_ParameterFree):
     r"""``terms`` of the improper log-uniform prior at a point value: with its unnormalised
     density :math:`p(w) \propto 1/|w|` (as :meth:`LogUniform.log_prob`),
     :math:`-\sum_i \log p(w_i) = \sum_i \log|w_i|` and :math:`\partial/\partial w_i = 1/w_i`.
@@ -387,15 +390,6 @@ class LogUniformNegLogDensity:
         with torch.no_grad():
             total = w.abs().log_().sum()
             return total, (torch.reciprocal(w) if grad else None)
-
-    def __eq__(self, other):
-        return type(other) is LogUniformNegLogDensity
-
-    def __hash__(self):
-        return hash(LogUniformNegLogDensity)
-
-    def __repr__(self):
-        return "LogUniformNegLogDensity()"
 
 
 def neg_log_density_terms_for(prior):

@@ -23,7 +23,6 @@ from pyro_sparse.distributions import (LogUniform, LogUniformNegLogDensity, Norm
                                        sparse_vd_kl_terms, summed_neg_log_density)
 from pyro_sparse.elbo import DirectELBO, MeanFieldELBO
 from pyro_sparse.errors import SpecError
-from pyro_sparse.fitting import SVITrainer
 from pyro_sparse.guides import DeltaGuide, MeanFieldGuide
 from pyro_sparse.layers import Linear, ReLU
 from pyro_sparse.likelihoods import Bernoulli, Categorical, Gaussian
@@ -531,18 +530,24 @@ def test_trainer_chooses_the_path(digits):
     assert t.elbo_path == "pyro" and "hyper-sites" in t.elbo_reason
 
 
+def _fit_on_both_paths(digits, spec, recipe, **overrides):
+    """(history, final guide state, initial guide state) of a 2-epoch fit with ``elbo: auto``
+    (direct) and with ``elbo: pyro``."""
+    runs = []
+    for path in ("auto", "pyro"):
+        t = trainer_for(digits, spec, recipe, elbo=path, epochs=2, **overrides)
+        init = {k: v.clone() for k, v in t.guide.state_dict().items()}
+        assert t.fit()["elbo_path"] == ("direct" if path == "auto" else "pyro")
+        assert len(t.history) == 2
+        runs.append((t.history, {k: v.clone() for k, v in t.guide.state_dict().items()}, init))
+    return runs
+
+
 @pytest.mark.parametrize("case", [MEAN_FIELD_CASES[i] for i in (0, 3, 4, 5)], ids=case_id)
 def test_two_epochs_on_either_path_give_the_same_run(digits, case):
     """Same seed: the same mini-batches, the same noise, so the same history and parameters
     (KL warm-up, gradient clipping and the schedule included)."""
-    runs = {}
-    for path in ("auto", "pyro"):
-        t = trainer_for(digits, *case, elbo=path, epochs=2, eval_samples=2)
-        summary = t.fit()
-        assert summary["elbo_path"] == ("direct" if path == "auto" else "pyro")
-        runs[path] = (t.history, {k: v.clone() for k, v in t.guide.state_dict().items()})
-    (h_direct, p_direct), (h_pyro, p_pyro) = runs["auto"], runs["pyro"]
-    assert len(h_direct) == len(h_pyro) == 2
+    (h_direct, p_direct, _), (h_pyro, p_pyro, _) = _fit_on_both_paths(digits, *case, eval_samples=2)
     for a, b in zip(h_direct, h_pyro):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["kl_weight"] == b["kl_weight"]
@@ -554,15 +559,7 @@ def test_two_epochs_on_either_path_give_the_same_run(digits, case):
 def test_two_epochs_of_map_on_either_path_give_the_same_run(digits):
     """MAP (inference/map.yaml, cosine schedule, gradient clipping): the same mini-batches and the
     same objective, so the same history and parameters on both paths."""
-    runs = {}
-    for path in ("auto", "pyro"):
-        t = trainer_for(digits, "mlp_gaussian.yaml", "map.yaml", elbo=path, epochs=2)
-        init = {k: v.clone() for k, v in t.guide.state_dict().items()}
-        summary = t.fit()
-        assert summary["elbo_path"] == ("direct" if path == "auto" else "pyro")
-        runs[path] = (t.history, {k: v.clone() for k, v in t.guide.state_dict().items()})
-    (h_direct, p_direct), (h_pyro, p_pyro) = runs["auto"], runs["pyro"]
-    assert len(h_direct) == len(h_pyro) == 2
+    (h_direct, p_direct, init), (h_pyro, p_pyro, _) = _fit_on_both_paths(digits, "mlp_gaussian.yaml", "map.yaml")
     for a, b in zip(h_direct, h_pyro):
         for key in ("loss", "test_accuracy", "test_nll"):
             assert a[key] == pytest.approx(b[key], rel=1e-4), key

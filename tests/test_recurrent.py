@@ -3,7 +3,6 @@
 import math
 import os
 
-import pyro
 import pyro.poutine as poutine
 import pytest
 import torch

@@ -7,7 +7,6 @@ of a quadratic; structured masks must act like physically removed units.
 """
 
 import json
-import math
 import os
 
 import pytest
