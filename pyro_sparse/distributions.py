@@ -19,7 +19,7 @@ import math
 
 import torch
 from torch.distributions import constraints
-from torch.distributions import Gamma, InverseGamma, LogNormal, Normal
+from torch.distributions import Gamma, Independent, InverseGamma, LogNormal, Normal
 from torch.distributions.kl import register_kl
 from torch.distributions.utils import lazy_property
 
@@ -605,3 +605,46 @@ def _single_value(t):
     if t.dim() and not any(t.stride()):
         return t.as_strided((), ())
     return t
+
+
+def reduced_normal(fn, mask, scale: float, name: str):
+    r"""``fn`` (a Gaussian, possibly ``Independent``) with the elements where ``mask`` is False
+    replaced by the reduced Gaussian :math:`N(0, g_0^2)`, ``g_0 = scale``:
+
+    .. math::
+
+        N\big(\mathrm{where}(m, \mu, 0),\; \mathrm{where}(m, \sigma, g_0)^2\big),
+
+    the prior and posterior of a weight pruned by iterative Bayesian model reduction (Markovic,
+    Friston & Kiebel 2023) as ``g_0 -> 0``. ``torch.where`` passes no gradient to the pruned
+    elements of ``mu`` and ``sigma``. ``name`` (the site) is for the error raised when ``fn`` is
+    not Gaussian.
+    """
+    from .errors import PyroSparseError
+
+    depth = 0
+    base = fn
+    while isinstance(base, Independent):
+        depth += base.reinterpreted_batch_ndims
+        base = base.base_dist
+    if not isinstance(base, Normal):
+        raise PyroSparseError(f"iterative BMR: site {name!r} has a {type(base).__name__} distribution; pruned "
+                              "weights can only be fixed for Gaussian priors and posteriors")
+    mask = mask.to(base.loc.device)
+    loc = torch.where(mask, base.loc, torch.zeros((), dtype=base.loc.dtype, device=base.loc.device))
+    sd = torch.where(mask, base.scale, torch.full((), scale, dtype=base.scale.dtype, device=base.scale.device))
+    new = dist.Normal(loc, sd)
+    return new.to_event(depth) if depth else new
+
+
+def pruning_factors(mask, scale: float, like: torch.Tensor):
+    r"""``(keep, fill)`` of a pruning mask (bool, True = kept) for
+    :meth:`~pyro_sparse.guides.MeanFieldGuide.local_terms`: ``keep = 1{m}`` and
+    ``fill = (1 - keep) g_0^2`` in ``like``'s dtype and device, so that ``mu * keep`` and
+    ``fill + sigma^2 keep`` are exactly the mean and variance of :func:`reduced_normal`
+    (``where(m, mu, 0)``, ``where(m, sigma, g_0)^2``) and ``d * keep`` zeroes a pruned element's
+    gradient. Products with a 0/1 tensor, not ``torch.where``: on the CPU ``where`` and the
+    bool-to-float cast are each ~10x a multiplication, so callers cache these per mask."""
+    keep = mask.to(dtype=like.dtype, device=like.device)
+    g0_sq = torch.tensor(scale, dtype=like.dtype, device=like.device).square()  # as Normal(0, g0).variance
+    return keep, (1 - keep) * g0_sq

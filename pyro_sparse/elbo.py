@@ -36,7 +36,8 @@ from pyro.infer import ELBO
 from pyro.poutine.messenger import Messenger
 from torch.distributions import kl_divergence
 
-from .distributions import kl_terms_for, neg_log_density_terms_for, summed_neg_log_density
+from .distributions import (NormalKLTerms, kl_terms_for, neg_log_density_terms_for, pruning_factors,
+                            reduced_normal, summed_neg_log_density)
 from .local_reparam import GaussianWeight, LocalReparameterization
 
 
@@ -133,6 +134,23 @@ class MeanFieldELBO(_LossFromDifferentiableLoss, ELBO):
         loglik, kl = self.terms(model, guide, *args, **kwargs)
         self.last_terms = {"loglik": torch.as_tensor(loglik).detach(), "kl": torch.as_tensor(kl).detach()}
         return self.kl_weight * kl - loglik
+
+
+_PRUNING_FACTORS = {}
+
+
+def _cached_pruning_factors(mask, scale, like):
+    """:func:`~pyro_sparse.distributions.pruning_factors`, computed again only when the mask
+    tensor (object or contents: its version counter), the scale or ``like``'s dtype/device change."""
+    key = (id(mask), float(scale), like.dtype, like.device)
+    hit = _PRUNING_FACTORS.get(key)
+    if hit is not None and hit[0] is mask and hit[1] == mask._version:
+        return hit[2]
+    if len(_PRUNING_FACTORS) > 64:  # masks replaced at each pruning step: drop the stale ones
+        _PRUNING_FACTORS.clear()
+    factors = pruning_factors(mask, scale, like)
+    _PRUNING_FACTORS[key] = (mask, mask._version, factors)
+    return factors
 
 
 class _Plan:
@@ -252,14 +270,30 @@ class DirectELBO(_LossFromDifferentiableLoss):
     is gone; :class:`MeanFieldELBO` remains the reference and the path for every other model.
     :meth:`supports` says whether a (network, guide) pair is eligible.
 
+    Pruned weights (iterative BMR, :class:`~pyro_sparse.reduction.iterative.PrunedWeights`): with
+    ``masks`` (site -> bool tensor, True = keep), both the posterior and the prior of a masked
+    site are replaced elementwise by their reduced form,
+    ``N(where(m, mu, 0), where(m, sigma, g_0)^2)``, as the handler does on the Pyro path; a pruned
+    element then has ``KL(N(0, g_0^2) || N(0, g_0^2)) = 0``, a pre-activation contribution of
+    variance ``g_0^2 x^2`` and a zero gradient. The dict is read at every call (the trainer
+    updates it in place between epochs). Sites with a fixed scalar Gaussian prior, masked or not,
+    stay in the fused node (masked ones through 0/1 factors,
+    :func:`~pyro_sparse.distributions.pruning_factors`, cached per mask); other masked sites go
+    through :func:`~pyro_sparse.distributions.reduced_normal` and ``kl_divergence``.
+
     Args:
         kl_weight: beta multiplying the KL terms (the trainer sets it every step).
+        masks: site -> bool mask of the elements kept, or None (nothing pruned).
+        pruned_scale: ``g_0``, the standard deviation of a pruned element (required with ``masks``).
 
     After each call ``last_terms`` holds the detached ``{"loglik", "kl"}`` of that estimate.
     """
 
-    def __init__(self, kl_weight: float = 1.0):
+    def __init__(self, kl_weight: float = 1.0, masks: dict | None = None, pruned_scale: float | None = None):
+        if masks is not None and not (isinstance(pruned_scale, (int, float)) and pruned_scale > 0):
+            raise ValueError(f"DirectELBO: pruned_scale must be a positive number with masks, got {pruned_scale!r}")
         self.kl_weight = kl_weight
+        self.masks, self.pruned_scale = masks, (None if pruned_scale is None else float(pruned_scale))
         self.last_terms = {}
         self._plan = None
 
@@ -334,7 +368,7 @@ class DirectELBO(_LossFromDifferentiableLoss):
         return plan
 
     @staticmethod
-    def mean_field_terms(guide, plan):
+    def mean_field_terms(guide, plan, masks=None, pruned_scale=None):
         r"""``({site: what the layer uses}, sum_sites KL(q || p))`` of a mean-field guide, in the
         order of the Pyro path's random draws.
 
@@ -351,7 +385,15 @@ class DirectELBO(_LossFromDifferentiableLoss):
            hyper-values.
         3. Each layer gets :meth:`~pyro_sparse.priors.Prior.parameter` of its site's Gaussian and
            the hyper-values (``s * eps`` for the non-centred priors), as ``Prior.sample`` hands it.
+
+        A site with a mask in ``masks`` (see the class) has its posterior and prior reduced to
+        ``N(0, pruned_scale^2)`` where the mask is False: in the fused node when its prior is a
+        fixed scalar Gaussian (pruned elements: KL 0, variance ``pruned_scale^2``, no gradient),
+        else with :func:`~pyro_sparse.distributions.reduced_normal` of both and their
+        ``kl_divergence``, the Pyro path's term (which raises, as that path does, for a
+        non-Gaussian prior).
         """
+        masked = {} if not masks else {site: mask for site, mask in masks.items() if site in plan.owners}
         drawn, kl = {}, 0.0
         for name, p in plan.hyper.items():
             q = guide.distribution(name)
@@ -362,19 +404,35 @@ class DirectELBO(_LossFromDifferentiableLoss):
                 term = q.log_prob(v) - p.log_prob(v)
             kl = kl + term.sum()
         values = {}
-        if plan.fused:
-            weights, fused_kl = guide.local_terms([site for site, _ in plan.fused], [terms for _, terms in plan.fused])
-            values = dict(zip((site for site, _ in plan.fused), weights))
+        fused, elementwise = plan.fused, plan.other
+        if masked:  # a Gaussian prior's masked site stays in the fused node; others are reduced below
+            fused = [(site, terms) for site, terms in plan.fused
+                     if site not in masked or isinstance(terms, NormalKLTerms)]
+            elementwise = elementwise + [(site, plan.priors[site]) for site, terms in plan.fused
+                                         if site in masked and not isinstance(terms, NormalKLTerms)]
+        if fused:
+            names = [site for site, _ in fused]
+            pruning = None
+            if masked:
+                pruning = [None if site not in masked else
+                           _cached_pruning_factors(masked[site], pruned_scale, guide.locs[site.replace(".", "__")])
+                           for site in names]
+            weights, fused_kl = guide.local_terms(names, [terms for _, terms in fused], pruning)
+            values = dict(zip(names, weights))
             kl = fused_kl if not plan.hyper else kl + fused_kl
-        for site, prior in plan.other:
+        for site, prior in elementwise:
             q = guide.distribution(site)
+            if site in masked:
+                q, prior = (reduced_normal(d, masked[site], pruned_scale, site) for d in (q, prior))
             values[site] = GaussianWeight(q.loc, q.variance)
             kl = kl + kl_divergence(q, prior).sum()
         for site in plan.conditional:
             prior, init = plan.owners[site]
-            q = guide.distribution(site)
+            q, p = guide.distribution(site), prior.site_prior(site, init, drawn)
+            if site in masked:
+                q, p = (reduced_normal(d, masked[site], pruned_scale, site) for d in (q, p))
             values[site] = GaussianWeight(q.loc, q.variance)
-            kl = kl + kl_divergence(q, prior.site_prior(site, init, drawn)).sum()
+            kl = kl + kl_divergence(q, p).sum()
         if drawn:
             for site, (prior, _) in plan.owners.items():
                 values[site] = prior.parameter(site, values[site], drawn)
@@ -423,7 +481,12 @@ class DirectELBO(_LossFromDifferentiableLoss):
         if not guide.sites:
             guide.setup(x, y, dataset_size=dataset_size, subsample=subsample)
         plan = self.plan(network, guide)
-        values, kl = (self.point_mass_terms if plan.point_mass else self.mean_field_terms)(guide, plan)
+        if plan.point_mass:
+            if self.masks:
+                raise ValueError("DirectELBO: masks (pruned weights) need the mean-field guide, got a DeltaGuide")
+            values, kl = self.point_mass_terms(guide, plan)
+        else:
+            values, kl = self.mean_field_terms(guide, plan, self.masks, self.pruned_scale)
         out = self.forward(network, plan, values, x)
         return self.data_term(network, out, y, dataset_size, subsample), kl
 

@@ -86,6 +86,11 @@ class NonFiniteStep(FloatingPointError):
         super().__init__(text or f"non-finite {what} at step {step} (epoch {epoch}, batch {batch} of {batches})")
 
 
+def _defined_in(cls, name):
+    """The class in ``cls``'s method resolution order whose body defines ``name``."""
+    return next(k for k in cls.__mro__ if name in vars(k))
+
+
 def check_compatible(network, dataset):
     """Raise :class:`DataError` if ``dataset`` cannot feed ``network`` (task, input size)."""
     lik = getattr(network, "likelihood", None)
@@ -336,20 +341,36 @@ class SVITrainer:
         """(elbo, path, reason): :class:`DirectELBO` ("direct") when ``elbo`` is ``auto``, the
         recipe's ``local_reparam`` is on or the guide is a point mass (a delta guide samples
         nothing, so the flag does not change its estimate), the objective is the plain model and
-        guide (not wrapped by a subclass) and :meth:`DirectELBO.supports` accepts the pair; else
+        guide (not wrapped by a subclass, or wrapped only to prune weights: :meth:`pruned_weights`) and
+        :meth:`DirectELBO.supports` accepts the pair; else
         :class:`MeanFieldELBO` ("pyro") and why the direct path was not taken."""
         recipe = self.recipe
+        pruned = None
         if recipe.get("elbo", "auto") == "pyro":
             reason = "the recipe sets elbo: pyro"
         elif not recipe["local_reparam"] and not isinstance(self.guide, DeltaGuide):
             reason = "the recipe sets local_reparam: false"
-        elif type(self).objective is not SVITrainer.objective:
+        elif not issubclass(_defined_in(type(self), "pruned_weights"), _defined_in(type(self), "objective")):
             reason = f"{type(self).__name__} wraps the model and guide"
         else:
+            pruned = self.pruned_weights()
             reason = DirectELBO.supports(self.network, self.guide)
+            if reason is None and pruned is not None and isinstance(self.guide, DeltaGuide):
+                reason = "pruned weights need the mean-field guide"
         if reason is None:
-            return DirectELBO(), "direct", None
+            if pruned is None:
+                return DirectELBO(), "direct", None
+            masks, scale = pruned
+            return DirectELBO(masks=masks, pruned_scale=scale), "direct", None
         return MeanFieldELBO(local_reparam=recipe["local_reparam"]), "pyro", reason
+
+    def pruned_weights(self):
+        """None, or ``(masks, pruned_scale)`` when :meth:`objective` wraps the model and guide in
+        :class:`~pyro_sparse.reduction.iterative.PrunedWeights` and nothing else: then the direct
+        ELBO applies the same masks (site -> bool tensor, True = kept; a dict the trainer may
+        update in place, read at every step). A subclass that overrides :meth:`objective` takes
+        the Pyro path unless it overrides this too."""
+        return None
 
     def objective(self):
         """The ``(model, guide)`` callables the ELBO is evaluated on; subclasses may wrap them

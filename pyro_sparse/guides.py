@@ -192,16 +192,25 @@ class MeanFieldGuide(Guide):
             pyro.sample(name, self.distribution(name).to_event(info["event_dim"]),
                         infer={"ps_local_reparam": info["local_reparam"]})
 
-    def local_terms(self, names, kl_terms):
+    def local_terms(self, names, kl_terms, pruning=None):
         """``([GaussianWeight(mu, sigma^2) per site], sum_sites sum KL(q || p))`` for the Gaussian
         sites ``names``, in one autograd node (:class:`_LocalTerms`): what layers under local
         reparameterisation and the ELBO's KL take from this guide, the KL of each site by its
         ``kl_terms`` (from :func:`~pyro_sparse.distributions.kl_terms_for` of the site's fixed
         prior). Same values and gradients as ``distribution(name)`` followed by its ``variance``
-        and ``kl_divergence(..., prior).sum()``; used by :class:`~pyro_sparse.elbo.DirectELBO`."""
+        and ``kl_divergence(..., prior).sum()``; used by :class:`~pyro_sparse.elbo.DirectELBO`.
+
+        ``pruning``: per site None or the ``(keep, fill)`` of
+        :func:`~pyro_sparse.distributions.pruning_factors` (a weight pruned by iterative BMR):
+        a pruned element gets ``GaussianWeight(0, g_0^2)``, KL 0 (that of ``N(0, g_0^2)``
+        against the reduced prior ``N(0, g_0^2)``, for Gaussian priors) and zero gradient, as
+        :func:`~pyro_sparse.distributions.reduced_normal` of posterior and prior gives."""
         locs = [self.locs[_key(name)] for name in names]
-        out = _LocalTerms.apply(tuple(kl_terms), *locs, *(self.log_scales[_key(name)] for name in names))
-        return [GaussianWeight(loc, var) for loc, var in zip(locs, out[:-1])], out[-1]
+        pruning = tuple(pruning) if pruning is not None else (None,) * len(names)
+        out = _LocalTerms.apply(tuple(kl_terms), pruning, *locs, *(self.log_scales[_key(name)] for name in names))
+        # a kept element's mean is mu * 1 = mu, a pruned one's mu * 0 = 0, and no gradient reaches it
+        return ([GaussianWeight(loc if factors is None else loc * factors[0], var)
+                 for loc, var, factors in zip(locs, out[:-1], pruning)], out[-1])
 
     def median(self):
         out = {}
@@ -233,19 +242,28 @@ class _LocalTerms(torch.autograd.Function):
     site instead of autograd's clamp, exp and KL nodes, their sums and the kernels of each."""
 
     @staticmethod
-    def forward(ctx, kl_terms, *params):
+    def forward(ctx, kl_terms, pruning, *params):
         ctx.set_materialize_grads(False)
         need = any(ctx.needs_input_grad)
         sites = len(kl_terms)
         variances, kls, saved = [], [], []
-        for terms, loc, raw in zip(kl_terms, params[:sites], params[sites:]):
+        for terms, factors, loc, raw in zip(kl_terms, pruning, params[:sites], params[sites:]):
             log_scale = raw.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
             var = torch.mul(log_scale, _constants((2.0,), loc)[0]).exp_()  # exp(2 l), as LogScaleNormal.variance
             kl, d_loc, d_log_scale = terms(loc, log_scale, var, need)
+            inside = log_scale.eq_(raw) if need else None  # 1.0 where the clamp is inactive
+            out_var = var
+            if factors is not None:  # pruned: N(0, g0^2) against N(0, g0^2): KL 0, variance g0^2, no gradient
+                keep, fill = factors  # exact: x * 1 + 0 = x, x * 0 + g0^2 = g0^2 (x finite)
+                kl = kl * keep
+                out_var = torch.addcmul(fill, var, keep)
+                if need:
+                    d_loc = d_loc * keep
+                    inside = inside.mul_(keep)
             kls.append(kl.sum())
-            variances.append(var)
+            variances.append(out_var)
             if need:
-                saved += [var, d_loc, d_log_scale, log_scale.eq_(raw)]  # 1.0 where the clamp is inactive
+                saved += [var, d_loc, d_log_scale, inside]
         if need:
             ctx.save_for_backward(*saved)
         return (*variances, torch.stack(kls).sum() if sites > 1 else kls[0])
@@ -273,7 +291,7 @@ class _LocalTerms(torch.autograd.Function):
                 g_log_scale = g_log_scale * inside if g_log_scale is d_log_scale else g_log_scale.mul_(inside)
             g_locs.append(g_loc)
             g_log_scales.append(g_log_scale)
-        return (None, *g_locs, *g_log_scales)
+        return (None, None, *g_locs, *g_log_scales)
 
 
 def _has_analytic_kl(q, p):

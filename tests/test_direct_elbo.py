@@ -504,8 +504,12 @@ def test_trainer_chooses_the_path(digits):
     assert (t.elbo_path, type(t.elbo)) == ("pyro", MeanFieldELBO) and "elbo: pyro" in t.elbo_reason
     t = trainer_for(digits, "mlp_sparsevd.yaml", "svi_sparsevd.yaml", local_reparam=False)
     assert t.elbo_path == "pyro" and "local_reparam" in t.elbo_reason
-    t = trainer_for(digits, "mlp_sparsevd.yaml", "svi_bmr_iterative.yaml")
-    assert t.elbo_path == "pyro" and "IterativeBMRTrainer" in t.elbo_reason
+    # iterative BMR wraps model and guide only to prune: the direct path applies its masks
+    t = trainer_for(digits, "mlp_gaussian.yaml", "svi_bmr_iterative.yaml")
+    assert (t.elbo_path, t.elbo_reason, type(t.elbo)) == ("direct", None, DirectELBO)
+    assert t.elbo.masks is t.masks and t.elbo.pruned_scale == t.config["pruned_scale"] == 1e-6
+    t = trainer_for(digits, "mlp_gaussian.yaml", "svi_bmr_iterative.yaml", elbo="pyro")
+    assert t.elbo_path == "pyro" and "elbo: pyro" in t.elbo_reason
     # priors with hyper-sites under the mean-field guide
     for model, recipe in (("mlp_horseshoe.yaml", "svi_horseshoe.yaml"),
                           ("mlp_group_loguniform.yaml", "svi_group_loguniform.yaml"),
@@ -517,7 +521,7 @@ def test_trainer_chooses_the_path(digits):
         t = trainer_for(digits, model, recipe, guide="lowrank")
         assert t.elbo_path == "pyro" and "neither the mean-field nor the delta" in t.elbo_reason
         t = trainer_for(digits, model, "svi_bmr_iterative.yaml")
-        assert t.elbo_path == "pyro" and "IterativeBMRTrainer" in t.elbo_reason
+        assert t.elbo_path == "direct" and t.elbo.masks is t.masks
     # MAP: local_reparam: false (map.yaml's) does not matter for a point mass
     t = trainer_for(digits, "mlp_gaussian.yaml", "map.yaml")
     assert t.recipe["local_reparam"] is False
@@ -528,6 +532,28 @@ def test_trainer_chooses_the_path(digits):
     assert (t.elbo_path, type(t.elbo)) == ("pyro", MeanFieldELBO) and "elbo: pyro" in t.elbo_reason
     t = trainer_for(digits, "mlp_horseshoe.yaml", "map.yaml")
     assert t.elbo_path == "pyro" and "hyper-sites" in t.elbo_reason
+
+
+def test_a_trainer_that_wraps_the_objective_otherwise_takes_the_pyro_path(digits):
+    """Overriding ``objective`` without ``pruned_weights`` (an unknown wrapping) keeps the Pyro
+    path, for a subclass of SVITrainer and for one of IterativeBMRTrainer alike."""
+    from pyro_sparse.fitting import SVITrainer
+    from pyro_sparse.reduction.iterative import IterativeBMRTrainer
+
+    class Wrapped(SVITrainer):
+        def objective(self):
+            return pyro.poutine.scale(self.network.model, 0.5), self.guide
+
+    class WrappedBMR(IterativeBMRTrainer):
+        def objective(self):
+            return pyro.poutine.scale(self._model, 0.5), self._guide
+
+    spec = load_model_spec(spec_path("mlp_gaussian.yaml"))
+    for cls in (Wrapped, WrappedBMR):
+        rec = load_recipe(recipe_path("svi_bmr_iterative.yaml"))
+        net, guide = build(spec, rec, digits)
+        t = cls(net, guide, digits, rec, progress=False)
+        assert (t.elbo_path, t.elbo_reason) == ("pyro", f"{cls.__name__} wraps the model and guide")
 
 
 def _fit_on_both_paths(digits, spec, recipe, **overrides):
@@ -576,3 +602,91 @@ def test_bad_elbo_value_names_the_field():
         parse_recipe({"elbo": "fast"}, "recipe.yaml")
     assert "'auto'" in str(info.value) and "'pyro'" in str(info.value) and "'fast'" in str(info.value)
     assert parse_recipe({})["elbo"] == "auto"
+
+
+def pruning_masks(guide, seed=5):
+    """Bool masks (True = kept) for every weight site: about a third of the elements pruned at
+    random and the whole first row of each pruned too."""
+    g = torch.Generator().manual_seed(seed)
+    masks = {}
+    for name in guide.sites:
+        if name.endswith(".weight"):
+            shape = guide.locs[name.replace(".", "__")].shape
+            mask = torch.rand(shape, generator=g) > 0.35
+            mask[0] = False
+            masks[name] = mask
+    return masks
+
+
+@pytest.mark.parametrize("case", [("mlp_gaussian.yaml", "svi_bmr_iterative.yaml"), (GAUSSIAN_GAMMA, "svi_meanfield.yaml"),
+                                  ("mlp_horseshoe.yaml", "svi_horseshoe.yaml")], ids=case_id)
+@pytest.mark.parametrize("beta", [0.3, 1.0])
+def test_pruned_weights_same_seed_same_loss_and_gradients(digits, case, beta):
+    """Iterative BMR's masks: the direct path reduces masked elements to N(0, g0^2) in posterior
+    and prior as ``PrunedWeights`` does on the Pyro path: same loss, terms and gradients, and
+    exactly zero gradient for every pruned element on both paths."""
+    from pyro_sparse.reduction.iterative import PrunedWeights
+
+    g0 = 1e-6
+    net, guide, _ = built(digits, *case)
+    perturb(guide)
+    masks = pruning_masks(guide)
+    assert len(masks) >= 2
+    n = len(digits.x_train)
+    idx = torch.arange(100, 164)
+    x, y = digits.x_train[idx], digits.y_train[idx]
+    pruner = PrunedWeights(masks, g0)
+    params = list(guide.parameters())
+    out = []
+    for elbo, first, second in ((MeanFieldELBO(kl_weight=beta), pruner(net.model), pruner(guide)),
+                                (DirectELBO(kl_weight=beta, masks=masks, pruned_scale=g0), net, guide)):
+        torch.manual_seed(11)
+        with pyro.validation_enabled(False):
+            loss = elbo.differentiable_loss(first, second, x, y, dataset_size=n, subsample=idx)
+        out.append((loss.detach(), torch.autograd.grad(loss, params), elbo.last_terms))
+    (l_ref, g_ref, t_ref), (l_dir, g_dir, t_dir) = out
+    torch.testing.assert_close(l_dir, l_ref, rtol=1e-5, atol=0.0)
+    for key in ("loglik", "kl"):
+        torch.testing.assert_close(t_dir[key], t_ref[key], rtol=1e-5, atol=0.0)
+    names = [name for name, _ in guide.named_parameters()]
+    for name, a, b in zip(names, g_dir, g_ref):
+        scale = b.abs().max().item()
+        assert scale > 0, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * scale, msg=lambda m: f"{name}: {m}")
+    for site, mask in masks.items():
+        for kind in ("locs", "log_scales"):
+            k = names.index(f"{kind}.{site.replace('.', '__')}")
+            assert torch.equal(g_dir[k][~mask], torch.zeros(int((~mask).sum()))), (site, kind)
+            assert torch.equal(g_ref[k][~mask], torch.zeros(int((~mask).sum()))), (site, kind)
+            assert bool((g_dir[k][mask] != 0).any())
+    # the masks matter: without them the estimate differs
+    torch.manual_seed(11)
+    plain = DirectELBO(kl_weight=beta).differentiable_loss(net, guide, x, y, dataset_size=n, subsample=idx)
+    assert abs(plain.item() - l_dir.item()) > 1e-3 * abs(l_dir.item())
+    # the dict is read at every call: emptied in place, the estimate is the unpruned one
+    elbo = DirectELBO(kl_weight=beta, masks=masks, pruned_scale=g0)
+    masks.clear()
+    torch.manual_seed(11)
+    again = elbo.differentiable_loss(net, guide, x, y, dataset_size=n, subsample=idx)
+    assert again.item() == plain.item()
+
+
+def test_pruned_weights_under_a_log_uniform_prior_fail_on_both_paths(digits):
+    """PrunedWeights can only reduce Gaussian priors: with the log-uniform prior both paths
+    raise the same error naming the site."""
+    from pyro_sparse.errors import PyroSparseError
+    from pyro_sparse.reduction.iterative import PrunedWeights
+
+    net, guide, _ = built(digits, "mlp_sparsevd.yaml")
+    masks = pruning_masks(guide)
+    x, y = digits.x_train[:16], digits.y_train[:16]
+    pruner = PrunedWeights(masks, 1e-6)
+    messages = []
+    for elbo, first, second in ((MeanFieldELBO(), pruner(net.model), pruner(guide)),
+                                (DirectELBO(masks=masks, pruned_scale=1e-6), net, guide)):
+        with pytest.raises(PyroSparseError, match="LogUniform distribution") as info:
+            elbo.differentiable_loss(first, second, x, y)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+    with pytest.raises(ValueError, match="pruned_scale"):
+        DirectELBO(masks=masks, pruned_scale=0.0)

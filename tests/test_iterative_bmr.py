@@ -62,13 +62,13 @@ def test_the_guide_hands_layers_the_reduced_posterior():
     assert trace.nodes["fc1.weight"]["value"][~mask].abs().max() < 10 * G0
 
 
-def _trainer(digits, out_dir=None, epochs=4):
+def _trainer(digits, out_dir=None, epochs=4, **overrides):
     spec = parse_model_spec({"input_shape": "auto", "layers": [{"type": "linear", "in": "auto", "out": 16},
                                                                {"type": "relu"}, {"type": "linear", "out": "auto"}]})
     recipe = parse_recipe({"method": "svi_bmr", "guide_options": {"init_scale": 0.0067}, "epochs": epochs,
                            "optimizer": {"name": "Adam", "lr": 0.02}, "batch_size": 256, "eval_samples": 2,
                            "reduction": {"method": "savage-dickey", "warmup_epochs": 1, "every": 1,
-                                         "pruned_scale": G0}})
+                                         "pruned_scale": G0}, **overrides})
     net, guide = build(spec, recipe, digits)
     return IterativeBMRTrainer(net, guide, digits, recipe, out_dir=out_dir, progress=False)
 
@@ -107,3 +107,51 @@ def test_bad_reduction_section_names_the_field(digits):
     net, guide = build(spec, recipe, digits)
     with pytest.raises(Exception, match="reduction.method"):
         IterativeBMRTrainer(net, guide, digits, recipe, progress=False)
+
+
+def test_the_direct_path_gives_the_pyro_paths_run(digits):
+    """Same seed, pruning after epochs 1 and 2 of 3: the direct ELBO with the trainer's masks gives
+    the run of the Pyro path (PrunedWeights around model and guide): history, masks and guide."""
+    runs = []
+    for path in ("auto", "pyro"):
+        t = _trainer(digits, epochs=3, elbo=path)
+        assert t.elbo_path == ("direct" if path == "auto" else "pyro")
+        t.fit()
+        runs.append((t.history, {k: v.clone() for k, v in t.masks.items()}, t.bmr_history,
+                     {k: v.detach().clone() for k, v in t.guide.state_dict().items()}))
+    (h_dir, m_dir, b_dir, p_dir), (h_pyro, m_pyro, b_pyro, p_pyro) = runs
+    assert len(b_dir) == 2 and b_dir[-1]["sparsity"] > 0  # two pruning steps that removed weights
+    assert b_dir == b_pyro
+    assert m_dir.keys() == m_pyro.keys() and all(torch.equal(m_dir[k], m_pyro[k]) for k in m_dir)
+    for a, b in zip(h_dir, h_pyro):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["bmr_sparsity"] == b["bmr_sparsity"]
+    assert h_dir[2]["bmr_sparsity"] > 0
+    for key in p_pyro:
+        torch.testing.assert_close(p_dir[key], p_pyro[key], rtol=1e-4, atol=1e-4)
+    _check_fixed_state(p_dir, m_dir)
+
+
+def _check_fixed_state(state, masks):
+    for name, mask in masks.items():
+        key = name.replace(".", "__")
+        assert torch.equal(state[f"locs.{key}"][~mask], torch.zeros(int((~mask).sum())))
+
+
+def test_resume_on_the_direct_path_continues_bit_for_bit(digits, tmp_path):
+    """Two epochs, then a resumed trainer for two more: the same history, masks and guide as four
+    epochs in one go (the masks come back from the checkpoint into the dict the ELBO reads)."""
+    whole = _trainer(digits, str(tmp_path / "whole"))
+    assert whole.elbo_path == "direct"
+    whole.fit()
+    part = _trainer(digits, str(tmp_path / "part"))
+    part.fit(epochs=2)
+    again = _trainer(digits, str(tmp_path / "part"))
+    assert again.elbo.masks is again.masks
+    again.fit(resume=True)
+    assert again.elbo.masks is again.masks and len(again.masks) > 0
+    assert [h["loss"] for h in again.history] == [h["loss"] for h in whole.history]
+    assert [h["bmr_sparsity"] for h in again.history] == [h["bmr_sparsity"] for h in whole.history]
+    assert all(torch.equal(again.masks[k], whole.masks[k]) for k in whole.masks)
+    for key, value in whole.guide.state_dict().items():
+        assert torch.equal(again.guide.state_dict()[key], value), key

@@ -23,7 +23,9 @@ gradient is exactly 0. At a pruning step the guide's own parameters of the newly
 are set to the reduced posterior (loc 0, scale :math:`g_0`) and their optimiser state is
 zeroed, so with a zero gradient Adam leaves them where they are. The handler wraps the model
 and the guide *callables* (``SVITrainer.objective``), so it acts before the local
-reparameterisation handler records the guide's Gaussian.
+reparameterisation handler records the guide's Gaussian. Where the direct ELBO applies
+(:meth:`IterativeBMRTrainer.pruned_weights`), it reads the same masks dict and reduces the same
+elements without Pyro (:class:`~pyro_sparse.elbo.DirectELBO`): same loss, draws and gradients.
 
 Recipe (``inference/svi_bmr_iterative.yaml``)::
 
@@ -35,13 +37,11 @@ from __future__ import annotations
 
 import math
 
-import pyro.distributions as dist
 import torch
-from pyro.distributions import Independent
 from pyro.poutine.messenger import Messenger
-from torch.distributions import Normal
 
-from ..errors import PyroSparseError, SpecError
+from ..distributions import reduced_normal
+from ..errors import SpecError
 from ..fitting import SVITrainer, evaluate
 from ..guides import LOG_SCALE_MIN
 from ..recipe import register_method
@@ -66,21 +66,8 @@ ITERATIVE_FIELDS = {
 }
 
 
-def _reduced_normal(fn, mask, scale, name):
-    """``fn`` (a possibly Independent Normal) with masked-out elements replaced by N(0, scale^2)."""
-    depth = 0
-    base = fn
-    while isinstance(base, Independent):
-        depth += base.reinterpreted_batch_ndims
-        base = base.base_dist
-    if not isinstance(base, Normal):
-        raise PyroSparseError(f"iterative BMR: site {name!r} has a {type(base).__name__} distribution; pruned "
-                              "weights can only be fixed for Gaussian priors and posteriors")
-    mask = mask.to(base.loc.device)
-    loc = torch.where(mask, base.loc, torch.zeros((), dtype=base.loc.dtype, device=base.loc.device))
-    sd = torch.where(mask, base.scale, torch.full((), scale, dtype=base.scale.dtype, device=base.scale.device))
-    new = dist.Normal(loc, sd)
-    return new.to_event(depth) if depth else new
+#: kept under its old name: :func:`~pyro_sparse.distributions.reduced_normal`
+_reduced_normal = reduced_normal
 
 
 class PrunedWeights(Messenger):
@@ -113,19 +100,25 @@ class IterativeBMRTrainer(SVITrainer):
 
     def __init__(self, network, guide, dataset, recipe, out_dir=None, progress=True):
         self.config = validate(ITERATIVE_FIELDS, recipe.get("reduction") or {}, "reduction", recipe.get("_source"))
-        super().__init__(network, guide, dataset, recipe, out_dir, progress)
-        if not (hasattr(guide, "locs") and hasattr(guide, "log_scales")):
-            raise SpecError(f"iterative BMR needs the mean-field guide (locs and log-scales), got "
-                            f"{type(guide).__name__}", recipe.get("_source"), "guide")
+        # before SVITrainer.__init__: make_elbo reads the masks (pruned_weights)
         self.masks: dict[str, torch.Tensor] = {}
         self.bmr_history: list[dict] = []
         self.pruner = PrunedWeights(self.masks, self.config["pruned_scale"])
         self._model = self.pruner(network.model)
         self._guide = self.pruner(guide)
+        super().__init__(network, guide, dataset, recipe, out_dir, progress)
+        if not (hasattr(guide, "locs") and hasattr(guide, "log_scales")):
+            raise SpecError(f"iterative BMR needs the mean-field guide (locs and log-scales), got "
+                            f"{type(guide).__name__}", recipe.get("_source"), "guide")
 
     # ------------------------------------------------------------------ hooks
     def objective(self):
         return self._model, self._guide
+
+    def pruned_weights(self):
+        """The wrapping of :meth:`objective` as masks for the direct ELBO: ``(self.masks,
+        pruned_scale)``, the same dict the handler reads (updated in place)."""
+        return self.masks, self.config["pruned_scale"]
 
     def evaluate(self, num_samples=None):
         out = evaluate(self.network, self._guide, self.data.x_test, self.data.y_test,
