@@ -75,16 +75,21 @@ def clamped_site(guide):
                 if p.numel() >= 5 and guide.sites[key.replace("__", ".")]["family"] == "normal")
 
 
-def both(net, guide, x, y, n, idx, beta):
-    """(loss, gradients, last_terms) of the Pyro path and of the direct path, same seed."""
+def estimates(runs, x, y, n, idx, params):
+    """(loss, gradients wrt ``params``, last_terms) of each ``(elbo, model, guide)``, same seed."""
     out = []
-    params = list(guide.parameters())
-    for elbo, first in ((MeanFieldELBO(kl_weight=beta), net.model), (DirectELBO(kl_weight=beta), net)):
+    for elbo, model, guide in runs:
         torch.manual_seed(11)
         with pyro.validation_enabled(False):
-            loss = elbo.differentiable_loss(first, guide, x, y, dataset_size=n, subsample=idx)
+            loss = elbo.differentiable_loss(model, guide, x, y, dataset_size=n, subsample=idx)
         out.append((loss.detach(), torch.autograd.grad(loss, params), elbo.last_terms))
     return out
+
+
+def both(net, guide, x, y, n, idx, beta):
+    """(loss, gradients, last_terms) of the Pyro path and of the direct path, same seed."""
+    return estimates(((MeanFieldELBO(kl_weight=beta), net.model, guide), (DirectELBO(kl_weight=beta), net, guide)),
+                     x, y, n, idx, list(guide.parameters()))
 
 
 GAUSSIAN_GAMMA = {"input_shape": "auto", "prior": {"type": "gaussian_gamma", "group": "layer"},
@@ -210,14 +215,9 @@ def test_point_mass_same_loss_and_gradients(digits, model, beta):
     n = len(digits.x_train)
     idx = torch.arange(100, 164)
     x, y = digits.x_train[idx], digits.y_train[idx]
-    params = list(guide.parameters())
-    out = []
-    for elbo, first in ((MeanFieldELBO(kl_weight=beta, local_reparam=False), net.model),
-                        (DirectELBO(kl_weight=beta), net)):
-        with pyro.validation_enabled(False):
-            loss = elbo.differentiable_loss(first, guide, x, y, dataset_size=n, subsample=idx)
-        out.append((loss.detach(), torch.autograd.grad(loss, params), elbo.last_terms))
-    (l_ref, g_ref, t_ref), (l_dir, g_dir, t_dir) = out
+    (l_ref, g_ref, t_ref), (l_dir, g_dir, t_dir) = estimates(
+        ((MeanFieldELBO(kl_weight=beta, local_reparam=False), net.model, guide), (DirectELBO(kl_weight=beta), net, guide)),
+        x, y, n, idx, list(guide.parameters()))
     torch.testing.assert_close(l_dir, l_ref, rtol=1e-5, atol=0.0)
     for key in ("loglik", "kl"):
         torch.testing.assert_close(t_dir[key], t_ref[key], rtol=1e-5, atol=0.0)
@@ -636,15 +636,10 @@ def test_pruned_weights_same_seed_same_loss_and_gradients(digits, case, beta):
     idx = torch.arange(100, 164)
     x, y = digits.x_train[idx], digits.y_train[idx]
     pruner = PrunedWeights(masks, g0)
-    params = list(guide.parameters())
-    out = []
-    for elbo, first, second in ((MeanFieldELBO(kl_weight=beta), pruner(net.model), pruner(guide)),
-                                (DirectELBO(kl_weight=beta, masks=masks, pruned_scale=g0), net, guide)):
-        torch.manual_seed(11)
-        with pyro.validation_enabled(False):
-            loss = elbo.differentiable_loss(first, second, x, y, dataset_size=n, subsample=idx)
-        out.append((loss.detach(), torch.autograd.grad(loss, params), elbo.last_terms))
-    (l_ref, g_ref, t_ref), (l_dir, g_dir, t_dir) = out
+    (l_ref, g_ref, t_ref), (l_dir, g_dir, t_dir) = estimates(
+        ((MeanFieldELBO(kl_weight=beta), pruner(net.model), pruner(guide)),
+         (DirectELBO(kl_weight=beta, masks=masks, pruned_scale=g0), net, guide)),
+        x, y, n, idx, list(guide.parameters()))
     torch.testing.assert_close(l_dir, l_ref, rtol=1e-5, atol=0.0)
     for key in ("loglik", "kl"):
         torch.testing.assert_close(t_dir[key], t_ref[key], rtol=1e-5, atol=0.0)
