@@ -32,6 +32,17 @@ LAYERS: dict[str, type["Layer"]] = {}
 register_layer = registrar(LAYERS)
 
 
+def image_channels(size, in_shape: tuple, layer: str) -> int:
+    """A spec's input-channel count that may be ``auto``: then the channels of a per-example
+    ``(channels, height, width)`` input."""
+    if size != "auto":
+        return size
+    if len(in_shape) != 3:
+        raise ValueError(f"{layer} expects (channels, height, width) input, got shape {list(in_shape)}; "
+                         "set input_shape: image or a list in the spec")
+    return in_shape[0]
+
+
 def last_dim(size, in_shape: tuple, key: str) -> int:
     """A spec size that may be ``auto``: then the last dimension of the per-example input."""
     if size != "auto":
@@ -289,13 +300,7 @@ class Conv2d(_Parametric):
     @classmethod
     def from_config(cls, cfg, in_shape):
         cfg = dict(cfg)
-        size = cfg.pop("in")
-        if size == "auto":
-            if len(in_shape) != 3:
-                raise ValueError(f"expects (channels, height, width) input, got shape {list(in_shape)}; "
-                                 "set input_shape: image or a list in the spec")
-            size = in_shape[0]
-        return cls(size, cfg.pop("out"), **cfg)
+        return cls(image_channels(cfg.pop("in"), in_shape, "conv2d"), cfg.pop("out"), **cfg)
 
     def out_shape(self, in_shape):
         if len(in_shape) != 3 or in_shape[0] != self.in_channels:

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Layer, Linear, _Parametric, _Stateless, last_dim, register_layer
+from .layers import Layer, Linear, _Parametric, _Stateless, image_channels, last_dim, register_layer
 from .local_reparam import GaussianWeight, _sample_preactivation, _split, gaussian_conv2d, gaussian_linear
 from .priors import Gaussian, build_prior
 from .schema import Field
@@ -477,13 +477,7 @@ class PatchEmbed(_Compactable, _Parametric):
     @classmethod
     def from_config(cls, cfg, in_shape):
         cfg = dict(cfg)
-        size = cfg.pop("in")
-        if size == "auto":
-            if len(in_shape) != 3:
-                raise ValueError(f"patch_embed expects (channels, height, width) input, got shape "
-                                 f"{list(in_shape)}; set input_shape: image or a list in the spec")
-            size = in_shape[0]
-        return cls(size, cfg.pop("dim"), cfg.pop("patch_size"), **cfg)
+        return cls(image_channels(cfg.pop("in"), in_shape, "patch_embed"), cfg.pop("dim"), cfg.pop("patch_size"), **cfg)
 
     def out_shape(self, in_shape):
         if len(in_shape) != 3 or in_shape[0] != self.in_channels:

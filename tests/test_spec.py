@@ -172,3 +172,12 @@ def test_data_inputs_option_is_validated_and_kept(root):
     spec["data"] = {"inputs": "whiten"}
     with pytest.raises(SpecError, match=r"x.yaml: data.inputs: expected one of 'raw', 'center', 'standardize'"):
         parse_model_spec(spec, "x.yaml")
+
+
+@pytest.mark.parametrize("layer, name", [({"type": "conv2d", "out": 2, "kernel_size": 3}, "conv2d"),
+                                         ({"type": "patch_embed", "dim": 8, "patch_size": 2}, "patch_embed")])
+def test_auto_channels_need_an_image_input(tmp_path, layer, name):
+    f = write(tmp_path, {"layers": [layer, {"type": "flatten"}, {"type": "linear", "out": "auto"}]})
+    with pytest.raises(SpecError, match=rf"layers\[0\].*{name} expects \(channels, height, width\) input, "
+                                        r"got shape \[64\]; set input_shape: image"):
+        build_network(load_model_spec(f), (64,), 10)
