@@ -26,3 +26,22 @@ def digits():
 @pytest.fixture
 def root():
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def interrupted_run():
+    """``run(model, recipe, out, epochs)``: fit ``epochs // 2`` epochs into ``out``, raise the saved
+    recipe's epochs to ``epochs`` and resume; returns the resumed run's metrics."""
+    import yaml
+
+    from pyro_sparse.runs import fit_run
+
+    def run(model, recipe, out, epochs):
+        fit_run(model, recipe, "digits", str(out), epochs=epochs // 2, progress=False)
+        saved = yaml.safe_load(open(os.path.join(out, "inference.yaml")))
+        saved["epochs"] = epochs
+        with open(os.path.join(out, "inference.yaml"), "w") as f:
+            yaml.safe_dump(saved, f)
+        return fit_run(model, recipe, "digits", str(out), resume=True, progress=False)[1]
+
+    return run

@@ -46,15 +46,11 @@ def test_fit_writes_run_directory(tmp_path):
     torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
 
 
-def test_resume_gives_the_same_final_metrics(tmp_path):
+def test_resume_gives_the_same_final_metrics(tmp_path, interrupted_run):
     m, r = write_specs(tmp_path)
     _, straight = fit_run(m, r, "digits", str(tmp_path / "a"), progress=False)
-    fit_run(m, r, "digits", str(tmp_path / "b"), epochs=2, progress=False)
-    # continue the interrupted run to the recipe's 4 epochs
-    recipe = yaml.safe_load(open(tmp_path / "b" / "inference.yaml"))
-    recipe["epochs"] = 4
-    (tmp_path / "b" / "inference.yaml").write_text(yaml.safe_dump(recipe))
-    _, resumed = fit_run(m, r, "digits", str(tmp_path / "b"), resume=True, progress=False)
+    # interrupt after 2 epochs, then continue to the recipe's 4
+    resumed = interrupted_run(m, r, tmp_path / "b", 4)
     for key in ("test_accuracy", "test_nll", "epochs", "steps"):
         assert resumed[key] == straight[key], key
     a = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]

@@ -77,7 +77,7 @@ def write_specs(tmp_path, **laplace):
     return str(m), str(r)
 
 
-def test_fit_writes_run_directory_and_resume_is_identical(tmp_path):
+def test_fit_writes_run_directory_and_resume_is_identical(tmp_path, interrupted_run):
     m, r = write_specs(tmp_path)
     _, straight = fit_run(m, r, "digits", str(tmp_path / "a"), progress=False)
     for name in ("model.yaml", "inference.yaml", "metrics.jsonl", "checkpoint.pt", "metrics.json", "run.json"):
@@ -96,11 +96,7 @@ def test_fit_writes_run_directory_and_resume_is_identical(tmp_path):
     torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
 
     # interrupt after 2 epochs, then resume to 4
-    fit_run(m, r, "digits", str(tmp_path / "b"), epochs=2, progress=False)
-    recipe = yaml.safe_load(open(tmp_path / "b" / "inference.yaml"))
-    recipe["epochs"] = 4
-    (tmp_path / "b" / "inference.yaml").write_text(yaml.safe_dump(recipe))
-    _, resumed = fit_run(m, r, "digits", str(tmp_path / "b"), resume=True, progress=False)
+    resumed = interrupted_run(m, r, tmp_path / "b", 4)
     for key in ("test_accuracy", "test_nll", "epochs", "steps"):
         assert resumed[key] == straight[key], key
     b = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
