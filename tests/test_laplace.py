@@ -69,16 +69,25 @@ def perturb(prior, seed=1):
     return prior
 
 
+def at_map(orthogonal, structure, init=2.0, n=N, perturbed=True):
+    """A regression design, its one-layer model at the posterior mode under a ``structure`` prior
+    precision (distinct values when ``perturbed``): ``(x, y, model, prior, delta)``."""
+    x, y = design(orthogonal=orthogonal, n=n)
+    model = regression_model()
+    prior = make_prior_precision(structure, model, init=init)
+    if perturbed:
+        prior = perturb(prior)
+    delta = weight_precision(prior)
+    set_map(model, x, y, delta)
+    return x, y, model, prior, delta
+
+
 STRUCTURES = ["scalar", "layerwise", "parameterwise", "unitwise"]
 
 
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_diag_marglik_is_exact_evidence_for_orthogonal_design(structure):
-    x, y = design(orthogonal=True)
-    model = regression_model()
-    prior = perturb(make_prior_precision(structure, model, init=2.0))
-    delta = weight_precision(prior)
-    set_map(model, x, y, delta)
+    x, y, model, prior, delta = at_map(True, structure)
     ggn = diag_ggn(model, x, y, "gaussian", noise=SIGMA)
     lml = log_marglik_diag(log_likelihood(model, x, y, "gaussian", SIGMA), model, ggn, prior)
     torch.testing.assert_close(lml, exact_log_evidence(x, y, delta), rtol=0, atol=1e-6)
@@ -89,11 +98,7 @@ def test_diag_marglik_is_exact_evidence_for_orthogonal_design(structure):
 
 def test_diag_marglik_is_not_exact_for_correlated_design():
     """Guard: the diagonal GGN drops X'X's off-diagonal, and the identity above then fails."""
-    x, y = design(orthogonal=False)
-    model = regression_model()
-    prior = make_prior_precision("scalar", model, init=2.0)
-    delta = weight_precision(prior)
-    set_map(model, x, y, delta)
+    x, y, model, prior, delta = at_map(False, "scalar", perturbed=False)
     ggn = diag_ggn(model, x, y, "gaussian", noise=SIGMA)
     lml = log_marglik_diag(log_likelihood(model, x, y, "gaussian", SIGMA), model, ggn, prior)
     assert (lml - exact_log_evidence(x, y, delta)).abs() > 1e-3
@@ -102,11 +107,7 @@ def test_diag_marglik_is_not_exact_for_correlated_design():
 @pytest.mark.parametrize("orthogonal,structure", [(False, "scalar"), (False, "layerwise"), (True, "parameterwise"), (True, "unitwise")])
 def test_kfac_marglik_is_exact_evidence(orthogonal, structure):
     """KFAC is exact here; the eigenbasis projection of a non-scalar prior is exact when A is diagonal."""
-    x, y = design(orthogonal=orthogonal)
-    model = regression_model()
-    prior = perturb(make_prior_precision(structure, model, init=2.0))
-    delta = weight_precision(prior)
-    set_map(model, x, y, delta)
+    x, y, model, prior, delta = at_map(orthogonal, structure)
     kfac = kfac_ggn(model, x, y, "gaussian", noise=SIGMA)
     lml = log_marglik_kfac(log_likelihood(model, x, y, "gaussian", SIGMA), model, kfac, prior)
     torch.testing.assert_close(lml, exact_log_evidence(x, y, delta), rtol=0, atol=1e-6)
@@ -114,11 +115,7 @@ def test_kfac_marglik_is_exact_evidence(orthogonal, structure):
 
 @pytest.mark.parametrize("structure", ["scalar", "parameterwise"])
 def test_kfac_marglik_single_data_point(structure):
-    x, y = design(orthogonal=False, n=1)
-    model = regression_model()
-    prior = make_prior_precision(structure, model, init=0.7)
-    delta = weight_precision(prior)
-    set_map(model, x, y, delta)
+    x, y, model, prior, delta = at_map(False, structure, init=0.7, n=1, perturbed=False)
     kfac = kfac_ggn(model, x, y, "gaussian", noise=SIGMA)
     lml = log_marglik_kfac(log_likelihood(model, x, y, "gaussian", SIGMA), model, kfac, prior)
     torch.testing.assert_close(lml, exact_log_evidence(x, y, delta), rtol=0, atol=1e-6)
@@ -230,10 +227,7 @@ def test_layerwise_shares_weight_and_bias():
 def test_gradient_wrt_log_delta_equals_exact_evidence_gradient(route, structure):
     """At the posterior mode, d/d log delta of the Laplace marglik (theta held fixed) equals that of
     the exact evidence: the mode maximises the log joint, so its own dependence on delta drops out."""
-    x, y = design(orthogonal=True)
-    model = regression_model()
-    prior = perturb(make_prior_precision(structure, model, init=2.0))
-    set_map(model, x, y, weight_precision(prior))
+    x, y, model, prior, _ = at_map(True, structure)
     log_lik = log_likelihood(model, x, y, "gaussian", SIGMA).detach()
     if route == "diag":
         lml = log_marglik_diag(log_lik, model, diag_ggn(model, x, y, "gaussian", noise=SIGMA), prior)
