@@ -194,20 +194,7 @@ class SVITrainer:
         check_compatible(network, dataset)
         self.network, self.guide, self.data, self.recipe = network, guide, dataset, recipe
         self.out_dir, self.progress = (os.fspath(out_dir) if out_dir is not None else None), progress
-        self.device = check_device(recipe["device"])
-        self.world, self.rank = distributed.world_size(), distributed.rank()
-        if self.world > 1:
-            self.device = distributed.rank_device(self.device)
-            self.progress = progress and distributed.is_main_process()
-        if recipe.get("num_threads"):
-            torch.set_num_threads(recipe["num_threads"])
-        self.data.to(self.device)
-        self.network.to(self.device)
-        self.num_train = len(self.data.x_train)
-        # rows per epoch and per step on this rank (all of them when not distributed)
-        self.num_local = math.ceil(self.num_train / self.world)
-        self.batch_size = min(math.ceil(recipe["batch_size"] / self.world), self.num_local)
-        self.steps_per_epoch = math.ceil(self.num_local / self.batch_size)
+        self._place(recipe, progress)
         try:
             self.guide.setup(self.data.x_train[: self.batch_size], self.data.y_train[: self.batch_size],
                              dataset_size=self.num_train)
@@ -235,6 +222,24 @@ class SVITrainer:
         self._on_disk = False  # this trainer wrote or resumed checkpoint.pt: restore from there
         self._resumed_from_prev = False  # checkpoint.pt was corrupt: do not rotate it into .prev
         self._batch, self._ok = 0, None  # the step's batch index and finiteness flag (see _step)
+
+    def _place(self, recipe, progress):
+        """Device, rank and threads; data and network moved to the device; the mini-batch plan:
+        ``batch_size`` is the global batch, split over the ranks of a process group."""
+        self.device = check_device(recipe["device"])
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        if self.world > 1:
+            self.device = distributed.rank_device(self.device)
+            self.progress = progress and distributed.is_main_process()
+        if recipe.get("num_threads"):
+            torch.set_num_threads(recipe["num_threads"])
+        self.data.to(self.device)
+        self.network.to(self.device)
+        self.num_train = len(self.data.x_train)
+        # rows per epoch and per step on this rank (all of them when not distributed)
+        self.num_local = math.ceil(self.num_train / self.world)
+        self.batch_size = min(math.ceil(recipe["batch_size"] / self.world), self.num_local)
+        self.steps_per_epoch = math.ceil(self.num_local / self.batch_size)
 
     # ------------------------------------------------------------------ state
     def training_state(self) -> dict:

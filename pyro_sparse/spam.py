@@ -565,22 +565,7 @@ class LaplaceTrainer(SVITrainer):
             raise SpecError(f"method laplace trains a point estimate: set guide: delta (got {recipe['guide']!r})",
                             source, "guide")
         self.likelihood, self.noise = _likelihood_of(network, source)
-        self.world, self.rank = distributed.world_size(), distributed.rank()
-        self.device = torch.device(recipe["device"])
-        if self.world > 1:
-            self.device = distributed.rank_device(self.device)
-            self.progress = progress and distributed.is_main_process()
-        if recipe.get("num_threads"):
-            torch.set_num_threads(recipe["num_threads"])
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise SpecError(f"device {recipe['device']!r} requested but CUDA is not available", source, "device")
-        self.data.to(self.device)
-        self.network.to(self.device)
-        self.num_train = len(self.data.x_train)
-        # rows per epoch and per step on this rank; batch_size is the global batch (as SVITrainer)
-        self.num_local = math.ceil(self.num_train / self.world)
-        self.batch_size = min(math.ceil(recipe["batch_size"] / self.world), self.num_local)
-        self.steps_per_epoch = math.ceil(self.num_local / self.batch_size)
+        self._place(recipe, progress)
         rows = min(self.options["curvature_subset"] or self.num_train, self.num_train)
         if rows < self.world:
             raise SpecError(f"the curvature is fitted on {rows} rows, fewer than the {self.world} ranks; "
