@@ -39,7 +39,8 @@ def _print_metrics(metrics: dict, title: str):
 def _add_fit(sub):
     p = sub.add_parser("fit", help="fit a model spec with an inference recipe")
     p.add_argument("--model", help="model spec (models/*.yaml); not needed with --resume")
-    p.add_argument("--inference", help="inference recipe (inference/*.yaml); not needed with --resume")
+    p.add_argument("--inference", help="inference recipe (inference/*.yaml); default: the spec's own recipe; not "
+                                       "needed with --resume")
     p.add_argument("--data", help="digits | mnist1d | sparse-regression | PATH.npz | PATH.csv | PATH.txt | IDX dir; "
                    "not needed with --resume")
     p.add_argument("--target", help="label column of a CSV file")
@@ -59,7 +60,7 @@ def _add_fit(sub):
 def cmd_fit(args):
     from .runs import fit_run
 
-    missing = [f"--{k}" for k in ("model", "inference", "data") if getattr(args, k) is None]
+    missing = [f"--{k}" for k in ("model", "data") if getattr(args, k) is None]
     if missing and not args.resume:
         raise PyroSparseError(f"fit needs {', '.join(missing)} (or --resume to continue the run in --out)")
     for flag in ("epochs",):
@@ -105,53 +106,49 @@ def cmd_evaluate(args):
 
 
 def _add_reduce(sub):
-    from .reduction.rules import METHODS
-
     p = sub.add_parser("reduce", help="prune a fitted run with one rule and save the compact network")
     p.add_argument("dir", help="run directory (from pyro-sparse fit)")
-    p.add_argument("--method", help=f"reduction rule: {', '.join(METHODS)} (default: the recipe's reduction.method)")
+    p.add_argument("--method", help="reduction rule: bmr, savage-dickey, spike-slab, log-alpha, opd, magnitude, random, "
+                                    "group-log-alpha, horseshoe-scale (default: the recipe's reduction.method)")
     p.add_argument("--sparsity", type=float, help="target fraction of weights (structured: units per layer) to remove")
-    p.add_argument("--threshold", type=float, help="the rule's threshold (bmr/savage-dickey: delta F, default 0; "
-                                                   "log-alpha: default 3)")
+    p.add_argument("--threshold", type=float, help="the rule's threshold (default: the rule's own, or the recipe's)")
     p.add_argument("--structured", action="store_true", help="remove whole units / conv filters")
     p.add_argument("--scope", default="global", help="global | layer: rank weights over the network or per layer")
     p.add_argument("--reduced-scale", type=float, help="bmr: standard deviation of the reduced prior N(0, g^2)")
     p.add_argument("--samples", type=int, default=0, help="also report the masked posterior predictive (draws)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random rule and the predictive draws")
+    p.add_argument("--data", help="the run's data, if it moved (a different fingerprint is warned about)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of the same reduction")
 
 
 @command("reduce", "reduce a fitted run")
 def cmd_reduce(args):
     from .reduction.workflow import reduce_run
 
-    method = args.method
-    if method is None:
-        from . import runs  # noqa: F401  (registers the recipe sections of every fitting method)
-        from .recipe import load_recipe
-
-        path = os.path.join(args.dir, "inference.yaml")
-        recipe = load_recipe(path) if os.path.exists(path) else {}
-        method = (recipe.get("reduction") or {}).get("method")
-        if method is None:
-            raise PyroSparseError("--method: required (the run's recipe names no reduction.method)")
     if args.scope not in ("global", "layer"):
         raise PyroSparseError(f"--scope: expected 'global' or 'layer', got {args.scope!r}")
     if args.samples < 0:
         raise PyroSparseError(f"--samples: must be >= 0, got {args.samples}")
     extra = {"reduced_scale": args.reduced_scale} if args.reduced_scale is not None else {}
-    report = reduce_run(args.dir, method, sparsity=args.sparsity, threshold=args.threshold,
+    report = reduce_run(args.dir, args.method, sparsity=args.sparsity, threshold=args.threshold,
                         structured=args.structured, scope=args.scope, num_samples=args.samples, seed=args.seed,
-                        **extra)
+                        overwrite=args.overwrite, data=args.data, **extra)
     keys = [k for k in report if k.startswith("test_")] + [
-        "sparsity", "weights_kept", "weights_total", "units_removed", "compression_ratio", "compact_ratio",
-        "flops_dense", "flops_compact", "param_bytes_dense", "param_bytes_compact", "max_abs_logit_diff"]
-    _print_metrics({k: report[k] for k in keys}, f"reduced {args.dir} with {method}")
+        "sparsity", "rule_sparsity", "weights_kept", "weights_total", "units_removed", "compression_ratio",
+        "compact_ratio", "flops_dense", "flops_compact", "param_bytes_dense", "param_bytes_compact",
+        "max_abs_output_diff"]
+    _print_metrics({k: report[k] for k in keys}, f"reduced {args.dir} with {report['method']}")
     print("  units kept per layer: " + ", ".join(f"{k} {v['units_kept']}/{v['units_total']}"
-                                                 for k, v in report["layers"].items()))
+                                                 for k, v in report["layers"].items() if v["units_total"]))
     if report.get("blocks"):
         from .reduction.report import format_blocks
 
         print("\n".join("  " + line for line in format_blocks(report).splitlines()))
+    for name, layer in report["layers"].items():
+        for k, r in enumerate(layer.get("recurrent", [])):
+            gates = ", ".join(f"{g} {v['kept']} ({v['constant']} constant)" for g, v in r["gates"].items())
+            print(f"  {name}[{k}] {r['cell']}: hidden {r['hidden'][0]}/{r['hidden'][1]}, inputs "
+                  f"{r['inputs'][0]}/{r['inputs'][1]}, gates computed {gates}")
     print(f"  wrote {report['report_path']} and {report['compact_path']}")
     return 0
 
@@ -159,13 +156,15 @@ def cmd_reduce(args):
 def _add_sweep(sub):
     p = sub.add_parser("sweep", help="accuracy against sparsity for ranking rules (table, JSON, CSV, PNG)")
     p.add_argument("dir", help="run directory")
-    p.add_argument("--method", required=True, help="opd, magnitude, random, bmr, savage-dickey, log-alpha "
+    p.add_argument("--method", required=True, help="opd, magnitude, random, bmr, savage-dickey, log-alpha, ... "
                                                    "(comma-separated for several curves)")
     p.add_argument("--sparsities", default="0.5,0.8,0.9,0.95,0.98,0.99", help="comma-separated fractions")
     p.add_argument("--structured", action="store_true", help="remove whole units (fractions of units per layer)")
     p.add_argument("--scope", default="global", help="global | layer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--data", help="the run's data, if it moved")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of the same sweep")
 
 
 @command("sweep", "sparsity sweep")
@@ -175,7 +174,7 @@ def cmd_sweep(args):
     if args.scope not in ("global", "layer"):
         raise PyroSparseError(f"--scope: expected 'global' or 'layer', got {args.scope!r}")
     result = sweep_run(args.dir, args.method, args.sparsities, structured=args.structured, scope=args.scope,
-                       seed=args.seed, plot=not args.no_plot)
+                       seed=args.seed, plot=not args.no_plot, overwrite=args.overwrite, data=args.data)
     print(format_sweep(result))
     print("wrote " + ", ".join(result["paths"]))
     return 0
@@ -199,6 +198,7 @@ def _add_report(sub):
     p.add_argument("--samples", type=int, default=100, help="posterior draws (default 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws")
     p.add_argument("--threads", type=int, help="torch CPU threads (small networks: 1 is fastest)")
+    p.add_argument("--data", help="the run's data, if it moved (a different fingerprint is warned about)")
 
 
 @command("report", "write a run report")
@@ -214,7 +214,7 @@ def cmd_report(args):
 
         torch.set_num_threads(args.threads)
 
-    write_report(args.dir, num_samples=args.samples, seed=args.seed)
+    write_report(args.dir, num_samples=args.samples, seed=args.seed, data=args.data)
     print(f"wrote {os.path.join(args.dir, 'report.md')}")
     return 0
 

@@ -136,14 +136,13 @@ def _flatten_sequential(model, prefix=""):
                     f"padding_mode={child.padding_mode!r}"
                 )
             layers.append(_Layer(name, child))
-        elif isinstance(child, _PARAMETER_FREE):
-            if any(True for _ in child.parameters()):
-                raise ValueError(f"model[{name}]: {type(child).__name__} with parameters is not supported")
+        elif not any(True for _ in child.parameters()):
+            # parameter-free (activations, pooling, reshapes, ...): autograd differentiates through it
             layers.append(_Layer(name, child))
         else:
             raise ValueError(
                 f"model[{name}]: unsupported layer {type(child).__name__}; expected Linear, Conv2d or a "
-                f"parameter-free layer ({', '.join(t.__name__ for t in _PARAMETER_FREE)})"
+                f"parameter-free layer such as {', '.join(t.__name__ for t in _PARAMETER_FREE)}"
             )
     return layers
 

@@ -11,7 +11,11 @@ Built in:
 Users' files: ``.npz`` (``x_train``, ``y_train`` [, ``x_test``, ``y_test``]), ``.csv`` with a
 header and a ``target`` column, and MNIST-format IDX files (a directory holding
 ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
-``t10k-labels-idx1-ubyte``, each optionally gzipped). Every loader checks what it reads and
+``t10k-labels-idx1-ubyte``, each optionally gzipped), and UTF-8 text corpora (``.txt``,
+:func:`load_text`): non-overlapping character sequences for next-character prediction, the
+inputs character ids :math:`x_{1..T}`, the targets the next characters :math:`y_t = x_{t+1}`
+(task ``sequence``; the likelihood is
+:class:`~pyro_sparse.likelihoods.SequenceCategorical`). Every loader checks what it reads and
 raises :class:`~pyro_sparse.errors.DataError` naming the file and the problem.
 """
 
@@ -22,13 +26,14 @@ import gzip
 import hashlib
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from .errors import DataError
-from .schema import Field
+from .errors import DataError, SpecError
+from .schema import Field, validate
 
 BUILTIN = ("digits", "mnist1d", "sparse-regression")
 #: most classes a label vector may imply (labels are class indices 0..K-1)
@@ -45,7 +50,7 @@ class Dataset:
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
-    task: str  # "classification" | "regression" | "sequence" (next-token targets per position, pyro_sparse.text)
+    task: str  # "classification" | "regression" | "sequence" (next-token targets per position, load_text)
     num_outputs: int  # classes, or regression targets
     image_shape: tuple | None = None
     extras: dict = field(default_factory=dict)
@@ -380,7 +385,7 @@ def load_dataset(name_or_path: str, target: str | None = None, seed: int = 0, op
 
     ``options`` (the model spec's ``data:`` section): for array data ``inputs`` (raw, center,
     standardize; :func:`transform_inputs`), for a text corpus those of
-    :func:`pyro_sparse.text.load_text` (sequence_length, valid_fraction, max_vocab).
+    :func:`load_text` (sequence_length, valid_fraction, max_vocab).
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise DataError(f"load_dataset: expected a data set name or a path, got {name_or_path!r}")
@@ -395,18 +400,10 @@ def load_dataset(name_or_path: str, target: str | None = None, seed: int = 0, op
     if wrong:
         kind = "array data (built-in sets, .npz, .csv, IDX)" if not is_text else ".txt corpora"
         raise DataError(f"{name_or_path}: the spec's data options {wrong} do not apply to this data set; "
-                        f"options for {kind}: {sorted(INPUT_FIELDS if not is_text else _text_fields())}")
+                        f"options for {kind}: {sorted(INPUT_FIELDS if not is_text else TEXT_FIELDS)}")
     if not is_text:
         return transform_inputs(_load_arrays(name_or_path, target, seed), options.get("inputs") or "raw")
-    from .text import load_text
-
     return load_text(name_or_path, **{k: v for k, v in options.items() if k not in INPUT_FIELDS})
-
-
-def _text_fields():
-    from .text import TEXT_FIELDS
-
-    return TEXT_FIELDS
 
 
 def _load_arrays(name_or_path, target, seed) -> Dataset:
@@ -428,3 +425,69 @@ def _load_arrays(name_or_path, target, seed) -> Dataset:
     if path.endswith(".csv"):
         return load_csv(path, target, seed=seed)
     raise DataError(f"{path}: unknown data format; expected .npz, .csv, .txt or a directory of IDX files")
+
+
+# --------------------------------------------------------------------------- text corpora
+
+#: options of the spec's ``data:`` section for a text corpus
+TEXT_FIELDS = {
+    "sequence_length": Field("int", 100, positive=True, doc="characters per training sequence"),
+    "valid_fraction": Field("float", 0.1, positive=True, doc="trailing fraction of the text held out"),
+    "max_vocab": Field("int", None, positive=True, allow_none=True,
+                       doc="keep the most frequent training characters; the rest map to <unk>"),
+}
+#: the token that stands for characters outside the vocabulary
+UNKNOWN = "<unk>"
+
+
+def load_text(path: str, sequence_length: int = 100, valid_fraction: float = 0.1, max_vocab=None) -> Dataset:
+    """A character corpus from a UTF-8 text file, as next-character prediction sequences.
+
+    Returns a :class:`Dataset` with ``task='sequence'``: ``x`` (N, T) float
+    character ids, ``y`` (N, T) long next-character ids, ``num_outputs`` the vocabulary size,
+    ``extras = {"vocabulary": [...], "sequence_length": T, "train_characters": .., "test_characters": ..}``.
+    An ``<unk>`` token is added (last id) only if some held-out or rare character needs it.
+    """
+    options = validate(TEXT_FIELDS, {"sequence_length": sequence_length, "valid_fraction": valid_fraction,
+                                     "max_vocab": max_vocab}, "data", None)
+    seq, frac = options["sequence_length"], options["valid_fraction"]
+    if frac >= 1:
+        raise SpecError(f"expected a fraction in (0, 1), got {frac!r}", None, "data.valid_fraction")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    split = int(round(len(text) * (1 - frac)))
+    train, valid = text[:split], text[split:]
+    for part, chars in (("training", train), ("held-out", valid)):
+        if len(chars) < seq + 1:
+            raise DataError(f"{path}: the {part} part has {len(chars)} characters, fewer than "
+                            f"sequence_length + 1 = {seq + 1} (file has {len(text)} characters, "
+                            f"valid_fraction {frac})")
+    counts = Counter(train)
+    chars = sorted(counts, key=lambda c: (-counts[c], c))
+    if options["max_vocab"] is not None:
+        chars = chars[: options["max_vocab"]]
+    chars = sorted(chars)
+    needs_unknown = len(chars) < len(counts) or any(c not in counts for c in set(valid))
+    vocabulary = chars + ([UNKNOWN] if needs_unknown else [])
+    index = {c: i for i, c in enumerate(chars)}
+    unk = len(chars)
+
+    def encode(s):
+        return torch.tensor([index.get(c, unk) for c in s], dtype=torch.long)
+
+    def sequences(ids):
+        n = (len(ids) - 1) // seq
+        x = ids[: n * seq].view(n, seq)
+        y = ids[1: n * seq + 1].view(n, seq)
+        return x.to(torch.float32), y
+
+    x_train, y_train = sequences(encode(train))
+    x_test, y_test = sequences(encode(valid))
+    return Dataset(os.path.basename(path), x_train, y_train, x_test, y_test, "sequence", len(vocabulary),
+                   extras={"vocabulary": vocabulary, "sequence_length": seq,
+                           "train_characters": y_train.numel(), "test_characters": y_test.numel()})

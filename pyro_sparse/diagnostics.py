@@ -534,6 +534,8 @@ def _kappa_dims(site, shape, dims, shapes):
 
 
 def _method(guide) -> str:
+    if getattr(guide, "method", None):  # a posterior that another method fitted (a Laplace fit)
+        return guide.method
     name = getattr(guide, "spec_name", type(guide).__name__)
     return "map" if name == "delta" else f"svi-{name}"
 
@@ -550,7 +552,8 @@ def run_inference_data(run, num_samples: int = 100, masks: dict | None = None, e
     history = getattr(run.trainer, "history", None)
     attrs = {"run": run.directory or "", "model": run.model_spec.get("name", ""), "data": d.name}
     attrs.update(extra_attrs or {})
-    return to_inference_data(run.network, run.guide, data, num_samples, masks, attrs,
+    guide = run.trainer.posterior_guide() if run.trainer is not None else run.guide
+    return to_inference_data(run.network, guide, data, num_samples, masks, attrs,
                              test_data=(d.x_test, d.y_test), history=history, observations=observations,
                              seed=seed)
 

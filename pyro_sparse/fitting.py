@@ -51,13 +51,14 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, evaluation
 from .checkpoint import load_safe, save_atomic, write_text_atomic
 from .data import Dataset
 from .elbo import DirectELBO, MeanFieldELBO
 from .errors import CheckpointError, DataError, PyroSparseError, PyroSparseWarning, SpecError
 from .guides import DeltaGuide
 from .recipe import RECIPE_FIELDS, check_device, guide_param_groups, make_optimizer, make_scheduler, parse_recipe
+from .summary import summarize
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -124,40 +125,15 @@ def _as_recipe(recipe) -> dict:
     return parse_recipe(recipe, "<recipe>")
 
 
-@torch.no_grad()
-def evaluate(network, guide, x, y, num_samples=10, batch_size=2048) -> dict:
-    """Posterior-predictive metrics on (x, y).
-
-    Classification: accuracy of the predictive mean and NLL = -mean_n log (1/S) sum_s p(y_n | w_s).
-    Regression: RMSE of the predictive mean and the same NLL.
-    """
-    for name, v in (("num_samples", num_samples), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"evaluate: {name} must be a positive integer, got {v!r}")
-    if network.likelihood.task == "sequence":  # language models: per-character figures and BPC
-        from .text import evaluate_sequences
-
-        return evaluate_sequences(network, guide, x, y, num_samples)
-    if isinstance(guide, DeltaGuide):
-        num_samples = 1
+def evaluate(network, guide, x, y, num_samples=10, batch_size=None) -> dict:
+    """``test_*`` figures of the posterior predictive of ``guide`` with ``num_samples`` draws
+    (one for a point-mass guide): :func:`pyro_sparse.evaluation.evaluate`."""
+    predict = evaluation.posterior_predictive(network, guide, num_samples)
+    if isinstance(guide, DeltaGuide):  # every draw is the same network
+        predict = evaluation.posterior_predictive(network, guide, 1)
     lik = network.likelihood
-    correct, sq_err, nll, n = 0.0, 0.0, 0.0, 0
-    for start in range(0, len(x), batch_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        outputs = network.sample_outputs(xb, guide, num_samples)
-        mean = lik.predictive_mean(outputs)
-        if lik.task == "regression":
-            noise = guide.median().get("likelihood.noise") if getattr(lik, "learn_noise", False) else None
-            nll -= lik.log_predictive(outputs, yb, noise).sum().item()
-            sq_err += (mean - yb).square().sum().item()
-        else:
-            nll -= lik.log_predictive(outputs, yb).sum().item()
-            pred = mean.argmax(-1) if lik.task == "classification" else (mean > 0.5).long()
-            correct += (pred == yb.long()).sum().item()
-        n += len(xb)
-    if lik.task == "regression":
-        return {"test_rmse": math.sqrt(sq_err / y.numel()), "test_nll": nll / n}
-    return {"test_accuracy": correct / n, "test_nll": nll / n}
+    noise = guide.median().get("likelihood.noise") if getattr(lik, "learn_noise", False) else None
+    return evaluation.prefixed(evaluation.evaluate(predict, x, y, lik, noise, batch_size))
 
 
 class SVITrainer:
@@ -170,6 +146,10 @@ class SVITrainer:
         out_dir: where ``metrics.jsonl`` and the checkpoint go (``None``: nowhere).
         progress: show a tqdm bar.
     """
+
+    #: the recipe's ``method`` this trainer fits, and the extra recipe sections it reads
+    spec_name = "svi"
+    recipe_sections: dict = {}
 
     # Defaults for trainers that subclass without calling __init__ (see spam.LaplaceTrainer).
     recoveries: tuple | list = ()
@@ -455,6 +435,16 @@ class SVITrainer:
                 raise NonFiniteStep(f"parameter {name}", self.steps + self.steps_per_epoch, self.epoch + 1,
                                     self.steps_per_epoch, self.steps_per_epoch)
         return {"loss": total / self.steps_per_epoch, "seconds": seconds}
+
+    def posterior_summary(self):
+        """The fitted posterior as a :class:`~pyro_sparse.summary.PosteriorSummary`, what every
+        reduction rule reads: here the guide's (:func:`~pyro_sparse.summary.summarize`); a
+        Laplace fit gives its Laplace posterior."""
+        return summarize(self.network, self.guide)
+
+    def posterior_guide(self):
+        """A Pyro guide that draws from the fitted posterior (here the guide itself)."""
+        return self.guide
 
     def evaluate(self, num_samples=None):
         args = (self.network, self.guide, self.data.x_test, self.data.y_test,

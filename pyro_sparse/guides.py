@@ -30,17 +30,12 @@ from torch.distributions import kl_divergence
 
 from .distributions import LogScaleNormal, _constants, clamp, log_alpha
 from .local_reparam import GaussianWeight
-from .schema import registrar
-
-GUIDES: dict[str, type["Guide"]] = {}
+from .registry import GUIDES
 
 #: documented range of log sigma for every Gaussian/log-normal posterior scale: sigma in
 #: [exp(-12), exp(4)] ~ [6e-6, 55]; keeps log-variances finite (Sparse VD can drive sigma to 0).
 LOG_SCALE_MIN, LOG_SCALE_MAX = -12.0, 4.0
 
-
-#: class decorator: ``@register_guide("name")`` makes the class usable in specs as ``type: name``
-register_guide = registrar(GUIDES)
 
 
 def _init_from_prior(site):
@@ -121,7 +116,6 @@ class Guide(nn.Module):
         raise NotImplementedError
 
 
-@register_guide("meanfield")
 class MeanFieldGuide(Guide):
     """Fully factorised Gaussian / log-normal guide.
 
@@ -140,6 +134,8 @@ class MeanFieldGuide(Guide):
     overflow. Outside the range the gradient with respect to ``log_scale`` is 0; the stored
     parameter may sit beyond the bound, the distribution never does.
     """
+
+    spec_name = "meanfield"
 
     def __init__(self, model, init_scale: float = math.exp(-5.0), init_scale_hyper: float = 0.1,
                  local_reparam: bool = True):
@@ -302,10 +298,11 @@ def _has_analytic_kl(q, p):
         return False
 
 
-@register_guide("delta")
 class DeltaGuide(Guide):
     """Point-mass guide ``q(w) = delta(w - w_hat)``: the ELBO becomes the MAP objective
     ``log p(y | w_hat) + log p(w_hat)``. Positive sites are stored as logs."""
+
+    spec_name = "delta"
 
     def __init__(self, model):
         super().__init__(model)
@@ -345,10 +342,41 @@ class DeltaGuide(Guide):
         return value, torch.zeros_like(value)
 
 
+class GaussianPosterior(Guide):
+    """A fixed Gaussian posterior ``N(loc, var)`` per site, as a Pyro guide: what a Laplace fit's
+    posterior is sampled with (posterior draws, the posterior predictive, ArviZ data). It has no
+    trainable parameters; ``method`` names where the Gaussians came from (``laplace-...``)."""
+
+    def __init__(self, model, marginals: dict, method: str = "gaussian"):
+        super().__init__(model)
+        self.method = method
+        self.spec_name = method
+        self._marginals = {}
+        for name, (loc, var) in marginals.items():
+            self._marginals[name] = (loc.detach().clone(), var.detach().clone())
+            self.sites[name] = {"family": "normal", "event_dim": loc.dim()}
+
+    def setup(self, *args, **kwargs):
+        return self
+
+    def forward(self, *args, **kwargs):
+        for name, info in self.sites.items():
+            loc, var = self._marginals[name]
+            pyro.sample(name, dist.Normal(loc, var.sqrt()).to_event(info["event_dim"]))
+
+    def median(self):
+        return {name: loc for name, (loc, _) in self._marginals.items()}
+
+    def site_posterior(self, name):
+        return self._marginals[name]
+
+    def log_alpha(self, name):
+        loc, var = self._marginals[name]
+        return log_alpha(loc, var.sqrt())
+
+
 def build_guide(name: str, model, **options) -> Guide:
     if not isinstance(name, str) or name not in GUIDES:
         raise ValueError(f"unknown guide {name!r}; expected one of {sorted(GUIDES)}")
     return GUIDES[name](model, **options)
 
-
-from . import structured_guides  # noqa: E402,F401  (registers 'structured' and 'lowrank')

@@ -9,9 +9,13 @@ variational parameters live in the guide. Each layer also knows
 * ``param_axes``: which tensor dimension is each group axis (``unit``, ``input``, ...),
   so priors and reduction rules can act on groups;
 * ``deterministic(params)``: the plain ``torch.nn`` module with given parameter values,
-  used for MAP/Laplace training, masked predictions and ``compact()``.
+  used for MAP/Laplace training and masked predictions;
+* the compaction protocol (:mod:`pyro_sparse.compaction`): ``compaction(...)`` (a Bayesian
+  layer's units and features for the unit-chain algorithm), ``route_units`` (how a
+  parameter-free layer passes units on), ``compact_spec`` and the class method
+  ``build_compact(entry)`` that rebuilds the compact module from its spec entry.
 
-New layer types register with :func:`register_layer` and become usable in specs.
+New layer types become usable in specs once registered in :data:`pyro_sparse.registry.LAYERS`.
 """
 
 from __future__ import annotations
@@ -21,15 +25,10 @@ import math
 import torch
 from torch import nn
 
+from .compaction import WeightCompaction
 from .local_reparam import gaussian_conv2d, gaussian_linear
 from .priors import Gaussian, build_prior
-from .schema import Field, registrar, validate
-
-LAYERS: dict[str, type["Layer"]] = {}
-
-
-#: class decorator: ``@register_layer("name")`` makes the class usable in specs as ``type: name``
-register_layer = registrar(LAYERS)
+from .schema import Field, validate
 
 
 def image_channels(size, in_shape: tuple, layer: str) -> int:
@@ -50,6 +49,21 @@ def last_dim(size, in_shape: tuple, key: str) -> int:
     if not in_shape:
         raise ValueError(f"cannot infer {key!r} from a scalar input")
     return in_shape[-1]
+
+
+class Reshape(nn.Module):
+    """``(B, ...) -> (B, *shape)``: inputs to a network's per-example ``input_shape`` (flat digits
+    to ``(1, 8, 8)``); inputs already of that shape pass unchanged."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape = tuple(shape)
+
+    def forward(self, x):
+        return x.reshape(x.shape[0], *self.shape)
+
+    def extra_repr(self):
+        return f"shape={self.shape}"
 
 
 class Layer(nn.Module):
@@ -90,6 +104,17 @@ class Layer(nn.Module):
         """The plain PyTorch module with parameter values ``params`` (name -> tensor)."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ compaction protocol
+    def compaction(self, name: str, values: dict, masks: dict, in_shape: tuple, out_shape: tuple):
+        """The layer's :class:`~pyro_sparse.compaction.Compaction` at point ``values`` with keep
+        ``masks`` (parameter name -> tensor); None for a parameter-free layer."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement the compaction protocol")
+
+    @classmethod
+    def build_compact(cls, entry: dict) -> nn.Module:
+        """The plain module of a compact spec entry (parameters uninitialised)."""
+        raise NotImplementedError(f"{cls.__name__} cannot rebuild a compact module")
+
 
 class _Stateless(Layer):
     """A parameter-free layer wrapping a ``torch.nn`` module."""
@@ -108,11 +133,31 @@ class _Stateless(Layer):
     def deterministic(self, params):
         return self._module()
 
+    def compaction(self, name, values, masks, in_shape, out_shape):
+        return None
+
+    #: how units pass through: "elementwise" (any axis), "channels" (axis 0 of a (C, H, W) map),
+    #: or None (opaque: a unit chain ends here)
+    routes = None
+
+    def route_units(self, in_shape: tuple, axis: int):
+        """``(axis, block)`` in the output of the units on ``axis`` of the input (each becomes
+        ``block`` consecutive features), or None where this layer mixes them."""
+        if self.routes == "elementwise" or (self.routes == "channels" and axis == 0 and len(in_shape) == 3):
+            return axis, 1
+        return None
+
+    def compact_spec(self) -> dict:
+        return {"type": self.spec_name, **self.options}
+
+    @classmethod
+    def build_compact(cls, entry):
+        return cls(**{k: v for k, v in entry.items() if k not in ("type", "name")}).deterministic({})
+
 
 def _activation(name, module, doc):
-    cls = type(name, (_Stateless,), {"prefix": name.lower(), "_module": lambda self: module(),
-                                      "__doc__": doc})
-    return register_layer(name.lower())(cls)
+    return type(name, (_Stateless,), {"prefix": name.lower(), "spec_name": name.lower(), "routes": "elementwise",
+                                       "_module": lambda self: module(), "__doc__": doc})
 
 
 ReLU = _activation("ReLU", nn.ReLU, "Rectified linear unit.")
@@ -121,9 +166,10 @@ Sigmoid = _activation("Sigmoid", nn.Sigmoid, "Logistic sigmoid.")
 GELU = _activation("GELU", nn.GELU, "Gaussian error linear unit.")
 
 
-@register_layer("flatten")
 class Flatten(_Stateless):
     """Flatten every dimension but the batch."""
+
+    spec_name = "flatten"
 
     prefix = "flatten"
 
@@ -133,10 +179,15 @@ class Flatten(_Stateless):
     def out_shape(self, in_shape):
         return (math.prod(in_shape),)
 
+    def route_units(self, in_shape, axis):
+        """Units on the leading axis become contiguous blocks of the flat output."""
+        return (0, math.prod(in_shape[1:])) if axis == 0 else None
 
-@register_layer("dropout")
+
 class Dropout(_Stateless):
     """Ordinary (Bernoulli) dropout, active in training mode only."""
+
+    spec_name = "dropout"
 
     prefix = "dropout"
     fields = {"p": Field("float", 0.5, nonneg=True)}
@@ -145,6 +196,8 @@ class Dropout(_Stateless):
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
             raise ValueError(f"dropout p must be in [0, 1), got {p!r}")
         super().__init__(p=p)
+
+    routes = "elementwise"  # inference mode: the identity
 
     def _module(self):
         return nn.Dropout(self.options["p"])
@@ -159,6 +212,7 @@ class _Pool2d(_Stateless):
                                                                           allow_none=True),
               "padding": Field("int", 0, nonneg=True)}
     torch_cls = nn.MaxPool2d
+    routes = "channels"
 
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__(kernel_size=kernel_size, stride=stride or kernel_size, padding=padding)
@@ -177,14 +231,14 @@ class _Pool2d(_Stateless):
         return (c, oh, ow)
 
 
-@register_layer("maxpool2d")
 class MaxPool2d(_Pool2d):
+    spec_name = "maxpool2d"
     prefix = "pool"
     torch_cls = nn.MaxPool2d
 
 
-@register_layer("avgpool2d")
 class AvgPool2d(_Pool2d):
+    spec_name = "avgpool2d"
     prefix = "pool"
     torch_cls = nn.AvgPool2d
 
@@ -228,10 +282,21 @@ class _Parametric(Layer):
     def forward(self, x):
         return self.compute(x, *self.sample_params())
 
+    #: compaction: the per-example axes of the input features and output units (None: last)
+    feature_axis = unit_axis = None
+    conv = False
 
-@register_layer("linear")
+    def compaction(self, name, values, masks, in_shape, out_shape):
+        """Units are the weight's rows, features its columns (:class:`~pyro_sparse.compaction.WeightCompaction`)."""
+        in_axis = len(in_shape) - 1 if self.feature_axis is None else self.feature_axis
+        out_axis = len(out_shape) - 1 if self.unit_axis is None else self.unit_axis
+        return WeightCompaction(name, self, values, masks, in_shape, out_shape, in_axis, out_axis, self.conv)
+
+
 class Linear(_Parametric):
     """Bayesian affine map ``y = x W^T + b`` on the last dimension; W is (out, in)."""
+
+    spec_name = "linear"
 
     prefix = "fc"
     fields = {"in": Field("size", "auto"), "out": Field("size"), "bias": Field("bool", True),
@@ -261,6 +326,13 @@ class Linear(_Parametric):
     def compute(self, x, weight, bias):
         return gaussian_linear(x, weight, bias)
 
+    def compact_spec(self, features, units, bias):
+        return {"type": "linear", "in": int(features), "out": int(units), "bias": bool(bias)}
+
+    @classmethod
+    def build_compact(cls, entry):
+        return nn.Linear(entry["in"], entry["out"], bias=entry["bias"])
+
     def deterministic(self, params):
         w = params["weight"]
         m = nn.Linear(w.shape[1], w.shape[0], bias="bias" in params, device=w.device, dtype=w.dtype)
@@ -271,9 +343,10 @@ class Linear(_Parametric):
         return m
 
 
-@register_layer("conv2d")
 class Conv2d(_Parametric):
     """Bayesian 2-D convolution; weight (out_channels, in_channels, kh, kw)."""
+
+    spec_name = "conv2d"
 
     prefix = "conv"
     fields = {"in": Field("size", "auto"), "out": Field("size"), "kernel_size": Field("int", positive=True),
@@ -316,6 +389,18 @@ class Conv2d(_Parametric):
     def compute(self, x, weight, bias):
         return gaussian_conv2d(x, weight, bias, stride=self.stride, padding=self.padding)
 
+    feature_axis = unit_axis = 0  # channels
+    conv = True
+
+    def compact_spec(self, features, units, bias):
+        return {"type": "conv2d", "in": int(features), "out": int(units), "bias": bool(bias),
+                "kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding}
+
+    @classmethod
+    def build_compact(cls, entry):
+        return nn.Conv2d(entry["in"], entry["out"], entry["kernel_size"], entry["stride"], entry["padding"],
+                         bias=entry["bias"])
+
     def deterministic(self, params):
         w = params["weight"]
         m = nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[2:]), self.stride, self.padding,
@@ -326,6 +411,3 @@ class Conv2d(_Parametric):
                 m.bias.copy_(params["bias"])
         return m
 
-
-# Layer families defined in their own modules register themselves on import.
-from . import transformer  # noqa: E402,F401  (ViT / MLP-Mixer layers)

@@ -16,13 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from .priors import sample_scale
-from .schema import Configurable, Field, build_registered, registrar
-
-LIKELIHOODS: dict[str, type["Likelihood"]] = {}
-
-
-#: class decorator: ``@register_likelihood("name")`` makes the class usable in specs as ``type: name``
-register_likelihood = registrar(LIKELIHOODS)
+from .registry import LIKELIHOODS
+from .schema import Configurable, Field, build_registered
 
 
 class Likelihood(Configurable):
@@ -80,9 +75,10 @@ def _log_mean_exp(logp, dim=0):
     return torch.logsumexp(logp, dim) - math.log(logp.shape[dim])
 
 
-@register_likelihood("categorical")
 class Categorical(Likelihood):
     """``y ~ Categorical(softmax(f(x)))`` for classification."""
+
+    spec_name = "categorical"
 
     fields = {}
 
@@ -105,9 +101,10 @@ class Categorical(Likelihood):
         return _log_mean_exp(self.pointwise_log_likelihood(outputs, y))
 
 
-@register_likelihood("bernoulli")
 class Bernoulli(Likelihood):
     """``y ~ Bernoulli(sigmoid(f(x)))`` for binary labels; the network has one output."""
+
+    spec_name = "bernoulli"
 
     task = "binary"
     fields = {}
@@ -130,13 +127,14 @@ class Bernoulli(Likelihood):
         return _log_mean_exp(self.pointwise_log_likelihood(outputs, y))
 
 
-@register_likelihood("gaussian")
 class Gaussian(Likelihood):
     """``y ~ N(f(x), sigma^2)`` for regression; fixed ``noise`` or learned.
 
     With ``learn_noise: true`` the noise scale is a latent site ``likelihood.noise`` with a
     half-normal prior of scale ``noise`` (log-normal posterior in the mean-field guide).
     """
+
+    spec_name = "gaussian"
 
     task = "regression"
     fields = {"noise": Field("float", 1.0, positive=True), "learn_noise": Field("bool", False)}
@@ -161,6 +159,37 @@ class Gaussian(Likelihood):
 
     def log_predictive(self, outputs, y, noise=None):
         return _log_mean_exp(self.pointwise_log_likelihood(outputs, y, noise))
+
+
+class SequenceCategorical(Categorical):
+    """``y_t ~ Categorical(softmax(f(x)_t))`` at every position of a sequence (language models).
+
+    The network outputs logits (B, T, V); ``y`` is (B, T). The data plate is over sequences and
+    the T positions form the event, so the mini-batch scale N/B multiplies whole sequences.
+    """
+
+    spec_name = "sequence_categorical"
+
+    task = "sequence"
+    fields = {}
+
+    def output_shape(self, num_outputs, shape):
+        if len(shape) != 2:
+            raise ValueError(f"sequence_categorical needs per-step outputs (time, {num_outputs}), "
+                             f"got shape {list(shape)}; set return_sequence: true on the recurrent layer")
+        return (shape[0], num_outputs)
+
+    def distribution(self, output):
+        return dist.Categorical(logits=output).to_event(1)
+
+    def pointwise_log_likelihood(self, outputs, y):
+        """Per-sequence log-likelihood sum_t log p(y_t | ...): (S, B, T, V) outputs -> (S, B)."""
+        return self.token_log_likelihood(outputs, y).sum(-1)
+
+    @staticmethod
+    def token_log_likelihood(outputs, y):
+        """log p(y_t | ...) at every position: (S, B, T, V) outputs -> (S, B, T)."""
+        return categorical_log_likelihood(outputs, y)
 
 
 def build_likelihood(spec) -> Likelihood:

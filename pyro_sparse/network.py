@@ -8,13 +8,13 @@ sample sites (``fc1.weight``, ...) and the likelihood observes ``y`` in the data
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, OrderedDict
 
 import pyro.poutine as poutine
 import torch
 from torch import nn
 
-from .layers import Layer
+from .layers import Layer, Reshape
 from .likelihoods import Likelihood, build_likelihood
 from .local_reparam import LocalReparameterization
 
@@ -120,14 +120,20 @@ class BayesianNetwork(nn.Module):
         return poutine.condition(self, data=values)(x)
 
     def deterministic(self, params: dict[str, torch.Tensor]) -> nn.Sequential:
-        """A plain ``torch.nn.Sequential`` with the given layer parameters (site -> tensor)."""
-        modules = []
+        """The network's deterministic twin: a plain ``torch.nn.Sequential`` with the given layer
+        parameters (site -> tensor), for MAP/Laplace training, point predictions and reduction.
+
+        Its children are named like the layers (``fc1``, ``relu1``), after an ``input``
+        :class:`~pyro_sparse.layers.Reshape` to ``input_shape`` when the network has one, so the
+        parameters of Linear/Conv2d layers are named like their sample sites (``fc1.weight``).
+        """
+        modules = OrderedDict()
         if self.input_shape is not None:
-            modules.append(nn.Unflatten(1, self.input_shape))
+            modules["input"] = Reshape(self.input_shape)
         for name, layer in self.layers.items():
             own = {p: params[f"{name}.{p}"] for p in layer.priors()}
-            modules.append(layer.deterministic(own))
-        return nn.Sequential(*modules)
+            modules[name] = layer.deterministic(own)
+        return nn.Sequential(modules)
 
 
 class _null:

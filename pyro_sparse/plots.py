@@ -38,32 +38,62 @@ def _series(history, key):
     return (np.array([p[0] for p in pts]), np.array([p[1] for p in pts])) if pts else (np.array([]), np.array([]))
 
 
-def plot_training(history: list[dict], path: str, title: str = "training") -> str:
-    """ELBO per datum (left) and held-out accuracy, or RMSE, with NLL (right) per epoch.
+#: the training objective a history may hold, and how to label it
+OBJECTIVES = (("elbo_per_datum", "ELBO per training datum (nats)", "ELBO"),
+              ("neg_log_joint_per_datum", "-log p(y, theta) per training datum (nats)", "MAP objective"))
 
-    ``history`` is the trainer's list of per-epoch records (``metrics.jsonl``). The end of the
-    KL warm-up (first epoch with ``kl_weight == 1``) is marked by a dotted line. The right panel
-    is left out when no epoch was evaluated.
+
+def plot_training(history: list[dict], path: str, title: str = "training") -> str:
+    """The training traces of any fit, one panel each, per epoch:
+
+    * the objective: the ELBO per datum (SVI; the end of the KL warm-up, the first epoch with
+      ``kl_weight == 1``, is marked by a dotted line) or the negative log joint per datum (MAP
+      and the MAP steps of a Laplace fit);
+    * for a Laplace fit with marginal-likelihood steps (SpaM), the Laplace log marginal
+      likelihood per datum at each step, with the mean log prior precision;
+    * held-out accuracy, or RMSE, with the NLL, where an epoch was evaluated.
+
+    ``history`` is the trainer's list of per-epoch records (``metrics.jsonl``).
     """
     if not history:
         raise ValueError("history: no epochs recorded, nothing to plot")
+    objective = next(((k, label, short) for k, label, short in OBJECTIVES if len(_series(history, k)[0])), None)
+    marglik = len(_series(history, "log_marglik_per_datum")[0]) > 0
     metric = next((k for k in ("test_accuracy", "test_rmse") if len(_series(history, k)[0])), None)
-    fig = Figure(figsize=(10 if metric else 5.5, 3.8))
-    axes = fig.subplots(1, 2 if metric else 1, squeeze=False)[0]
-    epochs, elbo = _series(history, "elbo_per_datum")
-    ax = axes[0]
-    ax.plot(epochs, elbo, color="#1f77b4", lw=1.5)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("ELBO per training datum (nats)")
-    ax.set_title(f"{title}: ELBO")
-    warm = next((h.get("epoch", i + 1) for i, h in enumerate(history) if h.get("kl_weight", 1.0) >= 1.0), None)
-    if warm is not None and warm > epochs[0]:
-        for a in axes:
-            a.axvline(warm, color="grey", ls=":", lw=1)
-        ax.text(warm, ax.get_ylim()[0], " KL weight = 1", color="grey", fontsize=8, va="bottom")
-    ax.grid(alpha=0.3)
+    panels = [p for p, on in (("objective", objective), ("marglik", marglik), ("metric", metric)) if on]
+    if not panels:
+        raise ValueError(f"history: no trace to plot (keys {sorted(history[-1])})")
+    fig = Figure(figsize=(0.5 + 4.8 * len(panels), 3.8))
+    axes = dict(zip(panels, fig.subplots(1, len(panels), squeeze=False)[0]))
+    if objective:
+        key, label, short = objective
+        epochs, values = _series(history, key)
+        ax = axes["objective"]
+        ax.plot(epochs, values, color="#1f77b4", lw=1.5)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_title(f"{title}: {short}")
+        ax.grid(alpha=0.3)
+        warm = next((h.get("epoch", i + 1) for i, h in enumerate(history) if h.get("kl_weight", 1.0) >= 1.0), None)
+        if "kl_weight" in history[0] and warm is not None and warm > epochs[0]:
+            for a in axes.values():
+                a.axvline(warm, color="grey", ls=":", lw=1)
+            ax.text(warm, ax.get_ylim()[0], " KL weight = 1", color="grey", fontsize=8, va="bottom")
+    if marglik:
+        ax = axes["marglik"]
+        e, v = _series(history, "log_marglik_per_datum")
+        ax.plot(e, v, "o-", color="#9467bd", ms=3, lw=1.2)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("Laplace log marginal likelihood per datum", color="#9467bd")
+        ax.set_title(f"{title}: marginal likelihood (final {v[-1]:.4g})")
+        ax.grid(alpha=0.3)
+        e2, d = _series(history, "log_prior_precision_mean")
+        if len(e2):
+            twin = ax.twinx()
+            twin.plot(e2, d, "s--", color="#8c564b", ms=2.5, lw=1)
+            twin.set_ylabel("mean log prior precision", color="#8c564b")
     if metric:
-        ax = axes[1]
+        ax = axes["metric"]
         e, v = _series(history, metric)
         label = "test accuracy" if metric == "test_accuracy" else "test RMSE"
         ax.plot(e, v, "o-", color="#2ca02c", ms=3, lw=1.2, label=label)

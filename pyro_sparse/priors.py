@@ -3,7 +3,7 @@
 A prior owns the Pyro sample sites of one parameter tensor (a layer's weight or bias) and
 returns the parameter the layer should use: a tensor, or under local reparameterisation a
 :class:`~pyro_sparse.local_reparam.GaussianWeight`. Adding a prior means adding one class
-with :func:`register_prior`; layers never change.
+registered in :data:`pyro_sparse.registry.PRIORS` (``PRIORS.register(MyPrior)``); layers never change.
 
 Site naming (DESIGN.md): the parameter site is ``<layer>.<param>`` (``fc1.weight``);
 scale sites append a suffix (``fc1.weight.unit_scale``, ``fc1.weight.global_scale``).
@@ -23,13 +23,8 @@ import torch
 from .distributions import LogUniform as LogUniformDistribution
 from .distributions import log_alpha
 from .local_reparam import GaussianWeight, gaussian_posterior
-from .schema import Configurable, Field, build_registered, registrar
-
-PRIORS: dict[str, type["Prior"]] = {}
-
-
-#: class decorator: ``@register_prior("name")`` makes the class usable in specs as ``type: name``
-register_prior = registrar(PRIORS)
+from .registry import PRIORS
+from .schema import Configurable, Field, build_registered
 
 
 def group_shape(shape: torch.Size, axes: dict[str, int], group: str) -> torch.Size:
@@ -121,10 +116,13 @@ class Prior(Configurable):
             raise ValueError(f"{self.spec_name} prior on the {param}: group {group!r} is not an axis of "
                              f"this parameter; expected one of {['weight', 'layer', *axes]}")
 
-    def keep_mask(self, site: str, guide, threshold=None):
-        """The prior's own pruning rule: a boolean keep-mask of the parameter's shape, or None
-        where the prior has no rule of its own (e.g. a plain Gaussian)."""
-        return None
+    def group_summary(self, site: str, guide, values: dict) -> dict:
+        """What the prior's own reduction rule reads (:mod:`pyro_sparse.reduction.rules`):
+        ``{rule name: one value per group}`` (group shape, broadcastable to the parameter), from
+        the fitted guide and the posterior medians ``values``; ``{}`` for a prior without a rule
+        of its own (a Gaussian). It goes into the posterior summary
+        (:attr:`~pyro_sparse.summary.SiteSummary.groups`)."""
+        return {}
 
     def fixed_distribution(self, init: torch.Tensor):
         """The prior of the parameter as one distribution of batch shape ``init.shape`` when it
@@ -165,9 +163,10 @@ class Prior(Configurable):
         return value
 
 
-@register_prior("gaussian")
 class Gaussian(Prior):
     """Independent Gaussian prior ``w ~ N(loc, scale^2)`` on every element."""
+
+    spec_name = "gaussian"
 
     fields = {
         "scale": Field("float", 1.0, positive=True, doc="prior standard deviation"),
@@ -184,7 +183,6 @@ class Gaussian(Prior):
         return self.loc, self.scale
 
 
-@register_prior("gaussian_gamma")
 class GaussianGamma(Prior):
     """Gaussian prior with a learned precision per group (Markovic et al. 2023).
 
@@ -195,6 +193,8 @@ class GaussianGamma(Prior):
     Given lambda, the KL of the Gaussian weights is analytic and local reparameterisation
     still applies.
     """
+
+    spec_name = "gaussian_gamma"
 
     fields = {
         "concentration": Field("float", 2.0, positive=True),
@@ -224,16 +224,18 @@ class GaussianGamma(Prior):
         return 0.0, values[self.precision_site(site)].rsqrt()
 
 
-@register_prior("log_uniform")
 class LogUniform(Prior):
     """Sparse Variational Dropout prior: improper log-uniform ``p(w) ∝ 1/|w|`` per weight
     (Molchanov, Ashukha, Vetrov 2017).
 
     With a Gaussian posterior N(theta, sigma^2) the KL is the registered closed-form
     approximation in :mod:`pyro_sparse.distributions`, so local reparameterisation applies.
-    Prune where ``log alpha = log sigma^2 - log theta^2 > 3``. As a Gaussian the prior is the
-    flat limit (precision 0), which is what :meth:`gaussian_prior` reports.
+    Its rule is ``log-alpha`` (:mod:`pyro_sparse.reduction.rules`): prune where
+    ``log alpha = log sigma^2 - log theta^2`` exceeds 3. As a Gaussian the prior is the flat
+    limit (precision 0), which is what :meth:`gaussian_prior` reports.
     """
+
+    spec_name = "log_uniform"
 
     fields = {}
 
@@ -245,11 +247,6 @@ class LogUniform(Prior):
 
     def gaussian_prior(self, site, values):
         return 0.0, float("inf")
-
-    def keep_mask(self, site, guide, threshold=None):
-        """Keep where ``log alpha <= threshold`` (default 3; Molchanov et al. 2017)."""
-        loc, var = guide.site_posterior(site)
-        return log_alpha(loc, var.sqrt()) <= (3.0 if threshold is None else threshold)
 
 
 #: group axes a group prior accepts; a layer checks the axis exists (``Prior.check_axes``)
@@ -265,7 +262,6 @@ def _standard_normal(init):
     return dist.Normal(_full((), 0.0, init), _full((), 1.0, init)).expand(init.shape)
 
 
-@register_prior("group_log_uniform")
 class GroupLogUniform(Prior):
     """Group normal-Jeffreys prior (Louizos, Ullrich, Welling 2017, "Bayesian Compression").
 
@@ -279,13 +275,16 @@ class GroupLogUniform(Prior):
     With Gaussian posteriors q(z_g) = N(mu_z, sigma_z^2) and q(w~) = N(mu, sigma^2) this is the
     paper's q(z) q(w | z) with q(w_ij | z_g) = N(z_g mu_ij, z_g^2 sigma_ij^2); the KL of w~ is
     Normal-Normal in closed form (the z_g cancel) and the KL of z is the Sparse VD
-    approximation (Molchanov et al. 2017). A group is pruned where
-    ``log alpha_z = log sigma_z^2 - log mu_z^2`` exceeds a threshold (:meth:`keep_mask`, default 0).
+    approximation (Molchanov et al. 2017). Its rule, ``group-log-alpha``
+    (:class:`~pyro_sparse.reduction.rules.GroupLogAlpha`), prunes a group where
+    ``log alpha_z = log sigma_z^2 - log mu_z^2`` exceeds a threshold (:meth:`group_summary`).
 
     Local reparameterisation: z is sampled once per mini-batch (one draw shared by the batch,
     a simplification of the paper's per-example draw); given z the pre-activations are Gaussian,
     so the layer gets ``GaussianWeight(z mu, z^2 sigma^2)``.
     """
+
+    spec_name = "group_log_uniform"
 
     fields = {"group": Field("choice", "unit", choices=GROUP_CHOICES, doc="one z per group along this axis")}
 
@@ -328,18 +327,9 @@ class GroupLogUniform(Prior):
         loc, var = guide.site_posterior(self.z_site(site))
         return log_alpha(loc, var.sqrt())
 
-    #: default pruning threshold on log alpha_z: alpha = 1, i.e. the multiplicative noise on the
-    #: group is as large as its signal (a Gaussian-dropout rate above 1/2). Louizos et al. set the
-    #: thresholds per layer by hand; on the digits MLP the fitted log alpha_z form two clusters,
-    #: below about -1 and above about 5, and 0 separates them.
-    default_threshold = 0.0
-
-    def keep_mask(self, site, guide, threshold=None):
-        """Keep the groups with ``log alpha_z <= threshold`` (default :attr:`default_threshold`),
-        broadcast to the weight."""
-        keep = self.group_log_alpha(site, guide) <= (self.default_threshold if threshold is None else threshold)
-        loc, _ = guide.site_posterior(site)
-        return keep.expand(loc.shape)
+    def group_summary(self, site, guide, values):
+        """``{"group-log-alpha": log alpha_z}`` per group."""
+        return {"group-log-alpha": self.group_log_alpha(site, guide)}
 
 
 def _scale_block(block, scale):
@@ -352,7 +342,6 @@ def _scale_block(block, scale):
 HALF = 0.5
 
 
-@register_prior("horseshoe")
 class Horseshoe(Prior):
     """(Regularised) horseshoe prior, non-centred (Carvalho et al. 2010; Piironen & Vehtari
     2017; Louizos et al. 2017; Ghosh et al. 2019).
@@ -388,9 +377,12 @@ class Horseshoe(Prior):
     The "tiered" horseshoe of Markovic et al. (2023): ``group: unit``, ``tau0: 0.01``,
     ``regularized: true``, slab InvGamma(2, 6) (``slab_df: 4, slab_scale: sqrt(3)``), and on the
     output layer ``group: layer`` (a single scale); see ``models/mlp_horseshoe.yaml``.
-    Prune rule (:meth:`keep_mask`): keep groups whose relative scale ``s_g / tau`` (at the
-    posterior medians) is at least ``threshold``.
+    Its rule, ``horseshoe-scale`` (:class:`~pyro_sparse.reduction.rules.HorseshoeScale`), keeps
+    the groups whose relative scale ``s_g / tau`` (at the posterior medians) is large enough
+    (:meth:`group_summary`).
     """
+
+    spec_name = "horseshoe"
 
     fields = {
         "tau0": Field("float", 1.0, positive=True, doc="scale of the half-Cauchy prior of the global scale"),
@@ -520,33 +512,9 @@ class Horseshoe(Prior):
         C+(0, 1) scale."""
         return self.group_scale(site, values) / self.global_scale(site, values)
 
-    def keep_mask(self, site, guide, threshold=None):
-        """Keep groups whose relative scale ``lambda~_g = s_g / tau`` (posterior medians) is at
-        least ``threshold`` (default 3), broadcast to the parameter's shape.
-
-        A group the data do not need keeps its local scale near the prior's typical values
-        (the KL alone puts the median of lambda^2 near 1), while groups that carry signal move
-        into the Cauchy tail. The default 3 is about the 80th percentile of C+(0, 1), above the
-        no-data mode; Carvalho, Polson & Scott (2010) threshold the shrinkage coefficient
-        1/(1 + lambda^2) in the same spirit.
-        """
-        rel = self.relative_scale(site, guide.median())
-        loc, _ = guide.site_posterior(site)
-        return (rel >= (3.0 if threshold is None else threshold)).expand(loc.shape)
-
-
-def prior_masks(network, guide, thresholds: dict | None = None) -> dict:
-    """Keep-masks of every parameter whose prior has its own pruning rule.
-
-    ``thresholds`` maps a prior's spec name (``log_uniform``, ``group_log_uniform``,
-    ``horseshoe``) to the threshold its :meth:`Prior.keep_mask` uses."""
-    thresholds = thresholds or {}
-    out = {}
-    for name, (_, _, prior) in network.param_sites().items():
-        mask = prior.keep_mask(name, guide, thresholds.get(prior.spec_name))
-        if mask is not None:
-            out[name] = mask
-    return out
+    def group_summary(self, site, guide, values):
+        """``{"horseshoe-scale": lambda~_g}``, the relative scale per group at the posterior medians."""
+        return {"horseshoe-scale": self.relative_scale(site, values)}
 
 
 def build_prior(spec) -> Prior:

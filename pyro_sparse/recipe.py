@@ -2,7 +2,7 @@
 
 ::
 
-    method: svi                    # svi (others register themselves, e.g. laplace)
+    method: svi                    # svi | laplace | svi_bmr (pyro_sparse.registry.FITTERS)
     guide: meanfield               # meanfield | delta | (structured, lowrank, ...)
     guide_options: {init_scale: 0.0067}
     local_reparam: true
@@ -18,7 +18,7 @@
     seed: 0
     device: cpu
     num_threads: null              # torch CPU threads (null: torch's default)
-    reduction: {...}               # read by the reduction module
+    reduction: {method: log-alpha, threshold: 3.0}   # the rule `pyro-sparse reduce RUN` uses by default
 
 :func:`parse_recipe` validates every key with errors that name the file and field.
 """
@@ -32,6 +32,7 @@ import warnings
 import torch
 
 from .errors import PyroSparseError, SpecError
+from .registry import FITTERS, GUIDES, RULES
 from .schema import Field, validate
 
 SCHEDULES = {
@@ -71,17 +72,6 @@ RECIPE_FIELDS = {
 
 MAX_SEED = 2**32  # numpy's and Python's seeders accept [0, 2**32); torch's more
 MAX_THREADS = 1024
-
-#: other sections that fitting methods registered elsewhere may add (e.g. laplace)
-EXTRA_SECTIONS: dict[str, Field] = {}
-METHODS = ["svi"]
-
-
-def register_method(name: str, **sections: Field):
-    """Allow ``method: <name>`` and the recipe sections that method reads."""
-    METHODS.append(name)
-    EXTRA_SECTIONS.update(sections)
-
 
 def _numeric_strings(cfg: dict) -> dict:
     """PyYAML reads ``1e-3`` (no dot) as a string: turn numeric strings into floats."""
@@ -189,19 +179,30 @@ def _check_schedule(cfg, source):
                             source, f"schedule.{key}")
 
 
+def reduction_fields() -> dict:
+    """The recipe's ``reduction:`` section, for fitting methods without one of their own (an
+    iterative-BMR recipe's section says how to prune during training): the rule that
+    ``pyro-sparse reduce RUN`` (and ``report``) use without ``--method``, and its options."""
+    return {"method": Field("choice", None, choices=tuple(RULES), allow_none=True, doc="a reduction rule"),
+            "threshold": Field("float", None, allow_none=True, doc="the rule's threshold (default: its own)"),
+            "sparsity": Field("float", None, nonneg=True, allow_none=True, doc="target sparsity of a ranking rule"),
+            "structured": Field("bool", False, doc="remove whole units")}
+
+
 def parse_recipe(data: dict, source: str | None = None) -> dict:
     """Validate an inference recipe; return it with defaults filled in."""
-    # the built-in methods register themselves on import; import them here so that a recipe
-    # parses the same whatever the caller imported before (these modules import this one)
-    from . import spam  # noqa: F401  (method: laplace)
-    from .reduction import iterative  # noqa: F401  (method: svi_bmr)
-
     fields = dict(RECIPE_FIELDS)
-    fields["method"] = Field("choice", "svi", choices=tuple(METHODS))
-    fields.update(EXTRA_SECTIONS)
+    fields["method"] = Field("choice", "svi", choices=tuple(FITTERS))  # svi, laplace, svi_bmr, ...
+    for trainer in FITTERS.values():  # the sections the fitting methods read (laplace: {...})
+        fields.update(trainer.recipe_sections)
     recipe = validate(fields, data, "", source)
-    from .guides import GUIDES
-
+    section = recipe["reduction"]
+    if section is not None:
+        own = getattr(FITTERS[recipe["method"]], "reduction_fields", None)
+        checked = validate(own or reduction_fields(), section, "reduction", source)
+        if checked.get("sparsity") is not None and not checked["sparsity"] < 1:
+            raise SpecError(f"expected a fraction in [0, 1), got {checked['sparsity']!r}", source, "reduction.sparsity")
+        recipe["reduction"] = {k: v for k, v in checked.items() if k in section}
     if recipe["guide"] not in GUIDES:
         raise SpecError(f"unknown guide {recipe['guide']!r}; expected one of {sorted(GUIDES)}", source, "guide")
     recipe["optimizer"] = _numeric_strings(recipe["optimizer"])

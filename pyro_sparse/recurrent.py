@@ -47,13 +47,16 @@ library (e.g. a horseshoe) is a spec change: ``z_prior: {type: ...}``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from pyro.poutine.messenger import Messenger
 from torch import nn
 from torch.func import functional_call
 
-from .layers import Layer, _Stateless, register_layer
+from .compaction import Compaction, drop_entries, as_index
+from .layers import Layer, _Stateless
 from .local_reparam import GaussianWeight
 from .priors import Gaussian, LogUniform, build_prior
 from .schema import Field
@@ -267,6 +270,15 @@ class _Recurrent(Layer):
         return RecurrentStack(self.cell, [self.layer_params(params, k) for k in range(self.num_layers)],
                               self.return_sequence)
 
+    def compaction(self, name, values, masks, in_shape, out_shape):
+        return RecurrentCompaction(name, self, values, masks, in_shape, out_shape)
+
+    @classmethod
+    def build_compact(cls, entry):
+        last = len(entry["layers"]) - 1
+        return nn.Sequential(*(CompactRecurrent.empty(entry["cell"], sizes, entry["return_sequence"] or k < last)
+                               for k, sizes in enumerate(entry["layers"])))
+
     def layer_params(self, params: dict, k: int) -> dict:
         """Parameters of stacked layer ``k`` under their base names (weight_ih, ..., z_gates)."""
         s = self.suffix(k)
@@ -277,17 +289,19 @@ class _Recurrent(Layer):
         return out
 
 
-@register_layer("lstm")
 class LSTM(_Recurrent):
     """Bayesian LSTM (batch-first) with optional z_input / z_hidden / z_gates groups."""
+
+    spec_name = "lstm"
 
     prefix = "lstm"
     cell = "lstm"
 
 
-@register_layer("gru")
 class GRU(_Recurrent):
     """Bayesian GRU (batch-first) with optional z_input / z_hidden / z_gates groups (r, z, n)."""
+
+    spec_name = "gru"
 
     prefix = "gru"
     cell = "gru"
@@ -327,7 +341,6 @@ class RecurrentStack(nn.Module):
         return x if self.return_sequence else x[:, -1]
 
 
-@register_layer("embedding")
 class Embedding(Layer):
     """Bayesian token embedding ``e_t = z_{x_t} W[x_t]`` with an optional per-token group variable.
 
@@ -337,6 +350,8 @@ class Embedding(Layer):
     a removed token maps to the zero vector (Lobacheva et al. 2018, the vocabulary variable).
     ``num_tokens: auto`` takes the data's number of classes (a language model's vocabulary).
     """
+
+    spec_name = "embedding"
 
     prefix = "emb"
     fields = {
@@ -390,6 +405,13 @@ class Embedding(Layer):
         weight = embed_table(params["weight"], params.get("z_tokens"))
         return _TokenModule(nn.Embedding.from_pretrained(weight.detach().clone(), freeze=True))
 
+    def compaction(self, name, values, masks, in_shape, out_shape):
+        return EmbeddingCompaction(name, self, values, masks, in_shape, out_shape)
+
+    @classmethod
+    def build_compact(cls, entry):
+        return _TokenModule(nn.Embedding(entry["num_tokens"], entry["dim"]))
+
 
 def embed_table(weight, z_tokens=None):
     """The effective embedding table ``diag(z) W``."""
@@ -418,11 +440,12 @@ class _OneHotModule(nn.Module):
         return F.one_hot(x.long(), self.num_tokens).to(torch.get_default_dtype())
 
 
-@register_layer("onehot")
 class OneHot(_Stateless):
     """Token ids (B, T) -> one-hot vectors (B, T, num_tokens); ``num_tokens: auto`` is the data's
     number of classes. Followed by an LSTM with ``z_input`` this is the vocabulary-sparsified
     character model of Lobacheva et al."""
+
+    spec_name = "onehot"
 
     prefix = "onehot"
     fields = {"num_tokens": Field("size", "auto")}
@@ -448,9 +471,10 @@ class _LastStepModule(nn.Module):
         return x[:, -1]
 
 
-@register_layer("last_step")
 class LastStep(_Stateless):
     """Keep the last time step of a batch-first sequence: (B, T, ...) -> (B, ...)."""
+
+    spec_name = "last_step"
 
     prefix = "last"
 
@@ -461,3 +485,424 @@ class LastStep(_Stateless):
         if len(in_shape) < 1:
             raise ValueError("last_step needs a (time, ...) input")
         return tuple(in_shape[1:])
+
+    def route_units(self, in_shape, axis):
+        """Units on a feature axis keep it (one axis down); the time axis itself does not route."""
+        return (axis - 1, 1) if axis >= 1 else None
+
+
+# ---------------------------------------------------------------------------- compaction
+@dataclass
+class RecurrentMasks:
+    """Keep-masks of one gated recurrent layer (True = keep), the fixed point of
+    :func:`recurrent_masks`.
+
+    ``gates`` (G H,) is True where a gate of a kept hidden unit is computed; a False entry of a
+    kept unit is a constant gate, an entry of a removed unit is deleted with it. ``weight_ih``
+    (G H, F) and ``weight_hh`` (G H, H) are the effective weight masks (zero outside live rows
+    and kept columns).
+    """
+
+    cell: str
+    input: torch.Tensor
+    hidden: torch.Tensor
+    gates: torch.Tensor
+    weight_ih: torch.Tensor
+    weight_hh: torch.Tensor
+
+    @property
+    def gate_names(self):
+        return CELLS[self.cell]["gates"]
+
+    def same(self, other) -> bool:
+        return other is not None and all(torch.equal(getattr(self, k), getattr(other, k))
+                                         for k in ("input", "hidden", "gates"))
+
+    def report(self) -> dict:
+        """Counts as in Lobacheva et al.'s tables: weights, hidden and input neurons, gates per type.
+
+        ``gates[name] = {"kept": computed gates of kept units, "constant": kept units whose gate is
+        constant}``.
+        """
+        G, H = len(self.gate_names), self.hidden.numel()
+        gates = self.gates.view(G, H)
+        kept_units = self.hidden.unsqueeze(0)
+        return {
+            "cell": self.cell,
+            "weights": (int(self.weight_ih.sum() + self.weight_hh.sum()),
+                        self.weight_ih.numel() + self.weight_hh.numel()),
+            "hidden": (int(self.hidden.sum()), H),
+            "inputs": (int(self.input.sum()), self.input.numel()),
+            "gates": {name: {"kept": int((gates[k] & kept_units[0]).sum()),
+                             "constant": int((~gates[k] & kept_units[0]).sum())}
+                      for k, name in enumerate(self.gate_names)},
+        }
+
+
+def _check_bool(name, mask, shape):
+    mask = torch.as_tensor(mask)
+    if mask.dtype != torch.bool:
+        raise ValueError(f"{name}: expected a boolean keep-mask, got dtype {mask.dtype}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(mask.shape)}")
+    return mask
+
+
+def recurrent_masks(cell, weight_ih, weight_hh, z_input=None, z_hidden=None, z_gates=None,
+                    next_input=None) -> RecurrentMasks:
+    r"""Structured masks of one LSTM (``cell='lstm'``) or GRU (``'gru'``) layer from element masks.
+
+    Lobacheva, Chirkova & Vetrov (2018): weights and group variables are pruned by a rule; the
+    structure then follows:
+
+    * a **gate** (one per gate type per hidden unit) is *kept* if its :math:`\hat z` survives and
+      at least one weight into it survives; otherwise its pre-activation is the constant bias and
+      the gate is the constant :math:`\sigma(b)` (i, f, o; r, z) or :math:`\tanh(b)` (g; n);
+    * a **hidden neuron** is kept if its :math:`z^h` survives and it still has an outgoing weight:
+      into a live gate row of the recurrence, or into the next layer;
+    * an **input neuron** is kept if its :math:`z^x` survives and it has a weight into a live gate.
+
+    These rules feed each other (removing a neuron removes its gate rows, which may leave another
+    neuron without outgoing weights), so they are iterated to their fixed point; every step only
+    removes, so it stops after at most F + H + G H rounds, each one vectorised.
+
+    Args:
+        weight_ih, weight_hh: boolean keep-masks of the weights, (G H, F) and (G H, H).
+        z_input, z_hidden, z_gates: keep-masks of the group variables, (F,), (H,), (G H,), or
+            ``None`` for a layer without that group (all kept).
+        next_input: keep-mask of the weights that read this layer's output, (M, H) (the next
+            layer's input weights), or ``None`` when the output is read as it is (every hidden
+            neuron counts as having an outgoing weight).
+    """
+    if cell not in CELLS:
+        raise ValueError(f"cell: expected one of {sorted(CELLS)}, got {cell!r}")
+    G = len(CELLS[cell]["gates"])
+    weight_ih = torch.as_tensor(weight_ih)
+    if weight_ih.dim() != 2 or weight_ih.shape[0] % G:
+        raise ValueError(f"weight_ih: expected a ({G}*H, F) mask, got shape {tuple(weight_ih.shape)}")
+    H, F_in = weight_ih.shape[0] // G, weight_ih.shape[1]
+    weight_ih = _check_bool("weight_ih", weight_ih, (G * H, F_in))
+    weight_hh = _check_bool("weight_hh", weight_hh, (G * H, H))
+    ones = lambda n: torch.ones(n, dtype=torch.bool, device=weight_ih.device)  # noqa: E731
+    z_x = _check_bool("z_input", z_input, (F_in,)) if z_input is not None else ones(F_in)
+    z_h = _check_bool("z_hidden", z_hidden, (H,)) if z_hidden is not None else ones(H)
+    z_g = _check_bool("z_gates", z_gates, (G * H,)) if z_gates is not None else ones(G * H)
+    if next_input is not None:
+        next_input = torch.as_tensor(next_input)
+        if next_input.dtype != torch.bool or next_input.dim() != 2 or next_input.shape[1] != H:
+            raise ValueError(f"next_input: expected a boolean (M, {H}) mask, got "
+                             f"{next_input.dtype} {tuple(next_input.shape)}")
+        read = next_input.any(0)
+    else:
+        read = ones(H)
+    unit = torch.arange(G * H, device=weight_ih.device) % H
+    inputs, hidden, gates = z_x.clone(), z_h.clone(), z_g.clone()
+    while True:
+        rows = gates & hidden[unit]
+        w_ih = weight_ih & rows.unsqueeze(1) & inputs.unsqueeze(0)
+        w_hh = weight_hh & rows.unsqueeze(1) & hidden.unsqueeze(0)
+        new_gates = rows & (w_ih.any(1) | w_hh.any(1))
+        new_inputs = inputs & w_ih.any(0)
+        new_hidden = hidden & (w_hh.any(0) | read)
+        if (torch.equal(new_gates, gates) and torch.equal(new_inputs, inputs)
+                and torch.equal(new_hidden, hidden)):
+            break
+        inputs, hidden, gates = new_inputs, new_hidden, new_gates
+    rows = gates & hidden[unit]
+    return RecurrentMasks(cell, inputs, hidden, rows,
+                          weight_ih & rows.unsqueeze(1) & inputs.unsqueeze(0),
+                          weight_hh & rows.unsqueeze(1) & hidden.unsqueeze(0))
+
+
+class CompactRecurrent(nn.Module):
+    r"""A deterministic LSTM/GRU with deleted neurons and constant gates.
+
+    Only the computed ("active") gate rows are matrix rows: the inputs of all time steps are
+    multiplied by ``weight_ih`` (A, F') at once, and each step multiplies :math:`h` by
+    ``weight_hh`` (A, H'). A constant gate takes its value from ``constants`` instead (one per
+    constant gate, at the rows ``constant_index``). The hidden state is the raw :math:`h`; the
+    group variables are folded into the weights and the output is
+    :math:`\hat h = h \cdot` ``output_scale``. ``input_index`` selects the kept input features
+    of the (B, T, F) input.
+    """
+
+    def __init__(self, cell, input_index, weight_ih, weight_hh, bias, active, constant_index, constants,
+                 output_scale, return_sequence=True):
+        super().__init__()
+        self.cell, self.return_sequence = cell, return_sequence
+        self.num_gates = len(CELLS[cell]["gates"])
+        self.register_buffer("input_index", input_index)
+        self.register_buffer("active", active)
+        self.register_buffer("constant_index", constant_index)
+        self.weight_ih = nn.Parameter(weight_ih)
+        self.weight_hh = nn.Parameter(weight_hh)
+        self.bias = nn.Parameter(bias)
+        self.constants = nn.Parameter(constants)
+        self.output_scale = nn.Parameter(output_scale)
+
+    @classmethod
+    def empty(cls, cell, sizes: dict, return_sequence=True):
+        """A module of the sizes of a compact spec entry (``features``, ``hidden``, ``active``),
+        its parameters and indices to be loaded from a state dict."""
+        G = len(CELLS[cell]["gates"])
+        f, h, a = sizes["features"], sizes["hidden"], sizes["active"]
+        long = lambda n: torch.zeros(n, dtype=torch.long)  # noqa: E731
+        return cls(cell, long(f), torch.zeros(a, f), torch.zeros(a, h), torch.zeros(a), long(a), long(G * h - a),
+                   torch.zeros(G * h - a), torch.zeros(h), return_sequence)
+
+    @property
+    def hidden_size(self):
+        return self.output_scale.numel()
+
+    def sizes(self) -> dict:
+        return {"features": self.input_index.numel(), "hidden": self.hidden_size, "active": self.active.numel()}
+
+    def forward(self, x):
+        x = x.index_select(-1, self.input_index)
+        B, T = x.shape[:2]
+        H, G = self.hidden_size, self.num_gates
+        gh = G * H
+        xw = (x @ self.weight_ih.T + self.bias).new_zeros(B, T, gh).index_copy(2, self.active,
+                                                                               x @ self.weight_ih.T + self.bias)
+        const = self.constants.new_zeros(gh).index_copy(0, self.constant_index, self.constants).view(G, H)
+        act = torch.zeros(gh, dtype=torch.bool, device=x.device).index_fill(0, self.active, True).view(G, H)
+        h = x.new_zeros(B, H)
+        c = x.new_zeros(B, H)
+        outputs = []
+        for t in range(T):
+            hw = (h @ self.weight_hh.T).new_zeros(B, gh).index_copy(1, self.active, h @ self.weight_hh.T).view(B, G, H)
+            xt = xw[:, t].view(B, G, H)
+            if self.cell == "lstm":
+                pre = xt + hw
+                s = torch.where(act, torch.sigmoid(pre), const)
+                g = torch.where(act[2], torch.tanh(pre[:, 2]), const[2])
+                c = s[:, 1] * c + s[:, 0] * g
+                h = s[:, 3] * torch.tanh(c)
+            else:  # gru: r, z (update), n
+                r = torch.where(act[0], torch.sigmoid(xt[:, 0] + hw[:, 0]), const[0])
+                u = torch.where(act[1], torch.sigmoid(xt[:, 1] + hw[:, 1]), const[1])
+                n = torch.where(act[2], torch.tanh(xt[:, 2] + r * hw[:, 2]), const[2])
+                h = (1 - u) * n + u * h
+            outputs.append(h)
+        out = torch.stack(outputs, 1) * self.output_scale if outputs else x.new_zeros(B, 0, H)
+        return out if self.return_sequence else out[:, -1]
+
+
+def compact_recurrent(cell, weight_ih, weight_hh, bias, masks: RecurrentMasks, z_input=None, z_hidden=None,
+                      z_gates=None, return_sequence=True, input_index=None) -> CompactRecurrent:
+    """The :class:`CompactRecurrent` of a masked LSTM/GRU layer.
+
+    The parameters are the layer's point values (e.g. posterior means); the masks come from
+    :func:`recurrent_masks`. Weights outside the masks are dropped, group variables are folded
+    in (:func:`fold_gated_weights`), the rows and columns of removed neurons are deleted and each
+    constant gate keeps only :math:`\\sigma(b)` or :math:`\\tanh(b)`. ``input_index``: where each
+    kept input feature is in the input the module receives (default: its own index).
+    """
+    G = len(CELLS[cell]["gates"])
+    with torch.no_grad():
+        w_ih, w_hh = fold_gated_weights(weight_ih * masks.weight_ih, weight_hh * masks.weight_hh,
+                                        z_input, z_hidden, z_gates)
+        hidden = masks.hidden.nonzero().squeeze(1)
+        inputs = masks.input.nonzero().squeeze(1)
+        H = masks.hidden.numel()
+        rows = (torch.arange(G, device=hidden.device).unsqueeze(1) * H + hidden.unsqueeze(0)).reshape(-1)
+        live = masks.gates[rows]
+        active = live.nonzero().squeeze(1)
+        constant = (~live).nonzero().squeeze(1)
+        b = bias[rows]
+        tanh_rows = torch.tensor([name in CELLS[cell]["tanh"] for name in CELLS[cell]["gates"]],
+                                 device=b.device).repeat_interleave(hidden.numel())
+        constants = torch.where(tanh_rows, torch.tanh(b), torch.sigmoid(b))[constant]
+        scale = z_hidden[hidden] if z_hidden is not None else torch.ones_like(b[: hidden.numel()])
+        return CompactRecurrent(cell, inputs if input_index is None else input_index[inputs],
+                                w_ih[rows[active]][:, inputs].clone(), w_hh[rows[active]][:, hidden].clone(),
+                                b[active].clone(), active, constant, constants.clone(), scale.clone(),
+                                return_sequence)
+
+
+_GATED = ("weight_ih", "weight_hh", "bias", "z_input", "z_hidden", "z_gates")
+
+
+class RecurrentCompaction(Compaction):
+    """Compaction of a (stacked) LSTM/GRU layer: units are the hidden neurons of its last stacked
+    layer, features the input neurons of its first. The structure inside the layer (gates made
+    constant, hidden and input neurons deleted, stacked layers re-indexed) is the fixed point of
+    :func:`recurrent_masks` over the stack, with the next layer's reads (``read``) deciding which
+    of the last layer's neurons still have an outgoing weight."""
+
+    def __init__(self, name, layer, values, masks, in_shape, out_shape):
+        super().__init__(name, layer, in_shape, out_shape)
+        self.cell, self.return_sequence = layer.cell, layer.return_sequence
+        self.num_gates = len(CELLS[self.cell]["gates"])
+        self.in_axis, self.out_axis = len(in_shape) - 1, len(out_shape) - 1
+        self.stack = []
+        for k in range(layer.num_layers):
+            p, m = layer.layer_params(values, k), layer.layer_params(masks, k)
+            entry = {}
+            for key in _GATED:
+                if key in p:
+                    keep = m.get(key, torch.ones_like(p[key], dtype=torch.bool)).to(p[key].device)
+                    entry[key], entry["m_" + key] = (p[key].detach() * keep.to(p[key].dtype)).clone(), keep.clone()
+            self.stack.append(entry)
+        self.total = layer.hidden_size
+        self.units = torch.arange(self.total)
+        self.read = None  # the next layer's reads of our units (None: every unit is read)
+        #: per stacked layer, the dense sizes: weights, hidden neurons, input neurons
+        self.dense = [(e["weight_ih"].numel() + e["weight_hh"].numel(), e["weight_hh"].shape[1], e["weight_ih"].shape[1])
+                      for e in self.stack]
+
+    # ---------------------------------------------------------------- the structure
+    def masks(self, read=None) -> list:
+        """:class:`RecurrentMasks` of every stacked layer, iterated to their joint fixed point."""
+        out = [None] * len(self.stack)
+        for _ in range(len(self.stack) + 1):
+            new = []
+            for k, e in enumerate(self.stack):
+                z_in = e.get("m_z_input")
+                if k > 0:
+                    z_in = new[k - 1].hidden if z_in is None else z_in & new[k - 1].hidden
+                if k + 1 < len(self.stack):
+                    nxt = out[k + 1].weight_ih if out[k + 1] is not None else self.stack[k + 1]["m_weight_ih"]
+                else:
+                    nxt = None if read is None else read.unsqueeze(0)
+                new.append(recurrent_masks(self.cell, e["m_weight_ih"], e["m_weight_hh"], z_in, e.get("m_z_hidden"),
+                                           e.get("m_z_gates"), nxt))
+            if all(n.same(o) for n, o in zip(new, out)):
+                break
+            out = new
+        return new
+
+    # ---------------------------------------------------------------- producer
+    def num_units(self):
+        return self.units.numel()
+
+    def unit_index(self):
+        return self.units.tolist()
+
+    def constant_units(self):
+        """Neurons whose :math:`z^h` was removed: their output :math:`h z^h` is 0."""
+        last = self.stack[-1]
+        if "m_z_hidden" not in last:
+            return super().constant_units()
+        idx = torch.nonzero(~last["m_z_hidden"]).squeeze(1)
+        rest = tuple(s for d, s in enumerate(self.out_shape) if d != self.out_axis)
+        return idx, last["z_hidden"].new_zeros(len(idx), *rest)
+
+    def removable_unread(self, idx):
+        """Unread neurons that the recurrence does not read either."""
+        read = torch.ones(self.num_units(), dtype=torch.bool)
+        read[idx] = False
+        hidden = self.masks(read)[-1].hidden
+        return idx[~hidden[idx]]
+
+    def delete_units(self, idx):
+        e, G, H = self.stack[-1], self.num_gates, self.num_units()
+        rows = (torch.arange(G).unsqueeze(1) * H + as_index(idx).unsqueeze(0)).reshape(-1)
+        for key in ("weight_ih", "weight_hh", "bias", "z_gates"):
+            for k in (key, "m_" + key):
+                if k in e:
+                    e[k] = drop_entries(e[k], rows, 0)
+        for k in ("weight_hh", "m_weight_hh"):
+            e[k] = drop_entries(e[k], idx, 1)
+        for k in ("z_hidden", "m_z_hidden"):
+            if k in e:
+                e[k] = drop_entries(e[k], idx, 0)
+        self.units = drop_entries(self.units, idx, 0)
+        if self.read is not None:
+            self.read = drop_entries(self.read, idx, 0)
+
+    # ---------------------------------------------------------------- consumer
+    def num_features(self):
+        return self.stack[0]["weight_ih"].shape[1]
+
+    def read_features(self):
+        return self.masks(self.read)[0].input
+
+    def foldable(self, values):
+        return (values == values[:, :1]).all(1)  # constant over the time steps
+
+    def fold(self, features, values):
+        """A constant input :math:`c` adds :math:`\\hat z \\odot (W_x z^x)_{\\cdot f} c` to the gates' bias."""
+        e = self.stack[0]
+        w_ih, _ = fold_gated_weights(e["weight_ih"], e["weight_hh"], e.get("z_input"), None, e.get("z_gates"))
+        contribution = w_ih[:, as_index(features)] @ values[:, 0].to(w_ih.dtype)
+        if bool((contribution != 0).any()):
+            e["bias"] = e["bias"] + contribution
+            self.folded = True
+
+    def delete_features(self, idx):
+        e = self.stack[0]
+        e["weight_ih"], e["m_weight_ih"] = drop_entries(e["weight_ih"], idx, 1), drop_entries(e["m_weight_ih"], idx, 1)
+        for k in ("z_input", "m_z_input"):
+            if k in e:
+                e[k] = drop_entries(e[k], idx, 0)
+
+    # ---------------------------------------------------------------- result
+    def build(self):
+        masks = self.masks(self.read)
+        last = masks[-1]
+        # the last layer keeps every neuron the chain kept; one whose z^h is 0 outputs 0
+        masks[-1] = RecurrentMasks(last.cell, last.input, torch.ones_like(last.hidden), last.gates, last.weight_ih,
+                                   last.weight_hh)
+        modules, params, position = [], {}, None
+        for k, (e, m) in enumerate(zip(self.stack, masks)):
+            module = compact_recurrent(self.cell, e["weight_ih"], e["weight_hh"], e["bias"], m, e.get("z_input"),
+                                       e.get("z_hidden"), e.get("z_gates"),
+                                       self.return_sequence or k + 1 < len(self.stack), position)
+            kept = m.hidden.nonzero().squeeze(1)
+            position = torch.full((m.hidden.numel(),), -1, dtype=torch.long)
+            position[kept] = torch.arange(kept.numel())
+            modules.append(module)
+            params.update({f"{k}.{n}": t for n, t in module.state_dict().items()})
+        entry = {"type": self.layer.spec_name, "cell": self.cell, "return_sequence": self.return_sequence,
+                 "layers": [module.sizes() for module in modules]}
+        steps = self.in_shape[0]  # a multiply-add per weight and time step
+        weights = [t for m in modules for t in (m.weight_ih, m.weight_hh)]
+        reports = []
+        for m, (total, hidden, inputs) in zip(self.masks(self.read), self.dense):  # against the dense layer
+            r = m.report()
+            r.update(weights=(r["weights"][0], total), hidden=(r["hidden"][0], hidden), inputs=(r["inputs"][0], inputs))
+            reports.append(r)
+        info = {"units": {"": self.units_info(self.total)}, "recurrent": reports,
+                "flops": 2 * steps * sum(w.numel() for w in weights),
+                "flops_sparse": 2 * steps * sum(int((w != 0).sum()) for w in weights)}
+        return entry, params, info
+
+
+class EmbeddingCompaction(Compaction):
+    """Compaction of a token embedding: its units are the embedding dimensions (columns of the
+    table :math:`\\mathrm{diag}(z) W`); a column with every entry removed outputs 0 and goes."""
+
+    def __init__(self, name, layer, values, masks, in_shape, out_shape):
+        super().__init__(name, layer, in_shape, out_shape)
+        self.out_axis = len(out_shape) - 1
+        w = values["weight"].detach()
+        m = masks.get("weight", torch.ones_like(w, dtype=torch.bool)).to(w.device)
+        z = values.get("z_tokens")
+        if z is not None:
+            keep_z = masks.get("z_tokens", torch.ones_like(z, dtype=torch.bool)).to(w.device)
+            m = m & keep_z.unsqueeze(-1)
+        self.m = m.clone()
+        self.table = embed_table(w, z) * m.to(w.dtype)
+        self.total = w.shape[1]
+        self.units = torch.arange(self.total)
+
+    def num_units(self):
+        return self.table.shape[1]
+
+    def unit_index(self):
+        return self.units.tolist()
+
+    def constant_units(self):
+        idx = torch.nonzero(~self.m.any(0)).squeeze(1)
+        rest = tuple(s for d, s in enumerate(self.out_shape) if d != self.out_axis)
+        return idx, self.table.new_zeros(len(idx), *rest)
+
+    def delete_units(self, idx):
+        self.table, self.m = drop_entries(self.table, idx, 1), drop_entries(self.m, idx, 1)
+        self.units = drop_entries(self.units, idx, 0)
+
+    def build(self):
+        entry = {"type": self.layer.spec_name, "num_tokens": self.table.shape[0], "dim": self.table.shape[1]}
+        return entry, {"module.weight": self.table.contiguous()}, {"units": {"": self.units_info(self.total)},
+                                                                   "flops": 0, "flops_sparse": 0}  # a look-up

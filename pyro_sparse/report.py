@@ -1,26 +1,27 @@
 """Run reports and model comparison: ``pyro-sparse report DIR`` and ``pyro-sparse compare``.
 
-A report reads a fitted run directory and writes into it
+A report reads a fitted run directory -- any fit: SVI with any guide, MAP, iterative BMR, a
+Laplace fit -- and writes into it
 
-* ``posterior.nc``: the dense model's InferenceData (:func:`pyro_sparse.diagnostics.to_inference_data`),
-  and ``posterior-<rule>.nc`` for each reduced model (pruned weights fixed at 0);
+* ``posterior.nc``: the dense model's InferenceData (:func:`pyro_sparse.diagnostics.to_inference_data`,
+  draws from the fitted posterior: the guide, or a Laplace fit's Gaussian), and
+  ``posterior-<rule>.nc`` for each reduced model (pruned parameters fixed at 0);
 * PNG figures: ``training.png``, ``scores.png``, ``sparsity.png``, ``accuracy_vs_sparsity.png``,
   ``forest.png``;
 * ``report.md`` (tables + links to the figures) and ``report.json`` (the same numbers).
 
-Reduction rules read only the posterior summary (:func:`pyro_sparse.summary.summarize`):
+The reduced models come from the rules of :mod:`pyro_sparse.reduction.rules` that apply to the
+run's posterior summary (``trainer.posterior_summary()``), each at its own threshold (the
+recipe's ``reduction: {method, threshold}`` sets the threshold of its rule): the rules with a
+threshold (``log-alpha``, ``savage-dickey``, ``bmr``, ``group-log-alpha``, ``horseshoe-scale``),
+``spike-slab``, and ``opd`` at the sparsity of the first of them (or 90%), so OPD is compared
+at equal size; rules whose masks coincide share one reduced model. Every parameter tensor the
+rules judge (weights of every layer, recurrent group variables) is pruned; biases stay.
 
-* ``log-alpha-<t>``: drop weights with log alpha = log sigma^2 - log theta^2 > t (default 3;
-  Molchanov, Ashukha & Vetrov 2017), where the guide is Gaussian;
-* ``savage-dickey``: drop weights whose Savage-Dickey evidence change dF = ln q(0) - ln p(0) > 0
-  (Friston & Penny 2011), where the prior is a proper Gaussian given its scales;
-* ``opd-<pct>``: keep the highest Optimal-Posterior-Damage scores P theta^2 (Dhahri et al.
-  2024) at the sparsity of the first threshold rule (or 90% without one), so OPD is compared
-  at equal size. Under a Gaussian VI posterior P = 1/sigma^2, so P theta^2 = 1/alpha and OPD
-  keeps exactly the weights log alpha keeps; rules with identical masks share one reduced model.
-
-Only weight tensors (parameter ``weight``) are pruned; biases stay. A recipe's ``reduction:
-{method, threshold}`` section overrides the threshold of the matching rule.
+Two accuracies, named everywhere the same way (:mod:`pyro_sparse.evaluation`): the
+*posterior-mean network* (one deterministic network at the posterior means, masked by a rule:
+what its compact network computes) and the *posterior predictive* with S draws (the ArviZ
+draws; ``test_accuracy`` of the InferenceData).
 """
 
 from __future__ import annotations
@@ -30,136 +31,80 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import diagnostics as D
-from . import plots
+from . import evaluation, plots
 from .checkpoint import write_json_atomic, write_text_atomic
 from .errors import PyroSparseError
-from .reduction import mask_by_sparsity, mask_by_threshold, opd_scores, savage_dickey
-from .summary import summarize
+from .reduction.compact import masked_module
+from .reduction.report import metric_key
+from .reduction.rules import applicable_rules, reduce
+from .registry import RULES
 
 SPARSITY_LEVELS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.985, 0.99, 0.993, 0.995, 0.998, 0.999)
 FIGURES = {"training": "training.png", "scores": "scores.png", "sparsity": "sparsity.png",
            "accuracy_vs_sparsity": "accuracy_vs_sparsity.png", "forest": "forest.png"}
+#: at most this many weight tensors in the sparsity maps (the largest)
+MAX_MAPS = 8
 
 
-@dataclass
-class Criterion:
-    """A per-weight pruning quantity: ``values`` per site, pruned on the ``prune`` side of
-    ``threshold`` (``None``: no natural threshold, the rule picks a sparsity)."""
-
-    name: str
-    label: str
-    values: dict
-    prune: str  # "above" or "below"
-    threshold: float | None = None
-    log10: bool = False
-    symlog: bool = False
-
-    def keep_scores(self) -> dict:
-        """Higher = keep, for :func:`~pyro_sparse.reduction.mask_by_sparsity`."""
-        return {k: -v if self.prune == "above" else v for k, v in self.values.items()}
-
-    def mask(self, threshold=None) -> dict:
-        t = self.threshold if threshold is None else threshold
-        return mask_by_threshold(self.values, t, keep="below" if self.prune == "above" else "above")
+def _sparsity(masks, summary) -> float:
+    """Fraction of the weights that ``masks`` remove."""
+    weights = summary.of_role("weight")
+    total = sum(s.loc.numel() for s in weights.values())
+    return 1.0 - sum(int(masks[k].sum()) for k in weights) / total
 
 
-def _finite(t):
-    return bool(torch.isfinite(t).all())
-
-
-def criteria(summary) -> dict[str, Criterion]:
-    """The pruning quantities defined for this posterior summary, over its weight tensors."""
-    weights = {k: s for k, s in summary.items() if s.param == "weight"}
-    out = {}
-    if weights and all(s.log_alpha is not None for s in weights.values()):
-        out["log-alpha"] = Criterion("log-alpha", "log alpha = log sigma^2 - log theta^2",
-                                     {k: s.log_alpha for k, s in weights.items()}, "above", 3.0)
-    precise = weights and all(_finite(s.precision) and bool((s.precision > 0).all()) for s in weights.values())
-    if precise and all(_finite(s.prior_precision) and bool((s.prior_precision > 0).all()) for s in weights.values()):
-        out["savage-dickey"] = Criterion(
-            "savage-dickey", "Savage-Dickey dF = ln q(0) - ln p(0)",
-            {k: savage_dickey(s.loc, s.precision, s.prior_loc, s.prior_precision) for k, s in weights.items()},
-            "above", 0.0, symlog=True)
-    if precise:
-        out["opd"] = Criterion("opd", "OPD score P theta^2",
-                               {k: opd_scores(s.loc, s.precision) for k, s in weights.items()}, "below", None,
-                               log10=True)
-    if weights:
-        out["magnitude"] = Criterion("magnitude", "|theta|", {k: s.loc.abs() for k, s in weights.items()},
-                                     "below", None, log10=True)
-    return out
-
-
-def _sparsity(masks) -> float:
-    total = sum(m.numel() for m in masks.values())
-    return 1.0 - sum(int(m.sum()) for m in masks.values()) / total
-
-
-def _threshold_at(criterion: Criterion, masks) -> float:
-    """The score value at the cut of a sparsity mask (smallest kept score)."""
-    kept = [v[m] for v, m in zip(criterion.values.values(), masks.values()) if bool(m.any())]
-    return float(torch.cat([k.reshape(-1) for k in kept]).min()) if kept else float("inf")
-
-
-def reduction_rules(crit: dict[str, Criterion], recipe: dict | None = None) -> dict[str, tuple]:
-    """Rule name -> (criterion name, masks, threshold) for the reduced models of a report."""
-    overrides = {}
+def report_rules(summary, recipe: dict | None = None) -> dict:
+    """Rule label -> :class:`~pyro_sparse.reduction.rules.Decision` for the reduced models of a
+    report (see the module docstring)."""
     section = (recipe or {}).get("reduction") or {}
-    if "method" in section and "threshold" in section:
-        overrides[str(section["method"]).replace("_", "-")] = float(section["threshold"])
-    rules = {}
-    for name in ("log-alpha", "savage-dickey"):
-        if name in crit:
-            t = overrides.get(name, crit[name].threshold)
-            crit[name].threshold = t
-            rule = f"log-alpha-{t:g}" if name == "log-alpha" else name
-            rules[rule] = (name, crit[name].mask(t), t)
-    if "opd" in crit:
-        first = next(iter(rules.values()), None)
-        sparsity = _sparsity(first[1]) if first else 0.9
-        masks = mask_by_sparsity(crit["opd"].keep_scores(), sparsity)
-        crit["opd"].threshold = _threshold_at(crit["opd"], masks)
-        rules[f"opd-{round(100 * sparsity)}"] = ("opd", masks, crit["opd"].threshold)
-    return rules
+    own = str(section.get("method", "")).replace("_", "-")
+    applies = applicable_rules(summary)
+    decisions = {}
+    for name, rule in RULES.items():
+        if applies[name] is not None or (rule.threshold is None and rule.ranks):
+            continue
+        threshold = rule.threshold
+        if name == own and section.get("threshold") is not None and rule.threshold is not None:
+            threshold = float(section["threshold"])
+        label = name if threshold is None else f"{name}-{threshold:g}"
+        decisions[label] = reduce(summary, rule, threshold=threshold)
+    if applies.get("opd") is None:
+        first = next(iter(decisions.values()), None)
+        sparsity = _sparsity(first.masks, summary) if first is not None else 0.9
+        decisions[f"opd-{round(100 * sparsity)}"] = reduce(summary, "opd", sparsity=min(sparsity, 0.999))
+    return decisions
 
 
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@torch.no_grad()
-def point_metric(network, values: dict, x, y) -> float:
-    """Held-out accuracy (classification) or RMSE (regression) of the network at point values."""
-    out = network.point_outputs(x, values)
+def point_metric(network, values: dict, masks, x, y, noise=None) -> float:
+    """Held-out accuracy (RMSE for regression) of the masked posterior-mean network."""
     lik = network.likelihood
-    if lik.task == "regression":
-        return (out - y).square().mean().sqrt().item()
-    pred = out.argmax(-1) if lik.task == "classification" else (out.squeeze(-1) > 0).long()
-    return (pred == y.long()).double().mean().item()
+    module = masked_module(network, values, masks)
+    return evaluation.evaluate(evaluation.point_predictive(module), x, y, lik, noise)[metric_key(lik)]
 
 
-def masked_values(values: dict, masks: dict) -> dict:
-    return {k: v * masks[k].to(v.dtype) if k in masks else v for k, v in values.items()}
-
-
-def sparsity_sweep(network, guide, crit: dict[str, Criterion], x, y, levels=SPARSITY_LEVELS) -> dict:
-    """method -> (sparsities, point metric at the posterior median with that mask)."""
-    median = guide.median()
+def sparsity_sweep(run, summary, levels=SPARSITY_LEVELS, noise=None) -> dict:
+    """Rule -> (sparsities, accuracy of the masked posterior-mean network) for every ranking
+    rule that applies, at each target sparsity."""
+    data = run.dataset
+    values = summary.locs()
     curves = {}
-    for name, c in crit.items():
-        keep = c.keep_scores()
+    for name, reason in applicable_rules(summary).items():
+        if reason is not None or not RULES[name].ranks:
+            continue
         s_list, m_list = [], []
         for level in levels:
-            masks = mask_by_sparsity(keep, level) if level > 0 else {k: torch.ones_like(v, dtype=torch.bool)
-                                                                       for k, v in keep.items()}
-            s_list.append(_sparsity(masks))
-            m_list.append(point_metric(network, masked_values(median, masks), x, y))
+            masks = reduce(summary, name, sparsity=level).masks if level > 0 else {}
+            s_list.append(_sparsity(masks, summary) if masks else 0.0)
+            m_list.append(point_metric(run.network, values, masks, data.x_test, data.y_test, noise))
         curves[name] = (s_list, m_list)
     return curves
 
@@ -241,7 +186,7 @@ def _loo_row(name, idata, loo) -> dict:
     return row
 
 
-def write_report(directory: str, num_samples: int = 100, seed: int = 0, progress=print) -> dict:
+def write_report(directory: str, num_samples: int = 100, seed: int = 0, progress=print, data=None) -> dict:
     """Write ``posterior.nc``, the reduced models' ``posterior-<rule>.nc``, the figures,
     ``report.md`` and ``report.json`` into a run directory; returns the report's numbers."""
     from .runs import load_run
@@ -249,32 +194,39 @@ def write_report(directory: str, num_samples: int = 100, seed: int = 0, progress
     if not isinstance(num_samples, int) or num_samples < 2:
         raise PyroSparseError(f"--samples must be an integer >= 2 (PSIS needs several draws), got {num_samples!r}")
     start = time.perf_counter()
-    run = load_run(directory)
-    net, guide, data = run.network, run.guide, run.dataset
+    run = load_run(directory, data=data)
+    net, data = run.network, run.dataset
     history = getattr(run.trainer, "history", []) or []
+    summary = run.trainer.posterior_summary()
+    values = summary.locs()
+    noise = run.guide.median().get("likelihood.noise") if getattr(net.likelihood, "learn_noise", False) else None
+    key = metric_key(net.likelihood)
 
     dense = D.run_inference_data(run, num_samples, seed=seed)
     D.save(dense, os.path.join(directory, "posterior.nc"))
-    summary = summarize(net, guide)
-    crit = criteria(summary)
-    rules = reduction_rules(crit, run.recipe)
+    decisions = report_rules(summary, run.recipe)
     models = {"dense": dense}
     rule_info = []
-    for rule, (cname, masks, threshold) in rules.items():
-        twin = next((r for r, (_, m, _) in rules.items() if r in models and _same(m, masks)), None)
+    for label, decision in decisions.items():
+        masks = decision.masks
+        twin = next((r for r, d in decisions.items() if r in models and _same(d.masks, masks)), None)
         if twin is None:  # the same masks give the same reduced model: build it once
             idata = D.run_inference_data(run, num_samples, masks=masks, seed=seed,
-                                         extra_attrs={"reduction": rule, "reduction_threshold": threshold})
-            D.save(idata, os.path.join(directory, f"posterior-{rule}.nc"))
-            models[rule] = idata
-        a = D.attributes(models[twin or rule])
-        rule_info.append({"rule": rule, "criterion": crit[cname].label, "threshold": threshold,
-                          "weight sparsity": _sparsity(masks), "sparsity": a["sparsity"],
+                                         extra_attrs={"reduction": label,
+                                                      "reduction_threshold": decision.options.get("threshold")})
+            D.save(idata, os.path.join(directory, f"posterior-{label}.nc"))
+            models[label] = idata
+        a = D.attributes(models[twin or label])
+        rule_info.append({"rule": label, "quantity": RULES[decision.method].quantity,
+                          "threshold": decision.options.get("threshold"),
+                          "weight sparsity": _sparsity(masks, summary), "parameter sparsity": a["sparsity"],
                           "nonzero": a["num_nonzero"],
-                          "point accuracy" if net.likelihood.task != "regression" else "point RMSE":
-                              point_metric(net, masked_values(guide.median(), masks), data.x_test, data.y_test),
-                          "file": f"same masks as {twin}" if twin else f"posterior-{rule}.nc",
-                          **{f"kept {k}": f"{int(m.sum())}/{m.numel()}" for k, m in masks.items()}})
+                          f"{key} (posterior-mean network)":
+                              point_metric(net, values, masks, data.x_test, data.y_test, noise),
+                          f"{key} (predictive, {num_samples} draws)": a.get(f"test_{key}"),
+                          "file": f"same masks as {twin}" if twin else f"posterior-{label}.nc",
+                          **{f"kept {k}": f"{int(m.sum())}/{m.numel()}" for k, m in masks.items()
+                             if summary[k].role != "bias"}})
     loos = {name: D.loo(idata) for name, idata in models.items()}
     loo_rows = [_loo_row(name, models[name], loos[name]) for name in models]
     corrected = D.importance_corrected_loo(dense)
@@ -285,31 +237,37 @@ def write_report(directory: str, num_samples: int = 100, seed: int = 0, progress
     if history:
         figs["training"] = plots.plot_training(history, os.path.join(directory, FIGURES["training"]),
                                                title=run.model_spec.get("name", "run"))
-    panels = [{"scores": c.values, "threshold": c.threshold, "label": c.label, "prune": c.prune, "log10": c.log10,
-               "symlog": c.symlog,
-               "title": f"{c.name}: prune {c.prune} the threshold"}
-              for c in crit.values() if c.threshold is not None and c.name != "magnitude"]
+    panels = []
+    for label, decision in decisions.items():
+        rule = RULES[decision.method]
+        if rule.threshold is None or not decision.scores:
+            continue
+        panels.append({"scores": decision.scores, "threshold": decision.options["threshold"], "label": rule.quantity,
+                       "prune": rule.prunes, "log10": rule.plot == "log10", "symlog": rule.plot == "symlog",
+                       "title": f"{label}: prune {rule.prunes} the threshold"})
     if panels:
         figs["scores"] = plots.plot_score_histograms(panels, os.path.join(directory, FIGURES["scores"]))
-    if rules:
-        first = next(iter(rules))
+    if decisions:
+        first = next(iter(decisions))
+        weights = {k: m for k, m in decisions[first].masks.items() if summary[k].role == "weight"}
+        shown = dict(sorted(weights.items(), key=lambda kv: -kv[1].numel())[:MAX_MAPS])
+        shown = {k: shown[k] for k in weights if k in shown}  # network order
         figs["sparsity"] = plots.plot_sparsity_maps(
-            rules[first][1], os.path.join(directory, FIGURES["sparsity"]),
-            title=f"kept weights (black) under {first}: sparsity {_sparsity(rules[first][1]):.2%}")
-    ylabel = "test RMSE (point, posterior median)" if net.likelihood.task == "regression" \
-        else "test accuracy (point, posterior median)"
-    if crit:
-        curves = sparsity_sweep(net, guide, crit, data.x_test, data.y_test)
-        points = {r["rule"]: (r["weight sparsity"], r.get("point accuracy", r.get("point RMSE"))) for r in rule_info}
+            shown, os.path.join(directory, FIGURES["sparsity"]),
+            title=f"kept weights (black) under {first}: sparsity {_sparsity(decisions[first].masks, summary):.2%}"
+                  + (f" ({len(shown)} largest of {len(weights)} weight tensors)" if len(shown) < len(weights) else ""))
+    ylabel = f"test {key} (posterior-mean network, masked)"
+    curves = sparsity_sweep(run, summary, noise=noise)
+    if curves:
+        points = {r["rule"]: (r["weight sparsity"], r[f"{key} (posterior-mean network)"]) for r in rule_info}
         figs["accuracy_vs_sparsity"] = plots.plot_accuracy_vs_sparsity(
             curves, os.path.join(directory, FIGURES["accuracy_vs_sparsity"]), points, ylabel=ylabel,
-            title=f"{run.model_spec.get('name', 'run')} on {data.name}: pruning by each score")
-    else:
-        curves = {}
+            title=f"{run.model_spec.get('name', 'run')} on {data.name}: pruning by each rule")
     figs["forest"] = D.plot_forest(dense, os.path.join(directory, FIGURES["forest"]))
     seconds = time.perf_counter() - start
 
     result = {"directory": directory, "num_samples": num_samples, "seconds": seconds,
+              "summary_method": summary.method, "metric": key,
               "attributes": D.attributes(dense), "loo": loo_rows, "importance_corrected_loo": corrected,
               "rules": rule_info, "figures": {k: os.path.basename(v) for k, v in figs.items()},
               "accuracy_vs_sparsity": {k: {"sparsity": s, "metric": m} for k, (s, m) in curves.items()},
@@ -345,7 +303,8 @@ def _report_markdown(run, result, table, summary, dense, history) -> str:
     lines = [f"# Report: {os.path.basename(os.path.abspath(run.directory))}", "",
              f"Model `{a.get('model')}` on `{a.get('data')}`, fitted by `{a.get('method')}` "
              f"({a.get('epochs', '?')} epochs); {a['num_weights']} parameters. "
-             f"Posterior draws: {result['num_samples']} (one chain of independent draws from the guide). "
+             f"Posterior summary: `{result['summary_method']}`. "
+             f"Posterior draws: {result['num_samples']} (one chain of independent draws from the fitted posterior). "
              f"Report written in {result['seconds']:.1f} s.", ""]
     lines += ["## Priors", "", markdown_table([{"site": k, "prior": ", ".join(f"{kk}={vv}" for kk, vv in v.items())}
                                                for k, v in a["priors"].items()]), ""]
@@ -405,7 +364,8 @@ def _report_markdown(run, result, table, summary, dense, history) -> str:
         for i in range(len(levels)):
             rows.append({"target sparsity": SPARSITY_LEVELS[i],
                          **{m: v["metric"][i] for m, v in curves.items()}})
-        lines += ["Point accuracy (posterior median, masked) at each sparsity:", "", markdown_table(rows), ""]
+        lines += [f"Test {result['metric']} of the posterior-mean network, masked by each rule at each target "
+                  "sparsity:", "", markdown_table(rows), ""]
     extra = _reduction_files(run.directory)
     if extra:
         lines += ["## Reduction results on disk", ""]

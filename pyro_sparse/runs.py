@@ -25,17 +25,11 @@ from . import distributed as ddp
 from .checkpoint import read_json, write_json_atomic, write_text_atomic
 from .data import Dataset, load_dataset
 from .errors import PyroSparseError, PyroSparseWarning, SpecError
-from .fitting import CHECKPOINT, SVITrainer
+from .fitting import CHECKPOINT
 from .guides import build_guide
 from .recipe import RECIPE_FIELDS, check_device, check_seed, load_recipe, parse_recipe
-from .spec import build_network, load_model_spec, parse_model_spec
-
-FITTERS = {"svi": SVITrainer}
-
-
-def register_fitter(method: str, trainer_cls):
-    FITTERS[method] = trainer_cls
-
+from .registry import FITTERS
+from .spec import build_network, load_model_spec, parse_model_spec, recipe_of
 
 @dataclass
 class Run:
@@ -78,7 +72,7 @@ def build(model_spec: dict, recipe: dict, dataset: Dataset) -> tuple:
 
 
 def make_trainer(run: Run, out_dir=None, progress=True):
-    cls = FITTERS[run.recipe.get("method", "svi")]
+    cls = FITTERS[run.recipe.get("method", "svi")]  # SVITrainer, LaplaceTrainer, IterativeBMRTrainer, ...
     return cls(run.network, run.guide, run.dataset, run.recipe, out_dir=out_dir, progress=progress)
 
 
@@ -117,10 +111,12 @@ def _overrides(recipe: dict, epochs, seed, device) -> dict:
     return out
 
 
-def fit_run(model_path: str, recipe_path: str, data: str, out_dir: str, epochs=None, seed=None,
+def fit_run(model_path: str, recipe_path: str | None, data: str, out_dir: str, epochs=None, seed=None,
             device=None, resume=False, overwrite=False, target=None, progress=True,
             distributed=None) -> tuple[Run, dict]:
     """Fit a model spec with a recipe on data into ``out_dir``; returns (run, final metrics).
+
+    ``recipe_path`` None: the recipe the spec names (``recipe:``).
 
     Everything (specs, recipe, overrides, device, data, network) is validated before
     ``out_dir`` is created or, with ``overwrite``, removed; ``overwrite`` only replaces a
@@ -150,6 +146,8 @@ def fit_run(model_path: str, recipe_path: str, data: str, out_dir: str, epochs=N
         recipe.update(changes)
     else:
         model_spec = load_model_spec(model_path)
+        if recipe_path is None:  # the spec's own recipe
+            recipe_path = recipe_of(model_spec)
         recipe = load_recipe(recipe_path)
         recipe.update(_overrides(recipe, epochs, seed, device))
     dataset = load_dataset(data, target=target, seed=0, options=model_spec.get("data"))
@@ -165,7 +163,13 @@ def fit_run(model_path: str, recipe_path: str, data: str, out_dir: str, epochs=N
     if main:
         os.makedirs(out_dir, exist_ok=True)
     if not resume and main:
-        write_text_atomic(os.path.join(out_dir, "model.yaml"), yaml.safe_dump(_strip(model_spec), sort_keys=False))
+        saved = _strip(model_spec)
+        if saved.get("recipe"):  # the copy lives elsewhere: name the spec's recipe by its absolute path
+            try:
+                saved["recipe"] = recipe_of(model_spec)
+            except SpecError:  # a copied spec whose recipe is not beside it (fitted with --inference)
+                del saved["recipe"]
+        write_text_atomic(os.path.join(out_dir, "model.yaml"), yaml.safe_dump(saved, sort_keys=False))
         write_text_atomic(os.path.join(out_dir, "inference.yaml"), yaml.safe_dump(_strip(recipe), sort_keys=False))
         write_json_atomic(os.path.join(out_dir, "run.json"), {
             "data": data, "target": target, "data_fingerprint": dataset.fingerprint(),
@@ -219,9 +223,3 @@ def parse_specs(model: dict, recipe: dict) -> tuple[dict, dict]:
     """Parse in-memory spec and recipe mappings (the Python API's equivalent of the YAML files)."""
     return parse_model_spec(model, "<model>"), parse_recipe(recipe, "<inference>")
 
-
-# Fitting methods defined in their own modules register themselves (method name + recipe section).
-from . import spam as _spam  # noqa: E402,F401  (method: laplace)
-from .reduction.iterative import IterativeBMRTrainer  # noqa: E402  (method: svi_bmr)
-
-register_fitter("svi_bmr", IterativeBMRTrainer)

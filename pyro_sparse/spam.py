@@ -1,4 +1,4 @@
-"""SpaM: online Laplace marginal-likelihood training, and Optimal Posterior Damage pruning.
+"""SpaM: online Laplace marginal-likelihood training, and its Laplace posterior summary.
 
 Dhahri, Immer, Charpentier, Günnemann, Fortuin (2024), "Shaving Weights with Occam's Razor:
 Bayesian Sparsification for Neural Networks Using the Marginal Likelihood" (SpaM), built on the
@@ -6,8 +6,8 @@ online model selection of Immer, Bauer, Fortuin, Rätsch, Khan (2021), "Scalable
 Likelihood Estimation for Model Selection in Deep Learning" (their Algorithm 1).
 
 **Training.** The weights ``theta`` of the network's deterministic twin
-(:meth:`~pyro_sparse.layers.Layer.deterministic`, parameters named like the sample sites,
-``fc1.weight``) follow the MAP objective under a Gaussian prior ``N(0, diag(delta)^-1)``; on a
+(:meth:`~pyro_sparse.network.BayesianNetwork.deterministic`, parameters named like the sample
+sites, ``fc1.weight``) follow the MAP objective under a Gaussian prior ``N(0, diag(delta)^-1)``; on a
 mini-batch ``B`` out of ``N`` training points
 
     ``loss(theta) = -(N / |B|) sum_{n in B} log p(y_n | f(x_n; theta)) - log N(theta; 0, diag(delta)^-1)``.
@@ -33,17 +33,13 @@ statistics -- the curvature and ``log p(D | theta)``, sums over the data -- are 
 partition of the rows and added with one all-reduce (:func:`laplace_statistics`); every rank
 then takes the same steps on ``log delta``. Only rank 0 evaluates and writes.
 
-**Posterior summary.** The fitted posterior ``N(theta, diag(H + delta)^-1)`` is summarised like
-any other fit (:func:`summarize_laplace` -> :class:`~pyro_sparse.summary.PosteriorSummary`, same
-site names as SVI), so BMR, Savage-Dickey, log-alpha, magnitude and OPD rules run on it
-unchanged. The summary's ``H`` is the exact diagonal GGN (or empirical Fisher) on the whole
-training set at the final ``theta``, whatever curvature drove training.
-
-**Pruning.** Optimal Posterior Damage ``s_i = P_ii theta_i^2`` ranks single weights
-(unstructured); for structured pruning a hidden unit's (filter's) score is the sum over its
-weight row and bias ``S_g = sum_{i in g} s_i``, and removing a unit masks its row, its bias and
-the columns of the next layer that read it (:func:`structured_masks`). A short masked
-fine-tune (:func:`masked_fine_tune`) can follow; masked weights stay exactly zero.
+**Posterior summary and pruning.** The fitted posterior ``N(theta, diag(H + delta)^-1)`` is
+summarised like any other fit (``trainer.posterior_summary()`` -> :func:`laplace_summary`, a
+:class:`~pyro_sparse.summary.PosteriorSummary` with the same site names as SVI), so every rule of
+:mod:`pyro_sparse.reduction.rules` runs on it unchanged -- Optimal Posterior Damage
+``s_i = P_ii theta_i^2`` (unstructured, or summed over a unit's row and bias when structured),
+BMR, Savage-Dickey, magnitude. A short masked fine-tune (:func:`masked_fine_tune`) can follow;
+masked weights stay exactly zero.
 """
 
 from __future__ import annotations
@@ -51,47 +47,30 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, evaluation
 from .curvature import LIKELIHOODS, diag_ef, diag_ggn, kfac_ggn, log_likelihood
 from .distributions import log_alpha
 from .errors import SpecError
 from .fitting import SVITrainer
-from .guides import DeltaGuide, _key
+from .guides import DeltaGuide, GaussianPosterior, _key
 from .laplace import PRIOR_STRUCTURES, kfac_eig, log_marglik_diag, log_marglik_kfac, make_prior_precision
-from .recipe import make_optimizer, make_scheduler, register_method
-from .reduction import (
-    group_scores,
-    magnitude_scores,
-    mask_by_sparsity,
-    opd_scores,
-    random_scores,
-    structured_mask,
-)
+from .recipe import make_optimizer, make_scheduler
 from .schema import Field, validate
 from .summary import PosteriorSummary, SiteSummary
 
 __all__ = [
     "LAPLACE_FIELDS",
     "LaplaceTrainer",
-    "deterministic_network",
     "laplace_curvature",
     "laplace_log_marglik",
     "laplace_statistics",
     "optimize_prior_precision",
-    "evaluate_deterministic",
     "laplace_summary",
-    "summarize_laplace",
-    "pruning_scores",
-    "unstructured_masks",
-    "structured_masks",
-    "prune_masks",
-    "mask_sparsity",
     "apply_masks",
     "masked_fine_tune",
 ]
@@ -145,27 +124,6 @@ LAPLACE_SECTION = _LaplaceSection("dict", validate(LAPLACE_FIELDS, {}), allow_no
 # --------------------------------------------------------------------------- networks and data
 
 
-def deterministic_network(network, values) -> nn.Sequential:
-    """The plain ``nn.Sequential`` twin of ``network`` with parameter values ``values`` (site -> tensor).
-
-    Unlike :meth:`BayesianNetwork.deterministic` the children are named like the layers
-    (``fc1``, ``relu1``), so parameter names equal site names (``fc1.weight``) and there is no
-    leading ``Unflatten``: inputs must already have ``network.input_shape``
-    (see :func:`_shaped`).
-    """
-    modules = OrderedDict()
-    for name, layer in network.layers.items():
-        own = {p: values[f"{name}.{p}"] for p in layer.priors()}
-        modules[name] = layer.deterministic(own)
-    return nn.Sequential(modules)
-
-
-def _shaped(network, x):
-    if network.input_shape is not None and tuple(x.shape[1:]) != tuple(network.input_shape):
-        return x.reshape(x.shape[0], *network.input_shape)
-    return x
-
-
 def _likelihood_of(network, source=None):
     """(curvature likelihood name, Gaussian noise std) of a network's likelihood."""
     lik = network.likelihood
@@ -178,34 +136,6 @@ def _likelihood_of(network, source=None):
                             "likelihood.learn_noise")
         return name, float(lik.noise)
     return name, 1.0
-
-
-@torch.no_grad()
-def evaluate_deterministic(model, likelihood, x, y, batch_size=2048) -> dict:
-    """Held-out metrics of a point estimate, as :func:`pyro_sparse.fitting.evaluate` computes them
-    for one posterior sample: accuracy (or RMSE) of the prediction and the mean NLL.
-
-    ``likelihood`` is the network's :class:`~pyro_sparse.likelihoods.Likelihood`; ``x`` must be
-    shaped for ``model``.
-    """
-    was_training = model.training
-    model.eval()
-    correct, sq_err, nll, n = 0.0, 0.0, 0.0, 0
-    for start in range(0, len(x), batch_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        outputs = model(xb).unsqueeze(0)
-        mean = likelihood.predictive_mean(outputs)
-        nll -= likelihood.log_predictive(outputs, yb).sum().item()
-        if likelihood.task == "regression":
-            sq_err += (mean - yb).square().sum().item()
-        else:
-            pred = mean.argmax(-1) if likelihood.task == "classification" else (mean > 0.5).long()
-            correct += (pred == yb.long()).sum().item()
-        n += len(xb)
-    model.train(was_training)
-    if likelihood.task == "regression":
-        return {"test_rmse": math.sqrt(sq_err / y.numel()), "test_nll": nll / n}
-    return {"test_accuracy": correct / n, "test_nll": nll / n}
 
 
 # --------------------------------------------------------------------------- the marginal likelihood
@@ -391,99 +321,7 @@ def laplace_summary(network, model, prior, x, y, likelihood, noise=1.0, hessian=
     return out
 
 
-def summarize_laplace(trainer) -> PosteriorSummary:
-    """The posterior summary of a fitted :class:`LaplaceTrainer` (see :func:`laplace_summary`),
-    on the whole training set at the current weights and prior precisions."""
-    return trainer.posterior_summary()
-
-
 # --------------------------------------------------------------------------- pruning
-
-
-def pruning_scores(summary, rule="opd", generator=None) -> dict:
-    """Per-weight scores of a summary; low scores are pruned first.
-
-    ``"opd"``: Optimal Posterior Damage ``P_ii theta_i^2`` (Dhahri et al. 2024); ``"magnitude"``:
-    ``|theta_i|``; ``"random"``: Uniform(0, 1) draws from ``generator``.
-    """
-    if rule == "opd":
-        return {name: opd_scores(s.loc, s.precision) for name, s in summary.items()}
-    if rule == "magnitude":
-        return {name: magnitude_scores(s.loc) for name, s in summary.items()}
-    if rule == "random":
-        return {name: random_scores(s.loc.shape, generator, dtype=s.loc.dtype).to(s.loc.device)
-                for name, s in summary.items()}
-    raise ValueError(f"rule must be 'opd', 'magnitude' or 'random', got rule={rule!r}")
-
-
-def unstructured_masks(scores, sparsity, scope="global") -> dict:
-    """Keep-masks removing the lowest-scoring fraction ``sparsity`` of single weights
-    (:func:`~pyro_sparse.reduction.mask_by_sparsity`; ``scope`` global or per layer)."""
-    return mask_by_sparsity(scores, sparsity, scope=scope)
-
-
-def _unit_layers(network):
-    """(layer, consumer layer) pairs: every parametric layer but the output one, and the next."""
-    names = [name for name, _ in network.bayesian_layers()]
-    return list(zip(names[:-1], names[1:]))
-
-
-def structured_masks(scores, network, fraction) -> dict:
-    """Keep-masks removing the lowest-scoring ``fraction`` of hidden units (filters) in every layer.
-
-    A unit's score is the sum of its weights' scores over its row (filter) and its bias,
-    ``S_g = sum_{i in g} s_i`` (Dhahri et al. 2024, structured OPD with ``s = opd``). The output
-    layer's units (classes, targets) are never removed. A removed unit of layer ``l`` masks its
-    weight row and bias, and the input columns of the next parametric layer that read it (for a
-    ``Flatten`` between a conv and a linear layer, the block of ``H*W`` columns of its
-    channel), so the unit is gone whatever the activation's value at 0.
-
-    Returns site -> bool mask (True = keep) for every site in ``scores``.
-    """
-    pairs = _unit_layers(network)
-    if not pairs:
-        raise ValueError("structured pruning needs at least one hidden parametric layer")
-    groups = {}
-    for layer, _ in pairs:
-        s = group_scores(scores[f"{layer}.weight"])
-        if f"{layer}.bias" in scores:
-            s = s + scores[f"{layer}.bias"]
-        groups[layer] = s
-    unit_keep = structured_mask(groups, fraction)
-    masks = {name: torch.ones(s.shape, dtype=torch.bool, device=s.device) for name, s in scores.items()}
-    for layer, consumer in pairs:
-        keep = unit_keep[layer]
-        w = masks[f"{layer}.weight"]
-        w &= keep.reshape(-1, *([1] * (w.dim() - 1)))
-        if f"{layer}.bias" in masks:
-            masks[f"{layer}.bias"] &= keep
-        cw = masks[f"{consumer}.weight"]
-        n_in = cw.shape[1]
-        if n_in % keep.numel():
-            raise ValueError(f"cannot map the {keep.numel()} units of {layer!r} onto the {n_in} inputs of "
-                             f"{consumer!r}")
-        cols = keep.repeat_interleave(n_in // keep.numel())
-        cw &= cols.reshape(1, -1, *([1] * (cw.dim() - 2)))
-    return masks
-
-
-def prune_masks(summary, sparsity, rule="opd", structured=False, network=None, scope="global", generator=None):
-    """Masks from a posterior summary: ``rule`` scores (:func:`pruning_scores`), then
-    :func:`unstructured_masks` (``sparsity`` = fraction of weights) or, with ``structured=True``,
-    :func:`structured_masks` (``sparsity`` = fraction of hidden units per layer; needs ``network``)."""
-    scores = pruning_scores(summary, rule, generator)
-    if structured:
-        if network is None:
-            raise ValueError("structured=True needs the network (to know which layer reads which unit)")
-        return structured_masks(scores, network, sparsity)
-    return unstructured_masks(scores, sparsity, scope)
-
-
-def mask_sparsity(masks) -> float:
-    """Fraction of entries removed (False) over all masks."""
-    total = sum(m.numel() for m in masks.values())
-    kept = sum(int(m.sum()) for m in masks.values())
-    return 1.0 - kept / total
 
 
 @torch.no_grad()
@@ -555,6 +393,9 @@ class LaplaceTrainer(SVITrainer):
     ``prior`` (a :class:`~pyro_sparse.laplace.PriorPrecision`), ``options`` (the laplace section).
     """
 
+    spec_name = "laplace"
+    recipe_sections = {"laplace": LAPLACE_SECTION}
+
     def __init__(self, network, guide, dataset, recipe, out_dir=None, progress=True):
         source = recipe.get("_source")
         self.network, self.guide, self.data, self.recipe = network, guide, dataset, recipe
@@ -571,8 +412,7 @@ class LaplaceTrainer(SVITrainer):
             raise SpecError(f"the curvature is fitted on {rows} rows, fewer than the {self.world} ranks; "
                             "raise laplace.curvature_subset or use fewer processes", source,
                             "laplace.curvature_subset")
-        self.x_train = _shaped(network, self.data.x_train)
-        self.x_test = _shaped(network, self.data.x_test)
+        self.x_train, self.x_test = self.data.x_train, self.data.x_test
         self.guide.setup(self.data.x_train[: self.batch_size], self.data.y_train[: self.batch_size],
                          dataset_size=self.num_train)
         self.guide.to(self.device)
@@ -581,7 +421,7 @@ class LaplaceTrainer(SVITrainer):
         if missing:
             raise SpecError(f"method laplace needs centred priors whose sample sites are the layer parameters; "
                             f"the guide has no sites {missing}", source, "prior")
-        self.net = deterministic_network(network, init).to(self.device)
+        self.net = network.deterministic(init).to(self.device)
         self.prior = make_prior_precision(self.options["structure"], self.net,
                                           init=self.options["prior_precision"]).to(self.device)
         self.optimizer = make_optimizer(self.net.parameters(), recipe["optimizer"])
@@ -766,8 +606,7 @@ class LaplaceTrainer(SVITrainer):
     def evaluate(self, num_samples=None):
         """Held-out metrics of the MAP network (``num_samples`` is ignored: a point estimate);
         data-parallel, rank 0 evaluates and hands the figures to every rank."""
-        args = (self.net, self.network.likelihood, self.x_test, self.data.y_test)
-        return evaluate_deterministic(*args) if self.world == 1 else distributed.on_main(evaluate_deterministic, *args)
+        return self.evaluate_model(self.net) if self.world == 1 else distributed.on_main(self.evaluate_model, self.net)
 
     # ------------------------------------------------------------------ the posterior and pruning
     def posterior_summary(self, batch_size=None) -> PosteriorSummary:
@@ -777,6 +616,13 @@ class LaplaceTrainer(SVITrainer):
                                self.likelihood, self.noise, self.options["hessian"],
                                batch_size or self.options["curvature_batch_size"],
                                method=f"laplace-{self.options['structure']}")
+
+    def posterior_guide(self):
+        """The Laplace posterior ``N(theta, diag(H + delta)^-1)`` as a Pyro guide
+        (:class:`~pyro_sparse.guides.GaussianPosterior`), for posterior draws and ArviZ data."""
+        summary = self.posterior_summary()
+        return GaussianPosterior(self.network.model, {k: (s.loc, s.variance) for k, s in summary.items()},
+                                 method=summary.method)
 
     def pruned(self, masks, fine_tune_epochs=0, lr=None, seed=None) -> nn.Sequential:
         """A masked copy of ``net`` (the trainer is unchanged), optionally fine-tuned for
@@ -790,17 +636,10 @@ class LaplaceTrainer(SVITrainer):
         return model.eval()
 
     def evaluate_model(self, model) -> dict:
-        """Held-out metrics of another deterministic twin (e.g. a pruned copy)."""
-        return evaluate_deterministic(model, self.network.likelihood, self.x_test, self.data.y_test)
+        """Held-out ``test_*`` metrics of a deterministic twin (the MAP network, a pruned copy)."""
+        was_training = model.training
+        figures = evaluation.evaluate(evaluation.point_predictive(model), self.x_test, self.data.y_test,
+                                      self.network.likelihood)
+        model.train(was_training)
+        return evaluation.prefixed(figures)
 
-
-register_method("laplace", laplace=LAPLACE_SECTION)
-
-
-def _register_fitter():
-    from .runs import register_fitter
-
-    register_fitter("laplace", LaplaceTrainer)
-
-
-_register_fitter()

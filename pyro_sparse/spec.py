@@ -11,6 +11,7 @@ A spec is a mapping::
       - {type: relu}
       - {type: linear, out: auto, prior: {type: gaussian, scale: 0.5}}
     likelihood: {type: categorical}
+    recipe: ../inference/svi_meanfield.yaml   # the recipe that fits it (relative to this file)
 
 It is checked in two passes, both before anything trains: :func:`parse_model_spec` checks keys,
 types, layer/prior names and values; :func:`build_network` resolves ``auto`` sizes from the
@@ -26,13 +27,10 @@ import os
 import torch
 import yaml
 
-from . import recurrent, text  # noqa: F401  (register the recurrent layers and the sequence likelihood)
-from .data import INPUT_FIELDS
+from .data import INPUT_FIELDS, TEXT_FIELDS
 from .errors import SpecError
-from .layers import LAYERS
-from .likelihoods import LIKELIHOODS
 from .network import BayesianNetwork
-from .priors import PRIORS
+from .registry import LAYERS, LIKELIHOODS, PRIORS
 from .schema import Field, short_repr, validate
 
 MODEL_FIELDS = {
@@ -43,7 +41,9 @@ MODEL_FIELDS = {
     "bias_prior": Field("any", None, allow_none=True),
     "layers": Field("list"),
     "likelihood": Field("any", "categorical"),
-    "data": Field("dict", None, allow_none=True),  # loader options: data.INPUT_FIELDS, or text.TEXT_FIELDS for a corpus
+    "data": Field("dict", None, allow_none=True),  # loader options: data.INPUT_FIELDS, or data.TEXT_FIELDS for a corpus
+    "recipe": Field("str", None, allow_none=True, doc="the inference recipe that fits this spec, relative to the spec "
+                                                      "file (what `fit` uses without --inference)"),
 }
 
 
@@ -105,7 +105,7 @@ def parse_model_spec(data: dict, source: str | None = None) -> dict:
     spec["likelihood"] = _typed(LIKELIHOODS, spec["likelihood"], "likelihood", source, "likelihood")
     if spec["data"] is not None:  # a text corpus's options, or array data's ``inputs``
         given = spec["data"]
-        checked = validate({**text.TEXT_FIELDS, **INPUT_FIELDS}, given, "data", source)
+        checked = validate({**TEXT_FIELDS, **INPUT_FIELDS}, given, "data", source)
         spec["data"] = {k: v for k, v in checked.items() if k in given}  # the loader fills its own defaults
     if not spec["layers"]:
         raise SpecError("expected at least one layer", source, "layers")
@@ -138,6 +138,20 @@ def load_model_spec(path: str) -> dict:
     spec = parse_model_spec(load_yaml(path), path)
     spec["_source"] = path
     return spec
+
+
+def recipe_of(spec: dict) -> str:
+    """The path of the recipe a loaded spec names (``recipe:``, relative to the spec file);
+    SpecError when it names none or the file is missing."""
+    source = spec.get("_source")
+    if not spec.get("recipe"):
+        raise SpecError("names no recipe (add `recipe: ../inference/<recipe>.yaml`), so fit needs --inference",
+                        source, "recipe")
+    path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(source)) if source else os.getcwd(),
+                                         spec["recipe"]))
+    if not os.path.isfile(path):
+        raise SpecError(f"the recipe {spec['recipe']!r} is not a file ({path})", source, "recipe")
+    return path
 
 
 def _resolve_input_shape(spec, feature_shape, image_shape, source):

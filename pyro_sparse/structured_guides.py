@@ -46,17 +46,18 @@ from torch.distributions import Normal, kl_divergence
 from torch.distributions.kl import register_kl
 
 from .distributions import LogScaleNormal, LogUniform, kl_normal_loguniform
-from .guides import LOG_SCALE_MAX, LOG_SCALE_MIN, MeanFieldGuide, _key, register_guide
+from .guides import LOG_SCALE_MAX, LOG_SCALE_MIN, MeanFieldGuide, _key
 
 
 # ---------------------------------------------------------------------------- structured
-@register_guide("structured")
 class StructuredGuide(MeanFieldGuide):
     """Mean-field over scales, weights conditioned on their group's scale (module docstring).
 
     Args: as :class:`~pyro_sparse.guides.MeanFieldGuide`. Parameters added: ``shifts`` (beta,
     one per weight of every site whose prior declares group sites).
     """
+
+    spec_name = "structured"
 
     def __init__(self, model, init_scale: float = math.exp(-5.0), init_scale_hyper: float = 0.1,
                  local_reparam: bool = True):
@@ -166,7 +167,6 @@ def lowrank_total_correlation(cov_factor, cov_diag):
     return 0.5 * torch.log1p(scaled.square().sum(-1)).sum() - 0.5 * logdet
 
 
-@register_guide("lowrank")
 class LowRankGuide(MeanFieldGuide):
     """Per-layer low-rank-plus-diagonal Gaussian for layers with at most ``max_params`` real
     parameters; mean-field elsewhere (module docstring).
@@ -179,6 +179,8 @@ class LowRankGuide(MeanFieldGuide):
             (``init_scale`` is the initial sqrt of D; F starts at zero, so the guide starts
             mean-field).
     """
+
+    spec_name = "lowrank"
 
     def __init__(self, model, rank: int = 10, max_params: int = 20000, init_scale: float = math.exp(-5.0),
                  init_scale_hyper: float = 0.1, local_reparam: bool = True):

@@ -4,8 +4,16 @@ For each layer parameter (``fc1.weight``, ...) a :class:`SiteSummary` holds a Ga
 approximation of its posterior marginals, ``N(loc, 1/precision)`` element-wise (plus an
 optional full or low-rank block where the guide has one), and the Gaussian prior that produced
 it, ``N(prior_loc, 1/prior_precision)`` (for hierarchical priors: the conditional prior given
-the fitted scales). BMR, Savage-Dickey, OPD and magnitude rules read only this, so they run
-unchanged on SVI and Laplace posteriors (DESIGN.md, "The flow of one run").
+the fitted scales), its ``role`` (a ``weight``, a ``bias``, or a ``group`` variable that
+multiplies other parameters, like the ``z`` of a gated LSTM) and, for a prior with a rule of
+its own, the group quantity that rule reads (``groups``: the log alpha of a group log-uniform
+``z``, the relative scale of a horseshoe group). Every reduction rule
+(:mod:`pyro_sparse.reduction.rules`) reads only this, so the rules run unchanged on SVI and
+Laplace posteriors (DESIGN.md, "The flow of one run").
+
+Where a summary comes from: :func:`summarize` (a fitted guide: mean-field, structured,
+low-rank, delta) and :func:`pyro_sparse.spam.laplace_summary` (a Laplace fit); a fitted run
+gives its own through ``trainer.posterior_summary()``.
 """
 
 from __future__ import annotations
@@ -30,10 +38,16 @@ class SiteSummary:
     axes: dict = field(default_factory=dict)  # group axis -> tensor dim
     log_alpha: torch.Tensor | None = None  # Sparse VD log sigma^2/theta^2, where defined
     block: dict | None = None  # {"precision": (n, n)} or {"cov_factor", "cov_diag"} over loc.flatten()
+    groups: dict = field(default_factory=dict)  # prior's rule name -> one value per group (broadcastable)
 
     @property
     def name(self):
         return f"{self.layer}.{self.param}"
+
+    @property
+    def role(self) -> str:
+        """``weight``, ``bias`` or ``group`` (:func:`param_role`)."""
+        return param_role(self.param)
 
     @property
     def variance(self):
@@ -45,7 +59,17 @@ class SiteSummary:
 
         return SiteSummary(self.layer, self.param, move(self.loc), move(self.precision), move(self.prior_loc),
                            move(self.prior_precision), self.axes, move(self.log_alpha),
-                           {k: move(v) for k, v in self.block.items()} if self.block else None)
+                           {k: move(v) for k, v in self.block.items()} if self.block else None,
+                           {k: move(v) for k, v in self.groups.items()})
+
+
+def param_role(param: str) -> str:
+    """What a parameter is, from its name: ``weight`` (``weight``, ``weight_ih``, ...), ``bias``,
+    or ``group`` (a multiplicative group variable such as ``z_hidden``, ``z_tokens``)."""
+    base = param.rsplit(".", 1)[-1]
+    if base.startswith("bias"):
+        return "bias"
+    return "weight" if base.startswith("weight") else "group"
 
 
 class PosteriorSummary(dict):
@@ -60,6 +84,10 @@ class PosteriorSummary(dict):
 
     def locs(self) -> dict[str, torch.Tensor]:
         return {k: s.loc for k, s in self.items()}
+
+    def of_role(self, role: str) -> dict:
+        """Site name -> :class:`SiteSummary` of the sites with ``role`` (``weight``, ``bias``, ``group``)."""
+        return {k: s for k, s in self.items() if s.role == role}
 
 
 @torch.no_grad()
@@ -87,5 +115,5 @@ def summarize(network, guide) -> PosteriorSummary:
         out[name] = SiteSummary(layer.site, param, loc, var.reciprocal(),
                                 torch.as_tensor(prior_loc, dtype=loc.dtype, device=loc.device),
                                 torch.as_tensor(prior_scale, dtype=loc.dtype, device=loc.device).square().reciprocal(),
-                                dict(layer.param_axes[param]), alpha, block)
+                                dict(layer.param_axes[param]), alpha, block, prior.group_summary(name, guide, values))
     return out

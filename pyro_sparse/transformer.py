@@ -51,9 +51,9 @@ convolutions (Molchanov et al. 2017). A recipe with ``local_reparam: false`` sam
 instead (exact, noisier). The position embedding and the class token are used once per
 example, so for them per-example draws are exact.
 
-Reduction: :mod:`pyro_sparse.reduction.transformer` removes heads and MLP hidden units; each
-layer here knows its compact form (``compact_entry`` / ``build_compact``), so
-:func:`pyro_sparse.reduction.compact` handles these networks.
+Compaction: each layer here compacts itself (:class:`SelfCompaction`, its part of the protocol
+of :mod:`pyro_sparse.compaction`): attention heads and MLP hidden units go by the rules in
+:mod:`pyro_sparse.reduction.transformer`, and ``build_compact`` rebuilds the compact module.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Layer, Linear, _Parametric, _Stateless, image_channels, last_dim, register_layer
+from .compaction import Compaction
+from .layers import Layer, Linear, _Parametric, _Stateless, image_channels, last_dim
 from .local_reparam import GaussianWeight, _sample_preactivation, _split, gaussian_conv2d, gaussian_linear
 from .priors import Gaussian, build_prior
 from .schema import Field
@@ -318,24 +319,177 @@ def _linear_module(weight, bias):
     return m
 
 
-# =========================================================================== reduction hooks
+# =========================================================================== compaction
+
+
+def _mask(masks, name, like):
+    m = masks.get(name)
+    return torch.ones_like(like, dtype=torch.bool) if m is None else m.to(like.device).bool()
+
+
+@torch.no_grad()
+def attention_heads(values: dict, masks: dict) -> dict:
+    r"""Plan the removal of attention heads (see :mod:`pyro_sparse.reduction.transformer`).
+
+    ``values``/``masks``: relative names ``q.weight`` ``(H, d, D)``, ``q.bias`` ``(H, d)``, k, v
+    alike, ``o.weight`` ``(D, H, d)``, ``o.bias`` ``(D,)`` (biases optional). Returns ``{"keep"``
+    (sorted kept head indices), ``"constant"`` (heads removed because their values are
+    constant), ``"unread"`` (heads removed because ``o`` ignores them), ``"params"`` (the compact
+    parameters, relative names; ``o.bias`` is present when the input had one or a constant head
+    was folded into it), ``"folded"`` (whether ``o.bias`` received a contribution)``}``.
+    """
+    wv, wo = values["v.weight"], values["o.weight"]
+    heads = wv.shape[0]
+    constant = ~_mask(masks, "v.weight", wv).reshape(heads, -1).any(1)
+    unread = ~_mask(masks, "o.weight", wo).transpose(0, 1).reshape(heads, -1).any(1)
+    remove = constant | unread
+    keep = torch.nonzero(~remove).squeeze(1)
+    params = {}
+    for p in ("q", "k", "v"):
+        params[f"{p}.weight"] = values[f"{p}.weight"][keep].contiguous()
+        if f"{p}.bias" in values:
+            params[f"{p}.bias"] = values[f"{p}.bias"][keep].contiguous()
+    params["o.weight"] = wo[:, keep].contiguous()
+    bias = values.get("o.bias")
+    fold = constant & ~unread
+    folded = bool(fold.any()) and "v.bias" in values and bool((values["v.bias"][fold] != 0).any())
+    if folded:
+        contribution = torch.einsum("dhj,hj->d", wo[:, fold], values["v.bias"][fold])
+        bias = contribution if bias is None else bias + contribution
+    if bias is not None:
+        params["o.bias"] = bias.contiguous()
+    return {"keep": keep.tolist(), "constant": torch.nonzero(constant).squeeze(1).tolist(),
+            "unread": torch.nonzero(unread & ~constant).squeeze(1).tolist(), "params": params, "folded": folded}
+
+
+@torch.no_grad()
+def mlp_units(values: dict, masks: dict, activation: str = "gelu") -> dict:
+    r"""Plan the removal of hidden units of ``fc2(act(fc1 x))`` (see :mod:`pyro_sparse.reduction.transformer`).
+
+    ``values``/``masks``: ``fc1.weight`` ``(M, in)``, ``fc1.bias`` ``(M,)``, ``fc2.weight``
+    ``(out, M)``, ``fc2.bias`` ``(out,)`` (biases optional). Returns ``{"keep", "constant",
+    "unread", "params", "folded"}`` like :func:`attention_heads`.
+    """
+    w1, w2 = values["fc1.weight"], values["fc2.weight"]
+    constant = ~_mask(masks, "fc1.weight", w1).any(1)
+    unread = ~_mask(masks, "fc2.weight", w2).any(0)
+    keep = torch.nonzero(~(constant | unread)).squeeze(1)
+    params = {"fc1.weight": w1[keep].contiguous(), "fc2.weight": w2[:, keep].contiguous()}
+    if "fc1.bias" in values:
+        params["fc1.bias"] = values["fc1.bias"][keep].contiguous()
+    bias = values.get("fc2.bias")
+    fold = constant & ~unread
+    folded = False
+    if bool(fold.any()):
+        b1 = values["fc1.bias"][fold] if "fc1.bias" in values else torch.zeros(int(fold.sum()), dtype=w1.dtype)
+        out = ACTIVATIONS[activation](b1)
+        if bool((out != 0).any()):
+            contribution = w2[:, fold] @ out
+            bias = contribution if bias is None else bias + contribution
+            folded = True
+    if bias is not None:
+        params["fc2.bias"] = bias.contiguous()
+    return {"keep": keep.tolist(), "constant": torch.nonzero(constant).squeeze(1).tolist(),
+            "unread": torch.nonzero(unread & ~constant).squeeze(1).tolist(), "params": params, "folded": folded}
+
+
+def _join(prefix, name):
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _sub(d: dict, prefix: str) -> dict:
+    """The entries of ``d`` under ``prefix`` with the prefix stripped (all of ``d`` for "")."""
+    if not prefix:
+        return dict(d)
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in d.items() if k.startswith(prefix + ".")}
+
+
+def _units_info(plan, total):
+    return {"total": total, "kept": plan["keep"], "removed": total - len(plan["keep"]),
+            "constant": len(plan["constant"]), "unread": len(plan["unread"])}
+
+
+def _units_info(plan, total):
+    return {"total": total, "kept": plan["keep"], "removed": total - len(plan["keep"]),
+            "constant": len(plan["constant"]), "unread": len(plan["unread"])}
+
+
+def _n(w, sparse):
+    return int((w != 0).sum()) if sparse else w.numel()
+
+
+def attention_flops(params: dict, tokens: int, sparse=False) -> int:
+    """FLOPs per example of self-attention with parameters ``params`` (relative names) on
+    ``tokens`` tokens (:mod:`pyro_sparse.reduction.transformer`)."""
+    h, d, _ = params["q.weight"].shape
+    proj = sum(_n(params[f"{p}.weight"], sparse) for p in "qkvo")
+    return 2 * tokens * proj + 4 * tokens * tokens * h * d
+
+
+def mlp_flops(params: dict, prefix: str, positions: int, sparse=False) -> int:
+    """FLOPs per example of the MLP at ``prefix`` applied at ``positions`` positions."""
+    return 2 * positions * (_n(params[f"{prefix}.fc1.weight"], sparse) + _n(params[f"{prefix}.fc2.weight"], sparse))
+
+
+class SelfCompaction(Compaction):
+    """The compaction of a layer that compacts only itself (its input and output widths stay):
+    :meth:`build` is the layer's ``compact_parts(values, masks)``."""
+
+    def __init__(self, name, layer, values, masks, in_shape, out_shape):
+        super().__init__(name, layer, in_shape, out_shape)
+        self.values = {k: v.detach() * masks[k].to(v.dtype) if k in masks else v.detach() for k, v in values.items()}
+        self.masks = masks
+
+    def build(self):
+        entry, params, info = self.layer.compact_parts(self.values, self.masks)
+        info["flops"] = self.layer.flops(params, self.in_shape)
+        info["flops_sparse"] = self.layer.flops(params, self.in_shape, sparse=True)
+        return entry, params, info
 
 
 class _Compactable:
-    """Hooks of :func:`pyro_sparse.reduction.compact` and the reduction report for layers that
-    compact themselves (:mod:`pyro_sparse.reduction.transformer`): ``compact_entry`` gives
-    ``(entry, params, info)``, the class method ``build_compact(entry)`` rebuilds the plain
-    module, ``reduction_counts`` the report's per-layer figures."""
+    """The compaction protocol of the layers here (:mod:`pyro_sparse.compaction`): each compacts
+    only itself (:class:`SelfCompaction`); ``compact_parts`` gives ``(entry, params, info)``
+    (default: the same shape, the masked values), the class method ``build_compact(entry)``
+    rebuilds the plain module and ``flops`` counts its cost."""
 
-    def compact_entry(self, values: dict, masks: dict):
-        from .reduction.transformer import compact_layer
+    def compaction(self, name, values, masks, in_shape, out_shape):
+        return SelfCompaction(name, self, values, masks, in_shape, out_shape)
 
-        return compact_layer(self, values, masks)
+    def compact_parts(self, values: dict, masks: dict):
+        return self.compact_spec(), {k: v.contiguous() for k, v in values.items()}, {}
 
-    def reduction_counts(self, values, masks, compact_params, info, in_shape) -> dict:
-        from .reduction.transformer import layer_counts
 
-        return layer_counts(self, values, masks, compact_params, info, in_shape)
+def _compact_heads(layer_entry, values, masks, params, info, prefix=""):
+    """Remove attention heads (:func:`attention_heads`) of the attention at ``prefix``."""
+    sub = _sub(values, prefix)
+    plan = attention_heads(sub, _sub(masks, prefix))
+    for k in [k for k in params if not prefix or k.startswith(prefix + ".")]:
+        del params[k]
+    params.update({_join(prefix, k): v for k, v in plan["params"].items()})
+    total = sub["v.weight"].shape[0]
+    layer_entry["heads"] = len(plan["keep"])
+    layer_entry["out_bias"] = _join(prefix, "o.bias") in params
+    info.update({"heads_total": total, "heads_kept": plan["keep"],
+                 "heads_removed": sorted(set(range(total)) - set(plan["keep"]))})
+    if plan["folded"]:
+        info.setdefault("folded", []).append(_join(prefix, "o"))
+
+
+def _compact_units(layer_entry, values, masks, params, info, prefix, activation):
+    """Remove hidden units (:func:`mlp_units`) of the MLP at ``prefix``."""
+    sub = _sub(values, prefix)
+    plan = mlp_units(sub, _sub(masks, prefix), activation)
+    for k in [k for k in params if k.startswith(prefix + ".")]:
+        del params[k]
+    params.update({_join(prefix, k): v for k, v in plan["params"].items()})
+    layer_entry[prefix] = len(plan["keep"])
+    layer_entry[f"{prefix}_bias"] = f"{prefix}.fc1.bias" in params
+    layer_entry[f"{prefix}_out_bias"] = f"{prefix}.fc2.bias" in params
+    info.setdefault("units", {})[f"{prefix}.fc1"] = _units_info(plan, sub["fc1.weight"].shape[0])
+    if plan["folded"]:
+        info.setdefault("folded", []).append(f"{prefix}.fc2")
 
 
 # =========================================================================== composite layers
@@ -397,7 +551,6 @@ def _prior_or(value, default):
 # =========================================================================== leaf layers
 
 
-@register_layer("layernorm")
 class LayerNorm(_Compactable, _Parametric):
     r"""Bayesian layer normalisation over the last dim (Ba, Kiros & Hinton 2016):
     :math:`y = g \odot (x - \bar x)/\sqrt{\mathrm{Var}(x) + \epsilon} + b`.
@@ -405,6 +558,8 @@ class LayerNorm(_Compactable, _Parametric):
     Gain ``weight`` (prior ``prior``, default N(1, 1): the identity map a priori) and ``bias``
     (default N(0, 1)), both ``(D,)`` on the ``unit`` axis. Under local reparameterisation the
     output is drawn element-wise (:func:`gaussian_elementwise`)."""
+
+    spec_name = "layernorm"
 
     prefix = "ln"
     fields = {"dim": Field("size", "auto"), "eps": Field("float", 1e-5, positive=True),
@@ -448,7 +603,6 @@ class LayerNorm(_Compactable, _Parametric):
         return 0  # element-wise, like activations (not counted)
 
 
-@register_layer("patch_embed")
 class PatchEmbed(_Compactable, _Parametric):
     r"""Patch embedding ``(C, H, W) -> (T, D)``, ``T = (H/p)(W/p)`` (Dosovitskiy et al. 2021).
 
@@ -456,6 +610,8 @@ class PatchEmbed(_Compactable, _Parametric):
     conv`` runs a convolution with kernel = stride = p; ``mode: linear`` runs the same map as a
     Linear layer on the flattened patches (``F.unfold``, features in (c, i, j) order). Tokens are
     in row-major patch order."""
+
+    spec_name = "patch_embed"
 
     prefix = "patch"
     fields = {"in": Field("size", "auto"), "dim": Field("int", positive=True),
@@ -549,9 +705,10 @@ class _Embedding(_Compactable, Layer):
         return 0
 
 
-@register_layer("pos_embed")
 class PosEmbed(_Embedding):
     """Learned position embedding: ``x + E``, ``E`` of shape ``(T, D)``."""
+
+    spec_name = "pos_embed"
 
     prefix = "pos"
 
@@ -585,9 +742,10 @@ class PosEmbed(_Embedding):
         return AddEmbedding(torch.empty(entry["tokens"], entry["dim"]))
 
 
-@register_layer("class_token")
 class ClassToken(_Embedding):
     """A learned class token ``(1, D)`` prepended to every sequence: ``(T, D) -> (T + 1, D)``."""
+
+    spec_name = "class_token"
 
     prefix = "cls"
 
@@ -619,9 +777,10 @@ class ClassToken(_Embedding):
         return PrependToken(torch.empty(1, entry["dim"]))
 
 
-@register_layer("token_pool")
 class TokenPool(_Stateless):
     """Global average pooling over tokens (``mode: mean``) or the class token (``mode: cls``)."""
+
+    spec_name = "token_pool"
 
     prefix = "pool"
     fields = {"mode": Field("choice", "mean", choices=("mean", "cls"))}
@@ -694,11 +853,12 @@ def _resolve_head_dim(owner, dim, heads, head_dim):
     return _positive_int(owner, "head_dim", head_dim)
 
 
-@register_layer("self_attention")
 class MultiHeadSelfAttention(_Compactable, Composite):
     """Bayesian multi-head self-attention ``(T, D) -> (T, D)`` (no residual; see
     :class:`TransformerBlock`). Sub-layers ``q``, ``k``, ``v`` (:class:`QKVProjection`) and ``o``
     (:class:`OutProjection`); ``prior``/``bias_prior`` apply to all four."""
+
+    spec_name = "self_attention"
 
     prefix = "attn"
     fields = {"dim": Field("size", "auto"), "heads": Field("int", positive=True), "head_dim": Field("size", "auto"),
@@ -743,9 +903,12 @@ class MultiHeadSelfAttention(_Compactable, Composite):
     def build_compact(cls, entry):
         return _attention_from_entry(entry)
 
-    def flops(self, params, in_shape, sparse=False):
-        from .reduction.transformer import attention_flops
+    def compact_parts(self, values, masks):
+        entry, params, info = self.compact_spec(), dict(values), {}
+        _compact_heads(entry, values, masks, params, info)
+        return entry, params, info
 
+    def flops(self, params, in_shape, sparse=False):
         return attention_flops(params, in_shape[0], sparse)
 
 
@@ -801,7 +964,6 @@ def _norm(dim, eps, norm_prior, norm_bias_prior):
     return LayerNorm(dim, eps, True, norm_prior, norm_bias_prior)
 
 
-@register_layer("transformer_block")
 class TransformerBlock(_Compactable, Composite):
     r"""Bayesian pre-LN transformer encoder block on ``(T, D)`` (:func:`transformer_block`).
 
@@ -811,6 +973,8 @@ class TransformerBlock(_Compactable, Composite):
     to ``prior``, the spec's default weight prior), ``bias_prior`` for every projection bias,
     ``norm_prior``/``norm_bias_prior`` for the LayerNorm gains/biases (default N(1, 1), N(0, 1)).
     """
+
+    spec_name = "transformer_block"
 
     prefix = "block"
     fields = {"dim": Field("size", "auto"), "heads": Field("int", positive=True), "head_dim": Field("size", "auto"),
@@ -865,13 +1029,17 @@ class TransformerBlock(_Compactable, Composite):
                                       _layer_norm_module(torch.ones(dim), torch.zeros(dim), eps),
                                       _mlp_from_entry(entry, "mlp"))
 
+    def compact_parts(self, values, masks):
+        entry, params, info = self.compact_spec(), dict(values), {}
+        _compact_heads(entry, values, masks, params, info, "attn")
+        _compact_units(entry, values, masks, params, info, "mlp", self.activation)
+        return entry, params, info
+
     def flops(self, params, in_shape, sparse=False):
-        from .reduction.transformer import block_flops
+        tokens = in_shape[0]
+        return attention_flops(_sub(params, "attn"), tokens, sparse) + mlp_flops(params, "mlp", tokens, sparse)
 
-        return block_flops(self, params, in_shape, sparse)
 
-
-@register_layer("mixer_block")
 class MixerBlock(_Compactable, Composite):
     r"""Bayesian MLP-Mixer block on ``(T, D)`` (:func:`mixer_block`; Tolstikhin et al. 2021).
 
@@ -880,6 +1048,8 @@ class MixerBlock(_Compactable, Composite):
     ``token_prior``/``channel_prior`` for the two MLPs' weights (default ``prior``),
     ``bias_prior``, ``norm_prior``/``norm_bias_prior`` as in :class:`TransformerBlock`.
     """
+
+    spec_name = "mixer_block"
 
     prefix = "block"
     fields = {"tokens": Field("size", "auto"), "dim": Field("size", "auto"),
@@ -941,7 +1111,12 @@ class MixerBlock(_Compactable, Composite):
                                 _layer_norm_module(torch.ones(dim), torch.zeros(dim), eps),
                                 _mlp_from_entry(entry, "channel_mlp"))
 
-    def flops(self, params, in_shape, sparse=False):
-        from .reduction.transformer import block_flops
+    def compact_parts(self, values, masks):
+        entry, params, info = self.compact_spec(), dict(values), {}
+        _compact_units(entry, values, masks, params, info, "token_mlp", self.activation)
+        _compact_units(entry, values, masks, params, info, "channel_mlp", self.activation)
+        return entry, params, info
 
-        return block_flops(self, params, in_shape, sparse)
+    def flops(self, params, in_shape, sparse=False):
+        tokens, dim = in_shape  # token mixing runs once per channel, channel mixing once per token
+        return mlp_flops(params, "token_mlp", dim, sparse) + mlp_flops(params, "channel_mlp", tokens, sparse)

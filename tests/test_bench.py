@@ -90,22 +90,3 @@ def test_registry_resolves_files_and_skips_what_is_missing():
     unknown = Model("u", "u", "digits", {"log_uniform": (Derived("models/mlp_gaussian.yaml",
                                                                  {"prior": {"type": "no_such_prior"}}),)})
     assert "no_such_prior" in resolve(unknown, METHODS["sparsevd"]).reason
-
-
-def test_decision_from_masks_counts_units():
-    from bench.quality import decision_from_masks
-    from pyro_sparse.summary import PosteriorSummary, SiteSummary
-
-    s = PosteriorSummary()
-    axes = {"weight": {"unit": 0, "input": 1}, "bias": {"unit": 0}}
-    for layer, shape in (("fc1", (3, 2)), ("fc2", (2, 3))):
-        for param, sh in (("weight", shape), ("bias", shape[:1])):
-            s[f"{layer}.{param}"] = SiteSummary(layer, param, torch.ones(sh), torch.ones(sh), torch.zeros(()),
-                                                torch.ones(()), axes[param], None, None)
-    masks = {"fc1.weight": torch.tensor([[True, False], [False, False], [True, True]]),
-             "fc2.weight": torch.zeros(2, 3, dtype=torch.bool)}
-    d = decision_from_masks(s, masks, "prior")
-    assert d.units["fc1"].tolist() == [True, False, True]
-    assert d.units["fc2"].tolist() == [True, True]  # the output layer keeps its units
-    assert d.sparsity == pytest.approx(1 - 3 / 12)
-    assert d.masks["fc1.bias"].all()

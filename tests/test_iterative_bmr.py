@@ -4,6 +4,8 @@ import math
 
 import pyro.poutine as poutine
 import pytest
+
+from pyro_sparse.errors import SpecError
 import torch
 from torch.distributions import Normal, kl_divergence
 
@@ -102,11 +104,16 @@ def test_pruned_weights_stay_pruned_across_blocks(digits, tmp_path):
 
 
 def test_bad_reduction_section_names_the_field(digits):
-    spec = parse_model_spec({"layers": [{"type": "linear", "in": "auto", "out": "auto"}]})
-    recipe = parse_recipe({"method": "svi_bmr", "reduction": {"method": "opd"}})
-    net, guide = build(spec, recipe, digits)
-    with pytest.raises(Exception, match="reduction.method"):
-        IterativeBMRTrainer(net, guide, digits, recipe, progress=False)
+    """The recipe is checked when it is parsed: an iterative-BMR recipe against its own section,
+    any other against the rules of the registry."""
+    with pytest.raises(SpecError, match="reduction.method: expected one of 'savage-dickey', 'bmr', 'spike-slab'"):
+        parse_recipe({"method": "svi_bmr", "reduction": {"method": "opd"}})
+    with pytest.raises(SpecError, match="reduction.method: expected one of .*'horseshoe-scale'"):
+        parse_recipe({"method": "svi", "reduction": {"method": "obd"}})
+    with pytest.raises(SpecError, match="reduction.sparsity"):
+        parse_recipe({"method": "svi", "reduction": {"method": "opd", "sparsity": 1.5}})
+    assert parse_recipe({"reduction": {"method": "opd", "sparsity": 0.9}})["reduction"] == {"method": "opd",
+                                                                                           "sparsity": 0.9}
 
 
 def test_the_direct_path_gives_the_pyro_paths_run(digits):

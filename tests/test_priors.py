@@ -10,7 +10,8 @@ from pyro_sparse.errors import SpecError
 from pyro_sparse.guides import MeanFieldGuide, prototype_trace, latent_sites
 from pyro_sparse.layers import Conv2d, Linear, ReLU, Flatten
 from pyro_sparse.network import BayesianNetwork
-from pyro_sparse.priors import GroupLogUniform, Horseshoe, LogUniform, prior_masks
+from pyro_sparse.priors import GroupLogUniform, Horseshoe, LogUniform
+from pyro_sparse.reduction import reduce
 from pyro_sparse.spec import build_network, parse_model_spec
 from pyro_sparse.summary import summarize
 
@@ -142,7 +143,10 @@ def test_decomposed_horseshoe_kl_is_analytic_and_cauchy_is_not():
         assert (kls[0] == kls[1]) is analytic, kls
 
 
-def test_keep_masks_follow_each_rule():
+def test_each_prior_contributes_its_rule_to_the_one_registry():
+    """The priors' own rules are reduction rules like any other: ``reduce(summary, name)`` reads
+    the group quantity the prior put into the summary, judges that prior's weights only, and
+    uses the rule's one default threshold."""
     net = BayesianNetwork([Linear(5, 4, prior=LogUniform()), ReLU(), Linear(4, 3, prior=GroupLogUniform("unit")),
                            ReLU(), Linear(3, 2, prior=Horseshoe(0.1, "input"))])
     guide = MeanFieldGuide(net.model, init_scale=0.1).setup(X)
@@ -152,14 +156,27 @@ def test_keep_masks_follow_each_rule():
         # lambda^2 = a * b with the horseshoe's input groups: relative scales 10, 1, 3
         guide.locs["fc3__weight__input_scale_a"].copy_(torch.zeros(1, 3))
         guide.locs["fc3__weight__input_scale_b"].copy_(torch.tensor([[100.0, 1.0, 9.0]]).log())
-    masks = prior_masks(net, guide)
-    assert set(masks) == {"fc1.weight", "fc2.weight", "fc3.weight"}
+    summary = summarize(net, guide)
     # log alpha = log 0.01 - log theta^2: kept iff theta^2 > 0.01 e^-3
-    assert masks["fc1.weight"][0].tolist() == [True, True, False, False, True]
-    # log alpha_z = log 0.01 - log z^2 = -4.6, 9.2, -3.2
-    assert masks["fc2.weight"].shape == (3, 4) and masks["fc2.weight"][:, 0].tolist() == [True, False, True]
+    assert reduce(summary, "log-alpha").masks["fc1.weight"][0].tolist() == [True, True, False, False, True]
+    # log alpha_z = log 0.01 - log z^2 = -4.6, 9.2, -3.2; only the group prior's weights are judged
+    group = reduce(summary, "group-log-alpha")
+    assert group.masks["fc2.weight"].shape == (3, 4) and group.masks["fc2.weight"][:, 0].tolist() == [True, False, True]
+    assert bool(group.masks["fc1.weight"].all()) and bool(group.masks["fc3.weight"].all())
+    assert group.options["threshold"] == 0.0
     torch.testing.assert_close(net.layers["fc3"].weight_prior.relative_scale("fc3.weight", guide.median()),
                                torch.tensor([[10.0, 1.0, 3.0]]))
-    assert masks["fc3.weight"][0].tolist() == [True, False, True]
-    assert prior_masks(net, guide, {"horseshoe": 5.0})["fc3.weight"][0].tolist() == [True, False, False]
-    assert prior_masks(net, guide, {"group_log_uniform": -4.0})["fc2.weight"][:, 0].tolist() == [True, False, False]
+    scale = reduce(summary, "horseshoe-scale")
+    assert scale.masks["fc3.weight"][0].tolist() == [True, False, True] and scale.options["threshold"] == 3.0
+    assert bool(scale.masks["fc2.weight"].all())
+    assert reduce(summary, "horseshoe-scale", threshold=5.0).masks["fc3.weight"][0].tolist() == [True, False, False]
+    assert reduce(summary, "group-log-alpha", threshold=-4.0).masks["fc2.weight"][:, 0].tolist() == [True, False, False]
+    # a prior's rule on a summary without that prior says so
+    plain = summarize(*_gaussian_net())
+    with pytest.raises(ValueError, match="group-log-alpha.*no site"):
+        reduce(plain, "group-log-alpha")
+
+
+def _gaussian_net():
+    net = BayesianNetwork([Linear(5, 4), ReLU(), Linear(4, 2)])
+    return net, MeanFieldGuide(net.model, init_scale=0.1).setup(X)

@@ -14,19 +14,14 @@ from pyro_sparse.guides import DeltaGuide, MeanFieldGuide
 from pyro_sparse.layers import Linear, ReLU
 from pyro_sparse.local_reparam import LocalReparameterization
 from pyro_sparse.network import BayesianNetwork
-from pyro_sparse.recurrent import GRU, LSTM, Embedding, LastStep, OneHot, recurrent_sequence
-from pyro_sparse.reduction.recurrent import (
-    compact_gru,
-    compact_lstm,
-    compact_recurrent_network,
-    masked_values,
-    recurrent_masks,
-    reduce_recurrent_network,
-    site_keep_masks,
-)
+from pyro_sparse.data import load_text
+from pyro_sparse.fitting import evaluate
+from pyro_sparse.likelihoods import SequenceCategorical
+from pyro_sparse.recurrent import (GRU, LSTM, Embedding, LastStep, OneHot, compact_recurrent, recurrent_masks,
+                                   recurrent_sequence)
+from pyro_sparse.reduction import compact, masked_values, reduce
 from pyro_sparse.spec import build_network, load_model_spec
 from pyro_sparse.summary import PosteriorSummary, SiteSummary
-from pyro_sparse.text import SequenceCategorical, evaluate_sequences, load_text
 
 
 def _random_params(net, generator, scale=0.5):
@@ -197,13 +192,13 @@ def test_removed_gate_is_constant():
     report = masks.report()
     assert report["gates"]["f"] == {"kept": 2, "constant": 1}
     assert report["gates"]["g"] == {"kept": 2, "constant": 1}
-    compact = compact_lstm(values["lstm.weight_ih"], values["lstm.weight_hh"], values["lstm.bias"], masks,
-                           z_gates=values["lstm.z_gates"])
+    module = compact_recurrent("lstm", values["lstm.weight_ih"], values["lstm.weight_hh"], values["lstm.bias"], masks,
+                               z_gates=values["lstm.z_gates"])
     b = values["lstm.bias"]
-    assert compact.weight_ih.shape[0] == 4 * H - 2  # no matmul rows for the constant gates
-    torch.testing.assert_close(compact.constants[[H + 1, 2 * H]], torch.stack([torch.sigmoid(b[H + 1]),
-                                                                                torch.tanh(b[2 * H])]))
-    torch.testing.assert_close(compact(x), net.point_outputs(x, values), atol=1e-6, rtol=1e-5)
+    assert module.weight_ih.shape[0] == 4 * H - 2  # no matmul rows for the constant gates
+    assert module.constant_index.tolist() == [H + 1, 2 * H]  # one stored number per constant gate
+    torch.testing.assert_close(module.constants.detach(), torch.stack([torch.sigmoid(b[H + 1]), torch.tanh(b[2 * H])]))
+    torch.testing.assert_close(module(x), net.point_outputs(x, values), atol=1e-6, rtol=1e-5)
 
 
 def test_recurrent_masks_rules_and_fixed_point():
@@ -244,6 +239,9 @@ def _summary_with_random_log_alpha(net, values, generator):
 @pytest.mark.parametrize("cls", [LSTM, GRU])
 @pytest.mark.parametrize("num_layers,return_sequence", [(1, False), (2, True)])
 def test_compact_network_equals_masked_model(cls, num_layers, return_sequence):
+    """Any rule's decision on a recurrent network compacts through the one protocol: removed
+    neurons deleted, removed gates constant, the reading layer's columns dropped, and the compact
+    network computes what the masked network does."""
     g = torch.Generator().manual_seed(5)
     layers = [("onehot", OneHot(6)),
               ("rnn", cls(6, 10, num_layers=num_layers, return_sequence=return_sequence, z_input=True,
@@ -256,30 +254,37 @@ def test_compact_network_equals_masked_model(cls, num_layers, return_sequence):
     values = _random_params(net, g)
     summary = _summary_with_random_log_alpha(net, values, g)
     summary["rnn.z_hidden"].log_alpha[[1, 4]] = 10.0  # two neurons surely go
-    reduction = reduce_recurrent_network(net, summary)
+    decision = reduce(summary, "log-alpha")
+    assert decision.masks["rnn.z_hidden"][[1, 4]].tolist() == [False, False]  # group variables are judged
     x = torch.randint(0, 6, (4, 7)).float()
-    masked = net.point_outputs(x, masked_values(values, reduction.keep))
-    compact = compact_recurrent_network(net, values, reduction)
-    torch.testing.assert_close(compact(x), masked, atol=1e-5, rtol=1e-5)
-    reports = reduction.report()["rnn"]
+    masked = net.point_outputs(x, masked_values(values, decision))
+    module = compact(net, summary, decision, input_shape=(7,))
+    torch.testing.assert_close(module(x), masked, atol=1e-5, rtol=1e-5)
+    reports = module.plan.layers["rnn"]["recurrent"]
     assert len(reports) == num_layers
     assert any(r["hidden"][0] < r["hidden"][1] for r in reports)  # some neurons really removed
-    cells = [m for m in compact if m.__class__.__name__ == "CompactRecurrent"]
-    assert [c.hidden_size for c in cells] == [r["hidden"][0] for r in reports]
+    cells = [m for m in module.rnn if m.__class__.__name__ == "CompactRecurrent"]
+    assert [c.hidden_size for c in cells[:-1]] == [r["hidden"][0] for r in reports[:-1]]
+    assert cells[-1].hidden_size == len(module.plan.kept_units["rnn"])
+    if num_layers == 1:  # z_hidden of the last stacked layer: 1 and 4 go, and with them their weights
+        assert 1 not in module.plan.kept_units["rnn"] and 4 not in module.plan.kept_units["rnn"]
+    reader = module.fc1 if not return_sequence else module.fc
+    assert reader.in_features == cells[-1].hidden_size
 
 
-def test_structured_masks_agree_with_raw_masks():
-    """Zeroing whole groups only removes what the element masks had already cut off."""
+def test_compact_lstm_under_an_input_shape_with_magnitude_pruning():
+    """A ranking rule on a recurrent network: weights go by magnitude, the structure follows."""
     g = torch.Generator().manual_seed(6)
     net = BayesianNetwork([("rnn", LSTM(3, 8, z_input=True, z_hidden=True, z_gates=True)), ("fc", Linear(8, 4))],
                           input_shape=(5, 3))
     values = _random_params(net, g)
     summary = _summary_with_random_log_alpha(net, values, g)
-    reduction = reduce_recurrent_network(net, summary)
+    decision = reduce(summary, "magnitude", sparsity=0.9)
     x = torch.randn(6, 15)
-    torch.testing.assert_close(net.point_outputs(x, masked_values(values, reduction.keep)),
-                               net.point_outputs(x, masked_values(values, site_keep_masks(summary))),
-                               atol=1e-6, rtol=1e-5)
+    module = compact(net, summary, decision)
+    torch.testing.assert_close(module(x), net.point_outputs(x, masked_values(values, decision)), atol=1e-6, rtol=1e-5)
+    report = module.plan.layers["rnn"]["recurrent"][0]
+    assert sum(g["constant"] for g in report["gates"].values()) > 0
 
 
 def test_compact_gru_single_layer_function():
@@ -293,7 +298,7 @@ def test_compact_gru_single_layer_function():
     m = recurrent_masks("gru", keep_ih, keep_hh, z_hidden=z_keep)
     x = torch.randn(2, 5, F)
     expected = recurrent_sequence("gru", x, w_ih * m.weight_ih, w_hh * m.weight_hh, b, None, z_h * z_keep, None)
-    out = compact_gru(w_ih, w_hh, b, m, z_hidden=z_h)(x)
+    out = compact_recurrent("gru", w_ih, w_hh, b, m, z_hidden=z_h)(x)
     torch.testing.assert_close(out, expected[..., m.hidden], atol=1e-6, rtol=1e-5)
 
 
@@ -355,7 +360,7 @@ def test_char_lm_spec_and_bits_per_character(tmp_path, root):
     assert "lstm.z_input" in net.param_sites() and "lstm.z_hidden" in net.param_sites()
     guide = DeltaGuide(net.model)
     guide.setup(data.x_train[:4], data.y_train[:4], dataset_size=len(data.x_train))
-    metrics = evaluate_sequences(net, guide, data.x_test, data.y_test)
+    metrics = evaluate(net, guide, data.x_test, data.y_test)
     logits = net.point_outputs(data.x_test, guide.median())
     nll = -torch.log_softmax(logits, -1).gather(-1, data.y_test.unsqueeze(-1)).mean().item()
     assert metrics["test_bpc"] == pytest.approx(nll / math.log(2), rel=1e-5)
@@ -398,11 +403,10 @@ def test_sparse_lstm_learns_to_remember_and_prunes():
                            "grad_clip": 10.0})
     metrics = SVITrainer(net, guide, data, recipe, progress=False).fit()
     assert metrics["test_accuracy"] > 0.95
-    reduction = reduce_recurrent_network(net, summarize(net, guide))
-    values = guide.median()
-    logits = compact_recurrent_network(net, values, reduction)(data.x_test)
+    module = compact(net, summarize(net, guide), reduce(summarize(net, guide), "log-alpha"))
+    logits = module(data.x_test)
     assert (logits.argmax(-1) == data.y_test).float().mean() > 0.95
-    report = reduction.report()["lstm"][0]
+    report = module.plan.layers["lstm"]["recurrent"][0]
     kept, total = report["weights"]
     assert kept / total < 0.15  # measured 46 / 1088
     assert report["hidden"][0] < 16
@@ -445,23 +449,28 @@ def test_char_lm_run_from_a_text_file_reports_bpc(tmp_path, root):
     assert metrics["test_bpc"] < 0.35 * unigram_bits  # measured 0.70 bits vs 3.98
 
 
-def test_site_keep_masks_rules():
+def test_rules_on_recurrent_sites():
+    """Weights and group variables of a recurrent layer go through the same rules as any other
+    site; biases are kept; a rule needing a proper prior leaves a log-uniform group variable to
+    log-alpha."""
     loc = torch.tensor([[0.1, 2.0], [0.0, -1.0]])
     precision = torch.tensor([[4.0, 4.0], [1.0, 100.0]])
     summary = PosteriorSummary()
     summary["l.weight_hh"] = SiteSummary("l", "weight_hh", loc, precision, torch.zeros(()), torch.ones(()), {},
                                          torch.tensor([[4.0, -1.0], [3.0, 3.5]]))
     summary["l.bias"] = SiteSummary("l", "bias", torch.zeros(2), torch.ones(2), torch.zeros(()), torch.ones(()), {})
-    assert set(site_keep_masks(summary)) == {"l.weight_hh"}  # biases are never pruned
-    assert site_keep_masks(summary)["l.weight_hh"].tolist() == [[False, True], [True, False]]
+    summary["l.z_hidden"] = SiteSummary("l", "z_hidden", torch.ones(2), torch.ones(2), torch.zeros(()),
+                                        torch.zeros(()), {}, torch.tensor([5.0, -5.0]))
+    d = reduce(summary, "log-alpha")
+    assert d.masks["l.weight_hh"].tolist() == [[False, True], [True, False]]
+    assert d.masks["l.z_hidden"].tolist() == [False, True] and bool(d.masks["l.bias"].all())
     # Savage-Dickey with prior N(0, 1): dF = 0.5 ln(P) - 0.5 P mu^2, keep where dF <= 0
     delta_f = 0.5 * precision.log() - 0.5 * precision * loc**2
-    assert torch.equal(site_keep_masks(summary, 0.0, "savage-dickey")["l.weight_hh"], delta_f <= 0)
-    with pytest.raises(ValueError, match="method"):
-        site_keep_masks(summary, method="magnitude")
+    sd = reduce(summary, "savage-dickey")
+    assert torch.equal(sd.masks["l.weight_hh"], delta_f <= 0) and bool(sd.masks["l.z_hidden"].all())
     summary["l.weight_hh"].log_alpha = None
     with pytest.raises(ValueError, match="no log alpha"):
-        site_keep_masks(summary)
+        reduce(summary, "log-alpha")
 
 
 def test_compact_with_every_neuron_removed():
@@ -469,7 +478,7 @@ def test_compact_with_every_neuron_removed():
     m = recurrent_masks("lstm", torch.ones(8, 3, dtype=torch.bool), torch.ones(8, 2, dtype=torch.bool),
                         z_hidden=torch.zeros(2, dtype=torch.bool))
     assert m.report()["hidden"] == (0, 2) and m.report()["weights"][0] == 0
-    out = compact_lstm(w_ih, w_hh, b, m, z_hidden=torch.ones(2))(torch.randn(4, 5, 3))
+    out = compact_recurrent("lstm", w_ih, w_hh, b, m, z_hidden=torch.ones(2))(torch.randn(4, 5, 3))
     assert out.shape == (4, 5, 0)
 
 

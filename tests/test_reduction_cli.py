@@ -36,19 +36,22 @@ def test_reduce_writes_the_report_and_a_loadable_compact_network(run_dir, capsys
     assert main(["reduce", run_dir, "--method", "opd", "--sparsity", "0.7", "--samples", "3"]) == 0
     printed = capsys.readouterr().out
     assert "test_accuracy_reduced" in printed and "units kept per layer" in printed
-    report = json.load(open(os.path.join(run_dir, "reduction-opd.json")))
+    report = json.load(open(os.path.join(run_dir, "reduction-opd-s0.7.json")))
     for key in ("sparsity", "units_removed", "compression_ratio", "test_accuracy_dense", "test_accuracy_reduced",
                 "test_nll_dense", "test_nll_reduced", "flops_dense", "flops_compact", "param_bytes_dense",
                 "param_bytes_compact", "layers", "test_accuracy_predictive_reduced"):
         assert key in report
     n_weights = 64 * 16 + 16 * 10
     assert report["weights_total"] == n_weights
-    assert report["weights_kept"] == n_weights - round(0.7 * n_weights)
-    assert report["sparsity"] == pytest.approx(round(0.7 * n_weights) / n_weights)
-    assert report["max_abs_logit_diff"] <= 1e-5
-    raw = torch.load(os.path.join(run_dir, "compact-opd.pt"), weights_only=True)
+    # the rule removed 70%; compaction also drops the weights of units it deleted
+    assert report["rule_weights_kept"] == n_weights - round(0.7 * n_weights) >= report["weights_kept"]
+    assert report["rule_sparsity"] == pytest.approx(round(0.7 * n_weights) / n_weights)
+    assert report["sparsity"] == pytest.approx(1 - report["weights_kept"] / n_weights)
+    assert report["max_abs_output_diff"] <= 1e-5
+    raw = torch.load(os.path.join(run_dir, "compact-opd-s0.7.pt"), weights_only=True)
     assert [entry["type"] for entry in raw["spec"]["layers"]] == ["linear", "relu", "linear"]
-    module = load_compact(os.path.join(run_dir, "compact-opd.pt"))
+    module = load_compact(os.path.join(run_dir, "compact-opd-s0.7.pt"))
+    assert sum(int((m.weight != 0).sum()) for m in module if isinstance(m, torch.nn.Linear)) == report["weights_kept"]
     linears = [m for m in module if isinstance(m, torch.nn.Linear)]
     assert linears[0].out_features == report["layers"]["fc1"]["units_kept"]
     run = load_run(run_dir)
@@ -60,16 +63,16 @@ def test_reduce_writes_the_report_and_a_loadable_compact_network(run_dir, capsys
 def test_reduce_defaults_to_the_recipe_rule(run_dir, capsys):
     assert main(["reduce", run_dir]) == 0
     assert "savage-dickey" in capsys.readouterr().out
-    assert os.path.exists(os.path.join(run_dir, "reduction-savage-dickey.json"))
+    assert os.path.exists(os.path.join(run_dir, "reduction-savage-dickey-t0.json"))
     assert main(["reduce", run_dir, "--method", "opd", "--sparsity", "0.5", "--structured"]) == 0
-    report = json.load(open(os.path.join(run_dir, "reduction-opd-structured.json")))
+    report = json.load(open(os.path.join(run_dir, "reduction-opd-s0.5-structured.json")))
     assert report["layers"]["fc1"]["units_kept"] == 8 and report["layers"]["fc2"]["units_kept"] == 10
 
 
 def test_sweep_writes_table_csv_and_plot(run_dir, capsys):
     assert main(["sweep", run_dir, "--method", "magnitude,random", "--sparsities", "0.5,0.9"]) == 0
     out = capsys.readouterr().out
-    assert "dense posterior mean" in out and out.count("magnitude") >= 2
+    assert "dense posterior-mean network" in out and out.count("magnitude") >= 2
     base = os.path.join(run_dir, "sweep-magnitude+random")
     result = json.load(open(base + ".json"))
     assert [(r["method"], r["target_sparsity"]) for r in result["rows"]] == [
@@ -84,7 +87,7 @@ def test_sweep_writes_table_csv_and_plot(run_dir, capsys):
     (["reduce", "{run}", "--method", "obd"], "--method: unknown method 'obd'"),
     (["reduce", "{run}", "--method", "opd", "--sparsity", "1.0"], "--sparsity: must be a fraction in [0, 1), got 1.0"),
     (["reduce", "{run}", "--method", "opd", "--sparsity", "-0.5"], "--sparsity: must be a fraction"),
-    (["reduce", "{run}", "--method", "magnitude"], "--sparsity: method 'magnitude' ranks weights"),
+    (["reduce", "{run}", "--method", "magnitude"], "--sparsity: rule 'magnitude' ranks weights"),
     (["reduce", "{run}", "--method", "spike-slab", "--threshold", "1"], "--threshold: the spike-slab rule"),
     (["reduce", "{missing}", "--method", "opd", "--sparsity", "0.5"], "no such run directory"),
     (["reduce", "{run}", "--method", "opd", "--sparsity", "0.5", "--scope", "unit"], "--scope: expected"),

@@ -7,7 +7,6 @@ import torch
 
 from pyro_sparse.reduction import (
     bmr_gaussian,
-    group_log_alpha,
     mask_by_sparsity,
     reduce,
     savage_dickey,
@@ -81,28 +80,48 @@ def test_spike_slab_is_layer_wise():
         assert d.zeta[k] == pytest.approx(float(zeta))
 
 
-def test_log_alpha_threshold_and_group_variables():
+def test_log_alpha_threshold_and_a_priors_group_rule():
     s = make_summary()
     d = reduce(s, "log-alpha")
     for k in weights(s):
         assert torch.equal(d.masks[k], s[k].log_alpha <= 3.0)
-    # a group variable with log alpha > 3 on unit 2 of fc1 removes that whole row
+    assert d.options["threshold"] == 3.0  # the rule's one default
+    # a group prior's quantity in the summary: log alpha_z > 0 on unit 2 of fc1 removes that whole row
     group = torch.full((6, 1), -5.0, dtype=torch.float64)
     group[2] = 4.0
-    d2 = reduce(s, "log-alpha", groups={"fc1.weight": [group]})
-    assert not d2.masks["fc1.weight"][2].any()
-    assert torch.equal(d2.masks["fc1.weight"][[0, 1, 3, 4, 5]], d.masks["fc1.weight"][[0, 1, 3, 4, 5]])
-    assert not d2.units["fc1"][2]
+    s["fc1.weight"].groups = {"group-log-alpha": group}
+    d2 = reduce(s, "group-log-alpha")
+    assert not d2.masks["fc1.weight"][2].any() and bool(d2.masks["fc1.weight"][[0, 1, 3, 4, 5]].all())
+    assert bool(d2.masks["fc2.weight"].all())  # no group quantity: not judged, kept
+    assert not d2.units["fc1"][2] and d2.options["threshold"] == 0.0
     # structured: units decided by the unit group variables alone
-    d3 = reduce(s, "log-alpha", structured=True, groups={"fc1.weight": [group], "fc2.weight": [
-        torch.full((4, 1), -1.0, dtype=torch.float64)]})
+    s["fc2.weight"].groups = {"group-log-alpha": torch.full((4, 1), -1.0, dtype=torch.float64)}
+    d3 = reduce(s, "group-log-alpha", structured=True)
     assert d3.units["fc1"].tolist() == [True, True, False, True, True, True]
     assert bool(d3.units["fc2"].all()) and not d3.masks["fc1.bias"][2]
 
 
-def test_structured_log_alpha_without_group_variables_is_an_error():
-    with pytest.raises(ValueError, match="group variables"):
+def test_structured_log_alpha_points_at_the_group_rules():
+    with pytest.raises(ValueError, match="judges single weights.*group-log-alpha"):
         reduce(make_summary(), "log-alpha", structured=True)
+    with pytest.raises(ValueError, match="group-log-alpha.*no site"):
+        reduce(make_summary(), "group-log-alpha")
+
+
+def test_every_rule_is_one_registered_object_with_one_default():
+    from pyro_sparse.registry import RULES
+    from pyro_sparse.reduction.rules import Rule, rule
+
+    assert list(RULES) == ["bmr", "savage-dickey", "spike-slab", "log-alpha", "opd", "magnitude", "random",
+                           "group-log-alpha", "horseshoe-scale"]
+    for name, r in RULES.items():
+        assert isinstance(r, Rule) and r.name == name and rule(name) is r
+        assert r.prunes in ("above", "below") and r.quantity
+    defaults = {name: r.threshold for name, r in RULES.items()}
+    assert defaults == {"bmr": 0.0, "savage-dickey": 0.0, "spike-slab": None, "log-alpha": 3.0, "opd": None,
+                        "magnitude": None, "random": None, "group-log-alpha": 0.0, "horseshoe-scale": 3.0}
+    with pytest.raises(ValueError, match="unknown reduction rule 'obd'.*horseshoe-scale"):
+        reduce(make_summary(), "obd")
 
 
 @pytest.mark.parametrize("q", [0.0, 0.3, 0.5, 0.9, 0.95])
@@ -181,7 +200,7 @@ def test_random_is_reproducible_by_seed():
 
 def test_bad_arguments_name_the_argument_and_value():
     s = make_summary()
-    with pytest.raises(ValueError, match="method: unknown reduction method 'obd'"):
+    with pytest.raises(ValueError, match="method: unknown reduction rule 'obd'"):
         reduce(s, "obd")
     with pytest.raises(ValueError, match=r"sparsity: must be a number in \[0, 1\), got 1.0"):
         reduce(s, "opd", sparsity=1.0)
@@ -189,7 +208,7 @@ def test_bad_arguments_name_the_argument_and_value():
         reduce(s, "opd", sparsity=-0.1)
     with pytest.raises(ValueError, match="not both"):
         reduce(s, "opd", sparsity=0.5, threshold=1.0)
-    with pytest.raises(ValueError, match="sparsity: method 'magnitude' ranks weights"):
+    with pytest.raises(ValueError, match="sparsity: rule 'magnitude' ranks weights"):
         reduce(s, "magnitude")
     with pytest.raises(ValueError, match="sparsity: the spike-slab rule"):
         reduce(s, "spike-slab", sparsity=0.5)
@@ -211,28 +230,6 @@ def test_point_estimates_and_improper_priors_are_refused_by_bmr():
     s["fc2.weight"].prior_precision = torch.tensor(0.0, dtype=torch.float64)  # log-uniform
     with pytest.raises(ValueError, match="'fc2.weight' has no proper Gaussian prior.*log-alpha"):
         reduce(s, "savage-dickey")
-
-
-def test_group_log_alpha_reads_real_group_sites_of_the_guide():
-    from pyro_sparse.guides import MeanFieldGuide
-    from pyro_sparse.layers import Linear, ReLU
-    from pyro_sparse.network import BayesianNetwork
-
-    net = BayesianNetwork([Linear(4, 3), ReLU(), Linear(3, 2)])
-    guide = MeanFieldGuide(net.model, init_scale=0.1).setup(torch.randn(2, 4))
-    assert group_log_alpha(net, guide) == {}
-
-    class FakeGuide:  # a guide with a unit group variable fc1.weight.z of shape (3,)
-        sites = {"fc1.weight.z": {"family": "normal"}, "fc1.weight.unit_scale": {"family": "lognormal"}}
-
-        def site_posterior(self, name):
-            return torch.tensor([1.0, 0.1, 2.0]), torch.tensor([0.01, 1.0, 4.0])
-
-    out = group_log_alpha(net, FakeGuide())
-    assert list(out) == ["fc1.weight"]
-    la = out["fc1.weight"][0]
-    assert la.shape == (3, 1)
-    assert torch.allclose(la.flatten(), torch.tensor([math.log(0.01), math.log(100.0), 0.0]))
 
 
 def test_bmr_with_a_nonzero_prior_mean_uses_the_general_formula():
@@ -284,19 +281,3 @@ def test_opd_reads_the_precision_diagonal_of_a_block():
     p_diag = torch.linalg.inv(cov).diagonal().reshape(6, 5)
     assert torch.allclose(d.scores["fc1.weight"], p_diag * s["fc1.weight"].loc ** 2, rtol=1e-9)
     assert bool((p_diag > s["fc1.weight"].precision).all())  # P_ii >= 1 / Sigma_ii, strictly here
-
-
-def test_group_log_alpha_asks_a_group_prior_first():
-    from pyro_sparse.layers import Linear
-    from pyro_sparse.network import BayesianNetwork
-
-    net = BayesianNetwork([Linear(4, 3)])
-
-    class GroupPrior:  # what a group prior exposes
-        def group_log_alpha(self, site, guide):
-            return torch.tensor([[1.0], [5.0], [-2.0]])
-
-    layer = net.layers["fc1"]
-    layer.priors = lambda: {"weight": GroupPrior()}
-    out = group_log_alpha(net, guide=None)
-    assert torch.equal(out["fc1.weight"][0], torch.tensor([[1.0], [5.0], [-2.0]]))

@@ -90,7 +90,7 @@ def test_argparse_errors_and_debug(tmp_path, capsys):
         main(fit_args(m, r, tmp_path / "run", "--epochs", "many"))
     assert e.value.code == 2 and "--epochs" in capsys.readouterr().err
     assert main(["fit", "--out", str(tmp_path / "run")]) == 2
-    assert "fit needs --model, --inference, --data" in capsys.readouterr().err
+    assert "fit needs --model, --data" in capsys.readouterr().err
     with pytest.raises(PyroSparseError, match="--seed"):
         main(["--debug", *fit_args(m, r, tmp_path / "run", "--seed", "-5")])
     assert main(["evaluate", str(tmp_path / "nothing")]) == 2

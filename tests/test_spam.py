@@ -23,21 +23,10 @@ from pyro_sparse.layers import Conv2d, Flatten, Linear, ReLU
 from pyro_sparse.likelihoods import Gaussian
 from pyro_sparse.network import BayesianNetwork
 from pyro_sparse.recipe import parse_recipe
-from pyro_sparse.reduction import bmr_diagonal_zero_mean, savage_dickey
+from pyro_sparse.reduction import bmr_diagonal_zero_mean, compact, reduce, savage_dickey
 from pyro_sparse.runs import build, fit_run, load_run, parse_specs
-from pyro_sparse.spam import (
-    LaplaceTrainer,
-    apply_masks,
-    deterministic_network,
-    laplace_curvature,
-    mask_sparsity,
-    masked_fine_tune,
-    optimize_prior_precision,
-    prune_masks,
-    pruning_scores,
-    structured_masks,
-    summarize_laplace,
-)
+from pyro_sparse.spam import LaplaceTrainer, laplace_curvature, masked_fine_tune, optimize_prior_precision
+from pyro_sparse.summary import PosteriorSummary, SiteSummary
 
 SMALL = {"layers": [{"type": "linear", "in": "auto", "out": 32}, {"type": "relu"},
                     {"type": "linear", "out": 16}, {"type": "relu"}, {"type": "linear", "out": "auto"}]}
@@ -274,7 +263,7 @@ def test_subset_curvature_is_the_rescaled_curvature_of_the_subset(fitted):
 
 
 def test_summary_sites_shapes_and_precisions(fitted):
-    summary = summarize_laplace(fitted)
+    summary = fitted.posterior_summary()
     network = fitted.network
     assert list(summary) == list(network.param_sites()) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias",
                                                             "fc3.weight", "fc3.bias"]
@@ -309,29 +298,36 @@ def test_summary_sites_shapes_and_precisions(fitted):
 
 
 def test_unstructured_opd_removes_the_lowest_scores(fitted):
-    summary = summarize_laplace(fitted)
-    masks = prune_masks(summary, 0.9, "opd")
-    assert mask_sparsity(masks) == pytest.approx(0.9, abs=1e-4)
-    scores = torch.cat([(s.precision * s.loc.square()).reshape(-1) for s in summary.values()])
-    kept = torch.cat([m.reshape(-1) for m in masks.values()])
+    """OPD on the Laplace summary is the library's one ``opd`` rule: the lowest P theta^2 of the
+    weights go (biases are kept)."""
+    summary = fitted.posterior_summary()
+    d = reduce(summary, "opd", sparsity=0.9)
+    assert d.sparsity == pytest.approx(0.9, abs=1e-4)
+    weights = [k for k in summary if k.endswith("weight")]
+    scores = torch.cat([(summary[k].precision * summary[k].loc.square()).reshape(-1) for k in weights])
+    kept = torch.cat([d.masks[k].reshape(-1) for k in weights])
     assert scores[kept].min() >= scores[~kept].max()
+    assert all(bool(d.masks[k].all()) for k in summary if k.endswith("bias"))
 
 
 def test_structured_masks_remove_whole_units(fitted):
-    summary = summarize_laplace(fitted)
-    masks = prune_masks(summary, 0.5, "opd", structured=True, network=fitted.network)
+    summary = fitted.posterior_summary()
+    d = reduce(summary, "opd", sparsity=0.5, structured=True)
+    masks = d.masks
     w1, b1, w2, b2, w3 = (masks[k] for k in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight"))
-    keep1, keep2 = w1.all(1), w2.any(1)
-    assert (w1.any(1) == keep1).all() and (b1 == keep1).all()  # whole rows, bias with its row
-    assert int(keep1.sum()) == 16 and int(keep2.sum()) == 8 and masks["fc3.bias"].all()
-    assert (w2 == keep2[:, None] & keep1[None, :]).all()  # the next layer's columns of a removed unit
-    assert (w3 == keep2[None, :].expand_as(w3)).all()  # output units are never removed
+    keep1, keep2 = d.units["fc1"], d.units["fc2"]
+    assert (w1 == keep1[:, None]).all() and (b1 == keep1).all()  # whole rows, bias with its row
+    assert (w2 == keep2[:, None]).all() and (b2 == keep2).all()
+    assert int(keep1.sum()) == 16 and int(keep2.sum()) == 8 and masks["fc3.bias"].all() and w3.all()
     # the removed units are the lowest S_g = sum over the row and bias of P theta^2
     s1 = (summary["fc1.weight"].precision * summary["fc1.weight"].loc.square()).sum(1) \
         + summary["fc1.bias"].precision * summary["fc1.bias"].loc.square()
     assert s1[keep1].min() >= s1[~keep1].max()
-    # masking acts exactly like physically removing the units
+    # masking acts exactly like physically removing the units, and compaction removes them
+    module = compact(fitted.network, summary, d)
+    assert module.fc1.out_features == 16 and module.fc2.in_features == 16 and module.fc2.out_features == 8
     pruned = fitted.pruned(masks)
+    torch.testing.assert_close(module(fitted.x_test), pruned(fitted.x_test).detach(), rtol=1e-5, atol=1e-5)
     p = dict(fitted.net.named_parameters())
     h = torch.relu(fitted.x_test @ p["fc1.weight"][keep1].T + p["fc1.bias"][keep1])
     h = torch.relu(h @ p["fc2.weight"][keep2][:, keep1].T + p["fc2.bias"][keep2])
@@ -339,29 +335,32 @@ def test_structured_masks_remove_whole_units(fitted):
     torch.testing.assert_close(pruned(fitted.x_test), small.detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_structured_masks_follow_channels_through_flatten():
+def test_structured_reduction_follows_channels_through_flatten():
+    """A removed conv channel takes its block of H*W columns of the next linear layer with it."""
     torch.manual_seed(0)
     network = BayesianNetwork([Conv2d(1, 4, 3), ReLU(), Flatten(), Linear(4 * 6 * 6, 10)], input_shape=(1, 8, 8))
     values = {f"{layer}.{param}": getattr(network.layers[layer], f"{param}_init")
               for layer in ("conv1", "fc1") for param in ("weight", "bias")}
-    net = deterministic_network(network, values)
-    scores = {name: p.detach().abs() for name, p in net.named_parameters()}
-    masks = structured_masks(scores, network, 0.5)
-    keep = masks["conv1.bias"]
+    summary = PosteriorSummary()
+    for name, (layer, param, _) in network.param_sites().items():
+        v = values[name]
+        summary[name] = SiteSummary(layer.site, param, v, torch.ones_like(v), torch.zeros(()), torch.ones(()),
+                                    dict(layer.param_axes[param]))
+    d = reduce(summary, "magnitude", sparsity=0.5, structured=True)
+    keep = d.units["conv1"]
     assert int(keep.sum()) == 2
-    cols = masks["fc1.weight"].reshape(10, 4, 36)
-    assert (cols == keep[None, :, None]).all()
+    module = compact(network, summary, d)
+    assert module.conv1.out_channels == 2 and module.fc1.in_features == 2 * 36
     x = torch.rand(5, 1, 8, 8)
-    masked = apply_masks(net, masks)(x)
     conv = torch.nn.functional.conv2d(x, values["conv1.weight"][keep], values["conv1.bias"][keep])
     small = torch.relu(conv).flatten(1) @ values["fc1.weight"].reshape(10, 4, 36)[:, keep].reshape(10, -1).T \
         + values["fc1.bias"]
-    torch.testing.assert_close(masked, small.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(module(x), small.detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_masked_fine_tune_keeps_pruned_weights_at_zero(fitted):
-    summary = summarize_laplace(fitted)
-    masks = prune_masks(summary, 0.8, "random", generator=torch.Generator().manual_seed(0))
+    summary = fitted.posterior_summary()
+    masks = reduce(summary, "random", sparsity=0.8, seed=0).masks
     before = {k: p.detach().clone() for k, p in fitted.net.named_parameters()}
     pruned = fitted.pruned(masks)
     tuned = fitted.pruned(masks, fine_tune_epochs=5, lr=3e-3)
@@ -378,16 +377,13 @@ def test_masked_fine_tune_keeps_pruned_weights_at_zero(fitted):
         masked_fine_tune(pruned, masks, fitted.x_train, fitted.data.y_train, "categorical", epochs=-1)
 
 
-def test_pruning_scores_rules(fitted):
-    summary = summarize_laplace(fitted)
+def test_the_rules_score_the_laplace_summary(fitted):
+    summary = fitted.posterior_summary()
     s = summary["fc2.weight"]
-    torch.testing.assert_close(pruning_scores(summary, "opd")["fc2.weight"], s.precision * s.loc.square())
-    torch.testing.assert_close(pruning_scores(summary, "magnitude")["fc2.weight"], s.loc.abs())
-    a = pruning_scores(summary, "random", torch.Generator().manual_seed(1))
-    b = pruning_scores(summary, "random", torch.Generator().manual_seed(1))
+    torch.testing.assert_close(reduce(summary, "opd", sparsity=0.5).scores["fc2.weight"], s.precision * s.loc.square())
+    torch.testing.assert_close(reduce(summary, "magnitude", sparsity=0.5).scores["fc2.weight"], s.loc.abs())
+    a, b = (reduce(summary, "random", sparsity=0.5, seed=1).scores for _ in range(2))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ValueError, match="rule"):
-        pruning_scores(summary, "hessian")
 
 
 # --------------------------------------------------------------------------- convergence
@@ -411,8 +407,9 @@ def test_spam_opd_keeps_accuracy_at_high_sparsity(root):
     s_spam, s_map = spam.posterior_summary(), map_.posterior_summary()
     acc = {}
     for sparsity in (0.9, 0.95, 0.98):
-        acc["spam", sparsity] = spam.evaluate_model(spam.pruned(prune_masks(s_spam, sparsity, "opd")))["test_accuracy"]
-        acc["map", sparsity] = map_.evaluate_model(map_.pruned(prune_masks(s_map, sparsity, "magnitude")))[
+        acc["spam", sparsity] = spam.evaluate_model(spam.pruned(reduce(s_spam, "opd", sparsity=sparsity).masks))[
+            "test_accuracy"]
+        acc["map", sparsity] = map_.evaluate_model(map_.pruned(reduce(s_map, "magnitude", sparsity=sparsity).masks))[
             "test_accuracy"]
     assert acc["spam", 0.95] >= 0.93, acc
     for sparsity in (0.9, 0.95, 0.98):

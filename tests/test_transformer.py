@@ -22,7 +22,7 @@ from pyro_sparse.network import BayesianNetwork
 from pyro_sparse.priors import GaussianGamma
 from pyro_sparse.reduction import compact, load_compact, masked_module, reduce, reduction_report, save_compact
 from pyro_sparse.reduction.rules import Decision
-from pyro_sparse.reduction.transformer import attention_heads, head_evidence, mlp_units, remove_heads
+from pyro_sparse.reduction.transformer import head_evidence, remove_heads
 from pyro_sparse.spec import build_network, load_model_spec
 from pyro_sparse.summary import summarize
 from pyro_sparse.transformer import (
@@ -34,7 +34,9 @@ from pyro_sparse.transformer import (
     PosEmbed,
     TokenPool,
     TransformerBlock,
+    attention_heads,
     gaussian_elementwise,
+    mlp_units,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -276,7 +278,7 @@ def test_removing_a_head_changes_nothing_else():
     masks["attn.o.weight"][:, 1] = False
     masks["attn.v.weight"][2] = False
     masked = {k: v * masks[k] for k, v in values.items()}
-    entry, params, info = block.compact_entry(masked, masks)
+    entry, params, info = block.compact_parts(masked, masks)
     assert info["heads_kept"] == [0, 3] and info["heads_removed"] == [1, 2] and entry["heads"] == 2
     # nothing else changes: kept heads' projections, both LayerNorms and the MLP are the same tensors
     for p in "qkv":
@@ -370,10 +372,10 @@ def test_compact_equals_masked(make, tmp_path):
         for m in mlp:
             assert plan.units_removed[f"{b}.{m}.fc1"] >= 5
     if mlp == ["mlp"]:
-        assert plan.blocks["block1"]["heads_removed"] == [0, 3] and plan.heads_removed == {"block1": 2, "block2": 4}
+        assert plan.layers["block1"]["heads_removed"] == [0, 3] and plan.heads_removed == {"block1": 2, "block2": 4}
     # the report lists heads and MLP units removed per block, and the saved network reloads
     report = reduction_report(net, values, decision, x, torch.zeros(20, dtype=torch.long), module=module)
-    assert report["max_abs_logit_diff"] <= TOL
+    assert report["max_abs_output_diff"] <= TOL
     for b in blocks:
         for m in mlp:
             assert report["blocks"][b][f"{m}.fc1_units_removed"] == plan.units_removed[f"{b}.{m}.fc1"]
@@ -453,7 +455,7 @@ def test_remove_heads_by_group_evidence():
     assert not out.masks["attn.v.weight"][1].any() and out.masks["attn.v.weight"][0].all()
     assert not out.masks["attn.o.weight"][:, 0].any() and out.masks["attn.o.weight"][:, 1].all()
     assert decision.masks["attn.v.weight"].all()  # the input decision is untouched
-    assert compact(net, values, out).plan.blocks["attn"]["heads_removed"] == [0, 1]
+    assert compact(net, values, out).plan.layers["attn"]["heads_removed"] == [0, 1]
     assert remove_heads(net, decision, threshold=0.5).masks["attn.o.weight"].all()
     with pytest.raises(ValueError, match="head evidence sums per-weight delta F"):
         remove_heads(net, Decision("magnitude", decision.masks, scores, "magnitude", {}))
@@ -485,7 +487,7 @@ def test_mixer_digits_map_then_iterative_bmr(tmp_path):
     assert metrics["bmr_sparsity"] >= 0.6
     report = reduce_run(str(tmp_path / "bmr"), "savage-dickey", write=False)
     assert report["sparsity"] >= 0.6 and report["test_accuracy_reduced"] >= 0.92
-    assert report["max_abs_logit_diff"] <= TOL
+    assert report["max_abs_output_diff"] <= TOL
     assert set(report["blocks"]) == {"block1", "block2"}
     assert sum(report["units_removed_per_layer"][f"block{b}.{m}.fc1"] for b in (1, 2)
                for m in ("token_mlp", "channel_mlp")) > 0

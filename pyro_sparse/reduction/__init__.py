@@ -1,7 +1,8 @@
-"""Reduction: turn a Gaussian posterior summary into evidence, scores and masks.
+"""Reduction: turn a Gaussian posterior summary into evidence, scores and masks, and a network
+into a smaller one.
 
-The functions here read only posterior/prior summaries (tensors of means and precisions) and
-know nothing about networks:
+The maths reads only posterior/prior summaries (tensors of means and precisions) and knows
+nothing about networks:
 
 - :mod:`.bmr`: Bayesian model reduction (Friston & Penny 2011; Markovic, Friston & Kiebel
   2023), its Savage-Dickey limit, group sums and the layer-wise spike-and-slab decision;
@@ -10,15 +11,16 @@ know nothing about networks:
 
 On top of them, reading a :class:`~pyro_sparse.summary.PosteriorSummary`:
 
-- :mod:`.rules`: ``reduce(summary, method, sparsity=None, threshold=None, structured=False)``
-  -> :class:`Decision` (masks, evidence/scores, units removed);
+- :mod:`.rules`: one registered :class:`~.rules.Rule` per reduction rule and
+  ``reduce(summary, rule, sparsity=None, threshold=None, structured=False)`` ->
+  :class:`~.rules.Decision` (masks, evidence/scores, units removed);
 - :mod:`.compact`: the masked network, the masked posterior predictive and ``compact()``, the
-  deterministic network with removed units physically deleted;
+  deterministic network with removed units, gates and heads physically deleted (the protocol
+  is :mod:`pyro_sparse.compaction`);
 - :mod:`.report`: counts, FLOPs, bytes, accuracy and NLL before and after;
 - :mod:`.workflow`: reduce / sweep a run directory, ``save_compact`` / ``load_compact``;
 - :mod:`.iterative`: iterative BMR during training (recipe ``method: svi_bmr``);
-- :mod:`.transformer`: attention heads and MLP units of transformer / Mixer blocks (used by
-  ``compact``), and the group evidence for removing whole heads (``remove_heads``).
+- :mod:`.transformer`: the evidence for removing whole attention heads (``remove_heads``).
 """
 
 from .bmr import (
@@ -28,6 +30,9 @@ from .bmr import (
     savage_dickey,
     spike_slab_decision,
 )
+from .compact import compact, compact_plan, masked_module, masked_predictive, masked_values
+from .report import reduction_report
+from .rules import Decision, Rule, applicable_rules, reduce, rule
 from .scores import (
     group_scores,
     magnitude_scores,
@@ -37,18 +42,15 @@ from .scores import (
     random_scores,
     structured_mask,
 )
-
-from .compact import compact, compact_plan, masked_module, masked_predictive, masked_values
-from .report import reduction_report
-from .rules import METHODS, Decision, group_log_alpha, reduce
 from .transformer import head_evidence, remove_heads
 from .workflow import load_compact, reduce_run, save_compact, sweep_run
 
 __all__ = [
-    "METHODS",
+    "Rule",
     "Decision",
     "reduce",
-    "group_log_alpha",
+    "rule",
+    "applicable_rules",
     "head_evidence",
     "remove_heads",
     "compact",

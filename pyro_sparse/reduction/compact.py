@@ -1,52 +1,36 @@
-r"""Applying a decision: masked predictions and the compact network.
+r"""Applying a decision: the masked network, its predictive, and the compact network.
 
 * :func:`masked_values` / :func:`masked_module`: the network with every parameter at its
-  posterior mean (or given values) times the decision's masks, as a plain ``torch.nn`` module.
-  This is *the masked network*: the reference every reduced network must reproduce.
+  posterior mean (or given values) times the decision's masks, as a plain ``torch.nn`` module
+  (:meth:`~pyro_sparse.network.BayesianNetwork.deterministic`). This is *the masked network*:
+  the reference every reduced network must reproduce.
 * :func:`masked_predictive`: the masked posterior predictive, drawing each parameter from its
   Gaussian marginal in the summary, :math:`w = m \odot (\mu + \sigma\varepsilon)`.
-* :func:`compact`: a deterministic ``torch.nn.Sequential`` in which removed units and conv
-  channels are physically deleted (rows of layer l and the matching columns of layer l+1;
-  conv out-channels and the next layer's in-channels, including the block of columns a channel
-  becomes after ``flatten``), predicting as the masked network does.
-
-Which units go. A unit (neuron, or conv channel) of a hidden layer is deleted when
-
-* nothing reads it: every weight of the next layer that consumes it is masked (*dead*), or
-* it does not depend on the input: every incoming weight is masked (*constant*). It then
-  outputs the constant :math:`c = \phi(b)` after its activation (``b`` its bias, 0 if masked);
-  its contribution to the next layer, :math:`W_{l+1}[:, j]\,c`, is added to that layer's bias.
-  For a next conv layer this is exact only when the constant map stays spatially uniform and
-  the conv has no zero padding; otherwise the unit is deleted only when :math:`c = 0`
-  (e.g. ReLU of a negative bias), and kept when not.
-
-Deleting units makes more units dead or constant, so both passes repeat until nothing changes.
-The output layer keeps all its units, and a conv layer at least one channel (torch has no
-convolution with zero channels). Between two parametric layers only element-wise activations,
-dropout (inference mode), pooling and flatten may appear; units feeding anything else are kept.
-
-Layers that compact themselves. A Bayesian layer with a ``compact_entry(values, masks)`` hook
-(the transformer family, :mod:`pyro_sparse.transformer`) returns its compact spec entry, its
-compact parameters and what it removed (attention heads, MLP hidden units; see
-:mod:`.transformer`); its class rebuilds the module with ``build_compact(entry)``. Such a layer
-keeps its input and output widths, so it separates the linear/conv chains around it.
+* :func:`compact`: a deterministic ``torch.nn.Sequential`` in which removed units, channels,
+  recurrent neurons and gates, attention heads and MLP units are physically deleted, predicting
+  as the masked network does. :func:`compact_plan` runs the unit-chain algorithm of
+  :mod:`pyro_sparse.compaction` over the layers' own compaction objects (it names no layer
+  type); :func:`build_module` rebuilds a compact network from its spec.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..layers import LAYERS, Conv2d, Linear, _Stateless
+from ..compaction import as_index
+from ..layers import Reshape
+from ..registry import LAYERS
 
 __all__ = ["masked_values", "masked_module", "masked_predictive", "compact", "compact_plan", "CompactPlan",
-           "build_module", "layer_shapes"]
+           "build_module", "layer_shapes", "FORMAT"]
 
-_ELEMENTWISE = {"relu", "tanh", "sigmoid", "gelu", "dropout"}
-_TRANSPARENT = _ELEMENTWISE | {"maxpool2d", "avgpool2d", "flatten"}
+#: version of the compact spec (format 2: children named like the network's layers)
+FORMAT = 2
 
 
 # --------------------------------------------------------------------------- masked network
@@ -60,26 +44,22 @@ def point_values(summary_or_values) -> dict:
 
 
 def masked_values(summary_or_values, decision=None) -> dict:
-    """Site -> point value times the decision's keep-mask (pruned entries exactly 0)."""
+    """Site -> point value times the decision's keep-mask (pruned entries exactly 0); ``decision``
+    is a :class:`~.rules.Decision` or a dict of masks."""
     values = point_values(summary_or_values)
+    masks = _masks(decision)
+    return {k: v * masks[k].to(v.dtype) if k in masks else v for k, v in values.items()}
+
+
+def _masks(decision) -> dict:
     if decision is None:
-        return values
-    return {k: v * decision.masks[k].to(v.dtype) if k in decision.masks else v for k, v in values.items()}
+        return {}
+    return decision.masks if hasattr(decision, "masks") else dict(decision)
 
 
 def masked_module(network, summary_or_values, decision=None) -> nn.Sequential:
     """The masked network as a plain ``torch.nn.Sequential`` in inference mode."""
     return network.deterministic(masked_values(summary_or_values, decision)).eval()
-
-
-def _module_names(network):
-    """Site -> parameter name inside ``network.deterministic(...)``."""
-    offset = 1 if network.input_shape is not None else 0
-    out = {}
-    for i, (name, layer) in enumerate(network.layers.items()):
-        for p in layer.priors():
-            out[f"{name}.{p}"] = f"{i + offset}.{p}"
-    return out
 
 
 @torch.no_grad()
@@ -92,33 +72,33 @@ def masked_predictive(network, summary, decision=None, x=None, num_samples=10, g
     kept ones follow the fitted posterior. ``decision=None`` gives the dense predictive of the
     summary.
     """
-    module = network.deterministic(summary.locs()).eval()
-    names = _module_names(network)
+    masks = _masks(decision)
     outputs = []
     for _ in range(num_samples):
-        params = {}
+        values = {}
         for k, s in summary.items():
             sd = s.precision.rsqrt().nan_to_num(0.0)
-            eps = torch.randn(s.loc.shape, generator=generator, dtype=s.loc.dtype)
-            w = s.loc + sd * eps
-            if decision is not None:
-                w = w * decision.masks[k].to(w.dtype)
-            params[names[k]] = w
-        outputs.append(torch.func.functional_call(module, params, (x,)))
+            w = s.loc + sd * torch.randn(s.loc.shape, generator=generator, dtype=s.loc.dtype).to(s.loc.device)
+            values[k] = w * masks[k].to(w.dtype) if k in masks else w
+        outputs.append(network.deterministic(values).eval()(x))
     return torch.stack(outputs)
 
 
-# --------------------------------------------------------------------------- shapes
+# --------------------------------------------------------------------------- the plan
 
 
-def layer_shapes(network):
-    """``[(name, layer, in_shape, out_shape)]`` per example, in network order."""
-    shape = network.input_shape
+def layer_shapes(network, input_shape=None):
+    """``[(name, layer, in_shape, out_shape)]`` per example, in network order. ``input_shape``:
+    the per-example input shape where the network declares none (a network that starts with a
+    linear layer needs neither)."""
+    shape = network.input_shape or input_shape
     if shape is None:
         first = next(iter(network.layers.values()))
-        if not isinstance(first, Linear):
-            raise ValueError("compact: a network without input_shape must start with a linear layer")
-        shape = (first.in_features,)
+        size = getattr(first, "in_features", None)
+        if size is None:
+            raise ValueError("compact: the network has no input_shape and does not start with a linear layer; "
+                             "give the per-example input shape (input_shape=...)")
+        shape = (size,)
     out = []
     for name, layer in network.layers.items():
         new = tuple(layer.out_shape(tuple(shape)))
@@ -127,299 +107,182 @@ def layer_shapes(network):
     return out
 
 
-def _spec_of(layer):
-    """Spec entry (plain containers) of a stateless layer."""
-    kind = getattr(layer, "spec_name", None)
-    options = dict(getattr(layer, "options", {}))
-    return {"type": kind, **options}
+class _Link:
+    """Producer ``a`` -> (parameter-free layers) -> consumer ``b``; unit ``j`` of ``a`` is the
+    block of ``block`` input features ``j * block .. (j + 1) * block - 1`` of ``b``."""
 
+    def __init__(self, a, b, between, block):
+        self.a, self.b, self.block = a, b, block
+        self.modules = [layer.deterministic({}).eval() for layer in between]
 
-# --------------------------------------------------------------------------- the plan
+    def features(self, units):
+        units = as_index(units)
+        return (units[:, None] * self.block + torch.arange(self.block)).reshape(-1)
+
+    @torch.no_grad()
+    def constant_features(self, units, values):
+        """The constant values ``(len(units) * block, P)`` that the consumer receives from
+        constant units of the producer (run through the parameter-free layers between)."""
+        a = self.a
+        z = torch.zeros(a.out_shape, dtype=values.dtype, device=values.device)
+        z.movedim(a.out_axis, 0)[as_index(units, z)] = values
+        z = z.unsqueeze(0)
+        for module in self.modules:
+            z = module(z)
+        z = z[0].movedim(self.b.in_axis, 0)  # (features of b, positions...)
+        return z.reshape(z.shape[0], -1)[self.features(units)]
+
+    def unread_units(self):
+        read = self.b.read_features().reshape(-1, self.block).any(1)
+        return torch.nonzero(~read).squeeze(1)
+
+    def delete(self, units):
+        self.b.delete_features(self.features(units))
+        self.a.delete_units(units)
 
 
 @dataclass
 class CompactPlan:
-    """What :func:`compact` builds: a spec (layer list with sizes), its parameters, and what was
-    deleted. ``kept_units``: layer -> original indices of the kept units; ``folded``: layers
-    whose bias received constant contributions of deleted units."""
+    """What :func:`compact_plan` decided: the compact spec (layer list with sizes), its parameters (named
+    ``<layer>.<param>``), and per layer what was removed (``layers``: name -> info with
+    ``units``: sub-layer ('' for the layer itself) -> {total, kept, removed, constant, unread},
+    and for attention ``heads_total``/``heads_kept``/``heads_removed``)."""
 
     spec: dict
-    params: dict  # parameter name in the built module -> tensor
-    kept_units: dict = field(default_factory=dict)
-    total_units: dict = field(default_factory=dict)
-    dead: dict = field(default_factory=dict)
-    constant: dict = field(default_factory=dict)
+    params: dict
+    layers: dict = field(default_factory=dict)
     folded: list = field(default_factory=list)
-    #: self-compacting layers: layer -> what its hook removed (``heads_total``, ``heads_kept``,
-    #: ``heads_removed``, ``units``: MLP -> {total, kept, removed, ...})
-    blocks: dict = field(default_factory=dict)
+
+    def units(self) -> dict:
+        """``unit group -> info``: ``fc1``, ``block1.mlp.fc1``, ..."""
+        return {(f"{name}.{sub}" if sub else name): u for name, info in self.layers.items()
+                for sub, u in info.get("units", {}).items()}
 
     @property
-    def units_removed(self):
-        return {k: self.total_units[k] - len(v) for k, v in self.kept_units.items()}
+    def units_removed(self) -> dict:
+        return {k: u["removed"] for k, u in self.units().items()}
 
     @property
-    def heads_removed(self):
-        """layer -> number of attention heads removed."""
-        return {k: len(v["heads_removed"]) for k, v in self.blocks.items() if "heads_removed" in v}
+    def kept_units(self) -> dict:
+        return {k: u["kept"] for k, u in self.units().items()}
+
+    @property
+    def total_units(self) -> dict:
+        return {k: u["total"] for k, u in self.units().items()}
+
+    @property
+    def heads_removed(self) -> dict:
+        return {k: len(v["heads_removed"]) for k, v in self.layers.items() if "heads_removed" in v}
 
 
-class _P:
-    """Mutable state of one parametric layer during planning."""
-
-    def __init__(self, name, layer, w, m, b, mb):
-        self.name, self.layer = name, layer
-        self.w, self.m, self.b, self.mb = w, m, b, mb
-        self.keep = torch.arange(w.shape[0])
-        self.conv = isinstance(layer, Conv2d)
-
-    def delete_units(self, idx):
-        keep = torch.ones(self.w.shape[0], dtype=torch.bool)
-        keep[idx] = False
-        self.w, self.m = self.w[keep], self.m[keep]
-        if self.b is not None:
-            self.b, self.mb = self.b[keep], self.mb[keep]
-        self.keep = self.keep[keep]
-
-
-class _Link:
-    """What lies between parametric layers A and B: the stateless modules and the column map."""
-
-    def __init__(self, a, b, between, a_out_shape, b_in_shape):
-        self.a, self.b, self.between = a, b, between
-        kinds = [getattr(layer, "spec_name", None) for layer in between]
-        # linear -> linear, conv -> conv, conv -> (flatten) -> linear; a linear layer's units are
-        # its last (only) output dimension
-        self.transparent = (all(k in _TRANSPARENT for k in kinds) and not (b.conv and not a.conv)
-                            and (a.conv or len(a_out_shape) == 1))
-        self.a_out_shape = a_out_shape
-        channels = a_out_shape[0]
-        if self.transparent and not b.conv:
-            features = b_in_shape[-1]
-            self.transparent = len(b_in_shape) == 1 and features % channels == 0
-            self.block = features // channels if self.transparent else None
-        else:
-            self.block = None
-        # only a transparent link is ever evaluated (constant units)
-        self.modules = [layer.deterministic({}).eval() for layer in between] if self.transparent else []
-
-    # B's weight viewed as (out, units of A, rest...)
-    def view(self, t):
-        if self.b.conv:
-            return t
-        return t.reshape(t.shape[0], self.a.w.shape[0], self.block)
-
-    def unview(self, t):
-        return t if self.b.conv else t.reshape(t.shape[0], t.shape[1] * t.shape[2])
-
-    def delete_columns(self, idx):
-        keep = torch.ones(self.view(self.b.w).shape[1], dtype=torch.bool)
-        keep[idx] = False
-        self.b.w = self.unview(self.view(self.b.w)[:, keep])
-        self.b.m = self.unview(self.view(self.b.m)[:, keep])
-
-    def dead_units(self):
-        m = self.view(self.b.m)
-        used = m.sum(dim=[d for d in range(m.dim()) if d != 1]) > 0
-        return torch.nonzero(~used).squeeze(1)
-
-    @torch.no_grad()
-    def constant_contributions(self, idx):
-        """For constant units ``idx`` of A: (removable subset, contribution to B's bias)."""
-        a = self.a
-        pre = a.b * a.mb.to(a.b.dtype) if a.b is not None else torch.zeros(a.w.shape[0], dtype=a.w.dtype)
-        if a.conv:
-            c, h, w = self.a_out_shape
-            z = pre.reshape(1, -1, 1, 1).expand(1, pre.shape[0], h, w).clone()
-        else:
-            z = pre.reshape(1, -1).clone()
-        for module in self.modules:
-            z = module(z)
-        wb = self.view(self.b.w)
-        n = wb.shape[1]
-        if self.b.conv:
-            z = z.reshape(1, n, *z.shape[2:])[0]  # (units, H, W)
-            first = z[:, :1, :1]
-            uniform = (z == first).flatten(1).all(1)
-            zero = (z == 0).flatten(1).all(1)
-            foldable = uniform & (self.b.layer.padding == 0)
-            removable = [j for j in idx.tolist() if bool(zero[j]) or bool(foldable[j])]
-            r = torch.tensor(removable, dtype=torch.long)
-            contrib = (wb[:, r].flatten(2).sum(2) * first[r, 0, 0]).sum(1) if removable else None
-        else:
-            z = z.reshape(n, self.block)
-            r = idx
-            contrib = torch.einsum("oub,ub->o", wb[:, r], z[r])
-            removable = idx.tolist()
-        return removable, contrib
+def _own(d, layer, name):
+    prefix = name + "."
+    return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
 
 
 @torch.no_grad()
-def compact_plan(network, summary_or_values, decision=None) -> CompactPlan:
-    """Plan the compact network (see the module docstring); :func:`compact` builds it."""
-    values = masked_values(summary_or_values, decision)
-    masks = decision.masks if decision is not None else {}
-    shapes = layer_shapes(network)
-    plist, between, links = [], [], []
-    prev_out = None
+def compact_plan(network, values: dict, masks: dict, input_shape=None) -> CompactPlan:
+    """Plan the compact network of ``network`` at point ``values`` (site -> tensor) with keep
+    ``masks`` (site -> bool tensor; missing: all kept); :func:`build_module` builds it.
+    ``input_shape``: see :func:`layer_shapes`."""
+    shapes = layer_shapes(network, input_shape)
+    members, links = {}, []
+    producer, route, between = None, None, []
     for name, layer, in_shape, out_shape in shapes:
-        if layer.priors() and hasattr(layer, "compact_entry"):
-            between.append(layer)  # compacts itself; no chain runs through it
-        elif layer.priors():
-            if not isinstance(layer, (Linear, Conv2d)):
-                raise ValueError(f"compact: layer {name!r} of type {type(layer).__name__} is not supported "
-                                 "(linear and conv2d layers, with activations, dropout, pooling, flatten, and "
-                                 "layers with a compact_entry hook)")
-            w = values[f"{name}.weight"].detach().clone()
-            m = masks.get(f"{name}.weight", torch.ones_like(w, dtype=torch.bool)).clone()
-            b = mb = None
-            if layer.has_bias:
-                b = values[f"{name}.bias"].detach().clone()
-                mb = masks.get(f"{name}.bias", torch.ones_like(b, dtype=torch.bool)).clone()
-            p = _P(name, layer, w, m, b, mb)
-            if plist:
-                links.append(_Link(plist[-1], p, between, prev_out, in_shape))
-            plist.append(p)
-            between = []
-            prev_out = out_shape
-        else:
-            between.append(layer)  # a link through anything but _TRANSPARENT layers is left alone
-    dead = {p.name: 0 for p in plist}
-    constant = {p.name: 0 for p in plist}
-    folded = set()
+        member = layer.compaction(name, _own(values, layer, name), _own(masks, layer, name), in_shape, out_shape)
+        if member is None:  # parameter-free: it routes the producer's units, or ends the chain
+            if route is not None:
+                step = layer.route_units(in_shape, route[0])
+                route = None if step is None else (step[0], route[1] * step[1])
+            between.append(layer)
+            continue
+        members[name] = member
+        if (producer is not None and route is not None and member.in_axis is not None
+                and route[0] == member.in_axis and member.num_features() == producer.num_units() * route[1]):
+            links.append(_Link(producer, member, between, route[1]))
+        between = []
+        producer, route = (member, (member.out_axis, 1)) if member.out_axis is not None else (None, None)
+
     changed = True
     while changed:
         changed = False
         for link in links:  # forward: units that do not depend on the input
-            if not link.transparent:
-                continue
-            a = link.a
-            idx = torch.nonzero(~a.m.flatten(1).any(1)).squeeze(1)
+            a, b = link.a, link.b
+            idx, pre = a.constant_units()
             if idx.numel() == 0:
                 continue
-            if a.conv and idx.numel() == a.w.shape[0]:
-                idx = idx[1:]  # torch has no conv with zero out-channels: keep one
+            values_in = link.constant_features(idx, pre).reshape(len(idx), link.block, -1)
+            ok = b.foldable(values_in.reshape(len(idx) * link.block, -1)).reshape(len(idx), link.block).all(1)
+            idx, values_in = idx[ok], values_in[ok]
+            spare = a.num_units() - a.min_units
+            idx, values_in = idx[:max(spare, 0)], values_in[:max(spare, 0)]
             if idx.numel() == 0:
                 continue
-            removable, contrib = link.constant_contributions(idx)
-            if not removable:
-                continue
-            if contrib is not None and bool((contrib != 0).any()):
-                b = link.b
-                if b.b is None:
-                    b.b = torch.zeros(b.w.shape[0], dtype=b.w.dtype)
-                    b.mb = torch.ones(b.w.shape[0], dtype=torch.bool)
-                b.b = (b.b * b.mb.to(b.b.dtype)) + contrib
-                b.mb = torch.ones_like(b.mb)
-                folded.add(b.name)
-            r = torch.tensor(removable, dtype=torch.long)
-            link.delete_columns(r)
-            a.delete_units(r)
-            constant[a.name] += len(removable)
+            b.fold(link.features(idx), values_in.reshape(len(idx) * link.block, -1))
+            link.delete(idx)
+            a.constant += len(idx)
             changed = True
         for link in reversed(links):  # backward: units nothing reads
-            if not link.transparent:
-                continue
-            idx = link.dead_units()
-            if link.a.conv and idx.numel() == link.a.w.shape[0]:
-                idx = idx[1:]
+            a = link.a
+            idx = a.removable_unread(link.unread_units())
+            idx = idx[:max(a.num_units() - a.min_units, 0)]
             if idx.numel() == 0:
                 continue
-            link.delete_columns(idx)
-            link.a.delete_units(idx)
-            dead[link.a.name] += idx.numel()
+            link.delete(idx)
+            a.dead += len(idx)
             changed = True
 
-    # the spec and the parameters of the built module
-    spec_layers, params, blocks, kept_units, total_units = [], {}, {}, {}, {}
-    offset = 1 if network.input_shape is not None else 0
-    by_name = {p.name: p for p in plist}
-    for i, (name, layer, in_shape, out_shape) in enumerate(shapes):
-        if name in by_name:
-            p = by_name[name]
-            entry = {"type": "conv2d" if p.conv else "linear", "name": name,
-                     "in": int(p.w.shape[1]), "out": int(p.w.shape[0]), "bias": p.b is not None}
-            if p.conv:
-                entry.update({"kernel_size": list(p.w.shape[2:]), "stride": layer.stride, "padding": layer.padding})
-            spec_layers.append(entry)
-            params[f"{i + offset}.weight"] = (p.w * p.m.to(p.w.dtype)).contiguous()
-            if p.b is not None:
-                params[f"{i + offset}.bias"] = (p.b * p.mb.to(p.b.dtype)).contiguous()
-        elif layer.priors():  # a layer with a compact_entry hook
-            own = {p: values[f"{name}.{p}"].detach() for p in layer.priors()}
-            own_masks = {p: masks[f"{name}.{p}"] for p in layer.priors() if f"{name}.{p}" in masks}
-            entry, own_params, info = layer.compact_entry(own, own_masks)
-            spec_layers.append({**entry, "name": name})
-            params.update({f"{i + offset}.{k}": v for k, v in own_params.items()})
-            blocks[name] = {k: v for k, v in info.items() if k != "folded"}
-            for sub, u in info.get("units", {}).items():
-                kept_units[f"{name}.{sub}"], total_units[f"{name}.{sub}"] = u["kept"], u["total"]
-                dead[f"{name}.{sub}"], constant[f"{name}.{sub}"] = u["unread"], u["constant"]
-            folded.update(f"{name}.{f}" for f in info.get("folded", ()))
+    entries, params, infos, folded = [], {}, {}, []
+    for name, layer, _, _ in shapes:
+        if name in members:
+            entry, own, info = members[name].build()
+            if members[name].folded:
+                folded.append(name)
+            folded.extend(f"{name}.{f}" for f in info.pop("folded", ()))
+            infos[name] = info
+            params.update({f"{name}.{k}": v for k, v in own.items()})
         else:
-            entry = _spec_of(layer)
-            entry["name"] = name
-            spec_layers.append(entry)
-    spec = {"format": 1, "input_shape": list(network.input_shape) if network.input_shape is not None else None,
-            "layers": spec_layers}
-    return CompactPlan(spec, params, {**{p.name: p.keep.tolist() for p in plist}, **kept_units},
-                       {**{p.name: int(values[f"{p.name}.weight"].shape[0]) for p in plist}, **total_units},
-                       dead, constant, sorted(folded), blocks)
+            entry = layer.compact_spec()
+        entries.append({**entry, "name": name})
+    spec = {"format": FORMAT, "input_shape": list(network.input_shape) if network.input_shape is not None else None,
+            "layers": entries}
+    return CompactPlan(spec, params, infos, sorted(folded))
 
 
 def build_module(spec: dict) -> nn.Sequential:
-    """A plain ``torch.nn.Sequential`` from a compact spec (parameters uninitialised)."""
-    if not isinstance(spec, dict) or spec.get("format") != 1 or not isinstance(spec.get("layers"), list):
-        raise ValueError(f"spec: not a compact network spec (format 1 with a layer list), got {type(spec).__name__}")
-    modules = []
+    """A plain ``torch.nn.Sequential`` from a compact spec (parameters uninitialised): children
+    named like the layers, each built by its class's ``build_compact(entry)``."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("layers"), list):
+        raise ValueError(f"spec: not a compact network spec (a layer list), got {type(spec).__name__}")
+    if spec.get("format") != FORMAT:
+        raise ValueError(f"spec: compact format {spec.get('format')!r}; this version reads format {FORMAT} "
+                         "(reduce the run again to rebuild it)")
+    modules = OrderedDict()
     if spec.get("input_shape"):
-        modules.append(nn.Unflatten(1, tuple(spec["input_shape"])))
+        modules["input"] = Reshape(spec["input_shape"])
     for i, entry in enumerate(spec["layers"]):
-        kind = entry.get("type")
-        if kind == "linear":
-            with warnings.catch_warnings():  # a layer whose units were all removed has no weights
-                warnings.filterwarnings("ignore", "Initializing zero-element tensors")
-                modules.append(nn.Linear(entry["in"], entry["out"], bias=entry["bias"]))
-        elif kind == "conv2d":
-            modules.append(nn.Conv2d(entry["in"], entry["out"], tuple(entry["kernel_size"]), entry["stride"],
-                                     entry["padding"], bias=entry["bias"]))
-        elif kind == "relu":
-            modules.append(nn.ReLU())
-        elif kind == "tanh":
-            modules.append(nn.Tanh())
-        elif kind == "sigmoid":
-            modules.append(nn.Sigmoid())
-        elif kind == "gelu":
-            modules.append(nn.GELU())
-        elif kind == "flatten":
-            modules.append(nn.Flatten())
-        elif kind == "dropout":
-            modules.append(nn.Dropout(entry.get("p", 0.5)))
-        elif kind in ("maxpool2d", "avgpool2d"):
-            cls = nn.MaxPool2d if kind == "maxpool2d" else nn.AvgPool2d
-            modules.append(cls(entry["kernel_size"], entry.get("stride"), entry.get("padding", 0)))
-        elif hasattr(LAYERS.get(kind), "build_compact"):  # a layer that compacts itself
-            modules.append(LAYERS[kind].build_compact(entry))
-        elif isinstance(LAYERS.get(kind), type) and issubclass(LAYERS[kind], _Stateless):
-            options = {k: v for k, v in entry.items() if k not in ("type", "name")}
-            modules.append(LAYERS[kind](**options).deterministic({}))
-        else:
+        kind = entry.get("type") if isinstance(entry, dict) else None
+        if not isinstance(kind, str) or kind not in LAYERS:
             raise ValueError(f"spec.layers[{i}].type: unsupported layer type {kind!r}")
-    return nn.Sequential(*modules)
+        with warnings.catch_warnings():  # a layer whose units were all removed has no weights
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+            modules[entry.get("name", str(i))] = LAYERS[kind].build_compact(entry)
+    return nn.Sequential(modules)
 
 
 @torch.no_grad()
-def compact(network, summary_or_values, decision=None) -> nn.Sequential:
+def compact(network, summary_or_values, decision=None, input_shape=None) -> nn.Sequential:
     """The deterministic compact network (inference mode) of a decision.
 
-    ``summary_or_values``: a posterior summary (its means are used) or ``site -> tensor``. The
-    result predicts as :func:`masked_module` does (up to float rounding from the folded biases)
-    and carries ``.spec`` (layer list with sizes, see :func:`build_module`) and ``.plan``
-    (:class:`CompactPlan`).
+    ``summary_or_values``: a posterior summary (its means are used) or ``site -> tensor``;
+    ``decision``: a :class:`~.rules.Decision` or a dict of keep-masks. The result predicts as
+    :func:`masked_module` does (up to float rounding from the folded biases) and carries
+    ``.spec`` (layer list with sizes, see :func:`build_module`) and ``.plan`` (:class:`CompactPlan`).
+    ``input_shape``: the per-example input shape where the network declares none.
     """
-    plan = compact_plan(network, summary_or_values, decision)
+    plan = compact_plan(network, point_values(summary_or_values), _masks(decision), input_shape)
     module = build_module(plan.spec)
-    ref = next(iter(plan.params.values()))
+    ref = next(t for t in plan.params.values() if t.is_floating_point())
     module.to(dtype=ref.dtype, device=ref.device)
     module.load_state_dict(plan.params, strict=True)
     module.eval()

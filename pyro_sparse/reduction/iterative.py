@@ -44,7 +44,6 @@ from ..distributions import reduced_normal
 from ..errors import SpecError
 from ..fitting import SVITrainer, evaluate
 from ..guides import LOG_SCALE_MIN
-from ..recipe import register_method
 from ..schema import Field, validate
 from .rules import DEFAULT_SHRINK, reduce
 
@@ -97,6 +96,10 @@ class IterativeBMRTrainer(SVITrainer):
     logged in ``bmr_history`` and the current fraction of weights removed is reported as
     ``bmr_sparsity`` with every evaluation.
     """
+
+    spec_name = "svi_bmr"
+    #: its ``reduction:`` section says how to prune during training
+    reduction_fields = ITERATIVE_FIELDS
 
     def __init__(self, network, guide, dataset, recipe, out_dir=None, progress=True):
         self.config = validate(ITERATIVE_FIELDS, recipe.get("reduction") or {}, "reduction", recipe.get("_source"))
@@ -199,5 +202,3 @@ class IterativeBMRTrainer(SVITrainer):
                 if torch.is_tensor(value) and value.shape == param.shape:
                     value[fresh] = 0
 
-
-register_method("svi_bmr")

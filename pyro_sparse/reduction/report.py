@@ -1,47 +1,46 @@
 """The reduction report: what a decision removed and what it costs and gains.
 
-Counts (per layer and overall): weights kept/total, biases kept/total, units kept/total (as
-:func:`~.compact.compact` physically deleted them), parameters of the dense network, non-zero
-parameters and dense parameters of the compact network, their bytes, and FLOPs per example.
-Transformer and Mixer blocks count their MLP hidden units as units, and the report lists per
-block the attention heads kept and removed and the MLP units removed (``blocks``,
-``heads_removed_per_block``; FLOPs of attention as in :mod:`.transformer`).
+Counts (per layer and overall), read off the compact network that
+:func:`~.compact.compact` built, so they describe what is actually left:
 
-FLOPs count the multiply-adds of the parametric layers as 2 operations each (activations,
-pooling and bias additions are not counted): ``2 * in * out`` for a linear layer and
-``2 * out_ch * in_ch * kh * kw * H_out * W_out`` for a convolution. ``flops_compact`` is that of
-the dense compact network, ``flops_sparse`` counts only the non-zero weights (what a sparse
-kernel would do). ``compression_ratio`` is dense parameters / non-zero parameters of the reduced
-network (Molchanov et al. 2017 report |W| / |W != 0|; biases are counted on both sides).
+* ``weights_total`` / ``weights_kept``: the network's weights (parameters named ``weight*``:
+  matrices, kernels, recurrent weights, embeddings, layer-norm gains) and how many of them are
+  non-zero in the compact network -- a weight of a deleted unit or gate is not kept, even where
+  the rule kept it. ``sparsity = 1 - weights_kept / weights_total``. ``rule_sparsity`` is the
+  fraction the rule itself removed (before compaction deleted the units it left useless);
+* ``units_total`` / ``units_kept``: units of every unit group (neurons, channels, recurrent
+  hidden neurons, embedding dimensions, transformer MLP units), and attention heads per block;
+* ``params_dense`` (every parameter of the network, group variables included), ``params_compact``
+  (the compact network's parameters, zeros included) and ``params_nonzero``, their bytes, and
+  ``compression_ratio = params_dense / params_nonzero`` (Molchanov et al. 2017 report
+  |W| / |W != 0|);
+* FLOPs per example, counting the multiply-adds of the parametric layers as 2 operations each
+  (activations, pooling and bias additions are not counted): ``flops_dense`` of the network,
+  ``flops_compact`` of the dense compact network, ``flops_sparse`` counting only its non-zero
+  weights (what a sparse kernel would do).
 
-Test figures: accuracy (RMSE for regression) and NLL of the dense posterior-mean network and
-of the compact network; with ``num_samples > 0`` also of the dense and the masked posterior
-predictive (:func:`~.compact.masked_predictive`).
+Test figures (:mod:`pyro_sparse.evaluation`): ``test_<accuracy|rmse>_dense`` and ``_reduced``
+are those of the *posterior-mean network* (dense, and compact); with ``num_samples > 0``
+``test_<...>_predictive_dense`` / ``_reduced`` are those of the *posterior predictive* with that
+many draws, dense and masked (:func:`~.compact.masked_predictive`); ``max_abs_output_diff`` is
+the largest difference between the compact network's and the masked network's outputs.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from .. import evaluation
+from ..summary import param_role
 from .compact import compact as build_compact
-from .compact import layer_shapes, masked_module, masked_predictive, point_values
+from .compact import compact_plan, masked_module, masked_predictive, point_values
 
-__all__ = ["reduction_report", "output_metrics", "format_blocks"]
+__all__ = ["reduction_report", "format_blocks", "metric_key"]
 
 
-@torch.no_grad()
-def output_metrics(likelihood, outputs, y, noise=None) -> dict:
-    """``{accuracy|rmse, nll}`` of network outputs ``(S, B, ...)`` (S draws; S = 1 for a point
-    estimate). NLL = -mean_n log (1/S) sum_s p(y_n | outputs_s)."""
-    mean = likelihood.predictive_mean(outputs)
-    if likelihood.task == "regression":
-        nll = -likelihood.log_predictive(outputs, y, noise).mean().item()
-        return {"rmse": (mean - y).square().mean().sqrt().item(), "nll": nll}
-    nll = -likelihood.log_predictive(outputs, y).mean().item()
-    pred = mean.argmax(-1) if likelihood.task == "classification" else (mean > 0.5).long()
-    return {"accuracy": (pred == y.long()).float().mean().item(), "nll": nll}
+def metric_key(likelihood) -> str:
+    """``rmse`` for regression, else ``accuracy``."""
+    return "rmse" if likelihood.task == "regression" else "accuracy"
 
 
 def _block_summary(info):
@@ -50,8 +49,9 @@ def _block_summary(info):
         out.update({"heads_total": info["heads_total"], "heads_kept": list(info["heads_kept"]),
                     "heads_removed": list(info["heads_removed"])})
     for mlp, u in info.get("units", {}).items():
-        out[f"{mlp}_units_total"] = u["total"]
-        out[f"{mlp}_units_removed"] = u["removed"]
+        if mlp:
+            out[f"{mlp}_units_total"] = u["total"]
+            out[f"{mlp}_units_removed"] = u["removed"]
     return out
 
 
@@ -70,68 +70,77 @@ def format_blocks(report) -> str:
     return "\n".join(lines)
 
 
-def _count(t):
-    return int(t.sum()) if t is not None else 0
+def _numel(tensors, role=None, nonzero=False):
+    out = 0
+    for name, t in tensors.items():
+        if not t.is_floating_point() or (role is not None and param_role(name) != role):
+            continue
+        out += int((t != 0).sum()) if nonzero else t.numel()
+    return out
 
 
+def _layer_entry(name, values, masks, params, info, dense_info) -> dict:
+    """The report's figures of one layer from its dense values, the rule's masks, its compact
+    parameters and what compaction removed."""
+    units = info.get("units", {})
+    entry = {
+        "weights_total": _numel(values, "weight"), "weights_kept": _numel(params, "weight", nonzero=True),
+        "rule_weights_kept": sum(int(masks[k].sum()) if k in masks else v.numel() for k, v in values.items()
+                                 if param_role(k) == "weight"),
+        "biases_total": _numel(values, "bias"), "biases_kept": _numel(params, "bias", nonzero=True),
+        "units_total": sum(u["total"] for u in units.values()),
+        "units_kept": sum(len(u["kept"]) for u in units.values()),
+        "params_dense": _numel(values), "params_compact": _numel(params),
+        "params_nonzero": _numel(params, nonzero=True),
+        "flops_dense": dense_info.get("flops", 0), "flops_compact": info.get("flops", 0),
+        "flops_sparse": info.get("flops_sparse", 0),
+    }
+    entry["units_removed"] = entry["units_total"] - entry["units_kept"]
+    entry["sparsity"] = 1.0 - entry["weights_kept"] / entry["weights_total"] if entry["weights_total"] else 0.0
+    if "heads_total" in info:
+        entry.update({"heads_total": info["heads_total"], "heads_kept": len(info["heads_kept"]),
+                      "heads_removed": len(info["heads_removed"])})
+    if "recurrent" in info:
+        entry["recurrent"] = info["recurrent"]
+    return entry
+
+
+def _own(d, name):
+    prefix = name + "."
+    return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
+
+
+@torch.no_grad()
 def reduction_report(network, summary_or_values, decision, x_test=None, y_test=None, *, module=None,
-                     num_samples=0, noise=None, generator=None) -> dict:
+                     num_samples=0, noise=None, generator=None, input_shape=None) -> dict:
     """Counts, costs and (with test data) accuracy/NLL before and after a decision.
 
     ``module``: the compact network if already built (else it is built here). ``noise``: the
     Gaussian likelihood's noise scale, for regression NLLs of learned-noise models.
+    ``input_shape``: the per-example input shape where the network declares none.
     """
     values = point_values(summary_or_values)
     if module is None:
-        module = build_compact(network, summary_or_values, decision)
+        module = build_compact(network, summary_or_values, decision, input_shape)
     plan = module.plan
-    shapes = {name: (in_shape, out_shape) for name, _, in_shape, out_shape in layer_shapes(network)}
+    dense = compact_plan(network, values, {}, input_shape)  # the network itself, as compaction counts it
     element = next(iter(values.values())).element_size()
-    layers, totals = {}, dict.fromkeys(
-        ["weights_kept", "weights_total", "biases_kept", "biases_total", "units_kept", "units_total",
-         "params_dense", "params_nonzero", "params_compact", "flops_dense", "flops_compact", "flops_sparse"], 0)
-    offset = 1 if network.input_shape is not None else 0
-    index = {name: i + offset for i, name in enumerate(network.layers)}
-    for name, layer in network.bayesian_layers():
-        if hasattr(layer, "reduction_counts"):  # a layer that compacts itself (transformer blocks)
-            prefix = f"{index[name]}."
-            own = {p: values[f"{name}.{p}"] for p in layer.priors()}
-            entry = layer.reduction_counts(
-                own, {p: decision.masks.get(f"{name}.{p}", torch.ones_like(v, dtype=torch.bool))
-                      for p, v in own.items()},
-                {k[len(prefix):]: v for k, v in plan.params.items() if k.startswith(prefix)},
-                plan.blocks.get(name, {}), shapes[name][0])
-            layers[name] = entry
-            for key in totals:
-                totals[key] += entry[key]
+    keys = ["weights_kept", "rule_weights_kept", "weights_total", "biases_kept", "biases_total", "units_kept",
+            "units_total", "params_dense", "params_nonzero", "params_compact", "flops_dense", "flops_compact",
+            "flops_sparse"]
+    layers, totals = {}, dict.fromkeys(keys, 0)
+    for name in network.layers:
+        if name not in plan.layers:
             continue
-        w = values[f"{name}.weight"]
-        b = values.get(f"{name}.bias")
-        mw = decision.masks[f"{name}.weight"]
-        mb = decision.masks.get(f"{name}.bias")
-        _, out_shape = shapes[name]
-        positions = math.prod(out_shape[1:]) if w.dim() == 4 else 1
-        cw = plan.params[f"{index[name]}.weight"]
-        cb = plan.params.get(f"{index[name]}.bias")
-        entry = {
-            "weights_kept": _count(mw), "weights_total": mw.numel(),
-            "biases_kept": _count(mb), "biases_total": mb.numel() if mb is not None else 0,
-            "units_kept": len(plan.kept_units[name]), "units_total": plan.total_units[name],
-            "params_dense": w.numel() + (b.numel() if b is not None else 0),
-            "params_nonzero": int((cw != 0).sum()) + (int((cb != 0).sum()) if cb is not None else 0),
-            "params_compact": cw.numel() + (cb.numel() if cb is not None else 0),
-            "flops_dense": 2 * w.numel() * positions,
-            "flops_compact": 2 * cw.numel() * positions,
-            "flops_sparse": 2 * int((cw != 0).sum()) * positions,
-        }
-        entry["units_removed"] = entry["units_total"] - entry["units_kept"]
-        entry["sparsity"] = 1.0 - entry["weights_kept"] / entry["weights_total"]
+        entry = _layer_entry(name, _own(values, name), _own(decision.masks, name), _own(plan.params, name),
+                             plan.layers[name], dense.layers.get(name, {}))
         layers[name] = entry
         for key in totals:
             totals[key] += entry[key]
     report = {"method": decision.method, "options": decision.summary()["options"], "layers": layers, **totals}
     report.update({
         "sparsity": 1.0 - totals["weights_kept"] / max(totals["weights_total"], 1),
+        "rule_sparsity": decision.sparsity,
         "units_removed": totals["units_total"] - totals["units_kept"],
         "units_removed_per_layer": plan.units_removed,
         "compression_ratio": totals["params_dense"] / max(totals["params_nonzero"], 1),
@@ -142,31 +151,41 @@ def reduction_report(network, summary_or_values, decision, x_test=None, y_test=N
         "flops_ratio": totals["flops_dense"] / max(totals["flops_compact"], 1),
         "folded_biases": plan.folded,
     })
-    if plan.blocks:  # attention heads and MLP hidden units removed per block
-        report["blocks"] = {name: _block_summary(info) for name, info in plan.blocks.items() if info}
+    blocks = {name: _block_summary(info) for name, info in plan.layers.items()
+              if "heads_total" in info or any(info.get("units", {}))}
+    if blocks:  # attention heads and MLP hidden units removed per block
+        report["blocks"] = blocks
         report["heads_removed_per_block"] = plan.heads_removed
     if x_test is not None and y_test is not None:
         lik = network.likelihood
-        with torch.no_grad():
-            dense_out = network.deterministic(values).eval()(x_test)
-            masked_out = masked_module(network, values, decision)(x_test)
-            compact_out = module(x_test)
-        key = "rmse" if lik.task == "regression" else "accuracy"
-        dense = output_metrics(lik, dense_out.unsqueeze(0), y_test, noise)
-        reduced = output_metrics(lik, compact_out.unsqueeze(0), y_test, noise)
-        report.update({f"test_{key}_dense": dense[key], f"test_{key}_reduced": reduced[key],
-                       "test_nll_dense": dense["nll"], "test_nll_reduced": reduced["nll"],
-                       "max_abs_logit_diff": (compact_out - masked_out).abs().max().item()})
+        key = metric_key(lik)
+        masked = masked_module(network, values, decision)
+        dense_fig = evaluation.evaluate(evaluation.point_predictive(network.deterministic(values)), x_test, y_test,
+                                        lik, noise)
+        reduced_fig = evaluation.evaluate(evaluation.point_predictive(module), x_test, y_test, lik, noise)
+        report.update({f"test_{key}_dense": dense_fig[key], f"test_{key}_reduced": reduced_fig[key],
+                       "test_nll_dense": dense_fig["nll"], "test_nll_reduced": reduced_fig["nll"],
+                       "max_abs_output_diff": _max_diff(module, masked, x_test)})
         if num_samples and hasattr(summary_or_values, "locs"):
             state = generator.get_state() if generator is not None else None
-            dense_s = masked_predictive(network, summary_or_values, None, x_test, num_samples, generator)
+
+            def draws(d):
+                return lambda xb: masked_predictive(network, summary_or_values, d, xb, num_samples, generator)
+
+            dense_p = evaluation.evaluate(draws(None), x_test, y_test, lik, noise, batch_size=len(x_test))
             if state is not None:
                 generator.set_state(state)  # the same draws for the reduced predictive
-            red_s = masked_predictive(network, summary_or_values, decision, x_test, num_samples, generator)
-            dense_p = output_metrics(lik, dense_s, y_test, noise)
-            red_p = output_metrics(lik, red_s, y_test, noise)
+            red_p = evaluation.evaluate(draws(decision), x_test, y_test, lik, noise, batch_size=len(x_test))
             report.update({f"test_{key}_predictive_dense": dense_p[key],
                            f"test_{key}_predictive_reduced": red_p[key],
                            "test_nll_predictive_dense": dense_p["nll"],
                            "test_nll_predictive_reduced": red_p["nll"], "predictive_samples": num_samples})
     return report
+
+
+def _max_diff(a, b, x, batch_size=1024):
+    out = 0.0
+    for start in range(0, len(x), batch_size):
+        xb = x[start:start + batch_size]
+        out = max(out, (a(xb) - b(xb)).abs().max().item())
+    return out

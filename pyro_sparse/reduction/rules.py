@@ -1,50 +1,55 @@
-r"""One interface for every reduction rule: ``reduce(summary, method, ...) -> Decision``.
+r"""The reduction rules, one registered object each, and ``reduce(summary, rule, ...) -> Decision``.
 
 A rule reads only a :class:`~pyro_sparse.summary.PosteriorSummary` (per parameter tensor: the
-Gaussian posterior marginals ``N(loc, 1/precision)`` and the Gaussian (conditional) prior
-``N(prior_loc, 1/prior_precision)``) and returns a :class:`Decision`: a keep-mask per parameter
-(True = keep), the per-weight evidence or score it ranked by, and the units it removed. Rules:
+Gaussian posterior marginals ``N(loc, 1/precision)``, the Gaussian (conditional) prior
+``N(prior_loc, 1/prior_precision)``, and the group quantities of priors with a rule of their
+own) and gives a per-element quantity; :func:`reduce` turns it into a :class:`Decision` by the
+rule's threshold or by a target sparsity. Each rule's default threshold is written once, on
+its class:
 
-==================  =====================================================================  ==========
-method              per-weight quantity (``Decision.scores``)                               prune where
-==================  =====================================================================  ==========
-``bmr``             :math:`\Delta F` of the reduced prior :math:`N(0, g^2)` (BMR)           dF > t (0)
-``savage-dickey``   :math:`\Delta F = \ln q(0) - \ln p(0)` (reduced prior: point mass)      dF > t (0)
-``spike-slab``      :math:`\Delta F` of ``bmr``; layer-wise spike-and-slab on it           dF > zeta
-``log-alpha``       :math:`\log\alpha = \log\sigma^2 - \log\theta^2` (Sparse VD)            > t (3)
-``opd``             :math:`s_i = P_{ii}\theta_i^2` (Optimal Posterior Damage)               lowest
-``magnitude``       :math:`|\theta_i|`                                                      lowest
-``random``          uniform(0, 1)                                                           lowest
-==================  =====================================================================  ==========
+=====================  ===============================================================  ============
+rule                   per-element quantity (``Decision.scores``)                       prune where
+=====================  ===============================================================  ============
+``bmr``                :math:`\Delta F` of the reduced prior :math:`N(0, g^2)` (BMR)    dF > 0
+``savage-dickey``      :math:`\Delta F = \ln q(0) - \ln p(0)` (point-mass reduced prior)  dF > 0
+``spike-slab``         :math:`\Delta F` of ``bmr``; layer-wise spike-and-slab on it      dF > zeta
+``log-alpha``          :math:`\log\alpha = \log\sigma^2 - \log\theta^2` (Sparse VD)      > 3
+``opd``                :math:`s_i = P_{ii}\theta_i^2` (Optimal Posterior Damage)          lowest
+``magnitude``          :math:`|\theta_i|`                                                lowest
+``random``             uniform(0, 1)                                                     lowest
+``group-log-alpha``    :math:`\log\alpha_z` of the group's z (group log-uniform prior)   > 0
+``horseshoe-scale``    relative scale :math:`\tilde\lambda_g = s_g/\tau` (horseshoe)      < 3
+=====================  ===============================================================  ============
 
 (Friston & Penny 2011; Markovic, Friston & Kiebel 2023 for BMR, Savage-Dickey and the
 spike-and-slab decision; Molchanov, Ashukha & Vetrov 2017 for log alpha; Dhahri et al. 2024
-for OPD; the formulas live in :mod:`.bmr` and :mod:`.scores`.)
+for OPD; Louizos, Ullrich & Welling 2017 for the group log alpha; Carvalho, Polson & Scott 2010
+and Piironen & Vehtari 2017 for the horseshoe scales; the formulas live in :mod:`.bmr` and
+:mod:`.scores`.)
 
-**Unstructured** rules (the default) act on *weights*: every parameter tensor whose name is not
-``bias``. With ``sparsity=Q`` the lowest-ranked ``round(Q * N)`` weights are removed, ranked
-globally (``scope="global"``) or within each tensor (``scope="layer"``); evidence rules rank by
-``-dF`` / ``-log alpha``. Without ``sparsity`` the rule's threshold decides. **Biases are kept**
-by unstructured rules: a unit whose incoming weights are all removed then outputs the constant
-``act(b)``; :func:`~pyro_sparse.reduction.compact.compact` deletes such a unit and adds its
-constant contribution to the next layer's bias, so predictions do not change.
+**What a rule judges.** Unstructured rules act on the *weights* (sites whose role is
+``weight``) and, where they can score them, on the multiplicative *group variables* of a layer
+(role ``group``: the :math:`z^x, z^h, \hat z` of a gated LSTM, Lobacheva et al. 2018); biases
+are kept. The priors' own rules judge the weights whose prior gave the group quantity they
+read (:meth:`~pyro_sparse.priors.Prior.group_summary`) and keep the rest. With ``sparsity=Q``
+the lowest-ranked ``round(Q * N)`` weights are removed, ranked globally (``scope="global"``) or
+within each tensor (``scope="layer"``); evidence rules rank by ``-dF`` / ``-log alpha``. A unit
+whose incoming weights are all removed outputs the constant ``act(b)``, and compaction
+(:mod:`pyro_sparse.compaction`) deletes it, folding that constant into the next layer's bias;
+it also turns removed recurrent group variables into removed neurons and constant gates.
 
 **Structured** rules (``structured=True``) remove whole units (output neurons / conv filters):
-the group of a unit is its row of the weight (every element along the ``unit`` axis index) and
-its bias; the group quantity is the sum over the group (:math:`\Delta F_g = \sum_k \Delta F_k`
-under a factorised posterior, :math:`S_g = \sum_i s_i` for OPD, :math:`\sum\theta_i^2` for
-magnitude, one uniform draw per unit for random). Where the summary has a correlated block
-(a low-rank or full posterior covariance), ``savage-dickey`` uses the joint term of each unit,
-:math:`\ln N(0; \mu_g, \Sigma_g) - \ln p(0)`, instead of the sum of marginal terms, and ``opd``
-reads :math:`P_{ii}` off the block's precision. ``sparsity`` is then the fraction of units
-removed from each hidden layer. The last parametric layer of the summary is the network output
-and never loses units.
+the group of a unit is its row of the weight and its bias; the group quantity is the sum over
+the group (:math:`\Delta F_g = \sum_k \Delta F_k` under a factorised posterior,
+:math:`S_g = \sum_i s_i` for OPD, :math:`\sum\theta_i^2` for magnitude, one uniform draw per
+unit for random; the priors' rules read their per-unit quantity directly). Where the summary
+has a correlated block (a low-rank or full posterior covariance), ``savage-dickey`` uses the
+joint term of each unit, :math:`\ln N(0; \mu_g, \Sigma_g) - \ln p(0)`, and ``opd`` reads
+:math:`P_{ii}` off the block's precision. ``sparsity`` is then the fraction of units removed
+from each hidden layer. The last parametric layer of the summary is the network output and
+never loses units.
 
-Group variables (multiplicative ``z`` of the group normal-Jeffreys prior, Louizos et al. 2017;
-gates of Lobacheva et al.) enter ``log-alpha`` through ``groups``: a dict ``site -> log alpha``
-of the group variable, shaped to broadcast against the parameter (see
-:func:`group_log_alpha`); a group whose log alpha exceeds the threshold removes every weight it
-multiplies, and with ``structured=True`` the unit-shaped ones decide the units.
+New rules subclass :class:`Rule` and are registered in :data:`pyro_sparse.registry.RULES`.
 """
 
 from __future__ import annotations
@@ -55,27 +60,326 @@ from numbers import Real
 
 import torch
 
+from ..registry import RULES
+from ..summary import param_role
 from .bmr import bmr_diagonal_zero_mean, bmr_gaussian, group_delta_f, savage_dickey, spike_slab_decision
-from .scores import (
-    magnitude_scores,
-    mask_by_sparsity,
-    opd_scores,
-    random_scores,
-)
+from .scores import magnitude_scores, mask_by_sparsity, opd_scores, random_scores
 
-__all__ = ["METHODS", "Decision", "reduce", "group_log_alpha", "DEFAULT_SHRINK"]
-
-#: every rule ``reduce`` knows, in the order the CLI lists them
-METHODS = ("bmr", "savage-dickey", "spike-slab", "log-alpha", "opd", "magnitude", "random")
+__all__ = ["Rule", "Decision", "reduce", "rule", "applicable_rules", "DEFAULT_SHRINK", "BUILTIN_RULES",
+           "BMR", "SavageDickey", "SpikeSlab", "LogAlpha", "OPD", "Magnitude", "Random", "GroupLogAlpha",
+           "HorseshoeScale"]
 
 #: default reduced prior of ``bmr``: N(0, (shrink * s)^2), s the prior standard deviation
 DEFAULT_SHRINK = 1e-2
 
-_DEFAULT_THRESHOLD = {"bmr": 0.0, "savage-dickey": 0.0, "log-alpha": 3.0}
-#: the natural quantity of these rules says "prune" when it is *high*
-_HIGH_PRUNES = {"bmr", "savage-dickey", "spike-slab", "log-alpha"}
-_SCORE_NAME = {"bmr": "delta_f", "savage-dickey": "delta_f", "spike-slab": "delta_f",
-               "log-alpha": "log_alpha", "opd": "opd", "magnitude": "magnitude", "random": "random"}
+
+class NotApplicable(ValueError):
+    """A rule cannot judge a posterior summary (names the site and why)."""
+
+
+# =========================================================================== the rules
+
+
+class Rule:
+    """A reduction rule: a per-element quantity read off the posterior summary, the side of its
+    threshold that is pruned, and its default threshold (``None``: it only ranks to a sparsity).
+
+    Attributes: ``name`` (what ``--method`` and a recipe's ``reduction.method`` say),
+    ``quantity`` (what the score is, for reports), ``score_name`` (``Decision.score_name``),
+    ``prunes`` (``"above"``: high values are pruned, like evidence for removal; ``"below"``: low
+    scores are pruned), ``threshold`` (the default), ``ranks`` (a target sparsity may be asked
+    for), ``plot`` (``"symlog"``, ``"log10"`` or None: how a histogram shows the quantity).
+    """
+
+    name = "rule"
+    quantity = ""
+    score_name = "score"
+    prunes = "above"
+    threshold: float | None = None
+    ranks = True
+    plot: str | None = None
+
+    def scores(self, site, context) -> torch.Tensor | None:
+        """The quantity per element of ``site`` (broadcastable to ``site.loc``), or None where the
+        rule does not judge this site (it is kept). Raise :class:`NotApplicable` where it should
+        but cannot (a weight without what the rule needs)."""
+        raise NotImplementedError
+
+    def judges(self, site) -> bool:
+        """Whether the rule looks at ``site`` at all: weights, and group variables for rules that
+        score them."""
+        return site.role == "weight"
+
+    def unit_scores(self, site, bias, unit_dim, context):
+        """The per-unit quantity of structured reduction: the sum over the unit's weights and its
+        bias (``bias``: the bias site or None)."""
+        weight_q = self.scores(site, context)
+        bias_q = self.scores(bias, context) if bias is not None else None
+        dims = tuple(d for d in range(weight_q.dim()) if d != unit_dim)
+        total = group_delta_f(weight_q, dim=dims) if dims else weight_q.clone()
+        return total + bias_q if bias_q is not None else total
+
+    def keep_score(self, natural):
+        """Higher = keep, for ranking to a target sparsity."""
+        return -natural if self.prunes == "above" else natural
+
+    def keep(self, natural, threshold):
+        return natural <= threshold if self.prunes == "above" else natural >= threshold
+
+    def __repr__(self):
+        return f"<rule {self.name}>"
+
+
+def _gaussian_parts(site, rule):
+    """Posterior precision and prior of a site, checked for what BMR needs."""
+    if not bool(torch.isfinite(site.precision).all()):
+        raise NotApplicable(
+            f"rule {rule!r}: site {site.name!r} has an infinite posterior precision (a point estimate, e.g. a "
+            "MAP/delta guide); it needs a Gaussian posterior: use an SVI or Laplace fit, or rule 'magnitude'")
+    prior_precision = site.prior_precision
+    if not bool(((prior_precision > 0) & torch.isfinite(prior_precision)).all()):
+        raise NotApplicable(
+            f"rule {rule!r}: site {site.name!r} has no proper Gaussian prior (prior precision "
+            f"{prior_precision.flatten()[0].item()!r}, e.g. the log-uniform prior); use rule 'log-alpha'")
+    return site.precision, site.prior_loc, prior_precision
+
+
+def _proper(site):
+    return (bool(torch.isfinite(site.precision).all())
+            and bool(((site.prior_precision > 0) & torch.isfinite(site.prior_precision)).all()))
+
+
+class _Evidence(Rule):
+    """Rules on the change in free energy :math:`\\Delta F` of removing each element."""
+
+    score_name = "delta_f"
+    prunes = "above"
+    threshold = 0.0
+    plot = "symlog"
+
+    def judges(self, site):
+        return site.role in ("weight", "group")
+
+    def scores(self, site, context):
+        if site.role == "group" and not _proper(site):
+            return None  # a group variable under an improper prior: left to log-alpha
+        return self.delta_f(site, context)
+
+    def delta_f(self, site, context):
+        raise NotImplementedError
+
+
+class BMR(_Evidence):
+    r"""Bayesian model reduction towards the reduced prior :math:`N(0, g^2)` (Friston & Penny 2011):
+    :math:`\Delta F = \ln p(y \mid \tilde m) - \ln p(y \mid m)`, diagonal closed form; ``g`` is
+    ``reduced_scale`` or ``shrink`` times the prior's standard deviation."""
+
+    name = "bmr"
+    quantity = "BMR dF of the reduced prior N(0, g^2)"
+
+    def delta_f(self, site, context):
+        precision, prior_loc, prior_precision = _gaussian_parts(site, self.name)
+        reduced_scale, shrink = context["reduced_scale"], context["shrink"]
+        if not bool((prior_loc != 0).any()):  # zero-mean prior: the cheaper closed form, same value
+            prior_scale = prior_precision.rsqrt()
+            g = float(reduced_scale) if reduced_scale is not None else shrink * prior_scale
+            return bmr_diagonal_zero_mean(site.loc, precision, prior_scale, g)
+        if reduced_scale is not None:
+            reduced_precision = torch.as_tensor(float(reduced_scale) ** -2, dtype=site.loc.dtype)
+        else:
+            reduced_precision = prior_precision / (shrink * shrink)
+        delta_f, _, _ = bmr_gaussian(site.loc, precision, prior_loc, prior_precision, 0.0, reduced_precision)
+        return delta_f
+
+
+class SavageDickey(_Evidence):
+    r"""Savage-Dickey: the BMR limit of a point-mass reduced prior,
+    :math:`\Delta F = \ln q(0) - \ln p(0)`; per unit under a correlated block, the joint term."""
+
+    name = "savage-dickey"
+    quantity = "Savage-Dickey dF = ln q(0) - ln p(0)"
+
+    def delta_f(self, site, context):
+        precision, prior_loc, prior_precision = _gaussian_parts(site, self.name)
+        return savage_dickey(site.loc, precision, prior_loc, prior_precision)
+
+    def unit_scores(self, site, bias, unit_dim, context):
+        if _low_rank(site) is None:
+            return super().unit_scores(site, bias, unit_dim, context)
+        _gaussian_parts(site, self.name)
+        joint = _group_savage_dickey_block(site, unit_dim)
+        return joint + self.scores(bias, context) if bias is not None else joint
+
+
+class SpikeSlab(BMR):
+    r"""The layer-wise spike-and-slab decision on the BMR evidence (Markovic et al. 2023): the
+    log prior odds :math:`\zeta` of each layer are fitted to its :math:`\Delta F` and a weight
+    goes where :math:`\Delta F > \zeta`; no threshold, no target sparsity."""
+
+    name = "spike-slab"
+    quantity = "BMR dF, layer-wise spike-and-slab threshold zeta"
+    threshold = None
+    ranks = False
+
+
+class LogAlpha(Rule):
+    r"""Sparse variational dropout (Molchanov, Ashukha & Vetrov 2017): prune where
+    :math:`\log\alpha = \log\sigma^2 - \log\theta^2 > 3`, i.e. where the multiplicative noise
+    variance is 20 times the signal's (a Gaussian dropout rate above 0.95). Applies to weights
+    and to group variables with a Gaussian posterior (the gates and neurons of Lobacheva et al.
+    2018)."""
+
+    name = "log-alpha"
+    quantity = "log alpha = log sigma^2 - log theta^2"
+    score_name = "log_alpha"
+    prunes = "above"
+    threshold = 3.0
+
+    def judges(self, site):
+        return site.role in ("weight", "group")
+
+    def scores(self, site, context):
+        if site.log_alpha is None:
+            if site.role == "group":
+                return None
+            raise NotApplicable(f"rule 'log-alpha': site {site.name!r} has no log alpha (it needs a Gaussian "
+                                "posterior with a variance, e.g. the mean-field guide or a Laplace fit)")
+        return site.log_alpha
+
+    def unit_scores(self, site, bias, unit_dim, context):
+        raise NotApplicable("structured: rule 'log-alpha' judges single weights; whole units go by the group "
+                            "rule of a group prior (group-log-alpha, horseshoe-scale), or by the unstructured rule "
+                            "when the removed weights leave a unit without inputs or outputs")
+
+
+class OPD(Rule):
+    r"""Optimal Posterior Damage (Dhahri et al. 2024): the saliency :math:`s_i = P_{ii}\theta_i^2`
+    with the posterior precision :math:`P`; the lowest scores are pruned to a target sparsity."""
+
+    name = "opd"
+    quantity = "OPD score P theta^2"
+    score_name = "opd"
+    prunes = "below"
+    plot = "log10"
+
+    def scores(self, site, context):
+        if not bool(torch.isfinite(site.precision).all()):
+            raise NotApplicable(f"rule 'opd': site {site.name!r} has an infinite posterior precision (a point "
+                                "estimate); OPD needs a posterior precision (SVI or Laplace fit)")
+        return opd_scores(site.loc, _precision_diagonal(site))
+
+
+class Magnitude(Rule):
+    """The magnitude baseline :math:`|\\theta_i|` (per unit: :math:`\\sum\\theta_i^2`)."""
+
+    name = "magnitude"
+    quantity = "|theta|"
+    score_name = "magnitude"
+    prunes = "below"
+    plot = "log10"
+
+    def scores(self, site, context):
+        return magnitude_scores(site.loc)
+
+    def unit_scores(self, site, bias, unit_dim, context):
+        dims = tuple(d for d in range(site.loc.dim()) if d != unit_dim)
+        total = site.loc.square().sum(dims) if dims else site.loc.square()
+        return total + bias.loc.square() if bias is not None else total
+
+
+class Random(Rule):
+    """Uniform random scores, the baseline every rule should beat."""
+
+    name = "random"
+    quantity = "uniform(0, 1)"
+    score_name = "random"
+    prunes = "below"
+
+    def scores(self, site, context):
+        loc = site.loc
+        return random_scores(loc.shape, context["generator"], dtype=loc.dtype, device=loc.device)
+
+    def unit_scores(self, site, bias, unit_dim, context):
+        return random_scores((site.loc.shape[unit_dim],), context["generator"], dtype=site.loc.dtype)
+
+
+class _GroupRule(Rule):
+    """A prior's own rule: it reads the per-group quantity the prior put into the summary
+    (``site.groups[name]``) and judges only the weights of that prior."""
+
+    def scores(self, site, context):
+        value = site.groups.get(self.name)
+        return None if value is None else value.to(site.loc.device)
+
+    def unit_scores(self, site, bias, unit_dim, context):
+        value = self.scores(site, context)
+        if value is None:
+            return None
+        dims = [d for d in range(value.dim()) if value.shape[d] != 1]
+        if dims not in ([unit_dim], []):
+            raise NotApplicable(f"structured: rule {self.name!r} removes units through unit groups, and the groups "
+                                f"of {site.name!r} are not its units (shape {tuple(value.shape)})")
+        return value.reshape(-1).expand(site.loc.shape[unit_dim]).clone()
+
+
+class GroupLogAlpha(_GroupRule):
+    r"""The group normal-Jeffreys prior's rule (Louizos, Ullrich & Welling 2017): remove the
+    groups whose multiplicative variable has :math:`\log\alpha_z = \log\sigma_z^2 - \log\mu_z^2`
+    above 0, i.e. :math:`\alpha = 1`: noise on the group as large as its signal. Louizos et al.
+    set the thresholds per layer by hand; on the digits MLP the fitted :math:`\log\alpha_z` form
+    two clusters, below about -1 and above about 5, and 0 separates them."""
+
+    name = "group-log-alpha"
+    quantity = "log alpha of the group variable z"
+    score_name = "group_log_alpha"
+    prunes = "above"
+    threshold = 0.0
+
+
+class HorseshoeScale(_GroupRule):
+    r"""The horseshoe's rule: keep the groups whose relative scale
+    :math:`\tilde\lambda_g = s_g/\tau` (posterior medians) is at least 3. A group the data do not
+    need keeps its local scale near the prior's typical values (the KL alone puts the median of
+    :math:`\lambda^2` near 1), while groups that carry signal move into the Cauchy tail; 3 is
+    about the 80th percentile of :math:`C^+(0, 1)`, above the no-data mode (Carvalho, Polson &
+    Scott 2010 threshold the shrinkage coefficient :math:`1/(1 + \lambda^2)` in the same spirit)."""
+
+    name = "horseshoe-scale"
+    quantity = "relative scale s_g / tau"
+    score_name = "relative_scale"
+    prunes = "below"
+    threshold = 3.0
+    plot = "log10"
+
+
+#: the built-in rules in the order the CLI lists them (registered by :mod:`pyro_sparse.builtins`)
+BUILTIN_RULES = (BMR(), SavageDickey(), SpikeSlab(), LogAlpha(), OPD(), Magnitude(), Random(), GroupLogAlpha(),
+                 HorseshoeScale())
+
+
+def rule(name) -> Rule:
+    """The registered rule ``name`` (a :class:`Rule` passes through); ValueError naming the rules."""
+    if isinstance(name, Rule):
+        return name
+    if not isinstance(name, str) or name not in RULES:
+        raise ValueError(f"method: unknown reduction rule {name!r}; expected one of {list(RULES)}")
+    return RULES[name]
+
+
+def applicable_rules(summary) -> dict:
+    """``name -> reason`` for every registered rule: None where it applies to ``summary``, else
+    why not (as :func:`reduce` would say)."""
+    out = {}
+    for name, r in RULES.items():
+        try:
+            _natural(summary, r, _context(r, None, DEFAULT_SHRINK, torch.Generator().manual_seed(0)))
+            out[name] = None
+        except ValueError as e:
+            out[name] = str(e)
+    return out
+
+
+# =========================================================================== the decision
 
 
 @dataclass
@@ -86,14 +390,11 @@ class Decision:
         method: the rule's name.
         masks: site name -> bool tensor shaped like the parameter, True = keep (every site of
             the summary, biases included).
-        scores: weight site -> the per-weight quantity the rule ranked by (``score_name``):
-            ``delta_f`` (evidence for removal), ``log_alpha``, ``opd``, ``magnitude`` or
-            ``random``.
-        score_name: what ``scores`` holds.
-        units: layer -> bool tensor over its output units, True = kept. A unit counts as removed
-            when its incoming weights are all removed (structured rules also remove its bias).
-            The output layer keeps all its units. :func:`~.compact.compact` may remove more
-            (units nothing reads) and reports what it physically deleted.
+        scores: judged site -> the per-element quantity the rule ranked by (``score_name``).
+        score_name: what ``scores`` holds (``delta_f``, ``log_alpha``, ``opd``, ...).
+        units: layer -> bool tensor over its output units, True = kept by the rule (a unit whose
+            incoming weights are all removed counts as removed). The output layer keeps all its
+            units. Compaction may remove more (units nothing reads).
         group_scores: structured rules: layer -> the per-unit group quantity.
         options: the arguments the rule ran with (sparsity, threshold, scope, ...).
         zeta: spike-and-slab: weight site (or layer, structured) -> the fitted log-odds zeta.
@@ -108,12 +409,11 @@ class Decision:
     options: dict = field(default_factory=dict)
     zeta: dict = field(default_factory=dict)
 
-    # ------------------------------------------------------------------ counts
     def weight_sites(self):
-        return [k for k in self.masks if _is_weight_name(k)]
+        return [k for k in self.masks if _role(k) == "weight"]
 
     def counts(self, weights_only=True):
-        """``(kept, total)`` over the weights (or every parameter)."""
+        """``(kept, total)`` over the weights (or every parameter) by the rule's masks."""
         names = self.weight_sites() if weights_only else list(self.masks)
         kept = sum(int(self.masks[k].sum()) for k in names)
         total = sum(self.masks[k].numel() for k in names)
@@ -121,7 +421,7 @@ class Decision:
 
     @property
     def sparsity(self) -> float:
-        """Fraction of weights (biases excluded) removed."""
+        """Fraction of weights (biases and group variables excluded) the rule removed."""
         kept, total = self.counts()
         return 1.0 - kept / total if total else 0.0
 
@@ -145,16 +445,11 @@ def _jsonable(v):
     return v is None or isinstance(v, (bool, int, float, str))
 
 
-def _is_weight_name(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] != "bias"
+def _role(name):
+    return param_role(name)
 
 
-# --------------------------------------------------------------------------- checks
-
-
-def _check_method(method):
-    if method not in METHODS:
-        raise ValueError(f"method: unknown reduction method {method!r}; expected one of {list(METHODS)}")
+# =========================================================================== checks
 
 
 def _check_sparsity(sparsity):
@@ -173,65 +468,7 @@ def _check_threshold(threshold):
     return float(threshold)
 
 
-def _gaussian_parts(site, method):
-    """Posterior precision and prior of a site, checked for what BMR needs."""
-    if not bool(torch.isfinite(site.precision).all()):
-        raise ValueError(
-            f"method {method!r}: site {site.name!r} has an infinite posterior precision (a point "
-            "estimate, e.g. a MAP/delta guide); BMR needs a Gaussian posterior: use an SVI or Laplace "
-            "summary, or method 'magnitude'")
-    prior_precision = site.prior_precision
-    if not bool(((prior_precision > 0) & torch.isfinite(prior_precision)).all()):
-        raise ValueError(
-            f"method {method!r}: site {site.name!r} has no proper Gaussian prior (prior precision "
-            f"{prior_precision.flatten()[0].item()!r}, e.g. the log-uniform prior); use method 'log-alpha'")
-    return site.precision, site.prior_loc, prior_precision
-
-
-# --------------------------------------------------------------------------- per-element quantities
-
-
-def _delta_f(site, method, reduced_scale, shrink):
-    """Element-wise evidence change for removing each element of ``site``: Savage-Dickey for
-    ``method="savage-dickey"``, else BMR towards N(0, g^2) (``bmr``, ``spike-slab``)."""
-    precision, prior_loc, prior_precision = _gaussian_parts(site, method)
-    if method == "savage-dickey":
-        return savage_dickey(site.loc, precision, prior_loc, prior_precision)
-    # BMR towards N(0, g^2): g absolute, or shrink * (prior standard deviation)
-    if not bool((prior_loc != 0).any()):  # zero-mean prior: the cheaper closed form, same value
-        prior_scale = prior_precision.rsqrt()
-        g = float(reduced_scale) if reduced_scale is not None else shrink * prior_scale
-        return bmr_diagonal_zero_mean(site.loc, precision, prior_scale, g)
-    if reduced_scale is not None:
-        reduced_precision = torch.as_tensor(float(reduced_scale) ** -2, dtype=site.loc.dtype)
-    else:
-        reduced_precision = prior_precision / (shrink * shrink)
-    delta_f, _, _ = bmr_gaussian(site.loc, precision, prior_loc, prior_precision, 0.0, reduced_precision)
-    return delta_f
-
-
-def _natural(site, method, reduced_scale, shrink, generator):
-    """The rule's per-element quantity for one site (``Decision.scores``)."""
-    if method in ("bmr", "savage-dickey", "spike-slab"):
-        return _delta_f(site, method, reduced_scale, shrink)
-    if method == "log-alpha":
-        if site.log_alpha is None:
-            raise ValueError(f"method 'log-alpha': site {site.name!r} has no log alpha (it needs a Gaussian "
-                             "posterior with a variance, e.g. the mean-field guide)")
-        return site.log_alpha
-    if method == "opd":
-        if not bool(torch.isfinite(site.precision).all()):
-            raise ValueError(f"method 'opd': site {site.name!r} has an infinite posterior precision (a point "
-                             "estimate); OPD needs a posterior precision (SVI or Laplace summary)")
-        return opd_scores(site.loc, _precision_diagonal(site))
-    if method == "magnitude":
-        return magnitude_scores(site.loc)
-    return random_scores(site.loc.shape, generator, dtype=site.loc.dtype, device=site.loc.device)
-
-
-def _keep_score(method, natural):
-    """Higher = keep, for ranking to a target sparsity."""
-    return -natural if method in _HIGH_PRUNES else natural
+# =========================================================================== helpers of the maths
 
 
 def _low_rank(site):
@@ -304,77 +541,42 @@ def _group_savage_dickey_block(site, unit_dim):
             + 0.5 * (prior_precision * prior_loc.square()).sum(-1))
 
 
-def _group_sum(method, weight_q, bias_q, unit_dim):
-    """Per-unit group quantity: the sum over the unit's weights (and its bias)."""
-    if method == "magnitude":
-        weight_q, bias_q = weight_q.square(), None if bias_q is None else bias_q.square()
-    dims = tuple(d for d in range(weight_q.dim()) if d != unit_dim)
-    total = group_delta_f(weight_q, dim=dims) if dims else weight_q.clone()
-    if bias_q is not None:
-        total = total + bias_q
-    return total
+def _context(r, reduced_scale, shrink, generator):
+    return {"rule": r, "reduced_scale": reduced_scale, "shrink": shrink, "generator": generator}
 
 
-def group_log_alpha(network, guide) -> dict:
-    r"""Log alpha of the real-valued group variables of a fitted guide, per parameter site.
-
-    A group variable is a Gaussian guide site named ``<param site>.<suffix>`` (e.g. the
-    ``z`` of the group normal-Jeffreys prior, Louizos, Ullrich & Welling 2017, or the gates
-    ``z`` of Lobacheva et al.), multiplying the parameter along a group axis. Its
-    :math:`\log\alpha_z = \log\sigma_z^2 - \log\mu_z^2` is returned shaped to broadcast
-    against the parameter: the variable's shape as it is when it already broadcasts, else read
-    along the ``unit`` axis. Sites of other families (log-normal scales) are left out. A prior
-    with a ``group_log_alpha(site, guide)`` method (group priors) is asked directly instead.
-    Returns
-    ``{param site: [log alpha tensors]}`` (empty when the guide has none).
-    """
+def _natural(summary, r, context) -> dict:
+    """Judged site -> the rule's per-element quantity (broadcast to the site's shape)."""
     out = {}
-    sites = getattr(guide, "sites", {})
-    for name, (layer, param, prior) in network.param_sites().items():
-        shape = torch.Size(layer.param_shapes()[param])
-        if hasattr(prior, "group_log_alpha"):  # a group prior that knows its own group variable
-            out[name] = [prior.group_log_alpha(name, guide)]
-            continue
-        for gname, info in sites.items():
-            if not gname.startswith(name + ".") or info.get("family") != "normal":
-                continue
-            loc, var = guide.site_posterior(gname)
-            la = var.log() - loc.square().log()
-            if la.dim() < len(shape) or _broadcasts(la.shape, shape) is False:
-                unit = layer.param_axes[param].get("unit", 0)
-                if la.numel() != shape[unit]:
-                    continue
-                view = [1] * len(shape)
-                view[unit] = shape[unit]
-                la = la.reshape(view)
-            out.setdefault(name, []).append(la)
+    for k, s in summary.items():
+        if r.judges(s):
+            q = r.scores(s, context)
+            if q is not None:
+                out[k] = q.expand(s.loc.shape)
+    if not any(summary[k].role == "weight" for k in out):
+        if isinstance(r, _GroupRule):
+            raise NotApplicable(f"rule {r.name!r} reads the group quantity of its prior, and no site of this "
+                                "summary has one (fit a model with that prior)")
+        raise NotApplicable(f"rule {r.name!r}: the summary has no weight sites it can judge")
     return out
 
 
-def _broadcasts(a, b):
-    try:
-        return torch.broadcast_shapes(a, b) == torch.Size(b)
-    except RuntimeError:
-        return False
-
-
-# --------------------------------------------------------------------------- the interface
+# =========================================================================== the interface
 
 
 def reduce(summary, method, sparsity=None, threshold=None, structured=False, *, scope="global",
-           reduced_scale=None, shrink=DEFAULT_SHRINK, groups=None, seed=0, generator=None) -> Decision:
+           reduced_scale=None, shrink=DEFAULT_SHRINK, seed=0, generator=None) -> Decision:
     r"""Decide which weights (or units) of a posterior summary to remove.
 
     Args:
         summary: a :class:`~pyro_sparse.summary.PosteriorSummary` (site -> SiteSummary).
-        method: one of :data:`METHODS`.
+        method: a registered rule's name (:data:`pyro_sparse.registry.RULES`) or a :class:`Rule`.
         sparsity: target fraction in [0, 1) of weights to remove (structured: of units per hidden
-            layer), ranked by the rule's quantity. Required for ``opd``, ``magnitude`` and
-            ``random`` unless ``threshold`` is given; optional for the evidence rules, which
-            otherwise use their threshold; not accepted by ``spike-slab`` (it decides itself).
-        threshold: the rule's threshold: prune ``delta_f > threshold`` (default 0) for ``bmr`` and
-            ``savage-dickey``, ``log_alpha > threshold`` (default 3) for ``log-alpha``, score
-            ``< threshold`` for ``opd``/``magnitude``/``random``. Not with ``sparsity``.
+            layer), ranked by the rule's quantity. Required for rules without a default threshold
+            (``opd``, ``magnitude``, ``random``) unless ``threshold`` is given; not accepted by
+            ``spike-slab`` (it decides itself).
+        threshold: the rule's threshold (default: the rule's own, e.g. 3 for ``log-alpha``). Not
+            with ``sparsity``.
         structured: remove whole units/filters instead of single weights.
         scope: ``"global"`` (rank all weights together) or ``"layer"`` (the same fraction per
             tensor), for unstructured ``sparsity``.
@@ -382,24 +584,23 @@ def reduce(summary, method, sparsity=None, threshold=None, structured=False, *, 
             :math:`N(0, g^2)`; default ``shrink`` times the prior's standard deviation.
         shrink: relative scale of the reduced prior when ``reduced_scale`` is not given (a shrunk
             copy of the full prior, Markovic et al. 2023), in (0, 1).
-        groups: ``log-alpha`` only: ``site -> [log alpha of group variables]`` (:func:`group_log_alpha`).
         seed, generator: the random stream of ``random``.
 
     Returns a :class:`Decision`.
     """
-    _check_method(method)
+    r = rule(method)
     sparsity = _check_sparsity(sparsity)
     threshold = _check_threshold(threshold)
     if sparsity is not None and threshold is not None:
         raise ValueError(f"threshold: give either sparsity ({sparsity}) or threshold ({threshold}), not both")
     if scope not in ("global", "layer"):
         raise ValueError(f"scope: must be 'global' or 'layer', got {scope!r}")
-    if method == "spike-slab" and (sparsity is not None or threshold is not None):
+    if not r.ranks and (sparsity is not None or threshold is not None):
         bad = "sparsity" if sparsity is not None else "threshold"
-        raise ValueError(f"{bad}: the spike-slab rule decides its own layer-wise threshold zeta; "
+        raise ValueError(f"{bad}: the {r.name} rule decides its own threshold; "
                          f"got {bad}={sparsity if sparsity is not None else threshold!r}")
-    if method not in _DEFAULT_THRESHOLD and method != "spike-slab" and sparsity is None and threshold is None:
-        raise ValueError(f"sparsity: method {method!r} ranks weights and needs a target sparsity "
+    if r.ranks and r.threshold is None and sparsity is None and threshold is None:
+        raise ValueError(f"sparsity: rule {r.name!r} ranks weights and needs a target sparsity "
                          "(or a threshold on its score)")
     if reduced_scale is not None and not (isinstance(reduced_scale, Real) and reduced_scale > 0):
         raise ValueError(f"reduced_scale: must be a positive number, got {reduced_scale!r}")
@@ -409,74 +610,52 @@ def reduce(summary, method, sparsity=None, threshold=None, structured=False, *, 
         raise ValueError("summary: has no sites")
     if generator is None:
         generator = torch.Generator().manual_seed(int(seed))
-
+    if threshold is None and sparsity is None:
+        threshold = r.threshold
     options = {"sparsity": sparsity, "threshold": threshold, "structured": bool(structured), "scope": scope,
-               "reduced_scale": reduced_scale, "shrink": shrink if method in ("bmr", "spike-slab") else None,
-               "seed": seed}
-    if threshold is None and sparsity is None and method in _DEFAULT_THRESHOLD:
-        threshold = _DEFAULT_THRESHOLD[method]
-        options["threshold"] = threshold
+               "reduced_scale": reduced_scale, "shrink": shrink if isinstance(r, BMR) else None, "seed": seed}
+    context = _context(r, reduced_scale, shrink, generator)
 
-    weights = {k: s for k, s in summary.items() if _is_weight_name(k)}
-    biases = {s.layer: s for k, s in summary.items() if not _is_weight_name(k)}
+    weights = summary.of_role("weight")
     if not weights:
         raise ValueError("summary: has no weight sites")
+    biases = {s.layer: s for s in summary.of_role("bias").values()}
     output_layer = list(weights.values())[-1].layer
-    natural = {k: _natural(s, method, reduced_scale, shrink, generator) for k, s in weights.items()}
     masks = {k: torch.ones_like(s.loc, dtype=torch.bool) for k, s in summary.items()}
     zeta, group_q = {}, {}
 
     if not structured:
+        natural = _natural(summary, r, context)
+        ranked = {k: v for k, v in natural.items() if summary[k].role == "weight"}
         if sparsity is not None:
-            masks.update(mask_by_sparsity({k: _keep_score(method, v) for k, v in natural.items()}, sparsity,
-                                          scope=scope))
-        elif method == "spike-slab":
+            masks.update(mask_by_sparsity({k: r.keep_score(v) for k, v in ranked.items()}, sparsity, scope=scope))
+        elif not r.ranks:  # spike-and-slab: its own threshold per tensor
             for k, v in natural.items():
                 keep, z = spike_slab_decision(v)
                 masks[k], zeta[k] = keep, float(z)
-        elif method in _HIGH_PRUNES:
-            masks.update({k: v <= threshold for k, v in natural.items()})
         else:
-            masks.update({k: v >= threshold for k, v in natural.items()})
-        if method == "log-alpha" and groups:
-            for k, tensors in groups.items():
-                if k in masks:
-                    for la in tensors:
-                        keep = la.to(masks[k].device) <= (3.0 if threshold is None else threshold)
-                        masks[k] = masks[k] & keep.expand_as(masks[k])
+            masks.update({k: r.keep(v, threshold) for k, v in natural.items()})
     else:
+        natural = {}
         hidden = {k: s for k, s in weights.items() if s.layer != output_layer and "unit" in s.axes}
         for k, s in hidden.items():
-            unit_dim = s.axes["unit"]
-            if method == "log-alpha":
-                unit_la = _unit_group_log_alpha(k, s, groups)
-                group_q[s.layer] = unit_la
-                continue
-            bias = biases.get(s.layer)
-            if method == "random":
-                group_q[s.layer] = random_scores((s.loc.shape[unit_dim],), generator, dtype=s.loc.dtype)
-                continue
-            bias_q = _natural(bias, method, reduced_scale, shrink, generator) if bias is not None else None
-            if method == "savage-dickey" and _low_rank(s) is not None:
-                # a correlated block: the joint term of each unit's weights (plus its bias' term)
-                _gaussian_parts(s, method)
-                joint = _group_savage_dickey_block(s, unit_dim)
-                group_q[s.layer] = joint + bias_q if bias_q is not None else joint
-                continue
-            group_q[s.layer] = _group_sum(method, natural[k], bias_q, unit_dim)
+            q = r.unit_scores(s, biases.get(s.layer), s.axes["unit"], context)
+            if q is not None:
+                group_q[s.layer] = q
+        if not group_q:
+            raise NotApplicable(f"structured: rule {r.name!r} scores no hidden units of this summary")
         if sparsity is not None:
-            keep_units = mask_by_sparsity({L: _keep_score(method, q) for L, q in group_q.items()}, sparsity,
-                                          scope="layer")
-        elif method == "spike-slab":
+            keep_units = mask_by_sparsity({L: r.keep_score(q) for L, q in group_q.items()}, sparsity, scope="layer")
+        elif not r.ranks:
             keep_units = {}
             for L, q in group_q.items():
                 keep_units[L], z = spike_slab_decision(q)
                 zeta[L] = float(z)
-        elif method in _HIGH_PRUNES:
-            keep_units = {L: q <= threshold for L, q in group_q.items()}
         else:
-            keep_units = {L: q >= threshold for L, q in group_q.items()}
+            keep_units = {L: r.keep(q, threshold) for L, q in group_q.items()}
         for k, s in hidden.items():
+            if s.layer not in keep_units:
+                continue
             masks[k] = _expand_units(keep_units[s.layer], s.loc.shape, s.axes["unit"])
             bias = biases.get(s.layer)
             if bias is not None:
@@ -492,18 +671,7 @@ def reduce(summary, method, sparsity=None, threshold=None, structured=False, *, 
         if s.layer == output_layer:
             kept = torch.ones_like(kept)
         units[s.layer] = kept
-    return Decision(method, masks, natural, _SCORE_NAME[method], units, group_q, options, zeta)
-
-
-def _unit_group_log_alpha(name, site, groups):
-    unit_dim = site.axes["unit"]
-    n = site.loc.shape[unit_dim]
-    for la in (groups or {}).get(name, []):
-        dims = [d for d in range(la.dim()) if la.shape[d] != 1]
-        if dims == [unit_dim] or (not dims and n == 1):
-            return la.reshape(-1).expand(n).clone() if la.numel() == 1 else la.reshape(n)
-    raise ValueError(f"structured: method 'log-alpha' removes units through unit group variables, and site "
-                     f"{name!r} has none (fit a model with a group prior, or use an unstructured rule)")
+    return Decision(r.name, masks, natural, r.score_name, units, group_q, options, zeta)
 
 
 def _expand_units(keep, shape, unit_dim):

@@ -1,10 +1,12 @@
 r"""Reduction of transformer and MLP-Mixer layers: attention heads and MLP hidden units.
 
-Given the masked parameter values of a layer (pruned entries exactly 0) and the decision's
-keep-masks, these functions build the layer's compact form: fewer heads, narrower MLPs, the
-same outputs as the masked layer. :func:`~pyro_sparse.reduction.compact.compact` calls them
-through each layer's ``compact_entry`` hook (:mod:`pyro_sparse.transformer`); the width of the
-residual stream D is never changed (every block reads and writes it).
+The layers of :mod:`pyro_sparse.transformer` compact themselves (their part of the compaction
+protocol, :mod:`pyro_sparse.compaction`): given the masked parameter values of a layer (pruned
+entries exactly 0) and the decision's keep-masks they build their compact form -- fewer heads,
+narrower MLPs, the same outputs as the masked layer -- by the rules below; the width of the
+residual stream D is never changed (every block reads and writes it). This module adds the
+structured reduction of whole heads by their evidence (:func:`head_evidence`,
+:func:`remove_heads`).
 
 **Heads.** Head h contributes :math:`W^o_h\,\mathrm{softmax}(q_h k_h^\top/\sqrt d)\,v_h` to the
 attention output. It is removed when
@@ -39,89 +41,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["attention_heads", "mlp_units", "compact_layer", "attention_flops", "block_flops", "layer_counts",
-           "head_evidence", "remove_heads"]
-
-
-def _mask(masks, name, like):
-    m = masks.get(name)
-    return torch.ones_like(like, dtype=torch.bool) if m is None else m.to(like.device).bool()
-
-
-def _activation(name):
-    from ..transformer import ACTIVATIONS
-
-    return ACTIVATIONS[name]
-
-
-@torch.no_grad()
-def attention_heads(values: dict, masks: dict) -> dict:
-    r"""Plan the removal of attention heads (see the module docstring).
-
-    ``values``/``masks``: relative names ``q.weight`` ``(H, d, D)``, ``q.bias`` ``(H, d)``, k, v
-    alike, ``o.weight`` ``(D, H, d)``, ``o.bias`` ``(D,)`` (biases optional). Returns ``{"keep"``
-    (sorted kept head indices), ``"constant"`` (heads removed because their values are
-    constant), ``"unread"`` (heads removed because ``o`` ignores them), ``"params"`` (the compact
-    parameters, relative names; ``o.bias`` is present when the input had one or a constant head
-    was folded into it), ``"folded"`` (whether ``o.bias`` received a contribution)``}``.
-    """
-    wv, wo = values["v.weight"], values["o.weight"]
-    heads = wv.shape[0]
-    constant = ~_mask(masks, "v.weight", wv).reshape(heads, -1).any(1)
-    unread = ~_mask(masks, "o.weight", wo).transpose(0, 1).reshape(heads, -1).any(1)
-    remove = constant | unread
-    keep = torch.nonzero(~remove).squeeze(1)
-    params = {}
-    for p in ("q", "k", "v"):
-        params[f"{p}.weight"] = values[f"{p}.weight"][keep].contiguous()
-        if f"{p}.bias" in values:
-            params[f"{p}.bias"] = values[f"{p}.bias"][keep].contiguous()
-    params["o.weight"] = wo[:, keep].contiguous()
-    bias = values.get("o.bias")
-    fold = constant & ~unread
-    folded = bool(fold.any()) and "v.bias" in values and bool((values["v.bias"][fold] != 0).any())
-    if folded:
-        contribution = torch.einsum("dhj,hj->d", wo[:, fold], values["v.bias"][fold])
-        bias = contribution if bias is None else bias + contribution
-    if bias is not None:
-        params["o.bias"] = bias.contiguous()
-    return {"keep": keep.tolist(), "constant": torch.nonzero(constant).squeeze(1).tolist(),
-            "unread": torch.nonzero(unread & ~constant).squeeze(1).tolist(), "params": params, "folded": folded}
-
-
-@torch.no_grad()
-def mlp_units(values: dict, masks: dict, activation: str = "gelu") -> dict:
-    r"""Plan the removal of hidden units of ``fc2(act(fc1 x))`` (see the module docstring).
-
-    ``values``/``masks``: ``fc1.weight`` ``(M, in)``, ``fc1.bias`` ``(M,)``, ``fc2.weight``
-    ``(out, M)``, ``fc2.bias`` ``(out,)`` (biases optional). Returns ``{"keep", "constant",
-    "unread", "params", "folded"}`` like :func:`attention_heads`.
-    """
-    w1, w2 = values["fc1.weight"], values["fc2.weight"]
-    constant = ~_mask(masks, "fc1.weight", w1).any(1)
-    unread = ~_mask(masks, "fc2.weight", w2).any(0)
-    keep = torch.nonzero(~(constant | unread)).squeeze(1)
-    params = {"fc1.weight": w1[keep].contiguous(), "fc2.weight": w2[:, keep].contiguous()}
-    if "fc1.bias" in values:
-        params["fc1.bias"] = values["fc1.bias"][keep].contiguous()
-    bias = values.get("fc2.bias")
-    fold = constant & ~unread
-    folded = False
-    if bool(fold.any()):
-        b1 = values["fc1.bias"][fold] if "fc1.bias" in values else torch.zeros(int(fold.sum()), dtype=w1.dtype)
-        out = _activation(activation)(b1)
-        if bool((out != 0).any()):
-            contribution = w2[:, fold] @ out
-            bias = contribution if bias is None else bias + contribution
-            folded = True
-    if bias is not None:
-        params["fc2.bias"] = bias.contiguous()
-    return {"keep": keep.tolist(), "constant": torch.nonzero(constant).squeeze(1).tolist(),
-            "unread": torch.nonzero(unread & ~constant).squeeze(1).tolist(), "params": params, "folded": folded}
-
-
-def _join(prefix, name):
-    return f"{prefix}.{name}" if prefix else name
+__all__ = ["head_evidence", "remove_heads"]
 
 
 # --------------------------------------------------------------------------- structured: heads
@@ -178,137 +98,3 @@ def remove_heads(network, decision, threshold: float = 0.0):
         masks[f"{site}.o.weight"][:, by_o] = False
     return replace(decision, masks=masks, group_scores=groups,
                    options={**decision.options, "heads_threshold": float(threshold)})
-
-
-def _sub(d: dict, prefix: str) -> dict:
-    """The entries of ``d`` under ``prefix`` with the prefix stripped (all of ``d`` for "")."""
-    if not prefix:
-        return dict(d)
-    n = len(prefix) + 1
-    return {k[n:]: v for k, v in d.items() if k.startswith(prefix + ".")}
-
-
-def _units_info(plan, total):
-    return {"total": total, "kept": plan["keep"], "removed": total - len(plan["keep"]),
-            "constant": len(plan["constant"]), "unread": len(plan["unread"])}
-
-
-@torch.no_grad()
-def compact_layer(layer, values: dict, masks: dict):
-    """The compact form of a transformer-family layer: ``(entry, params, info)``.
-
-    ``entry``: the layer's compact spec (plain containers; ``type`` names the layer class, whose
-    ``build_compact(entry)`` rebuilds the module), ``params``: the compact module's parameters
-    (relative names), ``info``: what was removed (``heads_total``, ``heads_kept``,
-    ``heads_removed``; ``units``: MLP -> total/kept/removed; ``folded``: projections whose bias
-    received constant contributions). Layers without heads or hidden units keep their shape and
-    their masked values.
-    """
-    from ..transformer import MixerBlock, MultiHeadSelfAttention, TransformerBlock
-
-    entry = layer.compact_spec()
-    params = {k: v.contiguous() for k, v in values.items()}
-    info: dict = {}
-    folded = []
-
-    def replace(prefix, new):
-        for k in [k for k in params if not prefix or k.startswith(prefix + ".")]:
-            del params[k]
-        params.update({_join(prefix, k): v for k, v in new.items()})
-
-    def heads(prefix):
-        sub = _sub(values, prefix)
-        plan = attention_heads(sub, _sub(masks, prefix))
-        replace(prefix, plan["params"])
-        total = sub["v.weight"].shape[0]
-        entry["heads"] = len(plan["keep"])
-        entry["out_bias"] = _join(prefix, "o.bias") in params
-        info.update({"heads_total": total, "heads_kept": plan["keep"],
-                     "heads_removed": sorted(set(range(total)) - set(plan["keep"]))})
-        if plan["folded"]:
-            folded.append(_join(prefix, "o"))
-
-    def units(prefix):
-        sub = _sub(values, prefix)
-        plan = mlp_units(sub, _sub(masks, prefix), layer.activation)
-        replace(prefix, plan["params"])
-        entry[prefix] = len(plan["keep"])
-        entry[f"{prefix}_bias"] = f"{prefix}.fc1.bias" in params
-        entry[f"{prefix}_out_bias"] = f"{prefix}.fc2.bias" in params
-        info.setdefault("units", {})[f"{prefix}.fc1"] = _units_info(plan, sub["fc1.weight"].shape[0])
-        if plan["folded"]:
-            folded.append(f"{prefix}.fc2")
-
-    if isinstance(layer, TransformerBlock):
-        heads("attn")
-        units("mlp")
-    elif isinstance(layer, MixerBlock):
-        units("token_mlp")
-        units("channel_mlp")
-    elif isinstance(layer, MultiHeadSelfAttention):
-        heads("")
-    info["folded"] = folded
-    return entry, params, info
-
-
-# --------------------------------------------------------------------------- costs
-
-
-def _n(w, sparse):
-    return int((w != 0).sum()) if sparse else w.numel()
-
-
-def attention_flops(params: dict, tokens: int, sparse=False) -> int:
-    """FLOPs per example of self-attention with parameters ``params`` (relative names) on
-    ``tokens`` tokens (module docstring)."""
-    h, d, _ = params["q.weight"].shape
-    proj = sum(_n(params[f"{p}.weight"], sparse) for p in "qkvo")
-    return 2 * tokens * proj + 4 * tokens * tokens * h * d
-
-
-def block_flops(layer, params: dict, in_shape, sparse=False) -> int:
-    """FLOPs per example of a :class:`~pyro_sparse.transformer.TransformerBlock` or
-    :class:`~pyro_sparse.transformer.MixerBlock` with parameters ``params`` (relative names)."""
-    from ..transformer import MixerBlock
-
-    tokens, dim = in_shape
-    if isinstance(layer, MixerBlock):
-        tok = _n(params["token_mlp.fc1.weight"], sparse) + _n(params["token_mlp.fc2.weight"], sparse)
-        ch = _n(params["channel_mlp.fc1.weight"], sparse) + _n(params["channel_mlp.fc2.weight"], sparse)
-        return 2 * dim * tok + 2 * tokens * ch
-    mlp = _n(params["mlp.fc1.weight"], sparse) + _n(params["mlp.fc2.weight"], sparse)
-    return attention_flops(_sub(params, "attn"), tokens, sparse) + 2 * tokens * mlp
-
-
-def _is_bias(name):
-    return name.rsplit(".", 1)[-1] == "bias"
-
-
-def layer_counts(layer, values: dict, masks: dict, compact_params: dict, info: dict, in_shape) -> dict:
-    """The report's per-layer entry (:func:`~pyro_sparse.reduction.reduction_report`) of a
-    transformer-family layer: weights/biases kept, units (MLP hidden units) and heads kept,
-    parameters and FLOPs dense / compact / non-zero."""
-    def count(names, which):
-        return sum(int(which[k].sum()) if which is masks else which[k].numel() for k in names)
-
-    weights = [k for k in values if not _is_bias(k)]
-    biases = [k for k in values if _is_bias(k)]
-    mlps = info.get("units", {})
-    entry = {
-        "weights_kept": count(weights, masks), "weights_total": count(weights, values),
-        "biases_kept": count(biases, masks), "biases_total": count(biases, values),
-        "units_kept": sum(len(u["kept"]) for u in mlps.values()),
-        "units_total": sum(u["total"] for u in mlps.values()),
-        "params_dense": sum(v.numel() for v in values.values()),
-        "params_nonzero": sum(int((v != 0).sum()) for v in compact_params.values()),
-        "params_compact": sum(v.numel() for v in compact_params.values()),
-        "flops_dense": layer.flops(values, in_shape),
-        "flops_compact": layer.flops(compact_params, in_shape),
-        "flops_sparse": layer.flops(compact_params, in_shape, sparse=True),
-    }
-    entry["units_removed"] = entry["units_total"] - entry["units_kept"]
-    entry["sparsity"] = 1.0 - entry["weights_kept"] / entry["weights_total"] if entry["weights_total"] else 0.0
-    if "heads_total" in info:
-        entry.update({"heads_total": info["heads_total"], "heads_kept": len(info["heads_kept"]),
-                      "heads_removed": len(info["heads_removed"])})
-    return entry

@@ -1,9 +1,10 @@
 """Reduction of a fitted run directory: what ``pyro-sparse reduce`` and ``pyro-sparse sweep`` do.
 
-* :func:`reduce_run`: summarise the run's posterior, apply one rule, build the compact network,
-  write ``DIR/reduction-<method>.json`` (the report) and ``DIR/compact-<method>.pt``.
-* :func:`sweep_run`: accuracy and NLL of the masked posterior-mean network at several target
-  sparsities; writes ``DIR/sweep-<method>.json``, ``.csv`` and a ``.png`` plot.
+* :func:`reduce_run`: the run's posterior summary (``trainer.posterior_summary()``, whatever
+  fitted it), one rule, the compact network; writes ``DIR/reduction-<base>.json`` (the report)
+  and ``DIR/compact-<base>.pt``, ``<base>`` naming the rule and its options (:func:`output_base`).
+* :func:`sweep_run`: accuracy and NLL of the compact posterior-mean network at several target
+  sparsities; writes ``DIR/sweep-<methods>.json``, ``.csv`` and a ``.png`` plot.
 * :func:`save_compact` / :func:`load_compact`: a compact network on disk as its state dict plus
   its spec (plain containers), readable with ``torch.load(weights_only=True)``.
 
@@ -19,23 +20,26 @@ import os
 
 import torch
 
+from .. import evaluation
 from ..checkpoint import load_safe, save_atomic, write_json_atomic, write_text_atomic
 from ..errors import CheckpointError, PyroSparseError
-from .compact import build_module, compact, masked_module
-from .report import output_metrics, reduction_report
-from .rules import METHODS, group_log_alpha, reduce
+from ..registry import RULES
+from ..runs import load_run
+from .compact import FORMAT, build_module, compact, masked_module
+from .report import metric_key, reduction_report
+from .rules import reduce
 
-__all__ = ["reduce_run", "sweep_run", "save_compact", "load_compact", "SWEEP_METHODS", "DEFAULT_SPARSITIES"]
+__all__ = ["reduce_run", "sweep_run", "save_compact", "load_compact", "DEFAULT_SPARSITIES", "output_base", "run_rule"]
 
-#: rules that rank weights, so a target sparsity can be asked of them
-SWEEP_METHODS = tuple(m for m in METHODS if m != "spike-slab")
 DEFAULT_SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
 
 
 # --------------------------------------------------------------------------- checks
 
 
-def check_method(method, allowed=METHODS, flag="--method"):
+def check_method(method, ranking=False, flag="--method"):
+    """``method`` if it names a registered rule (one that ranks to a sparsity, with ``ranking``)."""
+    allowed = [name for name, r in RULES.items() if r.ranks or not ranking]
     if method not in allowed:
         raise PyroSparseError(f"{flag}: unknown method {method!r}; expected one of {', '.join(allowed)}")
     return method
@@ -68,12 +72,10 @@ def parse_sparsities(text) -> list[float]:
     return out
 
 
-def _load(directory):
-    from ..runs import load_run
-
+def _load(directory, data=None):
     if not os.path.isdir(directory):
         raise PyroSparseError(f"{directory}: no such run directory")
-    return load_run(directory)
+    return load_run(directory, data=data)
 
 
 def _noise(run):
@@ -83,15 +85,14 @@ def _noise(run):
     return None
 
 
-def _decide(run, summary, method, **options):
-    groups = group_log_alpha(run.network, run.guide) if method == "log-alpha" else None
+def _decide(summary, method, **options):
     try:
-        return reduce(summary, method, groups=groups, **options)
+        return reduce(summary, method, **options)
     except ValueError as e:
         head, _, rest = str(e).partition(": ")
         if head in ("sparsity", "threshold", "structured", "scope", "reduced_scale"):
             raise PyroSparseError(f"--{head.replace('_', '-')}: {rest}") from None
-        if head == f"method {method!r}":
+        if head == f"rule {method!r}":
             raise PyroSparseError(f"--method {method}: {rest}") from None
         raise PyroSparseError(f"--method {method}: {e}") from None
 
@@ -101,7 +102,7 @@ def _decide(run, summary, method, **options):
 
 def save_compact(path, module, info=None):
     """Write a compact network as ``{"format", "spec", "state_dict", "info"}`` (atomically)."""
-    save_atomic({"format": 1, "spec": module.spec, "state_dict": module.state_dict(), "info": info or {}},
+    save_atomic({"format": FORMAT, "spec": module.spec, "state_dict": module.state_dict(), "info": info or {}},
                 path, keep_previous=False)
 
 
@@ -115,7 +116,7 @@ def load_compact(path, map_location="cpu") -> torch.nn.Sequential:
         raise CheckpointError(f"{path}: not a compact network (expected keys 'spec' and 'state_dict')")
     try:
         module = build_module(data["spec"])
-        ref = next(iter(data["state_dict"].values()), None)
+        ref = next((t for t in data["state_dict"].values() if t.is_floating_point()), None)
         if ref is not None:
             module.to(dtype=ref.dtype)
         module.load_state_dict(data["state_dict"])
@@ -130,23 +131,74 @@ def load_compact(path, map_location="cpu") -> torch.nn.Sequential:
 # --------------------------------------------------------------------------- reduce
 
 
-def reduce_run(directory, method, sparsity=None, threshold=None, structured=False, scope="global",
-               num_samples=0, seed=0, write=True, **rule_options) -> dict:
+def run_rule(run, method=None, threshold=None, sparsity=None, structured=False):
+    """``(rule, threshold, sparsity, structured)`` to use on a run: as given, or where ``method``
+    is None the recipe's ``reduction:`` section (its method, with its threshold or sparsity
+    unless one is given)."""
+    if method is None:
+        section = run.recipe.get("reduction") or {}
+        method = section.get("method")
+        if method is None:
+            from .rules import applicable_rules
+
+            applies = [name for name, why in applicable_rules(run.trainer.posterior_summary()).items() if why is None]
+            raise PyroSparseError("--method: required (the run's recipe names no reduction.method); rules that "
+                                  f"apply to this run: {', '.join(applies)}")
+        if threshold is None and sparsity is None:
+            threshold, sparsity = section.get("threshold"), section.get("sparsity")
+        structured = structured or bool(section.get("structured"))
+    return check_method(method), threshold, sparsity, structured
+
+
+def output_base(method, sparsity=None, threshold=None, structured=False, scope="global", reduced_scale=None):
+    """The stem of a reduction's files, naming what distinguishes it: ``opd-s0.9``,
+    ``log-alpha-t3``, ``bmr-g0.01-structured``."""
+    parts = [method]
+    if sparsity is not None:
+        parts.append(f"s{sparsity:g}")
+    if threshold is not None:
+        parts.append(f"t{threshold:g}")
+    if reduced_scale is not None:
+        parts.append(f"g{reduced_scale:g}")
+    if scope != "global":
+        parts.append(scope)
+    if structured:
+        parts.append("structured")
+    return "-".join(parts)
+
+
+def _refuse_overwrite(paths, overwrite):
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not overwrite:
+        raise PyroSparseError(f"{existing[0]}: exists (the same reduction was written before); "
+                              "use --overwrite to replace it")
+
+
+def reduce_run(directory, method=None, sparsity=None, threshold=None, structured=False, scope="global",
+               num_samples=0, seed=0, write=True, overwrite=False, data=None, **rule_options) -> dict:
     """Reduce a fitted run: returns the report (and writes the JSON and the compact network).
 
-    The report holds at least ``sparsity`` (fraction of weights removed), ``units_removed``,
+    ``method``: a rule of :data:`pyro_sparse.registry.RULES`; default the recipe's
+    ``reduction.method`` (and its threshold). The report holds at least ``sparsity`` (fraction
+    of weights not in the compact network), ``rule_sparsity``, ``units_removed``,
     ``compression_ratio``, ``test_accuracy_dense`` and ``test_accuracy_reduced`` (RMSE for
-    regression), plus everything :func:`~.report.reduction_report` gives.
+    regression), plus everything :func:`~.report.reduction_report` gives. Files
+    ``reduction-<base>.json`` and ``compact-<base>.pt`` (:func:`output_base`) are never replaced
+    without ``overwrite``.
     """
-    from ..summary import summarize
-
-    check_method(method)
     sparsity = check_sparsity(sparsity)
-    run = _load(directory)
-    summary = summarize(run.network, run.guide)
+    run = _load(directory, data)
+    method, threshold, sparsity, structured = run_rule(run, method, threshold, sparsity, structured)
+    if threshold is None and sparsity is None:  # the rule's own threshold, named in the files
+        threshold = RULES[method].threshold
+    base = output_base(method, sparsity, threshold, structured, scope, rule_options.get("reduced_scale"))
+    paths = [os.path.join(directory, f"reduction-{base}.json"), os.path.join(directory, f"compact-{base}.pt")]
+    if write:
+        _refuse_overwrite(paths, overwrite)
+    summary = run.trainer.posterior_summary()
     options = {"sparsity": sparsity, "threshold": threshold, "structured": structured, "scope": scope,
                "seed": seed, **rule_options}
-    decision = _decide(run, summary, method, **options)
+    decision = _decide(summary, method, **options)
     module = compact(run.network, summary, decision)
     data = run.dataset
     generator = torch.Generator().manual_seed(seed)
@@ -155,75 +207,88 @@ def reduce_run(directory, method, sparsity=None, threshold=None, structured=Fals
     report.update({"run": os.path.abspath(directory), "summary_method": summary.method,
                    "weights_removed": report["weights_total"] - report["weights_kept"]})
     if write:
-        base = f"{method}{'-structured' if structured else ''}"
-        report["compact_path"] = os.path.join(directory, f"compact-{base}.pt")
+        report["report_path"], report["compact_path"] = paths
         save_compact(report["compact_path"], module,
-                     {"method": method, "run": os.path.abspath(directory), "sparsity": report["sparsity"]})
-        report["report_path"] = os.path.join(directory, f"reduction-{base}.json")
+                     {"method": method, "run": os.path.abspath(directory), "sparsity": report["sparsity"],
+                      "options": report["options"], **_run_extras(run)})
         write_json_atomic(report["report_path"], report)
     return report
+
+
+def _run_extras(run) -> dict:
+    """What a compact file carries of its run beyond the network: the likelihood (to read its
+    outputs) and the inputs' transform (to apply it to raw data)."""
+    extras = {"likelihood": run.model_spec.get("likelihood")}
+    transform = run.dataset.extras.get("input_transform")
+    if transform is not None:
+        extras["input_transform"] = transform
+    return extras
 
 
 # --------------------------------------------------------------------------- sweep
 
 
 def sweep_run(directory, methods, sparsities=DEFAULT_SPARSITIES, structured=False, scope="global", seed=0,
-              write=True, plot=True) -> dict:
-    """Accuracy (RMSE) and NLL of the masked posterior-mean network against target sparsity.
+              write=True, plot=True, overwrite=False, data=None) -> dict:
+    """Accuracy (RMSE) and NLL of the compact posterior-mean network against target sparsity.
 
-    ``methods``: one rule or a list (comma-separated string accepted), each of
-    :data:`SWEEP_METHODS`. Returns ``{"rows": [...], "dense": {...}, ...}``; with ``write`` saves
-    ``sweep-<methods>.json``, ``.csv`` and (``plot``) ``.png`` in the run directory.
+    ``methods``: one rule or a list (comma-separated string accepted), each a rule that ranks
+    to a sparsity. Returns ``{"rows": [...], "dense": {...}, ...}``; with ``write`` saves
+    ``sweep-<methods>[-structured].json``, ``.csv`` and (``plot``) ``.png`` in the run directory
+    (not replacing earlier ones without ``overwrite``). ``sparsity`` in a row is the fraction of
+    weights not in the compact network, ``rule_sparsity`` the fraction the rule removed.
     """
-    from ..summary import summarize
-
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     if not methods:
         raise PyroSparseError("--method: expected a method name")
     for m in methods:
-        check_method(m, SWEEP_METHODS)
+        check_method(m, ranking=True)
     sparsities = parse_sparsities(sparsities)
-    run = _load(directory)
-    summary = summarize(run.network, run.guide)
+    base = os.path.join(directory, f"sweep-{'+'.join(methods)}{'-structured' if structured else ''}"
+                                   f"{'' if scope == 'global' else '-' + scope}")
+    paths = [base + ".json", base + ".csv"] + ([base + ".png"] if plot else [])
+    if write:
+        _refuse_overwrite(paths, overwrite)
+    run = _load(directory, data)
+    summary = run.trainer.posterior_summary()
     data, lik = run.dataset, run.network.likelihood
-    key = "rmse" if lik.task == "regression" else "accuracy"
-    with torch.no_grad():
-        dense_out = masked_module(run.network, summary)(data.x_test)
-    dense = output_metrics(lik, dense_out.unsqueeze(0), data.y_test, _noise(run))
+    key, noise = metric_key(lik), _noise(run)
+    dense = evaluation.evaluate(evaluation.point_predictive(masked_module(run.network, summary)), data.x_test,
+                                data.y_test, lik, noise)
     rows = []
     for method in methods:
         for q in sparsities:
-            decision = _decide(run, summary, method, sparsity=q, structured=structured, scope=scope, seed=seed)
+            decision = _decide(summary, method, sparsity=q, structured=structured, scope=scope, seed=seed)
             module = compact(run.network, summary, decision)
-            with torch.no_grad():
-                out = module(data.x_test)
-            metrics = output_metrics(lik, out.unsqueeze(0), data.y_test, _noise(run))
-            rows.append({"method": method, "target_sparsity": q, "sparsity": decision.sparsity,
+            figures = evaluation.evaluate(evaluation.point_predictive(module), data.x_test, data.y_test, lik, noise)
+            kept = sum(int((t != 0).sum()) for k, t in module.plan.params.items()
+                       if t.is_floating_point() and k.rsplit(".", 1)[-1].startswith("weight"))
+            total = decision.counts()[1]
+            rows.append({"method": method, "target_sparsity": q, "sparsity": 1.0 - kept / max(total, 1),
+                         "rule_sparsity": decision.sparsity,
                          "units_removed": sum(module.plan.units_removed.values()),
-                         f"test_{key}": metrics[key], "test_nll": metrics["nll"]})
+                         f"test_{key}": figures[key], "test_nll": figures["nll"]})
     result = {"run": os.path.abspath(directory), "summary_method": summary.method, "structured": structured,
               "scope": scope, "metric": f"test_{key}", "dense": {f"test_{key}": dense[key], "test_nll": dense["nll"]},
               "rows": rows}
     if write:
-        base = os.path.join(directory, f"sweep-{'+'.join(methods)}{'-structured' if structured else ''}")
         write_json_atomic(base + ".json", result)
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
         write_text_atomic(base + ".csv", buf.getvalue())
-        result["paths"] = [base + ".json", base + ".csv"]
         if plot:
             _plot(result, base + ".png", directory)
-            result["paths"].append(base + ".png")
+        result["paths"] = paths
     return result
 
 
 def format_sweep(result) -> str:
     """The sweep as a fixed-width table."""
     key = result["metric"]
-    lines = [f"dense posterior mean: {key} {result['dense'][key]:.4f}  nll {result['dense']['test_nll']:.4f}",
+    lines = [f"dense posterior-mean network: {key} {result['dense'][key]:.4f}  nll {result['dense']['test_nll']:.4f}",
              f"{'method':<14} {'target':>7} {'sparsity':>9} {'units_rm':>8} {key:>14} {'test_nll':>9}"]
     for r in result["rows"]:
         lines.append(f"{r['method']:<14} {r['target_sparsity']:>7.3f} {r['sparsity']:>9.4f} {r['units_removed']:>8d} "
@@ -243,7 +308,7 @@ def _plot(result, path, title):
     for method in methods:
         rows = [r for r in result["rows"] if r["method"] == method]
         ax.plot([r["sparsity"] for r in rows], [r[key] for r in rows], marker="o", label=method)
-    ax.axhline(result["dense"][key], color="gray", linestyle="--", label="dense posterior mean")
+    ax.axhline(result["dense"][key], color="gray", linestyle="--", label="dense posterior-mean network")
     ax.set_xlabel("fraction of weights removed" if not result["structured"] else "fraction of weights removed "
                   "(structured)")
     ax.set_ylabel(key.replace("_", " "))

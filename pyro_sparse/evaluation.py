@@ -1,0 +1,86 @@
+r"""Held-out figures of a predictive distribution: the one evaluation routine of the library.
+
+Every figure the library reports -- a run's ``metrics.json``, a reduction report, a sweep, a
+run report -- comes from :func:`evaluate`, applied to a *predictive*: a function that maps a
+batch of inputs to ``S`` stacked network outputs ``(S, B, ...)``. Two kinds are used, and the
+reports name which one a figure is:
+
+* the **posterior predictive** with ``S`` draws (:func:`posterior_predictive`): the outputs of
+  ``S`` weight draws from the posterior (SVI: the guide; a Laplace fit: its Gaussian), and
+* the **posterior-mean network** (:func:`point_predictive`): one deterministic network at the
+  posterior means (``S = 1``), which is what a compact network reproduces.
+
+With outputs :math:`f_s(x_n)`, :math:`s = 1..S`:
+
+* NLL :math:`= -\frac{1}{N}\sum_n \log \frac{1}{S}\sum_s p(y_n \mid f_s(x_n))` (nats per
+  example; per character for a language model);
+* classification accuracy: the arg-max of the predictive mean
+  :math:`\frac{1}{S}\sum_s \mathrm{softmax}(f_s(x_n))` (for binary labels: mean > 1/2);
+* regression RMSE of the predictive mean :math:`\frac{1}{S}\sum_s f_s(x_n)`;
+* a language model (task ``sequence``) reports accuracy and NLL per character and bits per
+  character :math:`\mathrm{BPC} = \mathrm{NLL} / \ln 2` (Graves 2013).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["evaluate", "posterior_predictive", "point_predictive", "prefixed"]
+
+
+@torch.no_grad()
+def evaluate(predict, x, y, likelihood, noise=None, batch_size: int | None = None) -> dict:
+    """Figures of the predictive ``predict`` on ``(x, y)``: ``{"accuracy", "nll"}`` for
+    classification (``"bpc"`` too for sequences), ``{"rmse", "nll"}`` for regression.
+
+    ``predict(xb)`` returns outputs ``(S, B, ...)``; ``likelihood`` is the network's
+    :class:`~pyro_sparse.likelihoods.Likelihood`; ``noise``: the Gaussian likelihood's fitted
+    noise scale where it was learned (else the likelihood's own). ``batch_size``: examples per
+    call of ``predict`` (default 2048, 256 sequences).
+    """
+    task = likelihood.task
+    if batch_size is None:
+        batch_size = 256 if task == "sequence" else 2048
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"evaluate: batch_size must be a positive integer, got {batch_size!r}")
+    regression = task == "regression"
+    nll = correct = squared = 0.0
+    examples = units = 0
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        outputs = predict(xb)
+        log_p = likelihood.log_predictive(outputs, yb, noise) if regression else likelihood.log_predictive(outputs, yb)
+        nll -= log_p.sum().item()
+        mean = likelihood.predictive_mean(outputs)
+        if regression:
+            squared += (mean - yb).square().sum().item()
+        else:
+            pred = (mean > 0.5).long() if task == "binary" else mean.argmax(-1)
+            correct += (pred == yb.long()).sum().item()
+        examples += len(xb)
+        units += yb.numel()
+    if regression:
+        return {"rmse": math.sqrt(squared / units), "nll": nll / examples}
+    if task == "sequence":  # per character: the log-likelihood of a sequence sums its T positions
+        return {"accuracy": correct / units, "nll": nll / units, "bpc": nll / units / math.log(2)}
+    return {"accuracy": correct / units, "nll": nll / examples}
+
+
+def posterior_predictive(network, guide, num_samples: int):
+    """The posterior predictive of a guide: ``xb -> network.sample_outputs(xb, guide, S)``."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"evaluate: num_samples must be a positive integer, got {num_samples!r}")
+    return lambda xb: network.sample_outputs(xb, guide, num_samples)
+
+
+def point_predictive(module):
+    """A deterministic network as a predictive with one draw: ``xb -> module(xb)[None]``."""
+    module.eval()
+    return lambda xb: module(xb).unsqueeze(0)
+
+
+def prefixed(figures: dict, prefix: str = "test_") -> dict:
+    """``{"accuracy": a}`` -> ``{"test_accuracy": a}``."""
+    return {prefix + k: v for k, v in figures.items()}

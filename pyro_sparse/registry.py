@@ -1,0 +1,111 @@
+"""The registries: the names specs, recipes and the CLI use, and what implements them.
+
+=============  ==============================================  ===============================
+registry       a name such as                                   maps to
+=============  ==============================================  ===============================
+``PRIORS``     ``prior: {type: horseshoe}``                     a :class:`~pyro_sparse.priors.Prior` class
+``LAYERS``     ``layers: [{type: lstm, ...}]``                  a :class:`~pyro_sparse.layers.Layer` class
+``LIKELIHOODS`` ``likelihood: {type: bernoulli}``               a :class:`~pyro_sparse.likelihoods.Likelihood` class
+``GUIDES``     ``guide: structured``                            a :class:`~pyro_sparse.guides.Guide` class
+``FITTERS``    ``method: laplace``                              a trainer class (``SVITrainer``, ...)
+``RULES``      ``pyro-sparse reduce --method opd``              a :class:`~pyro_sparse.reduction.rules.Rule`
+=============  ==============================================  ===============================
+
+The modules that define these components register nothing themselves. The built-in ones are
+registered by one explicit loader, :func:`pyro_sparse.builtins.register_builtins`, which every
+registry runs the first time it is read (:func:`load`). This module imports nothing of the
+package and the loader is imported by name, so the import graph stays free of cycles: a
+component module may read a registry (``build_prior`` reads ``PRIORS``) without importing the
+modules that fill it.
+
+Users add their own components with ``PRIORS.register(MyPrior)`` (the name is the class's
+``spec_name``) or ``PRIORS.register(MyPrior, "name")``, also usable as a class decorator
+``@PRIORS.register``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+
+__all__ = ["Registry", "PRIORS", "LAYERS", "LIKELIHOODS", "GUIDES", "FITTERS", "RULES", "load", "LOADER"]
+
+#: the module whose ``register_builtins()`` fills the registries with the built-in components
+LOADER = "pyro_sparse.builtins"
+_state = {"loaded": False}
+
+
+def load():
+    """Register the built-in components (once). Every registry calls this before it is read."""
+    if _state["loaded"]:
+        return
+    _state["loaded"] = True
+    try:
+        importlib.import_module(LOADER).register_builtins()
+    except BaseException:
+        _state["loaded"] = False
+        raise
+
+
+class Registry(Mapping):
+    """Name -> component, filled by :func:`load` with the built-ins and by users with :meth:`register`.
+
+    Components are classes (or, for ``RULES``, objects) with a ``spec_name`` (classes) or
+    ``name`` (rules) attribute: the name a spec or the command line uses.
+    """
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict = {}
+
+    def register(self, obj=None, name: str | None = None):
+        """Add ``obj`` under ``name`` (default: its ``spec_name`` or ``name``); returns ``obj``, so
+        ``@REGISTRY.register`` works as a class decorator. A class gets ``spec_name = name``."""
+        if obj is None:
+            return lambda o: self.register(o, name)
+        if isinstance(obj, str):  # @REGISTRY.register("name")
+            return lambda o: self.register(o, obj)
+        key = name or getattr(obj, "spec_name", None) or getattr(obj, "name", None)
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{self.kind} registry: {obj!r} needs a name (spec_name, name or the name argument)")
+        if isinstance(obj, type):
+            obj.spec_name = key
+        self._items[key] = obj
+        return obj
+
+    def __getitem__(self, name):
+        load()
+        return self._items[name]
+
+    def __iter__(self):
+        load()
+        return iter(self._items)
+
+    def __len__(self):
+        load()
+        return len(self._items)
+
+    def __contains__(self, name):
+        load()
+        return name in self._items
+
+    def names(self) -> list[str]:
+        """The registered names, sorted."""
+        return sorted(self)
+
+    def lookup(self, name, what: str | None = None):
+        """The component registered as ``name``; a ValueError that lists the names otherwise."""
+        if not isinstance(name, str) or name not in self:
+            raise ValueError(f"unknown {what or self.kind} {name!r}; expected one of {self.names()}")
+        return self[name]
+
+    def __repr__(self):
+        return f"Registry({self.kind!r}, {sorted(self._items)})"
+
+
+PRIORS = Registry("prior")
+LAYERS = Registry("layer")
+LIKELIHOODS = Registry("likelihood")
+GUIDES = Registry("guide")
+FITTERS = Registry("fitting method")
+RULES = Registry("reduction rule")
