@@ -2,8 +2,8 @@
 
 One *task* is one (model, method, seed): build the network and guide from the entry's spec and
 recipe (:func:`pyro_sparse.runs.build`, seeded by the recipe's seed), fit with the recipe's
-trainer, summarise the posterior (:func:`pyro_sparse.summary.summarize`, or the Laplace
-summary of SpaM), and for every rule of the method
+trainer, summarise the posterior (``trainer.posterior_summary()``: the guide's, or the Laplace
+posterior of SpaM), and for every rule of the method
 
 * decide (:func:`pyro_sparse.reduction.reduce`), build the compact network
   (:func:`~pyro_sparse.reduction.compact`, units physically removed) and count what went
@@ -38,58 +38,24 @@ def dataset(name):
     return _DATA[name]
 
 
-def _summary(trainer, network, guide):
-    from pyro_sparse.summary import summarize
+def decide(rule, summary, recipe, seed=0, sparsity=None):
+    """The decision of a benchmark rule: by name through the library's one rule registry (the
+    recipe's own ``reduction.method`` where the rule names none)."""
+    from pyro_sparse.reduction import reduce
 
-    if hasattr(trainer, "posterior_summary"):  # SpaM: the Laplace posterior
-        return trainer.posterior_summary()
-    return summarize(network, guide)
-
-
-def _threshold(rule, recipe):
-    if rule.threshold is not None or not rule.from_recipe:
-        return rule.threshold
     section = recipe.get("reduction") or {}
-    return section.get("threshold")
-
-
-def decision_from_masks(summary, masks, method):
-    """A :class:`~pyro_sparse.reduction.Decision` from keep-masks (site -> bool tensor; missing
-    sites kept). A unit is removed when all its incoming weights are; the last layer keeps all."""
-    from pyro_sparse.reduction import Decision
-
-    full, units, layers = {}, {}, []
-    for name, site in summary.items():
-        m = masks.get(name)
-        full[name] = torch.ones_like(site.loc, dtype=torch.bool) if m is None else m.expand_as(site.loc).bool()
-        if site.param != "bias" and "unit" in site.axes:
-            axis = site.axes["unit"]
-            keep = full[name].movedim(axis, 0).flatten(1).any(1)
-            units[site.layer] = keep
-            layers.append(site.layer)
-    if layers:
-        units[layers[-1]] = torch.ones_like(units[layers[-1]])
-    return Decision(method, full, {}, "mask", units)
-
-
-def decide(rule, network, guide, summary, recipe, seed=0, sparsity=None):
-    from pyro_sparse.reduction import group_log_alpha, reduce
-
-    if rule.method == "prior":
-        from pyro_sparse.priors import prior_masks
-
-        return decision_from_masks(summary, prior_masks(network, guide), "prior")
+    name = rule.method or section.get("method")
     options = {"structured": rule.structured, "seed": seed}
     q = rule.sparsity if sparsity is None else sparsity
     if q is not None:
         options["sparsity"] = q
     else:
-        threshold = _threshold(rule, recipe)
+        threshold = rule.threshold
+        if threshold is None and rule.from_recipe and section.get("threshold") is not None:
+            threshold = section["threshold"]
         if threshold is not None:
             options["threshold"] = threshold
-    if rule.method == "log-alpha":
-        options["groups"] = group_log_alpha(network, guide)
-    return reduce(summary, rule.method, **options)
+    return reduce(summary, name, **options)
 
 
 @torch.no_grad()
@@ -135,8 +101,8 @@ def _run(task):
     network.cpu()
     x, y = data.x_test.cpu(), data.y_test.cpu()
     samples = task["samples"]
-    summary = _summary(trainer, network, guide)
-    sampled = not method.point and not hasattr(trainer, "posterior_summary")
+    summary = trainer.posterior_summary()
+    sampled = not method.point and trainer.elbo_path is not None  # a Laplace fit's figures are its MAP's
     with torch.no_grad():
         dense_point = classification_metrics(masked_module(network, summary)(x), y)
         if sampled:
@@ -154,22 +120,18 @@ def _run(task):
     generator = torch.Generator().manual_seed(task["seed"])
     compact_dir = task.get("compact_dir")
     keep_modules = bool(compact_dir) and task["seed"] == 0
-    recurrent = _is_recurrent(network)
     if keep_modules:
         os.makedirs(compact_dir, exist_ok=True)
         result["dense_path"] = _save(masked_module(network, summary), compact_dir, entry, "dense")
     for rule in method.rules:
         r = {"label": rule.label}
         try:
-            if recurrent:
-                module, counts = _reduce_recurrent(rule, network, guide, summary, recipe)
-            else:
-                module, counts = _reduce(rule, network, guide, summary, recipe, task["seed"])
-            decision = counts.pop("_decision", None)
+            module, counts = _reduce(rule, network, summary, recipe, task["seed"])
+            decision = counts.pop("_decision")
             with torch.no_grad():
                 point = classification_metrics(module(x), y)
                 pred = point
-                if sampled and decision is not None:
+                if sampled:
                     pred = classification_metrics(
                         masked_predictive(network, summary, decision, x, samples, generator), y)
             r.update({"point": point, "predictive": pred, **counts})
@@ -183,7 +145,7 @@ def _run(task):
         for q in SPARSITIES:
             try:
                 rule = _curve_rule(curve)
-                decision = decide(rule, network, guide, summary, recipe, seed=task["seed"], sparsity=q)
+                decision = decide(rule, summary, recipe, seed=task["seed"], sparsity=q)
                 with torch.no_grad():
                     m = classification_metrics(masked_module(network, summary, decision)(x), y)
                 rows.append({"target": q, "sparsity": decision.sparsity, **m})
@@ -200,72 +162,19 @@ def _save(module, directory, entry, name):
     return path
 
 
-def _is_recurrent(network):
-    try:
-        from pyro_sparse.recurrent import _Recurrent
-    except ImportError:
-        return False
-    return any(isinstance(layer, _Recurrent) for layer in network.layers.values())
-
-
-def _reduce(rule, network, guide, summary, recipe, seed):
-    """(compact network, counts) of a rule on a feed-forward network."""
+def _reduce(rule, network, summary, recipe, seed):
+    """(compact network, counts) of a rule: compaction handles every layer family (recurrent
+    neurons and gates, attention heads, MLP units), so the counts are read off the compact network."""
     from pyro_sparse.reduction import compact, reduction_report
 
-    decision = decide(rule, network, guide, summary, recipe, seed=seed)
+    decision = decide(rule, summary, recipe, seed=seed)
     module = compact(network, summary, decision)
     report = reduction_report(network, summary, decision, module=module)
     keys = ("sparsity", "weights_total", "weights_kept", "units_removed", "units_total", "units_removed_per_layer",
             "params_dense", "params_nonzero", "params_compact", "flops_dense", "flops_compact")
     counts = {k: report[k] for k in keys}
-    counts["hidden_units_total"] = report["units_total"] - _output_units(module)
+    counts["hidden_units_total"] = report["units_total"] - _output_units(network)
     counts["_decision"] = decision
-    return module, counts
-
-
-def _tensor_count(module, nonzero=False):
-    tensors = [t for t in module.state_dict().values() if t.is_floating_point()]
-    return sum(int((t != 0).sum()) if nonzero else t.numel() for t in tensors)
-
-
-def _reduce_recurrent(rule, network, guide, summary, recipe):
-    """(compact network, counts) on a network with LSTM/GRU layers: log alpha or Savage-Dickey
-    element masks with the gate and neuron structure of :mod:`pyro_sparse.reduction.recurrent`
-    (Lobacheva et al. 2018), compacted by ``compact_recurrent_network``. Other rules mask the
-    weights of the posterior-mean network without compacting it. No masked posterior predictive
-    here (``masked_predictive`` addresses feed-forward layers only): the point network's figures
-    stand for it."""
-    from pyro_sparse.reduction import masked_module
-
-    dense = masked_module(network, summary)
-    counts = {"params_dense": _tensor_count(dense)}
-    weights = [k for k, s in summary.items() if not s.param.startswith("bias") and not s.param.startswith("z_")]
-    if rule.method in ("log-alpha", "savage-dickey"):
-        from pyro_sparse.reduction.recurrent import compact_recurrent_network, reduce_recurrent_network
-
-        threshold = _threshold(rule, recipe)
-        if threshold is None:
-            threshold = 3.0 if rule.method == "log-alpha" else 0.0
-        red = reduce_recurrent_network(network, summary, threshold, rule.method)
-        module = compact_recurrent_network(network, guide.median(), red).eval()
-        keep = red.keep
-        hidden = [m.hidden for masks in red.layers.values() for m in masks]
-        counts.update({"units_removed": sum(int((~h).sum()) for h in hidden),
-                       "hidden_units_total": sum(h.numel() for h in hidden)})
-        counts["units_removed_per_layer"] = {name: sum(int((~m.hidden).sum()) for m in masks)
-                                             for name, masks in red.layers.items()}
-    else:
-        decision = decide(rule, network, guide, summary, recipe)
-        module = masked_module(network, summary, decision)
-        keep = decision.masks
-        counts.update({"units_removed": None, "hidden_units_total": None, "units_removed_per_layer": None,
-                       "not_compacted": True})
-    total = sum(summary[k].loc.numel() for k in weights)
-    kept = sum(int(keep[k].sum()) if k in keep else summary[k].loc.numel() for k in weights)
-    counts.update({"sparsity": 1 - kept / total, "weights_total": total, "weights_kept": kept,
-                   "units_total": counts["hidden_units_total"],
-                   "params_compact": _tensor_count(module), "params_nonzero": _tensor_count(module, nonzero=True),
-                   "flops_dense": None, "flops_compact": None})
     return module, counts
 
 
@@ -275,10 +184,10 @@ def _curve_rule(name):
     return Rule(name, name, name)
 
 
-def _output_units(module):
-    """Units of the compact network's last parametric layer (never removed)."""
-    last = [m for m in module if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))][-1]
-    return last.weight.shape[0]
+def _output_units(network):
+    """Units of the network's last parametric layer (never removed)."""
+    name, layer = network.bayesian_layers()[-1]
+    return layer.param_shapes()["weight"][0]
 
 
 def tasks(mode: str, seeds: dict, compact_dir=None, models=None, methods=None, samples=10, device="cpu"):

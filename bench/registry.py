@@ -66,15 +66,14 @@ def _flow(value):
 class Rule:
     """A reduction rule applied to a fitted posterior.
 
-    ``method``: a name of :data:`pyro_sparse.reduction.METHODS`, or ``"prior"`` (the prior's own
-    keep-mask, ``pyro_sparse.priors.prior_masks``, where the library has it). ``sparsity`` for
-    threshold-free rules; ``threshold`` None means the rule's default, or the recipe's
-    ``reduction.threshold`` when ``from_recipe``.
+    ``method``: a rule of :data:`pyro_sparse.registry.RULES`, or None for the recipe's own
+    ``reduction.method``. ``sparsity`` for threshold-free rules; ``threshold`` None means the
+    rule's default, or the recipe's ``reduction.threshold`` when ``from_recipe``.
     """
 
     key: str
     label: str
-    method: str
+    method: str | None
     sparsity: float | None = None
     threshold: float | None = None
     structured: bool = False
@@ -117,10 +116,11 @@ METHODS = {m.key: m for m in (
            (Rule("log-alpha", "log alpha > 3", "log-alpha", from_recipe=True),),
            paper="Molchanov et al. 2017"),
     Method("group_lu", "Group log-uniform", "group_log_uniform", "inference/svi_group_loguniform.yaml",
-           (Rule("log-alpha", "group log alpha", "log-alpha", from_recipe=True, structured=True),),
+           (Rule("group-log-alpha", "group log alpha", None, from_recipe=True, structured=True),),
            paper="Louizos et al. 2017"),
     Method("horseshoe", "Horseshoe", "horseshoe", "inference/svi_horseshoe.yaml",
-           (Rule("prior", "unit scale", "prior"),), paper="Piironen & Vehtari 2017; Louizos et al. 2017"),
+           (Rule("horseshoe-scale", "unit scale", None, from_recipe=True),),
+           paper="Piironen & Vehtari 2017; Louizos et al. 2017"),
     Method("mf_bmr", "MF Gaussian + BMR", "gaussian", "inference/svi_meanfield.yaml",
            (Rule("savage-dickey", "Savage-Dickey dF > 0", "savage-dickey"),
             Rule("bmr", "BMR N(0,(0.01s)^2)", "bmr"),
@@ -219,8 +219,7 @@ def _candidate(c):
 
 def _missing_types(spec) -> str | None:
     """Why the library cannot build ``spec`` (an unregistered prior or layer type), or None."""
-    from pyro_sparse.layers import LAYERS
-    from pyro_sparse.priors import PRIORS
+    from pyro_sparse.registry import LAYERS, PRIORS
 
     priors = [spec.get("prior"), spec.get("bias_prior")]
     for layer in spec.get("layers", []):
@@ -235,7 +234,7 @@ def _missing_types(spec) -> str | None:
 
 def resolve(model: Model, method: Method) -> Entry | Skip:
     """The entry of a (model, method) cell, or a :class:`Skip` saying why it cannot run here."""
-    from pyro_sparse.runs import FITTERS
+    from pyro_sparse.registry import FITTERS, RULES
 
     candidates = model.specs.get(method.family)
     if not candidates:
@@ -254,12 +253,10 @@ def resolve(model: Model, method: Method) -> Entry | Skip:
     recipe = yaml.safe_load(open(os.path.join(ROOT, recipe_path)))
     if recipe.get("method", "svi") not in FITTERS:
         return Skip(model, method, f"{recipe_path}: fitting method {recipe.get('method')!r} is not in this library")
-    if method.rules and method.rules[0].method == "prior":
-        try:
-            from pyro_sparse.priors import prior_masks  # noqa: F401
-        except ImportError:
-            return Skip(model, method, "the prior's pruning rule (pyro_sparse.priors.prior_masks) is not in this "
-                                       "library yet")
+    for rule in method.rules:
+        name = rule.method or (recipe.get("reduction") or {}).get("method")
+        if name not in RULES:
+            return Skip(model, method, f"{recipe_path}: reduction rule {name!r} is not in this library")
     return Entry(model, method, spec, recipe, source, recipe_path)
 
 

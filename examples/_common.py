@@ -1,4 +1,4 @@
-"""Shared by the example scripts: fit a spec + recipe, prune with each prior's own rule, report.
+"""Shared by the example scripts: fit a spec + recipe, reduce with the prior's own rule, report.
 
 Not part of the library; each example is a few lines on top of this.
 """
@@ -16,8 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pyro_sparse.data import load_dataset  # noqa: E402
 from pyro_sparse.fitting import SVITrainer  # noqa: E402
-from pyro_sparse.priors import prior_masks  # noqa: E402
 from pyro_sparse.recipe import load_recipe  # noqa: E402
+from pyro_sparse.reduction import compact, reduce, reduction_report  # noqa: E402
 from pyro_sparse.runs import build  # noqa: E402
 from pyro_sparse.spec import load_model_spec  # noqa: E402
 from pyro_sparse.summary import summarize  # noqa: E402
@@ -56,35 +56,27 @@ def fit(args):
 
 
 @torch.no_grad()
-def prune_and_report(net, guide, data, metrics, prior_name, threshold=None):
-    """Masks from the priors' own rules; prints accuracy and sparsity; returns the figures."""
-    masks = prior_masks(net, guide, {prior_name: threshold} if threshold is not None else None)
+def prune_and_report(net, guide, data, metrics, rule, threshold=None):
+    """Reduce with ``rule`` (a registered rule, by name; ``threshold``: default the rule's own),
+    compact, and print accuracy and what was removed; returns (figures, decision)."""
     summary = summarize(net, guide)
-    params = {k: s.loc * masks[k] if k in masks else s.loc for k, s in summary.items()}
-    pruned = net.deterministic(params)
-    acc = (pruned(data.x_test).argmax(-1) == data.y_test).float().mean().item()
-    weights = [k for k in summary if k.endswith(".weight")]
-    total = sum(summary[k].loc.numel() for k in weights)
-    kept = sum(int(masks[k].sum()) if k in masks else summary[k].loc.numel() for k in weights)
-    # a hidden unit is gone when all its incoming or all its outgoing weights are pruned
-    alive_units, units = 0, 0
-    for k, nxt in zip(weights[:-1], weights[1:]):
-        m_in = masks.get(k, torch.ones_like(summary[k].loc, dtype=torch.bool))
-        m_out = masks.get(nxt, torch.ones_like(summary[nxt].loc, dtype=torch.bool))
-        if m_in.dim() != 2 or m_out.dim() != 2:
-            continue
-        alive = m_in.any(1) & m_out.any(0)
-        alive_units += int(alive.sum())
-        units += alive.numel()
-    figures = {"test_accuracy": metrics["test_accuracy"], "pruned_accuracy": acc,
-               "weights_removed": 1 - kept / total, "weights_kept": kept, "weights_total": total,
-               "hidden_units_removed": 1 - alive_units / units if units else 0.0,
-               "hidden_units_alive": alive_units, "hidden_units": units,
+    decision = reduce(summary, rule, threshold=threshold)
+    module = compact(net, summary, decision)
+    report = reduction_report(net, summary, decision, data.x_test, data.y_test, module=module)
+    hidden = {k: v for k, v in report["layers"].items() if k != list(report["layers"])[-1]}
+    units = sum(v["units_total"] for v in hidden.values())
+    alive = sum(v["units_kept"] for v in hidden.values())
+    figures = {"test_accuracy": metrics["test_accuracy"], "pruned_accuracy": report["test_accuracy_reduced"],
+               "weights_removed": report["sparsity"], "weights_kept": report["weights_kept"],
+               "weights_total": report["weights_total"], "threshold": decision.options["threshold"],
+               "hidden_units_removed": 1 - alive / units if units else 0.0,
+               "hidden_units_alive": alive, "hidden_units": units,
                "epochs": metrics["epochs"], "train_seconds": metrics["train_seconds"],
                "step_ms": metrics["step_ms"]}
     print(f"data {data.name}: posterior predictive accuracy {figures['test_accuracy']:.4f}, "
-          f"pruned network accuracy {acc:.4f}")
-    print(f"weights removed {figures['weights_removed']:.2%} ({total - kept} of {total}); hidden units removed "
-          f"{figures['hidden_units_removed']:.2%} ({units - alive_units} of {units}, alive {alive_units})")
+          f"compact network ({rule} at {figures['threshold']:g}) accuracy {figures['pruned_accuracy']:.4f}")
+    print(f"weights removed {figures['weights_removed']:.2%} ({report['weights_total'] - report['weights_kept']} of "
+          f"{report['weights_total']}); hidden units removed {figures['hidden_units_removed']:.2%} "
+          f"({units - alive} of {units}, alive {alive})")
     print(f"{metrics['epochs']} epochs, {metrics['train_seconds']:.1f} s training, {metrics['step_ms']:.2f} ms/step")
-    return figures, masks
+    return figures, decision

@@ -13,9 +13,8 @@ import time
 
 import torch
 
-from pyro_sparse.reduction import mask_by_threshold
+from pyro_sparse.reduction import reduce_run
 from pyro_sparse.runs import fit_run
-from pyro_sparse.summary import summarize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,33 +31,21 @@ def main():
                            os.path.join(ROOT, "inference", "svi_sparsevd.yaml"), "digits", args.out,
                            epochs=args.epochs, overwrite=True)
     fit_seconds = time.perf_counter() - start
-
-    summary = summarize(run.network, run.guide)
-    weights = {name: s.log_alpha for name, s in summary.items() if s.param == "weight"}
-    keep = mask_by_threshold(weights, 3.0, keep="below")
-    values = run.guide.median()
-    for name, mask in keep.items():
-        values[name] = values[name] * mask
-    data = run.dataset
-    with torch.no_grad():
-        dense = run.network.point_outputs(data.x_test, run.guide.median()).argmax(-1)
-        pruned = run.network.point_outputs(data.x_test, values).argmax(-1)
-    acc_dense = (dense == data.y_test).float().mean().item()
-    acc_pruned = (pruned == data.y_test).float().mean().item()
-    total = sum(m.numel() for m in keep.values())
-    kept = sum(int(m.sum()) for m in keep.values())
+    # what `pyro-sparse reduce DIR` does: the recipe's rule (log-alpha, threshold 3), compact network
+    report = reduce_run(args.out)
 
     print()
     print("Sparse VD MLP on digits (64-300-100-10), log alpha > 3 pruned")
-    print(f"{'':28}{'dense':>10}{'pruned':>10}")
-    print(f"{'test accuracy':28}{acc_dense:>10.4f}{acc_pruned:>10.4f}")
-    print(f"{'weights':28}{total:>10d}{kept:>10d}")
-    print(f"{'fraction of weights removed':28}{'':>10}{1 - kept / total:>10.4f}")
-    print(f"{'compression':28}{'':>10}{total / max(kept, 1):>9.1f}x")
-    for name, mask in keep.items():
-        print(f"  {name:26}{mask.numel():>10d}{int(mask.sum()):>10d}")
+    print(f"{'':28}{'dense':>10}{'compact':>10}")
+    print(f"{'test accuracy (mean net)':28}{report['test_accuracy_dense']:>10.4f}{report['test_accuracy_reduced']:>10.4f}")
+    print(f"{'weights':28}{report['weights_total']:>10d}{report['weights_kept']:>10d}")
+    print(f"{'fraction of weights removed':28}{'':>10}{report['sparsity']:>10.4f}")
+    print(f"{'compression':28}{'':>10}{report['compression_ratio']:>9.1f}x")
+    for name, layer in report["layers"].items():
+        print(f"  {name + ' weights':26}{layer['weights_total']:>10d}{layer['weights_kept']:>10d}"
+              f"   units {layer['units_kept']}/{layer['units_total']}")
     print(f"fit time {fit_seconds:.1f} s ({metrics['epochs']} epochs, {metrics['step_ms']:.2f} ms/step); "
-          f"run saved in {args.out}")
+          f"run saved in {args.out}, compact network in {report['compact_path']}")
 
 
 if __name__ == "__main__":

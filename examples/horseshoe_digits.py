@@ -4,7 +4,7 @@
 
 models/mlp_horseshoe.yaml: unit-level local scales, tau0 = 0.01, slab InvGamma(2, 6), a single
 scale on the output layer (Markovic et al. 2023). A unit is removed where its relative scale
-lambda~ = s / tau (posterior medians) is below the threshold (Horseshoe.keep_mask). Saves a
+lambda~ = s / tau (posterior medians) is below the threshold (the prior's rule, horseshoe-scale). Saves a
 histogram of the hidden units' relative scales, which is bimodal: units the data need sit in the
 Cauchy tail, the others near the prior's bulk.
 """
@@ -23,8 +23,8 @@ if __name__ == "__main__":
     args = parse_args(__doc__.splitlines()[0], "models/mlp_horseshoe.yaml", "inference/svi_horseshoe.yaml",
                       [(("--png",), {"default": os.path.join(ROOT, "examples", "horseshoe_unit_scales.png")})])
     net, guide, data, metrics = fit(args)
-    figures, _ = prune_and_report(net, guide, data, metrics, "horseshoe", args.threshold)
-    threshold = 3.0 if args.threshold is None else args.threshold
+    figures, _ = prune_and_report(net, guide, data, metrics, "horseshoe-scale", args.threshold)
+    threshold = figures["threshold"]
     medians = guide.median()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bins = np.linspace(-0.5, 1.75, 46)

@@ -11,8 +11,9 @@ log alpha > 3, compact, report":
 (models/char_lm*.yaml) on a text file; without ``--corpus`` one is written from the Python
 standard library's own sources (concatenated until it holds >= 1 MB). The tables give test
 accuracy / bits per character of the posterior-mean network, of the pruned network and of the
-compact network built from it, the fraction of recurrent weights removed, hidden neurons kept
-and gates kept per type (constant gates in parentheses).
+compact network built from it (through ``reduce_run``, the path of ``pyro-sparse reduce``), the
+fraction of recurrent weights removed, hidden neurons kept and gates kept per type (constant
+gates in parentheses).
 """
 
 import argparse
@@ -28,16 +29,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from pyro_sparse.reduction.recurrent import (  # noqa: E402
-    compact_recurrent_network,
-    format_recurrent_report,
-    masked_values,
-    reduce_recurrent_network,
-)
 from pyro_sparse.guides import DeltaGuide  # noqa: E402
+from pyro_sparse.reduction import reduce_run  # noqa: E402
 from pyro_sparse.runs import fit_run, load_run  # noqa: E402
-from pyro_sparse.summary import summarize  # noqa: E402
-from pyro_sparse.text import SequenceCategorical  # noqa: E402
 
 EXPERIMENTS = {
     "mnist1d": {"model": "lstm_classifier", "map_recipe": "map_rnn", "svi_recipe": "svi_sparsevd_rnn",
@@ -66,45 +60,28 @@ def stdlib_corpus(path, min_bytes=1 << 20):
     return path
 
 
-@torch.no_grad()
-def score(module_or_fn, x, y, task, batch_size=500):
-    """Accuracy (classification) or bits per character (sequence) of a deterministic function."""
-    total, count = 0.0, 0
-    for start in range(0, len(x), batch_size):
-        out = module_or_fn(x[start:start + batch_size])
-        yb = y[start:start + batch_size]
-        if task == "sequence":
-            total -= SequenceCategorical.token_log_likelihood(out, yb).sum().item()
-            count += yb.numel()
-        else:
-            total += (out.argmax(-1) == yb).sum().item()
-            count += len(yb)
-    return total / count / math.log(2) if task == "sequence" else total / count
-
-
 def report(run, name, seconds):
-    net, guide, data = run.network, run.guide, run.dataset
-    values = guide.median()
-    task = data.task
-    metric = "BPC" if task == "sequence" else "acc"
-    dense = score(lambda x: net.point_outputs(x, values), data.x_test, data.y_test, task)
-    row = {"config": name, "fit_s": seconds, f"dense_{metric}": dense}
-    if isinstance(guide, DeltaGuide):
-        return row, None
-    reduction = reduce_recurrent_network(net, summarize(net, guide), threshold=3.0)
-    pruned = score(lambda x: net.point_outputs(x, masked_values(values, reduction.keep)), data.x_test,
-                   data.y_test, task)
-    compact = compact_recurrent_network(net, values, reduction).eval()
-    compact_score = score(compact, data.x_test, data.y_test, task)
-    rec = [r for reports in reduction.report().values() for r in reports]
-    kept = sum(r["weights"][0] for r in rec)
-    total = sum(r["weights"][1] for r in rec)
-    row.update({f"pruned_{metric}": pruned, f"compact_{metric}": compact_score,
-                "recurrent_weights_removed": 1 - kept / total,
-                "hidden_kept": "+".join(f"{r['hidden'][0]}/{r['hidden'][1]}" for r in rec),
-                "gates": ", ".join(" ".join(f"{g}{v['kept']}({v['constant']})" for g, v in r["gates"].items())
-                                   for r in rec)})
-    return row, format_recurrent_report(reduction)
+    """One row of the table: the posterior-mean network, then ``reduce_run`` (what
+    ``pyro-sparse reduce DIR`` does with the recipe's rule, log alpha > 3): the compact network,
+    recurrent weights removed, hidden neurons kept and gates computed (constant) per type."""
+    metric = "bpc" if run.dataset.task == "sequence" else "accuracy"
+    if isinstance(run.guide, DeltaGuide):
+        return {"config": name, "fit_s": seconds, **{k: v for k, v in run.trainer.evaluate().items()
+                                                      if k.startswith("test_")}}, None
+    r = reduce_run(run.directory, overwrite=True)
+    recurrent = [rep for layer in r["layers"].values() for rep in layer.get("recurrent", [])]
+    kept = sum(x["weights"][0] for x in recurrent)
+    total = sum(x["weights"][1] for x in recurrent)
+    row = {"config": name, "fit_s": seconds,
+           "dense_mean_net": r[f"test_{'accuracy' if metric == 'accuracy' else 'nll'}_dense"],
+           "compact": r[f"test_{'accuracy' if metric == 'accuracy' else 'nll'}_reduced"],
+           "recurrent_weights_removed": 1 - kept / total, "max_abs_output_diff": r["max_abs_output_diff"],
+           "hidden_kept": "+".join(f"{x['hidden'][0]}/{x['hidden'][1]}" for x in recurrent),
+           "gates": ", ".join(" ".join(f"{g}{v['kept']}({v['constant']})" for g, v in x["gates"].items())
+                              for x in recurrent)}
+    if metric == "bpc":  # per-character NLL in nats -> bits
+        row["dense_mean_net"], row["compact"] = row["dense_mean_net"] / math.log(2), row["compact"] / math.log(2)
+    return row, r["compact_path"]
 
 
 def main():
@@ -139,7 +116,7 @@ def main():
               f"({run.trainer.epoch} epochs, {seconds:.0f} s)")
         print("  " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         if table:
-            print(table)
+            print(f"  compact network: {table}")
 
 
 if __name__ == "__main__":

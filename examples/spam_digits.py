@@ -60,7 +60,7 @@ def main(argv=None):
     torch.set_num_threads(1)
 
     from pyro_sparse.data import load_digits
-    from pyro_sparse.spam import mask_sparsity, prune_masks
+    from pyro_sparse.reduction import compact, reduce
 
     data = load_digits()
     spec = yaml.safe_load(open(os.path.join(ROOT, "models", "mlp_gaussian.yaml")))
@@ -90,8 +90,8 @@ def main(argv=None):
         row = []
         for sparsity in SPARSITIES:
             draws = RANDOM_DRAWS if rule == "random" else 1  # random masks: mean over draws
-            accs = [accuracy(trainers[name], prune_masks(summaries[name], sparsity, rule,
-                                                         generator=torch.Generator().manual_seed(args.seed + d)))
+            accs = [accuracy(trainers[name], reduce(summaries[name], rule, sparsity=sparsity,
+                                                    seed=args.seed + d).masks)
                     for d in range(draws)]
             row.append(sum(accs) / draws)
         table[label] = row
@@ -108,8 +108,12 @@ def main(argv=None):
                                 "MAP + magnitude": ("MAP", "magnitude")}.items():
         plain, tuned, weights = [], [], []
         for fraction in UNIT_FRACTIONS:
-            masks = prune_masks(summaries[name], fraction, rule, structured=True, network=trainers[name].network)
-            weights.append(mask_sparsity(masks))
+            decision = reduce(summaries[name], rule, sparsity=fraction, structured=True)
+            masks = decision.masks
+            # weights left in the compact network (removing a unit also removes the next layer's columns)
+            module = compact(trainers[name].network, summaries[name], decision)
+            kept = sum(int((m.weight != 0).sum()) for m in module if isinstance(m, torch.nn.Linear))
+            weights.append(1 - kept / decision.counts()[1])
             plain.append(accuracy(trainers[name], masks))
             tuned.append(accuracy(trainers[name], masks, args.fine_tune_epochs))
         structured[label] = {"weight_sparsity": weights, "accuracy": plain, "accuracy_fine_tuned": tuned}

@@ -13,4 +13,4 @@ from _common import fit, parse_args, prune_and_report
 if __name__ == "__main__":
     args = parse_args(__doc__.splitlines()[0], "models/mlp_sparsevd.yaml", "inference/svi_sparsevd.yaml")
     net, guide, data, metrics = fit(args)
-    prune_and_report(net, guide, data, metrics, "log_uniform", args.threshold)
+    prune_and_report(net, guide, data, metrics, "log-alpha", args.threshold)

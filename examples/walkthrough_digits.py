@@ -23,10 +23,8 @@ import torch
 
 from pyro_sparse import diagnostics as D
 from pyro_sparse import reduction
-from pyro_sparse.checkpoint import write_json_atomic
-from pyro_sparse.report import compare_entries, masked_values, point_metric, text_table, write_report
+from pyro_sparse.report import compare_entries, text_table, write_report
 from pyro_sparse.runs import fit_run
-from pyro_sparse.summary import summarize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 parser = argparse.ArgumentParser(description="fit -> reduce -> report -> compare on digits")
@@ -56,54 +54,20 @@ print(f"fitted in {time.perf_counter() - start:.1f} s: Sparse VD test accuracy {
 
 # %% [markdown]
 # ## 2. Reduce
-# Every rule reads only the posterior summary (Gaussian marginals + the prior that produced them).
-# Masks are `site -> bool tensor` (True = keep) on the weight tensors; biases stay.
-# A network-level `pyro_sparse.reduction.reduce` is used where the installed version has one.
+# Every rule reads only the run's posterior summary (Gaussian marginals + the prior that produced
+# them) and is one registered object (`pyro_sparse.registry.RULES`). `reduce_run` is what
+# `pyro-sparse reduce DIR --method RULE` does: decide, build the compact network (units physically
+# removed), write `reduction-<rule>.json` and `compact-<rule>.pt`.
 
 # %%
-def weight_masks(summary, rule):
-    weights = {k: s for k, s in summary.items() if s.param == "weight"}
-    if rule == "log-alpha":
-        return reduction.mask_by_threshold({k: s.log_alpha for k, s in weights.items()}, 3.0, keep="below")
-    if rule == "savage-dickey":
-        dF = {k: reduction.savage_dickey(s.loc, s.precision, s.prior_loc, s.prior_precision) for k, s in weights.items()}
-        return reduction.mask_by_threshold(dF, 0.0, keep="below")
-    kind, sparsity = rule.rsplit("-", 1)
-    sparsity = int(sparsity) / 100
-    if kind == "opd":
-        scores = {k: reduction.opd_scores(s.loc, s.precision) for k, s in weights.items()}
-    elif kind == "magnitude":
-        scores = {k: reduction.magnitude_scores(s.loc) for k, s in weights.items()}
-    else:
-        gen = torch.Generator().manual_seed(0)
-        scores = {k: reduction.random_scores(s.loc.shape, gen) for k, s in weights.items()}
-    return reduction.mask_by_sparsity(scores, sparsity)
-
-
-def describe(run, rule, masks):
-    """What a reduction-*.json holds: the rule, sizes per layer and the point accuracy."""
-    data = run.dataset
-    acc = point_metric(run.network, masked_values(run.guide.median(), masks), data.x_test, data.y_test)
-    total = sum(m.numel() for m in masks.values())
-    kept = sum(int(m.sum()) for m in masks.values())
-    return {"rule": rule, "weight_sparsity": 1 - kept / total, "test_accuracy_point": acc,
-            "layers": {k: {"kept": int(m.sum()), "total": m.numel(), "units_kept": int(m.any(1).sum()),
-                           "units": m.shape[0]} for k, m in masks.items()}}
-
-
-reduce_fn = getattr(reduction, "reduce", None)  # network-level reduction, where available
-decisions = {}
-for run, rules in ((svd, ["log-alpha"]), (gauss, ["savage-dickey", "opd-95", "magnitude-95", "random-95"])):
-    summary = summarize(run.network, run.guide)
-    for rule in rules:
-        masks = weight_masks(summary, rule)
-        decisions[(run.directory, rule)] = masks
-        info = describe(run, rule, masks)
-        write_json_atomic(os.path.join(run.directory, f"reduction-{rule}.json"), info)
-        print(f"{os.path.basename(run.directory):>10} {rule:>14}: weight sparsity {info['weight_sparsity']:.3f}, "
-              f"point test accuracy {info['test_accuracy_point']:.4f}")
-if reduce_fn is not None:
-    print("pyro_sparse.reduction.reduce is available; see its Decision for the network-level masks")
+rules = {svd_dir: [("log-alpha", None)],
+         gauss_dir: [("savage-dickey", None), ("opd", 0.95), ("magnitude", 0.95), ("random", 0.95)]}
+for directory, todo in rules.items():
+    for rule, sparsity in todo:
+        r = reduction.reduce_run(directory, rule, sparsity=sparsity, overwrite=True)
+        print(f"{os.path.basename(directory):>10} {rule:>14}: weight sparsity {r['sparsity']:.3f}, "
+              f"units removed {r['units_removed']}, compact posterior-mean network accuracy "
+              f"{r['test_accuracy_reduced']:.4f}")
 
 # %% [markdown]
 # ## 3. Report
@@ -122,7 +86,7 @@ for run in (svd, gauss):
 # accuracy and size. First the files the reports wrote (`pyro-sparse compare DIR DIR:RULE ...`):
 
 # %%
-rows = compare_entries([svd_dir, f"{svd_dir}:log-alpha-3", gauss_dir, f"{gauss_dir}:savage-dickey"])
+rows = compare_entries([svd_dir, f"{svd_dir}:log-alpha-3", gauss_dir, f"{gauss_dir}:savage-dickey-0"])
 print(text_table(rows, ["model", "rank", "elpd_loo", "se", "p_loo", "elpd_diff", "weight", "max k",
                         "test_accuracy", "sparsity", "nonzero"]))
 
@@ -131,10 +95,12 @@ print(text_table(rows, ["model", "rank", "elpd_loo", "se", "p_loo", "elpd_diff",
 # baselines at 95% sparsity. Each reduced InferenceData fixes its pruned weights at zero.
 
 # %%
+summary = gauss.trainer.posterior_summary()
 models = {"dense": D.run_inference_data(gauss, args.samples)}
-for rule in ("savage-dickey", "opd-95", "magnitude-95", "random-95"):
-    name = "bmr" if rule == "savage-dickey" else rule
-    models[name] = D.run_inference_data(gauss, args.samples, masks=decisions[(gauss_dir, rule)])
+for rule, sparsity in rules[gauss_dir]:
+    name = rule if sparsity is None else f"{rule}-{round(100 * sparsity)}"
+    masks = reduction.reduce(summary, rule, sparsity=sparsity).masks
+    models[name] = D.run_inference_data(gauss, args.samples, masks=masks)
 table = D.compare(models)
 for name in table.index:
     a, loo = D.attributes(models[name]), D.loo(models[name])
