@@ -102,10 +102,12 @@ def check_compatible(network, dataset):
                         "likelihood: sequence_categorical")
     if task == "regression" and dataset.task != "regression":
         raise DataError(f"{dataset.name}: the {kind} likelihood needs real-valued targets but the data have "
-                        f"class labels; use likelihood: categorical (or bernoulli)")
+                        f"class labels; use likelihood: categorical (or bernoulli), or for a data file read its "
+                        f"whole numbers as real values (spec: data: {{task: regression}}; load_dataset(task=...))")
     if task in ("classification", "binary") and dataset.task != "classification":
         raise DataError(f"{dataset.name}: the {kind} likelihood needs class labels but the data have "
-                        f"real-valued targets; use likelihood: gaussian")
+                        f"real-valued targets; use likelihood: gaussian, or for a data file read its targets "
+                        f"as labels (spec: data: {{task: classification}}; load_dataset(task=...))")
     if task == "binary" and dataset.num_outputs > 2:
         raise DataError(f"{dataset.name}: the bernoulli likelihood needs labels 0/1 but the data have "
                         f"{dataset.num_outputs} classes; use likelihood: categorical")
@@ -113,6 +115,20 @@ def check_compatible(network, dataset):
     if shape is not None and math.prod(shape) != math.prod(dataset.feature_shape):
         raise DataError(f"{dataset.name}: examples have shape {list(dataset.feature_shape)} but the network "
                         f"takes input_shape {list(shape)}")
+
+
+def apply_target_transform(network, dataset):
+    """Hand ``dataset.extras["target_transform"]`` (standardised regression targets, see
+    :func:`~pyro_sparse.data.record_target_transform`) to the network's likelihood, or clear a
+    previous one: the likelihood then fits the standardised targets and reports in data units."""
+    transform = dataset.extras.get("target_transform")
+    lik = network.likelihood
+    if hasattr(lik, "set_target_transform"):
+        lik.set_target_transform(transform)
+    elif transform is not None:
+        kind = getattr(lik, "spec_name", type(lik).__name__)
+        raise DataError(f"{dataset.name}: standardised targets (data: {{targets: standardize}}) need the gaussian "
+                        f"likelihood, not {kind}")
 
 
 def _as_recipe(recipe) -> dict:
@@ -192,6 +208,7 @@ class SVITrainer:
             raise SpecError(f"expected a directory path or None, got {out_dir!r}", None, "SVITrainer.out_dir")
         recipe = _as_recipe(recipe)
         check_compatible(network, dataset)
+        apply_target_transform(network, dataset)
         self.network, self.guide, self.data, self.recipe = network, guide, dataset, recipe
         self.out_dir, self.progress = (os.fspath(out_dir) if out_dir is not None else None), progress
         self._place(recipe, progress)
@@ -227,6 +244,11 @@ class SVITrainer:
         """Device, rank and threads; data and network moved to the device; the mini-batch plan:
         ``batch_size`` is the global batch, split over the ranks of a process group."""
         self.device = check_device(recipe["device"])
+        if self.data.extras.get("target_transform") and getattr(self.network.likelihood, "target_transform",
+                                                                None) is None:
+            raise SpecError(f"standardised targets (data: {{targets: standardize}} in the model spec) are fitted by "
+                            f"the SVI trainers (method svi, svi_bmr); method {recipe.get('method')!r} fits the raw "
+                            "targets: remove it", recipe.get("_source"), "method")
         self.world, self.rank = distributed.world_size(), distributed.rank()
         if self.world > 1:
             self.device = distributed.rank_device(self.device)
