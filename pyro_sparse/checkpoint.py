@@ -22,12 +22,33 @@ import torch
 from .errors import CheckpointError, PyroSparseError
 
 
+def _umask() -> int:
+    """The process's umask: from /proc on Linux, else by setting it and putting it back (the
+    portable way, which changes it for an instant under other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str, write):
+    """Write ``path`` through a temporary file in its directory, fsync, rename over it.
+
+    ``mkstemp`` creates the temporary file with mode 0600 whatever the umask; it is set to
+    ``0666 & ~umask`` first, so run files get the permissions an ordinary ``open()`` would
+    give them (e.g. readable by a group that shares a results directory)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -51,6 +51,8 @@ def _add_fit(sub):
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress output (bar, or per-epoch lines when stderr "
+                   "is not a terminal); warnings, errors and the final figures still print")
     p.add_argument("--distributed", action="store_true", default=None,
                    help="data-parallel over the processes of a torchrun launch (the default when "
                         "torchrun's WORLD_SIZE > 1); fails outside torchrun")
@@ -71,7 +73,7 @@ def cmd_fit(args):
         raise PyroSparseError(f"--seed must be an integer in [0, 2**32), got {args.seed}")
     _, metrics = fit_run(args.model, args.inference, args.data, args.out, epochs=args.epochs, seed=args.seed,
                          device=args.device, resume=args.resume, overwrite=args.overwrite, target=args.target,
-                         progress=not args.no_progress, distributed=args.distributed)
+                         progress=not (args.no_progress or args.quiet), distributed=args.distributed)
     from .distributed import env_rank
 
     if env_rank() == 0:  # under torchrun only rank 0 prints

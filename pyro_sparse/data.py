@@ -27,12 +27,13 @@ import hashlib
 import math
 import os
 from collections import Counter
+import warnings
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from .errors import DataError, SpecError
+from .errors import DataError, PyroSparseWarning, SpecError
 from .schema import Field, validate
 
 BUILTIN = ("digits", "mnist1d", "sparse-regression")
@@ -138,7 +139,9 @@ def _finish(name, x_train, y_train, x_test, y_test, task, num_outputs=None, imag
             if y.ndim != 1:
                 raise DataError(f"{src}: {key} must be a vector of class labels, got shape {y.shape}")
             if np.any(y != np.round(y)):
-                raise DataError(f"{src}: {key} has non-integer class labels")
+                bad = y[y != np.round(y)]
+                raise DataError(f"{src}: {key} has {bad.size} non-integer class label(s) (e.g. {bad[0]:g}); a "
+                                "classification likelihood (categorical, bernoulli) needs labels 0..K-1")
         classes = num_outputs if num_outputs is not None else int(max(y_train.max(), y_test.max())) + 1
         for key in ("y_train", "y_test"):
             y = arrays[key]
@@ -147,7 +150,9 @@ def _finish(name, x_train, y_train, x_test, y_test, task, num_outputs=None, imag
                                 f"(found {int(y.min())}..{int(y.max())})")
         if classes > MAX_CLASSES:
             raise DataError(f"{src}: labels up to {classes - 1} imply {classes} classes (at most {MAX_CLASSES}); "
-                            "class labels must be indices 0..K-1, and real-valued targets need a float dtype")
+                            "class labels must be indices 0..K-1; real-valued targets need a float dtype or "
+                            "a gaussian likelihood")
+        _warn_unseen_classes(src, arrays["y_train"], arrays["y_test"])
         to_y = lambda y: torch.as_tensor(np.asarray(y, dtype=np.int64))  # noqa: E731
         num_outputs = classes
     else:
@@ -160,6 +165,39 @@ def _finish(name, x_train, y_train, x_test, y_test, task, num_outputs=None, imag
     to_x = lambda x: torch.as_tensor(np.asarray(x, dtype=np.float32))  # noqa: E731
     return Dataset(name, to_x(x_train), to_y(y_train), to_x(x_test), to_y(y_test), task, num_outputs,
                    image_shape, extras or {})
+
+
+def _warn_unseen_classes(src, y_train, y_test):
+    """A test set holding classes that never occur in training is legal (the network has an
+    output for every label up to the largest) but makes the held-out figures measure a class the
+    model could not learn: say so, naming the classes."""
+    unseen = np.setdiff1d(np.unique(y_test), np.unique(y_train))
+    if unseen.size:
+        shown = ", ".join(str(int(c)) for c in unseen[:20]) + (", ..." if unseen.size > 20 else "")
+        count = int(np.isin(y_test, unseen).sum())
+        warnings.warn(f"{src}: the test set holds class(es) {shown} ({count} of {len(y_test)} test examples) that "
+                      "never occur in the training set; the network cannot learn them and the held-out figures "
+                      "count them as errors", PyroSparseWarning, stacklevel=3)
+
+
+def _positions(mask, limit=5) -> str:
+    """The first ``limit`` positions of True in ``mask``: 'row 3' for vectors, '[3, 1]' beyond."""
+    where = np.argwhere(mask)[:limit]
+    if mask.ndim == 1:
+        text = ", ".join(str(int(i[0])) for i in where)
+        label = "row" if len(where) == 1 else "rows"
+    else:
+        text = ", ".join("[" + ", ".join(str(int(j)) for j in i) + "]" for i in where)
+        label = "at"
+    return f"{label} {text}{', ...' if int(mask.sum()) > limit else ''}"
+
+
+def _check_finite_as_read(src, key, a):
+    """NaN/inf in an array as the file holds it (before any train/test split), with positions."""
+    finite = np.isfinite(np.asarray(a).astype(np.float64))
+    if not np.all(finite):
+        raise DataError(f"{src}: {key} contains {int(np.sum(~finite))} NaN or infinite value(s) "
+                        f"({_positions(~finite)})")
 
 
 # ---------------------------------------------------------------------------- built in
@@ -202,7 +240,12 @@ def _task_of(y):
     return "regression"
 
 
-def load_npz(path, test_fraction=0.2, seed=0) -> Dataset:
+def load_npz(path, test_fraction=0.2, seed=0, task=None) -> Dataset:
+    """Arrays ``x_train``, ``y_train`` [, ``x_test``, ``y_test``, ``num_classes``] (no pickles).
+
+    ``task`` ('classification' or 'regression'; None: integer or boolean ``y_train`` are class
+    labels, floats real-valued targets) says what ``y`` holds, whatever its dtype: the model
+    spec's likelihood decides it (:func:`load_dataset`)."""
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
@@ -218,6 +261,9 @@ def load_npz(path, test_fraction=0.2, seed=0) -> Dataset:
             raise DataError(f"{path}: {key} must be an array with one row per example, got a scalar")
         if key in arrays and arrays[key].dtype.kind not in _NUMERIC_KINDS:
             raise DataError(f"{path}: {key} must be numeric (bool, integer or float), got dtype {arrays[key].dtype}")
+    for key in ("x_train", "y_train", "x_test", "y_test"):
+        if key in arrays:
+            _check_finite_as_read(path, key, arrays[key])
     has_test = "x_test" in arrays or "y_test" in arrays
     if has_test and not ("x_test" in arrays and "y_test" in arrays):
         raise DataError(f"{path}: give both x_test and y_test, or neither")
@@ -226,7 +272,7 @@ def load_npz(path, test_fraction=0.2, seed=0) -> Dataset:
         raise DataError(f"{path}: x_train has {len(x)} rows but y_train has {len(y)}")
     if len(x) == 0:
         raise DataError(f"{path}: x_train is empty")
-    task = _task_of(y)
+    task = task or _task_of(y)
     if has_test:
         x_train, y_train, x_test, y_test = x, y, arrays["x_test"], arrays["y_test"]
     else:
@@ -241,27 +287,36 @@ def load_npz(path, test_fraction=0.2, seed=0) -> Dataset:
                             f"{np.array2string(k.reshape(-1)[:5])} (dtype {k.dtype})")
         num_classes = int(k.reshape(-1)[0])
         if task != "classification":
-            raise DataError(f"{path}: num_classes is given but y_train has real-valued dtype {y.dtype}; "
-                            "class labels need an integer dtype")
+            raise DataError(f"{path}: num_classes is given but the targets are real-valued (y_train dtype {y.dtype}"
+                            f"{', and the task is regression' if np.issubdtype(y.dtype, np.integer) else ''}); "
+                            "class labels need an integer dtype or a classification likelihood")
     return _finish(os.path.basename(path), x_train, y_train, x_test, y_test, task, num_classes, source=path)
 
 
-def load_csv(path, target, test_fraction=0.2, seed=0) -> Dataset:
+def load_csv(path, target, test_fraction=0.2, seed=0, task=None) -> Dataset:
+    """A CSV file with a header; ``target`` names the label column, the others are features.
+
+    ``task`` ('classification' or 'regression') says what the target column holds; None
+    (undecided) makes a column of whole numbers class labels and anything else real-valued
+    targets. The model spec's likelihood decides it (:func:`load_dataset`), so whole-number
+    regression targets (counts, prices) stay real-valued under a Gaussian likelihood."""
     if not target:
         raise DataError(f"{path}: a CSV needs --target naming the label column")
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
+            reader = csv.reader(f)
+            rows = [(reader.line_num, r) for r in reader]  # (line number in the file, fields)
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
     except csv.Error as e:
         raise DataError(f"{path}: malformed CSV ({e})") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    rows = [r for r in rows if any(c.strip() for c in r)]
+    rows = [(n, r) for n, r in rows if any(c.strip() for c in r)]
     if not rows:
         raise DataError(f"{path}: the file is empty")
-    header, body = [h.strip() for h in rows[0]], rows[1:]
+    header, body = [h.strip() for h in rows[0][1]], [r for _, r in rows[1:]]
+    lines = [n for n, _ in rows[1:]]
     if target not in header:
         raise DataError(f"{path}: no column {target!r}; columns are {header}")
     if not body:
@@ -269,28 +324,45 @@ def load_csv(path, target, test_fraction=0.2, seed=0) -> Dataset:
     values = np.empty((len(body), len(header)), dtype=np.float64)
     for i, row in enumerate(body):
         if len(row) != len(header):
-            raise DataError(f"{path}: line {i + 2} has {len(row)} fields, the header has {len(header)}")
+            raise DataError(f"{path}: line {lines[i]} has {len(row)} fields, the header has {len(header)}")
         for j, cell in enumerate(row):
             try:
                 values[i, j] = float(cell)
             except ValueError:
-                raise DataError(f"{path}: line {i + 2}, column {header[j]!r}: not a number: {cell!r}") from None
+                raise DataError(f"{path}: line {lines[i]}, column {header[j]!r}: not a number: {cell!r}") from None
     if header.count(target) > 1:
         raise DataError(f"{path}: the header names the column {target!r} {header.count(target)} times")
     if len(header) < 2:
         raise DataError(f"{path}: no feature columns besides the target {target!r}")
     t = header.index(target)
+    _check_csv_finite(path, header, values, t, lines)
     y = values[:, t]
     x = np.delete(values, t, axis=1)
     if len(x) < 2:
         raise DataError(f"{path}: need at least 2 rows to split off a test set")
-    if not np.all(np.isfinite(x)):
-        raise DataError(f"{path}: features contain {int(np.sum(~np.isfinite(x)))} NaN or infinite value(s)")
-    task = "classification" if np.all(np.isfinite(y)) and np.all(y == np.round(y)) else "regression"
-    if task == "classification":
+    if task is None:
+        task = "classification" if np.all(np.isfinite(y)) and np.all(y == np.round(y)) else "regression"
+    if task == "classification" and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
         y = y.astype(np.int64)
     x_train, x_test, y_train, y_test = _split(x, y, test_fraction, seed, stratify=False)
     return _finish(os.path.basename(path), x_train, y_train, x_test, y_test, task, source=path)
+
+
+def _check_csv_finite(path, header, values, target_col, lines):
+    """NaN/inf cells counted on the file as read, per column (the target first), with lines."""
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return
+    order = [target_col] + [j for j in range(len(header)) if j != target_col]
+    parts = []
+    for j in order:
+        rows = np.flatnonzero(bad[:, j])
+        if rows.size:
+            where = ", ".join(str(lines[i]) for i in rows[:5]) + (", ..." if rows.size > 5 else "")
+            what = " (the target)" if j == target_col else ""
+            parts.append(f"column {header[j]!r}{what}: {rows.size} (line{'s' if rows.size > 1 else ''} {where})")
+    raise DataError(f"{path}: contains {int(bad.sum())} NaN or infinite value(s): " + "; ".join(parts[:5])
+                    + ("; ..." if len(parts) > 5 else ""))
 
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -349,7 +421,16 @@ INPUT_FIELDS = {
     "inputs": Field("choice", "raw", choices=("raw", "center", "standardize"),
                     doc="raw: as loaded; center: subtract the training mean of every feature; "
                         "standardize: also divide by its training standard deviation"),
+    "task": Field("choice", "auto", choices=("auto", "classification", "regression"),
+                  doc="what a data file's targets are: auto: what the spec's likelihood needs (gaussian: "
+                      "real-valued targets, categorical/bernoulli: class labels), or by dtype where no "
+                      "likelihood says; classification: class labels 0..K-1; regression: real values"),
+    "targets": Field("choice", "raw", choices=("raw", "standardize"),
+                     doc="regression targets: raw, or standardize (the Gaussian likelihood models "
+                         "(y - mean) / sd with training statistics; figures stay in the data's units)"),
 }
+#: the tasks a data file's targets can be read as (``task:`` above, or ``load_dataset(task=...)``)
+FILE_TASKS = ("classification", "regression")
 
 
 def transform_inputs(dataset: Dataset, mode: str = "raw") -> Dataset:
@@ -380,12 +461,53 @@ def transform_inputs(dataset: Dataset, mode: str = "raw") -> Dataset:
                    extras=extras)
 
 
-def load_dataset(name_or_path: str, target: str | None = None, seed: int = 0, options: dict | None = None) -> Dataset:
+def record_target_transform(dataset: Dataset, mode: str = "raw") -> Dataset:
+    r"""Record training-set statistics of regression targets for the likelihood to standardise with.
+
+    ``standardize``: per target column the training mean :math:`m` and standard deviation
+    :math:`s` (floored at :math:`10^{-12}` times the largest :math:`|y|`, and at the smallest
+    normal float, so a constant column does not divide by zero), kept in
+    ``dataset.extras["target_transform"]`` as ``{"mode", "mean", "scale"}`` like
+    ``input_transform``. Unlike the inputs, the targets themselves are left as they are: the
+    Gaussian likelihood (:meth:`~pyro_sparse.likelihoods.Gaussian.set_target_transform`, called
+    by the trainer) models :math:`y = m + s\,(f(x) + \sigma\varepsilon)`, i.e. the network
+    fits the standardised targets :math:`(y - m)/s` with noise :math:`\sigma` in standardised
+    units, while every figure computed from the likelihood (ELBO, RMSE, NLL, LOO, reduction
+    reports) is in the data's own units, comparable with other tools fitted on the raw data.
+    A network's raw output (and a compact module built from it) is the standardised prediction.
+    """
+    if mode not in INPUT_FIELDS["targets"].choices:
+        raise DataError(f"{dataset.name}: data targets must be one of {list(INPUT_FIELDS['targets'].choices)}, "
+                        f"got {mode!r}")
+    if mode == "raw":
+        return dataset
+    if dataset.task != "regression":
+        raise DataError(f"{dataset.name}: data targets: {mode} applies to real-valued (regression) targets, but "
+                        f"the data have {'class labels' if dataset.task == 'classification' else 'token sequences'}")
+    y = dataset.y_train.double().reshape(len(dataset.y_train), -1)
+    mean = y.mean(0)
+    spread = y.std(0, unbiased=False) if len(y) > 1 else torch.zeros_like(mean)
+    floor = torch.clamp_min(1e-12 * y.abs().amax(0), torch.finfo(torch.float32).tiny)
+    scale = torch.maximum(spread, floor)
+    extras = {**dataset.extras, "target_transform": {"mode": mode, "mean": mean.tolist(), "scale": scale.tolist()}}
+    return replace(dataset, extras=extras)
+
+
+def load_dataset(name_or_path: str, target: str | None = None, seed: int = 0, options: dict | None = None,
+                 task: str | None = None) -> Dataset:
     """A built-in data set by name, or a user's ``.npz`` / ``.csv`` / ``.txt`` file or IDX directory.
 
     ``options`` (the model spec's ``data:`` section): for array data ``inputs`` (raw, center,
-    standardize; :func:`transform_inputs`), for a text corpus those of
+    standardize; :func:`transform_inputs`), ``task`` (auto, classification, regression) and
+    ``targets`` (raw, standardize; :func:`record_target_transform`); for a text corpus those of
     :func:`load_text` (sequence_length, valid_fraction, max_vocab).
+
+    ``task``: what the model's likelihood needs ('classification' or 'regression'; None: not
+    known), passed by :mod:`pyro_sparse.runs` from the spec (:func:`pyro_sparse.spec.data_task`).
+    A data file's targets are read that way -- whole numbers as regression targets under a
+    Gaussian likelihood, 0/1 floats as labels under a Bernoulli one -- unless ``options`` name a
+    task other than ``auto``. Where neither says, integers are class labels and floats real
+    values. The built-in sets and IDX files have a fixed task.
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise DataError(f"load_dataset: expected a data set name or a path, got {name_or_path!r}")
@@ -393,6 +515,8 @@ def load_dataset(name_or_path: str, target: str | None = None, seed: int = 0, op
         raise DataError(f"load_dataset: target must be a column name, got {target!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise DataError(f"load_dataset: seed must be an integer in [0, 2**32), got {seed!r}")
+    if task is not None and task not in FILE_TASKS:
+        raise DataError(f"load_dataset: task must be one of {list(FILE_TASKS)} or None, got {task!r}")
     name_or_path = os.fspath(name_or_path)
     options = dict(options or {})
     is_text = name_or_path.endswith(".txt")
@@ -402,11 +526,18 @@ def load_dataset(name_or_path: str, target: str | None = None, seed: int = 0, op
         raise DataError(f"{name_or_path}: the spec's data options {wrong} do not apply to this data set; "
                         f"options for {kind}: {sorted(INPUT_FIELDS if not is_text else TEXT_FIELDS)}")
     if not is_text:
-        return transform_inputs(_load_arrays(name_or_path, target, seed), options.get("inputs") or "raw")
+        given = options.get("task") or "auto"
+        if given not in ("auto", *FILE_TASKS):
+            raise DataError(f"{name_or_path}: data task must be one of {list(INPUT_FIELDS['task'].choices)}, "
+                            f"got {given!r}")
+        dataset = _load_arrays(name_or_path, target, seed, task if given == "auto" else given)
+        dataset = record_target_transform(dataset, options.get("targets") or "raw")
+        return transform_inputs(dataset, options.get("inputs") or "raw")
     return load_text(name_or_path, **{k: v for k, v in options.items() if k not in INPUT_FIELDS})
 
 
-def _load_arrays(name_or_path, target, seed) -> Dataset:
+def _load_arrays(name_or_path, target, seed, task=None) -> Dataset:
+    """The built-in sets have a fixed task; a file's targets are read as ``task`` says."""
     if name_or_path == "digits":
         return load_digits(seed=seed)
     if name_or_path == "mnist1d":
@@ -421,9 +552,9 @@ def _load_arrays(name_or_path, target, seed) -> Dataset:
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: the file is empty")
     if path.endswith(".npz"):
-        return load_npz(path, seed=seed)
+        return load_npz(path, seed=seed, task=task)
     if path.endswith(".csv"):
-        return load_csv(path, target, seed=seed)
+        return load_csv(path, target, seed=seed, task=task)
     raise DataError(f"{path}: unknown data format; expected .npz, .csv, .txt or a directory of IDX files")
 
 

@@ -32,7 +32,23 @@ epoch and batch; the trainer restores the last good checkpoint (from disk when t
 has written or resumed one, else from memory), multiplies the learning rate by
 ``nan_lr_factor`` (recipe, default 0.5) and repeats the epoch with a fresh Monte Carlo draw.
 After ``nan_retries`` (default 3) consecutive failed attempts it stops with
-:class:`NumericalError`. The guide keeps every ``log sigma`` in ``[LOG_SCALE_MIN,
+:class:`NumericalError`; when the data are far from unit scale (``|x|`` or a regression target
+above :data:`DATA_MAGNITUDE`) its advice points at them rather than at the learning rate.
+
+Divergence that stays finite is a fault too (recipe ``divergence_factor`` F, default 1000;
+``null`` turns it off). A diverging run does not always produce a NaN: with a learning rate of
+1e6 the weights jump to ~1e6 after one step and the loss per datum reaches 1e20 while every
+number stays finite. The reference is L0, the loss per datum (the negative-ELBO estimate / N)
+at the run's starting point with the full KL weight, computed once on the first mini-batch
+(with its own random draw, so the run's random numbers are untouched; kept in the
+checkpoint). A step whose loss per datum exceeds ``L0 + F * max(|L0|, 1)`` is refused before
+its update like a NaN step: the loss of SVI can rise while the KL warms up or as the noise is
+learned, but not by three orders of magnitude of its starting value. On held-out data a
+classifier's NLL per example above ``F * log K`` (K classes; log K is the NLL of a uniform
+guess) counts the same way, as does a non-finite held-out figure. Trainers without an ELBO
+(method laplace) have only the held-out check. The recovery is the same as for a NaN.
+
+The guide keeps every ``log sigma`` in ``[LOG_SCALE_MIN,
 LOG_SCALE_MAX]`` = [-12, 4] (:mod:`pyro_sparse.guides`) and ``log alpha`` is clamped to
 [-20, 20] (:mod:`pyro_sparse.distributions`), so variances can neither underflow to 0 nor
 overflow.
@@ -44,6 +60,7 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 import warnings
 
@@ -61,6 +78,10 @@ from .recipe import RECIPE_FIELDS, check_device, guide_param_groups, make_optimi
 from .summary import summarize
 
 CHECKPOINT = "checkpoint.pt"
+#: data magnitude (largest |x|, or |y| of raw regression targets) above which a numerical fault's
+#: advice points at the data first: float32 overflows at 3.4e38, and the local reparameterisation
+#: squares the inputs, so inputs far from unit scale overflow long before the learning rate matters
+DATA_MAGNITUDE = 1e4
 
 
 def _total_norm(grads: list) -> torch.Tensor:
@@ -103,10 +124,12 @@ def check_compatible(network, dataset):
                         "likelihood: sequence_categorical")
     if task == "regression" and dataset.task != "regression":
         raise DataError(f"{dataset.name}: the {kind} likelihood needs real-valued targets but the data have "
-                        f"class labels; use likelihood: categorical (or bernoulli)")
+                        f"class labels; use likelihood: categorical (or bernoulli), or for a data file read its "
+                        f"whole numbers as real values (spec: data: {{task: regression}}; load_dataset(task=...))")
     if task in ("classification", "binary") and dataset.task != "classification":
         raise DataError(f"{dataset.name}: the {kind} likelihood needs class labels but the data have "
-                        f"real-valued targets; use likelihood: gaussian")
+                        f"real-valued targets; use likelihood: gaussian, or for a data file read its targets "
+                        f"as labels (spec: data: {{task: classification}}; load_dataset(task=...))")
     if task == "binary" and dataset.num_outputs > 2:
         raise DataError(f"{dataset.name}: the bernoulli likelihood needs labels 0/1 but the data have "
                         f"{dataset.num_outputs} classes; use likelihood: categorical")
@@ -114,6 +137,20 @@ def check_compatible(network, dataset):
     if shape is not None and math.prod(shape) != math.prod(dataset.feature_shape):
         raise DataError(f"{dataset.name}: examples have shape {list(dataset.feature_shape)} but the network "
                         f"takes input_shape {list(shape)}")
+
+
+def apply_target_transform(network, dataset):
+    """Hand ``dataset.extras["target_transform"]`` (standardised regression targets, see
+    :func:`~pyro_sparse.data.record_target_transform`) to the network's likelihood, or clear a
+    previous one: the likelihood then fits the standardised targets and reports in data units."""
+    transform = dataset.extras.get("target_transform")
+    lik = network.likelihood
+    if hasattr(lik, "set_target_transform"):
+        lik.set_target_transform(transform)
+    elif transform is not None:
+        kind = getattr(lik, "spec_name", type(lik).__name__)
+        raise DataError(f"{dataset.name}: standardised targets (data: {{targets: standardize}}) need the gaussian "
+                        f"likelihood, not {kind}")
 
 
 def _as_recipe(recipe) -> dict:
@@ -136,6 +173,36 @@ def evaluate(network, guide, x, y, num_samples=10, batch_size=None) -> dict:
     return evaluation.prefixed(evaluation.evaluate(predict, x, y, lik, noise, batch_size))
 
 
+class _EpochLines:
+    """Progress for a log file: one line per epoch on stderr (what a tqdm bar would redraw)."""
+
+    def __init__(self, total, initial):
+        self.total, self.n, self.postfix, self.start = total, initial, {}, time.perf_counter()
+
+    def set_postfix(self, values):
+        self.postfix = dict(values)
+
+    def update(self, n=1):
+        self.n += n
+        figures = "".join(f"  {k} {v}" for k, v in self.postfix.items())
+        print(f"fit: epoch {self.n}/{self.total}{figures}  ({time.perf_counter() - self.start:.1f} s)",
+              file=sys.stderr, flush=True)
+
+    def close(self):
+        pass
+
+
+def _progress(show, total, initial):
+    """A tqdm bar on a terminal; one line per epoch when stderr is a file or a pipe (a bar's
+    redraws would flood a log); nothing when ``show`` is false or the environment variable
+    ``PYRO_SPARSE_NO_PROGRESS`` is set to a non-empty value other than 0."""
+    if not show or os.environ.get("PYRO_SPARSE_NO_PROGRESS", "") not in ("", "0"):
+        return tqdm(total=total, initial=initial, disable=True)
+    if getattr(sys.stderr, "isatty", lambda: False)():
+        return tqdm(total=total, initial=initial, desc="fit", unit="epoch", dynamic_ncols=True)
+    return _EpochLines(total, initial)
+
+
 class SVITrainer:
     """Runs SVI for a network + guide on a data set according to a recipe (a parsed dict).
 
@@ -144,7 +211,7 @@ class SVITrainer:
         dataset: a :class:`~pyro_sparse.data.Dataset`.
         recipe: a parsed inference recipe (:func:`~pyro_sparse.recipe.parse_recipe`).
         out_dir: where ``metrics.jsonl`` and the checkpoint go (``None``: nowhere).
-        progress: show a tqdm bar.
+        progress: show progress: a tqdm bar on a terminal, one line per epoch on stderr otherwise.
     """
 
     #: the recipe's ``method`` this trainer fits, and the extra recipe sections it reads
@@ -156,6 +223,8 @@ class SVITrainer:
     check_each_step = True
     _on_disk = _resumed_from_prev = False
     _batch, _ok, _last_fault = 0, None, None
+    #: L0, the loss per datum at the run's start with the full KL weight (see the module docstring)
+    loss_reference = None
     #: which ELBO implementation the steps use: "direct" (DirectELBO) or "pyro" (MeanFieldELBO);
     #: None for subclasses that fit another objective (spam.LaplaceTrainer)
     elbo_path = None
@@ -172,6 +241,7 @@ class SVITrainer:
             raise SpecError(f"expected a directory path or None, got {out_dir!r}", None, "SVITrainer.out_dir")
         recipe = _as_recipe(recipe)
         check_compatible(network, dataset)
+        apply_target_transform(network, dataset)
         self.network, self.guide, self.data, self.recipe = network, guide, dataset, recipe
         self.out_dir, self.progress = (os.fspath(out_dir) if out_dir is not None else None), progress
         self._place(recipe, progress)
@@ -207,6 +277,11 @@ class SVITrainer:
         """Device, rank and threads; data and network moved to the device; the mini-batch plan:
         ``batch_size`` is the global batch, split over the ranks of a process group."""
         self.device = check_device(recipe["device"])
+        if self.data.extras.get("target_transform") and getattr(self.network.likelihood, "target_transform",
+                                                                None) is None:
+            raise SpecError(f"standardised targets (data: {{targets: standardize}} in the model spec) are fitted by "
+                            f"the SVI trainers (method svi, svi_bmr); method {recipe.get('method')!r} fits the raw "
+                            "targets: remove it", recipe.get("_source"), "method")
         self.world, self.rank = distributed.world_size(), distributed.rank()
         if self.world > 1:
             self.device = distributed.rank_device(self.device)
@@ -230,7 +305,7 @@ class SVITrainer:
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                 "rng_torch": torch.get_rng_state(), "rng_generator": self.generator.get_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
-                "history": self.history, "recoveries": self.recoveries}
+                "history": self.history, "recoveries": self.recoveries, "loss_reference": self.loss_reference}
 
     def load_training_state(self, state: dict):
         self.optimizer.load_state_dict(state["optimizer"])
@@ -243,6 +318,7 @@ class SVITrainer:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.history = list(state["history"])
         self.recoveries = list(state.get("recoveries", []))
+        self.loss_reference = state.get("loss_reference")
 
     def state_dict(self) -> dict:
         return {**self.training_state(), "guide": self.guide.state_dict()}
@@ -322,6 +398,95 @@ class SVITrainer:
                 return f"gradient of {name}"
         return "gradient"
 
+    # ------------------------------------------------------------------ divergence
+    @property
+    def _loss_limit(self):
+        """The largest acceptable loss of a step (a full-data estimate, so N times the limit per
+        datum ``L0 + F max(|L0|, 1)``), or None without a reference or with ``divergence_factor: null``."""
+        factor, ref = self.recipe.get("divergence_factor"), self.loss_reference
+        if factor is None or ref is None or not math.isfinite(ref):
+            return None
+        return (ref + factor * max(abs(ref), 1.0)) * self.num_train
+
+    def _divergent(self, loss, b, what="loss"):
+        """The fault of a step (or epoch) whose loss is finite but above the divergence limit."""
+        per_datum, limit = loss / self.num_train, self._loss_limit / self.num_train
+        where = (f"at step {self.steps + b + 1} (epoch {self.epoch + 1}, batch {b + 1} of {self.steps_per_epoch})"
+                 if what == "loss" else f"in epoch {self.epoch + 1}")
+        return NonFiniteStep("loss above the divergence limit", self.steps + b + 1, self.epoch + 1, b + 1,
+                             self.steps_per_epoch,
+                             f"{what} {per_datum:.3g} per datum {where} exceeds the divergence limit {limit:.3g} "
+                             f"(divergence_factor {self.recipe['divergence_factor']:g} x max(|L0|, 1) above the "
+                             f"starting loss L0 = {self.loss_reference:.3g} per datum)")
+
+    @torch.no_grad()
+    def reference_loss(self):
+        """L0: this trainer's loss estimate per datum at the current parameters with the full KL
+        weight, on the first mini-batch of the training set, with a random draw of its own
+        (seeded by the recipe's seed; the random-number states of the run are restored after).
+        None for trainers without an ELBO (method laplace) and when the estimate fails."""
+        if self.elbo_path is None or getattr(self, "elbo", None) is None:
+            return None
+        elbo, path, _ = self.make_elbo()  # an ELBO of its own: the trainer's keeps its state
+        elbo.kl_weight = 1.0
+        idx = torch.arange(min(self.batch_size, self.num_train), device=self.device)
+        devices = [self.device] if self.device.type == "cuda" else []
+        model, guide = (self.network, self.guide) if path == "direct" else self.objective()
+        with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
+            torch.manual_seed(self.recipe["seed"])
+            try:
+                loss = elbo.differentiable_loss(model, guide, self.data.x_train[idx], self.data.y_train[idx],
+                                                dataset_size=self.num_train, subsample=idx)
+                value = float(loss) / self.num_train
+            except (RuntimeError, ValueError):
+                return None
+        return value if math.isfinite(value) else None
+
+    def _held_out_fault(self, record):
+        """A fault for a non-finite held-out figure, or a classifier's held-out NLL per example
+        above ``divergence_factor * log K`` (log K: the NLL of a uniform guess over K classes);
+        None otherwise."""
+        figures = {k: record[k] for k in ("test_nll", "test_rmse", "test_accuracy") if k in record}
+        at = (self.steps, self.epoch, self.steps_per_epoch, self.steps_per_epoch)
+        bad = [k for k, v in figures.items() if not math.isfinite(v)]
+        if bad:
+            return NonFiniteStep(f"held-out {bad[0]}", *at,
+                                 text=f"non-finite held-out {bad[0]} ({figures[bad[0]]}) after epoch {self.epoch}")
+        factor = self.recipe.get("divergence_factor")
+        task = getattr(self.network.likelihood, "task", None)
+        if factor is None or "test_nll" not in figures or task not in ("classification", "binary", "sequence"):
+            return None
+        classes = max(int(self.data.num_outputs), 2)
+        limit = factor * math.log(classes)
+        if figures["test_nll"] <= limit:
+            return None
+        return NonFiniteStep("held-out NLL above the divergence limit", *at,
+                             text=f"held-out NLL {figures['test_nll']:.3g} per example after epoch {self.epoch} "
+                                  f"exceeds the divergence limit {limit:.3g} (divergence_factor "
+                                  f"{factor:g} x log {classes}, the NLL of a uniform guess)")
+
+    def _data_advice(self):
+        """Advice naming the data when they are far from unit scale (checked once, cached), else None."""
+        if not hasattr(self, "_data_note"):
+            self._data_note = None
+            parts = [("inputs", "x", self.data.x_train, "data: {inputs: standardize}")]
+            lik = self.network.likelihood
+            if self.data.task == "regression" and getattr(lik, "target_transform", None) is None:
+                parts.append(("regression targets", "y", self.data.y_train, "data: {targets: standardize}"))
+            for what, sym, t, fix in parts:
+                if not t.is_floating_point() or t.numel() == 0:
+                    continue
+                big = t.detach().abs().reshape(len(t), -1).amax(0)
+                top = float(big.max())
+                if top > DATA_MAGNITUDE:
+                    column = int(big.argmax())
+                    self._data_note = (f"the {what} reach |{sym}| = {top:.3g} ({sym}_train column {column}): data this "
+                                       f"far from unit scale overflow float32 in the network's products and squares "
+                                       f"before the learning rate matters; rescale them (the model spec's {fix}) "
+                                       f"and check the data file")
+                    break
+        return self._data_note
+
     def make_elbo(self):
         """(elbo, path, reason): :class:`DirectELBO` ("direct") when ``elbo`` is ``auto``, the
         recipe's ``local_reparam`` is on or the guide is a point mass (a delta guide samples
@@ -388,16 +553,21 @@ class SVITrainer:
             # every gradient (the same update, bit for bit)
             if clip and not (value + 1e-6) * (1 + 1e-6) < clip:
                 torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
-            ok = math.isfinite(value) and (self.world > 1 or math.isfinite(float(loss)))
+            local = float(loss) if self.world == 1 else 0.0
+            ok = math.isfinite(value) and math.isfinite(local)
             if not ok:
                 raise self._fault(self._nonfinite_what(loss), self._batch)
+            if self._loss_limit is not None and self.world == 1 and local > self._loss_limit:
+                raise self._divergent(local, self._batch)
         else:
             if clip:
                 torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
             # Data-parallel: the averaged gradient (so its norm) is the same on every rank, the
             # local loss is not; deciding on the norm alone keeps the ranks in step (a non-finite
-            # loss still shows in the all-reduced epoch loss).
+            # or exploding loss still shows in the all-reduced epoch loss).
             ok = torch.isfinite(norm) if self.world > 1 else torch.isfinite(loss) & torch.isfinite(norm)
+            if self.world == 1 and self._loss_limit is not None:
+                ok = ok & (loss <= self._loss_limit)
         self.optimizer.step()
         self._ok = ok
         return loss
@@ -427,9 +597,16 @@ class SVITrainer:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         if first >= 0:
-            raise self._fault("loss or gradient", int(first))
+            fault = self._fault("loss or gradient", int(first))
+            if self._loss_limit is not None:  # the flag does not say which test failed
+                fault = NonFiniteStep(fault.what, fault.step, fault.epoch, fault.batch, self.steps_per_epoch,
+                                      f"{fault}, or a loss above the divergence limit "
+                                      f"{self._loss_limit / self.num_train:.3g} per datum")
+            raise fault
         if not math.isfinite(total):  # e.g. another rank's local loss; the step is not known here
             raise self._fault("epoch loss (a step's loss was NaN/inf)", self.steps_per_epoch - 1)
+        if self._loss_limit is not None and total / self.steps_per_epoch > self._loss_limit:
+            raise self._divergent(total / self.steps_per_epoch, self.steps_per_epoch - 1, "the epoch's mean loss")
         for name, p in self.guide.named_parameters():
             if not torch.isfinite(p).all():
                 raise NonFiniteStep(f"parameter {name}", self.steps + self.steps_per_epoch, self.epoch + 1,
@@ -469,11 +646,13 @@ class SVITrainer:
         factor, allowed = self.recipe["nan_lr_factor"], self.recipe["nan_retries"]
         if retries >= allowed:
             where = (f"; the last good checkpoint is {self.checkpoint_path()}" if self._on_disk else "")
+            data = self._data_advice()
+            advice = (f"Likely cause: {data}" if data else
+                      "Lower optimizer.lr, set grad_clip or lengthen kl_warmup_epochs")
             raise NumericalError(
                 f"training diverged: {fault}, and it did not recover after {retries} "
                 f"retr{'y' if retries == 1 else 'ies'} (nan_retries: {allowed}), each restoring the last good "
-                f"state and multiplying the learning rate by nan_lr_factor {factor}{where}. Lower optimizer.lr, "
-                "set grad_clip or lengthen kl_warmup_epochs")
+                f"state and multiplying the learning rate by nan_lr_factor {factor}{where}. {advice}")
         rng, recoveries = torch.get_rng_state(), list(self.recoveries)
         source = self._restore_last_good()
         torch.set_rng_state(rng)  # a different Monte Carlo draw on the retry
@@ -490,17 +669,26 @@ class SVITrainer:
                       f"(retry {retries + 1} of {allowed})", PyroSparseWarning, stacklevel=3)
 
     def fit(self, epochs=None, resume=False) -> dict:
-        """Train to ``epochs`` (default: the recipe's); returns the final metrics."""
+        """Train to ``epochs`` (default: the recipe's); returns the final metrics.
+
+        With ``resume``, continue from ``out_dir``'s checkpoint. ``epochs`` may then be more than
+        the run was planned for (it is extended: see :meth:`_extend_schedule`) but not fewer
+        than the epochs it has already done."""
         if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
             raise SpecError(f"expected a positive integer, got {epochs!r}", None, "SVITrainer.fit.epochs")
         epochs = epochs or self.recipe["epochs"]
         torch.manual_seed(self.recipe["seed"])
         if resume:
             self.resume()
+            if epochs < self.epoch:
+                raise PyroSparseError(f"{self.out_dir}: the run has already done {self.epoch} epochs; it cannot be "
+                                      f"resumed to {epochs} (a resumed run can only continue or be extended)")
+            self._extend_schedule(epochs)
             if self.out_dir and distributed.is_main_process():
                 self._write_history()  # metrics.jsonl may lag the checkpoint after a kill
-        bar = tqdm(total=epochs, initial=self.epoch, desc="fit", unit="epoch", disable=not self.progress,
-                   dynamic_ncols=True)
+        if self.loss_reference is None:
+            self.loss_reference = self.reference_loss()
+        bar = _progress(self.progress, epochs, self.epoch)
         retries = 0
         with pyro.validation_enabled(False):
             while self.epoch < epochs:
@@ -523,6 +711,12 @@ class SVITrainer:
                 record = self.epoch_record(figures)
                 if self.epoch % self.recipe["eval_every"] == 0 or self.epoch == epochs:
                     record.update(self.evaluate())
+                    fault = self._held_out_fault(record)
+                    if fault is not None:  # restores the epoch counters with the rest of the state
+                        self._last_fault = fault
+                        self._recover(retries)
+                        retries += 1
+                        continue
                 self.history.append(record)
                 if self.scheduler:
                     self.scheduler.step()
@@ -535,6 +729,24 @@ class SVITrainer:
                 bar.update(1)
         bar.close()
         return self.summary()
+
+    def _extend_schedule(self, epochs):
+        """On resume with more (or fewer) epochs than the checkpoint's cosine schedule was built
+        for: the rest of the run follows the cosine schedule of an ``epochs``-long run,
+        ``lr_t = eta_min + (lr_0 - eta_min) (1 + cos(pi t / epochs)) / 2`` from the epoch ``t``
+        reached. A finished run extended from E to E' epochs thus restarts at the learning rate
+        that epoch E has on the longer schedule (0.35 lr_0 for 15 -> 25) and anneals to
+        ``eta_min`` again at E' (torch's own rule would stay at ``eta_min``: its update
+        multiplies the current rate). Step, multistep and exponential schedules count epochs
+        and do not depend on the total: they simply continue."""
+        sched = self.scheduler
+        if not isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR) or sched.T_max == epochs:
+            return
+        sched.T_max = epochs
+        t = sched.last_epoch
+        for group, base in zip(self.optimizer.param_groups, sched.base_lrs):
+            group["lr"] = sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * t / epochs)) / 2
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def epoch_record(self, figures: dict) -> dict:
         """The ``metrics.jsonl`` line of the epoch just trained (held-out figures are added by ``fit``)."""

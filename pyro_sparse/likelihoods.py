@@ -36,6 +36,10 @@ class Likelihood(Configurable):
         """Per-example network output shape this likelihood needs (``shape``: the network's)."""
         return (self.output_dim(num_outputs),)
 
+    def observed(self, y: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """``y`` as the observation distribution takes it (here unchanged; Bernoulli wants floats)."""
+        return y
+
     def observe(self, output, y=None, dataset_size=None, subsample=None):
         """Emit the ``obs`` site inside the data plate; return the distribution."""
         batch = output.shape[0]
@@ -44,13 +48,13 @@ class Likelihood(Configurable):
             subsample = torch.arange(batch, device=output.device)
         fn = self.distribution(output)
         with pyro.plate("data", size=size, subsample=subsample):
-            pyro.sample("obs", fn, obs=y)
+            pyro.sample("obs", fn, obs=None if y is None else self.observed(y, output))
         return fn
 
     def log_likelihood(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``sum_b log p(y_b | output_b)`` over a mini-batch, differentiable: the value of the
         ``obs`` site that :meth:`observe` emits, before the plate's scale N/B."""
-        return self.distribution(output).log_prob(y).sum()
+        return self.distribution(output).log_prob(self.observed(y, output)).sum()
 
     def predictive_mean(self, outputs: torch.Tensor) -> torch.Tensor:
         """Posterior predictive mean from S stacked outputs of shape (S, B, ...)."""
@@ -102,7 +106,12 @@ class Categorical(Likelihood):
 
 
 class Bernoulli(Likelihood):
-    """``y ~ Bernoulli(sigmoid(f(x)))`` for binary labels; the network has one output."""
+    """``y ~ Bernoulli(sigmoid(f(x)))`` for binary labels; the network has one output.
+
+    Labels are 0/1, stored as integers (what the data loaders make of class labels, whatever
+    the file's dtype) or floats; :meth:`observed` hands the distribution floats of the
+    output's dtype, as ``binary_cross_entropy_with_logits`` requires.
+    """
 
     spec_name = "bernoulli"
 
@@ -111,6 +120,9 @@ class Bernoulli(Likelihood):
 
     def output_dim(self, num_outputs):
         return 1
+
+    def observed(self, y, output):
+        return y.to(output.dtype)
 
     def distribution(self, output):
         return dist.Bernoulli(logits=output.squeeze(-1))
@@ -132,12 +144,45 @@ class Gaussian(Likelihood):
 
     With ``learn_noise: true`` the noise scale is a latent site ``likelihood.noise`` with a
     half-normal prior of scale ``noise`` (log-normal posterior in the mean-field guide).
+
+    Standardised targets (the spec's ``data: {targets: standardize}``): after
+    :meth:`set_target_transform` with the training mean ``m`` and standard deviation ``s`` of
+    every target column, the model is ``y ~ N(m + s f(x), (s sigma)^2)``: the network fits
+    ``(y - m) / s`` with ``sigma`` (``noise``) in those standardised units, and every density,
+    predictive mean, RMSE and NLL is in the data's own units. The log-density differs from the
+    standardised one by the constant ``-sum log s`` per example, so the fit is the same.
     """
 
     spec_name = "gaussian"
 
     task = "regression"
     fields = {"noise": Field("float", 1.0, positive=True), "learn_noise": Field("bool", False)}
+    target_transform = None  # {"mode", "mean", "scale"} once set_target_transform is called
+
+    def set_target_transform(self, transform: dict | None):
+        """Model ``y = mean + scale * (f(x) + noise)`` per target column (``transform`` as in
+        ``dataset.extras["target_transform"]``; None: the raw targets)."""
+        self.target_transform = None if transform is None else {
+            "mode": transform["mode"], "mean": [float(v) for v in transform["mean"]],
+            "scale": [float(v) for v in transform["scale"]]}
+        self._affine_cache = {}
+
+    def _affine(self, like):
+        """``(mean, scale)`` tensors on ``like``'s device and dtype (cached), or None."""
+        if self.target_transform is None:
+            return None
+        key = (like.device, like.dtype)
+        if key not in self._affine_cache:
+            t = self.target_transform
+            self._affine_cache[key] = (like.new_tensor(t["mean"]), like.new_tensor(t["scale"]))
+        return self._affine_cache[key]
+
+    def _normal(self, output, noise):
+        affine = self._affine(output)
+        if affine is None:
+            return dist.Normal(output, noise)
+        mean, scale = affine
+        return dist.Normal(mean + scale * output, noise * scale)
 
     def noise_scale(self, like):
         if not self.learn_noise:
@@ -148,14 +193,16 @@ class Gaussian(Likelihood):
     def distribution(self, output, noise=None):
         if noise is None:
             noise = self.noise_scale(output)
-        return dist.Normal(output, noise).to_event(1)
+        return self._normal(output, noise).to_event(1)
 
     def pointwise_log_likelihood(self, outputs, y, noise=None):
         noise = outputs.new_tensor(self.noise) if noise is None else noise
-        return dist.Normal(outputs, noise).log_prob(y.expand(outputs.shape)).sum(-1)
+        return self._normal(outputs, noise).log_prob(y.expand(outputs.shape)).sum(-1)
 
     def predictive_mean(self, outputs):
-        return outputs.mean(0)
+        affine = self._affine(outputs)
+        mean = outputs.mean(0)
+        return mean if affine is None else affine[0] + affine[1] * mean
 
     def log_predictive(self, outputs, y, noise=None):
         return _log_mean_exp(self.pointwise_log_likelihood(outputs, y, noise))

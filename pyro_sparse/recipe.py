@@ -18,6 +18,9 @@
     seed: 0
     device: cpu
     num_threads: null              # torch CPU threads (null: torch's default)
+    nan_retries: 3                 # numerical faults survived in a row before NumericalError
+    nan_lr_factor: 0.5             # the learning rate is multiplied by this after each fault
+    divergence_factor: 1000        # an exploding loss or held-out NLL is a fault too (fitting.SVITrainer)
     reduction: {method: log-alpha, threshold: 3.0}   # the rule `pyro-sparse reduce RUN` uses by default
 
 :func:`parse_recipe` validates every key with errors that name the file and field.
@@ -68,6 +71,10 @@ RECIPE_FIELDS = {
     "reduction": Field("dict", None, allow_none=True),
     "nan_retries": Field("int", 3, nonneg=True),
     "nan_lr_factor": Field("float", 0.5, positive=True, doc="in (0, 1)"),
+    "divergence_factor": Field("float", 1000.0, positive=True, allow_none=True,
+                               doc="a step's loss per datum above L0 + factor * max(|L0|, 1) (L0: the same "
+                                   "estimate at the start, full KL weight), or a held-out NLL above factor * "
+                                   "log(classes), is a numerical fault like a NaN; null: no such check"),
 }
 
 MAX_SEED = 2**32  # numpy's and Python's seeders accept [0, 2**32); torch's more
@@ -150,6 +157,13 @@ def _check_optimizer(cfg, source):
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise SpecError(f"unknown optimizer {name!r}; expected a torch.optim class name such as 'Adam'",
                         source, "optimizer.name")
+    closure = inspect.signature(cls.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        # LBFGS: step(closure) re-evaluates the loss several times per step (line search), which
+        # needs the same mini-batch and the same Monte Carlo draw each time -- not what SVI steps are
+        raise SpecError(f"{name} needs a closure that re-evaluates the loss within each step (a deterministic, "
+                        "full-batch objective) and is not supported for mini-batch SVI; use a first-order "
+                        "optimizer such as Adam, AdamW or SGD", source, "optimizer.name")
     allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
     for key, value in opts.items():
         if key not in allowed:

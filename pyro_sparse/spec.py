@@ -107,6 +107,7 @@ def parse_model_spec(data: dict, source: str | None = None) -> dict:
         given = spec["data"]
         checked = validate({**TEXT_FIELDS, **INPUT_FIELDS}, given, "data", source)
         spec["data"] = {k: v for k, v in checked.items() if k in given}  # the loader fills its own defaults
+        _check_data_task(spec, source)
     if not spec["layers"]:
         raise SpecError("expected at least one layer", source, "layers")
     layers = []
@@ -132,6 +133,38 @@ def parse_model_spec(data: dict, source: str | None = None) -> dict:
                             f"layers[{i}].out")
     spec["layers"] = layers
     return spec
+
+
+#: the targets each likelihood task needs from a data file (Likelihood.task -> data task)
+_DATA_TASKS = {"classification": "classification", "binary": "classification", "regression": "regression"}
+
+
+def data_task(spec: dict) -> str | None:
+    """What a data file's targets are for this spec: ``data.task`` when it names one, else what
+    the likelihood needs ('regression' for gaussian, 'classification' for categorical and
+    bernoulli), None for likelihoods that read other data (sequences). Passed to
+    :func:`pyro_sparse.data.load_dataset` so that the likelihood, not the dtype of the file's
+    target column, decides whether whole numbers are labels or real values."""
+    given = (spec.get("data") or {}).get("task")
+    if given not in (None, "auto"):
+        return given
+    kind = (spec.get("likelihood") or {}).get("type")
+    return _DATA_TASKS.get(getattr(LIKELIHOODS.get(kind), "task", None))
+
+
+def _check_data_task(spec, source):
+    """``data.task`` must agree with the likelihood (a Gaussian cannot fit class labels)."""
+    given = spec["data"].get("task")
+    kind = spec["likelihood"]["type"]
+    needs = _DATA_TASKS.get(LIKELIHOODS[kind].task)
+    if given not in (None, "auto") and needs is not None and given != needs:
+        raise SpecError(f"task {given} contradicts the {kind} likelihood, which needs "
+                        f"{'class labels' if needs == 'classification' else 'real-valued targets'}; "
+                        f"use task: {needs} or auto", source, "data.task")
+    if spec["data"].get("targets", "raw") != "raw" and needs != "regression":
+        raise SpecError(f"targets: {spec['data']['targets']} applies to regression targets, but the {kind} "
+                        f"likelihood needs {'class labels' if needs == 'classification' else 'other data'}",
+                        source, "data.targets")
 
 
 def load_model_spec(path: str) -> dict:
