@@ -242,6 +242,7 @@ def _task_of(y):
 
 def load_npz(path, test_fraction=0.2, seed=0, task=None) -> Dataset:
     """Arrays ``x_train``, ``y_train`` [, ``x_test``, ``y_test``, ``num_classes``] (no pickles).
+    Inputs of shape (N, H, W) or (N, C, H, W) are images (``input_shape: image`` in a spec).
 
     ``task`` ('classification' or 'regression'; None: integer or boolean ``y_train`` are class
     labels, floats real-valued targets) says what ``y`` holds, whatever its dtype: the model
@@ -290,7 +291,10 @@ def load_npz(path, test_fraction=0.2, seed=0, task=None) -> Dataset:
             raise DataError(f"{path}: num_classes is given but the targets are real-valued (y_train dtype {y.dtype}"
                             f"{', and the task is regression' if np.issubdtype(y.dtype, np.integer) else ''}); "
                             "class labels need an integer dtype or a classification likelihood")
-    return _finish(os.path.basename(path), x_train, y_train, x_test, y_test, task, num_classes, source=path)
+    # images: (N, H, W) or (N, C, H, W) inputs give the (C, H, W) that `input_shape: image` reads
+    image_shape = (1, *x.shape[1:]) if x.ndim == 3 else tuple(x.shape[1:]) if x.ndim == 4 else None
+    return _finish(os.path.basename(path), x_train, y_train, x_test, y_test, task, num_classes,
+                   image_shape=image_shape, source=path)
 
 
 def load_csv(path, target, test_fraction=0.2, seed=0, task=None) -> Dataset:

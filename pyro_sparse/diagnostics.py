@@ -87,6 +87,7 @@ __all__ = [
     "compare",
     "summary",
     "save",
+    "slim",
     "load",
     "attributes",
     "groups",
@@ -272,15 +273,16 @@ def _base(fn):
 
 
 def _predictive_metrics(network, outputs, loglik, y) -> dict:
-    """Accuracy (or RMSE) of the predictive mean and lppd per datum from S draws."""
-    lik = network.likelihood
+    """Accuracy (or RMSE; per character and bits per character for a language model) of the
+    draws' predictive (:func:`pyro_sparse.evaluation.evaluate_outputs`), and the lppd per
+    observation from the pointwise log-likelihood of the draws (which holds each draw's own
+    learned noise); ``nll = -lppd``."""
+    from .evaluation import evaluate_outputs
+
     S = outputs.shape[0]
     lppd = (torch.logsumexp(loglik, 0) - math.log(S)).mean().item()
-    mean = lik.predictive_mean(outputs)
-    if lik.task == "regression":
-        return {"rmse": (mean - y).square().mean().sqrt().item(), "lppd": lppd, "nll": -lppd}
-    pred = mean.argmax(-1) if lik.task == "classification" else (mean > 0.5).long()
-    return {"accuracy": (pred == y.long()).double().mean().item(), "lppd": lppd, "nll": -lppd}
+    figures = {k: v for k, v in evaluate_outputs(outputs, y, network.likelihood).items() if k != "nll"}
+    return {**figures, "lppd": lppd, "nll": -lppd}
 
 
 def shrinkage(prior, site: str, draw_values: dict, data_precision: torch.Tensor) -> torch.Tensor:
@@ -688,6 +690,19 @@ def save(idata, path: str) -> str:
     idata.to_netcdf(tmp)
     os.replace(tmp, path)
     return path
+
+
+def slim(idata, var_names):
+    """The InferenceData of a reduced model as a report saves it: the posterior of ``var_names``
+    (the network's parameters; the hyper-sites and derived shrinkage are those of the dense
+    model), the pointwise log-likelihood, posterior predictive, observed data and sample stats that
+    comparison reads; no ``variational`` or ``fit_history`` group (the dense file has them)."""
+    keep = [name for name in var_names if name in idata.posterior]
+    out = az.InferenceData(**{g: getattr(idata, g) for g in idata.groups()
+                              if g not in ("posterior", "variational", "fit_history")},
+                           posterior=idata.posterior[keep])
+    out.attrs.update(idata.attrs)
+    return out
 
 
 def load(path: str):

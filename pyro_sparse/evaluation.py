@@ -27,7 +27,7 @@ import math
 
 import torch
 
-__all__ = ["evaluate", "posterior_predictive", "point_predictive", "prefixed"]
+__all__ = ["evaluate", "evaluate_outputs", "posterior_predictive", "point_predictive", "prefixed"]
 
 
 @torch.no_grad()
@@ -40,32 +40,44 @@ def evaluate(predict, x, y, likelihood, noise=None, batch_size: int | None = Non
     noise scale where it was learned (else the likelihood's own). ``batch_size``: examples per
     call of ``predict`` (default 2048, 256 sequences).
     """
-    task = likelihood.task
     if batch_size is None:
-        batch_size = 256 if task == "sequence" else 2048
+        batch_size = 256 if likelihood.task == "sequence" else 2048
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"evaluate: batch_size must be a positive integer, got {batch_size!r}")
-    regression = task == "regression"
-    nll = correct = squared = 0.0
-    examples = units = 0
+    totals = None
     for start in range(0, len(x), batch_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        outputs = predict(xb)
-        log_p = likelihood.log_predictive(outputs, yb, noise) if regression else likelihood.log_predictive(outputs, yb)
-        nll -= log_p.sum().item()
-        mean = likelihood.predictive_mean(outputs)
-        if regression:
-            squared += (mean - yb).square().sum().item()
-        else:
-            pred = (mean > 0.5).long() if task == "binary" else mean.argmax(-1)
-            correct += (pred == yb.long()).sum().item()
-        examples += len(xb)
-        units += yb.numel()
+        yb = y[start:start + batch_size]
+        part = _sums(predict(x[start:start + batch_size]), yb, likelihood, noise)
+        totals = part if totals is None else {k: totals[k] + v for k, v in part.items()}
+    return _figures(totals, likelihood)
+
+
+@torch.no_grad()
+def evaluate_outputs(outputs, y, likelihood, noise=None) -> dict:
+    """:func:`evaluate` of outputs already computed, ``(S, N, ...)`` for all of ``y``."""
+    return _figures(_sums(outputs, y, likelihood, noise), likelihood)
+
+
+def _sums(outputs, y, likelihood, noise):
+    """Sums over a batch: negative log predictive, correct predictions or squared error, counts."""
+    regression = likelihood.task == "regression"
+    log_p = likelihood.log_predictive(outputs, y, noise) if regression else likelihood.log_predictive(outputs, y)
+    mean = likelihood.predictive_mean(outputs)
     if regression:
-        return {"rmse": math.sqrt(squared / units), "nll": nll / examples}
-    if task == "sequence":  # per character: the log-likelihood of a sequence sums its T positions
-        return {"accuracy": correct / units, "nll": nll / units, "bpc": nll / units / math.log(2)}
-    return {"accuracy": correct / units, "nll": nll / examples}
+        hits = (mean - y).square().sum().item()
+    else:
+        pred = (mean > 0.5).long() if likelihood.task == "binary" else mean.argmax(-1)
+        hits = (pred == y.long()).sum().item()
+    return {"nll": -log_p.sum().item(), "hits": hits, "examples": len(y), "units": y.numel()}
+
+
+def _figures(t, likelihood) -> dict:
+    if likelihood.task == "regression":
+        return {"rmse": math.sqrt(t["hits"] / t["units"]), "nll": t["nll"] / t["examples"]}
+    if likelihood.task == "sequence":  # per character: the log-likelihood of a sequence sums its T positions
+        nll = t["nll"] / t["units"]
+        return {"accuracy": t["hits"] / t["units"], "nll": nll, "bpc": nll / math.log(2)}
+    return {"accuracy": t["hits"] / t["units"], "nll": t["nll"] / t["examples"]}
 
 
 def posterior_predictive(network, guide, num_samples: int):

@@ -60,24 +60,40 @@ def _sparsity(masks, summary) -> float:
 
 def report_rules(summary, recipe: dict | None = None) -> dict:
     """Rule label -> :class:`~pyro_sparse.reduction.rules.Decision` for the reduced models of a
-    report (see the module docstring)."""
+    report (see the module docstring): the recipe's own rule first (at its threshold, or its
+    sparsity for a ranking rule), then every other rule with a threshold that applies, then OPD
+    at the sparsity of the first."""
     section = (recipe or {}).get("reduction") or {}
-    own = str(section.get("method", "")).replace("_", "-")
+    own = section.get("method")
     applies = applicable_rules(summary)
-    decisions = {}
+    todo = []
+    if own in applies and applies[own] is None:
+        todo.append((own, section.get("threshold"), section.get("sparsity") if RULES[own].ranks else None))
     for name, rule in RULES.items():
-        if applies[name] is not None or (rule.threshold is None and rule.ranks):
-            continue
-        threshold = rule.threshold
-        if name == own and section.get("threshold") is not None and rule.threshold is not None:
-            threshold = float(section["threshold"])
-        label = name if threshold is None else f"{name}-{threshold:g}"
-        decisions[label] = reduce(summary, rule, threshold=threshold)
-    if applies.get("opd") is None:
+        if name != own and applies[name] is None and not (rule.threshold is None and rule.ranks):
+            todo.append((name, None, None))
+    decisions = {}
+    for name, threshold, sparsity in todo:
+        rule = RULES[name]
+        if threshold is None and sparsity is None:
+            threshold = rule.threshold
+        label = (name if threshold is None and sparsity is None else
+                 f"{name}-{round(100 * sparsity)}" if sparsity is not None else f"{name}-{threshold:g}")
+        decisions[label] = reduce(summary, rule, threshold=threshold if rule.ranks else None, sparsity=sparsity)
+    if applies.get("opd") is None and own != "opd":
         first = next(iter(decisions.values()), None)
         sparsity = _sparsity(first.masks, summary) if first is not None else 0.9
         decisions[f"opd-{round(100 * sparsity)}"] = reduce(summary, "opd", sparsity=min(sparsity, 0.999))
     return decisions
+
+
+def _by_layer(scores: dict) -> dict:
+    """Per-element scores of the sites grouped by their top-level layer (``block1``, ``fc2``): one
+    stack per layer in a histogram."""
+    out = {}
+    for site, value in scores.items():
+        out.setdefault(site.split(".")[0], []).append(value.reshape(-1))
+    return {layer: torch.cat(values) for layer, values in out.items()}
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -214,7 +230,7 @@ def write_report(directory: str, num_samples: int = 100, seed: int = 0, progress
             idata = D.run_inference_data(run, num_samples, masks=masks, seed=seed,
                                          extra_attrs={"reduction": label,
                                                       "reduction_threshold": decision.options.get("threshold")})
-            D.save(idata, os.path.join(directory, f"posterior-{label}.nc"))
+            D.save(D.slim(idata, list(summary)), os.path.join(directory, f"posterior-{label}.nc"))
             models[label] = idata
         a = D.attributes(models[twin or label])
         rule_info.append({"rule": label, "quantity": RULES[decision.method].quantity,
@@ -242,7 +258,8 @@ def write_report(directory: str, num_samples: int = 100, seed: int = 0, progress
         rule = RULES[decision.method]
         if rule.threshold is None or not decision.scores:
             continue
-        panels.append({"scores": decision.scores, "threshold": decision.options["threshold"], "label": rule.quantity,
+        panels.append({"scores": _by_layer(decision.scores), "threshold": decision.options["threshold"],
+                       "label": rule.quantity,
                        "prune": rule.prunes, "log10": rule.plot == "log10", "symlog": rule.plot == "symlog",
                        "title": f"{label}: prune {rule.prunes} the threshold"})
     if panels:
