@@ -15,6 +15,11 @@ import sys
 import warnings
 
 from .errors import PyroSparseError, PyroSparseWarning
+from .rundir import check_out_dir, check_run_dir
+
+# Only the standard library and the checks of pyro_sparse.rundir are imported here: flags, files and
+# directories are checked before a command imports torch, Pyro or a model (`--help` and a wrong
+# flag answer at once).
 
 COMMANDS = {}
 
@@ -25,6 +30,16 @@ def command(name, help):
         return fn
 
     return wrap
+
+
+def _check_file(flag, path):
+    if path is not None and not os.path.isfile(path):
+        raise PyroSparseError(f"{flag}: {path}: {'is a directory' if os.path.isdir(path) else 'no such file'}")
+
+
+def _looks_like_a_path(data: str) -> bool:
+    """A data argument that names a file or directory rather than a built-in set (``digits``)."""
+    return os.sep in data or "." in os.path.basename(data) or os.path.isdir(data)
 
 
 def _print_metrics(metrics: dict, title: str):
@@ -60,8 +75,6 @@ def _add_fit(sub):
 
 @command("fit", "fit a model")
 def cmd_fit(args):
-    from .runs import fit_run
-
     missing = [f"--{k}" for k in ("model", "data") if getattr(args, k) is None]
     if missing and not args.resume:
         raise PyroSparseError(f"fit needs {', '.join(missing)} (or --resume to continue the run in --out)")
@@ -71,6 +84,13 @@ def cmd_fit(args):
             raise PyroSparseError(f"--{flag} must be a positive integer, got {v}")
     if args.seed is not None and not 0 <= args.seed < 2**32:
         raise PyroSparseError(f"--seed must be an integer in [0, 2**32), got {args.seed}")
+    for flag in ("model", "inference"):
+        _check_file(f"--{flag}", getattr(args, flag))
+    if args.data is not None and _looks_like_a_path(args.data) and not os.path.exists(args.data):
+        raise PyroSparseError(f"--data: {args.data}: no such file or directory")
+    check_out_dir(args.out, args.resume, args.overwrite)  # all of the above before torch is imported
+    from .runs import fit_run
+
     _, metrics = fit_run(args.model, args.inference, args.data, args.out, epochs=args.epochs, seed=args.seed,
                          device=args.device, resume=args.resume, overwrite=args.overwrite, target=args.target,
                          progress=not (args.no_progress or args.quiet), distributed=args.distributed)
@@ -90,11 +110,12 @@ def _add_evaluate(sub):
 
 @command("evaluate", "evaluate a run")
 def cmd_evaluate(args):
+    if args.samples is not None and args.samples <= 0:
+        raise PyroSparseError(f"--samples must be a positive integer, got {args.samples}")
+    check_run_dir(args.dir)
     from .checkpoint import read_json
     from .runs import load_run
 
-    if args.samples is not None and args.samples <= 0:
-        raise PyroSparseError(f"--samples must be a positive integer, got {args.samples}")
     path = os.path.join(args.dir, "metrics.json")
     if args.data is None and args.samples is None and os.path.exists(path):
         metrics = read_json(path, "metrics file")
@@ -125,13 +146,14 @@ def _add_reduce(sub):
 
 @command("reduce", "reduce a fitted run")
 def cmd_reduce(args):
-    from .reduction.workflow import reduce_run
-
     if args.scope not in ("global", "layer"):
         raise PyroSparseError(f"--scope: expected 'global' or 'layer', got {args.scope!r}")
     if args.samples < 0:
         raise PyroSparseError(f"--samples: must be >= 0, got {args.samples}")
     extra = {"reduced_scale": args.reduced_scale} if args.reduced_scale is not None else {}
+    check_run_dir(args.dir)
+    from .reduction.workflow import reduce_run
+
     report = reduce_run(args.dir, args.method, sparsity=args.sparsity, threshold=args.threshold,
                         structured=args.structured, scope=args.scope, num_samples=args.samples, seed=args.seed,
                         overwrite=args.overwrite, data=args.data, **extra)
@@ -171,10 +193,11 @@ def _add_sweep(sub):
 
 @command("sweep", "sparsity sweep")
 def cmd_sweep(args):
-    from .reduction.workflow import format_sweep, sweep_run
-
     if args.scope not in ("global", "layer"):
         raise PyroSparseError(f"--scope: expected 'global' or 'layer', got {args.scope!r}")
+    check_run_dir(args.dir)
+    from .reduction.workflow import format_sweep, sweep_run
+
     result = sweep_run(args.dir, args.method, args.sparsities, structured=args.structured, scope=args.scope,
                        seed=args.seed, plot=not args.no_plot, overwrite=args.overwrite, data=args.data)
     print(format_sweep(result))
@@ -205,16 +228,18 @@ def _add_report(sub):
 
 @command("report", "write a run report")
 def cmd_report(args):
-    from .report import write_report
-
     if not 0 <= args.seed < 2**32:
         raise PyroSparseError(f"--seed must be an integer in [0, 2**32), got {args.seed}")
+    if args.samples < 2:
+        raise PyroSparseError(f"--samples must be an integer >= 2 (PSIS needs several draws), got {args.samples}")
+    if args.threads is not None and args.threads < 1:
+        raise PyroSparseError(f"--threads must be a positive integer, got {args.threads}")
+    check_run_dir(args.dir)
     if args.threads is not None:
-        if args.threads < 1:
-            raise PyroSparseError(f"--threads must be a positive integer, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
+    from .report import write_report
 
     write_report(args.dir, num_samples=args.samples, seed=args.seed, data=args.data)
     print(f"wrote {os.path.join(args.dir, 'report.md')}")
@@ -222,7 +247,8 @@ def cmd_report(args):
 
 
 def _add_compare(sub):
-    p = sub.add_parser("compare", help="rank runs by PSIS-LOO (az.compare) next to accuracy, sparsity and size")
+    p = sub.add_parser("compare", help="rank runs (PSIS-LOO where reliable, else held-out log predictive density) "
+                                       "next to accuracy, sparsity and size")
     p.add_argument("entries", nargs="+", help="run directories, DIR:RULE for a reduced model of a report, or .nc files")
     p.add_argument("--samples", type=int, default=100, help="draws for runs without posterior.nc")
     p.add_argument("--out", help="also write the table here (.md, or .csv)")
@@ -231,14 +257,19 @@ def _add_compare(sub):
 
 @command("compare", "compare runs")
 def cmd_compare(args):
-    from .report import compare_entries, markdown_table, text_table
-
     if args.samples < 2:
         raise PyroSparseError(f"--samples must be an integer >= 2, got {args.samples}")
     if args.out and os.path.exists(args.out) and not (args.overwrite and os.path.isfile(args.out)):
         raise PyroSparseError(f"{args.out}: exists; use --overwrite to replace it" if os.path.isfile(args.out)
                               else f"{args.out}: exists and is not a file")
-    rows = compare_entries(args.entries, num_samples=args.samples)
+    for entry in args.entries:
+        path = entry if os.path.exists(entry) else entry.partition(":")[0]
+        if not os.path.exists(path):
+            raise PyroSparseError(f"{entry}: not a run directory or .nc file")
+    from .report import compare_entries, markdown_table, text_table
+
+    rows, note = compare_entries(args.entries, num_samples=args.samples)
+    print(note)
     print(text_table(rows))
     if args.out:
         if args.out.endswith(".csv"):
@@ -250,7 +281,7 @@ def cmd_compare(args):
                 writer.writerows(rows)
         else:
             with open(args.out, "w") as f:
-                f.write("# Model comparison (PSIS-LOO, az.compare) with accuracy, sparsity and size\n\n")
+                f.write(f"# Model comparison with accuracy, sparsity and size\n\n{note}\n\n")
                 f.write(markdown_table(rows) + "\n")
         print(f"wrote {args.out}")
     return 0

@@ -85,6 +85,9 @@ __all__ = [
     "importance_corrected_loo",
     "vi_pareto_k",
     "compare",
+    "compare_held_out",
+    "held_out",
+    "loo_reliability",
     "summary",
     "save",
     "slim",
@@ -367,6 +370,14 @@ def _sparsity(network, masks) -> dict:
             "kept_per_site": per_site}
 
 
+def _held_out_dataset(test_ll):
+    """Pointwise held-out log predictive density ``lpd_n = log (1/S) sum_s p(y_n | theta_s)`` of
+    the test observations (S draws), over dim ``test_id``: what :func:`held_out` ranks by."""
+    S = test_ll.shape[0]
+    lpd = (torch.logsumexp(test_ll.double(), 0) - math.log(S)).cpu().numpy()
+    return xr.Dataset({"lpd": (("test_id",), lpd)}, coords={"test_id": np.arange(lpd.shape[0])})
+
+
 def _history_dataset(history):
     epochs = np.array([h.get("epoch", i + 1) for i, h in enumerate(history)], dtype=np.int64)
     data = {}
@@ -519,6 +530,8 @@ def to_inference_data(network, guide, data, num_samples: int = 100, masks: dict 
             extra["variational"] = variational
         if history:
             extra["fit_history"] = _history_dataset(history)
+        if test_data is not None:
+            extra["held_out"] = _held_out_dataset(torch.stack(test_ll))
         if extra:
             idata.add_groups(extra, warn_on_custom_groups=False)
     for name in draws:
@@ -636,6 +649,51 @@ def importance_corrected_loo(idata) -> dict:
 def _logsumexp(a):
     m = np.max(a, axis=-1, keepdims=True)
     return (m + np.log(np.sum(np.exp(a - m), axis=-1, keepdims=True)))[..., 0]
+
+
+def held_out(idata) -> dict | None:
+    """The held-out log predictive density of the draws: ``elpd = sum_n lpd_n`` over the test
+    observations with ``se = sqrt(n var(lpd_n))`` and the pointwise ``lpd`` (no importance
+    sampling: the test points were not used to fit). None for data saved without it."""
+    if "held_out" not in idata.groups():
+        return None
+    lpd = np.asarray(idata.held_out["lpd"], dtype=np.float64)
+    return {"elpd": float(lpd.sum()), "se": float(math.sqrt(lpd.size * np.var(lpd))), "lpd": lpd, "n": lpd.size}
+
+
+#: Pareto k-hat above which a PSIS estimate is unreliable (Vehtari et al. 2024, "Pareto smoothed
+#: importance sampling"); ArviZ's own threshold min(1 - 1/log10 S, 0.7) is stricter for few draws
+K_RELIABLE = 0.7
+
+
+def loo_reliability(loo: dict) -> float:
+    """Fraction of the observations whose PSIS-LOO Pareto k-hat exceeds :data:`K_RELIABLE`: 0
+    when the estimate can be trusted."""
+    k = np.asarray(loo["pareto_k"])
+    return float(np.mean(k > K_RELIABLE)) if k.size else 0.0
+
+
+def compare_held_out(idatas: dict) -> list[dict]:
+    """Models ranked by held-out elpd (:func:`held_out`), best first: ``elpd_test``, ``se_test``,
+    and against the best ``elpd_test_diff`` with its paired standard error ``dse_test`` (the
+    difference is taken per test point, so the shared noise of the test set cancels). The models
+    must share their test points; raises ValueError otherwise or when one has none."""
+    scores = {name: held_out(idata) for name, idata in idatas.items()}
+    missing = [name for name, h in scores.items() if h is None]
+    if missing:
+        raise ValueError(f"no held-out log predictive density in {missing} (saved by an older version)")
+    sizes = {name: h["n"] for name, h in scores.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"models must share their test points, got {sizes}")
+    order = sorted(scores, key=lambda name: -scores[name]["elpd"])
+    best = scores[order[0]]["lpd"]
+    rows = []
+    for rank, name in enumerate(order):
+        h = scores[name]
+        d = best - h["lpd"]
+        rows.append({"model": name, "rank": rank, "elpd_test": h["elpd"], "se_test": h["se"],
+                     "elpd_test_diff": float(d.sum()), "dse_test": float(math.sqrt(d.size * np.var(d)))})
+    return rows
 
 
 def compare(idatas: dict, loos: dict | None = None):
@@ -800,8 +858,10 @@ def plot_forest(idata, path: str, max_rows: int = 24, hdi_prob: float = 0.94) ->
                        textsize=9, filter_vars=None)
     if not scales_shown(idata, var_names):
         ax.axvline(0.0, color="grey", lw=0.8, ls=":")  # weights whose interval straddles 0
+    else:  # positive scales spanning decades (1e-4 next to 150): a log axis
+        ax.set_xscale("log")
     ax.set_title("")
-    ax.set_xlabel("value")
+    ax.set_xlabel("value (log scale)" if scales_shown(idata, var_names) else "value")
     fig.suptitle(f"{title}\n(median, 50% and {hdi_prob:.0%} HDI; one chain of q draws)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

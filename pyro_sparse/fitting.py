@@ -75,9 +75,9 @@ from .elbo import DirectELBO, MeanFieldELBO
 from .errors import CheckpointError, DataError, PyroSparseError, PyroSparseWarning, SpecError
 from .guides import DeltaGuide
 from .recipe import RECIPE_FIELDS, check_device, guide_param_groups, make_optimizer, make_scheduler, parse_recipe
+from .rundir import CHECKPOINT
 from .summary import summarize
 
-CHECKPOINT = "checkpoint.pt"
 #: data magnitude (largest |x|, or |y| of raw regression targets) above which a numerical fault's
 #: advice points at the data first: float32 overflows at 3.4e38, and the local reparameterisation
 #: squares the inputs, so inputs far from unit scale overflow long before the learning rate matters

@@ -132,7 +132,7 @@ def _fmt(v):
     if isinstance(v, float):
         if not math.isfinite(v):
             return str(v)
-        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+        return f"{v:.4g}" if 1e-3 <= abs(v) < 1e5 or v == 0 else f"{v:.3e}"
     if isinstance(v, (np.floating,)):
         return _fmt(float(v))
     if isinstance(v, (np.integer,)):
@@ -194,7 +194,7 @@ def _render_json(name, data) -> str:
 def _loo_row(name, idata, loo) -> dict:
     a = D.attributes(idata)
     row = {"model": name, "elpd_loo": loo["elpd_loo"], "se": loo["se"], "p_loo": loo["p_loo"],
-           "max k": loo["pareto_k_max"], f"k > {loo['good_k']:.2f}": loo["n_bad_k"]}
+           "max k": loo["pareto_k_max"], "k > 0.7": D.loo_reliability(loo)}
     for key in ("test_accuracy", "test_rmse", "test_nll"):
         if key in a:
             row[key] = a[key]
@@ -246,7 +246,7 @@ def write_report(directory: str, num_samples: int = 100, seed: int = 0, progress
     loos = {name: D.loo(idata) for name, idata in models.items()}
     loo_rows = [_loo_row(name, models[name], loos[name]) for name in models]
     corrected = D.importance_corrected_loo(dense)
-    table = D.compare(models, loos) if len(models) > 1 else None
+    ranking, ranking_note = rank_models(models, loos) if len(models) > 1 else (None, None)
 
     # figures
     figs = {}
@@ -288,10 +288,9 @@ def write_report(directory: str, num_samples: int = 100, seed: int = 0, progress
               "attributes": D.attributes(dense), "loo": loo_rows, "importance_corrected_loo": corrected,
               "rules": rule_info, "figures": {k: os.path.basename(v) for k, v in figs.items()},
               "accuracy_vs_sparsity": {k: {"sparsity": s, "metric": m} for k, (s, m) in curves.items()},
-              "compare": table.reset_index().rename(columns={"index": "model"}).to_dict("records")
-              if table is not None else None}
+              "compare": ranking, "compare_note": ranking_note}
     write_text_atomic(os.path.join(directory, "report.md"),
-                      _report_markdown(run, result, table, summary, dense, history))
+                      _report_markdown(run, result, summary, dense, history))
     write_json_atomic(os.path.join(directory, "report.json"), _jsonable(result))
     progress(f"report {directory}: {len(models)} models, {num_samples} draws, {seconds:.1f} s")
     return result
@@ -314,7 +313,7 @@ def _jsonable(x):
     return x
 
 
-def _report_markdown(run, result, table, summary, dense, history) -> str:
+def _report_markdown(run, result, summary, dense, history) -> str:
     a = result["attributes"]
     figs = result["figures"]
     lines = [f"# Report: {os.path.basename(os.path.abspath(run.directory))}", "",
@@ -337,21 +336,19 @@ def _report_markdown(run, result, table, summary, dense, history) -> str:
               + ", ".join(f"`{g}`" for g in D.groups(dense)) + ".", ""]
     names = D.posterior_var_names(dense)
     small = [n for n in names if dense.posterior[n].size <= 12 * dense.posterior.sizes["draw"]] or names[-1:]
-    tab = D.summary(dense, var_names=small[:6], kind="stats")
+    tab = D.summary(dense, var_names=small[:6], kind="stats", round_to="none")
     rows = [{"variable": idx, **{c: float(tab.loc[idx, c]) for c in tab.columns}} for idx in tab.index[:30]]
     lines += [f"`az.summary` of {', '.join(f'`{n}`' for n in small[:6])} (first 30 rows):", "",
               markdown_table(rows), ""]
-    lines += ["## Model comparison (PSIS-LOO)", "",
-              f"Pointwise log-likelihood on the **{a['observations']}** observations "
+    lines += ["## Model comparison", "",
+              f"PSIS-LOO of the pointwise log-likelihood on the **{a['observations']}** observations "
               f"({result['loo'][0]['model']} and each reduced model). The reduced models fix pruned weights "
-              "at 0 in every draw and keep the variational marginals of the rest (the Savage-Dickey "
-              "reduced posterior under a factorised q). `max k` is the largest Pareto k-hat; "
-              "observations above ArviZ's threshold make that estimate unreliable.", "",
+              "at 0 in every draw and keep the fitted marginals of the rest (the Savage-Dickey "
+              "reduced posterior under a factorised posterior). `max k` is the largest Pareto k-hat, "
+              "`k > 0.7` the share of observations whose estimate is unreliable.", "",
               markdown_table(result["loo"]), ""]
-    if table is not None:
-        rows = [{"model": idx, **{c: table.loc[idx, c] for c in ("rank", "elpd_loo", "p_loo", "elpd_diff", "weight",
-                                                                 "se", "dse", "warning")}} for idx in table.index]
-        lines += ["`az.compare` (stacking weights):", "", markdown_table(rows), ""]
+    if result["compare"]:
+        lines += [f"**{result['compare_note']}**", "", markdown_table(result["compare"]), ""]
     c = result["importance_corrected_loo"]
     if a.get("method") == "map":
         lines += ["A point-mass (MAP) guide has no posterior spread: every draw is the same network, so "
@@ -426,32 +423,76 @@ def load_entry(entry: str, num_samples: int = 100, seed: int = 0):
     return D.run_inference_data(load_run(path), num_samples, seed=seed)
 
 
-def compare_entries(entries: list[str], num_samples: int = 100, seed: int = 0) -> list[dict]:
-    """``az.compare`` of the entries by PSIS-LOO, joined with accuracy, sparsity and size:
-    one row per model, best first. Size counts the nonzero parameters (``size_kb``: as float32)."""
-    if len(entries) < 2:
-        raise PyroSparseError(f"compare needs at least two runs, got {len(entries)}")
-    models = {}
-    for entry in entries:
-        models[_entry_name(entry, models)] = load_entry(entry, num_samples, seed)
+def rank_models(models: dict, loos: dict | None = None) -> tuple[list[dict], str]:
+    """Rank InferenceData by what the draws can support; returns ``(rows, note)``.
+
+    PSIS-LOO (``az.compare``, stacking weights) is used when it is reliable for every model:
+    no observation's Pareto k-hat above 0.7 (:func:`~pyro_sparse.diagnostics.loo_reliability`).
+    For network posteriors with 10^4+ weights and ~100 draws it rarely is: then the models are
+    ranked by their held-out log predictive density on the test points
+    (:func:`~pyro_sparse.diagnostics.compare_held_out`, paired standard errors), which needs no
+    importance sampling; the PSIS-LOO figures stay in the rows for reference and no stacking
+    weights are given. ``note`` says which, in words."""
+    loos = loos or {name: D.loo(m) for name, m in models.items()}
+    share = {name: D.loo_reliability(loo) for name, loo in loos.items()}
     obs = {name: D.attributes(m).get("observations") for name, m in models.items()}
-    loos = {name: D.loo(m) for name, m in models.items()}
+    reliable = all(v == 0.0 for v in share.values())
     try:
         table = D.compare(models, loos)
     except ValueError as e:
         raise PyroSparseError(f"compare: {e}; observations: {obs}") from None
-    rows = []
+    rows = {}
     for name in table.index:
+        rows[name] = {"model": name, "elpd_loo": table.loc[name, "elpd_loo"], "se": table.loc[name, "se"],
+                      "p_loo": table.loc[name, "p_loo"], "elpd_diff": table.loc[name, "elpd_diff"],
+                      "dse": table.loc[name, "dse"], "k > 0.7": share[name]}
+        if reliable:
+            rows[name].update({"rank": table.loc[name, "rank"], "weight": table.loc[name, "weight"]})
+    worst = max(share, key=share.get)
+    if reliable:
+        order, note = list(table.index), ("Ranked by PSIS-LOO on the training observations (az.compare, stacking "
+                                          "weights): every Pareto k-hat is at most 0.7, so the estimates are reliable.")
+    else:
+        try:
+            held = D.compare_held_out(models)
+        except ValueError as e:
+            held, reason = None, str(e)
+        if held is None:
+            order = list(table.index)
+            note = (f"PSIS-LOO is NOT reliable for these draws ({share[worst]:.0%} of the observations of {worst!r} "
+                    f"have Pareto k-hat > 0.7) and no held-out figure is available ({reason}); the order below "
+                    "is PSIS-LOO's and should not be trusted.")
+        else:
+            for row in held:
+                rows[row["model"]].update(row)
+            order = [row["model"] for row in held]
+            n = held[0]["elpd_test"] and D.held_out(models[order[0]])["n"]
+            note = (f"PSIS-LOO is NOT reliable for these draws: {share[worst]:.0%} of the observations of {worst!r} "
+                    f"have Pareto k-hat > 0.7 (importance sampling from q fails for networks this large). The "
+                    f"models are ranked by their held-out log predictive density on the {n} test points instead "
+                    "(elpd_test, which needs no importance sampling; elpd_test_diff to the best with its paired "
+                    "standard error dse_test). The PSIS-LOO columns are shown for reference only; no stacking "
+                    "weights.")
+    out = []
+    for rank, name in enumerate(order):
         a = D.attributes(models[name])
-        loo = loos[name]
-        row = {"model": name}
-        for col in ("rank", "elpd_loo", "se", "p_loo", "elpd_diff", "dse", "weight", "warning"):
-            row[col] = table.loc[name, col]
-        row["max k"] = loo["pareto_k_max"]
+        row = {"model": name, "rank": rank, **{k: v for k, v in rows[name].items() if k not in ("model", "rank")}}
         for key in ("test_accuracy", "test_rmse", "test_nll"):
             if key in a:
                 row[key] = a[key]
         row.update({"sparsity": a.get("sparsity"), "nonzero": a.get("num_nonzero"),
                     "size_kb": a.get("num_nonzero", 0) * 4 / 1024})
-        rows.append(row)
-    return rows
+        out.append(row)
+    return out, note
+
+
+def compare_entries(entries: list[str], num_samples: int = 100, seed: int = 0) -> tuple[list[dict], str]:
+    """Rank the entries (:func:`rank_models`), joined with accuracy, sparsity and size: one row
+    per model, best first, and the note saying what the ranking rests on. Size counts the nonzero
+    parameters (``size_kb``: as float32)."""
+    if len(entries) < 2:
+        raise PyroSparseError(f"compare needs at least two runs, got {len(entries)}")
+    models = {}
+    for entry in entries:
+        models[_entry_name(entry, models)] = load_entry(entry, num_samples, seed)
+    return rank_models(models)

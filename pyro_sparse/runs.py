@@ -23,12 +23,12 @@ import yaml
 
 from . import distributed as ddp
 from .checkpoint import load_safe, read_json, write_json_atomic, write_text_atomic
-from .data import Dataset, load_dataset
+from .data import BUILTIN, Dataset, load_dataset
 from .errors import PyroSparseError, PyroSparseWarning, SpecError
-from .fitting import CHECKPOINT
 from .guides import build_guide
 from .recipe import RECIPE_FIELDS, check_device, check_seed, load_recipe, parse_recipe
 from .registry import FITTERS
+from .rundir import CHECKPOINT, check_out_dir, check_run_dir
 from .schema import short_repr
 from .spec import build_network, data_task, load_model_spec, parse_model_spec, recipe_of
 
@@ -77,26 +77,6 @@ def make_trainer(run: Run, out_dir=None, progress=True):
     return cls(run.network, run.guide, run.dataset, run.recipe, out_dir=out_dir, progress=progress)
 
 
-def _check_out_dir(out_dir, resume, overwrite):
-    """Refuse to write into a non-empty directory unless resuming it or told to overwrite a run."""
-    if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir):
-        raise PyroSparseError(f"the output directory must be a path, got {out_dir!r}")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise PyroSparseError(f"{out_dir}: exists and is not a directory")
-    if resume:
-        ckpt = os.path.join(out_dir, CHECKPOINT)
-        if not (os.path.exists(ckpt) or os.path.exists(ckpt + ".prev")):
-            raise PyroSparseError(f"{out_dir}: nothing to resume (no {CHECKPOINT})")
-        return
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        if not overwrite:
-            raise PyroSparseError(f"{out_dir}: output directory exists and is not empty; "
-                                  "use --resume to continue it or --overwrite to replace it")
-        if not os.path.exists(os.path.join(out_dir, "run.json")):
-            raise PyroSparseError(f"{out_dir}: --overwrite only replaces a previous run directory (one with "
-                                  "run.json); this one is not, so it is left alone")
-
-
 def _overrides(recipe: dict, epochs, seed, device) -> dict:
     """Validated command-line overrides of a recipe's epochs, seed and device."""
     out = {}
@@ -126,7 +106,7 @@ def fit_run(model_path: str, recipe_path: str | None, data: str, out_dir: str, e
     ``distributed``: True requires the torchrun environment and fits data-parallel; None (the
     default) does so when that environment describes more than one process; False never.
     """
-    _check_out_dir(out_dir, resume, overwrite)
+    check_out_dir(out_dir, resume, overwrite)
     out_dir = os.fspath(out_dir)
     clear = not resume and os.path.isdir(out_dir) and bool(os.listdir(out_dir))  # decided before any rank writes
     if resume:
@@ -164,7 +144,7 @@ def fit_run(model_path: str, recipe_path: str | None, data: str, out_dir: str, e
     main = ddp.is_main_process()
     existed = os.path.isdir(out_dir)  # a directory the user had is never removed (_discard_unstarted_run)
     if clear and main:
-        shutil.rmtree(out_dir)  # only with overwrite, on a run directory (_check_out_dir)
+        shutil.rmtree(out_dir)  # only with overwrite, on a run directory (check_out_dir)
     if main:
         os.makedirs(out_dir, exist_ok=True)
     if not resume and main:
@@ -177,7 +157,10 @@ def fit_run(model_path: str, recipe_path: str | None, data: str, out_dir: str, e
         write_text_atomic(os.path.join(out_dir, "model.yaml"), yaml.safe_dump(saved, sort_keys=False))
         write_text_atomic(os.path.join(out_dir, "inference.yaml"), yaml.safe_dump(_strip(recipe), sort_keys=False))
         write_json_atomic(os.path.join(out_dir, "run.json"), {
-            "data": data, "target": target, "data_fingerprint": dataset.fingerprint(),
+            "data": data_reference(data), "data_as_given": data, "target": target,
+            "data_fingerprint": dataset.fingerprint(),
+            "input_transform": dataset.extras.get("input_transform"),
+            "target_transform": dataset.extras.get("target_transform"),
             "seed": recipe["seed"], "versions": versions(),
             "model_source": os.path.abspath(model_path), "inference_source": os.path.abspath(recipe_path),
             "model_spec": _strip(model_spec), "recipe": _strip(recipe),
@@ -199,16 +182,15 @@ def fit_run(model_path: str, recipe_path: str | None, data: str, out_dir: str, e
     return run, metrics
 
 
+def data_reference(data: str) -> str:
+    """How a run records its data: a built-in set by name, a file or directory by its absolute
+    path (so the run still finds it from another working directory)."""
+    return data if data in BUILTIN or not os.path.exists(data) else os.path.abspath(data)
+
+
 def load_run(directory: str, data: str | None = None, device="cpu") -> Run:
     """Rebuild the fitted network and guide of a run directory (on ``device``)."""
-    if not isinstance(directory, (str, os.PathLike)) or not os.path.isdir(directory):
-        raise PyroSparseError(f"{directory}: not a run directory (no such directory)")
-    directory = os.fspath(directory)
-    for name in ("model.yaml", "inference.yaml", "run.json"):
-        if not os.path.exists(os.path.join(directory, name)):
-            raise PyroSparseError(f"{directory}: not a run directory (missing {name})")
-    if not any(os.path.exists(os.path.join(directory, CHECKPOINT + s)) for s in ("", ".prev")):
-        raise PyroSparseError(f"{directory}: not a run directory (missing {CHECKPOINT})")
+    directory = check_run_dir(directory)
     model_spec = load_model_spec(os.path.join(directory, "model.yaml"))
     recipe = load_recipe(os.path.join(directory, "inference.yaml"))
     recipe["device"] = device
@@ -216,6 +198,9 @@ def load_run(directory: str, data: str | None = None, device="cpu") -> Run:
     info = read_json(os.path.join(directory, "run.json"), "run record")
     if data is None and not isinstance(info.get("data"), str):
         raise PyroSparseError(f"{os.path.join(directory, 'run.json')}: no data set recorded; pass data=")
+    if data is None and info["data"] not in BUILTIN and not os.path.exists(info["data"]):
+        raise PyroSparseError(f"{directory}: the data this run was fitted on, {info['data']}, is not there any more; "
+                              "give its new place with --data (its fingerprint is checked)")
     dataset = load_dataset(data or info["data"], target=info.get("target"), seed=0, options=model_spec.get("data"),
                            task=data_task(model_spec))
     if data is not None:
@@ -304,7 +289,7 @@ def _check_resume_inputs(out_dir, model_spec, recipe, info, model_path, recipe_p
                    [f"{d} (run vs given)" for d in diffs])
     run_json = os.path.join(out_dir, "run.json")
     saved_data = info.get("data")
-    if data is not None and isinstance(saved_data, str) and data != saved_data:
+    if data is not None and isinstance(saved_data, str) and data_reference(data) != saved_data:
         same = os.path.exists(data) and os.path.exists(saved_data) and os.path.samefile(data, saved_data)
         if not same:
             refuse("--data", data, f"data {saved_data!r} ({run_json})", [f"{saved_data!r} vs {data!r}"])

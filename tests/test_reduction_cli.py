@@ -89,7 +89,7 @@ def test_sweep_writes_table_csv_and_plot(run_dir, capsys):
     (["reduce", "{run}", "--method", "opd", "--sparsity", "-0.5"], "--sparsity: must be a fraction"),
     (["reduce", "{run}", "--method", "magnitude"], "--sparsity: rule 'magnitude' ranks weights"),
     (["reduce", "{run}", "--method", "spike-slab", "--threshold", "1"], "--threshold: the spike-slab rule"),
-    (["reduce", "{missing}", "--method", "opd", "--sparsity", "0.5"], "no such run directory"),
+    (["reduce", "{missing}", "--method", "opd", "--sparsity", "0.5"], "not a run directory (no such directory)"),
     (["reduce", "{run}", "--method", "opd", "--sparsity", "0.5", "--scope", "unit"], "--scope: expected"),
     (["sweep", "{run}", "--method", "spike-slab"], "--method: unknown method 'spike-slab'"),
     (["sweep", "{run}", "--method", "opd", "--sparsities", "0.5,1.2"], "--sparsities: must be a fraction"),

@@ -217,11 +217,12 @@ def reduce_run(directory, method=None, sparsity=None, threshold=None, structured
 
 def _run_extras(run) -> dict:
     """What a compact file carries of its run beyond the network: the likelihood (to read its
-    outputs) and the inputs' transform (to apply it to raw data)."""
+    outputs), the inputs' transform (to apply it to raw data) and the targets' (a regression
+    network fitted on standardised targets outputs standardised values), with their statistics."""
     extras = {"likelihood": run.model_spec.get("likelihood")}
-    transform = run.dataset.extras.get("input_transform")
-    if transform is not None:
-        extras["input_transform"] = transform
+    for key in ("input_transform", "target_transform"):
+        if run.dataset.extras.get(key) is not None:
+            extras[key] = run.dataset.extras[key]
     return extras
 
 
