@@ -9,8 +9,8 @@ For each architecture (``models/vit_tiny_gaussian.yaml``, ``models/mixer_tiny_ga
    reduced with its own rule (Savage-Dickey) by ``reduce_run``; fraction of weights removed,
    accuracy of the dense and of the compact posterior-mean network, max |logit difference|
    between the compact and the masked network, attention heads and MLP units removed per block.
-3. With ``--sparsevd``: the ``*_tiny_sparsevd.yaml`` specs with ``inference/svi_sparsevd.yaml``
-   (lr 0.003, 200 epochs, KL warm-up 60), reduced by log alpha > 3.
+3. With ``--sparsevd``: the ``*_tiny_sparsevd.yaml`` specs with their own recipe
+   (``inference/svi_sparsevd_transformer.yaml``), reduced by log alpha > 3.
 
 Accuracy "kept within 2 points" is measured against the MAP network. Evaluation during the SVI
 fits runs every 5 epochs (``eval_every``), which does not change the fit. Writes
@@ -52,14 +52,14 @@ def fit(model, recipe_path, out):
 def reduced(directory, method, map_accuracy):
     r = reduce_run(directory, method)
     row = {k: r[k] for k in ("sparsity", "weights_kept", "weights_total", "test_accuracy_dense",
-                             "test_accuracy_reduced", "max_abs_logit_diff", "units_removed_per_layer",
+                             "test_accuracy_reduced", "max_abs_output_diff", "units_removed_per_layer",
                              "flops_dense", "flops_compact", "params_dense", "params_compact")}
     row["blocks"] = r.get("blocks", {})
     row["points_below_map"] = 100 * (map_accuracy - r["test_accuracy_reduced"])
     print(f"  {method}: removed {r['sparsity']:.4f} of {r['weights_total']} weights; accuracy dense "
           f"{r['test_accuracy_dense']:.4f}, compact {r['test_accuracy_reduced']:.4f} "
           f"({row['points_below_map']:.2f} points below MAP); max |compact - masked| "
-          f"{r['max_abs_logit_diff']:.1e}; params {r['params_dense']} -> {r['params_compact']}, "
+          f"{r['max_abs_output_diff']:.1e}; params {r['params_dense']} -> {r['params_compact']}, "
           f"FLOPs {r['flops_dense']} -> {r['flops_compact']}")
     print("\n".join("    " + line for line in format_blocks(r).splitlines()))
     return row
@@ -76,8 +76,7 @@ def main():
     os.makedirs(out, exist_ok=True)
     mapr = recipe("map_transformer", out)
     bmr = recipe("svi_bmr_iterative", out, eval_every=5)
-    svd = recipe("svi_sparsevd", out, eval_every=5, epochs=200, kl_warmup_epochs=60,
-                 optimizer={"name": "Adam", "lr": 0.003})
+    svd = recipe("svi_sparsevd_transformer", out)
     results = {"out": out}
     for arch in [a.strip() for a in args.arch.split(",") if a.strip()]:
         print(f"== {arch}_tiny on digits")
