@@ -74,19 +74,25 @@ class Compaction:
     #: the fewest units a producer keeps (a convolution needs one channel)
     min_units = 0
 
-    def __init__(self, name, layer, in_shape, out_shape):
+    def __init__(self, name, layer, in_shape, out_shape, units: int = 0):
         self.name, self.layer = name, layer
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         self.dead = self.constant = 0
         self.folded = False
+        #: original indices of the producer's units still there
+        self.total, self.units = units, torch.arange(units)
 
     # ---------------------------------------------------------------- producer
     def num_units(self) -> int:
-        raise NotImplementedError
+        return self.units.numel()
 
     def unit_index(self) -> list:
         """Original indices of the units still there."""
-        return list(range(self.num_units()))
+        return self.units.tolist()
+
+    def unit_rest(self) -> tuple:
+        """The output shape without ``out_axis``: where a unit's value lives."""
+        return tuple(s for d, s in enumerate(self.out_shape) if d != self.out_axis)
 
     def constant_units(self):
         """``(idx, values)``: the units whose output does not depend on the input, and that output,
@@ -98,6 +104,12 @@ class Compaction:
         return idx
 
     def delete_units(self, idx):
+        """Delete units ``idx`` (current positions): the bookkeeping here, the tensors in
+        :meth:`drop_units`."""
+        self.drop_units(idx)
+        self.units = drop_entries(self.units, idx, 0)
+
+    def drop_units(self, idx):
         raise NotImplementedError
 
     # ---------------------------------------------------------------- consumer
@@ -127,9 +139,9 @@ class Compaction:
         (``units``: name -> {total, kept, removed, constant, unread}; ``heads_*`` for attention)."""
         raise NotImplementedError
 
-    def units_info(self, total) -> dict:
+    def units_info(self) -> dict:
         kept = self.unit_index()
-        return {"total": total, "kept": kept, "removed": total - len(kept), "constant": self.constant,
+        return {"total": self.total, "kept": kept, "removed": self.total - len(kept), "constant": self.constant,
                 "unread": self.dead}
 
 
@@ -138,7 +150,7 @@ class WeightCompaction(Compaction):
     Linear (on the last axis of its input, at every position) and Conv2d (channels)."""
 
     def __init__(self, name, layer, values, masks, in_shape, out_shape, in_axis, out_axis, conv=False):
-        super().__init__(name, layer, in_shape, out_shape)
+        super().__init__(name, layer, in_shape, out_shape, units=values["weight"].shape[0])
         self.in_axis, self.out_axis, self.conv = in_axis, out_axis, conv
         self.min_units = 1 if conv else 0
         w = values["weight"].detach()
@@ -148,26 +160,17 @@ class WeightCompaction(Compaction):
         if b is not None:
             b = b.detach() * masks.get("bias", torch.ones_like(b, dtype=torch.bool)).to(b.dtype)
         self.b = None if b is None else b.clone()
-        self.total = self.w.shape[0]
-        self.units = torch.arange(self.total)
-
-    def num_units(self):
-        return self.w.shape[0]
-
-    def unit_index(self):
-        return self.units.tolist()
 
     def constant_units(self):
         idx = torch.nonzero(~self.m.flatten(1).any(1)).squeeze(1)
-        rest = tuple(s for d, s in enumerate(self.out_shape) if d != self.out_axis)
+        rest = self.unit_rest()
         pre = self.b[idx] if self.b is not None else self.w.new_zeros(len(idx))
         return idx, pre.reshape(-1, *([1] * len(rest))).expand(len(idx), *rest)
 
-    def delete_units(self, idx):
+    def drop_units(self, idx):
         self.w, self.m = drop_entries(self.w, idx, 0), drop_entries(self.m, idx, 0)
         if self.b is not None:
             self.b = drop_entries(self.b, idx, 0)
-        self.units = drop_entries(self.units, idx, 0)
 
     def num_features(self):
         return self.w.shape[1]
@@ -202,5 +205,5 @@ class WeightCompaction(Compaction):
         # a multiply-add per weight at every position of the output (every pixel, every token)
         positions = math.prod(s for d, s in enumerate(self.out_shape) if d != self.out_axis)
         w = params["weight"]
-        return entry, params, {"units": {"": self.units_info(self.total)}, "flops": 2 * w.numel() * positions,
+        return entry, params, {"units": {"": self.units_info()}, "flops": 2 * w.numel() * positions,
                                "flops_sparse": 2 * int((w != 0).sum()) * positions}

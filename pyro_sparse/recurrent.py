@@ -731,7 +731,7 @@ class RecurrentCompaction(Compaction):
     of the last layer's neurons still have an outgoing weight."""
 
     def __init__(self, name, layer, values, masks, in_shape, out_shape):
-        super().__init__(name, layer, in_shape, out_shape)
+        super().__init__(name, layer, in_shape, out_shape, units=layer.hidden_size)
         self.cell, self.return_sequence = layer.cell, layer.return_sequence
         self.num_gates = len(CELLS[self.cell]["gates"])
         self.in_axis, self.out_axis = len(in_shape) - 1, len(out_shape) - 1
@@ -744,8 +744,6 @@ class RecurrentCompaction(Compaction):
                     keep = m.get(key, torch.ones_like(p[key], dtype=torch.bool)).to(p[key].device)
                     entry[key], entry["m_" + key] = (p[key].detach() * keep.to(p[key].dtype)).clone(), keep.clone()
             self.stack.append(entry)
-        self.total = layer.hidden_size
-        self.units = torch.arange(self.total)
         self.read = None  # the next layer's reads of our units (None: every unit is read)
         #: per stacked layer, the dense sizes: weights, hidden neurons, input neurons
         self.dense = [(e["weight_ih"].numel() + e["weight_hh"].numel(), e["weight_hh"].shape[1], e["weight_ih"].shape[1])
@@ -773,20 +771,13 @@ class RecurrentCompaction(Compaction):
         return new
 
     # ---------------------------------------------------------------- producer
-    def num_units(self):
-        return self.units.numel()
-
-    def unit_index(self):
-        return self.units.tolist()
-
     def constant_units(self):
         """Neurons whose :math:`z^h` was removed: their output :math:`h z^h` is 0."""
         last = self.stack[-1]
         if "m_z_hidden" not in last:
             return super().constant_units()
         idx = torch.nonzero(~last["m_z_hidden"]).squeeze(1)
-        rest = tuple(s for d, s in enumerate(self.out_shape) if d != self.out_axis)
-        return idx, last["z_hidden"].new_zeros(len(idx), *rest)
+        return idx, last["z_hidden"].new_zeros(len(idx), *self.unit_rest())
 
     def removable_unread(self, idx):
         """Unread neurons that the recurrence does not read either."""
@@ -795,7 +786,7 @@ class RecurrentCompaction(Compaction):
         hidden = self.masks(read)[-1].hidden
         return idx[~hidden[idx]]
 
-    def delete_units(self, idx):
+    def drop_units(self, idx):
         e, G, H = self.stack[-1], self.num_gates, self.num_units()
         rows = (torch.arange(G).unsqueeze(1) * H + as_index(idx).unsqueeze(0)).reshape(-1)
         for key in ("weight_ih", "weight_hh", "bias", "z_gates"):
@@ -807,7 +798,6 @@ class RecurrentCompaction(Compaction):
         for k in ("z_hidden", "m_z_hidden"):
             if k in e:
                 e[k] = drop_entries(e[k], idx, 0)
-        self.units = drop_entries(self.units, idx, 0)
         if self.read is not None:
             self.read = drop_entries(self.read, idx, 0)
 
@@ -863,7 +853,7 @@ class RecurrentCompaction(Compaction):
             r = m.report()
             r.update(weights=(r["weights"][0], total), hidden=(r["hidden"][0], hidden), inputs=(r["inputs"][0], inputs))
             reports.append(r)
-        info = {"units": {"": self.units_info(self.total)}, "recurrent": reports,
+        info = {"units": {"": self.units_info()}, "recurrent": reports,
                 "flops": 2 * steps * sum(w.numel() for w in weights),
                 "flops_sparse": 2 * steps * sum(int((w != 0).sum()) for w in weights)}
         return entry, params, info
@@ -874,7 +864,7 @@ class EmbeddingCompaction(Compaction):
     table :math:`\\mathrm{diag}(z) W`); a column with every entry removed outputs 0 and goes."""
 
     def __init__(self, name, layer, values, masks, in_shape, out_shape):
-        super().__init__(name, layer, in_shape, out_shape)
+        super().__init__(name, layer, in_shape, out_shape, units=values["weight"].shape[1])
         self.out_axis = len(out_shape) - 1
         w = values["weight"].detach()
         m = masks.get("weight", torch.ones_like(w, dtype=torch.bool)).to(w.device)
@@ -884,25 +874,15 @@ class EmbeddingCompaction(Compaction):
             m = m & keep_z.unsqueeze(-1)
         self.m = m.clone()
         self.table = embed_table(w, z) * m.to(w.dtype)
-        self.total = w.shape[1]
-        self.units = torch.arange(self.total)
-
-    def num_units(self):
-        return self.table.shape[1]
-
-    def unit_index(self):
-        return self.units.tolist()
 
     def constant_units(self):
         idx = torch.nonzero(~self.m.any(0)).squeeze(1)
-        rest = tuple(s for d, s in enumerate(self.out_shape) if d != self.out_axis)
-        return idx, self.table.new_zeros(len(idx), *rest)
+        return idx, self.table.new_zeros(len(idx), *self.unit_rest())
 
-    def delete_units(self, idx):
+    def drop_units(self, idx):
         self.table, self.m = drop_entries(self.table, idx, 1), drop_entries(self.m, idx, 1)
-        self.units = drop_entries(self.units, idx, 0)
 
     def build(self):
         entry = {"type": self.layer.spec_name, "num_tokens": self.table.shape[0], "dim": self.table.shape[1]}
-        return entry, {"module.weight": self.table.contiguous()}, {"units": {"": self.units_info(self.total)},
+        return entry, {"module.weight": self.table.contiguous()}, {"units": {"": self.units_info()},
                                                                    "flops": 0, "flops_sparse": 0}  # a look-up

@@ -410,11 +410,6 @@ def _units_info(plan, total):
             "constant": len(plan["constant"]), "unread": len(plan["unread"])}
 
 
-def _units_info(plan, total):
-    return {"total": total, "kept": plan["keep"], "removed": total - len(plan["keep"]),
-            "constant": len(plan["constant"]), "unread": len(plan["unread"])}
-
-
 def _n(w, sparse):
     return int((w != 0).sum()) if sparse else w.numel()
 
