@@ -241,7 +241,7 @@ def plot_accuracy_vs_sparsity(curves: dict, path: str, points: dict | None = Non
     """
     if not curves:
         raise ValueError("curves: nothing to plot")
-    fig = Figure(figsize=(6.4, 4.4))
+    fig = Figure(figsize=(9.0, 4.4))
     ax = fig.add_subplot()
     markers, styles = "osD^v<>ph", ["-", "--", "-.", ":"]
     for i, (method, (s, a)) in enumerate(curves.items()):
@@ -260,5 +260,5 @@ def plot_accuracy_vs_sparsity(curves: dict, path: str, points: dict | None = Non
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # beside the curves
     return _save(fig, path)
