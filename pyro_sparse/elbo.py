@@ -1,28 +1,26 @@
 """The evidence lower bound used for SVI, with analytic KL terms and local reparameterisation.
 
-    ELBO = E_q[ log p(y | w) ] - beta * sum_sites KL( q(w_site) || p(w_site | parents) )
+    ELBO = E_q[ log p(y | w) ] - beta * sum_sites KL( q(site) || p(site | parents) )
 
-The data term is Pyro's: the likelihood sits in a subsampled plate, so a mini-batch's
-log-likelihood is scaled by N/B. The KL of a site is taken in closed form when
-``torch.distributions.kl_divergence`` knows the pair (Normal-Normal, Normal-LogUniform,
-LogNormal-Gamma, ...) and estimated with the guide's sample otherwise, exactly as
-``pyro.infer.TraceMeanField_ELBO`` does. Two differences make it the fast path:
+The data term sits in a subsampled plate, so a mini-batch's log-likelihood is scaled by N/B. The
+KL of a site is taken in closed form where :mod:`pyro_sparse.kl` knows the pair and estimated with
+the guide's draw otherwise, exactly as ``pyro.infer.TraceMeanField_ELBO`` does. Weight sites with
+a closed-form KL are not drawn under local reparameterisation (Kingma, Salimans & Welling 2015;
+Molchanov et al. 2017): their layers draw pre-activations. ``beta`` (``kl_weight``) is the KL
+warm-up factor (Sonderby et al. 2016).
 
-* it computes no log-densities it does not need (``TraceMeanField_ELBO`` scores every site of
-  both traces before it looks for a KL), and
-* it activates :class:`~pyro_sparse.local_reparam.LocalReparameterization`, so weight
-  sites with a closed-form KL are never sampled: layers sample their pre-activations.
+Two implementations of the same estimate, built on the same declarations (the priors'
+:meth:`~pyro_sparse.priors.Prior.hyper_sites`, ``site_prior`` and ``parameter``; the likelihood's
+``hyper_sites``; the guides' :meth:`~pyro_sparse.guides.Guide.posterior`):
 
-``beta`` (``kl_weight``) is the KL warm-up factor (Sonderby et al. 2016; Molchanov et al. 2017).
-With ``kl_weight=1`` and ``local_reparam=False`` the estimate has the same distribution as
-``TraceMeanField_ELBO``'s.
-
-:class:`DirectELBO` computes the estimate of :class:`MeanFieldELBO` without Pyro for the models
-where Pyro's run only relays distributions and draws (a mean-field guide under local
-reparameterisation, with fixed priors or priors with hyper-sites; or a delta guide, i.e. MAP, with
-fixed priors; sequential Linear/Conv2d networks): same value, same random draws, a fraction of the
-per-step overhead. :class:`MeanFieldELBO` stays the reference and the
-path for every other model.
+* :class:`CoreELBO`, the one used for fitting: it draws from the guide in its site order, takes
+  the KL of every site from the declarations (one fused autograd node for the Gaussian weights
+  under local reparameterisation, one for all the hyper-sites, :mod:`pyro_sparse.kl`) and runs the
+  network's own ``forward`` with those values handed to its priors
+  (:func:`~pyro_sparse.priors.provided`), so every layer, guide and likelihood of the library runs
+  on it, recurrent, attention and converted modules included, without Pyro's per-step cost;
+* :class:`MeanFieldELBO`, the reference: guide and model run through Pyro's effect handlers
+  (``elbo: pyro`` in a recipe). With the same torch seed both give the same loss and gradients.
 """
 
 from __future__ import annotations
@@ -36,18 +34,18 @@ from pyro.infer import ELBO
 from pyro.poutine.messenger import Messenger
 from torch.distributions import kl_divergence
 
-from .distributions import (NormalKLTerms, kl_terms_for, neg_log_density_terms_for, pruning_factors,
-                            reduced_normal, summed_neg_log_density)
+from .kl import (HyperLayout, NormalKLTerms, hyper_terms, kl_terms_for, local_terms, neg_log_density_for,
+                 pruning_factors, reduced_normal)
 from .local_reparam import GaussianWeight, LocalReparameterization
+from .priors import Prior, Values, provided
 
 
 class _SiteRecorder(Messenger):
-    """A light ``poutine.trace`` (+ ``poutine.replay``) for the ELBO's hot path.
+    """A light ``poutine.trace`` (+ ``poutine.replay``) for the Pyro path's hot loop.
 
     Records each sample site's message by name, without building a ``Trace`` graph or copying
     messages; with ``replay`` (name -> guide message) it sets the value of latent sites from the
-    guide, as ``ReplayMessenger`` does. One SVI step runs it twice; ``traces()`` keeps returning
-    real Pyro traces for anyone who wants them.
+    guide, as ``ReplayMessenger`` does. ``traces()`` keeps returning real Pyro traces.
     """
 
     def __init__(self, replay=None):
@@ -68,8 +66,11 @@ class _SiteRecorder(Messenger):
         self.sites[msg["name"]] = msg
 
 
-class _LossFromDifferentiableLoss:
-    """``loss`` and ``loss_and_grads`` (the ``pyro.infer.SVI`` interface) from ``differentiable_loss``."""
+class _Loss:
+    """``loss`` and ``loss_and_grads`` (the ``pyro.infer.SVI`` interface) from ``differentiable_loss``;
+    ``last_terms`` holds the detached ``{"loglik", "kl"}`` of the last estimate."""
+
+    kl_weight = 1.0
 
     def loss(self, model, guide, *args, **kwargs):
         with torch.no_grad():
@@ -80,15 +81,24 @@ class _LossFromDifferentiableLoss:
         loss.backward()
         return float(loss.detach())
 
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        """``kl_weight * KL - (N/B) log-likelihood`` of :meth:`terms`; sets ``last_terms``."""
+        loglik, kl = self.terms(model, guide, *args, **kwargs)
+        self.last_terms = {"loglik": torch.as_tensor(loglik).detach(), "kl": torch.as_tensor(kl).detach()}
+        return (kl if self.kl_weight == 1 else self.kl_weight * kl) - loglik  # 1 * kl is kl: one node fewer
 
-class MeanFieldELBO(_LossFromDifferentiableLoss, ELBO):
-    """Negative ELBO as a differentiable loss; a drop-in ``loss`` for ``pyro.infer.SVI``.
+
+class MeanFieldELBO(_Loss, ELBO):
+    """The negative ELBO through Pyro: the reference implementation, ``elbo: pyro``.
+
+    Guide and model run through effect handlers (the guide first, the model replayed on its
+    draws); the KL of each latent site is ``kl_divergence(q, p)`` where registered, else
+    ``log q(v) - log p(v)`` at the draw; the observed site gives the data term. A drop-in
+    ``loss`` for ``pyro.infer.SVI``; :meth:`terms` is ``(loglik, KL)``.
 
     Args:
         kl_weight: beta multiplying the KL (prior) terms; 1 is the ELBO.
         local_reparam: sample pre-activations instead of weights where possible.
-
-    After each call ``last_terms`` holds the detached ``{"loglik", "kl"}`` of that estimate.
     """
 
     def __init__(self, kl_weight: float = 1.0, local_reparam: bool = True):
@@ -130,340 +140,242 @@ class MeanFieldELBO(_LossFromDifferentiableLoss, ELBO):
             kl = kl + scale_and_mask(term, guide_site["scale"], guide_site["mask"]).sum()
         return loglik, kl
 
-    def differentiable_loss(self, model, guide, *args, **kwargs):
-        loglik, kl = self.terms(model, guide, *args, **kwargs)
-        self.last_terms = {"loglik": torch.as_tensor(loglik).detach(), "kl": torch.as_tensor(kl).detach()}
-        return self.kl_weight * kl - loglik
 
+# ---------------------------------------------------------------------------- the core
+class _Site:
+    """One guide site as the core treats it (:class:`_Plan`): a hyper-site with its prior, or a
+    parameter's own site with its owner ``(prior, init)``; ``fixed`` is its prior when that
+    depends on no hyper-value."""
 
-_PRUNING_FACTORS = {}
+    __slots__ = ("name", "prior", "owner", "fixed", "local", "fused", "point")
 
+    def __init__(self, name, prior=None, owner=None):
+        self.name, self.prior, self.owner = name, prior, owner
+        self.fixed = prior if owner is None else None if owner[0].conditional else owner[0].site_prior(name, owner[1], {})
+        self.local = self.fused = False
+        self.point = None  # a point mass's -log p(w), where the prior is fixed
 
-def _cached_pruning_factors(mask, scale, like):
-    """:func:`~pyro_sparse.distributions.pruning_factors`, computed again only when the mask
-    tensor (object or contents: its version counter), the scale or ``like``'s dtype/device change."""
-    key = (id(mask), float(scale), like.dtype, like.device)
-    hit = _PRUNING_FACTORS.get(key)
-    if hit is not None and hit[0] is mask and hit[1] == mask._version:
-        return hit[2]
-    if len(_PRUNING_FACTORS) > 64:  # masks replaced at each pruning step: drop the stale ones
-        _PRUNING_FACTORS.clear()
-    factors = pruning_factors(mask, scale, like)
-    _PRUNING_FACTORS[key] = (mask, mask._version, factors)
-    return factors
+    def prior_given(self, values):
+        """``p(site | hyper-values)``."""
+        return self.fixed if self.fixed is not None else self.owner[0].site_prior(self.name, self.owner[1], values)
 
 
 class _Plan:
-    """What :class:`DirectELBO` needs to know about one (network, guide) pair, computed once.
+    """What :class:`CoreELBO` needs to know about one (network, guide) pair, computed once: every
+    guide site in the guide's order (:class:`_Site`), sorted into
 
-    * ``steps``: per layer in order, ``(layer, None)`` for a parameter-free layer, else
-      ``(layer, (weight site, bias site or None))``;
-    * ``owners``: parameter site -> ``(prior, init)``, the :class:`~pyro_sparse.priors.Prior`
-      object and the layer's deterministic initial value;
-    * ``hyper``: hyper-site -> its prior distribution (from
-      :meth:`~pyro_sparse.priors.Prior.hyper_priors`), in the guide's site order, which is the
-      order the guide draws them in;
-    * ``priors``: parameter site -> the prior of its own sample site when that does not depend on
-      hyper-values (:meth:`~pyro_sparse.priors.Prior.fixed_site_prior`: a fixed prior, or the
-      ``N(0, 1)`` of a non-centred one);
-    * ``conditional``: the parameter sites whose prior depends on hyper-values (e.g. the Gaussian
-      given a Gamma precision), in layer order;
-    * ``point_mass``: the guide is a :class:`~pyro_sparse.guides.DeltaGuide`;
-    * ``fused``: the ``(site, terms)`` of the sites in ``priors`` whose KL has a closed-form
-      gradient, the ``terms`` from :func:`~pyro_sparse.distributions.kl_terms_for` (mean field) or
-      :func:`~pyro_sparse.distributions.neg_log_density_terms_for` (point mass), and ``other``:
-      the ``(site, prior)`` of the rest, both in layer order.
+    * ``layout`` (:class:`~pyro_sparse.kl.HyperLayout`): the hyper-sites the mean-field guide
+      stores flat, drawn and scored in one node (unless a drawn site of a structured guide depends
+      on them, which needs them earlier);
+    * ``local``: parameter sites under local reparameterisation (the guide decided at set-up), of
+      which ``fused`` ones (a plain mean-field posterior and a fixed prior
+      :func:`~pyro_sparse.kl.kl_terms_for` knows) go through :func:`~pyro_sparse.kl.local_terms`;
+    * ``draw_order``: the sites drawn from ``guide.posterior``, in order;
+    * with a point-mass guide (MAP) nothing is drawn: a site's KL is ``-log p(w_hat)``
+      (:func:`~pyro_sparse.kl.neg_log_density_for`).
     """
 
-    def __init__(self, network, guide):
+    def __init__(self, network, guide, local_reparam):
         from .guides import DeltaGuide
-        from .layers import _Stateless
 
         self.network, self.guide = network, guide
         self.point_mass = isinstance(guide, DeltaGuide)
-        self.steps, self.priors, self.owners, self.conditional = [], {}, {}, []
-        hyper = {}
-        for layer in network.layers.values():
-            if isinstance(layer, _Stateless):
-                self.steps.append((layer, None))
+        declared = {}
+        for site, (layer, param, prior) in network.param_sites().items():
+            init = getattr(layer, f"{param}_init")
+            declared.update((name, _Site(name, h.prior)) for name, h in
+                            prior.hyper_sites(site, init, layer.param_axes[param]).items())
+            declared[site] = _Site(site, owner=(prior, init))
+        like = next(iter(guide.parameters()), torch.zeros(()))
+        declared.update((name, _Site(name, h.prior)) for name, h in network.likelihood.hyper_sites(like).items())
+        self.sites = [declared[name] for name in guide.sites]
+        self.layout = None
+        if self.point_mass:
+            for s in self.sites:
+                s.point = neg_log_density_for(s.fixed) if s.fixed is not None else None
+            return
+        early = any("group_sites" in info and not (local_reparam and info["local_reparam"])
+                    for info in guide.sites.values())
+        flat = {} if early else getattr(guide, "hyper", {})
+        for s in self.sites:
+            info = guide.sites[s.name]
+            if s.owner is None:
+                s.fused = s.name in flat
                 continue
-            priors = layer.priors()
-            sites = []
-            for param in ("weight", "bias"):
-                if param not in priors:
-                    sites.append(None)
-                    continue
-                site, prior, init = f"{layer.site}.{param}", priors[param], getattr(layer, f"{param}_init")
-                self.owners[site] = (prior, init)
-                hyper.update(prior.hyper_priors(site, init, layer.param_axes[param]))
-                fixed = prior.fixed_site_prior(init)
-                if fixed is None:
-                    self.conditional.append(site)
-                else:
-                    self.priors[site] = fixed
-                sites.append(site)
-            self.steps.append((layer, tuple(sites)))
-        self.hyper = {name: hyper[name] for name in guide.sites if name in hyper}
-        self.fused, self.other = [], []
-        terms_for = neg_log_density_terms_for if self.point_mass else kl_terms_for
-        for site, prior in self.priors.items():
-            terms = terms_for(prior)
-            if terms is None:
-                self.other.append((site, prior))
-            else:
-                self.fused.append((site, terms))
+            s.local = local_reparam and info.get("local_reparam", False)
+            plain = hasattr(guide, "locs") and "group_sites" not in info and info.get("block") is None
+            s.fused = s.local and plain and s.fixed is not None and kl_terms_for(s.fixed) is not None
+        if flat and not early:
+            self.layout = HyperLayout(guide, {s.name: s.prior for s in self.sites if s.fused and s.owner is None})
+        self.draw_order = [s for s in self.sites if not s.local]
+        self.fused_local = [(s.name, kl_terms_for(s.fixed)) for s in self.sites if s.fused and s.owner is not None]
+        self.generic_local = [s for s in self.sites if s.local and not s.fused]
+
+    def current(self) -> bool:
+        """False once the guide's flat hyper-site parameters moved to another device or dtype
+        (the fused node's constants and draw buffer were made for the old ones)."""
+        if self.layout is None:
+            return True
+        loc = self.guide.hyper_locs
+        return self.layout.options["device"] == loc.device and self.layout.options["dtype"] == loc.dtype
 
 
-class DirectELBO(_LossFromDifferentiableLoss):
-    r"""The estimate of :class:`MeanFieldELBO`, computed without Pyro, for a mean-field or a
-    point-mass guide on a sequential network.
-
-    For a sequential network of parameter-free layers and Linear/Conv2d-like layers
-    (:class:`~pyro_sparse.layers._Parametric`) whose priors are fixed (Gaussian, log-uniform) or
-    describe their hyper-sites (:meth:`~pyro_sparse.priors.Prior.hyper_priors`: Gaussian-Gamma,
-    group log-uniform, horseshoe; mean-field guide only), the Pyro run of guide and model does
-    nothing but draw the hyper-sites, hand each layer the guide's value of its parameters and
-    record distributions for the prior term. Here that is done directly:
+class CoreELBO(_Loss):
+    r"""The ELBO of any network of the library, computed from the declarations without Pyro.
 
     .. math::
 
-        -\mathcal{L} = \beta \sum_{\text{sites}} \mathrm{KL}(q(w) \,\|\, p(w))
+        -\mathcal{L} = \beta \sum_{\text{sites}} \mathrm{KL}(q \,\|\, p)
                        - \frac{N}{B} \sum_{b=1}^{B} \log p(y_b \mid f(x_b)),
 
-    with the network's output ``f(x)`` from the same
-    :meth:`~pyro_sparse.layers._Parametric.compute` that each layer's ``forward`` calls, in the
-    same order (so with the same torch seed both paths give the same loss and gradients), and the
-    data term :meth:`~pyro_sparse.likelihoods.Likelihood.log_likelihood` times the data plate's
-    scale N/B. What the guide hands the layers and the KL depend on the guide:
+    in four steps per mini-batch (:class:`_Plan` sorts the sites once):
 
-    * :class:`~pyro_sparse.guides.MeanFieldGuide` with every parameter site a Gaussian under local
-      reparameterisation (Kingma, Salimans & Welling 2015; Molchanov et al. 2017): first the
-      hyper-sites are drawn from the guide in its site order (:meth:`mean_field_terms`), then each
-      layer gets :meth:`~pyro_sparse.priors.Prior.parameter` of ``GaussianWeight(mu, sigma^2)``
-      given them (``s * eps`` for a non-centred prior) and samples its pre-activations; the KL of
-      a parameter site is ``kl_divergence(guide.distribution(site), p(site | hyper-values))``,
-      that of a hyper-site ``kl_divergence`` where registered, else the one-sample estimate. Where the prior's KL has known partial
-      derivatives (:func:`~pyro_sparse.distributions.kl_terms_for`: log-uniform, scalar Gaussian)
-      the variances and the KL of all such sites come from one autograd node
-      (:meth:`~pyro_sparse.guides.MeanFieldGuide.local_terms`) whose backward is formed in the
-      forward pass: on the CPU each kernel launch of the composed formula costs more than its
-      arithmetic. This is ``MeanFieldELBO(local_reparam=True)``.
-    * :class:`~pyro_sparse.guides.DeltaGuide` (MAP): each layer gets the point value ``w_hat``
-      (plain tensors: nothing is sampled) and the KL of a point mass is
-      ``log delta(w_hat) - log p(w_hat) = -log p(w_hat)`` (Pyro's registered
-      ``kl_divergence(Delta, p)``; a ``Delta``'s log-density at its own value is 0), so
+    1. **Draws**, in the guide's site order, the order the Pyro guide consumes the random stream
+       (so with the same torch seed :class:`MeanFieldELBO` gives the same loss and gradients): a
+       flat hyper-site's standard-normal noise (:meth:`~pyro_sparse.kl.HyperLayout.draw`), any
+       other drawn site's ``guide.posterior(site, earlier values).rsample()``. Sites under local
+       reparameterisation are not drawn; a point-mass guide (MAP) draws nothing.
+    2. **Hyper-sites** of the fused node: log-values and KL (:func:`~pyro_sparse.kl.hyper_terms`).
+    3. **KL of the other sites** against ``p(site | hyper-values)`` (the prior's
+       :meth:`~pyro_sparse.priors.Prior.site_prior`, or a hyper-site's own prior): closed form where
+       registered, else ``log q(v) - log p(v)`` at the draw; a point mass's ``-log p(w_hat)``. A
+       site under local reparameterisation hands its layer ``GaussianWeight(mu, sigma^2)`` of
+       ``guide.posterior`` (a structured guide's conditional mean included); those with a plain
+       mean-field posterior and a fixed prior get theirs, and their KL, from one node
+       (:func:`~pyro_sparse.kl.local_terms`).
+    4. **Data term**: the network's own ``forward`` under :func:`~pyro_sparse.priors.provided`,
+       so each prior's ``sample`` returns ``parameter(site, value, hyper-values)`` of these values
+       (``s * eps`` for non-centred priors, one shared draw for a recurrent layer, ...), then the
+       likelihood's :meth:`~pyro_sparse.likelihoods.Likelihood.log_likelihood` times N/B.
 
-      .. math::
-
-          -\mathcal{L} = -\beta \sum_{\text{sites}} \log p(\hat w)
-                         - \frac{N}{B} \sum_b \log p(y_b \mid f(x_b; \hat w)),
-
-      the MAP objective. ``log p`` is the prior's own ``log_prob``: for the improper log-uniform
-      prior the unnormalised ``-log|w|``, as on the Pyro path. Where it has a known gradient
-      (:func:`~pyro_sparse.distributions.neg_log_density_terms_for`: log-uniform, scalar
-      Gaussian) the prior term of all such sites is one autograd node
-      (:func:`~pyro_sparse.distributions.summed_neg_log_density`); other fixed priors go through
-      ``log_prob``. Local reparameterisation does not apply (there is no variance), so this is
-      ``MeanFieldELBO`` with either ``local_reparam``.
-
-    Pyro's per-step cost (two traced runs through effect handlers, distribution objects, plates)
-    is gone; :class:`MeanFieldELBO` remains the reference and the path for every other model.
-    :meth:`supports` says whether a (network, guide) pair is eligible.
-
-    Pruned weights (iterative BMR, :class:`~pyro_sparse.reduction.iterative.PrunedWeights`): with
-    ``masks`` (site -> bool tensor, True = keep), both the posterior and the prior of a masked
-    site are replaced elementwise by their reduced form,
-    ``N(where(m, mu, 0), where(m, sigma, g_0)^2)``, as the handler does on the Pyro path; a pruned
-    element then has ``KL(N(0, g_0^2) || N(0, g_0^2)) = 0``, a pre-activation contribution of
-    variance ``g_0^2 x^2`` and a zero gradient. The dict is read at every call (the trainer
-    updates it in place between epochs). Sites with a fixed scalar Gaussian prior, masked or not,
-    stay in the fused node (masked ones through 0/1 factors,
-    :func:`~pyro_sparse.distributions.pruning_factors`, cached per mask); other masked sites go
-    through :func:`~pyro_sparse.distributions.reduced_normal` and ``kl_divergence``.
+    Pruned weights (iterative BMR, :class:`~pyro_sparse.reduction.iterative.PrunedWeights`):
+    ``masks`` (site -> bool tensor, True = keep, read at every call) replace the posterior and the
+    prior of a masked element by ``N(0, g_0^2)`` (:func:`~pyro_sparse.kl.reduced_normal`; in the
+    fused node by 0/1 factors, :func:`~pyro_sparse.kl.pruning_factors`), as the handler does on the
+    Pyro path. :meth:`supports` says whether a (network, guide) pair runs here, and if not why.
 
     Args:
         kl_weight: beta multiplying the KL terms (the trainer sets it every step).
+        local_reparam: draw pre-activations of the sites the guide marked for it.
         masks: site -> bool mask of the elements kept, or None (nothing pruned).
         pruned_scale: ``g_0``, the standard deviation of a pruned element (required with ``masks``).
-
-    After each call ``last_terms`` holds the detached ``{"loglik", "kl"}`` of that estimate.
     """
 
-    def __init__(self, kl_weight: float = 1.0, masks: dict | None = None, pruned_scale: float | None = None):
+    def __init__(self, kl_weight: float = 1.0, local_reparam: bool = True, masks: dict | None = None,
+                 pruned_scale: float | None = None):
         if masks is not None and not (isinstance(pruned_scale, (int, float)) and pruned_scale > 0):
-            raise ValueError(f"DirectELBO: pruned_scale must be a positive number with masks, got {pruned_scale!r}")
-        self.kl_weight = kl_weight
+            raise ValueError(f"CoreELBO: pruned_scale must be a positive number with masks, got {pruned_scale!r}")
+        self.kl_weight, self.local_reparam = kl_weight, local_reparam
         self.masks, self.pruned_scale = masks, (None if pruned_scale is None else float(pruned_scale))
-        self.last_terms = {}
-        self._plan = None
+        self.last_terms, self._plan, self._pruning = {}, None, {}
 
-    # ------------------------------------------------------------------ eligibility
     @staticmethod
     def supports(network, guide) -> str | None:
-        """None when the direct estimate equals the Pyro one for ``(network, guide)``, else a
-        short reason why not. The guide must be set up (its sites known)."""
-        from .guides import DeltaGuide, MeanFieldGuide
-        from .layers import _Parametric, _Stateless
+        """None when ``(network, guide)`` runs on the core, else what is missing, naming the site
+        or the class. The guide must be set up (its sites known)."""
+        from .guides import Guide
         from .likelihoods import Likelihood
-        from .network import BayesianNetwork
 
-        if not isinstance(network, BayesianNetwork):
-            return f"the network is a {type(network).__name__}, not a BayesianNetwork"
-        cls = type(network)
-        if any(getattr(cls, m) is not getattr(BayesianNetwork, m) for m in ("forward", "model", "_reshape")):
-            return f"{cls.__name__} overrides the model or the forward pass"
-        if type(guide) not in (MeanFieldGuide, DeltaGuide):
-            return f"the guide is {type(guide).__name__}, neither the mean-field nor the delta guide"
-        if guide.model != network.model:
-            return "the guide was built for another model"
-        if not guide.sites:
-            return "the guide is not set up yet"
-        if type(network.likelihood).observe is not Likelihood.observe:
-            return f"the {type(network.likelihood).__name__} likelihood overrides observe"
-        for name, layer in network.layers.items():
-            if isinstance(layer, _Stateless):
-                continue
-            if not isinstance(layer, _Parametric):
-                return f"layer {name!r} ({type(layer).__name__}) is neither parameter-free nor Linear/Conv2d-like"
-            kind = type(layer)
-            if (kind.forward is not _Parametric.forward or kind.sample_params is not _Parametric.sample_params
-                    or kind.compute is _Parametric.compute):
-                return f"layer {name!r} ({kind.__name__}) does not run compute(x, *sample_params())"
-        sites = network.param_sites()
-        hyper = {}
-        for site, (layer, param, prior) in sites.items():
-            found = prior.hyper_priors(site, getattr(layer, f"{param}_init"), layer.param_axes[param])
-            if found is None:
-                return f"the {prior.spec_name} prior of {site} has hyper-variables the direct path does not know"
-            if found and type(guide) is DeltaGuide:
-                return f"the {prior.spec_name} prior of {site} has hyper-sites (the direct MAP objective has none)"
-            hyper.update(found)
-        if set(guide.sites) != set(sites) | set(hyper):
-            extra = sorted(set(guide.sites) - set(sites) - set(hyper))
-            return (f"the model has sites besides the layer parameters and their priors' hyper-sites: {extra[:3]}"
-                    if extra else "the guide and the network's parameters differ")
-        if type(guide) is DeltaGuide:
-            for name, info in guide.sites.items():
-                if info["family"] != "real":
-                    return f"site {name} is not real-valued"
-            return None
-        for name, info in guide.sites.items():
-            if name in hyper:
-                if info["local_reparam"]:
-                    return f"hyper-site {name} is under local reparameterisation"
-            elif info["family"] != "normal" or not info["local_reparam"]:
-                return f"site {name} is not a Gaussian under local reparameterisation"
-        return None
+        if not (hasattr(network, "param_sites") and isinstance(getattr(network, "likelihood", None), Likelihood)):
+            return f"the network is a {type(network).__name__}, not a network of this library"
+        for obj, method, what in ((network, "model", "the core evaluates forward() and the likelihood"),
+                                  (network.likelihood, "observe", "the core reads log_likelihood()")):
+            owner = next(c for c in type(obj).__mro__ if method in vars(c))
+            if not owner.__module__.startswith("pyro_sparse."):
+                return f"{owner.__name__} overrides {method}(): {what}"
+        if not isinstance(guide, Guide) or type(guide).posterior is Guide.posterior:
+            return f"the guide is a {type(guide).__name__}, which does not define posterior()"
+        if guide.model != network.model or not guide.sites:
+            return "the guide was built for another model" if guide.sites else "the guide is not set up yet"
+        declared = set(network.likelihood.hyper_sites(torch.zeros(())))
+        for site, (layer, param, prior) in network.param_sites().items():
+            if type(prior).sample is not Prior.sample:
+                return (f"the {prior.spec_name} prior of {site} defines its own sample(): the core reads the sites a "
+                        "prior declares (hyper_sites, site_prior, parameter)")
+            declared.add(site)
+            declared.update(prior.hyper_sites(site, getattr(layer, f"{param}_init"), layer.param_axes[param]))
+        extra = [name for name in guide.sites if name not in declared]
+        if extra:
+            return (f"site {extra[0]!r} is declared by no prior and no likelihood (a layer or model samples it "
+                    "itself); declare it as a prior's hyper_sites")
+        missing = sorted(declared - set(guide.sites))
+        return f"the guide has no site {missing[0]!r}" if missing else None
 
-    # ------------------------------------------------------------------ the estimate
     def plan(self, network, guide) -> _Plan:
         """The :class:`_Plan` of ``(network, guide)``, cached; ValueError when not supported."""
         plan = self._plan
-        if plan is not None and plan.network is network and plan.guide is guide:
+        if plan is not None and plan.network is network and plan.guide is guide and plan.current():
             return plan
         reason = self.supports(network, guide)
         if reason is not None:
-            raise ValueError(f"DirectELBO does not apply: {reason}; use MeanFieldELBO")
-        self._plan = plan = _Plan(network, guide)
+            raise ValueError(f"CoreELBO does not apply: {reason}; use MeanFieldELBO (elbo: pyro)")
+        self._plan = plan = _Plan(network, guide, self.local_reparam)
         return plan
 
-    @staticmethod
-    def mean_field_terms(guide, plan, masks=None, pruned_scale=None):
-        r"""``({site: what the layer uses}, sum_sites KL(q || p))`` of a mean-field guide, in the
-        order of the Pyro path's random draws.
+    def _pruning_factors(self, mask, like):
+        """:func:`~pyro_sparse.kl.pruning_factors`, again only when the mask tensor (object or
+        contents: its version counter), the scale or ``like``'s dtype/device change."""
+        key = (id(mask), self.pruned_scale, like.dtype, like.device)
+        hit = self._pruning.get(key)
+        if hit is None or hit[0] is not mask or hit[1] != mask._version:
+            if len(self._pruning) > 64:  # masks replaced at each pruning step: drop the stale ones
+                self._pruning.clear()
+            hit = self._pruning[key] = (mask, mask._version, pruning_factors(mask, self.pruned_scale, like))
+        return hit[2]
 
-        1. The hyper-sites, in the guide's site order (as ``MeanFieldGuide.forward`` runs them):
-           each is drawn from its posterior, ``v = q.rsample()`` (log-normal for scales and
-           precisions, Gaussian for the ``z`` of the group log-uniform prior), and its KL is
-           ``kl_divergence(q, p)`` where registered, else ``log q(v) - log p(v)`` with that draw
-           (``MeanFieldELBO``'s rule).
-        2. The parameter sites (local reparameterisation: nothing drawn): each gets
-           ``GaussianWeight(mu, sigma^2)``; the KL against a prior that depends on no hyper-value
-           comes from one fused node (:meth:`~pyro_sparse.guides.MeanFieldGuide.local_terms`)
-           where :func:`~pyro_sparse.distributions.kl_terms_for` knows it, else from
-           ``kl_divergence`` against :meth:`~pyro_sparse.priors.Prior.site_prior` given the drawn
-           hyper-values.
-        3. Each layer gets :meth:`~pyro_sparse.priors.Prior.parameter` of its site's Gaussian and
-           the hyper-values (``s * eps`` for the non-centred priors), as ``Prior.sample`` hands it.
+    def _reduced(self, fn, mask, name):
+        return fn if mask is None else reduced_normal(fn, mask, self.pruned_scale, name)
 
-        A site with a mask in ``masks`` (see the class) has its posterior and prior reduced to
-        ``N(0, pruned_scale^2)`` where the mask is False: in the fused node when its prior is a
-        fixed scalar Gaussian (pruned elements: KL 0, variance ``pruned_scale^2``, no gradient),
-        else with :func:`~pyro_sparse.distributions.reduced_normal` of both and their
-        ``kl_divergence``, the Pyro path's term (which raises, as that path does, for a
-        non-Gaussian prior).
-        """
-        masked = {} if not masks else {site: mask for site, mask in masks.items() if site in plan.owners}
-        drawn, kl = {}, 0.0
-        for name, p in plan.hyper.items():
-            q = guide.distribution(name)
-            v = drawn[name] = q.rsample()
-            try:
-                term = kl_divergence(q, p)
-            except NotImplementedError:
-                term = q.log_prob(v) - p.log_prob(v)
-            kl = kl + term.sum()
-        values = {}
-        fused, elementwise = plan.fused, plan.other
-        if masked:  # a Gaussian prior's masked site stays in the fused node; others are reduced below
-            fused = [(site, terms) for site, terms in plan.fused
-                     if site not in masked or isinstance(terms, NormalKLTerms)]
-            elementwise = elementwise + [(site, plan.priors[site]) for site, terms in plan.fused
-                                         if site in masked and not isinstance(terms, NormalKLTerms)]
-        if fused:
-            names = [site for site, _ in fused]
-            pruning = None
-            if masked:
-                pruning = [None if site not in masked else
-                           _cached_pruning_factors(masked[site], pruned_scale, guide.locs[site.replace(".", "__")])
-                           for site in names]
-            weights, fused_kl = guide.local_terms(names, [terms for _, terms in fused], pruning)
-            values = dict(zip(names, weights))
-            kl = fused_kl if not plan.hyper else kl + fused_kl
-        for site, prior in elementwise:
-            q = guide.distribution(site)
-            if site in masked:
-                q, prior = (reduced_normal(d, masked[site], pruned_scale, site) for d in (q, prior))
-            values[site] = GaussianWeight(q.loc, q.variance)
-            kl = kl + kl_divergence(q, prior).sum()
-        for site in plan.conditional:
-            prior, init = plan.owners[site]
-            q, p = guide.distribution(site), prior.site_prior(site, init, drawn)
-            if site in masked:
-                q, p = (reduced_normal(d, masked[site], pruned_scale, site) for d in (q, p))
-            values[site] = GaussianWeight(q.loc, q.variance)
-            kl = kl + kl_divergence(q, p).sum()
-        if drawn:
-            for site, (prior, _) in plan.owners.items():
-                values[site] = prior.parameter(site, values[site], drawn)
-        return values, kl
-
-    @staticmethod
-    def point_mass_terms(guide, plan):
-        """``({site: w_hat}, -sum_sites log p(w_hat))`` of a delta guide: the point values and
-        ``KL(delta_{w_hat} || p) = log delta(w_hat) - log p(w_hat) = -log p(w_hat)``, one fused
-        node (:func:`~pyro_sparse.distributions.summed_neg_log_density`) for the priors with a
-        closed-form gradient, ``log_prob`` for the others."""
-        values = {site: guide.value(site) for site in plan.priors}
-        kl = 0.0
-        if plan.fused:
-            kl = summed_neg_log_density([terms for _, terms in plan.fused], [values[site] for site, _ in plan.fused])
-        for site, prior in plan.other:
-            kl = kl - prior.log_prob(values[site]).sum()
-        return values, kl
-
-    @staticmethod
-    def forward(network, plan, values, x):
-        """The network's output on ``x`` with the parameter values ``values`` (site -> tensor or
-        GaussianWeight): each layer's ``compute``, as its ``forward`` would run it."""
-        h = network._reshape(x)
-        for layer, sites in plan.steps:
-            if sites is None:
-                h = layer(h)
+    def mean_field_terms(self, plan, guide, masks):
+        """``(values, [KL terms])`` of a guide that draws (steps 1-3 of the class docstring)."""
+        values, kls, drawn = Values(), [], []
+        layout = plan.layout
+        for s in plan.draw_order:  # 1. draws in the guide's order
+            if s.fused:
+                layout.draw(s.name)
             else:
-                weight, bias = sites
-                h = layer.compute(h, values[weight], None if bias is None else values[bias])
-        return h
+                q = self._reduced(guide.posterior(s.name, values), masks.get(s.name), s.name)
+                values[s.name] = v = q.rsample()
+                drawn.append((s, q, v))
+        if layout is not None:  # 2. the fused hyper-sites; log-normal ones give log-values
+            draws, kl = hyper_terms(layout, guide.hyper_locs, guide.hyper_log_scales)
+            split = layout.lognormal_sites
+            values.logs.update(zip(layout.names[:split], draws[:split]))
+            values.update(zip(layout.names[split:], draws[split:]))
+            kls.append(kl)
+        for s, q, v in drawn:  # 3. the KL of the other sites
+            p = self._reduced(s.prior_given(values), masks.get(s.name), s.name)
+            try:
+                kls.append(kl_divergence(q, p).sum())
+            except NotImplementedError:  # no closed form: the one-sample estimate, as Pyro's
+                kls.append((q.log_prob(v) - p.log_prob(v)).sum())
+        if plan.fused_local:
+            names = [name for name, _ in plan.fused_local]
+            locs = [guide.locs[name.replace(".", "__")] for name in names]
+            pruning = None
+            if masks:
+                for name, terms in plan.fused_local:  # a non-Gaussian prior cannot be reduced: raises as Pyro does
+                    if name in masks and not isinstance(terms, NormalKLTerms):
+                        reduced_normal(next(s for s in plan.sites if s.name == name).fixed, masks[name], 1.0, name)
+                pruning = [self._pruning_factors(masks[n], loc) if n in masks else None for n, loc in zip(names, locs)]
+            weights, kl = local_terms(locs, [guide.log_scales[name.replace(".", "__")] for name in names],
+                                      [t for _, t in plan.fused_local], pruning)
+            values.update(zip(names, weights))
+            kls.append(kl)
+        for s in plan.generic_local:
+            mask = masks.get(s.name)
+            q = self._reduced(guide.posterior(s.name, values), mask, s.name)
+            values[s.name] = GaussianWeight(q.loc, q.variance)
+            kls.append(kl_divergence(q, self._reduced(s.prior_given(values), mask, s.name)).sum())
+        return values, kls
+
+    @staticmethod
+    def point_mass_terms(plan, guide):
+        """``(values, [KL terms])`` of a point-mass guide: ``KL(delta || p) = -log p(w_hat)`` per
+        site, given the hyper-values."""
+        values = Values((s.name, guide.value(s.name)) for s in plan.sites)
+        return values, [s.point(values[s.name]) if s.point is not None else -s.prior_given(values).log_prob(
+            values[s.name]).sum() for s in plan.sites]
 
     @staticmethod
     def data_term(network, out, y, dataset_size=None, subsample=None):
@@ -477,21 +389,17 @@ class DirectELBO(_LossFromDifferentiableLoss):
 
     def terms(self, network, guide, x, y, dataset_size=None, subsample=None):
         """(expected log-likelihood estimate, total KL), both differentiable; the same as
-        ``MeanFieldELBO(local_reparam=True).terms(network.model, guide, x, y, ...)``."""
+        ``MeanFieldELBO(local_reparam=...).terms(network.model, guide, x, y, ...)``."""
         if not guide.sites:
             guide.setup(x, y, dataset_size=dataset_size, subsample=subsample)
         plan = self.plan(network, guide)
         if plan.point_mass:
             if self.masks:
-                raise ValueError("DirectELBO: masks (pruned weights) need the mean-field guide, got a DeltaGuide")
-            values, kl = self.point_mass_terms(guide, plan)
+                raise ValueError("CoreELBO: masks (pruned weights) need the mean-field guide, got a DeltaGuide")
+            values, kls = self.point_mass_terms(plan, guide)
         else:
-            values, kl = self.mean_field_terms(guide, plan, self.masks, self.pruned_scale)
-        out = self.forward(network, plan, values, x)
-        return self.data_term(network, out, y, dataset_size, subsample), kl
-
-    def differentiable_loss(self, network, guide, x, y, dataset_size=None, subsample=None):
-        """``kl_weight * KL - (N/B) log-likelihood``; sets ``last_terms``."""
-        loglik, kl = self.terms(network, guide, x, y, dataset_size, subsample)
-        self.last_terms = {"loglik": loglik.detach(), "kl": torch.as_tensor(kl).detach()}
-        return (kl if self.kl_weight == 1 else self.kl_weight * kl) - loglik  # 1 * kl is kl: one node fewer
+            values, kls = self.mean_field_terms(plan, guide, self.masks or {})
+        with provided(values):
+            out = network(x)
+            loglik = self.data_term(network, out, y, dataset_size, subsample)
+        return loglik, (sum(kls[1:], kls[0]) if kls else torch.zeros((), dtype=out.dtype))

@@ -6,14 +6,13 @@ generators, history). One optimisation step is
     loss = beta_t * KL(q || p) - (N / B) * sum_{n in batch} log p(y_n | x_n, w)
     loss.backward(); clip; optimizer.step()
 
-with the loss from :class:`~pyro_sparse.elbo.MeanFieldELBO` (analytic KL, local
-reparameterisation) and beta_t the KL warm-up. Where the same estimate needs no Pyro tracing
-(mean-field guide under local reparameterisation with fixed priors or priors with hyper-sites such
-as the horseshoe, or delta guide (MAP) with fixed priors; a sequential network of Linear/Conv2d and
-parameter-free layers; :meth:`~pyro_sparse.elbo.DirectELBO.supports`)
-the trainer computes it with :class:`~pyro_sparse.elbo.DirectELBO` instead: same value, same
-random draws, no per-step Pyro overhead. ``elbo: pyro`` in the recipe keeps the Pyro path;
-``trainer.elbo_path`` says which ran. Each epoch it evaluates the posterior predictive on held-out
+with the loss from the ELBO core, :class:`~pyro_sparse.elbo.CoreELBO` (analytic KL, local
+reparameterisation, no per-step Pyro overhead; every prior, guide, layer and likelihood of the
+library), and beta_t the KL warm-up. ``elbo: pyro`` in the recipe takes the reference
+:class:`~pyro_sparse.elbo.MeanFieldELBO` (same value and draws through Pyro's effect handlers); a
+model the core cannot run (a prior or layer that samples sites it does not declare) takes that
+path too, with a :class:`CoreFallbackWarning` at start-up saying why. ``trainer.elbo_path`` says
+which ran. Each epoch it evaluates the posterior predictive on held-out
 data, appends to ``metrics.jsonl`` and writes an atomic checkpoint from which ``resume`` continues
 bit-for-bit (the RNG states are part of it).
 
@@ -71,7 +70,7 @@ from tqdm.auto import tqdm
 from . import distributed, evaluation
 from .checkpoint import load_safe, save_atomic, write_text_atomic
 from .data import Dataset
-from .elbo import DirectELBO, MeanFieldELBO
+from .elbo import CoreELBO, MeanFieldELBO
 from .errors import CheckpointError, DataError, PyroSparseError, PyroSparseWarning, SpecError
 from .guides import DeltaGuide
 from .recipe import RECIPE_FIELDS, check_device, guide_param_groups, make_optimizer, make_scheduler, parse_recipe
@@ -106,6 +105,11 @@ class NonFiniteStep(FloatingPointError):
     def __init__(self, what: str, step: int, epoch: int, batch: int, batches: int, text: str | None = None):
         self.what, self.step, self.epoch, self.batch = what, step, epoch, batch
         super().__init__(text or f"non-finite {what} at step {step} (epoch {epoch}, batch {batch} of {batches})")
+
+
+class CoreFallbackWarning(PyroSparseWarning):
+    """A trainer fits through Pyro because its model does not run on the ELBO core (the message
+    says what is missing)."""
 
 
 def _defined_in(cls, name):
@@ -225,7 +229,7 @@ class SVITrainer:
     _batch, _ok, _last_fault = 0, None, None
     #: L0, the loss per datum at the run's start with the full KL weight (see the module docstring)
     loss_reference = None
-    #: which ELBO implementation the steps use: "direct" (DirectELBO) or "pyro" (MeanFieldELBO);
+    #: which ELBO implementation the steps use: "core" (CoreELBO) or "pyro" (MeanFieldELBO);
     #: None for subclasses that fit another objective (spam.LaplaceTrainer)
     elbo_path = None
 
@@ -257,6 +261,10 @@ class SVITrainer:
         if self.world > 1:
             distributed.broadcast_parameters(self.guide.parameters())
         self.elbo, self.elbo_path, self.elbo_reason = self.make_elbo()
+        if self.elbo_path == "pyro" and recipe.get("elbo", "auto") != "pyro":
+            warnings.warn(f"{type(self).__name__}: this model does not run on the ELBO core ({self.elbo_reason}); "
+                          "fitting through Pyro, several times slower per step (elbo: pyro in the recipe chooses "
+                          "that path without this warning)", CoreFallbackWarning, stacklevel=2)
         self.optimizer = make_optimizer(
             guide_param_groups(self.guide, recipe["optimizer"], recipe.get("scale_lr_factor", 1.0)),
             recipe["optimizer"])
@@ -431,7 +439,7 @@ class SVITrainer:
         elbo.kl_weight = 1.0
         idx = torch.arange(min(self.batch_size, self.num_train), device=self.device)
         devices = [self.device] if self.device.type == "cuda" else []
-        model, guide = (self.network, self.guide) if path == "direct" else self.objective()
+        model, guide = (self.network, self.guide) if path == "core" else self.objective()
         with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
             torch.manual_seed(self.recipe["seed"])
             try:
@@ -488,31 +496,28 @@ class SVITrainer:
         return self._data_note
 
     def make_elbo(self):
-        """(elbo, path, reason): :class:`DirectELBO` ("direct") when ``elbo`` is ``auto``, the
-        recipe's ``local_reparam`` is on or the guide is a point mass (a delta guide samples
-        nothing, so the flag does not change its estimate), the objective is the plain model and
-        guide (not wrapped by a subclass, or wrapped only to prune weights: :meth:`pruned_weights`) and
-        :meth:`DirectELBO.supports` accepts the pair; else
-        :class:`MeanFieldELBO` ("pyro") and why the direct path was not taken."""
+        """(elbo, path, reason): :class:`~pyro_sparse.elbo.CoreELBO` ("core"), unless the recipe
+        sets ``elbo: pyro``, the trainer wraps the model and guide in a way it does not describe
+        (:meth:`objective` overridden without :meth:`pruned_weights`), or
+        :meth:`CoreELBO.supports <pyro_sparse.elbo.CoreELBO.supports>` names what the model lacks;
+        then :class:`~pyro_sparse.elbo.MeanFieldELBO` ("pyro") and why."""
         recipe = self.recipe
+        local = recipe["local_reparam"]
         pruned = None
         if recipe.get("elbo", "auto") == "pyro":
             reason = "the recipe sets elbo: pyro"
-        elif not recipe["local_reparam"] and not isinstance(self.guide, DeltaGuide):
-            reason = "the recipe sets local_reparam: false"
         elif not issubclass(_defined_in(type(self), "pruned_weights"), _defined_in(type(self), "objective")):
-            reason = f"{type(self).__name__} wraps the model and guide"
+            reason = (f"{type(self).__name__} wraps the model and guide (objective()) without describing it "
+                      "(pruned_weights())")
         else:
             pruned = self.pruned_weights()
-            reason = DirectELBO.supports(self.network, self.guide)
+            reason = CoreELBO.supports(self.network, self.guide)
             if reason is None and pruned is not None and isinstance(self.guide, DeltaGuide):
                 reason = "pruned weights need the mean-field guide"
         if reason is None:
-            if pruned is None:
-                return DirectELBO(), "direct", None
-            masks, scale = pruned
-            return DirectELBO(masks=masks, pruned_scale=scale), "direct", None
-        return MeanFieldELBO(local_reparam=recipe["local_reparam"]), "pyro", reason
+            masks, scale = pruned if pruned is not None else (None, None)
+            return CoreELBO(local_reparam=local, masks=masks, pruned_scale=scale), "core", None
+        return MeanFieldELBO(local_reparam=local), "pyro", reason
 
     def pruned_weights(self):
         """None, or ``(masks, pruned_scale)`` when :meth:`objective` wraps the model and guide in
@@ -534,7 +539,7 @@ class SVITrainer:
         applies the update."""
         x, y = self.data.x_train[idx], self.data.y_train[idx]
         self.elbo.kl_weight = beta
-        model, guide = (self.network, self.guide) if self.elbo_path == "direct" else self.objective()
+        model, guide = (self.network, self.guide) if self.elbo_path == "core" else self.objective()
         loss = self.elbo.differentiable_loss(model, guide, x, y, dataset_size=self.num_train, subsample=idx)
         params = self._params
         for p in params:  # optimizer.zero_grad(set_to_none=True), without its per-call overhead

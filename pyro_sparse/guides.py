@@ -28,14 +28,9 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
 from torch import nn
 from torch.distributions import kl_divergence
 
-from .distributions import LogScaleNormal, _constants, clamp, log_alpha
-from .local_reparam import GaussianWeight
+from .distributions import LOG_SCALE_MAX, LOG_SCALE_MIN, LogScaleNormal, clamp, log_alpha
+from .kl import HyperLayout, has_closed_form
 from .registry import GUIDES
-
-#: documented range of log sigma for every Gaussian/log-normal posterior scale: sigma in
-#: [exp(-12), exp(4)] ~ [6e-6, 55]; keeps log-variances finite (Sparse VD can drive sigma to 0).
-LOG_SCALE_MIN, LOG_SCALE_MAX = -12.0, 4.0
-
 
 
 def _init_from_prior(site):
@@ -47,6 +42,12 @@ def _init_from_prior(site):
 
 def _key(name: str) -> str:
     return name.replace(".", "__")
+
+
+def _base_distribution(fn):
+    while isinstance(fn, dist.Independent):
+        fn = fn.base_dist
+    return fn
 
 
 def _event_support(fn):
@@ -107,6 +108,21 @@ class Guide(nn.Module):
     def _add_site(self, site):
         raise NotImplementedError
 
+    def posterior(self, name: str, values: dict):
+        """``q(site | values of the sites before it)``, batch shape of the site (no event dims):
+        the one definition of the family, which :meth:`forward` samples for Pyro and the ELBO core
+        (:class:`~pyro_sparse.elbo.CoreELBO`) draws from directly."""
+        raise NotImplementedError
+
+    def forward(self, *args, **kwargs):
+        """The Pyro guide: each site in order from :meth:`posterior` given the earlier draws."""
+        if not self.sites:
+            self.setup(*args, **kwargs)
+        values = {}
+        for name, info in self.sites.items():
+            values[name] = pyro.sample(name, self.posterior(name, values).to_event(info["event_dim"]),
+                                       infer={"ps_local_reparam": info.get("local_reparam", False)})
+
     def median(self) -> dict[str, torch.Tensor]:
         """Point value per site (posterior median), e.g. for deterministic predictions."""
         raise NotImplementedError
@@ -127,6 +143,15 @@ class MeanFieldGuide(Guide):
         local_reparam: let analytically tractable weight sites be replaced by their
             pre-activations when a :class:`~pyro_sparse.local_reparam.LocalReparameterization`
             handler is active.
+
+    Storage: the mean and ``log sigma`` of a weight site are the parameters ``locs[<key>]`` and
+    ``log_scales[<key>]`` (``<key>``: the site name with ``__`` for ``.``). The hyper-sites whose KL
+    the ELBO core takes in its fused node (:meth:`~pyro_sparse.kl.HyperLayout.joins`: the scales,
+    precisions and group variables of the library's priors) are stored together in two flat
+    parameters, ``hyper_locs`` and ``hyper_log_scales`` (log-normal sites first, then Gaussian
+    ones, each in site order; ``hyper`` maps a site to its ``(offset, numel, shape)``): a horseshoe
+    layer has five such sites, and two parameters instead of ten spare the optimiser, the gradient
+    norm and autograd a pass per tensor. :meth:`loc` and :meth:`log_scale` read either.
 
     Clamp: every posterior scale is ``exp(clamp(log_scale, LOG_SCALE_MIN, LOG_SCALE_MAX))``,
     i.e. sigma in [exp(-12), exp(4)] ~ [6.1e-6, 54.6] and log sigma^2 in [-24, 8], so a
@@ -150,6 +175,8 @@ class MeanFieldGuide(Guide):
         self.local_reparam = local_reparam
         self.locs = nn.ParameterDict()
         self.log_scales = nn.ParameterDict()
+        self.hyper: dict[str, tuple] = {}
+        self._staged: dict = {}
 
     def _add_site(self, site):
         name, value = site["name"], site["value"]
@@ -161,13 +188,61 @@ class MeanFieldGuide(Guide):
         else:
             raise NotImplementedError(f"MeanFieldGuide: site {name!r} has support {support}; "
                                       "only real and positive sites are supported")
-        self.locs[_key(name)] = nn.Parameter(loc.detach().clone())
-        self.log_scales[_key(name)] = nn.Parameter(torch.full_like(loc, log_scale))
-        q = self._distribution(family, self.locs[_key(name)], self.log_scales[_key(name)])
+        loc = loc.detach().clone()
+        log_scale = torch.full_like(loc, log_scale)
+        q = self._distribution(family, loc, log_scale)
+        prior = _base_distribution(site["fn"])
+        if site["infer"].get("ps_role") in ("scale", "group") and HyperLayout.joins(q, prior):
+            self._staged[name] = (loc, log_scale)
+        else:
+            self.locs[_key(name)] = nn.Parameter(loc)
+            self.log_scales[_key(name)] = nn.Parameter(log_scale)
         self.sites[name] = {"family": family, "event_dim": value.dim(),
                             "local_reparam": self.local_reparam and family == "normal"
                             and site["infer"].get("ps_local_reparam_ok", False)
-                            and _has_analytic_kl(q.to_event(value.dim()), site["fn"])}
+                            and has_closed_form(q.to_event(value.dim()), site["fn"])}
+
+    def setup(self, *args, **kwargs):
+        if self.sites:
+            return self
+        super().setup(*args, **kwargs)
+        if self._staged:  # the flat hyper-site parameters: log-normal sites, then Gaussian ones
+            order = sorted(self._staged, key=lambda n: self.sites[n]["family"] != "lognormal")
+            offset = 0
+            for name in order:
+                n = self._staged[name][0].numel()
+                self.hyper[name] = (offset, n, self._staged[name][0].shape)
+                offset += n
+            self.hyper_locs = nn.Parameter(torch.cat([self._staged[n][0].reshape(-1) for n in order]))
+            self.hyper_log_scales = nn.Parameter(torch.cat([self._staged[n][1].reshape(-1) for n in order]))
+            self._staged = {}
+        return self
+
+    def loc(self, name):
+        """The posterior mean parameter of site ``name`` (log-space for a log-normal site): its
+        own parameter, or a view of ``hyper_locs``."""
+        place = self.hyper.get(name)
+        if place is None:
+            return self.locs[_key(name)]
+        offset, n, shape = place
+        return self.hyper_locs[offset: offset + n].view(shape)
+
+    def log_scale(self, name):
+        """The unclamped ``log sigma`` parameter of site ``name`` (a view for a flat hyper-site)."""
+        place = self.hyper.get(name)
+        if place is None:
+            return self.log_scales[_key(name)]
+        offset, n, shape = place
+        return self.hyper_log_scales[offset: offset + n].view(shape)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Reads checkpoints written before hyper-sites were stored flat (one entry per site)."""
+        if self.hyper and prefix + "hyper_locs" not in state_dict:
+            keys = [(f"{prefix}locs.{_key(n)}", f"{prefix}log_scales.{_key(n)}") for n in self.hyper]
+            if all(k in state_dict for pair in keys for k in pair):
+                state_dict[prefix + "hyper_locs"] = torch.cat([state_dict.pop(a).reshape(-1) for a, _ in keys])
+                state_dict[prefix + "hyper_log_scales"] = torch.cat([state_dict.pop(b).reshape(-1) for _, b in keys])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
     def _distribution(family, loc, log_scale):
@@ -179,39 +254,15 @@ class MeanFieldGuide(Guide):
     def distribution(self, name):
         """The posterior distribution of site ``name`` (without event dims)."""
         info = self.sites[name]
-        return self._distribution(info["family"], self.locs[_key(name)], self.log_scales[_key(name)])
+        return self._distribution(info["family"], self.loc(name), self.log_scale(name))
 
-    def forward(self, *args, **kwargs):
-        if not self.sites:
-            self.setup(*args, **kwargs)
-        for name, info in self.sites.items():
-            pyro.sample(name, self.distribution(name).to_event(info["event_dim"]),
-                        infer={"ps_local_reparam": info["local_reparam"]})
-
-    def local_terms(self, names, kl_terms, pruning=None):
-        """``([GaussianWeight(mu, sigma^2) per site], sum_sites sum KL(q || p))`` for the Gaussian
-        sites ``names``, in one autograd node (:class:`_LocalTerms`): what layers under local
-        reparameterisation and the ELBO's KL take from this guide, the KL of each site by its
-        ``kl_terms`` (from :func:`~pyro_sparse.distributions.kl_terms_for` of the site's fixed
-        prior). Same values and gradients as ``distribution(name)`` followed by its ``variance``
-        and ``kl_divergence(..., prior).sum()``; used by :class:`~pyro_sparse.elbo.DirectELBO`.
-
-        ``pruning``: per site None or the ``(keep, fill)`` of
-        :func:`~pyro_sparse.distributions.pruning_factors` (a weight pruned by iterative BMR):
-        a pruned element gets ``GaussianWeight(0, g_0^2)``, KL 0 (that of ``N(0, g_0^2)``
-        against the reduced prior ``N(0, g_0^2)``, for Gaussian priors) and zero gradient, as
-        :func:`~pyro_sparse.distributions.reduced_normal` of posterior and prior gives."""
-        locs = [self.locs[_key(name)] for name in names]
-        pruning = tuple(pruning) if pruning is not None else (None,) * len(names)
-        out = _LocalTerms.apply(tuple(kl_terms), pruning, *locs, *(self.log_scales[_key(name)] for name in names))
-        # a kept element's mean is mu * 1 = mu, a pruned one's mu * 0 = 0, and no gradient reaches it
-        return ([GaussianWeight(loc if factors is None else loc * factors[0], var)
-                 for loc, var, factors in zip(locs, out[:-1], pruning)], out[-1])
+    def posterior(self, name, values):
+        return self.distribution(name)
 
     def median(self):
         out = {}
         for name, info in self.sites.items():
-            loc = self.locs[_key(name)].detach()
+            loc = self.loc(name).detach()
             out[name] = loc if info["family"] == "normal" else loc.exp()
         return out
 
@@ -225,77 +276,6 @@ class MeanFieldGuide(Guide):
             raise ValueError(f"site {name!r} is not Gaussian")
         q = self.distribution(name)
         return log_alpha(q.loc, q.scale).detach()
-
-
-class _LocalTerms(torch.autograd.Function):
-    """Variances and total KL of mean-field Gaussian sites from their raw parameters
-    ``(mu, log sigma)``: per site ``l = clamp(log sigma)``, ``var = exp(2 l)`` and the summed KL
-    ``sum kl(mu, l)``, as one autograd node for all sites.
-
-    Backward, with ``g_var`` from each layer and ``g_kl`` from the ELBO:
-    ``d/d mu = g_kl dkl/dmu`` and ``d/d log sigma = [2 var g_var + g_kl dkl/dl] 1{clamp inactive}``,
-    the partial derivatives of the KL formed in the forward pass: at most three passes over each
-    site instead of autograd's clamp, exp and KL nodes, their sums and the kernels of each."""
-
-    @staticmethod
-    def forward(ctx, kl_terms, pruning, *params):
-        ctx.set_materialize_grads(False)
-        need = any(ctx.needs_input_grad)
-        sites = len(kl_terms)
-        variances, kls, saved = [], [], []
-        for terms, factors, loc, raw in zip(kl_terms, pruning, params[:sites], params[sites:]):
-            log_scale = raw.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
-            var = torch.mul(log_scale, _constants((2.0,), loc)[0]).exp_()  # exp(2 l), as LogScaleNormal.variance
-            kl, d_loc, d_log_scale = terms(loc, log_scale, var, need)
-            inside = log_scale.eq_(raw) if need else None  # 1.0 where the clamp is inactive
-            out_var = var
-            if factors is not None:  # pruned: N(0, g0^2) against N(0, g0^2): KL 0, variance g0^2, no gradient
-                keep, fill = factors  # exact: x * 1 + 0 = x, x * 0 + g0^2 = g0^2 (x finite)
-                kl = kl * keep
-                out_var = torch.addcmul(fill, var, keep)
-                if need:
-                    d_loc = d_loc * keep
-                    inside = inside.mul_(keep)
-            kls.append(kl.sum())
-            variances.append(out_var)
-            if need:
-                saved += [var, d_loc, d_log_scale, inside]
-        if need:
-            ctx.save_for_backward(*saved)
-        return (*variances, torch.stack(kls).sum() if sites > 1 else kls[0])
-
-    @staticmethod
-    def backward(ctx, *grads):
-        g_vars, g_kl = grads[:-1], grads[-1]
-        saved = ctx.saved_tensors
-        # the KL's gradient is usually exactly 1 (kl_weight 1): then skip multiplying by it (the
-        # host read is free on the CPU); a saved tensor returned as a gradient is copied, not
-        # aliased, by autograd if it becomes a .grad
-        unit = g_kl is not None and g_kl.device.type == "cpu" and float(g_kl) == 1.0
-        g_locs, g_log_scales = [], []
-        for i, g_var in enumerate(g_vars):
-            var, d_loc, d_log_scale, inside = saved[4 * i: 4 * i + 4]
-            g_loc = g_log_scale = None
-            if g_kl is not None:
-                g_loc = d_loc if unit else d_loc * g_kl
-                g_log_scale = d_log_scale if unit else d_log_scale * g_kl
-            if g_var is not None:
-                g_log_scale = (g_var * var * 2.0 if g_log_scale is None
-                               else torch.addcmul(g_log_scale, g_var, var, value=2.0) if unit
-                               else g_log_scale.addcmul_(g_var, var, value=2.0))
-            if g_log_scale is not None:
-                g_log_scale = g_log_scale * inside if g_log_scale is d_log_scale else g_log_scale.mul_(inside)
-            g_locs.append(g_loc)
-            g_log_scales.append(g_log_scale)
-        return (None, None, *g_locs, *g_log_scales)
-
-
-def _has_analytic_kl(q, p):
-    try:
-        kl_divergence(q, p)
-        return True
-    except NotImplementedError:
-        return False
 
 
 class DeltaGuide(Guide):
@@ -326,11 +306,8 @@ class DeltaGuide(Guide):
         raw = self.values[_key(name)]
         return raw if self.sites[name]["family"] == "real" else raw.exp()
 
-    def forward(self, *args, **kwargs):
-        if not self.sites:
-            self.setup(*args, **kwargs)
-        for name, info in self.sites.items():
-            pyro.sample(name, dist.Delta(self.value(name), event_dim=info["event_dim"]))
+    def posterior(self, name, values):
+        return dist.Delta(self.value(name))
 
     def median(self):
         return {name: self.value(name).detach() for name in self.sites}
@@ -359,10 +336,9 @@ class GaussianPosterior(Guide):
     def setup(self, *args, **kwargs):
         return self
 
-    def forward(self, *args, **kwargs):
-        for name, info in self.sites.items():
-            loc, var = self._marginals[name]
-            pyro.sample(name, dist.Normal(loc, var.sqrt()).to_event(info["event_dim"]))
+    def posterior(self, name, values):
+        loc, var = self._marginals[name]
+        return dist.Normal(loc, var.sqrt())
 
     def median(self):
         return {name: loc for name, (loc, _) in self._marginals.items()}

@@ -274,9 +274,7 @@ class _Parametric(Layer):
     def compute(self, x, weight, bias):
         """The layer's operation for given parameters: tensors, or under local
         reparameterisation :class:`~pyro_sparse.local_reparam.GaussianWeight` (then the
-        pre-activations are sampled). ``forward`` is ``compute(x, *sample_params())``; the
-        direct ELBO (:class:`~pyro_sparse.elbo.DirectELBO`) calls it with the guide's Gaussians or,
-        for a delta guide, its point values."""
+        pre-activations are sampled). ``forward`` is ``compute(x, *sample_params())``."""
         raise NotImplementedError
 
     def forward(self, x):

@@ -15,9 +15,13 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 
-from .priors import sample_scale
+from .priors import HyperSite, given_values, sample_hyper
 from .registry import LIKELIHOODS
 from .schema import Configurable, Field, build_registered
+
+
+#: the site of a learned observation noise scale
+NOISE_SITE = "likelihood.noise"
 
 
 class Likelihood(Configurable):
@@ -28,6 +32,11 @@ class Likelihood(Configurable):
     def distribution(self, output: torch.Tensor):
         """The observation distribution given the network output (batch first)."""
         raise NotImplementedError
+
+    def hyper_sites(self, like: torch.Tensor) -> dict:
+        """The likelihood's own latent variables (name -> :class:`~pyro_sparse.priors.HyperSite`),
+        ``like`` giving dtype and device: none, unless a subclass learns some (a noise scale)."""
+        return {}
 
     def output_dim(self, num_outputs: int) -> int:
         return num_outputs
@@ -184,11 +193,21 @@ class Gaussian(Likelihood):
         mean, scale = affine
         return dist.Normal(mean + scale * output, noise * scale)
 
+    def hyper_sites(self, like):
+        """``{"likelihood.noise": HyperSite}`` with a learned noise (half-normal prior of scale
+        ``noise``, starting there), else ``{}``."""
+        if not self.learn_noise:
+            return {}
+        prior = dist.HalfNormal(like.new_tensor(self.noise)).expand([1])
+        return {NOISE_SITE: HyperSite(prior, like.new_full((1,), self.noise))}
+
     def noise_scale(self, like):
         if not self.learn_noise:
             return like.new_tensor(self.noise)
-        prior = dist.HalfNormal(like.new_tensor(self.noise)).expand([1])
-        return sample_scale("likelihood.noise", prior, like.new_full((1,), self.noise))
+        given = given_values()  # inside the ELBO core: its draw, without building the prior
+        if given is not None:
+            return given[NOISE_SITE]
+        return sample_hyper(NOISE_SITE, self.hyper_sites(like)[NOISE_SITE])
 
     def distribution(self, output, noise=None):
         if noise is None:

@@ -16,6 +16,9 @@ declares which tensor dimension each axis lives on.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -49,6 +52,58 @@ def _full(shape, value, like):
     return torch.full(tuple(shape), float(value), dtype=like.dtype, device=like.device)
 
 
+#: values handed to the priors instead of sampling (:func:`provided`), innermost last
+_PROVIDED: list = []
+
+
+@contextmanager
+def provided(values: dict):
+    """Within the block no sample site is emitted: :meth:`Prior.sample` returns
+    ``parameter(site, values[site], values)`` and :func:`sample_hyper` returns ``values[name]``.
+
+    ``values`` maps every site of the model to what its emission would have returned: the value of
+    a hyper-site, and for a parameter's own site a tensor or, where the weight is locally
+    reparameterised, a :class:`~pyro_sparse.local_reparam.GaussianWeight`. This is how the ELBO core
+    (:class:`~pyro_sparse.elbo.CoreELBO`) runs the network's own ``forward`` with the values it drew
+    from the guide, for every layer (recurrent, attention, converted modules) without Pyro.
+    ``values`` may carry ``logs`` (site -> log-value of a positive site, :func:`log_value`).
+    """
+    _PROVIDED.append(values)
+    try:
+        yield values
+    finally:
+        _PROVIDED.pop()
+
+
+def given_values():
+    """The innermost :func:`provided` values, or None outside such a block."""
+    return _PROVIDED[-1] if _PROVIDED else None
+
+
+class Values(dict):
+    """Site -> value, with ``logs``: site -> log-value of positive sites where the drawer has it
+    (a log-normal draw is ``exp(m + s eps)``; its log is free), so priors need not take the log;
+    the value of such a site is ``exp`` of its log-value, formed when first read."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.logs = {}
+
+    def __missing__(self, name):
+        log = self.logs.get(name)
+        if log is None:
+            raise KeyError(name)
+        value = self[name] = log.exp()
+        return value
+
+
+def log_value(values, name):
+    """``log values[name]``, read from ``values.logs`` when the drawer kept it."""
+    logs = getattr(values, "logs", None)
+    found = logs.get(name) if logs else None
+    return found if found is not None else values[name].log()
+
+
 def sample_weight(name, prior_fn, init, role="weight", local_reparam=True, group_sites=()):
     """Emit the sample site of a real-valued parameter and return what the layer uses.
 
@@ -60,6 +115,9 @@ def sample_weight(name, prior_fn, init, role="weight", local_reparam=True, group
     parameter's groups; structured guides condition the weights on them
     (:class:`~pyro_sparse.structured_guides.StructuredGuide`).
     """
+    given = given_values()
+    if given is not None:
+        return given[name]
     infer = {"ps_role": role, "ps_init": init, "ps_local_reparam_ok": local_reparam}
     if group_sites:
         infer["ps_group_sites"] = tuple(group_sites)
@@ -68,24 +126,92 @@ def sample_weight(name, prior_fn, init, role="weight", local_reparam=True, group
     return posterior if posterior is not None else value
 
 
-def sample_scale(name, prior_fn, init):
-    """Emit the sample site of a positive scale / precision variable (guide: log-normal)."""
-    return pyro.sample(name, prior_fn.to_event(init.dim()), infer={"ps_role": "scale", "ps_init": init})
+@dataclass(frozen=True)
+class HyperSite:
+    """A latent variable a prior (or a likelihood) adds besides the parameter: its prior
+    distribution (batch shape: one value per group), the value the guide starts from, and its role
+    (``scale``: a positive scale or precision, log-normal posterior; ``group``: a real
+    multiplicative group variable)."""
+
+    prior: object
+    init: torch.Tensor
+    role: str = "scale"
+
+
+def sample_hyper(name, site: HyperSite):
+    """Emit the sample site of a hyper-variable and return its value (inside :func:`provided`:
+    the provided value)."""
+    given = given_values()
+    if given is not None:
+        return given[name]
+    return pyro.sample(name, site.prior.to_event(site.init.dim()), infer={"ps_role": site.role, "ps_init": site.init})
 
 
 class Prior(Configurable):
-    """Base class of all priors.
+    """Base class of all priors: a prior *declares* its model, and everything else derives from it.
 
-    Subclasses declare ``fields`` and implement :meth:`sample`. ``sample`` is called in the
-    layer's forward, inside the model, once per mini-batch.
+    A prior over the parameter ``w`` at site ``<site>`` (``fc1.weight``) declares
+
+    * :meth:`hyper_sites`: its hyper-variables ``h`` (name -> :class:`HyperSite`), in order;
+    * :meth:`site_prior`: the prior of the parameter's own site given their values, ``p(v | h)``
+      (``conditional``: whether it depends on them at all);
+    * :meth:`parameter`: the parameter the layer uses, ``w = f(v, h)`` (``v`` itself for a centred
+      prior, ``s(h) * v`` for a non-centred one), and :meth:`site_init`, where ``v`` starts;
+    * :meth:`group_sites`: the hyper-sites that scale the parameter's groups (structured guides
+      condition on them).
+
+    :meth:`sample`, which the layer calls in its forward pass (inside the model, once per
+    mini-batch), is derived from these: emit the hyper-sites, then ``<site>`` from ``site_prior``,
+    and return ``parameter``. The ELBO core (:class:`~pyro_sparse.elbo.CoreELBO`) reads the same
+    declarations and hands :meth:`sample` the values it drew (:func:`provided`), so the Pyro model
+    and the core cannot drift apart. A new prior is one subclass declaring these (and ``fields``).
     """
 
     spec_name = "prior"
 
-    def sample(self, site: str, init: torch.Tensor, axes: dict[str, int]):
-        """Emit sample sites for the parameter at ``site``; return the parameter."""
-        raise NotImplementedError
+    #: the prior of the parameter's own site depends on hyper-values (else it is fixed)
+    conditional = False
 
+    # ------------------------------------------------------------------ declarations
+    def hyper_sites(self, site: str, init: torch.Tensor, axes: dict) -> dict:
+        """``{name: HyperSite}`` of the hyper-variables, in the order they are emitted; ``{}``
+        for a prior without any."""
+        return {}
+
+    def site_prior(self, site: str, init: torch.Tensor, values: dict):
+        """``p(<site> | hyper-values)``, batch shape ``init.shape``; ``values`` maps at least this
+        prior's hyper-sites to values (ignored unless ``conditional``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not declare the prior of its site")
+
+    def site_init(self, site: str, init: torch.Tensor, values: dict) -> torch.Tensor:
+        """Where the site ``<site>`` starts, given the parameter's initial value ``init`` and the
+        hyper-sites' initial values: ``init`` itself for a centred prior."""
+        return init
+
+    def group_sites(self, site: str) -> tuple:
+        """The hyper-sites that set the scale of the parameter's groups (emitted before it)."""
+        return ()
+
+    def parameter(self, site: str, value, values: dict):
+        """What the layer uses, from the value of the site ``<site>`` (a tensor, or under local
+        reparameterisation a :class:`~pyro_sparse.local_reparam.GaussianWeight`) and the values of
+        the hyper-sites: the value itself for a centred prior, ``s * eps`` for a non-centred one."""
+        return value
+
+    # ------------------------------------------------------------------ derived
+    def sample(self, site: str, init: torch.Tensor, axes: dict[str, int]):
+        """Emit the sample sites of the parameter at ``site`` and return the parameter
+        (inside :func:`provided`: the parameter of the provided values)."""
+        given = given_values()
+        if given is not None:
+            return self.parameter(site, given[site], given)
+        hyper = self.hyper_sites(site, init, axes)
+        values = {name: sample_hyper(name, h) for name, h in hyper.items()}
+        start = self.site_init(site, init, {name: h.init for name, h in hyper.items()})
+        value = sample_weight(site, self.site_prior(site, init, values), start, group_sites=self.group_sites(site))
+        return self.parameter(site, value, values)
+
+    # ------------------------------------------------------------------ read-outs of a fit
     def gaussian_prior(self, site: str, values: dict):
         """``(loc, scale)`` of the parameter's Gaussian prior given fitted hyper-variables.
 
@@ -124,44 +250,6 @@ class Prior(Configurable):
         (:attr:`~pyro_sparse.summary.SiteSummary.groups`)."""
         return {}
 
-    def fixed_distribution(self, init: torch.Tensor):
-        """The prior of the parameter as one distribution of batch shape ``init.shape`` when it
-        has no latent hyper-variables (then :meth:`sample` emits exactly one site with it), else
-        None. :class:`~pyro_sparse.elbo.DirectELBO` takes the KL against it (for a delta guide: its
-        log-density at the point value) without Pyro."""
-        return None
-
-    # ------------------------------------------------------------------ the pieces of sample()
-    # A prior's sample() is: draw the hyper-sites from hyper_priors() in order, then the
-    # parameter's own site <site> from site_prior() given their values, and hand the layer
-    # parameter() of that site's value. DirectELBO calls the same three methods with the values
-    # the guide drew, so both ELBO paths compute the same maths.
-
-    def hyper_priors(self, site: str, init: torch.Tensor, axes: dict):
-        """``{hyper-site name: its prior}`` (batch shape: the hyper-site's shape), in the order
-        :meth:`sample` emits them: ``{}`` for a prior without hyper-sites, None where the prior does
-        not describe its sites this way (then :class:`~pyro_sparse.elbo.DirectELBO` does not apply)."""
-        return {} if self.fixed_distribution(init) is not None else None
-
-    def fixed_site_prior(self, init: torch.Tensor):
-        """The prior of the parameter's own site ``<site>`` when it depends on no hyper-value (the
-        fixed distribution; ``N(0, 1)`` for a non-centred prior ``w = s * eps``), else None."""
-        return self.fixed_distribution(init)
-
-    def site_prior(self, site: str, init: torch.Tensor, values: dict):
-        """``p(<site> | hyper-values)``, batch shape ``init.shape``, given the values of the
-        hyper-sites (``values``: site name -> tensor, at least this prior's hyper-sites)."""
-        fixed = self.fixed_site_prior(init)
-        if fixed is None:
-            raise NotImplementedError(f"{type(self).__name__} does not say the prior of {site} given its hyper-sites")
-        return fixed
-
-    def parameter(self, site: str, value, values: dict):
-        """What the layer uses, from the value of the site ``<site>`` (a tensor, or under local
-        reparameterisation a :class:`~pyro_sparse.local_reparam.GaussianWeight`) and the values of
-        the hyper-sites: the value itself for a centred prior, ``s * eps`` for a non-centred one."""
-        return value
-
 
 class Gaussian(Prior):
     """Independent Gaussian prior ``w ~ N(loc, scale^2)`` on every element."""
@@ -173,10 +261,7 @@ class Gaussian(Prior):
         "loc": Field("float", 0.0, doc="prior mean"),
     }
 
-    def sample(self, site, init, axes):
-        return sample_weight(site, self.fixed_distribution(init), init)
-
-    def fixed_distribution(self, init):
+    def site_prior(self, site, init, values):
         return dist.Normal(_full((), self.loc, init), _full((), self.scale, init)).expand(init.shape)
 
     def gaussian_prior(self, site, values):
@@ -205,20 +290,18 @@ class GaussianGamma(Prior):
     def precision_site(self, site):
         return f"{site}.{self.group}_precision"
 
-    def hyper_priors(self, site, init, axes):
+    conditional = True
+
+    def hyper_sites(self, site, init, axes):
+        """The precision per group, starting at its prior mean ``concentration / rate``."""
         gshape = group_shape(init.shape, axes, self.group)
-        return {self.precision_site(site):
-                dist.Gamma(_full((), self.concentration, init), _full((), self.rate, init)).expand(gshape)}
+        prior = dist.Gamma(_full((), self.concentration, init), _full((), self.rate, init)).expand(gshape)
+        return {self.precision_site(site): HyperSite(prior, _full(gshape, self.concentration / self.rate, init))}
 
     def site_prior(self, site, init, values):
         """``N(0, 1 / lambda_g)`` per element, lambda_g the group's precision."""
-        scale = values[self.precision_site(site)].rsqrt().expand(init.shape)
+        scale = log_value(values, self.precision_site(site)).mul(-0.5).exp().expand(init.shape)
         return dist.Normal(torch.zeros_like(scale), scale)
-
-    def sample(self, site, init, axes):
-        (name, hyper), = self.hyper_priors(site, init, axes).items()
-        precision = sample_scale(name, hyper, _full(hyper.batch_shape, self.concentration / self.rate, init))
-        return sample_weight(site, self.site_prior(site, init, {name: precision}), init)
 
     def gaussian_prior(self, site, values):
         return 0.0, values[self.precision_site(site)].rsqrt()
@@ -239,10 +322,7 @@ class LogUniform(Prior):
 
     fields = {}
 
-    def sample(self, site, init, axes):
-        return sample_weight(site, self.fixed_distribution(init), init)
-
-    def fixed_distribution(self, init):
+    def site_prior(self, site, init, values):
         return LogUniformDistribution(init.shape)
 
     def gaussian_prior(self, site, values):
@@ -256,6 +336,77 @@ GROUP_CHOICES = ("weight", "layer", "unit", "input", "channel", "gate", "hidden"
 def _scale_param(param, scale):
     """``scale * param`` for a tensor or a :class:`GaussianWeight` (given the scale)."""
     return param.scaled(scale) if isinstance(param, GaussianWeight) else param * scale
+
+
+def scale_by_log_square(param, terms, slab=None):
+    r"""``s * param`` for a non-centred parameter whose scale is given in log space,
+
+    .. math::
+        \log s^2 = u - \mathrm{softplus}(u - \log c^2), \qquad u = \sum_k c_k \log h_k,
+
+    (without ``slab``, :math:`\log s^2 = u`): the regularised horseshoe's
+    :math:`s^2 = c^2 \tau^2\lambda^2 / (c^2 + \tau^2\lambda^2)` (Piironen & Vehtari 2017) from the
+    log-values of its sites, ``terms`` the pairs ``(log h_k, c_k)`` (group shapes broadcastable to
+    the parameter's), ``slab`` :math:`\log c^2`. ``param`` is a tensor (``s * eps``) or a
+    :class:`~pyro_sparse.local_reparam.GaussianWeight` (``N(s mu, s^2 sigma^2)``). One autograd node
+    (:class:`_ScaledByLogSquare`): with :math:`g_u = \sum_{\text{group}} (\tfrac12 g_\mu \mu' + g_v v')`
+    for the scaled mean :math:`\mu'` and variance :math:`v'`, the gradients are
+    :math:`g_u (1 - \sigma(u - \log c^2))\,c_k` summed to each :math:`h_k`'s shape and
+    :math:`g_u\,\sigma(u - \log c^2)` for the slab."""
+    gaussian = isinstance(param, GaussianWeight)
+    coefficients = tuple(c for _, c in terms)
+    logs = [x for x, _ in terms]
+    out = _ScaledByLogSquare.apply(coefficients, slab is not None, param.loc if gaussian else param,
+                                   param.var if gaussian else None, *logs, *(() if slab is None else (slab,)))
+    return GaussianWeight(out[0], out[1]) if gaussian else out[0]
+
+
+class _ScaledByLogSquare(torch.autograd.Function):
+    """:func:`scale_by_log_square` with its gradient formed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, coefficients, has_slab, loc, var, *logs):
+        ctx.set_materialize_grads(False)
+        xs = logs[:len(coefficients)]
+        u = xs[0] * coefficients[0] if coefficients[0] != 1 else xs[0]
+        for x, c in zip(xs[1:], coefficients[1:]):
+            u = u + x if c == 1 else torch.add(u, x, alpha=c)
+        sig = None
+        if has_slab:
+            d = u - logs[-1]
+            sig = torch.sigmoid(d)
+            u = u - torch.nn.functional.softplus(d)
+        s = torch.exp(u * 0.5)
+        loc_out = loc * s
+        var_out = var * (s * s) if var is not None else None
+        ctx.coefficients, ctx.shapes = coefficients, [x.shape for x in logs]
+        ctx.save_for_backward(s, loc_out, var_out, sig)
+        return loc_out, var_out
+
+    @staticmethod
+    def backward(ctx, g_loc, g_var):
+        s, loc_out, var_out, sig = ctx.saved_tensors
+        group = s.shape
+        g_u = None
+        if g_loc is not None:
+            g_u = (g_loc * loc_out).sum_to_size(group) * 0.5
+        if g_var is not None:
+            part = (g_var * var_out).sum_to_size(group)
+            g_u = part if g_u is None else g_u + part
+        g_loc_in = g_loc * s if g_loc is not None else None
+        g_var_in = g_var * (s * s) if g_var is not None else None
+        if g_u is None:
+            return (None, None, g_loc_in, g_var_in) + (None,) * len(ctx.shapes)
+        grads = []
+        g_lin = g_u
+        if sig is not None:
+            g_lin = g_u - g_u * sig
+        for shape, c in zip(ctx.shapes, ctx.coefficients):
+            g = g_lin.sum_to_size(shape)
+            grads.append(g if c == 1 else g * c)
+        if sig is not None:
+            grads.append((g_u * sig).sum_to_size(ctx.shapes[-1]))
+        return (None, None, g_loc_in, g_var_in, *grads)
 
 
 def _standard_normal(init):
@@ -291,24 +442,21 @@ class GroupLogUniform(Prior):
     def z_site(self, site):
         return f"{site}.z_{self.group}"
 
-    def hyper_priors(self, site, init, axes):
-        return {self.z_site(site): LogUniformDistribution(group_shape(init.shape, axes, self.group))}
+    def hyper_sites(self, site, init, axes):
+        """``z`` per group, starting at 1 (so ``w = w~`` at the start)."""
+        gshape = group_shape(init.shape, axes, self.group)
+        return {self.z_site(site): HyperSite(LogUniformDistribution(gshape), _full(gshape, 1.0, init), "group")}
 
-    def fixed_site_prior(self, init):
+    def site_prior(self, site, init, values):
         """``w~ ~ N(0, 1)``."""
         return _standard_normal(init)
+
+    def group_sites(self, site):
+        return (self.z_site(site),)
 
     def parameter(self, site, value, values):
         """``w = z * w~``."""
         return _scale_param(value, values[self.z_site(site)])
-
-    def sample(self, site, init, axes):
-        (name, hyper), = self.hyper_priors(site, init, axes).items()
-        gshape = hyper.batch_shape
-        z = pyro.sample(name, hyper.to_event(len(gshape)),
-                        infer={"ps_role": "group", "ps_init": _full(gshape, 1.0, init)})
-        w_tilde = sample_weight(site, self.site_prior(site, init, {name: z}), init, group_sites=(name,))
-        return self.parameter(site, w_tilde, {name: z})
 
     def gaussian_prior(self, site, values):
         """Conditional prior N(0, z^2) at the posterior median of z."""
@@ -411,8 +559,8 @@ class Horseshoe(Prior):
     def _log_square(self, names, values):
         """log tau^2 (or log lambda^2) from the values of its sites."""
         if self.decompose:
-            return values[names[0]].log() + values[names[1]].log()
-        return 2 * values[names[0]].log()
+            return log_value(values, names[0]) + log_value(values, names[1])
+        return 2 * log_value(values, names[0])
 
     def log_scale2(self, site, values):
         """log s_g^2 of every group (group shape) given values of the hyper-sites.
@@ -421,7 +569,7 @@ class Horseshoe(Prior):
         regularised case (= log(c^2 v / (c^2 + v))), ``log v`` otherwise."""
         log_v = self._log_square(self.global_sites(site), values) + self._log_square(self.local_sites(site), values)
         if self.regularized:
-            log_v = log_v - torch.nn.functional.softplus(log_v - values[self.slab_site(site)].log())
+            log_v = log_v - torch.nn.functional.softplus(log_v - log_value(values, self.slab_site(site)))
         return log_v
 
     def group_scale(self, site, values):
@@ -467,29 +615,33 @@ class Horseshoe(Prior):
             out[self.slab_site(site)] = dist.InverseGamma(full(a), full(b))
         return out
 
-    def hyper_priors(self, site, init, axes):
+    def hyper_sites(self, site, init, axes):
+        """The global scale's sites (shape ones), the local scales' (group shape), the slab, each
+        started at :meth:`initial_values`."""
         gshape = group_shape(init.shape, axes, self.group)
         lshape = torch.Size([1] * init.dim())
-        shapes = {name: lshape for name in self.global_sites(site)}
-        shapes.update({name: gshape for name in self.local_sites(site)})
-        return {name: fn.expand(shapes.get(name, lshape)) for name, fn in self._hyperpriors(site, init).items()}
+        shapes = {name: gshape for name in self.local_sites(site)}
+        start = self.initial_values(site, init, gshape)
+        return {name: HyperSite(fn.expand(shapes.get(name, lshape)), start[name])
+                for name, fn in self._hyperpriors(site, init).items()}
 
-    def fixed_site_prior(self, init):
+    def site_prior(self, site, init, values):
         """``eps ~ N(0, 1)``."""
         return _standard_normal(init)
 
-    def parameter(self, site, value, values):
-        """``w = s_g * eps`` with ``s_g`` from :meth:`group_scale`."""
-        return _scale_param(value, self.group_scale(site, values))
+    def site_init(self, site, init, values):
+        """``eps = w_init / s_g`` at the scales' initial values."""
+        return init / self.group_scale(site, values)
 
-    def sample(self, site, init, axes):
-        gshape = group_shape(init.shape, axes, self.group)
-        start = self.initial_values(site, init, gshape)
-        values = {name: sample_scale(name, fn, start[name]) for name, fn in self.hyper_priors(site, init, axes).items()}
-        eps_init = init / self.group_scale(site, start)
-        eps = sample_weight(site, self.site_prior(site, init, values), eps_init,
-                            group_sites=tuple(self.local_sites(site)))
-        return self.parameter(site, eps, values)
+    def group_sites(self, site):
+        return tuple(self.local_sites(site))
+
+    def parameter(self, site, value, values):
+        """``w = s_g * eps`` with ``s_g`` from :meth:`log_scale2` (:func:`scale_by_log_square`)."""
+        c = 1 if self.decompose else 2
+        terms = [(log_value(values, name), c) for name in self.global_sites(site) + self.local_sites(site)]
+        slab = log_value(values, self.slab_site(site)) if self.regularized else None
+        return scale_by_log_square(value, terms, slab)
 
     # ---------------------------------------------------------------- summary
     def gaussian_prior(self, site, values):

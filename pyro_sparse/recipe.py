@@ -6,7 +6,7 @@
     guide: meanfield               # meanfield | delta | (structured, lowrank, ...)
     guide_options: {init_scale: 0.0067}
     local_reparam: true
-    elbo: auto                     # auto: Pyro-free estimate where it applies (DirectELBO) | pyro
+    elbo: auto                     # auto: the ELBO core (CoreELBO) | pyro: the Pyro reference
     optimizer: {name: Adam, lr: 0.001}   # any torch.optim optimiser by name, with its options
     schedule: {name: cosine}             # none | cosine | step | exponential | multistep
     epochs: 100
@@ -54,7 +54,7 @@ RECIPE_FIELDS = {
     "guide_options": Field("dict", {}),
     "local_reparam": Field("bool", True),
     "elbo": Field("choice", "auto", choices=("auto", "pyro"),
-                  doc="auto: the direct (Pyro-free) estimate where it applies, else Pyro's; pyro: always Pyro's"),
+                  doc="auto: the ELBO core (CoreELBO); pyro: the reference through Pyro (MeanFieldELBO)"),
     "optimizer": Field("dict", {"name": "Adam", "lr": 1e-3}),
     "schedule": Field("dict", {"name": "none"}),
     "epochs": Field("int", 50, positive=True),

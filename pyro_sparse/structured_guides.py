@@ -45,8 +45,10 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 from torch.distributions.kl import register_kl
 
-from .distributions import LogScaleNormal, LogUniform, kl_normal_loguniform
-from .guides import LOG_SCALE_MAX, LOG_SCALE_MIN, MeanFieldGuide, _key
+from .distributions import LOG_SCALE_MAX, LOG_SCALE_MIN, LogScaleNormal, LogUniform
+from .guides import MeanFieldGuide, _key
+from .kl import kl_normal_loguniform
+from .priors import log_value
 
 
 # ---------------------------------------------------------------------------- structured
@@ -81,8 +83,7 @@ class StructuredGuide(MeanFieldGuide):
         dev, var = 0.0, 0.0
         for g in groups:
             q = self.distribution(g)
-            x = values[g]
-            d = (x.log() if self.sites[g]["family"] == "lognormal" else x) - q.loc
+            d = (log_value(values, g) if self.sites[g]["family"] == "lognormal" else values[g]) - q.loc
             dev = dev + d
             var = var + q.scale.square()
         return (dev / var.sqrt()).detach()  # = the standard normal draw itself: no gradient to m, s
@@ -95,14 +96,8 @@ class StructuredGuide(MeanFieldGuide):
         xi = self._xi(self.sites[name]["group_sites"], values)
         return LogScaleNormal(q.loc + self.shifts[_key(name)] * xi, q.log_scale)
 
-    def forward(self, *args, **kwargs):
-        if not self.sites:
-            self.setup(*args, **kwargs)
-        values = {}
-        for name, info in self.sites.items():
-            q = self.conditional(name, values) if "group_sites" in info else self.distribution(name)
-            values[name] = pyro.sample(name, q.to_event(info["event_dim"]),
-                                       infer={"ps_local_reparam": info["local_reparam"]})
+    def posterior(self, name, values):
+        return self.conditional(name, values)
 
     def marginal_site_posterior(self, name):
         """Marginal ``(loc, var)`` of a site: ``var = sigma^2 + beta^2`` (xi ~ N(0, 1) under q).
@@ -240,23 +235,21 @@ class LowRankGuide(MeanFieldGuide):
         tc = lowrank_total_correlation(factor, diag) / loc.numel()
         return value, loc, scale, tc
 
-    def forward(self, *args, **kwargs):
-        if not self.sites:
-            self.setup(*args, **kwargs)
-        drawn = {}
-        for name, info in self.sites.items():
-            layer = info.get("block")
-            if layer is None:
-                pyro.sample(name, self.distribution(name).to_event(info["event_dim"]),
-                            infer={"ps_local_reparam": info["local_reparam"]})
-                continue
-            if layer not in drawn:
-                drawn[layer] = self._sample_block(layer)
-            value, loc, scale, tc = drawn[layer]
-            part = slice(info["offset"], info["offset"] + info["numel"])
-            q = BlockMarginal(value[part].view(info["shape"]), loc[part].view(info["shape"]),
-                              scale[part].view(info["shape"]), tc)
-            pyro.sample(name, q.to_event(info["event_dim"]))
+    def posterior(self, name, values):
+        """A site outside any block: its mean-field posterior. The first site of a block draws the
+        whole block (:meth:`_sample_block`); each of its sites is the :class:`BlockMarginal` of
+        that one draw (kept in ``values`` under ``("block", layer)`` until the next call)."""
+        info = self.sites[name]
+        layer = info.get("block")
+        if layer is None:
+            return self.distribution(name)
+        key = ("block", layer)
+        if info["offset"] == 0 or key not in values:
+            values[key] = self._sample_block(layer)
+        value, loc, scale, tc = values[key]
+        part = slice(info["offset"], info["offset"] + info["numel"])
+        return BlockMarginal(value[part].view(info["shape"]), loc[part].view(info["shape"]),
+                             scale[part].view(info["shape"]), tc)
 
     # ------------------------------------------------------------------ read-outs
     def _part(self, name, tensor):
@@ -275,7 +268,7 @@ class LowRankGuide(MeanFieldGuide):
         out = {}
         for name, info in self.sites.items():
             if info.get("block") is None:
-                loc = self.locs[_key(name)].detach()
+                loc = self.loc(name).detach()
                 out[name] = loc if info["family"] == "normal" else loc.exp()
             else:
                 out[name] = self._part(name, self.block_locs[_key(info["block"])]).detach().view(info["shape"])

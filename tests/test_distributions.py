@@ -20,15 +20,8 @@ import pyro
 import pyro.distributions as dist
 from pyro.infer import TraceMeanField_ELBO
 
-from pyro_sparse.distributions import (
-    LOG_ALPHA_MAX,
-    LogUniform,
-    kl_lognormal_gamma,
-    kl_lognormal_halfcauchy_mc,
-    kl_lognormal_inverse_gamma,
-    kl_normal_loguniform,
-    log_alpha,
-)
+from pyro_sparse.distributions import LOG_ALPHA_MAX, LogUniform, log_alpha
+from pyro_sparse.kl import kl_lognormal_gamma, kl_lognormal_inverse_gamma, kl_normal_loguniform
 
 LOG_ALPHAS = np.linspace(-8.0, 8.0, 33)
 
@@ -275,28 +268,6 @@ def test_torch_inverse_gamma_dispatches_too():
     assert kl.item() == kl_lognormal_inverse_gamma(m, s, a, b).item()
 
 
-@pytest.mark.parametrize("m,s,gamma", [(0.0, 0.5, 1.0), (-2.0, 1.0, 0.1), (1.0, 0.3, 5.0)])
-def test_lognormal_halfcauchy_mc(m, s, gamma):
-    def moment(k):  # E_q[(log p_HC(x))^k] by quadrature over z ~ N(0, 1)
-        def f(z):
-            x = math.exp(m + s * z)
-            return scipy.stats.norm.pdf(z) * scipy.stats.halfcauchy.logpdf(x, scale=gamma) ** k
-
-        return scipy.integrate.quad(f, -12, 12, epsabs=1e-12, epsrel=1e-12, limit=200)[0]
-
-    entropy = scipy.stats.lognorm.entropy(s, scale=math.exp(m))
-    exact = -entropy - moment(1)
-    n = 100_000
-    se = math.sqrt((moment(2) - moment(1) ** 2) / n)
-    torch.manual_seed(2)
-    tm, ts = _t(m, s)
-    est = kl_lognormal_halfcauchy_mc(tm, ts, gamma, num_samples=n)
-    assert est.shape == ()
-    assert abs(est.item() - exact) < 4 * se
-    with pytest.raises(ValueError, match="num_samples"):
-        kl_lognormal_halfcauchy_mc(tm, ts, gamma, num_samples=0)
-
-
 # ---------------------------------------------------------------- pieces used by the horseshoe and the fast path
 
 @pytest.mark.parametrize("b", [1.0, 0.01])
@@ -357,7 +328,8 @@ def test_log_scale_normal_is_a_normal():
 
 
 def test_fused_sparse_vd_gradient_matches_autograd_of_the_formula():
-    from pyro_sparse.distributions import LOG_ALPHA_MIN, kl_normal_loguniform_log
+    from pyro_sparse.distributions import LOG_ALPHA_MIN
+    from pyro_sparse.kl import kl_normal_loguniform_log
 
     k1, k2, k3 = 0.63576, 1.87320, 1.48695
     # includes clamped elements: log alpha > 20 (theta ~ 0) and < -20 (tiny sigma)

@@ -116,13 +116,13 @@ def test_bad_reduction_section_names_the_field(digits):
                                                                                            "sparsity": 0.9}
 
 
-def test_the_direct_path_gives_the_pyro_paths_run(digits):
-    """Same seed, pruning after epochs 1 and 2 of 3: the direct ELBO with the trainer's masks gives
+def test_the_core_gives_the_pyro_paths_run(digits):
+    """Same seed, pruning after epochs 1 and 2 of 3: the ELBO core with the trainer's masks gives
     the run of the Pyro path (PrunedWeights around model and guide): history, masks and guide."""
     runs = []
     for path in ("auto", "pyro"):
         t = _trainer(digits, epochs=3, elbo=path)
-        assert t.elbo_path == ("direct" if path == "auto" else "pyro")
+        assert t.elbo_path == ("core" if path == "auto" else "pyro")
         t.fit()
         runs.append((t.history, {k: v.clone() for k, v in t.masks.items()}, t.bmr_history,
                      {k: v.detach().clone() for k, v in t.guide.state_dict().items()}))
@@ -145,11 +145,11 @@ def _check_fixed_state(state, masks):
         assert torch.equal(state[f"locs.{key}"][~mask], torch.zeros(int((~mask).sum())))
 
 
-def test_resume_on_the_direct_path_continues_bit_for_bit(digits, tmp_path):
+def test_resume_on_the_core_continues_bit_for_bit(digits, tmp_path):
     """Two epochs, then a resumed trainer for two more: the same history, masks and guide as four
     epochs in one go (the masks come back from the checkpoint into the dict the ELBO reads)."""
     whole = _trainer(digits, str(tmp_path / "whole"))
-    assert whole.elbo_path == "direct"
+    assert whole.elbo_path == "core"
     whole.fit()
     part = _trainer(digits, str(tmp_path / "part"))
     part.fit(epochs=2)

@@ -24,7 +24,7 @@ from pyro_sparse.spec import parse_model_spec
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HIDDEN = [{"type": "linear", "in": "auto", "out": 16}, {"type": "relu"}]
 RECIPES = {
-    "direct": {"guide": "meanfield", "local_reparam": True},
+    "core": {"guide": "meanfield", "local_reparam": True},
     "pyro": {"guide": "meanfield", "local_reparam": True, "elbo": "pyro"},
     "map": {"guide": "delta", "local_reparam": False},
 }
@@ -89,16 +89,16 @@ def diabetes_csv(tmp_path, rows=None):
 
 # ============================================================================ 1. Bernoulli from data files
 @pytest.mark.parametrize("kind", ["csv", "npz-int", "npz-float"])
-@pytest.mark.parametrize("how", ["direct", "pyro", "map"])
+@pytest.mark.parametrize("how", ["core", "pyro", "map"])
 def test_bernoulli_fits_integer_and_float_labels_from_files(tmp_path, kind, how):
     """0/1 labels, integer (CSV, int64 NPZ) or float (float64 NPZ), fit with a Bernoulli
-    likelihood on the direct ELBO, Pyro's ELBO and MAP; ``out: auto`` is one output."""
+    likelihood on the ELBO core, Pyro's ELBO and MAP; ``out: auto`` is one output."""
     data = breast_cancer(tmp_path, kind)
     out = tmp_path / "run"
     extra = ["--target", "target"] if kind == "csv" else []
     assert fit(model(tmp_path, "bernoulli"), recipe(tmp_path, **RECIPES[how]), data, out, *extra) == 0
     m = metrics(out)
-    assert m["elbo_path"] == ("pyro" if how == "pyro" else "direct")
+    assert m["elbo_path"] == ("pyro" if how == "pyro" else "core")
     assert m["test_accuracy"] > 0.85 and m["test_nll"] < 0.5
     run = load_run(str(out))
     assert run.dataset.task == "classification" and run.dataset.y_train.dtype == torch.int64

@@ -90,7 +90,7 @@ def test_group_log_uniform_summary_is_conditional_on_z():
     guide = MeanFieldGuide(net.model, init_scale=0.1).setup(X)
     z = torch.tensor([[2.0], [-0.5], [1.0], [0.1]])
     with torch.no_grad():
-        guide.locs["fc1__weight__z_unit"].copy_(z)
+        guide.loc("fc1.weight.z_unit").copy_(z)
     s = summarize(net, guide)["fc1.weight"]
     mu = guide.locs["fc1__weight"].detach()
     torch.testing.assert_close(s.loc, z * mu)
@@ -152,10 +152,10 @@ def test_each_prior_contributes_its_rule_to_the_one_registry():
     guide = MeanFieldGuide(net.model, init_scale=0.1).setup(X)
     with torch.no_grad():
         guide.locs["fc1__weight"].copy_(torch.tensor([[1.0, 0.1, 0.01, 0.0, 2.0]]).expand(4, 5))
-        guide.locs["fc2__weight__z_unit"].copy_(torch.tensor([[1.0], [0.001], [0.5]]))
+        guide.loc("fc2.weight.z_unit").copy_(torch.tensor([[1.0], [0.001], [0.5]]))
         # lambda^2 = a * b with the horseshoe's input groups: relative scales 10, 1, 3
-        guide.locs["fc3__weight__input_scale_a"].copy_(torch.zeros(1, 3))
-        guide.locs["fc3__weight__input_scale_b"].copy_(torch.tensor([[100.0, 1.0, 9.0]]).log())
+        guide.loc("fc3.weight.input_scale_a").copy_(torch.zeros(1, 3))
+        guide.loc("fc3.weight.input_scale_b").copy_(torch.tensor([[100.0, 1.0, 9.0]]).log())
     summary = summarize(net, guide)
     # log alpha = log 0.01 - log theta^2: kept iff theta^2 > 0.01 e^-3
     assert reduce(summary, "log-alpha").masks["fc1.weight"][0].tolist() == [True, True, False, False, True]

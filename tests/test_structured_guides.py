@@ -66,7 +66,7 @@ def test_structured_conditional_mean_shifts_with_the_group_scale():
         trace = poutine.trace(guide).get_trace(X, Y)
     # xi = standardised deviation of log lambda^2 = log a + log b from its posterior mean
     names = ["fc1.weight.unit_scale_a", "fc1.weight.unit_scale_b"]
-    dev = sum(trace.nodes[n]["value"].log() - guide.locs[n.replace(".", "__")] for n in names)
+    dev = sum(trace.nodes[n]["value"].log() - guide.loc(n) for n in names)
     xi = dev / math.sqrt(2 * 0.3**2)
     expected = guide.locs["fc1__weight"] + beta * xi
     torch.testing.assert_close(lr.posteriors["fc1.weight"].loc, expected.detach(), rtol=1e-5, atol=1e-6)

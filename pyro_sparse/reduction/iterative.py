@@ -23,9 +23,9 @@ gradient is exactly 0. At a pruning step the guide's own parameters of the newly
 are set to the reduced posterior (loc 0, scale :math:`g_0`) and their optimiser state is
 zeroed, so with a zero gradient Adam leaves them where they are. The handler wraps the model
 and the guide *callables* (``SVITrainer.objective``), so it acts before the local
-reparameterisation handler records the guide's Gaussian. Where the direct ELBO applies
-(:meth:`IterativeBMRTrainer.pruned_weights`), it reads the same masks dict and reduces the same
-elements without Pyro (:class:`~pyro_sparse.elbo.DirectELBO`): same loss, draws and gradients.
+reparameterisation handler records the guide's Gaussian. The ELBO core
+(:class:`~pyro_sparse.elbo.CoreELBO`, told by :meth:`IterativeBMRTrainer.pruned_weights`) reads the
+same masks dict and reduces the same elements without Pyro: same loss, draws and gradients.
 
 Recipe (``inference/svi_bmr_iterative.yaml``)::
 
@@ -40,7 +40,7 @@ import math
 import torch
 from pyro.poutine.messenger import Messenger
 
-from ..distributions import reduced_normal
+from ..kl import reduced_normal
 from ..errors import SpecError
 from ..fitting import SVITrainer, evaluate
 from ..guides import LOG_SCALE_MIN
