@@ -84,7 +84,9 @@ def gpu_text(device):
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
         if device.startswith("cuda"):
-            return name, f"The quality fits ran on {name} (`--device {device}`); the timing sections ran on the CPU."
+            return name, (f"The quality fits, the step ratios and the scaling sweep ran on {name} "
+                          f"(`--device {device}`): their times are wall-clock, each block closed by "
+                          "`torch.cuda.synchronize()`; the reduction rules and the inference latency ran on the CPU.")
         return name, (f"{name} is present but this run used the CPU; run `python -m bench --full --device cuda` "
                       "for the GPU figures.")
     return ("none: this machine has no GPU (torch.cuda.is_available() is False)",
@@ -105,13 +107,16 @@ def main(argv=None):
     parser.add_argument("--seeds", default=None, help="seeds of every model, e.g. 0,1,2 (default: by mode)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="worker processes for the quality fits (one torch thread each)")
-    parser.add_argument("--device", default="cpu", help="device of the quality fits (cpu, cuda)")
+    parser.add_argument("--device", default="cpu",
+                        help="device of the quality fits, the step ratios and the scaling sweep (cpu, cuda)")
     parser.add_argument("--widths", default=None, help="hidden widths of the scaling section, e.g. 100,400")
     parser.add_argument("--results", default=None, help="markdown file to write (default bench/RESULTS.md, "
                                                          "bench/RESULTS-full.md with --full)")
     parser.add_argument("--from-json", default=None, metavar="PATH",
                         help="only write the markdown and plots again from a results-*.json of an earlier run")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no GPU here (torch.cuda.is_available() is False)")
     if args.from_json:
         with open(args.from_json) as f:
             results = json.load(f)
@@ -160,7 +165,8 @@ def main(argv=None):
     compact_dir = tempfile.mkdtemp(prefix="bench-compact-")
     try:
         if "quality" in sections:
-            todo, skipped = quality.tasks(name, seeds, compact_dir, models, methods,
+            fitted = models if args.models else [m for m in models if MODELS[m].quality]
+            todo, skipped = quality.tasks(name, seeds, compact_dir, fitted, methods,
                                           samples=30 if full else 10, device=args.device)
             results["skipped"] = skipped
             for s in skipped:
@@ -188,11 +194,12 @@ def main(argv=None):
                                                             list(METHODS).index(r["method"]), r["seed"]))
         if "speed" in sections:
             repeats, calls = (31, 20) if full else (11, 10)
-            step_models = models if full else [m for m in ("digits-mlp", "digits-lenet5", "mnist1d-lstm")
-                                              if m in models]
-            log("speed: step ratios")
-            results["speed"] = {"step_repeats": repeats, "step_calls": calls,
-                                "steps": speed.step_ratios(step_models, repeats, calls, methods, log=log)}
+            step_models = models if full else [m for m in ("digits-mlp", "digits-lenet5", "mnist1d-lstm", "digits-vit",
+                                                           "digits-mixer") if m in models]
+            log(f"speed: step ratios on {args.device}")
+            results["speed"] = {"step_repeats": repeats, "step_calls": calls, "device": args.device,
+                                "steps": speed.step_ratios(step_models, repeats, calls, methods, log=log,
+                                                           device=args.device)}
             log("speed: reduction rules on ~1M weights")
             results["speed"]["rule_repeats"] = 7 if full else 3
             results["speed"]["rules"] = speed.reduction_rules(results["speed"]["rule_repeats"], log=log)
@@ -203,8 +210,7 @@ def main(argv=None):
             log("scaling: width sweep")
             widths = (tuple(int(w) for w in args.widths.split(",")) if args.widths else
                       scaling.WIDTHS_FULL if full else scaling.WIDTHS_QUICK)
-            results["scaling"] = scaling.run(widths,
-                                             budget_s=3.0 if full else 1.0, log=log)
+            results["scaling"] = scaling.run(widths, budget_s=3.0 if full else 1.0, log=log, device=args.device)
     finally:
         shutil.rmtree(compact_dir, ignore_errors=True)
     meta["wall_s"], meta["cpu_s"] = time.perf_counter() - wall0, _cpu_seconds() - cpu0

@@ -8,7 +8,7 @@ the ratio of medians:
 
 1. Sparse VD MLP (models/mlp_sparsevd.yaml, 64-300-100-10 on digits): the step that
    :class:`~pyro_sparse.fitting.SVITrainer` runs (mean-field guide, analytic KL, local
-   reparameterisation, Adam; the direct ELBO, :class:`~pyro_sparse.elbo.DirectELBO`) against
+   reparameterisation, Adam; the ELBO core, :class:`~pyro_sparse.elbo.CoreELBO`) against
    ``nn.Sequential`` + cross-entropy + Adam of the same deterministic network on the same
    mini-batch. Target ratio <= 2.5 (local reparameterisation needs a second matmul per layer,
    so ~2 is the floor). Then the same trainer step on the Pyro path (``elbo: pyro``, the
@@ -81,7 +81,7 @@ def handwritten_sparsevd_stepper(data, batch, sizes=(300, 100)):
     """The same Sparse VD step written directly in PyTorch (no Pyro): local reparameterisation,
     the library's fused Sparse VD KL, Gaussian KL of the biases, fused Adam. The floor that the
     maths alone sets for the SVI step."""
-    from pyro_sparse.distributions import kl_normal_loguniform_log
+    from pyro_sparse.kl import kl_normal_loguniform_log
 
     dims = [data.x_train.shape[1], *sizes, data.num_outputs]
     params = []
@@ -144,7 +144,7 @@ def main(argv=None):
     rows = []
     with pyro.validation_enabled(False):
         svd = svi_stepper("models/mlp_sparsevd.yaml", "inference/svi_sparsevd.yaml", data, args.batch,
-                          expect="direct")
+                          expect="core")
         plain = plain_stepper(data, args.batch)
         t_svd, t_plain = interleaved(svd, plain, args.repeats, args.steps, clock)
         rows.append(("Sparse VD SVI step (direct)", t_svd, "plain PyTorch step", t_plain))
@@ -156,7 +156,7 @@ def main(argv=None):
         t_hand, t_plain2 = interleaved(hand, plain, args.repeats, args.steps, clock)
         rows.append(("hand-written Sparse VD step", t_hand, "plain PyTorch step", t_plain2))
         mf = svi_stepper("models/mlp_gaussian.yaml", "inference/svi_meanfield.yaml", data, args.batch)
-        map_ = svi_stepper("models/mlp_gaussian.yaml", "inference/map.yaml", data, args.batch, expect="direct")
+        map_ = svi_stepper("models/mlp_gaussian.yaml", "inference/map.yaml", data, args.batch, expect="core")
         t_mf, t_map = interleaved(mf, map_, args.repeats, args.steps, clock)
         rows.append(("mean-field Gaussian SVI step", t_mf, "MAP (delta guide) step", t_map))
         t_map1, t_plain3 = interleaved(map_, plain, args.repeats, args.steps, clock)

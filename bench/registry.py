@@ -91,6 +91,7 @@ class Method:
     point: bool = False  # a point estimate (MAP): no posterior predictive to sample
     paper: str = ""
     cost: float = 2.5  # rough cost of a step relative to a MAP step (orders the work queue)
+    models: tuple = ()  # the models it runs on (empty: every model with a spec of its family)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ class Model:
     quick_scales: dict = field(default_factory=dict)  # method key -> its own quick fraction
     headline: bool = False
     cost: float = 1.0  # rough cost of an epoch relative to the digits MLP (orders the work queue)
+    quality: bool = True  # False: timed in the speed section only (its fits are too long for the tables)
 
 
 M = TABLE_SPARSITY
@@ -121,6 +123,9 @@ METHODS = {m.key: m for m in (
     Method("horseshoe", "Horseshoe", "horseshoe", "inference/svi_horseshoe.yaml",
            (Rule("horseshoe-scale", "unit scale", None, from_recipe=True),),
            paper="Piironen & Vehtari 2017; Louizos et al. 2017"),
+    Method("horseshoe_structured", "Horseshoe, structured guide", "horseshoe", "inference/svi_horseshoe_structured.yaml",
+           (Rule("horseshoe-scale", "unit scale", None, from_recipe=True),),
+           paper="Louizos et al. 2017 (q(w | z))", models=("digits-mlp",)),
     Method("mf_bmr", "MF Gaussian + BMR", "gaussian", "inference/svi_meanfield.yaml",
            (Rule("savage-dickey", "Savage-Dickey dF > 0", "savage-dickey"),
             Rule("bmr", "BMR N(0,(0.01s)^2)", "bmr"),
@@ -173,6 +178,16 @@ MODELS = {m.key: m for m in (
           recipes={"map": "inference/map_rnn.yaml", "sparsevd": "inference/svi_sparsevd_rnn.yaml",
                    "group_lu": "inference/svi_sparsevd_rnn.yaml"},
           quick_scale=0.2, quick_scales={"map": 0.5, "sparsevd": 0.3, "group_lu": 0.3}, cost=20.0),
+    Model("digits-vit", "digits tiny ViT (2x2 patches, 2 blocks of width 32)", "digits",
+          {"gaussian": ("models/vit_tiny_gaussian.yaml",), "log_uniform": ("models/vit_tiny_sparsevd.yaml",),
+           "horseshoe": ("models/vit_tiny_horseshoe.yaml",)},
+          recipes={"map": "inference/map_transformer.yaml", "sparsevd": "inference/svi_sparsevd_transformer.yaml",
+                   "horseshoe": "inference/svi_horseshoe_transformer.yaml"}, quality=False),
+    Model("digits-mixer", "digits tiny MLP-Mixer (2x2 patches, 2 blocks of width 32)", "digits",
+          {"gaussian": ("models/mixer_tiny_gaussian.yaml",), "log_uniform": ("models/mixer_tiny_sparsevd.yaml",),
+           "horseshoe": ("models/mixer_tiny_horseshoe.yaml",)},
+          recipes={"map": "inference/map_transformer.yaml", "sparsevd": "inference/svi_sparsevd_transformer.yaml",
+                   "horseshoe": "inference/svi_horseshoe_transformer.yaml"}, quality=False),
 )}
 
 
@@ -237,6 +252,8 @@ def resolve(model: Model, method: Method) -> Entry | Skip:
     from pyro_sparse.registry import FITTERS, RULES
 
     candidates = model.specs.get(method.family)
+    if method.models and model.key not in method.models:
+        return Skip(model, method, f"{method.label} runs on {', '.join(method.models)} only")
     if not candidates:
         return Skip(model, method, f"no {method.family} spec for this model")
     found = next((r for r in map(_candidate, candidates) if r is not None), None)
@@ -261,8 +278,10 @@ def resolve(model: Model, method: Method) -> Entry | Skip:
 
 
 def entries(models=None, methods=None) -> list:
-    """Every cell of ``models`` x ``methods`` (default: all), as Entry or Skip."""
-    return [resolve(MODELS[a], METHODS[b]) for a in (models or MODELS) for b in (methods or METHODS)]
+    """Every cell of ``models`` x ``methods`` (default: the models of the quality tables, all
+    methods), as Entry or Skip."""
+    models = models or [key for key, m in MODELS.items() if m.quality]
+    return [resolve(MODELS[a], METHODS[b]) for a in models for b in (methods or METHODS)]
 
 
 # --------------------------------------------------------------------------- recipes in quick mode

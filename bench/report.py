@@ -346,11 +346,15 @@ def write(results: dict, path: str, plot_dir: str, prefix: str) -> list:
                   "kept in `results.json`.", ""]
     steps = speed.get("steps")
     if steps:
-        lines += ["### One fitting step against a plain-PyTorch step of the same network", "",
+        device = speed.get("device", "cpu")
+        lines += [f"### One fitting step against a plain-PyTorch step of the same network ({device})", "",
                   "Same mini-batches (the recipe's batch size), same process, interleaved blocks of "
                   f"{speed['step_calls']} steps, median of {speed['step_repeats']} blocks. *Amortised* adds the work "
                   "a method does between steps (SpaM's marglik steps, iterative BMR's pruning steps), spread over "
                   "the steps of a full run of the recipe.", ""]
+        if device != "cpu":
+            lines += [f"On `{device}` ({results['meta'].get('gpu', '')}) the times are wall-clock medians, each block "
+                      "closed by `torch.cuda.synchronize()`.", ""]
         if speed.get("steps_note"):
             lines += [speed["steps_note"], ""]
         rows = []
@@ -358,7 +362,8 @@ def write(results: dict, path: str, plot_dir: str, prefix: str) -> list:
             if "error" in r:
                 rows.append([r["model"], METHODS[r["method"]].label, "-", "-", "-", "-", r["error"]])
                 continue
-            rows.append([r["model"], METHODS[r["method"]].label, _ms(r["library"]["cpu"]), _ms(r["plain"]["cpu"]),
+            clock = r.get("clock", "cpu")
+            rows.append([r["model"], METHODS[r["method"]].label, _ms(r["library"][clock]), _ms(r["plain"][clock]),
                          f"{r['ratio']:.2f}x",
                          f"{r['ratio_amortised']:.2f}x" if "ratio_amortised" in r else "",
                          r["amortised"]["what"] + f" of {_ms(r['amortised']['each_cpu'])} ms"

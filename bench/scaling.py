@@ -57,34 +57,39 @@ def _status(field):
         return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
 
 
-def _measure(kind, width, budget_s, conn):
+def _measure(kind, width, budget_s, conn, device="cpu"):
     try:
         torch.set_num_threads(1)
+        cuda = device.startswith("cuda")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         anon_before, rss_before = _status("RssAnon"), _status("VmRSS")
-        step, n_params = _stepper(kind, width)
+        step, n_params = _stepper(kind, width, device)
         import time
 
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
         for _ in range(2):  # warm-up; the first step allocates the optimiser state
             step()
-        c0 = time.thread_time()
+        sync()
+        c0 = time.perf_counter() if cuda else time.thread_time()
         step()
-        estimate = max(time.thread_time() - c0, 1e-4)
+        sync()
+        estimate = max((time.perf_counter() if cuda else time.thread_time()) - c0, 1e-4)
         steps = int(min(50, max(5, budget_s / estimate)))
-        from .timing import timed
+        from .timing import interleaved
 
-        t = timed(step, repeats=steps, warmup=0)
-        conn.send({"kind": kind, "width": width, "params": n_params, "steps": steps, **t,
-                   "peak_bytes": _status("VmHWM") - _status("RssFile") - _status("RssShmem") - anon_before,
-                   "rss_growth_bytes": _status("VmHWM") - rss_before})
+        t = interleaved({"fn": step}, steps, 1, warmup=0, sync=sync)["fn"]
+        peak = (torch.cuda.max_memory_allocated() if cuda else
+                _status("VmHWM") - _status("RssFile") - _status("RssShmem") - anon_before)
+        conn.send({"kind": kind, "width": width, "params": n_params, "steps": steps, **t, "device": device,
+                   "peak_bytes": peak, "rss_growth_bytes": _status("VmHWM") - rss_before})
     except Exception as e:  # reported by the parent
         conn.send({"kind": kind, "width": width, "error": f"{type(e).__name__}: {e}"})
     finally:
         conn.close()
 
 
-def _stepper(kind, width):
+def _stepper(kind, width, device="cpu"):
     import pyro
     import torch.nn.functional as F
     import yaml
@@ -97,12 +102,13 @@ def _stepper(kind, width):
     if kind == "plain":
         d = data.x_train.shape[1]
         net = torch.nn.Sequential(torch.nn.Linear(d, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
-                                  torch.nn.ReLU(), torch.nn.Linear(width, data.num_outputs))
+                                  torch.nn.ReLU(), torch.nn.Linear(width, data.num_outputs)).to(device)
         opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+        x, y = data.x_train.to(device), data.y_train.to(device)
 
         def step():
-            idx = torch.randint(n, (64,), generator=gen)
-            loss = F.cross_entropy(net(data.x_train[idx]), data.y_train[idx])
+            idx = torch.randint(n, (64,), generator=gen).to(device)
+            loss = F.cross_entropy(net(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -116,19 +122,19 @@ def _stepper(kind, width):
     for layer in linears[:-1]:
         layer["out"] = width
     recipe = yaml.safe_load(open(os.path.join(ROOT, "inference", "svi_sparsevd.yaml")))
-    recipe["num_threads"] = 1
+    recipe["num_threads"], recipe["device"] = 1, device
     spec, recipe = parse_specs(spec, recipe)
     network, guide = build(spec, recipe, data)
     trainer = SVITrainer(network, guide, data, recipe, progress=False)
     pyro.enable_validation(False)
 
     def step():
-        trainer._step(torch.randint(n, (recipe["batch_size"],), generator=gen), 1.0)
+        trainer._step(torch.randint(n, (recipe["batch_size"],), generator=gen).to(trainer.device), 1.0)
 
     return step, network.num_weights()
 
 
-def _server(widths, budget_s, conn):
+def _server(widths, budget_s, conn, device="cpu"):
     """In a fresh (spawned) interpreter: prepare once, then fork one child per measurement."""
     rows = []
     try:
@@ -137,7 +143,7 @@ def _server(widths, budget_s, conn):
         for width in widths:
             for kind in ("plain", "sparsevd"):
                 parent, child = ctx.Pipe(duplex=False)
-                p = ctx.Process(target=_measure, args=(kind, width, budget_s, child))
+                p = ctx.Process(target=_measure, args=(kind, width, budget_s, child, device))
                 p.start()
                 child.close()
                 try:
@@ -153,13 +159,13 @@ def _server(widths, budget_s, conn):
     conn.close()
 
 
-def run(widths=WIDTHS_QUICK, budget_s=1.0, log=print) -> list:
+def run(widths=WIDTHS_QUICK, budget_s=1.0, log=print, device="cpu") -> list:
     """One row per (width, kind in plain / sparsevd), each measured in a fresh forked child of a
     freshly spawned interpreter (the caller's heap, with the free memory of earlier work, would
     let a forked child grow without touching new pages)."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    server = ctx.Process(target=_server, args=(tuple(widths), budget_s, child))
+    server = ctx.Process(target=_server, args=(tuple(widths), budget_s, child, device))
     server.start()
     child.close()
     rows = []
@@ -179,7 +185,8 @@ def run(widths=WIDTHS_QUICK, budget_s=1.0, log=print) -> list:
         if "error" in row:
             log(f"  scaling {row['kind']} h={row['width']}: {row['error']}")
         else:
-            log(f"  scaling {row['kind']} h={row['width']}: {1e3 * row['cpu']:.2f} ms/step, "
+            clock = row["wall"] if device.startswith("cuda") else row["cpu"]
+            log(f"  scaling {row['kind']} h={row['width']}: {1e3 * clock:.2f} ms/step, "
                 f"peak +{row['peak_bytes'] / 2**20:.1f} MiB")
     server.join()
     return rows

@@ -59,11 +59,11 @@ def _plain_step(trainer, data, lr):
     from pyro_sparse.summary import summarize
 
     network = trainer.network
-    net = network.deterministic(summarize(network, trainer.guide).locs()).train()
+    net = network.deterministic(summarize(network, trainer.guide).locs()).train().to(trainer.device)
     for p in net.parameters():
         p.requires_grad_(True)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    x, y = data.x_train, data.y_train
+    x, y = data.x_train.to(trainer.device), data.y_train.to(trainer.device)
 
     def step(idx):
         loss = F.cross_entropy(net(x[idx]), y[idx])
@@ -93,8 +93,12 @@ def _amortised(trainer, recipe, repeats):
     return None
 
 
-def step_ratios(models, repeats=15, calls=10, methods=None, log=print) -> list:
-    """One row per (model, method): library step vs plain PyTorch step (see the module doc)."""
+def step_ratios(models, repeats=15, calls=10, methods=None, log=print, device="cpu") -> list:
+    """One row per (model, method): library step vs plain PyTorch step (see the module doc). On a
+    GPU (``device`` cuda) both run there and the ratio is of wall-clock medians (each block closed
+    by ``torch.cuda.synchronize``); on the CPU of CPU-time medians."""
+    cuda = device.startswith("cuda")
+    clock = "wall" if cuda else "cpu"
     import pyro
 
     torch.set_num_threads(1)
@@ -107,10 +111,11 @@ def step_ratios(models, repeats=15, calls=10, methods=None, log=print) -> list:
             row = {"model": model, "method": key}
             try:
                 with pyro.validation_enabled(False):
-                    trainer, recipe, data = _build(entry)
+                    trainer, recipe, data = _build(entry, device)
                     batch = trainer.batch_size
                     gen = torch.Generator().manual_seed(0)
-                    batches = [torch.randperm(len(data.x_train), generator=gen)[:batch] for _ in range(16)]
+                    batches = [torch.randperm(len(data.x_train), generator=gen)[:batch].to(trainer.device)
+                               for _ in range(16)]
                     lib, plain = _library_step(trainer), _plain_step(trainer, data, recipe["optimizer"].get("lr", 1e-3))
                     if hasattr(trainer, "bmr_step"):  # mid-training state: some weights already pruned
                         for idx in batches:
@@ -124,9 +129,11 @@ def step_ratios(models, repeats=15, calls=10, methods=None, log=print) -> list:
                             fn(batches[state["i"]])
                         return call
 
-                    t = interleaved({"library": cycle(lib), "plain": cycle(plain)}, repeats, calls)
-                    row.update({"batch": batch, "library": t["library"], "plain": t["plain"],
-                                "ratio": t["library"]["cpu"] / t["plain"]["cpu"],
+                    t = interleaved({"library": cycle(lib), "plain": cycle(plain)}, repeats, calls,
+                                    sync=torch.cuda.synchronize if cuda else None)
+                    row.update({"batch": batch, "library": t["library"], "plain": t["plain"], "clock": clock,
+                                "device": device, "elbo_path": getattr(trainer, "elbo_path", None),
+                                "ratio": t["library"][clock] / t["plain"][clock],
                                 "ratio_wall": t["library"]["wall"] / t["plain"]["wall"]})
                     try:
                         extra = _amortised(trainer, recipe, repeats)
@@ -135,15 +142,15 @@ def step_ratios(models, repeats=15, calls=10, methods=None, log=print) -> list:
                         row["amortised_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                     if extra:
                         row["amortised"] = extra
-                        row["ratio_amortised"] = (t["library"]["cpu"] + extra["cpu"]) / t["plain"]["cpu"]
+                        row["ratio_amortised"] = (t["library"][clock] + extra["cpu"]) / t["plain"][clock]
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             rows.append(row)
             if "error" in row:
                 log(f"  step {model}/{key}: {row['error']}")
             else:
-                log(f"  step {model}/{key}: {1e3 * row['library']['cpu']:.2f} ms vs plain "
-                    f"{1e3 * row['plain']['cpu']:.2f} ms -> {row['ratio']:.2f}x")
+                log(f"  step {model}/{key}: {1e3 * row['library'][clock]:.2f} ms vs plain "
+                    f"{1e3 * row['plain'][clock]:.2f} ms -> {row['ratio']:.2f}x")
     return rows
 
 

@@ -1,0 +1,111 @@
+"""torch.compile on the CPU: compile time and step time, plain PyTorch and the ELBO core.
+
+Run: PYTHONPATH=. python bench/bench_compile.py [--models mlp_sparsevd,mlp_horseshoe] [--repeats 11]
+
+For each spec (digits, batch 64, one thread):
+
+* **plain**: the deterministic twin's training step (``nn.Sequential``, cross-entropy, Adam), eager
+  and with its loss function compiled (``torch.compile``, default mode);
+* **core**: the library's ELBO core (:class:`~pyro_sparse.elbo.CoreELBO`) loss of the spec's recipe,
+  eager (fused autograd nodes) and compiled (``torch.compile`` of ``differentiable_loss``; dynamo
+  splits the graph where it cannot trace, and runs those parts eagerly).
+
+Prints the first compiled call's wall time (the compile) and the median step times of interleaved
+blocks (CPU time of this thread), and the break-even: the number of steps after which the compiled
+step has paid for its compilation (never, when it is not faster).
+"""
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bench.timing import interleaved
+
+
+def build(model, recipe):
+    from pyro_sparse.data import load_digits
+    from pyro_sparse.recipe import load_recipe
+    from pyro_sparse.runs import build as build_run
+    from pyro_sparse.spec import load_model_spec
+    from pyro_sparse.summary import summarize
+
+    data = load_digits()
+    spec, rec = load_model_spec(f"models/{model}.yaml"), load_recipe(f"inference/{recipe}.yaml")
+    net, guide = build_run(spec, rec, data)
+    guide.setup(data.x_train[:64], data.y_train[:64], dataset_size=len(data.x_train))
+    twin = net.deterministic(summarize(net, guide).locs()).train()
+    for p in twin.parameters():
+        p.requires_grad_(True)
+    return data, net, guide, twin
+
+
+def steppers(data, net, guide, twin):
+    from pyro_sparse.elbo import CoreELBO
+
+    gen = torch.Generator().manual_seed(0)
+    n = len(data.x_train)
+    x_all, y_all = data.x_train, data.y_train
+    plain_opt = torch.optim.Adam(twin.parameters(), lr=1e-3)
+    core_opt = torch.optim.Adam(guide.parameters(), lr=1e-3, fused=True)
+    elbo = CoreELBO()
+    elbo.plan(net, guide)
+
+    def plain_loss(x, y):
+        return F.cross_entropy(twin(x), y)
+
+    def core_loss(x, y, idx):
+        return elbo.differentiable_loss(net, guide, x, y, n, idx)
+
+    def plain_step(loss_fn):
+        def step():
+            idx = torch.randint(n, (64,), generator=gen)
+            loss = loss_fn(x_all[idx], y_all[idx])
+            plain_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            plain_opt.step()
+        return step
+
+    def core_step(loss_fn):
+        def step():
+            idx = torch.randint(n, (64,), generator=gen)
+            loss = loss_fn(x_all[idx], y_all[idx], idx)
+            core_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            core_opt.step()
+        return step
+
+    return {"plain": (plain_step, plain_loss), "core": (core_step, core_loss)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="mlp_sparsevd:svi_sparsevd,mlp_horseshoe:svi_horseshoe")
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    for item in args.models.split(","):
+        model, recipe = item.split(":")
+        for kind, (make, loss_fn) in steppers(*build(model, recipe)).items():
+            eager = make(loss_fn)
+            compiled_fn = torch.compile(loss_fn, dynamic=False)
+            compiled = make(compiled_fn)
+            t0 = time.perf_counter()
+            try:
+                compiled()
+            except Exception as e:  # reported, not raised: the figure is that it does not compile
+                print(f"{model} {kind}: torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                continue
+            compile_s = time.perf_counter() - t0
+            t = interleaved({"eager": eager, "compiled": compiled}, args.repeats, args.steps)
+            e, c = t["eager"]["cpu"], t["compiled"]["cpu"]
+            gain = e - c
+            even = f"{compile_s / gain:.0f} steps" if gain > 0 else "never"
+            print(f"{model} {kind}: compile {compile_s:.1f} s; step eager {1e3 * e:.3f} ms, compiled {1e3 * c:.3f} ms "
+                  f"({e / c:.2f}x); break-even after {even}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
