@@ -20,7 +20,8 @@ With ``kl_weight=1`` and ``local_reparam=False`` the estimate has the same distr
 :class:`DirectELBO` computes the estimate of :class:`MeanFieldELBO` without Pyro for the models
 where Pyro's run only relays distributions and draws (a mean-field guide under local
 reparameterisation, with fixed priors or priors with hyper-sites; or a delta guide, i.e. MAP, with
-fixed priors; sequential Linear/Conv2d networks): same value, same random draws, a fraction of the
+fixed priors; sequential Linear/Conv networks, and converted modules whose Bayesian layers are
+Linear/Conv layers each applied once per pass): same value, same random draws, a fraction of the
 per-step overhead. :class:`MeanFieldELBO` stays the reference and the
 path for every other model.
 """
@@ -182,8 +183,12 @@ class _Plan:
         self.network, self.guide = network, guide
         self.point_mass = isinstance(guide, DeltaGuide)
         self.steps, self.priors, self.owners, self.conditional = [], {}, {}, []
+        #: ``False`` for a converted module (:class:`~pyro_sparse.convert.BayesianModule`): its own
+        #: ``forward`` runs, each Bayesian layer handed its values through a parameter scope
+        self.sequential = hasattr(network, "layers")
         hyper = {}
-        for layer in network.layers.values():
+        layers = network.layers.values() if self.sequential else [layer for _, layer in network.bayesian_layers()]
+        for layer in layers:
             if isinstance(layer, _Stateless):
                 self.steps.append((layer, None))
                 continue
@@ -302,15 +307,17 @@ class DirectELBO(_LossFromDifferentiableLoss):
     def supports(network, guide) -> str | None:
         """None when the direct estimate equals the Pyro one for ``(network, guide)``, else a
         short reason why not. The guide must be set up (its sites known)."""
+        from .convert import BayesianModule
         from .guides import DeltaGuide, MeanFieldGuide
         from .layers import _Parametric, _Stateless
         from .likelihoods import Likelihood
         from .network import BayesianNetwork
 
-        if not isinstance(network, BayesianNetwork):
-            return f"the network is a {type(network).__name__}, not a BayesianNetwork"
+        base = next((b for b in (BayesianNetwork, BayesianModule) if isinstance(network, b)), None)
+        if base is None:
+            return f"the network is a {type(network).__name__}, neither a BayesianNetwork nor a BayesianModule"
         cls = type(network)
-        if any(getattr(cls, m) is not getattr(BayesianNetwork, m) for m in ("forward", "model", "_reshape")):
+        if any(getattr(cls, m) is not getattr(base, m) for m in ("forward", "model", "_reshape")):
             return f"{cls.__name__} overrides the model or the forward pass"
         if type(guide) not in (MeanFieldGuide, DeltaGuide):
             return f"the guide is {type(guide).__name__}, neither the mean-field nor the delta guide"
@@ -320,7 +327,8 @@ class DirectELBO(_LossFromDifferentiableLoss):
             return "the guide is not set up yet"
         if type(network.likelihood).observe is not Likelihood.observe:
             return f"the {type(network.likelihood).__name__} likelihood overrides observe"
-        for name, layer in network.layers.items():
+        layers = network.layers.items() if base is BayesianNetwork else network.bayesian_layers()
+        for name, layer in layers:
             if isinstance(layer, _Stateless):
                 continue
             if not isinstance(layer, _Parametric):
@@ -329,6 +337,9 @@ class DirectELBO(_LossFromDifferentiableLoss):
             if (kind.forward is not _Parametric.forward or kind.sample_params is not _Parametric.sample_params
                     or kind.compute is _Parametric.compute):
                 return f"layer {name!r} ({kind.__name__}) does not run compute(x, *sample_params())"
+            if layer.shared:
+                return (f"layer {name!r} is applied more than once per forward pass: its weights are drawn as "
+                        "tensors shared by every application, not locally reparameterised")
         sites = network.param_sites()
         hyper = {}
         for site, (layer, param, prior) in sites.items():
@@ -455,7 +466,17 @@ class DirectELBO(_LossFromDifferentiableLoss):
     @staticmethod
     def forward(network, plan, values, x):
         """The network's output on ``x`` with the parameter values ``values`` (site -> tensor or
-        GaussianWeight): each layer's ``compute``, as its ``forward`` would run it."""
+        GaussianWeight): each layer's ``compute``, as its ``forward`` would run it. A converted
+        module runs its own ``forward`` with each layer handed its values through a parameter
+        scope (:func:`~pyro_sparse.layers.param_scope`), so its layers compute in the order and
+        with the random draws of the Pyro path."""
+        if not plan.sequential:
+            from .layers import param_scope
+
+            given = {layer: (values[weight], None if bias is None else values[bias])
+                     for layer, (weight, bias) in plan.steps}
+            with param_scope(given):
+                return network(x)
         h = network._reshape(x)
         for layer, sites in plan.steps:
             if sites is None:

@@ -51,19 +51,20 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from pyro.poutine.messenger import Messenger
 from torch import nn
 from torch.func import functional_call
 
 from .compaction import Compaction, drop_entries, as_index
-from .layers import Layer, _Stateless
-from .local_reparam import GaussianWeight
+from .layers import Layer, _Stateless, scoped_params
+from .local_reparam import realize, shared_weights
 from .priors import Gaussian, LogUniform, build_prior
 from .schema import Field
 
 __all__ = [
     "LSTM",
     "GRU",
+    "TorchLSTM",
+    "TorchGRU",
     "Embedding",
     "OneHot",
     "LastStep",
@@ -83,29 +84,9 @@ CELLS = {
 
 
 # ---------------------------------------------------------------------------- weight sharing
-class shared_weights(Messenger):
-    """Mark every latent site sampled inside as *not* locally reparameterisable.
-
-    The mean-field guide reads ``infer["ps_local_reparam_ok"]`` when it sets up a site; with it
-    False, the guide samples a real weight tensor even under
-    :class:`~pyro_sparse.local_reparam.LocalReparameterization`, so a recurrent layer gets one
-    weight sample per mini-batch, shared across time steps (Lobacheva et al. 2017, sec. 3).
-    """
-
-    def _pyro_sample(self, msg):
-        if not msg["is_observed"]:
-            msg["infer"]["ps_local_reparam_ok"] = False
-
-
-def _realize(param):
-    """A weight tensor from a prior's return value.
-
-    A :class:`GaussianWeight` (a guide set up without :class:`shared_weights`) is turned into
-    one draw ``loc + sqrt(var) * eps`` for the whole mini-batch, never one per time step.
-    """
-    if isinstance(param, GaussianWeight):
-        return param.loc + param.var.clamp_min(0).sqrt() * torch.randn_like(param.loc)
-    return param
+# ``shared_weights`` (one weight draw per mini-batch, shared by all time steps) and ``_realize``
+# live in :mod:`pyro_sparse.local_reparam`, where converted modules use them too.
+_realize = realize
 
 
 # ---------------------------------------------------------------------------- the maths
@@ -138,7 +119,17 @@ def _template(cell, input_size, hidden_size, device):
     return _TEMPLATES[key]
 
 
-def recurrent_sequence(cell, x, weight_ih, weight_hh, bias, z_input=None, z_hidden=None, z_gates=None):
+def _hidden_bias(cell, bias, bias_hn):
+    """``bias_hh`` of the torch module: 0, except a GRU's hidden bias of the candidate gate n."""
+    if bias_hn is None:
+        return torch.zeros_like(bias)
+    if cell != "gru":
+        raise ValueError("a hidden bias (bias_hn) exists for the GRU only")
+    return torch.cat([torch.zeros_like(bias[: 2 * bias_hn.shape[0]]), bias_hn])
+
+
+def recurrent_sequence(cell, x, weight_ih, weight_hh, bias, z_input=None, z_hidden=None, z_gates=None,
+                       bias_hn=None):
     r"""Run one gated LSTM/GRU layer over a batch-first sequence; return :math:`\hat h_{1..T}`.
 
     ``x`` is (B, T, F); weights are (G H, F) and (G H, H), ``bias`` (G H,) with G = 4 (LSTM) or
@@ -146,14 +137,24 @@ def recurrent_sequence(cell, x, weight_ih, weight_hh, bias, z_input=None, z_hidd
     one (inputs multiplied by the weights for all steps at once, then one ``h @ W_h^T`` per
     step) on the folded weights of :func:`fold_gated_weights`, with ``bias_ih = bias`` and
     ``bias_hh = 0``; the output is scaled by :math:`z^h`. The initial state is zero.
+    ``bias_hn`` (H,): a GRU's hidden bias of the candidate gate,
+    :math:`n = \tanh(W^n_x x + b^n + r (W^n_h h + b^n_h))` (``torch.nn.GRU``'s ``b_hn``).
     """
+    return recurrent_states(cell, x, weight_ih, weight_hh, bias, z_input, z_hidden, z_gates, bias_hn)[0]
+
+
+def recurrent_states(cell, x, weight_ih, weight_hh, bias, z_input=None, z_hidden=None, z_gates=None,
+                     bias_hn=None, state=None):
+    """:func:`recurrent_sequence` and the final state: ``(outputs, state)``, the state ``(h, c)``
+    (LSTM) or ``h`` (GRU), each ``(1, B, H)`` as ``torch.nn.LSTM`` returns it; ``state``: the
+    initial state in that form (None: zeros)."""
     w_ih, w_hh = fold_gated_weights(weight_ih, weight_hh, z_input, z_hidden, z_gates)
     hidden = weight_hh.shape[-1]
     module = _template(cell, weight_ih.shape[-1], hidden, x.device)
     params = {"weight_ih_l0": w_ih, "weight_hh_l0": w_hh, "bias_ih_l0": bias,
-              "bias_hh_l0": torch.zeros_like(bias)}
-    out, _ = functional_call(module, params, (x,))
-    return out * z_hidden if z_hidden is not None else out
+              "bias_hh_l0": _hidden_bias(cell, bias, bias_hn)}
+    out, final = functional_call(module, params, (x,) if state is None else (x, state))
+    return (out * z_hidden if z_hidden is not None else out), final
 
 
 # ---------------------------------------------------------------------------- layers
@@ -260,11 +261,11 @@ class _Recurrent(Layer):
             s = self.suffix(k)
             x = recurrent_sequence(self.cell, x, params[f"weight_ih{s}"], params[f"weight_hh{s}"],
                                    params[f"bias{s}"], params.get(f"z_input{s}"), params.get(f"z_hidden{s}"),
-                                   params.get(f"z_gates{s}"))
+                                   params.get(f"z_gates{s}"), params.get(f"bias_hn{s}"))
         return x if self.return_sequence else x[:, -1]
 
     def forward(self, x):
-        return self.run(x, self.sample_params())
+        return self.run(x, scoped_params(self, self.sample_params))
 
     def deterministic(self, params):
         return RecurrentStack(self.cell, [self.layer_params(params, k) for k in range(self.num_layers)],
@@ -283,7 +284,7 @@ class _Recurrent(Layer):
         """Parameters of stacked layer ``k`` under their base names (weight_ih, ..., z_gates)."""
         s = self.suffix(k)
         out = {}
-        for base in ("weight_ih", "weight_hh", "bias", "z_input", "z_hidden", "z_gates"):
+        for base in ("weight_ih", "weight_hh", "bias", "bias_hn", "z_input", "z_hidden", "z_gates"):
             if f"{base}{s}" in params:
                 out[base] = params[f"{base}{s}"]
         return out
@@ -305,6 +306,128 @@ class GRU(_Recurrent):
 
     prefix = "gru"
     cell = "gru"
+
+
+class _TorchRecurrent:
+    """The interface of ``torch.nn.LSTM`` / ``torch.nn.GRU`` on the Bayesian recurrent layers: the
+    counterpart that :func:`pyro_sparse.convert.bayesian` puts in place of a user's module, so the
+    user's ``forward`` can call it as before: ``output, (h_n, c_n) = self.lstm(x, hx)`` (LSTM) or
+    ``output, h_n = self.gru(x, hx)``, batch-first or time-first, batched or not, with inter-layer
+    dropout in training mode.
+
+    Maths and sites are those of the Bayesian layer (weights sampled once per mini-batch and
+    shared by all time steps; ``lstm.weight_ih``, ``lstm.weight_hh``, ``lstm.bias`` and ``_l{k}``
+    for stacked layers). ``torch.nn``'s two biases per gate are one site ``bias`` = ``b_ih + b_hh``,
+    which is exact for every LSTM gate and for the GRU's r and z gates; the GRU's candidate gate
+    :math:`n = \tanh(W_{in} x + b_{in} + r (W_{hn} h + b_{hn}))` keeps ``b_hn`` as a site of its
+    own, ``gru.bias_hn`` (H,). Bidirectional layers, ``proj_size`` and ``bias=False`` have no
+    counterpart (ValueError)."""
+
+    batch_first = True
+    dropout = 0.0
+
+    @classmethod
+    def from_torch(cls, module, priors):
+        name = type(module).__name__
+        for what, bad in (("bidirectional=True", module.bidirectional), ("bias=False", not module.bias),
+                          ("proj_size > 0", getattr(module, "proj_size", 0))):
+            if bad:
+                raise ValueError(f"{name} with {what} has no Bayesian counterpart; leave it deterministic")
+        layer = cls(module.input_size, module.hidden_size, module.num_layers, return_sequence=True,
+                    prior=priors.get("weight"), bias_prior=priors.get("bias"))
+        layer.batch_first, layer.dropout = bool(module.batch_first), float(module.dropout)
+        return layer.start_at(layer.torch_values(module))
+
+    def torch_values(self, module):
+        out = {}
+        for k in range(self.num_layers):
+            s = self.suffix(k)
+            b_ih, b_hh = getattr(module, f"bias_ih_l{k}").detach(), getattr(module, f"bias_hh_l{k}").detach()
+            out[f"weight_ih{s}"] = getattr(module, f"weight_ih_l{k}").detach()
+            out[f"weight_hh{s}"] = getattr(module, f"weight_hh_l{k}").detach()
+            if self.cell == "gru":
+                h = self.hidden_size
+                out[f"bias{s}"] = torch.cat([b_ih[: 2 * h] + b_hh[: 2 * h], b_ih[2 * h:]])
+                out[f"bias_hn{s}"] = b_hh[2 * h:]
+            else:
+                out[f"bias{s}"] = b_ih + b_hh
+        return out
+
+    @torch.no_grad()
+    def write_torch(self, module, params):
+        for k in range(self.num_layers):
+            p = self.layer_params(params, k)
+            getattr(module, f"weight_ih_l{k}").copy_(p["weight_ih"])
+            getattr(module, f"weight_hh_l{k}").copy_(p["weight_hh"])
+            getattr(module, f"bias_ih_l{k}").copy_(p["bias"])
+            getattr(module, f"bias_hh_l{k}").copy_(_hidden_bias(self.cell, p["bias"], p.get("bias_hn")))
+
+    def deterministic(self, params):
+        w = params["weight_ih"]
+        module = CELLS[self.cell]["torch"](self.input_size, self.hidden_size, self.num_layers,
+                                           batch_first=self.batch_first, dropout=self.dropout, device=w.device,
+                                           dtype=w.dtype)
+        self.write_torch(module, params)
+        return module
+
+    def forward(self, input, hx=None):
+        params = scoped_params(self, self.sample_params)
+        x = input
+        unbatched = x.dim() == 2
+        if unbatched:
+            x = x.unsqueeze(0 if self.batch_first else 1)
+        elif x.dim() != 3:
+            raise ValueError(f"{self.site}: expected a 2-D or 3-D input, got shape {tuple(input.shape)}")
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        lstm = self.cell == "lstm"
+        if hx is not None:
+            h0, c0 = hx if lstm else (hx, None)
+            if unbatched:
+                h0, c0 = h0.unsqueeze(1), (c0.unsqueeze(1) if c0 is not None else None)
+        finals = []
+        for k in range(self.num_layers):
+            p = self.layer_params(params, k)
+            state = None
+            if hx is not None:
+                state = (h0[k:k + 1], c0[k:k + 1]) if lstm else h0[k:k + 1]
+            x, final = recurrent_states(self.cell, x, p["weight_ih"], p["weight_hh"], p["bias"],
+                                        bias_hn=p.get("bias_hn"), state=state)
+            finals.append(final)
+            if self.dropout and self.training and k + 1 < self.num_layers:
+                x = F.dropout(x, self.dropout, True)
+        out = x if self.batch_first else x.transpose(0, 1)
+        if lstm:
+            h_n, c_n = torch.cat([f[0] for f in finals]), torch.cat([f[1] for f in finals])
+        else:
+            h_n, c_n = torch.cat(finals), None
+        if unbatched:
+            out = out.squeeze(0 if self.batch_first else 1)
+            h_n, c_n = h_n.squeeze(1), (c_n.squeeze(1) if c_n is not None else None)
+        return (out, (h_n, c_n)) if lstm else (out, h_n)
+
+
+class TorchLSTM(_TorchRecurrent, LSTM):
+    """A converted ``torch.nn.LSTM``: :class:`LSTM` with the torch interface (:class:`_TorchRecurrent`)."""
+
+    spec_name = "torch_lstm"
+    torch_types = (nn.LSTM,)
+
+
+class TorchGRU(_TorchRecurrent, GRU):
+    """A converted ``torch.nn.GRU``: :class:`GRU` with the torch interface and the hidden bias
+    ``bias_hn`` of the candidate gate (:class:`_TorchRecurrent`)."""
+
+    spec_name = "torch_gru"
+    torch_types = (nn.GRU,)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for k in range(self.num_layers):
+            s = self.suffix(k)
+            self.register_buffer(f"bias_hn{s}_init", torch.zeros(self.hidden_size), persistent=False)
+            self.param_axes[f"bias_hn{s}"] = {"unit": 0, "hidden": 0}
+            self._priors[f"bias_hn{s}"] = self.bias_prior
 
 
 class RecurrentStack(nn.Module):
@@ -329,7 +452,7 @@ class RecurrentStack(nn.Module):
                 rnn.weight_ih_l0.copy_(w_ih)
                 rnn.weight_hh_l0.copy_(w_hh)
                 rnn.bias_ih_l0.copy_(p["bias"])
-                rnn.bias_hh_l0.zero_()
+                rnn.bias_hh_l0.copy_(_hidden_bias(cell, p["bias"], p.get("bias_hn")))
             self.rnns.append(rnn)
             z_h = p.get("z_hidden")
             self.register_buffer(f"output_scale_{k}",
@@ -395,11 +518,34 @@ class Embedding(Layer):
             out["z_tokens"] = self.z_prior
         return out
 
-    def forward(self, x):
+    def sample_params(self) -> dict:
+        """One draw of the table (and the token variables), shared by every position."""
         with shared_weights():
-            params = {p: _realize(prior.sample(f"{self.site}.{p}", getattr(self, f"{p}_init"), self.param_axes[p]))
-                      for p, prior in self.priors().items()}
+            return {p: _realize(prior.sample(f"{self.site}.{p}", getattr(self, f"{p}_init"), self.param_axes[p]))
+                    for p, prior in self.priors().items()}
+
+    def forward(self, x):
+        params = scoped_params(self, self.sample_params)
         return embed(x, params["weight"], params.get("z_tokens"))
+
+    torch_types = (nn.Embedding,)
+
+    @classmethod
+    def from_torch(cls, module, priors):
+        if module.max_norm is not None:
+            raise ValueError("nn.Embedding with max_norm renormalises its table in the forward pass and has no "
+                             "Bayesian counterpart; leave it deterministic")
+        if module.sparse:
+            raise ValueError("nn.Embedding(sparse=True) has no Bayesian counterpart; leave it deterministic")
+        layer = cls(module.num_embeddings, module.embedding_dim, prior=priors.get("weight"))
+        return layer.start_at({"weight": module.weight.detach()})
+
+    def torch_values(self, module):
+        return {"weight": module.weight.detach()}
+
+    @torch.no_grad()
+    def write_torch(self, module, params):
+        module.weight.copy_(embed_table(params["weight"], params.get("z_tokens")))
 
     def deterministic(self, params):
         weight = embed_table(params["weight"], params.get("z_tokens"))

@@ -337,7 +337,8 @@ def masked_fine_tune(model, masks, x, y, likelihood, noise=1.0, prior=None, epoc
                      generator=None):
     """Retrain the kept weights of ``model`` in place on the MAP objective, the pruned ones held at 0.
 
-    Adam on ``-(N/|B|) sum log p(y | f(x)) + 0.5 sum_i delta_i theta_i^2`` (``delta`` from
+    ``(x, y)``: tensors, or ``x`` an iterable of ``(x, y)`` batches (a ``DataLoader``) and ``y``
+    None. Parameters that do not require gradients stay as they are. Adam on ``-(N/|B|) sum log p(y | f(x)) + 0.5 sum_i delta_i theta_i^2`` (``delta`` from
     ``prior``, fixed; no prior term with ``prior=None``). The masked weights start at 0, their
     gradients are multiplied by the mask before every step (so Adam's moments stay 0 for them),
     and the mask is re-applied after every step, so they are exactly 0 at the end.
@@ -349,18 +350,30 @@ def masked_fine_tune(model, masks, x, y, likelihood, noise=1.0, prior=None, epoc
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be a number > 0, got lr={lr!r}")
     apply_masks(model, masks)
-    params = dict(model.named_parameters())
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     keep = {name: masks[name].to(p.dtype) for name, p in params.items() if name in masks}
-    deltas = {} if prior is None else {name: d.detach() for name, d in prior.precision_dict().items()}
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    n = x.shape[0]
-    batch_size = min(batch_size, n)
+    deltas = {} if prior is None else {name: d.detach() for name, d in prior.precision_dict().items()
+                                       if name in params}
+    optimizer = torch.optim.Adam(params.values(), lr=lr)
+    if torch.is_tensor(x):
+        n = x.shape[0]
+        batch_size = min(batch_size, n)
+
+        def epoch_batches():
+            perm = torch.randperm(n, generator=generator).to(x.device)
+            for start in range(0, n, batch_size):
+                idx = perm[start:start + batch_size]
+                yield x[idx], y[idx]
+    else:  # an iterable of (x, y) batches (a DataLoader), in its own order
+        n = len(x.dataset) if hasattr(x, "dataset") else sum(len(b[0]) for b in x)
+
+        def epoch_batches():
+            for item in x:
+                yield item[0], item[1]
     model.train()
     for _ in range(epochs):
-        perm = torch.randperm(n, generator=generator).to(x.device)
-        for start in range(0, n, batch_size):
-            idx = perm[start:start + batch_size]
-            loss = -(n / len(idx)) * log_likelihood(model, x[idx], y[idx], likelihood, noise)
+        for xb, yb in epoch_batches():
+            loss = -(n / len(xb)) * log_likelihood(model, xb, yb, likelihood, noise)
             for name, delta in deltas.items():
                 loss = loss + 0.5 * (delta * params[name].square()).sum()
             optimizer.zero_grad(set_to_none=True)
