@@ -94,6 +94,98 @@ class Dataset:
         return self
 
 
+@dataclass
+class Batches:
+    r"""Data that arrive in mini-batches: any re-iterable of ``(x, y)`` batches (a
+    ``torch.utils.data.DataLoader`` over a data set too large to hold as one tensor) with a known
+    number of training examples ``num_train``.
+
+    :class:`~pyro_sparse.fitting.SVITrainer` fits on it like on a :class:`Dataset`: the data
+    plate of the model scales each batch's log-likelihood by ``num_train / B``, so the ELBO of a
+    batch of ``B`` is an unbiased estimate of the full-data ELBO,
+
+    .. math::
+
+        \mathcal{L} pprox rac{N}{B}\sum_{b=1}^{B} \mathbb{E}_q \log p(y_b \mid x_b, w)
+                            - \mathrm{KL}(q \,\|\, p),
+
+    the same loss as the in-memory path gives for the same batch. One epoch is one pass over
+    ``train`` in the order it yields (a ``DataLoader`` with ``shuffle=True`` reshuffles with its
+    own generator). ``test``: held-out batches (or None). Build it with :func:`as_batches`.
+    """
+
+    name: str
+    train: object
+    num_train: int
+    test: object = None
+    task: str | None = None
+    num_outputs: int | None = None
+    extras: dict = field(default_factory=dict)
+    feature_shape: tuple = ()
+
+    def __post_init__(self):
+        if isinstance(self.num_train, bool) or not isinstance(self.num_train, int) or self.num_train < 1:
+            raise DataError(f"{self.name}: num_train (the number of training examples) must be a positive "
+                            f"integer, got {self.num_train!r}")
+        first = first_batch(self.train, self.name)
+        self.feature_shape = tuple(first[0].shape[1:])
+
+    def batches_per_epoch(self, batch_size: int) -> int:
+        """``len(train)`` where known, else ``ceil(num_train / batch_size)``."""
+        try:
+            return len(self.train)
+        except TypeError:
+            return math.ceil(self.num_train / batch_size)
+
+    def to(self, device):
+        """Batches are moved to the device one at a time, as they are used."""
+        return self
+
+
+def first_batch(batches, name="data"):
+    """The first ``(x, y)`` batch of an iterable of batches (DataError if it yields no such thing)."""
+    try:
+        item = next(iter(batches))
+    except StopIteration:
+        raise DataError(f"{name}: the data yield no batches") from None
+    except TypeError:
+        raise DataError(f"{name}: expected an iterable of (x, y) batches, got {type(batches).__name__}") from None
+    if not (isinstance(item, (tuple, list)) and len(item) >= 2 and torch.is_tensor(item[0]) and torch.is_tensor(item[1])):
+        raise DataError(f"{name}: each batch must be a pair of tensors (x, y), got {type(item).__name__}")
+    return item[0], item[1]
+
+
+def as_batches(train, test=None, batch_size: int = 64, num_train: int | None = None, shuffle: bool = True,
+               seed: int = 0, name: str | None = None, task: str | None = None,
+               num_outputs: int | None = None) -> "Batches":
+    """:class:`Batches` from a ``torch.utils.data.Dataset`` (wrapped in a ``DataLoader`` of
+    ``batch_size``, shuffled with a generator seeded by ``seed``), a ``DataLoader`` (used as it
+    is), or any re-iterable of ``(x, y)`` batches (then ``num_train`` is required). ``test`` alike
+    (never shuffled). ``num_train`` defaults to ``len(loader.dataset)``."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data import Dataset as TorchDataset
+
+    def loader(data, shuffled):
+        if data is None or isinstance(data, DataLoader):
+            return data
+        if isinstance(data, TorchDataset) and hasattr(data, "__len__"):
+            generator = torch.Generator().manual_seed(seed) if shuffled else None
+            return DataLoader(data, batch_size=batch_size, shuffle=shuffled, generator=generator)
+        if hasattr(data, "__iter__") and not torch.is_tensor(data):
+            return data
+        raise DataError(f"as_batches: expected a torch Dataset, a DataLoader or an iterable of (x, y) batches, "
+                        f"got {type(data).__name__}")
+
+    train_loader = loader(train, shuffle)
+    if num_train is None:
+        dataset = getattr(train_loader, "dataset", None)
+        if dataset is None or not hasattr(dataset, "__len__"):
+            raise DataError("as_batches: the number of training examples is not known; pass num_train=N "
+                            "(the data plate scales each batch by N / batch size)")
+        num_train = len(dataset)
+    return Batches(name or type(train).__name__, train_loader, num_train, loader(test, False), task, num_outputs)
+
+
 def _split(x, y, test_fraction, seed, stratify):
     from sklearn.model_selection import train_test_split
 

@@ -97,6 +97,7 @@ class IterativeBMRTrainer(SVITrainer):
     ``bmr_sparsity`` with every evaluation.
     """
 
+    accepts_batches = False  # it evaluates on the held-out tensors
     spec_name = "svi_bmr"
     #: its ``reduction:`` section says how to prune during training
     reduction_fields = ITERATIVE_FIELDS
