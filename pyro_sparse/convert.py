@@ -286,6 +286,14 @@ class BayesianModule(PyroNetwork):
             layer.write_torch(twin.get_submodule(path), own)
         return reshaping_inputs(twin, self.input_shape)
 
+    def twin_values(self, twin: nn.Module) -> dict:
+        """Site -> value read off a copy of the user's module (e.g. after training it): each
+        converted module's parameters in the counterpart's terms (``torch_values``)."""
+        out = {}
+        for path, layer in self.converted.items():
+            out.update({f"{path}.{k}": v.detach().clone() for k, v in layer.torch_values(twin.get_submodule(path)).items()})
+        return out
+
     def state_dict_of(self, params: dict) -> dict:
         """The ``state_dict`` of the user's class holding ``params``: :meth:`deterministic`'s."""
         return self.deterministic(params).state_dict()

@@ -557,6 +557,99 @@ def transform_inputs(dataset: Dataset, mode: str = "raw") -> Dataset:
                    extras=extras)
 
 
+def apply_input_transform(x: torch.Tensor, transform: dict | None) -> torch.Tensor:
+    """Raw inputs ``x`` (N, ...) transformed as a run's training inputs were
+    (:func:`transform_inputs`'s ``input_transform``: ``(x - mean) / scale`` with the training
+    statistics); unchanged for ``transform`` None."""
+    if not transform or transform.get("mode", "raw") == "raw":
+        return x
+    mean = torch.as_tensor(transform["mean"], dtype=x.dtype, device=x.device)
+    scale = torch.as_tensor(transform["scale"], dtype=x.dtype, device=x.device)
+    if tuple(mean.shape) != tuple(x.shape[1:]):
+        raise DataError(f"the input transform has {tuple(mean.shape)} features per example but the data have "
+                        f"{tuple(x.shape[1:])}")
+    return (x - mean) / scale
+
+
+def load_inputs(path: str, target: str | None = None, feature_shape=None, labels: str = "classification"):
+    """Inputs to predict on, with their labels where the file has them: ``(x, y or None)``.
+
+    * ``.npz``: ``x`` (and ``y``), or else ``x_test`` (and ``y_test``), or else ``x_train``
+      (and ``y_train``); no pickles.
+    * ``.csv`` with a header: the column ``target`` (default ``"target"``) holds labels when
+      present; every other column is a feature, so a file without the target column is all
+      inputs.
+
+    ``feature_shape``: the per-example shape the network was fitted on (the data are reshaped to
+    it; a different number of features is a DataError naming both). ``labels``: how to read
+    ``y`` (``classification``: integer class labels; ``regression``: real values).
+    """
+    if not isinstance(path, (str, os.PathLike)) or not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    path = os.fspath(path)
+    if path.endswith(".npz"):
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+        except Exception as e:
+            raise DataError(f"{path}: not a readable .npz file without pickles ({type(e).__name__}: {str(e)[:200]})") from None
+        for xk, yk in (("x", "y"), ("x_test", "y_test"), ("x_train", "y_train")):
+            if xk in arrays:
+                x, y = arrays[xk], arrays.get(yk)
+                break
+        else:
+            raise DataError(f"{path}: no array 'x' (nor x_test, x_train) to predict on; found {sorted(arrays)}")
+        key = xk
+    elif path.endswith(".csv"):
+        target = target or "target"
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise DataError(f"{path}: cannot read as CSV ({e})") from None
+        if len(rows) < 2:
+            raise DataError(f"{path}: expected a header and at least one row")
+        header = [h.strip() for h in rows[0]]
+        try:
+            values = np.array([[float(c) for c in r] for r in rows[1:]], dtype=np.float64)
+        except ValueError as e:
+            raise DataError(f"{path}: not a table of numbers ({e})") from None
+        if values.ndim != 2 or values.shape[1] != len(header):
+            raise DataError(f"{path}: every row needs {len(header)} fields (the header's)")
+        if target in header:
+            t = header.index(target)
+            x, y = np.delete(values, t, axis=1), values[:, t]
+        else:
+            x, y = values, None
+        key = "features"
+    else:
+        raise DataError(f"{path}: expected a .npz or .csv file")
+    if x.dtype.kind not in _NUMERIC_KINDS or len(x) == 0:
+        raise DataError(f"{path}: {key} must be a non-empty numeric array, got dtype {x.dtype}, shape {x.shape}")
+    _check_finite_as_read(path, key, x)
+    x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    if x.dim() == 1:
+        x = x[:, None]
+    if feature_shape is not None:
+        size = math.prod(feature_shape)
+        if math.prod(x.shape[1:]) != size:
+            raise DataError(f"{path}: examples have {math.prod(x.shape[1:])} features (shape {list(x.shape[1:])}) but "
+                            f"the network was fitted on {size} (shape {list(feature_shape)})")
+        x = x.reshape(len(x), *feature_shape)
+    if y is not None:
+        y = np.asarray(y)
+        if len(y) != len(x):
+            raise DataError(f"{path}: {len(x)} inputs but {len(y)} labels")
+        _check_finite_as_read(path, "labels", y)
+        if labels == "regression":
+            y = torch.as_tensor(np.asarray(y, dtype=np.float32)).reshape(len(y), -1)
+        else:
+            if np.any(y != np.round(y)):
+                raise DataError(f"{path}: the labels are not whole numbers (class labels 0..K-1)")
+            y = torch.as_tensor(np.asarray(y, dtype=np.int64)).reshape(-1)
+    return x, y
+
+
 def record_target_transform(dataset: Dataset, mode: str = "raw") -> Dataset:
     r"""Record training-set statistics of regression targets for the likelihood to standardise with.
 

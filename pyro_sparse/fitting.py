@@ -63,6 +63,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 
 import pyro
 import torch
@@ -75,6 +76,7 @@ from .elbo import DirectELBO, MeanFieldELBO
 from .errors import CheckpointError, DataError, PyroSparseError, PyroSparseWarning, SpecError
 from .guides import DeltaGuide
 from .recipe import RECIPE_FIELDS, check_device, guide_param_groups, make_optimizer, make_scheduler, parse_recipe
+from .schema import Field, validate
 from .summary import summarize
 
 CHECKPOINT = "checkpoint.pt"
@@ -82,6 +84,30 @@ CHECKPOINT = "checkpoint.pt"
 #: advice points at the data first: float32 overflows at 3.4e38, and the local reparameterisation
 #: squares the inputs, so inputs far from unit scale overflow long before the learning rate matters
 DATA_MAGNITUDE = 1e4
+
+
+#: options of the recipe's ``pretrain:`` section (start SVI from a MAP network; :meth:`SVITrainer.pretrain`)
+PRETRAIN_FIELDS = {
+    "epochs": Field("int", 30, positive=True, doc="epochs of maximum-likelihood training of the deterministic twin"),
+    "lr": Field("float", 1e-3, positive=True, doc="Adam learning rate"),
+    "weight_decay": Field("float", 0.0, nonneg=True, doc="L2 penalty (Adam's weight_decay)"),
+    "batch_size": Field("int", None, positive=True, allow_none=True, doc="default: the recipe's batch_size"),
+}
+
+
+@dataclass(frozen=True)
+class _PretrainSection(Field):
+    """The recipe's ``pretrain:`` section, validated against :data:`PRETRAIN_FIELDS`."""
+
+    def check(self, value, path, source):
+        if value is None:
+            return None
+        return validate(PRETRAIN_FIELDS, value, path, source)
+
+
+PRETRAIN_SECTION = _PretrainSection("dict", None, allow_none=True,
+                                    doc="pretrain the deterministic network (maximum likelihood), then start the "
+                                        "posterior means there")
 
 
 def _total_norm(grads: list) -> torch.Tensor:
@@ -237,7 +263,7 @@ class SVITrainer:
 
     #: the recipe's ``method`` this trainer fits, and the extra recipe sections it reads
     spec_name = "svi"
-    recipe_sections: dict = {}
+    recipe_sections: dict = {"pretrain": PRETRAIN_SECTION}
     #: whether it fits data that arrive in batches (:class:`~pyro_sparse.data.Batches`, a DataLoader)
     accepts_batches = True
     streaming = False
@@ -347,7 +373,8 @@ class SVITrainer:
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                 "rng_torch": torch.get_rng_state(), "rng_generator": self.generator.get_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
-                "history": self.history, "recoveries": self.recoveries, "loss_reference": self.loss_reference}
+                "history": self.history, "recoveries": self.recoveries, "loss_reference": self.loss_reference,
+                "pretrained": self.pretrained}
 
     def load_training_state(self, state: dict):
         self.optimizer.load_state_dict(state["optimizer"])
@@ -361,6 +388,7 @@ class SVITrainer:
         self.history = list(state["history"])
         self.recoveries = list(state.get("recoveries", []))
         self.loss_reference = state.get("loss_reference")
+        self.pretrained = state.get("pretrained")
 
     def state_dict(self) -> dict:
         return {**self.training_state(), "guide": self.guide.state_dict()}
@@ -760,6 +788,8 @@ class SVITrainer:
             self._extend_schedule(epochs)
             if self.out_dir and distributed.is_main_process():
                 self._write_history()  # metrics.jsonl may lag the checkpoint after a kill
+        if not resume and self.epoch == 0 and self.recipe.get("pretrain") and not self.pretrained:
+            self.pretrain()
         if self.loss_reference is None:
             self.loss_reference = self.reference_loss()
         bar = _progress(self.progress, epochs, self.epoch)
@@ -804,6 +834,64 @@ class SVITrainer:
         bar.close()
         return self.summary()
 
+    pretrained = None
+
+    def pretrain(self) -> dict:
+        """Pretrain, then start the posterior there (recipe ``pretrain:``; Molchanov et al. 2017 train
+        Sparse VD from a pretrained network): the network's deterministic twin is trained by maximum
+        likelihood (Adam on the mean negative log-likelihood, optional weight decay) for
+        ``pretrain.epochs`` epochs from the network's starting values, the Bayesian layers start at
+        the trained weights (:meth:`~pyro_sparse.network.PyroNetwork.start_at`) and the guide is set up
+        again from them (``reinitialize``): its means there, its scales at their initial values.
+        Runs once, before the first epoch; the figures go into ``self.pretrained`` (and
+        ``metrics.json`` via :meth:`summary`)."""
+        options = self.recipe["pretrain"]
+        if not hasattr(self.guide, "reinitialize"):
+            raise SpecError(f"pretrain: the {self.recipe['guide']} guide cannot be restarted at pretrained weights; "
+                            "use guide meanfield or delta", self.recipe.get("_source"), "pretrain")
+        start = time.perf_counter()
+        twin = self.network.deterministic(self.network.starting_values()).to(self.device)
+        try:
+            self.network.twin_values(twin)  # the twin's parameters can be read back as sites
+        except ValueError as e:
+            raise SpecError(f"pretrain: {e}", self.recipe.get("_source"), "pretrain") from None
+        optimizer = torch.optim.Adam([p for p in twin.parameters() if p.requires_grad], lr=options["lr"],
+                                     weight_decay=options["weight_decay"])
+        generator = torch.Generator().manual_seed(self.recipe["seed"] + 0x5EED)
+        batch_size = options["batch_size"] or self.batch_size
+        lik = self.network.likelihood
+        twin.train()
+        with pyro.validation_enabled(False):
+            for _ in range(options["epochs"]):
+                if self.streaming:
+                    batches = ((xb.to(self.device), yb.to(self.device)) for xb, yb, *_ in self.data.train)
+                else:
+                    perm = torch.randperm(self.num_train, generator=generator).to(self.device)
+                    batches = ((self.data.x_train[perm[i:i + batch_size]], self.data.y_train[perm[i:i + batch_size]])
+                               for i in range(0, self.num_train, batch_size))
+                for xb, yb in batches:
+                    loss = -lik.log_likelihood(twin(xb), yb) / len(xb)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+        twin.eval()
+        self.network.start_at(self.network.twin_values(twin))
+        x, y = self._first_batch()
+        self.guide.reinitialize(x, y, dataset_size=self.num_train)
+        figures = self.evaluate_model(twin) if not self.streaming or self.data.test is not None else {}
+        self.pretrained = {"pretrain_epochs": options["epochs"], "pretrain_seconds": time.perf_counter() - start,
+                           **{f"pretrain_{k}": v for k, v in figures.items()}}
+        return self.pretrained
+
+    def evaluate_model(self, model) -> dict:
+        """Held-out ``test_*`` figures of a deterministic network (one draw)."""
+        was_training = model.training
+        predict = evaluation.point_predictive(model)
+        test = (self.data.test, None) if self.streaming else (self.data.x_test, self.data.y_test)
+        figures = evaluation.evaluate(predict, *test, self.network.likelihood)
+        model.train(was_training)
+        return evaluation.prefixed(figures)
+
     def _extend_schedule(self, epochs):
         """On resume with more (or fewer) epochs than the checkpoint's cosine schedule was built
         for: the rest of the run follows the cosine schedule of an ``epochs``-long run,
@@ -839,4 +927,6 @@ class SVITrainer:
                     "n_weights": self.network.num_weights(), "nan_recoveries": len(self.recoveries)})
         if self.elbo_path is not None:
             out["elbo_path"] = self.elbo_path
+        if self.pretrained:
+            out.update(self.pretrained)
         return out

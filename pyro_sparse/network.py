@@ -74,6 +74,16 @@ class PyroNetwork(nn.Module):
         """Site -> the starting value of every layer parameter (where a guide's means start)."""
         return {site: getattr(layer, f"{param}_init") for site, (layer, param, _) in self.param_sites().items()}
 
+    def twin_values(self, twin: nn.Module) -> dict:
+        """Site -> value read off a deterministic twin (after training it, e.g.): the inverse of
+        :meth:`deterministic`. Here the twin's parameters named like the sites; ValueError where
+        a site has no such parameter (a recurrent layer's twin folds its parameters)."""
+        params = dict(twin.named_parameters())
+        missing = [site for site in self.param_sites() if site not in params]
+        if missing:
+            raise ValueError(f"the deterministic network has no parameters named like the sites {missing[:3]}")
+        return {site: params[site].detach().clone() for site in self.param_sites()}
+
     def unit_chains(self, input_shape=None) -> list:
         """``[(path, chain)]``: sequential runs of layers for the unit-chain algorithm of
         compaction; ``chain`` has ``layers`` (name -> layer) and ``input_shape``, and ``path`` is
