@@ -65,6 +65,7 @@ __all__ = [
     "GRU",
     "TorchLSTM",
     "TorchGRU",
+    "CompactTorchRecurrent",
     "Embedding",
     "OneHot",
     "LastStep",
@@ -362,6 +363,20 @@ class _TorchRecurrent:
             getattr(module, f"bias_ih_l{k}").copy_(p["bias"])
             getattr(module, f"bias_hh_l{k}").copy_(_hidden_bias(self.cell, p["bias"], p.get("bias_hn")))
 
+    def compact_module(self, values: dict, masks: dict, in_shape, out_shape):
+        """``(entry, module, info)``: the :class:`CompactTorchRecurrent` of this layer at point
+        ``values`` with keep ``masks`` (parameter name -> tensor), by the recurrent compaction of
+        :class:`RecurrentCompaction` with every output neuron of the last layer read."""
+        plan = RecurrentCompaction(self.site, self, values, masks, in_shape, out_shape)
+        entry, _, info = plan.build()
+        entry.update({"type": self.spec_name, "hidden_size": self.hidden_size, "batch_first": self.batch_first})
+        module = CompactTorchRecurrent(self.cell, self.hidden_size, plan.modules, plan.kept_hidden, self.batch_first)
+        return entry, module.eval(), info
+
+    @classmethod
+    def build_compact(cls, entry):
+        return CompactTorchRecurrent.empty(entry)
+
     def deterministic(self, params):
         w = params["weight_ih"]
         module = CELLS[self.cell]["torch"](self.input_size, self.hidden_size, self.num_layers,
@@ -401,6 +416,62 @@ class _TorchRecurrent:
             h_n, c_n = torch.cat([f[0] for f in finals]), torch.cat([f[1] for f in finals])
         else:
             h_n, c_n = torch.cat(finals), None
+        if unbatched:
+            out = out.squeeze(0 if self.batch_first else 1)
+            h_n, c_n = h_n.squeeze(1), (c_n.squeeze(1) if c_n is not None else None)
+        return (out, (h_n, c_n)) if lstm else (out, h_n)
+
+
+class CompactTorchRecurrent(nn.Module):
+    """The compact form of a converted ``torch.nn.LSTM`` / ``GRU`` (:class:`_TorchRecurrent`), with
+    the torch interface: one :class:`CompactRecurrent` per stacked layer (constant gates and input
+    features nothing reads deleted; hidden neurons of inner layers that neither the next layer nor
+    the recurrence reads deleted), ``kept_<k>`` the original indices of layer ``k``'s kept hidden
+    neurons. The output sequence and the last layer's final state are exact; in ``h_n`` (and
+    ``c_n``) of an inner layer a deleted neuron reads 0 (nothing in the network read it). Runs in
+    inference mode (no inter-layer dropout)."""
+
+    def __init__(self, cell, hidden_size, layers, kept, batch_first=True):
+        super().__init__()
+        self.cell, self.hidden_size, self.batch_first = cell, int(hidden_size), bool(batch_first)
+        self.layers = nn.ModuleList(layers)
+        for k, index in enumerate(kept):
+            self.register_buffer(f"kept_{k}", torch.as_tensor(index, dtype=torch.long))
+
+    @classmethod
+    def empty(cls, entry: dict):
+        """Of the sizes of a compact entry (``layers``: per stacked layer its sizes)."""
+        layers = [CompactRecurrent.empty(entry["cell"], sizes, True) for sizes in entry["layers"]]
+        return cls(entry["cell"], entry["hidden_size"], layers, [torch.zeros(s["hidden"], dtype=torch.long)
+                                                                  for s in entry["layers"]], entry["batch_first"])
+
+    def forward(self, input, hx=None):
+        x = input
+        unbatched = x.dim() == 2
+        if unbatched:
+            x = x.unsqueeze(0 if self.batch_first else 1)
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        lstm = self.cell == "lstm"
+        if hx is not None:
+            h0, c0 = hx if lstm else (hx, None)
+            if unbatched:
+                h0, c0 = h0.unsqueeze(1), (c0.unsqueeze(1) if c0 is not None else None)
+        hs, cs = [], []
+        B, H = x.shape[0], self.hidden_size
+        for k, layer in enumerate(self.layers):
+            kept = getattr(self, f"kept_{k}")
+            h = None if hx is None else h0[k].index_select(-1, kept)
+            c = None if hx is None or c0 is None else c0[k].index_select(-1, kept)
+            x, h, c = layer.run(x, h, c)
+            hs.append(x.new_zeros(B, H).index_copy(1, kept, h))
+            if lstm:
+                cs.append(x.new_zeros(B, H).index_copy(1, kept, c))
+        kept = getattr(self, f"kept_{len(self.layers) - 1}")
+        out = x.new_zeros(B, x.shape[1], H).index_copy(2, kept, x)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        h_n, c_n = torch.stack(hs), (torch.stack(cs) if lstm else None)
         if unbatched:
             out = out.squeeze(0 if self.batch_first else 1)
             h_n, c_n = h_n.squeeze(1), (c_n.squeeze(1) if c_n is not None else None)
@@ -695,7 +766,7 @@ def _check_bool(name, mask, shape):
 
 
 def recurrent_masks(cell, weight_ih, weight_hh, z_input=None, z_hidden=None, z_gates=None,
-                    next_input=None) -> RecurrentMasks:
+                    next_input=None, keep_gates=None) -> RecurrentMasks:
     r"""Structured masks of one LSTM (``cell='lstm'``) or GRU (``'gru'``) layer from element masks.
 
     Lobacheva, Chirkova & Vetrov (2018): weights and group variables are pruned by a rule; the
@@ -719,6 +790,9 @@ def recurrent_masks(cell, weight_ih, weight_hh, z_input=None, z_hidden=None, z_g
         next_input: keep-mask of the weights that read this layer's output, (M, H) (the next
             layer's input weights), or ``None`` when the output is read as it is (every hidden
             neuron counts as having an outgoing weight).
+        keep_gates: (G H,) gates computed even without a weight into them (a GRU's candidate
+            gate with a hidden bias :math:`b_{hn} \ne 0` is :math:`\tanh(b_n + r\,b_{hn})`,
+            not a constant), or ``None``.
     """
     if cell not in CELLS:
         raise ValueError(f"cell: expected one of {sorted(CELLS)}, got {cell!r}")
@@ -742,12 +816,13 @@ def recurrent_masks(cell, weight_ih, weight_hh, z_input=None, z_hidden=None, z_g
     else:
         read = ones(H)
     unit = torch.arange(G * H, device=weight_ih.device) % H
+    forced = _check_bool("keep_gates", keep_gates, (G * H,)) if keep_gates is not None else ~ones(G * H)
     inputs, hidden, gates = z_x.clone(), z_h.clone(), z_g.clone()
     while True:
         rows = gates & hidden[unit]
         w_ih = weight_ih & rows.unsqueeze(1) & inputs.unsqueeze(0)
         w_hh = weight_hh & rows.unsqueeze(1) & hidden.unsqueeze(0)
-        new_gates = rows & (w_ih.any(1) | w_hh.any(1))
+        new_gates = rows & (w_ih.any(1) | w_hh.any(1) | forced)
         new_inputs = inputs & w_ih.any(0)
         new_hidden = hidden & (w_hh.any(0) | read)
         if (torch.equal(new_gates, gates) and torch.equal(new_inputs, inputs)
@@ -773,7 +848,7 @@ class CompactRecurrent(nn.Module):
     """
 
     def __init__(self, cell, input_index, weight_ih, weight_hh, bias, active, constant_index, constants,
-                 output_scale, return_sequence=True):
+                 output_scale, return_sequence=True, bias_hn=None):
         super().__init__()
         self.cell, self.return_sequence = cell, return_sequence
         self.num_gates = len(CELLS[cell]["gates"])
@@ -785,6 +860,8 @@ class CompactRecurrent(nn.Module):
         self.bias = nn.Parameter(bias)
         self.constants = nn.Parameter(constants)
         self.output_scale = nn.Parameter(output_scale)
+        #: a GRU's hidden bias of the candidate gate, per kept unit (None: 0)
+        self.bias_hn = nn.Parameter(bias_hn) if bias_hn is not None else None
 
     @classmethod
     def empty(cls, cell, sizes: dict, return_sequence=True):
@@ -794,16 +871,26 @@ class CompactRecurrent(nn.Module):
         f, h, a = sizes["features"], sizes["hidden"], sizes["active"]
         long = lambda n: torch.zeros(n, dtype=torch.long)  # noqa: E731
         return cls(cell, long(f), torch.zeros(a, f), torch.zeros(a, h), torch.zeros(a), long(a), long(G * h - a),
-                   torch.zeros(G * h - a), torch.zeros(h), return_sequence)
+                   torch.zeros(G * h - a), torch.zeros(h), return_sequence,
+                   torch.zeros(h) if sizes.get("hidden_bias") else None)
 
     @property
     def hidden_size(self):
         return self.output_scale.numel()
 
     def sizes(self) -> dict:
-        return {"features": self.input_index.numel(), "hidden": self.hidden_size, "active": self.active.numel()}
+        out = {"features": self.input_index.numel(), "hidden": self.hidden_size, "active": self.active.numel()}
+        if self.bias_hn is not None:
+            out["hidden_bias"] = True
+        return out
 
     def forward(self, x):
+        out, _, _ = self.run(x)
+        return out if self.return_sequence else out[:, -1]
+
+    def run(self, x, h=None, c=None):
+        """``(outputs (B, T, H'), h_T, c_T)`` from the initial state ``(h, c)`` of the kept units
+        (zeros when None; ``c`` is None for a GRU)."""
         x = x.index_select(-1, self.input_index)
         B, T = x.shape[:2]
         H, G = self.hidden_size, self.num_gates
@@ -812,8 +899,9 @@ class CompactRecurrent(nn.Module):
                                                                                x @ self.weight_ih.T + self.bias)
         const = self.constants.new_zeros(gh).index_copy(0, self.constant_index, self.constants).view(G, H)
         act = torch.zeros(gh, dtype=torch.bool, device=x.device).index_fill(0, self.active, True).view(G, H)
-        h = x.new_zeros(B, H)
-        c = x.new_zeros(B, H)
+        h = x.new_zeros(B, H) if h is None else h
+        c = x.new_zeros(B, H) if c is None else c
+        b_hn = self.bias_hn if self.bias_hn is not None else 0.0
         outputs = []
         for t in range(T):
             hw = (h @ self.weight_hh.T).new_zeros(B, gh).index_copy(1, self.active, h @ self.weight_hh.T).view(B, G, H)
@@ -827,15 +915,15 @@ class CompactRecurrent(nn.Module):
             else:  # gru: r, z (update), n
                 r = torch.where(act[0], torch.sigmoid(xt[:, 0] + hw[:, 0]), const[0])
                 u = torch.where(act[1], torch.sigmoid(xt[:, 1] + hw[:, 1]), const[1])
-                n = torch.where(act[2], torch.tanh(xt[:, 2] + r * hw[:, 2]), const[2])
+                n = torch.where(act[2], torch.tanh(xt[:, 2] + r * (hw[:, 2] + b_hn)), const[2])
                 h = (1 - u) * n + u * h
             outputs.append(h)
         out = torch.stack(outputs, 1) * self.output_scale if outputs else x.new_zeros(B, 0, H)
-        return out if self.return_sequence else out[:, -1]
+        return out, h, (c if self.cell == "lstm" else None)
 
 
 def compact_recurrent(cell, weight_ih, weight_hh, bias, masks: RecurrentMasks, z_input=None, z_hidden=None,
-                      z_gates=None, return_sequence=True, input_index=None) -> CompactRecurrent:
+                      z_gates=None, return_sequence=True, input_index=None, bias_hn=None) -> CompactRecurrent:
     """The :class:`CompactRecurrent` of a masked LSTM/GRU layer.
 
     The parameters are the layer's point values (e.g. posterior means); the masks come from
@@ -863,10 +951,10 @@ def compact_recurrent(cell, weight_ih, weight_hh, bias, masks: RecurrentMasks, z
         return CompactRecurrent(cell, inputs if input_index is None else input_index[inputs],
                                 w_ih[rows[active]][:, inputs].clone(), w_hh[rows[active]][:, hidden].clone(),
                                 b[active].clone(), active, constant, constants.clone(), scale.clone(),
-                                return_sequence)
+                                return_sequence, None if bias_hn is None else bias_hn[hidden].clone())
 
 
-_GATED = ("weight_ih", "weight_hh", "bias", "z_input", "z_hidden", "z_gates")
+_GATED = ("weight_ih", "weight_hh", "bias", "bias_hn", "z_input", "z_hidden", "z_gates")
 
 
 class RecurrentCompaction(Compaction):
@@ -912,11 +1000,21 @@ class RecurrentCompaction(Compaction):
                 else:
                     nxt = None if read is None else read.unsqueeze(0)
                 new.append(recurrent_masks(self.cell, e["m_weight_ih"], e["m_weight_hh"], z_in, e.get("m_z_hidden"),
-                                           e.get("m_z_gates"), nxt))
+                                           e.get("m_z_gates"), nxt, self._live_gates(e)))
             if all(n.same(o) for n, o in zip(new, out)):
                 break
             out = new
         return new
+
+    @staticmethod
+    def _live_gates(e):
+        """A GRU's candidate gates with a non-zero hidden bias ``b_hn`` (computed even without
+        weights), or None."""
+        b_hn = e.get("bias_hn")
+        if b_hn is None:
+            return None
+        h = b_hn.numel()
+        return torch.cat([torch.zeros(2 * h, dtype=torch.bool, device=b_hn.device), b_hn != 0])
 
     # ---------------------------------------------------------------- producer
     def num_units(self):
@@ -950,7 +1048,7 @@ class RecurrentCompaction(Compaction):
                     e[k] = drop_entries(e[k], rows, 0)
         for k in ("weight_hh", "m_weight_hh"):
             e[k] = drop_entries(e[k], idx, 1)
-        for k in ("z_hidden", "m_z_hidden"):
+        for k in ("z_hidden", "m_z_hidden", "bias_hn", "m_bias_hn"):
             if k in e:
                 e[k] = drop_entries(e[k], idx, 0)
         self.units = drop_entries(self.units, idx, 0)
@@ -994,7 +1092,7 @@ class RecurrentCompaction(Compaction):
         for k, (e, m) in enumerate(zip(self.stack, masks)):
             module = compact_recurrent(self.cell, e["weight_ih"], e["weight_hh"], e["bias"], m, e.get("z_input"),
                                        e.get("z_hidden"), e.get("z_gates"),
-                                       self.return_sequence or k + 1 < len(self.stack), position)
+                                       self.return_sequence or k + 1 < len(self.stack), position, e.get("bias_hn"))
             kept = m.hidden.nonzero().squeeze(1)
             position = torch.full((m.hidden.numel(),), -1, dtype=torch.long)
             position[kept] = torch.arange(kept.numel())
@@ -1012,6 +1110,8 @@ class RecurrentCompaction(Compaction):
         info = {"units": {"": self.units_info(self.total)}, "recurrent": reports,
                 "flops": 2 * steps * sum(w.numel() for w in weights),
                 "flops_sparse": 2 * steps * sum(int((w != 0).sum()) for w in weights)}
+        self.kept_hidden = [m.hidden.nonzero().squeeze(1) for m in masks]  # per stacked layer (the last: all)
+        self.modules = modules
         return entry, params, info
 
 

@@ -373,3 +373,37 @@ def test_dataloader_training_scales_the_data_term_to_the_dataset_size():
     assert trainer.steps_per_epoch == math.ceil(1437 / 64) and 0 <= metrics["test_accuracy"] <= 1
     with pytest.raises(Exception, match="num_train"):
         as_batches([(data.x_train[:8], data.y_train[:8])])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_compact_of_a_converted_recurrent_layer_deletes_gates_and_hidden_units(cell):
+    torch.manual_seed(0)
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = (nn.LSTM if cell == "lstm" else nn.GRU)(3, 6, num_layers=2, batch_first=False)
+            self.out = nn.Linear(6, 2)
+
+        def forward(self, x):
+            seq, state = self.rnn(x.transpose(0, 1))
+            h = state[0] if cell == "lstm" else state
+            return self.out(seq[-1] + h[-1])
+
+    user = trained_like(Seq())
+    net = bayesian(user, input_shape=(5, 3))
+    summary = fake_summary(net)
+    masks = {k: torch.ones_like(s.loc, dtype=torch.bool) for k, s in summary.items()}
+    masks["rnn.weight_ih_l1"][:, :2] = False  # layer 2 reads no hidden unit 0, 1 of layer 1 ...
+    masks["rnn.weight_hh"][:, :2] = False     # ... nor does layer 1's recurrence: both are deleted
+    masks["rnn.weight_ih"][:6] = False        # the first gate's input weights ...
+    masks["rnn.weight_hh"][:6] = False        # ... and recurrent weights: a constant gate
+    small = compact(net, summary, masks)
+    rnn = small.rnn
+    assert [layer.hidden_size for layer in rnn.layers] == [4, 6]
+    assert rnn.layers[0].active.numel() < (4 if cell == "lstm" else 3) * 4
+    x = torch.randn(7, 5, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), masked_module(net, summary, masks)(x), rtol=0, atol=1e-5)
+    info = small.plan.layers["rnn"]["recurrent"]
+    assert info[0]["hidden"] == (4, 6) and info[1]["hidden"] == (6, 6)

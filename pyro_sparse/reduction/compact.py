@@ -25,7 +25,7 @@ from torch import nn
 
 from ..compaction import as_index
 from ..layers import Reshape, _Parametric
-from ..registry import LAYERS
+from ..registry import CONVERSIONS, LAYERS
 
 #: layers whose compaction with masks only changes the non-zero count (nothing deleted on its own)
 _WEIGHT_LAYERS = (_Parametric,)
@@ -322,11 +322,19 @@ def _module_plan(network, values, masks, chains) -> CompactPlan:
         folded.extend(prefix + f for f in plan.folded)
         done.update(prefix + m for m in members)
     shapes = network.layer_shapes()
+    spec["modules"] = {}
     for path, layer in network.bayesian_layers():
         if path in done:
             continue
         own = {p: masked[f"{path}.{p}"] for p in layer.priors() if f"{path}.{p}" in masked}
         in_shape, out_shape = shapes[path]
+        if hasattr(layer, "compact_module"):  # a converted LSTM/GRU: constant gates, unread neurons deleted
+            own_masks = {k[len(path) + 1:]: m for k, m in masks.items() if k.startswith(path + ".")}
+            entry, module, info = layer.compact_module(own, own_masks, in_shape, out_shape)
+            spec["modules"][path] = entry
+            infos[path] = info
+            params.update({f"{path}.{k}": v for k, v in module.state_dict().items()})
+            continue
         info = {"units": {}, "flops": 0, "flops_sparse": 0}
         try:
             dense = layer.compaction(path, own, {}, in_shape, out_shape).build()[2]
@@ -361,6 +369,9 @@ def build_module_network(network, plan: CompactPlan, values: dict, masks: dict) 
     for key, value in plan.params.items():
         if key in state:
             state[key] = value
+    ref = next((v for v in plan.params.values() if v.is_floating_point()), None)
+    if ref is not None:
+        module.to(device=ref.device)
     module.load_state_dict(state, strict=True)
     return module
 
@@ -378,6 +389,10 @@ def replace_chains(module: nn.Module, spec: dict) -> nn.Module:
                 with warnings.catch_warnings():  # a layer whose units were all removed has no weights
                     warnings.filterwarnings("ignore", "Initializing zero-element tensors")
                     setattr(seq, entry["name"], LAYERS[entry["type"]].build_compact(entry))
+    for path, entry in spec.get("modules", {}).items():  # converted recurrent layers
+        parent, _, name = path.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, name,
+                CONVERSIONS[entry["type"]].build_compact(entry))
     return module
 
 
