@@ -125,7 +125,7 @@ def main():
                     ratio = statistics.mean(r["prune_seconds"] / r["epoch_seconds"] for r in sel)
                     cells.append(f"{acc:.4f} ({ratio:4.1f}x)")
                 dense = statistics.mean(r["dense_accuracy"] for r in rows if r["network"] == name)
-                print(f"{name:8}{sparsity:>7.2f}{ft:>4}{cells[0]:>16}{cells[1]:>16}{dense:>8.4f}")
+                print(f"{name:8}{sparsity:>7.2f}{ft:>4}" + "".join(f"{c:>16}" for c in cells) + f"{dense:>8.4f}")
     print(f"wrote {args.out}")
 
 

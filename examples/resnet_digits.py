@@ -16,7 +16,7 @@ into a fresh ``ResidualCNN()``; the physically smaller version (the ``head`` cha
 deleted) is checked to predict the same. A table is printed; state dicts go to ``--out``
 (default ``runs/examples/resnet_digits``, git-ignored).
 
-    python examples/resnet_digits.py [--epochs 30] [--svi-epochs 100] [--out runs/examples/resnet_digits]
+    python examples/resnet_digits.py [--epochs 30] [--svi-epochs 60] [--out runs/examples/resnet_digits]
 
 The class is importable (``examples.resnet_digits:ResidualCNN`` from the repository root), which is
 what ``models/resnet_digits_sparsevd.yaml`` names for the command line.
@@ -102,7 +102,7 @@ def main():
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30, help="MAP training epochs")
-    parser.add_argument("--svi-epochs", type=int, default=100, help="Sparse VD epochs from the trained weights")
+    parser.add_argument("--svi-epochs", type=int, default=60, help="Sparse VD epochs from the trained weights")
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "examples", "resnet_digits"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -121,7 +121,7 @@ def main():
     start = time.perf_counter()
     net = bayesian(model, prior={"type": "log_uniform"}, likelihood="categorical", input_shape=(1, 8, 8))
     recipe = load_recipe(os.path.join(ROOT, "inference", "svi_sparsevd.yaml"))
-    recipe.update(epochs=args.svi_epochs, kl_warmup_epochs=min(50, args.svi_epochs))
+    recipe.update(epochs=args.svi_epochs, kl_warmup_epochs=min(30, args.svi_epochs))
     recipe["optimizer"]["lr"] = 1e-3
     guide = MeanFieldGuide(net.model, init_scale=recipe["guide_options"]["init_scale"])
     trainer = SVITrainer(net, guide, data, recipe, progress=False)

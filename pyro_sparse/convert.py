@@ -38,7 +38,10 @@ user's module (on the first batch, or at construction when ``input_shape`` is gi
 also records the per-example input shape of every submodule for compaction.
 
 ``forward`` must *call* the converted modules: code that reads a converted module's
-``.weight`` directly (weight tying, ``F.linear(x, self.fc.weight)``) has no weight to read there.
+``.weight`` directly (weight tying, ``F.linear(x, self.fc.weight)``) has no weight to read there,
+and two modules that share one parameter tensor become two sites. Predictions
+(``sample_outputs``, ``point_outputs``) run the module in ``eval`` mode, as the deterministic
+twin does: dropout is the identity and a batch norm uses its running statistics.
 """
 
 from __future__ import annotations
@@ -160,7 +163,7 @@ class BayesianModule(PyroNetwork):
                 if owns:
                     self.conversions[path] = f"deterministic ({type(child).__name__} has no Bayesian counterpart)"
                 continue
-            if cls.torch_types and isinstance(child, nn.LayerNorm) and not self._asked(patterns, path, child):
+            if isinstance(child, nn.LayerNorm) and not self._asked(patterns, path, child):
                 self.conversions[path] = "deterministic (layer norm without a prior in priors)"
                 skip += (path,)
                 continue

@@ -104,10 +104,10 @@ def _device_of(predict):
 class _Predictive:
     def __init__(self, fn, module):
         self.fn = fn
-        param = next((p for p in module.parameters()), None) if module is not None else None
-        buffer = next((b for b in module.buffers()), None) if module is not None and param is None else None
-        ref = param if param is not None else buffer
-        self.device = ref.device if ref is not None else None
+        tensors = []
+        if isinstance(module, torch.nn.Module):
+            tensors = [t for t in (next(module.parameters(), None), next(module.buffers(), None)) if t is not None]
+        self.device = tensors[0].device if tensors else None
 
     def __call__(self, xb):
         return self.fn(xb)
@@ -117,7 +117,7 @@ def posterior_predictive(network, guide, num_samples: int):
     """The posterior predictive of a guide: ``xb -> network.sample_outputs(xb, guide, S)``."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"evaluate: num_samples must be a positive integer, got {num_samples!r}")
-    return _Predictive(lambda xb: network.sample_outputs(xb, guide, num_samples), guide)
+    return _Predictive(lambda xb: network.sample_outputs(xb, guide, num_samples), network)
 
 
 def point_predictive(module):

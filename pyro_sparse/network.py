@@ -111,16 +111,18 @@ class PyroNetwork(nn.Module):
         draw, which leaves every per-point predictive distribution unchanged).
         """
         outputs = []
-        for _ in range(num_samples):
-            with LocalReparameterization() if local_reparam else _null():
-                guide_trace = poutine.trace(guide).get_trace(x)
-                outputs.append(poutine.replay(self, trace=guide_trace)(x))
+        with _inference_mode(self):
+            for _ in range(num_samples):
+                with LocalReparameterization() if local_reparam else _null():
+                    guide_trace = poutine.trace(guide).get_trace(x)
+                    outputs.append(poutine.replay(self, trace=guide_trace)(x))
         return torch.stack(outputs)
 
     @torch.no_grad()
     def point_outputs(self, x, values: dict):
         """Network outputs with every latent site fixed to ``values`` (e.g. posterior means)."""
-        return poutine.condition(self, data=values)(x)
+        with _inference_mode(self):
+            return poutine.condition(self, data=values)(x)
 
     def deterministic(self, params: dict[str, torch.Tensor]) -> nn.Module:
         """The deterministic twin holding ``params`` (site -> tensor)."""
@@ -210,6 +212,24 @@ class BayesianNetwork(PyroNetwork):
             own = {p: params[f"{name}.{p}"] for p in layer.priors()}
             modules[name] = layer.deterministic(own)
         return nn.Sequential(modules)
+
+
+class _inference_mode:
+    """Predictions run in ``eval`` mode (dropout the identity, batch norms on their running
+    statistics, as in the deterministic twin); the previous modes are restored afterwards."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        self.modes = [m.training for m in self.module.modules()]
+        self.module.eval()
+        return self
+
+    def __exit__(self, *exc):
+        for m, mode in zip(self.module.modules(), self.modes):
+            m.training = mode
+        return False
 
 
 class _null:

@@ -418,6 +418,9 @@ class LaplaceTrainer(SVITrainer):
         if not isinstance(guide, DeltaGuide):
             raise SpecError(f"method laplace trains a point estimate: set guide: delta (got {recipe['guide']!r})",
                             source, "guide")
+        if recipe.get("pretrain"):
+            raise SpecError("pretrain starts an SVI posterior at a MAP network; method laplace trains the MAP "
+                            "network itself: remove the pretrain section", source, "pretrain")
         self.likelihood, self.noise = _likelihood_of(network, source)
         self._place(recipe, progress)
         rows = min(self.options["curvature_subset"] or self.num_train, self.num_train)
