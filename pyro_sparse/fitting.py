@@ -150,8 +150,8 @@ def as_training_data(data, batch_size=64, seed=0):
 
     if isinstance(data, (DataLoader, TorchDataset)):
         return as_batches(data, batch_size=batch_size, seed=seed)
-    raise DataError(f"SVITrainer: dataset must be a pyro_sparse.data.Dataset, a torch Dataset, a DataLoader or "
-                    f"pyro_sparse.data.Batches, got {type(data).__name__}")
+    raise DataError(f"SVITrainer: dataset must be a pyro_sparse.data.Dataset, got {type(data).__name__} (or data in "
+                    "batches: a torch Dataset, a DataLoader, pyro_sparse.data.Batches)")
 
 
 def check_compatible(network, dataset):

@@ -109,7 +109,9 @@ def _check_ints(layer, name, value, n, minimum):
     if (not isinstance(items, (tuple, list)) or len(items) != n
             or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in items)):
         what = "a positive integer" if minimum > 0 else "an integer >= 0"
-        raise ValueError(f"{layer} {name} must be {what} (or {n} of them), got {value!r}")
+        if isinstance(value, (tuple, list)):
+            what = f"{n} integers {'> 0' if minimum > 0 else '>= 0'}"
+        raise ValueError(f"{layer} {name} must be {what}, got {value!r}")
     return tuple(items)
 
 

@@ -438,9 +438,12 @@ class LaplaceTrainer(SVITrainer):
             raise SpecError(f"method laplace needs centred priors whose sample sites are the layer parameters; "
                             f"the guide has no sites {missing}", source, "prior")
         self.net = network.deterministic(init).to(self.device)
+        sites = set(network.param_sites())
+        for name, p in self.net.named_parameters():  # a converted module's other parameters stay fixed
+            p.requires_grad_(name in sites)
         self.prior = make_prior_precision(self.options["structure"], self.net,
                                           init=self.options["prior_precision"]).to(self.device)
-        self.optimizer = make_optimizer(self.net.parameters(), recipe["optimizer"])
+        self.optimizer = make_optimizer([p for _, p in self.site_parameters()], recipe["optimizer"])
         self.hyper_optimizer = torch.optim.Adam(self.prior.parameters(), lr=self.options["hyper_lr"])
         self.scheduler = make_scheduler(self.optimizer, recipe["schedule"], recipe["epochs"])
         self.generator = torch.Generator().manual_seed(recipe["seed"])
@@ -472,21 +475,26 @@ class LaplaceTrainer(SVITrainer):
             self._log_prior_const = sum(float(v.sum()) for v in full.values()) * 0.5 \
                 - 0.5 * math.log(2 * math.pi) * sum(v.numel() for v in full.values())
 
+    def site_parameters(self):
+        """``(site, parameter)`` of the network being trained: its parameters named like the sites
+        (a converted module's twin has others too, held fixed)."""
+        return [(name, p) for name, p in self.net.named_parameters() if p.requires_grad]
+
     @torch.no_grad()
     def _sync_guide(self):
-        for name, p in self.net.named_parameters():
+        for name, p in self.site_parameters():
             self.guide.values[_key(name)].copy_(p)
 
     def values(self) -> dict:
         """Site -> current weight (detached), e.g. for ``compact()``."""
-        return {name: p.detach().clone() for name, p in self.net.named_parameters()}
+        return {name: p.detach().clone() for name, p in self.site_parameters()}
 
     # ------------------------------------------------------------------ training
     def map_loss(self, idx):
         """``-(N/|B|) sum_B log p(y | f(x; theta)) - log N(theta; 0, diag(delta)^-1)`` on the rows ``idx``."""
         ll = log_likelihood(self.net, self.x_train[idx], self.data.y_train[idx], self.likelihood, self.noise)
         quad = 0.0
-        for name, p in self.net.named_parameters():
+        for name, p in self.site_parameters():
             quad = quad + (self._deltas[name] * p.square()).sum()
         return -(self.num_train / len(idx)) * ll - (self._log_prior_const - 0.5 * quad)
 
@@ -530,7 +538,7 @@ class LaplaceTrainer(SVITrainer):
         """The Laplace log marginal likelihood at the current weights and precisions (a tensor,
         differentiable in ``log delta``), with the recipe's curvature unless ``curv`` is given."""
         curv, ll = self.statistics() if curv is None else (curv, self._log_lik())
-        theta = {name: p.detach() for name, p in self.net.named_parameters()}
+        theta = {name: p.detach() for name, p in self.site_parameters()}
         return laplace_log_marglik(ll, theta, curv, self.prior, self.options["curvature"])
 
     def marglik_step(self) -> dict:
@@ -542,7 +550,7 @@ class LaplaceTrainer(SVITrainer):
         never let the ranks' priors drift apart."""
         start = time.perf_counter()
         curv, ll = self.statistics()
-        theta = {name: p.detach() for name, p in self.net.named_parameters()}
+        theta = {name: p.detach() for name, p in self.site_parameters()}
         trajectory = optimize_prior_precision(ll, theta, curv, self.prior, self.hyper_optimizer,
                                               self.options["hyper_steps"], self.options["curvature"])
         if self.world > 1:

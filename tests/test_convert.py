@@ -7,6 +7,7 @@ export round trip into a fresh instance of the user's class, recurrent and 1-D c
 counterparts, and data that arrive in batches (a DataLoader)."""
 
 import math
+import os
 
 import pyro
 import pytest
@@ -27,6 +28,8 @@ from pyro_sparse.recipe import parse_recipe
 from pyro_sparse.recurrent import TorchGRU, TorchLSTM
 from pyro_sparse.reduction import compact, export, masked_module, reduce
 from pyro_sparse.summary import PosteriorSummary, SiteSummary
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class SkipBranch(nn.Module):
@@ -407,3 +410,31 @@ def test_compact_of_a_converted_recurrent_layer_deletes_gates_and_hidden_units(c
         torch.testing.assert_close(small(x), masked_module(net, summary, masks)(x), rtol=0, atol=1e-5)
     info = small.plan.layers["rnn"]["recurrent"]
     assert info[0]["hidden"] == (4, 6) and info[1]["hidden"] == (6, 6)
+
+
+def test_the_laplace_trainer_fits_a_converted_module_with_fixed_other_parameters():
+    from pyro_sparse.recipe import load_recipe
+    from pyro_sparse.spam import LaplaceTrainer
+
+    class WithNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.norm, self.fc2 = nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Linear(16, 10)
+
+        def forward(self, x):
+            return self.fc2(F.relu(self.norm(self.fc1(x))))
+
+    torch.manual_seed(0)
+    user = WithNorm()
+    net = bayesian(user)
+    data = load_digits()
+    recipe = load_recipe(os.path.join(ROOT, "inference", "laplace_marglik.yaml"))
+    recipe.update(epochs=2, burn_in=0)
+    recipe["laplace"] = dict(recipe["laplace"], burn_in=0, marglik_frequency=1)
+    trainer = LaplaceTrainer(net, DeltaGuide(net.model), data, recipe, progress=False)
+    trainer.fit()
+    assert [n for n, _ in trainer.site_parameters()] == list(net.param_sites())
+    assert torch.equal(trainer.net.norm.weight, user.norm.weight)  # held fixed
+    summary = trainer.posterior_summary()
+    decision = reduce(summary, "opd", sparsity=0.5)
+    assert type(export(net, summary, decision)) is WithNorm
