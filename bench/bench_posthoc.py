@@ -6,8 +6,9 @@ weight decay 1e-4 = a Gaussian prior, batch 64): the MLP 64-300-100-10 and a LeN
 (conv 20 - pool - conv 50 - pool - fc 500 - 10, as models/lenet5_*.yaml). Each is pruned post hoc
 without retraining (diagonal GGN on the 1437 training points -- exact, or a one-sample Monte
 Carlo estimate -- and a scalar prior precision from the Laplace marginal likelihood by MacKay's
-fixed point), then optionally fine-tuned for 2 epochs (pruned weights held at 0). One thread; wall times from time.perf_counter; "x epoch" is the pruning time
-(curvature + marglik + rule + export, no fine-tune) over the mean time of one training epoch.
+fixed point), then optionally fine-tuned for 2 epochs (pruned weights held at 0). One thread;
+wall times from time.perf_counter; "x epoch" is the pruning time (curvature + marglik + rule +
+export, no fine-tune) over the mean time of one training epoch of the same network.
 
 Run: PYTHONPATH=. python bench/bench_posthoc.py [--seeds 0,1,2] [--out runs/bench/posthoc.json]
 """
@@ -113,7 +114,8 @@ def main():
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
     print("\nmean over seeds: test accuracy (prune seconds / one training epoch)")
-    print(f"{'network':8}{'target':>7}{'ft':>4}" + "".join(f"{label:>16}" for label, _, _ in VARIANTS) + f"{'dense':>8}")
+    labels = "".join(f"{label:>16}" for label, _, _ in VARIANTS)
+    print(f"{'network':8}{'target':>7}{'ft':>4}{labels}{'dense':>8}")
     for name in ("mlp", "lenet5"):
         for sparsity in (0.9, 0.95):
             for ft in (0, 2):

@@ -294,7 +294,8 @@ class BayesianModule(PyroNetwork):
         converted module's parameters in the counterpart's terms (``torch_values``)."""
         out = {}
         for path, layer in self.converted.items():
-            out.update({f"{path}.{k}": v.detach().clone() for k, v in layer.torch_values(twin.get_submodule(path)).items()})
+            values = layer.torch_values(twin.get_submodule(path))
+            out.update({f"{path}.{k}": v.detach().clone() for k, v in values.items()})
         return out
 
     def state_dict_of(self, params: dict) -> dict:

@@ -150,7 +150,7 @@ def first_batch(batches, name="data"):
         raise DataError(f"{name}: the data yield no batches") from None
     except TypeError:
         raise DataError(f"{name}: expected an iterable of (x, y) batches, got {type(batches).__name__}") from None
-    if not (isinstance(item, (tuple, list)) and len(item) >= 2 and torch.is_tensor(item[0]) and torch.is_tensor(item[1])):
+    if not (isinstance(item, (tuple, list)) and len(item) >= 2 and all(torch.is_tensor(t) for t in item[:2])):
         raise DataError(f"{name}: each batch must be a pair of tensors (x, y), got {type(item).__name__}")
     return item[0], item[1]
 
@@ -592,7 +592,8 @@ def load_inputs(path: str, target: str | None = None, feature_shape=None, labels
             with np.load(path, allow_pickle=False) as f:
                 arrays = {k: f[k] for k in f.files}
         except Exception as e:
-            raise DataError(f"{path}: not a readable .npz file without pickles ({type(e).__name__}: {str(e)[:200]})") from None
+            raise DataError(f"{path}: not a readable .npz file without pickles "
+                            f"({type(e).__name__}: {str(e)[:200]})") from None
         for xk, yk in (("x", "y"), ("x_test", "y_test"), ("x_train", "y_train")):
             if xk in arrays:
                 x, y = arrays[xk], arrays.get(yk)

@@ -504,8 +504,10 @@ class _ConvNd(_Parametric):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{kind} {name} must be a positive integer, got {v!r}")
         n = self.dims
-        kernel, stride_t = _check_ints(kind, "kernel_size", kernel_size, n, 1), _check_ints(kind, "stride", stride, n, 1)
-        padding_t, dilation_t = _check_ints(kind, "padding", padding, n, 0), _check_ints(kind, "dilation", dilation, n, 1)
+        kernel = _check_ints(kind, "kernel_size", kernel_size, n, 1)
+        stride_t = _check_ints(kind, "stride", stride, n, 1)
+        padding_t = _check_ints(kind, "padding", padding, n, 0)
+        dilation_t = _check_ints(kind, "dilation", dilation, n, 1)
         if not isinstance(bias, bool):
             raise ValueError(f"{kind} bias must be true or false, got {bias!r}")
         super().__init__(self.torch_cls(in_channels, out_channels, kernel, stride_t, padding_t, dilation_t,

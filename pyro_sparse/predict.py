@@ -67,9 +67,9 @@ def predict(source: str, data: str, num_samples: int = 100, seed: int = 0, targe
     columns, rows = predictions_table(outputs, likelihood, noise)
     figures = None
     if y is not None:
-        if likelihood.task != "regression" and int(y.max()) >= (outputs.shape[-1] if likelihood.task != "binary" else 2):
-            raise DataError(f"{data}: labels up to {int(y.max())} but the network predicts "
-                            f"{outputs.shape[-1]} classes")
+        classes = outputs.shape[-1] if likelihood.task != "binary" else 2
+        if likelihood.task != "regression" and int(y.max()) >= classes:
+            raise DataError(f"{data}: labels up to {int(y.max())} but the network predicts {classes} classes")
         figures = evaluation.evaluate_outputs(outputs, y, likelihood, noise)
         rows = torch.cat([rows, y.reshape(len(y), -1).to(rows.dtype)], 1)
         columns = columns + (["label"] if likelihood.task != "regression" else

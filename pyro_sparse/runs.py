@@ -30,7 +30,8 @@ from .guides import build_guide
 from .recipe import RECIPE_FIELDS, check_device, check_seed, load_recipe, parse_recipe
 from .registry import FITTERS
 from .schema import short_repr
-from .spec import build_network, data_task, init_path, load_model_spec, parse_model_spec, recipe_of
+from .spec import (build_network, data_task, init_is_state_dict, init_path, load_model_spec, parse_model_spec,
+                   recipe_of)
 
 @dataclass
 class Run:
@@ -77,9 +78,11 @@ def start_from_run(network, model_spec: dict):
     (a MAP run's weights; ``trainer.posterior_summary()``), site by site. A state_dict file is
     loaded by :func:`~pyro_sparse.spec.build_network` itself."""
     path = init_path(model_spec)
-    if path is None or not os.path.isdir(path):
+    if path is None or init_is_state_dict(path):
         return
     source = model_spec.get("_source")
+    if not os.path.isdir(path):
+        raise SpecError(f"no such run directory (or state_dict file) {path!r}", source, "init")
     try:
         values = load_run(path).trainer.posterior_summary().locs()
     except PyroSparseError as e:

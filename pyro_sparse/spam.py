@@ -338,7 +338,8 @@ def masked_fine_tune(model, masks, x, y, likelihood, noise=1.0, prior=None, epoc
     """Retrain the kept weights of ``model`` in place on the MAP objective, the pruned ones held at 0.
 
     ``(x, y)``: tensors, or ``x`` an iterable of ``(x, y)`` batches (a ``DataLoader``) and ``y``
-    None. Parameters that do not require gradients stay as they are. Adam on ``-(N/|B|) sum log p(y | f(x)) + 0.5 sum_i delta_i theta_i^2`` (``delta`` from
+    None. Parameters that do not require gradients stay as they are. Adam on
+    ``-(N/|B|) sum log p(y | f(x)) + 0.5 sum_i delta_i theta_i^2`` (``delta`` from
     ``prior``, fixed; no prior term with ``prior=None``). The masked weights start at 0, their
     gradients are multiplied by the mask before every step (so Adam's moments stay 0 for them),
     and the mask is re-applied after every step, so they are exactly 0 at the end.

@@ -194,6 +194,14 @@ def _parse_module_spec(spec, source):
     return spec
 
 
+def init_is_state_dict(path) -> bool:
+    """Whether an ``init`` path names a state_dict file (a file, or a missing name with an
+    extension such as ``.pt``) rather than a run directory."""
+    if path is None:
+        return False
+    return os.path.isfile(path) or (not os.path.isdir(path) and bool(os.path.splitext(path)[1]))
+
+
 def init_path(spec: dict) -> str | None:
     """The absolute path a loaded spec's ``init`` names (relative to the spec file), or None."""
     init = spec.get("init")
@@ -236,7 +244,7 @@ def _build_module_network(spec, likelihood, input_shape, out_dim, num_outputs, s
     if not isinstance(module, torch.nn.Module):
         raise SpecError(f"{spec['module']} made a {type(module).__name__}, not a torch.nn.Module", source, "module")
     path = init_path(spec)
-    if path is not None and not os.path.isdir(path):
+    if init_is_state_dict(path):
         try:
             module.load_state_dict(_state_dict(path, source))
         except RuntimeError as e:
@@ -387,7 +395,7 @@ def build_network(spec: dict, feature_shape, num_outputs: int, image_shape=None,
     except ValueError as e:
         raise SpecError(str(e), source, "layers") from None
     path = init_path(spec)
-    if path is not None and not os.path.isdir(path):  # a state_dict keyed by site names (fc1.weight)
+    if init_is_state_dict(path):  # a state_dict keyed by site names (fc1.weight)
         try:
             network.start_at(_state_dict(path, source))
         except ValueError as e:

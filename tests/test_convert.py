@@ -438,3 +438,40 @@ def test_the_laplace_trainer_fits_a_converted_module_with_fixed_other_parameters
     summary = trainer.posterior_summary()
     decision = reduce(summary, "opd", sparsity=0.5)
     assert type(export(net, summary, decision)) is WithNorm
+
+
+def test_a_spec_starts_from_a_state_dict_or_a_previous_run(tmp_path):
+    import yaml
+
+    from pyro_sparse.runs import fit_run, load_run
+
+    spec = {"input_shape": "auto", "prior": {"type": "gaussian"},
+            "layers": [{"type": "linear", "in": "auto", "out": 8}, {"type": "relu"}, {"type": "linear", "out": "auto"}]}
+    first = tmp_path / "first.yaml"
+    first.write_text(yaml.safe_dump(spec))
+    recipe = os.path.join(ROOT, "inference", "map.yaml")
+    run, _ = fit_run(str(first), recipe, "digits", str(tmp_path / "map"), epochs=2, progress=False)
+    trained = run.trainer.posterior_summary().locs()
+    # a run directory: the new run's layers start at its posterior means (here the MAP weights)
+    second = tmp_path / "second.yaml"
+    second.write_text(yaml.safe_dump({**spec, "init": "map"}))  # relative to the spec file
+    run2, _ = fit_run(str(second), recipe, "digits", str(tmp_path / "second"), epochs=1, progress=False)
+    started = run2.network.starting_values()
+    assert all(torch.equal(started[k], trained[k]) for k in trained)
+    assert yaml.safe_load(open(tmp_path / "second" / "model.yaml"))["init"] == str(tmp_path / "map")
+    import shutil
+
+    shutil.rmtree(tmp_path / "map")
+    load_run(str(tmp_path / "second"))  # loading the run does not need its init any more
+    # a state_dict file (site names for a layer list)
+    torch.save({k: v + 1 for k, v in trained.items()}, tmp_path / "weights.pt")
+    third = tmp_path / "third.yaml"
+    third.write_text(yaml.safe_dump({**spec, "init": "weights.pt"}))
+    run3, _ = fit_run(str(third), recipe, "digits", str(tmp_path / "third"), epochs=1, progress=False)
+    assert torch.equal(run3.network.starting_values()["fc1.weight"], trained["fc1.weight"] + 1)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**spec, "init": "missing.pt"}))
+    with pytest.raises(Exception, match="init"):
+        fit_run(str(bad), recipe, "digits", str(tmp_path / "bad"), epochs=1, progress=False)
+    with pytest.raises(Exception, match="no such run directory"):
+        fit_run(str(second), recipe, "digits", str(tmp_path / "fourth"), epochs=1, progress=False)

@@ -9,9 +9,10 @@ r"""Applying a decision: the masked network, its predictive, and the compact net
 * :func:`compact`: a deterministic ``torch.nn.Sequential`` in which removed units, channels,
   recurrent neurons and gates, attention heads and MLP units are physically deleted, predicting
   as the masked network does; for a converted module (:mod:`pyro_sparse.convert`) a module of the
-  user's own class, masked, with its ``nn.Sequential`` unit chains physically smaller. :func:`compact_plan` runs the unit-chain algorithm of
-  :mod:`pyro_sparse.compaction` over the layers' own compaction objects (it names no layer
-  type); :func:`build_module` rebuilds a compact network from its spec.
+  user's own class, masked, with its ``nn.Sequential`` unit chains physically smaller.
+  :func:`compact_plan` runs the unit-chain algorithm of :mod:`pyro_sparse.compaction` over the
+  layers' own compaction objects (it names no layer type); :func:`build_module` rebuilds a
+  compact network from its spec.
 """
 
 from __future__ import annotations
