@@ -475,3 +475,27 @@ def test_a_spec_starts_from_a_state_dict_or_a_previous_run(tmp_path):
         fit_run(str(bad), recipe, "digits", str(tmp_path / "bad"), epochs=1, progress=False)
     with pytest.raises(Exception, match="no such run directory"):
         fit_run(str(second), recipe, "digits", str(tmp_path / "fourth"), epochs=1, progress=False)
+
+
+def test_a_spec_network_with_conv1d_layers_compacts_exactly():
+    from pyro_sparse.spec import build_network, parse_model_spec
+
+    spec = parse_model_spec({"input_shape": [1, 40], "prior": {"type": "gaussian"},
+                             "layers": [{"type": "conv1d", "out": 6, "kernel_size": 5, "stride": 2},
+                                        {"type": "relu"}, {"type": "conv1d", "out": 4, "kernel_size": 3},
+                                        {"type": "relu"}, {"type": "flatten"}, {"type": "linear", "out": "auto"}]})
+    torch.manual_seed(0)
+    net = build_network(spec, (40,), 10)
+    assert [type(l).__name__ for _, l in net.bayesian_layers()] == ["Conv1d", "Conv1d", "Linear"]
+    summary = fake_summary(net)
+    masks = {k: torch.ones_like(s.loc, dtype=torch.bool) for k, s in summary.items()}
+    masks["conv2.weight"][:, :2] = False   # channels 0, 1 of conv1 unread: deleted
+    masks["fc1.weight"][:, :16] = False    # conv2's channel 0 (16 positions after flatten) unread: deleted
+    small = compact(net, summary, masks)
+    assert small.conv1.out_channels == 4 and small.conv2.out_channels == 3 and small.fc1.in_features == 48
+    x = torch.randn(5, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), masked_module(net, summary, masks)(x), rtol=0, atol=1e-5)
+    guide = MeanFieldGuide(net.model)
+    guide.setup(x, torch.arange(5))
+    assert DirectELBO.supports(net, guide) is None
