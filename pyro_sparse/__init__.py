@@ -1,3 +1,22 @@
-"""pyro-sparse: Bayesian sparsification of neural networks, written as Pyro models."""
+"""pyro-sparse: Bayesian sparsification of neural networks, written as Pyro models.
+
+The entry points for a network of your own (imported on first use, so ``import pyro_sparse``
+stays cheap): :func:`bayesian` (any ``torch.nn.Module`` -> a sparse Bayesian model,
+:mod:`pyro_sparse.convert`), :func:`prune` (a trained module pruned post hoc through a Laplace
+posterior, :mod:`pyro_sparse.posthoc`) and :func:`export` (a reduced model back as the user's
+class, :mod:`pyro_sparse.reduction.compact`).
+"""
+
+import importlib
 
 __version__ = "0.1.0"
+
+#: name -> the module that defines it (imported when the name is first used)
+_LAZY = {"bayesian": "pyro_sparse.convert", "BayesianModule": "pyro_sparse.convert",
+         "prune": "pyro_sparse.posthoc", "export": "pyro_sparse.reduction.compact"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pyro_sparse' has no attribute {name!r}")

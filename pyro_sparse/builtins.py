@@ -13,7 +13,7 @@ from . import guides, layers, likelihoods, priors, recurrent, structured_guides,
 from .fitting import SVITrainer
 from .reduction import rules
 from .reduction.iterative import IterativeBMRTrainer
-from .registry import FITTERS, GUIDES, LAYERS, LIKELIHOODS, PRIORS, RULES
+from .registry import CONVERSIONS, FITTERS, GUIDES, LAYERS, LIKELIHOODS, PRIORS, RULES
 from .spam import LaplaceTrainer
 
 __all__ = ["register_builtins", "BUILTIN"]
@@ -22,7 +22,7 @@ __all__ = ["register_builtins", "BUILTIN"]
 BUILTIN = [
     (PRIORS, [priors.Gaussian, priors.GaussianGamma, priors.LogUniform, priors.GroupLogUniform, priors.Horseshoe]),
     (LAYERS, [
-        layers.Linear, layers.Conv2d, layers.ReLU, layers.Tanh, layers.Sigmoid, layers.GELU, layers.Flatten,
+        layers.Linear, layers.Conv2d, layers.Conv1d, layers.ReLU, layers.Tanh, layers.Sigmoid, layers.GELU, layers.Flatten,
         layers.Dropout, layers.MaxPool2d, layers.AvgPool2d,
         recurrent.LSTM, recurrent.GRU, recurrent.Embedding, recurrent.OneHot, recurrent.LastStep,
         transformer.LayerNorm, transformer.PatchEmbed, transformer.PosEmbed, transformer.ClassToken,
@@ -35,6 +35,9 @@ BUILTIN = [
               structured_guides.LowRankGuide]),
     (FITTERS, [SVITrainer, LaplaceTrainer, IterativeBMRTrainer]),
     (RULES, list(rules.BUILTIN_RULES)),
+    # the Bayesian counterparts of torch modules that bayesian(module) converts (by their torch_types)
+    (CONVERSIONS, [layers.Linear, layers.Conv1d, layers.Conv2d, recurrent.TorchLSTM, recurrent.TorchGRU,
+                   recurrent.Embedding, transformer.LayerNorm]),
 ]
 
 

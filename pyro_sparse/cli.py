@@ -211,7 +211,15 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     for adder in ADDERS:
         adder(sub)
+    for name in CODE_COMMANDS:  # a spec may name a Python class (module:); importing it runs its code
+        sub.choices[name].add_argument("--allow-code", action="store_true",
+                                       help="allow a model spec that names a Python class (module: pkg.mod:Class) "
+                                            "to import it; importing runs that code")
     return parser
+
+
+#: commands that build networks from model specs (which may name code to import)
+CODE_COMMANDS = ("fit", "evaluate", "reduce", "sweep", "report", "compare", "predict")
 
 
 ADDERS = [_add_fit, _add_evaluate, _add_reduce, _add_sweep]
@@ -290,6 +298,42 @@ def cmd_compare(args):
 ADDERS.extend([_add_report, _add_compare])
 
 
+def _add_predict(sub):
+    p = sub.add_parser("predict", help="class probabilities (or predictive mean and sd) for new data, from a run or "
+                                       "a compact network")
+    p.add_argument("source", help="run directory (posterior predictive) or compact-*.pt file (deterministic)")
+    p.add_argument("--data", required=True, help="PATH.npz (x [, y]) or PATH.csv (features [, target column]); "
+                                                 "raw inputs: the run's input transform is applied")
+    p.add_argument("--out", required=True, help="CSV file to write (one row per example)")
+    p.add_argument("--target", help="label column of a CSV file (default: 'target' where present)")
+    p.add_argument("--samples", type=int, default=100, help="posterior draws for a run (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+
+@command("predict", "predict new data")
+def cmd_predict(args):
+    from .predict import predict, write_predictions
+
+    if args.samples <= 0:
+        raise PyroSparseError(f"--samples: must be a positive integer, got {args.samples}")
+    if os.path.exists(args.out) and not (args.overwrite and os.path.isfile(args.out)):
+        raise PyroSparseError(f"{args.out}: exists; use --overwrite to replace it" if os.path.isfile(args.out)
+                              else f"{args.out}: exists and is not a file")
+    result = predict(args.source, args.data, num_samples=args.samples, seed=args.seed, target=args.target)
+    write_predictions(result, args.out, overwrite=args.overwrite)
+    what = (f"posterior predictive, {result['samples']} draw(s)" if result["source"] == "run"
+            else "compact network")
+    print(f"predicted {result['examples']} examples from {args.source} ({what})")
+    for key, value in (result["figures"] or {}).items():
+        print(f"  {key:<9} {value:.4f}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+ADDERS.append(_add_predict)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -304,7 +348,10 @@ def main(argv=None) -> int:
         warnings.simplefilter("always", PyroSparseWarning)
         warnings.showwarning = show
         try:
-            return COMMANDS[args.command][0](args)
+            from .usercode import allow_code
+
+            with allow_code(getattr(args, "allow_code", False)):
+                return COMMANDS[args.command][0](args)
         except PyroSparseError as e:
             if args.debug:
                 raise

@@ -147,7 +147,7 @@ class Compaction:
 
 class WeightCompaction(Compaction):
     """A layer whose weight is ``(units, features, *kernel)`` with an optional bias per unit:
-    Linear (on the last axis of its input, at every position) and Conv2d (channels)."""
+    Linear (on the last axis of its input, at every position) and Conv1d/Conv2d (channels)."""
 
     def __init__(self, name, layer, values, masks, in_shape, out_shape, in_axis, out_axis, conv=False):
         super().__init__(name, layer, in_shape, out_shape, units=values["weight"].shape[0])
@@ -183,7 +183,7 @@ class WeightCompaction(Compaction):
         if not self.conv:
             return uniform
         zero = (values == 0).all(1)
-        return zero | (uniform & (self.layer.padding == 0))
+        return zero | (uniform & bool(getattr(self.layer, "zero_padding", getattr(self.layer, "padding", 0) == 0)))
 
     def fold(self, features, values):
         c = values[:, 0]

@@ -32,10 +32,17 @@ Dangel et al. 2020), never a per-sample copy of a fully connected weight. The em
 Fisher uses the same machinery with the single column ``r_n = d NLL_n / d f_n``; KFAC
 (Martens & Grosse 2015; Grosse & Martens 2016 for convolutions) uses the same ``a`` and ``g``.
 
-Supported networks: a ``torch.nn.Sequential`` (nested ``Sequential`` allowed) of ``Linear``,
-``Conv2d`` (``groups=1``, numeric zero padding) and parameter-free layers (ReLU, Tanh, ...,
-Flatten, MaxPool2d, AvgPool2d, Dropout, Identity). The network is put in ``eval`` mode for
-the computation (so Dropout is the identity) and its mode is restored afterwards.
+Supported networks: any ``torch.nn.Module`` whose trainable parameters (``requires_grad``) all
+belong to ``Linear``, ``Conv1d`` or ``Conv2d`` modules (``groups=1``, numeric zero padding):
+a ``torch.nn.Sequential`` of them and parameter-free layers, or a user's class with residual
+connections, branches and its own ``forward``. The layer inputs ``a`` and outputs ``z`` are
+recorded by forward hooks, so the network's ``forward`` runs unchanged; parameters that do not
+require gradients (a frozen feature extractor, a batch norm set aside) are held fixed and get
+no curvature -- the Laplace approximation over a subnetwork (Daxberger et al. 2021). A module
+applied several times in one pass contributes every application as extra positions ``l``, like
+the positions of a convolution, so its per-sample gradient ``sum_l g_l a_l'`` is exact.
+The network is put in ``eval`` mode for the computation (so Dropout is the identity) and its
+mode is restored afterwards.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from torch import nn
 
 __all__ = [
     "LIKELIHOODS",
+    "curvature_targets",
     "log_likelihood",
     "diag_ggn",
     "diag_ef",
@@ -125,35 +133,73 @@ def _flatten_sequential(model, prefix=""):
         name = f"{prefix}{child_name}"
         if isinstance(child, nn.Sequential):
             layers.extend(_flatten_sequential(child, prefix=f"{name}."))
-        elif isinstance(child, nn.Linear):
-            layers.append(_Layer(name, child))
-        elif isinstance(child, nn.Conv2d):
-            if child.groups != 1:
-                raise ValueError(f"model[{name}]: Conv2d with groups={child.groups} is not supported (need groups=1)")
-            if isinstance(child.padding, str) or child.padding_mode != "zeros":
-                raise ValueError(
-                    f"model[{name}]: Conv2d needs numeric zero padding, got padding={child.padding!r}, "
-                    f"padding_mode={child.padding_mode!r}"
-                )
+        elif _is_parametric(child):
+            _check_conv(name, child)
             layers.append(_Layer(name, child))
         elif not any(True for _ in child.parameters()):
             # parameter-free (activations, pooling, reshapes, ...): autograd differentiates through it
             layers.append(_Layer(name, child))
         else:
             raise ValueError(
-                f"model[{name}]: unsupported layer {type(child).__name__}; expected Linear, Conv2d or a "
+                f"model[{name}]: unsupported layer {type(child).__name__}; expected Linear, Conv1d, Conv2d or a "
                 f"parameter-free layer such as {', '.join(t.__name__ for t in _PARAMETER_FREE)}"
             )
     return layers
 
 
+def _check_conv(name, module):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        kind = type(module).__name__
+        if module.groups != 1:
+            raise ValueError(f"model[{name}]: {kind} with groups={module.groups} is not supported (need groups=1)")
+        if isinstance(module.padding, str) or module.padding_mode != "zeros":
+            raise ValueError(
+                f"model[{name}]: {kind} needs numeric zero padding, got padding={module.padding!r}, "
+                f"padding_mode={module.padding_mode!r}"
+            )
+
+
+def _targets(model):
+    """The Linear/Conv layers whose parameters get curvature, as ``_Layer``s in module order.
+
+    A ``Sequential`` is checked layer by layer as before; any other module is searched: every
+    module that owns trainable parameters must be a Linear, Conv1d or Conv2d (ValueError naming
+    the first that is not); modules whose parameters are all frozen are held fixed."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    out = []
+    if isinstance(model, nn.Sequential):
+        out = [layer for layer in _flatten_sequential(model) if _is_parametric(layer.module)
+               and any(p.requires_grad for p in layer.module.parameters())]
+    for name, module in () if isinstance(model, nn.Sequential) else model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        if type(module) not in (nn.Linear, nn.Conv1d, nn.Conv2d):  # a subclass may not compute x W' + b
+            raise ValueError(
+                f"model[{name or '(root)'}]: {type(module).__name__} has trainable parameters but no curvature here "
+                "(Linear, Conv1d and Conv2d only); freeze them (requires_grad_(False)) to hold them fixed"
+            )
+        _check_conv(name, module)
+        out.append(_Layer(name, module))
+    if not out:
+        raise ValueError(f"model ({type(model).__name__}) has no trainable Linear, Conv1d or Conv2d layer")
+    return out
+
+
 def _is_parametric(module):
-    return isinstance(module, (nn.Linear, nn.Conv2d))
+    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
+
+
+def curvature_targets(model) -> dict:
+    """Module path -> module of the Linear/Conv layers whose parameters get curvature."""
+    return {layer.name: layer.module for layer in _targets(model)}
 
 
 def kfac_layer_names(model):
-    """Module paths of the Linear/Conv2d layers of ``model``, in forward order (the KFAC keys)."""
-    return [layer.name for layer in _flatten_sequential(model) if _is_parametric(layer.module)]
+    """Module paths of the Linear/Conv layers of ``model`` whose parameters get curvature (the KFAC
+    keys): forward order for a ``Sequential``, module order otherwise."""
+    return [layer.name for layer in _targets(model)]
 
 
 @contextlib.contextmanager
@@ -253,21 +299,23 @@ def _lambda_sqrt(f, likelihood, noise, mc_samples=None, generator=None):
 # --------------------------------------------------------------------------- the engine
 
 
-def _forward(layers, x):
-    """Run the flattened Sequential on ``x``; keep each parametric layer's input and output."""
-    records = []
-    h = x
-    for layer in layers:
-        module = layer.module
-        if _is_parametric(module):
-            z = module(h)
+def _forward(model, targets, x):
+    """Run ``model`` on ``x`` with forward hooks on the ``targets``; returns the output and, in call
+    order, ``(name, module, input, output)`` of each application of a target layer."""
+    records, hooks = [], []
+    for layer in targets:
+        def hook(module, args, z, name=layer.name):
             if not z.requires_grad:
                 z.requires_grad_()
-            records.append((layer.name, module, h.detach(), z))
-            h = z
-        else:
-            h = module(h)
-    return h, records
+            records.append((name, module, args[0].detach(), z))
+            return z
+        hooks.append(layer.module.register_forward_hook(hook))
+    try:
+        f = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return f, records
 
 
 def _patches(module, a):
@@ -275,11 +323,14 @@ def _patches(module, a):
 
     Linear on (N, in): L = 1. Linear on (N, ..., in): L = prod(...). Conv2d: ``F.unfold``
     with the layer's kernel, dilation, padding and stride (Grosse & Martens 2016), whose row
-    order matches ``weight.reshape(out, -1)``.
+    order matches ``weight.reshape(out, -1)``; Conv1d: the same on a one-row image.
     """
     if isinstance(module, nn.Linear):
         n = a.shape[0]
         return a.reshape(n, -1, a.shape[-1]).transpose(1, 2)
+    if isinstance(module, nn.Conv1d):  # a (N, C, L) signal is a (N, C, 1, L) image with a (1, k) kernel
+        return F.unfold(a.unsqueeze(2), (1, module.kernel_size[0]), dilation=(1, module.dilation[0]),
+                        padding=(0, module.padding[0]), stride=(1, module.stride[0]))
     return F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
 
 
@@ -296,19 +347,22 @@ def _backprop_columns(model, x, columns):
 
     ``columns(f)`` maps the (detached) network output to a tensor (M, N, K). For each ``m``
     this yields a list of ``(name, module, patches (N, D_in, L), g (N, D_out, L))``: ``g`` is
-    ``J_{z,n}' s_{n,m}``, the per-sample gradient of the layer output.
+    ``J_{z,n}' s_{n,m}``, the per-sample gradient of the layer output. A layer applied several
+    times has its applications concatenated along ``L``.
     """
-    layers = _flatten_sequential(model)
-    f, records = _forward(layers, x)
+    f, records = _forward(model, _targets(model), x)
     cols = columns(f.detach())
     zs = [z for (_, _, _, z) in records]
     patches = [_patches(module, a) for (_, module, a, _) in records]
+    order = list(dict.fromkeys(name for name, _, _, _ in records))
+    modules = {name: module for name, module, _, _ in records}
     for m in range(cols.shape[0]):
         grads = torch.autograd.grad(f, zs, grad_outputs=cols[m].reshape(f.shape), retain_graph=m + 1 < cols.shape[0])
-        yield [
-            (name, module, p, _out_grads(module, g))
-            for (name, module, _, _), p, g in zip(records, patches, grads)
-        ]
+        per = {}
+        for (name, module, _, _), p, g in zip(records, patches, grads):
+            per.setdefault(name, []).append((p, _out_grads(module, g)))
+        yield [(name, modules[name], torch.cat([p for p, _ in per[name]], -1), torch.cat([g for _, g in per[name]], -1))
+               for name in order]
 
 
 def _chunks(x, y, batch_size):
@@ -320,7 +374,10 @@ def _chunks(x, y, batch_size):
 
 def _sum_squared_grads(model, x, y, columns, batch_size):
     """``sum_n sum_m (J_n' s_{n,m})^2`` per parameter, i.e. the diagonal of ``sum_n J_n' S_n S_n' J_n``."""
-    out = {name: torch.zeros_like(p, memory_format=torch.contiguous_format) for name, p in model.named_parameters()}
+    covered = {f"{layer.name}.{p}" if layer.name else p for layer in _targets(model)
+               for p, _ in layer.module.named_parameters(recurse=False)}
+    out = {name: torch.zeros_like(p, memory_format=torch.contiguous_format) for name, p in model.named_parameters()
+           if name in covered}
     for xb, yb in _chunks(x, y, batch_size):
         for layer_grads in _backprop_columns(model, xb, lambda f: columns(f, yb)):
             for name, module, a, g in layer_grads:
@@ -332,9 +389,10 @@ def _sum_squared_grads(model, x, y, columns, batch_size):
                     per_sample = torch.einsum("nol,nil->noi", g, a)
                     w2 = per_sample.square().sum(0)
                     b2 = g.sum(-1).square().sum(0)
-                out[f"{name}.weight"] += w2.reshape(module.weight.shape)
+                prefix = f"{name}." if name else ""
+                out[f"{prefix}weight"] += w2.reshape(module.weight.shape)
                 if module.bias is not None:
-                    out[f"{name}.bias"] += b2
+                    out[f"{prefix}bias"] += b2
     return out
 
 
@@ -342,7 +400,8 @@ def diag_ggn(model, x, y=None, likelihood="categorical", noise=1.0, mc_samples=N
     """Diagonal of the GGN ``H = sum_n J_n' Lambda_n J_n`` (Immer et al. 2021, Sec. 3; SpaM).
 
     Args:
-        model: ``nn.Sequential`` of Linear / Conv2d / parameter-free layers.
+        model: a network whose trainable parameters belong to Linear / Conv1d / Conv2d layers (see
+            the module docstring).
         x: inputs (N, ...). y: targets; unused (the GGN of these likelihoods does not depend
             on them) but checked for length if given.
         likelihood: ``"categorical"``, ``"gaussian"`` or ``"bernoulli"``.
@@ -353,7 +412,8 @@ def diag_ggn(model, x, y=None, likelihood="categorical", noise=1.0, mc_samples=N
         generator: ``torch.Generator`` for the Monte Carlo draws.
 
     Returns:
-        dict parameter name -> tensor of the parameter's shape, summed over the data.
+        dict parameter name -> tensor of the parameter's shape, summed over the data (every
+        trainable parameter).
     """
     _check_likelihood(likelihood, noise)
     _check_data(x, y, need_y=False)
@@ -385,7 +445,7 @@ def diag_ef(model, x, y, likelihood="categorical", noise=1.0, batch_size=None):
 
 
 def kfac_ggn(model, x, y=None, likelihood="categorical", noise=1.0, batch_size=None):
-    """Kronecker-factored GGN, one ``(A, G)`` pair per Linear/Conv2d layer (KFAC-expand).
+    """Kronecker-factored GGN, one ``(A, G)`` pair per Linear/Conv layer (KFAC-expand).
 
     Flattening. For a layer with weight ``W`` (out, D) -- a Conv2d weight (out, in, kh, kw) is
     read as ``W.reshape(out, in*kh*kw)`` -- and bias ``b`` (out,), form the extended matrix
@@ -429,6 +489,10 @@ def kfac_ggn(model, x, y=None, likelihood="categorical", noise=1.0, batch_size=N
                         counts[name] = counts.get(name, 0) + a.shape[0] * a.shape[-1]
                     g_sums[name] = g_sums.get(name, 0) + torch.einsum("nil,njl->ij", g, g)
                 first = False
+    unused = [name for name in layers if name not in a_sums]
+    if unused:
+        raise ValueError(f"model[{unused[0]}]: the forward pass never applies this layer, so KFAC has no factors "
+                         "for it; freeze its parameters (requires_grad_(False)) or use the diagonal curvature")
     return {name: (a_sums[name].detach(), (g_sums[name] / counts[name]).detach()) for name in layers}
 
 

@@ -94,6 +94,98 @@ class Dataset:
         return self
 
 
+@dataclass
+class Batches:
+    r"""Data that arrive in mini-batches: any re-iterable of ``(x, y)`` batches (a
+    ``torch.utils.data.DataLoader`` over a data set too large to hold as one tensor) with a known
+    number of training examples ``num_train``.
+
+    :class:`~pyro_sparse.fitting.SVITrainer` fits on it like on a :class:`Dataset`: the data
+    plate of the model scales each batch's log-likelihood by ``num_train / B``, so the ELBO of a
+    batch of ``B`` is an unbiased estimate of the full-data ELBO,
+
+    .. math::
+
+        \mathcal{L} pprox rac{N}{B}\sum_{b=1}^{B} \mathbb{E}_q \log p(y_b \mid x_b, w)
+                            - \mathrm{KL}(q \,\|\, p),
+
+    the same loss as the in-memory path gives for the same batch. One epoch is one pass over
+    ``train`` in the order it yields (a ``DataLoader`` with ``shuffle=True`` reshuffles with its
+    own generator). ``test``: held-out batches (or None). Build it with :func:`as_batches`.
+    """
+
+    name: str
+    train: object
+    num_train: int
+    test: object = None
+    task: str | None = None
+    num_outputs: int | None = None
+    extras: dict = field(default_factory=dict)
+    feature_shape: tuple = ()
+
+    def __post_init__(self):
+        if isinstance(self.num_train, bool) or not isinstance(self.num_train, int) or self.num_train < 1:
+            raise DataError(f"{self.name}: num_train (the number of training examples) must be a positive "
+                            f"integer, got {self.num_train!r}")
+        first = first_batch(self.train, self.name)
+        self.feature_shape = tuple(first[0].shape[1:])
+
+    def batches_per_epoch(self, batch_size: int) -> int:
+        """``len(train)`` where known, else ``ceil(num_train / batch_size)``."""
+        try:
+            return len(self.train)
+        except TypeError:
+            return math.ceil(self.num_train / batch_size)
+
+    def to(self, device):
+        """Batches are moved to the device one at a time, as they are used."""
+        return self
+
+
+def first_batch(batches, name="data"):
+    """The first ``(x, y)`` batch of an iterable of batches (DataError if it yields no such thing)."""
+    try:
+        item = next(iter(batches))
+    except StopIteration:
+        raise DataError(f"{name}: the data yield no batches") from None
+    except TypeError:
+        raise DataError(f"{name}: expected an iterable of (x, y) batches, got {type(batches).__name__}") from None
+    if not (isinstance(item, (tuple, list)) and len(item) >= 2 and all(torch.is_tensor(t) for t in item[:2])):
+        raise DataError(f"{name}: each batch must be a pair of tensors (x, y), got {type(item).__name__}")
+    return item[0], item[1]
+
+
+def as_batches(train, test=None, batch_size: int = 64, num_train: int | None = None, shuffle: bool = True,
+               seed: int = 0, name: str | None = None, task: str | None = None,
+               num_outputs: int | None = None) -> "Batches":
+    """:class:`Batches` from a ``torch.utils.data.Dataset`` (wrapped in a ``DataLoader`` of
+    ``batch_size``, shuffled with a generator seeded by ``seed``), a ``DataLoader`` (used as it
+    is), or any re-iterable of ``(x, y)`` batches (then ``num_train`` is required). ``test`` alike
+    (never shuffled). ``num_train`` defaults to ``len(loader.dataset)``."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data import Dataset as TorchDataset
+
+    def loader(data, shuffled):
+        if data is None or isinstance(data, DataLoader):
+            return data
+        if isinstance(data, TorchDataset) and hasattr(data, "__len__"):
+            generator = torch.Generator().manual_seed(seed) if shuffled else None
+            return DataLoader(data, batch_size=batch_size, shuffle=shuffled, generator=generator)
+        if hasattr(data, "__iter__") and not torch.is_tensor(data):
+            return data
+        raise DataError(f"as_batches: expected a torch Dataset, a DataLoader or an iterable of (x, y) batches, "
+                        f"got {type(data).__name__}")
+
+    train_loader = loader(train, shuffle)
+    if num_train is None:
+        dataset = getattr(train_loader, "dataset", None)
+        if dataset is None or not hasattr(dataset, "__len__"):
+            raise DataError("as_batches: the number of training examples is not known; pass num_train=N "
+                            "(the data plate scales each batch by N / batch size)")
+        num_train = len(dataset)
+    return Batches(name or type(train).__name__, train_loader, num_train, loader(test, False), task, num_outputs)
+
+
 def _split(x, y, test_fraction, seed, stratify):
     from sklearn.model_selection import train_test_split
 
@@ -463,6 +555,100 @@ def transform_inputs(dataset: Dataset, mode: str = "raw") -> Dataset:
     extras = {**dataset.extras, "input_transform": {"mode": mode, "mean": mean.tolist(), "scale": scale.tolist()}}
     return replace(dataset, x_train=(dataset.x_train - mean) / scale, x_test=(dataset.x_test - mean) / scale,
                    extras=extras)
+
+
+def apply_input_transform(x: torch.Tensor, transform: dict | None) -> torch.Tensor:
+    """Raw inputs ``x`` (N, ...) transformed as a run's training inputs were
+    (:func:`transform_inputs`'s ``input_transform``: ``(x - mean) / scale`` with the training
+    statistics); unchanged for ``transform`` None."""
+    if not transform or transform.get("mode", "raw") == "raw":
+        return x
+    mean = torch.as_tensor(transform["mean"], dtype=x.dtype, device=x.device)
+    scale = torch.as_tensor(transform["scale"], dtype=x.dtype, device=x.device)
+    if tuple(mean.shape) != tuple(x.shape[1:]):
+        raise DataError(f"the input transform has {tuple(mean.shape)} features per example but the data have "
+                        f"{tuple(x.shape[1:])}")
+    return (x - mean) / scale
+
+
+def load_inputs(path: str, target: str | None = None, feature_shape=None, labels: str = "classification"):
+    """Inputs to predict on, with their labels where the file has them: ``(x, y or None)``.
+
+    * ``.npz``: ``x`` (and ``y``), or else ``x_test`` (and ``y_test``), or else ``x_train``
+      (and ``y_train``); no pickles.
+    * ``.csv`` with a header: the column ``target`` (default ``"target"``) holds labels when
+      present; every other column is a feature, so a file without the target column is all
+      inputs.
+
+    ``feature_shape``: the per-example shape the network was fitted on (the data are reshaped to
+    it; a different number of features is a DataError naming both). ``labels``: how to read
+    ``y`` (``classification``: integer class labels; ``regression``: real values).
+    """
+    if not isinstance(path, (str, os.PathLike)) or not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    path = os.fspath(path)
+    if path.endswith(".npz"):
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+        except Exception as e:
+            raise DataError(f"{path}: not a readable .npz file without pickles "
+                            f"({type(e).__name__}: {str(e)[:200]})") from None
+        for xk, yk in (("x", "y"), ("x_test", "y_test"), ("x_train", "y_train")):
+            if xk in arrays:
+                x, y = arrays[xk], arrays.get(yk)
+                break
+        else:
+            raise DataError(f"{path}: no array 'x' (nor x_test, x_train) to predict on; found {sorted(arrays)}")
+        key = xk
+    elif path.endswith(".csv"):
+        target = target or "target"
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise DataError(f"{path}: cannot read as CSV ({e})") from None
+        if len(rows) < 2:
+            raise DataError(f"{path}: expected a header and at least one row")
+        header = [h.strip() for h in rows[0]]
+        try:
+            values = np.array([[float(c) for c in r] for r in rows[1:]], dtype=np.float64)
+        except ValueError as e:
+            raise DataError(f"{path}: not a table of numbers ({e})") from None
+        if values.ndim != 2 or values.shape[1] != len(header):
+            raise DataError(f"{path}: every row needs {len(header)} fields (the header's)")
+        if target in header:
+            t = header.index(target)
+            x, y = np.delete(values, t, axis=1), values[:, t]
+        else:
+            x, y = values, None
+        key = "features"
+    else:
+        raise DataError(f"{path}: expected a .npz or .csv file")
+    if x.dtype.kind not in _NUMERIC_KINDS or len(x) == 0:
+        raise DataError(f"{path}: {key} must be a non-empty numeric array, got dtype {x.dtype}, shape {x.shape}")
+    _check_finite_as_read(path, key, x)
+    x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    if x.dim() == 1:
+        x = x[:, None]
+    if feature_shape is not None:
+        size = math.prod(feature_shape)
+        if math.prod(x.shape[1:]) != size:
+            raise DataError(f"{path}: examples have {math.prod(x.shape[1:])} features (shape {list(x.shape[1:])}) but "
+                            f"the network was fitted on {size} (shape {list(feature_shape)})")
+        x = x.reshape(len(x), *feature_shape)
+    if y is not None:
+        y = np.asarray(y)
+        if len(y) != len(x):
+            raise DataError(f"{path}: {len(x)} inputs but {len(y)} labels")
+        _check_finite_as_read(path, "labels", y)
+        if labels == "regression":
+            y = torch.as_tensor(np.asarray(y, dtype=np.float32)).reshape(len(y), -1)
+        else:
+            if np.any(y != np.round(y)):
+                raise DataError(f"{path}: the labels are not whole numbers (class labels 0..K-1)")
+            y = torch.as_tensor(np.asarray(y, dtype=np.int64)).reshape(-1)
+    return x, y
 
 
 def record_target_transform(dataset: Dataset, mode: str = "raw") -> Dataset:

@@ -170,7 +170,8 @@ def site_dims(network, shapes: dict[str, tuple]) -> dict[str, list]:
             out[site] = dims
             continue
         head, _, rest = site.partition(".")
-        layer = network.layers[head] if head in network.layers else None
+        layers = getattr(network, "layers", {})
+        layer = layers[head] if head in layers else None
         declared = layer.param_axes.get(rest, {}) if layer is not None else {}
         by_dim = {}
         for axis, d in declared.items():

@@ -38,8 +38,24 @@ def evaluate(predict, x, y, likelihood, noise=None, batch_size: int | None = Non
     ``predict(xb)`` returns outputs ``(S, B, ...)``; ``likelihood`` is the network's
     :class:`~pyro_sparse.likelihoods.Likelihood`; ``noise``: the Gaussian likelihood's fitted
     noise scale where it was learned (else the likelihood's own). ``batch_size``: examples per
-    call of ``predict`` (default 2048, 256 sequences).
+    call of ``predict`` (default 2048, 256 sequences). ``x`` may also be an iterable of
+    ``(x, y)`` batches (a ``DataLoader``; then ``y`` is None): the sums run batch by batch, so
+    the data never need to be in memory at once.
     """
+    if not torch.is_tensor(x):
+        if y is not None:
+            raise ValueError("evaluate: give tensors x and y, or an iterable of (x, y) batches and y=None")
+        totals = None
+        for item in x:
+            xb, yb = item[0], item[1]
+            device = _device_of(predict)
+            if device is not None:
+                xb, yb = xb.to(device), yb.to(device)
+            part = _sums(predict(xb), yb, likelihood, noise)
+            totals = part if totals is None else {k: totals[k] + v for k, v in part.items()}
+        if totals is None:
+            raise ValueError("evaluate: the held-out data yield no batches")
+        return _figures(totals, likelihood)
     if batch_size is None:
         batch_size = 256 if likelihood.task == "sequence" else 2048
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -80,17 +96,34 @@ def _figures(t, likelihood) -> dict:
     return {"accuracy": t["hits"] / t["units"], "nll": t["nll"] / t["examples"]}
 
 
+def _device_of(predict):
+    """The device a predictive's network lives on (batches from a loader are moved there)."""
+    return getattr(predict, "device", None)
+
+
+class _Predictive:
+    def __init__(self, fn, module):
+        self.fn = fn
+        tensors = []
+        if isinstance(module, torch.nn.Module):
+            tensors = [t for t in (next(module.parameters(), None), next(module.buffers(), None)) if t is not None]
+        self.device = tensors[0].device if tensors else None
+
+    def __call__(self, xb):
+        return self.fn(xb)
+
+
 def posterior_predictive(network, guide, num_samples: int):
     """The posterior predictive of a guide: ``xb -> network.sample_outputs(xb, guide, S)``."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"evaluate: num_samples must be a positive integer, got {num_samples!r}")
-    return lambda xb: network.sample_outputs(xb, guide, num_samples)
+    return _Predictive(lambda xb: network.sample_outputs(xb, guide, num_samples), network)
 
 
 def point_predictive(module):
     """A deterministic network as a predictive with one draw: ``xb -> module(xb)[None]``."""
     module.eval()
-    return lambda xb: module(xb).unsqueeze(0)
+    return _Predictive(lambda xb: module(xb).unsqueeze(0), module)
 
 
 def prefixed(figures: dict, prefix: str = "test_") -> dict:

@@ -62,6 +62,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 
 import pyro
 import torch
@@ -69,18 +70,43 @@ from tqdm.auto import tqdm
 
 from . import distributed, evaluation
 from .checkpoint import load_safe, save_atomic, write_text_atomic
-from .data import Dataset
+from .data import Batches, Dataset, as_batches, first_batch
 from .elbo import CoreELBO, MeanFieldELBO
 from .errors import CheckpointError, DataError, PyroSparseError, PyroSparseWarning, SpecError
 from .guides import DeltaGuide
 from .recipe import RECIPE_FIELDS, check_device, guide_param_groups, make_optimizer, make_scheduler, parse_recipe
 from .rundir import CHECKPOINT
+from .schema import Field, validate
 from .summary import summarize
 
 #: data magnitude (largest |x|, or |y| of raw regression targets) above which a numerical fault's
 #: advice points at the data first: float32 overflows at 3.4e38, and the local reparameterisation
 #: squares the inputs, so inputs far from unit scale overflow long before the learning rate matters
 DATA_MAGNITUDE = 1e4
+
+
+#: options of the recipe's ``pretrain:`` section (start SVI from a MAP network; :meth:`SVITrainer.pretrain`)
+PRETRAIN_FIELDS = {
+    "epochs": Field("int", 30, positive=True, doc="epochs of maximum-likelihood training of the deterministic twin"),
+    "lr": Field("float", 1e-3, positive=True, doc="Adam learning rate"),
+    "weight_decay": Field("float", 0.0, nonneg=True, doc="L2 penalty (Adam's weight_decay)"),
+    "batch_size": Field("int", None, positive=True, allow_none=True, doc="default: the recipe's batch_size"),
+}
+
+
+@dataclass(frozen=True)
+class _PretrainSection(Field):
+    """The recipe's ``pretrain:`` section, validated against :data:`PRETRAIN_FIELDS`."""
+
+    def check(self, value, path, source):
+        if value is None:
+            return None
+        return validate(PRETRAIN_FIELDS, value, path, source)
+
+
+PRETRAIN_SECTION = _PretrainSection("dict", None, allow_none=True,
+                                    doc="pretrain the deterministic network (maximum likelihood), then start the "
+                                        "posterior means there")
 
 
 def _total_norm(grads: list) -> torch.Tensor:
@@ -117,11 +143,32 @@ def _defined_in(cls, name):
     return next(k for k in cls.__mro__ if name in vars(k))
 
 
+def as_training_data(data, batch_size=64, seed=0):
+    """A :class:`~pyro_sparse.data.Dataset` as it is; a ``torch.utils.data.Dataset``,
+    ``DataLoader`` or :class:`~pyro_sparse.data.Batches` as :class:`~pyro_sparse.data.Batches`
+    (:func:`~pyro_sparse.data.as_batches`, with the recipe's batch size and seed)."""
+    if isinstance(data, (Dataset, Batches)):
+        return data
+    from torch.utils.data import DataLoader
+    from torch.utils.data import Dataset as TorchDataset
+
+    if isinstance(data, (DataLoader, TorchDataset)):
+        return as_batches(data, batch_size=batch_size, seed=seed)
+    raise DataError(f"SVITrainer: dataset must be a pyro_sparse.data.Dataset, got {type(data).__name__} (or data in "
+                    "batches: a torch Dataset, a DataLoader, pyro_sparse.data.Batches)")
+
+
 def check_compatible(network, dataset):
     """Raise :class:`DataError` if ``dataset`` cannot feed ``network`` (task, input size)."""
     lik = getattr(network, "likelihood", None)
     task = getattr(lik, "task", None)
     kind = getattr(lik, "spec_name", type(lik).__name__)
+    if isinstance(dataset, Batches):  # what batches are for is not known beyond their shape
+        shape = getattr(network, "input_shape", None)
+        if shape is not None and math.prod(shape) != math.prod(dataset.feature_shape):
+            raise DataError(f"{dataset.name}: examples have shape {list(dataset.feature_shape)} but the network "
+                            f"takes input_shape {list(shape)}")
+        return
     if (task == "sequence") != (dataset.task == "sequence"):
         raise DataError(f"{dataset.name}: the {kind} likelihood {'needs' if task == 'sequence' else 'cannot take'} "
                         "sequence data (a text corpus, targets at every position); a language model uses "
@@ -220,7 +267,10 @@ class SVITrainer:
 
     #: the recipe's ``method`` this trainer fits, and the extra recipe sections it reads
     spec_name = "svi"
-    recipe_sections: dict = {}
+    recipe_sections: dict = {"pretrain": PRETRAIN_SECTION}
+    #: whether it fits data that arrive in batches (:class:`~pyro_sparse.data.Batches`, a DataLoader)
+    accepts_batches = True
+    streaming = False
 
     # Defaults for trainers that subclass without calling __init__ (see spam.LaplaceTrainer).
     recoveries: tuple | list = ()
@@ -234,8 +284,11 @@ class SVITrainer:
     elbo_path = None
 
     def __init__(self, network, guide, dataset, recipe, out_dir=None, progress=True):
-        if not isinstance(dataset, Dataset):
-            raise DataError(f"SVITrainer: dataset must be a pyro_sparse.data.Dataset, got {type(dataset).__name__}")
+        recipe = _as_recipe(recipe)
+        dataset = as_training_data(dataset, recipe["batch_size"], recipe["seed"])
+        if isinstance(dataset, Batches) and not self.accepts_batches:
+            raise DataError(f"{dataset.name}: data in batches (a DataLoader) are fitted by method svi; "
+                            f"{type(self).__name__} needs a pyro_sparse.data.Dataset of tensors")
         for name, obj in (("network", network), ("guide", guide)):
             if not (isinstance(obj, torch.nn.Module) and callable(getattr(obj, "setup" if name == "guide"
                                                                             else "model", None))):
@@ -243,15 +296,13 @@ class SVITrainer:
                                 f"SVITrainer.{name}")
         if out_dir is not None and not isinstance(out_dir, (str, os.PathLike)):
             raise SpecError(f"expected a directory path or None, got {out_dir!r}", None, "SVITrainer.out_dir")
-        recipe = _as_recipe(recipe)
         check_compatible(network, dataset)
         apply_target_transform(network, dataset)
         self.network, self.guide, self.data, self.recipe = network, guide, dataset, recipe
         self.out_dir, self.progress = (os.fspath(out_dir) if out_dir is not None else None), progress
         self._place(recipe, progress)
         try:
-            self.guide.setup(self.data.x_train[: self.batch_size], self.data.y_train[: self.batch_size],
-                             dataset_size=self.num_train)
+            self.guide.setup(*self._first_batch(), dataset_size=self.num_train)
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
             if isinstance(e, PyroSparseError):
                 raise
@@ -291,18 +342,35 @@ class SVITrainer:
                             f"the SVI trainers (method svi, svi_bmr); method {recipe.get('method')!r} fits the raw "
                             "targets: remove it", recipe.get("_source"), "method")
         self.world, self.rank = distributed.world_size(), distributed.rank()
+        self.streaming = isinstance(self.data, Batches)
         if self.world > 1:
+            if self.streaming:
+                raise DataError(f"{self.data.name}: data in batches (a DataLoader) are fitted in one process; "
+                                "data-parallel fits need a pyro_sparse.data.Dataset (or a DistributedSampler "
+                                "of your own in a single-process fit per shard)")
             self.device = distributed.rank_device(self.device)
             self.progress = progress and distributed.is_main_process()
         if recipe.get("num_threads"):
             torch.set_num_threads(recipe["num_threads"])
         self.data.to(self.device)
         self.network.to(self.device)
+        if self.streaming:
+            self.num_train = self.num_local = self.data.num_train
+            self.batch_size = recipe["batch_size"]
+            self.steps_per_epoch = self.data.batches_per_epoch(self.batch_size)
+            return
         self.num_train = len(self.data.x_train)
         # rows per epoch and per step on this rank (all of them when not distributed)
         self.num_local = math.ceil(self.num_train / self.world)
         self.batch_size = min(math.ceil(recipe["batch_size"] / self.world), self.num_local)
         self.steps_per_epoch = math.ceil(self.num_local / self.batch_size)
+
+    def _first_batch(self):
+        """``(x, y)`` of the first mini-batch (for setting up the guide and the reference loss)."""
+        if self.streaming:
+            x, y = first_batch(self.data.train, self.data.name)
+            return x.to(self.device), y.to(self.device)
+        return self.data.x_train[: self.batch_size], self.data.y_train[: self.batch_size]
 
     # ------------------------------------------------------------------ state
     def training_state(self) -> dict:
@@ -313,7 +381,8 @@ class SVITrainer:
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                 "rng_torch": torch.get_rng_state(), "rng_generator": self.generator.get_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
-                "history": self.history, "recoveries": self.recoveries, "loss_reference": self.loss_reference}
+                "history": self.history, "recoveries": self.recoveries, "loss_reference": self.loss_reference,
+                "pretrained": self.pretrained}
 
     def load_training_state(self, state: dict):
         self.optimizer.load_state_dict(state["optimizer"])
@@ -327,6 +396,7 @@ class SVITrainer:
         self.history = list(state["history"])
         self.recoveries = list(state.get("recoveries", []))
         self.loss_reference = state.get("loss_reference")
+        self.pretrained = state.get("pretrained")
 
     def state_dict(self) -> dict:
         return {**self.training_state(), "guide": self.guide.state_dict()}
@@ -437,14 +507,14 @@ class SVITrainer:
             return None
         elbo, path, _ = self.make_elbo()  # an ELBO of its own: the trainer's keeps its state
         elbo.kl_weight = 1.0
-        idx = torch.arange(min(self.batch_size, self.num_train), device=self.device)
+        x, y = self._first_batch()
+        idx = None if self.streaming else torch.arange(len(x), device=self.device)
         devices = [self.device] if self.device.type == "cuda" else []
         model, guide = (self.network, self.guide) if path == "core" else self.objective()
         with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
             torch.manual_seed(self.recipe["seed"])
             try:
-                loss = elbo.differentiable_loss(model, guide, self.data.x_train[idx], self.data.y_train[idx],
-                                                dataset_size=self.num_train, subsample=idx)
+                loss = elbo.differentiable_loss(model, guide, x, y, dataset_size=self.num_train, subsample=idx)
                 value = float(loss) / self.num_train
             except (RuntimeError, ValueError):
                 return None
@@ -464,7 +534,7 @@ class SVITrainer:
         task = getattr(self.network.likelihood, "task", None)
         if factor is None or "test_nll" not in figures or task not in ("classification", "binary", "sequence"):
             return None
-        classes = max(int(self.data.num_outputs), 2)
+        classes = max(int(self.data.num_outputs or self._output_width()), 2)
         limit = factor * math.log(classes)
         if figures["test_nll"] <= limit:
             return None
@@ -473,10 +543,21 @@ class SVITrainer:
                                   f"exceeds the divergence limit {limit:.3g} (divergence_factor "
                                   f"{factor:g} x log {classes}, the NLL of a uniform guess)")
 
+    def _output_width(self) -> int:
+        """The network's number of outputs per example (the classes of streamed data, whose count
+        is not given), from one run on the first batch at the guide's point values."""
+        if getattr(self, "_width", None) is None:
+            x, _ = self._first_batch()
+            with torch.no_grad(), pyro.validation_enabled(False):
+                self._width = int(self.network.point_outputs(x[:1], self.guide.median()).shape[-1])
+        return self._width
+
     def _data_advice(self):
         """Advice naming the data when they are far from unit scale (checked once, cached), else None."""
         if not hasattr(self, "_data_note"):
             self._data_note = None
+            if self.streaming:
+                return None
             parts = [("inputs", "x", self.data.x_train, "data: {inputs: standardize}")]
             lik = self.network.likelihood
             if self.data.task == "regression" and getattr(lik, "target_transform", None) is None:
@@ -537,7 +618,11 @@ class SVITrainer:
         the gradient norm is NaN/inf (a device tensor unless ``check_each_step``); with
         ``check_each_step`` such a fault raises :class:`NonFiniteStep` before the optimiser
         applies the update."""
-        x, y = self.data.x_train[idx], self.data.y_train[idx]
+        return self._step_on(self.data.x_train[idx], self.data.y_train[idx], idx, beta)
+
+    def _step_on(self, x, y, idx, beta):
+        """One SVI step on the mini-batch ``(x, y)``: rows ``idx`` of the training set, or a batch of
+        streamed data (``idx`` None); either way the data term is scaled by N / batch size."""
         self.elbo.kl_weight = beta
         model, guide = (self.network, self.guide) if self.elbo_path == "core" else self.objective()
         loss = self.elbo.differentiable_loss(model, guide, x, y, dataset_size=self.num_train, subsample=idx)
@@ -581,18 +666,14 @@ class SVITrainer:
         """One pass over the training data in a random order; returns the epoch's figures.
 
         Raises :class:`NonFiniteStep` naming the first faulty step of the epoch."""
-        perm = torch.randperm(self.num_train, generator=self.generator)
-        if self.world > 1:
-            perm = distributed.shard(perm)  # same permutation on every rank; rank r takes r::W
-        perm = perm.to(self.device)
         total = torch.zeros((), device=self.device)
         first_bad = torch.full((), -1.0, device=self.device)  # index of the first faulty batch, on device
         start = time.perf_counter()
-        for b in range(self.steps_per_epoch):
-            idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
+        for b, (idx, batch) in enumerate(self._epoch_batches()):
             beta = self.kl_weight(self.epoch + b / self.steps_per_epoch)
             self._batch, self._ok = b, None
-            total = total + self._step(idx, beta)
+            loss = self._step(idx, beta) if batch is None else self._step_on(*batch, None, beta)
+            total = total + loss
             if not self.check_each_step and self._ok is not None:  # no host sync: read with the loss below
                 first_bad = torch.where((first_bad < 0) & ~self._ok, float(b), first_bad)
         if self.world > 1:
@@ -618,6 +699,23 @@ class SVITrainer:
                                     self.steps_per_epoch, self.steps_per_epoch)
         return {"loss": total / self.steps_per_epoch, "seconds": seconds}
 
+    def _epoch_batches(self):
+        """``(idx, None)`` per mini-batch of a random permutation of the training rows, or
+        ``(None, (x, y))`` per batch of streamed data (in the order the loader yields; the epoch's
+        step count follows the loader, and ``steps_per_epoch`` is updated to it)."""
+        if self.streaming:
+            n = 0
+            for n, item in enumerate(self.data.train, 1):
+                yield None, (item[0].to(self.device), item[1].to(self.device))
+            self.steps_per_epoch = n
+            return
+        perm = torch.randperm(self.num_train, generator=self.generator)
+        if self.world > 1:
+            perm = distributed.shard(perm)  # same permutation on every rank; rank r takes r::W
+        perm = perm.to(self.device)
+        for b in range(self.steps_per_epoch):
+            yield perm[b * self.batch_size:(b + 1) * self.batch_size], None
+
     def posterior_summary(self):
         """The fitted posterior as a :class:`~pyro_sparse.summary.PosteriorSummary`, what every
         reduction rule reads: here the guide's (:func:`~pyro_sparse.summary.summarize`); a
@@ -629,6 +727,10 @@ class SVITrainer:
         return self.guide
 
     def evaluate(self, num_samples=None):
+        if self.streaming:
+            if self.data.test is None:
+                return {}
+            return evaluate(self.network, self.guide, self.data.test, None, num_samples or self.recipe["eval_samples"])
         args = (self.network, self.guide, self.data.x_test, self.data.y_test,
                 num_samples or self.recipe["eval_samples"])
         return evaluate(*args) if self.world == 1 else distributed.on_main(evaluate, *args)
@@ -691,6 +793,8 @@ class SVITrainer:
             self._extend_schedule(epochs)
             if self.out_dir and distributed.is_main_process():
                 self._write_history()  # metrics.jsonl may lag the checkpoint after a kill
+        if not resume and self.epoch == 0 and self.recipe.get("pretrain") and not self.pretrained:
+            self.pretrain()
         if self.loss_reference is None:
             self.loss_reference = self.reference_loss()
         bar = _progress(self.progress, epochs, self.epoch)
@@ -735,6 +839,64 @@ class SVITrainer:
         bar.close()
         return self.summary()
 
+    pretrained = None
+
+    def pretrain(self) -> dict:
+        """Pretrain, then start the posterior there (recipe ``pretrain:``; Molchanov et al. 2017 train
+        Sparse VD from a pretrained network): the network's deterministic twin is trained by maximum
+        likelihood (Adam on the mean negative log-likelihood, optional weight decay) for
+        ``pretrain.epochs`` epochs from the network's starting values, the Bayesian layers start at
+        the trained weights (:meth:`~pyro_sparse.network.PyroNetwork.start_at`) and the guide is set up
+        again from them (``reinitialize``): its means there, its scales at their initial values.
+        Runs once, before the first epoch; the figures go into ``self.pretrained`` (and
+        ``metrics.json`` via :meth:`summary`)."""
+        options = self.recipe["pretrain"]
+        if not hasattr(self.guide, "reinitialize"):
+            raise SpecError(f"pretrain: the {self.recipe['guide']} guide cannot be restarted at pretrained weights; "
+                            "use guide meanfield or delta", self.recipe.get("_source"), "pretrain")
+        start = time.perf_counter()
+        twin = self.network.deterministic(self.network.starting_values()).to(self.device)
+        try:
+            self.network.twin_values(twin)  # the twin's parameters can be read back as sites
+        except ValueError as e:
+            raise SpecError(f"pretrain: {e}", self.recipe.get("_source"), "pretrain") from None
+        optimizer = torch.optim.Adam([p for p in twin.parameters() if p.requires_grad], lr=options["lr"],
+                                     weight_decay=options["weight_decay"])
+        generator = torch.Generator().manual_seed(self.recipe["seed"] + 0x5EED)
+        batch_size = options["batch_size"] or self.batch_size
+        lik = self.network.likelihood
+        twin.train()
+        with pyro.validation_enabled(False):
+            for _ in range(options["epochs"]):
+                if self.streaming:
+                    batches = ((xb.to(self.device), yb.to(self.device)) for xb, yb, *_ in self.data.train)
+                else:
+                    perm = torch.randperm(self.num_train, generator=generator).to(self.device)
+                    batches = ((self.data.x_train[perm[i:i + batch_size]], self.data.y_train[perm[i:i + batch_size]])
+                               for i in range(0, self.num_train, batch_size))
+                for xb, yb in batches:
+                    loss = -lik.log_likelihood(twin(xb), yb) / len(xb)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+        twin.eval()
+        self.network.start_at(self.network.twin_values(twin))
+        x, y = self._first_batch()
+        self.guide.reinitialize(x, y, dataset_size=self.num_train)
+        figures = self.evaluate_model(twin) if not self.streaming or self.data.test is not None else {}
+        self.pretrained = {"pretrain_epochs": options["epochs"], "pretrain_seconds": time.perf_counter() - start,
+                           **{f"pretrain_{k}": v for k, v in figures.items()}}
+        return self.pretrained
+
+    def evaluate_model(self, model) -> dict:
+        """Held-out ``test_*`` figures of a deterministic network (one draw)."""
+        was_training = model.training
+        predict = evaluation.point_predictive(model)
+        test = (self.data.test, None) if self.streaming else (self.data.x_test, self.data.y_test)
+        figures = evaluation.evaluate(predict, *test, self.network.likelihood)
+        model.train(was_training)
+        return evaluation.prefixed(figures)
+
     def _extend_schedule(self, epochs):
         """On resume with more (or fewer) epochs than the checkpoint's cosine schedule was built
         for: the rest of the run follows the cosine schedule of an ``epochs``-long run,
@@ -770,4 +932,6 @@ class SVITrainer:
                     "n_weights": self.network.num_weights(), "nan_recoveries": len(self.recoveries)})
         if self.elbo_path is not None:
             out["elbo_path"] = self.elbo_path
+        if self.pretrained:
+            out.update(self.pretrained)
         return out

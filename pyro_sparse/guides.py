@@ -123,6 +123,11 @@ class Guide(nn.Module):
             values[name] = pyro.sample(name, self.posterior(name, values).to_event(info["event_dim"]),
                                        infer={"ps_local_reparam": info.get("local_reparam", False)})
 
+    def _start_values(self, *args, **kwargs) -> dict:
+        """Site -> the initial value the model's priors propose now (one prototype run)."""
+        trace = prototype_trace(self.model, *args, **kwargs)
+        return {site["name"]: site["value"] for site in latent_sites(trace)}
+
     def median(self) -> dict[str, torch.Tensor]:
         """Point value per site (posterior median), e.g. for deterministic predictions."""
         raise NotImplementedError
@@ -259,6 +264,18 @@ class MeanFieldGuide(Guide):
     def posterior(self, name, values):
         return self.distribution(name)
 
+    @torch.no_grad()
+    def reinitialize(self, *args, **kwargs):
+        """Move every posterior mean to the value the model's priors propose now (after the
+        network's layers were started at new values, e.g. pretrained weights) and every scale back
+        to its initial value; the sites stay the same parameters (an optimiser keeps them)."""
+        for name, value in self._start_values(*args, **kwargs).items():
+            info = self.sites[name]
+            self.loc(name).copy_(value if info["family"] == "normal" else value.log())
+            self.log_scale(name).fill_(math.log(self.init_scale if info["family"] == "normal"
+                                                else self.init_scale_hyper))
+        return self
+
     def median(self):
         out = {}
         for name, info in self.sites.items():
@@ -299,6 +316,14 @@ class DeltaGuide(Guide):
             raise NotImplementedError(f"DeltaGuide: site {name!r} has support {support}")
         self.values[_key(name)] = nn.Parameter(raw.detach().clone())
         self.sites[name] = {"family": family, "event_dim": value.dim()}
+
+    @torch.no_grad()
+    def reinitialize(self, *args, **kwargs):
+        """Move every point value to the value the model's priors propose now (see
+        :meth:`MeanFieldGuide.reinitialize`)."""
+        for name, value in self._start_values(*args, **kwargs).items():
+            self.values[_key(name)].copy_(value if self.sites[name]["family"] == "real" else value.log())
+        return self
 
     def value(self, name):
         """The point value ``w_hat`` of site ``name`` (differentiable in the guide's parameters):

@@ -70,15 +70,16 @@ def _module_of(name):
 class PriorPrecision(nn.Module):
     """Base class: a diagonal Gaussian prior ``N(0, diag(delta)^-1)`` over named parameters.
 
-    Subclasses implement :meth:`log_precision_dict`. ``names`` lists the covered parameters
-    (``model.named_parameters()`` order) and ``shapes`` their shapes.
+    Subclasses implement :meth:`log_precision_dict`. ``names`` lists the covered parameters, the
+    trainable ones (``requires_grad``; frozen ones are held fixed) in ``model.named_parameters()``
+    order, and ``shapes`` their shapes.
     """
 
     def __init__(self, model):
         super().__init__()
-        params = list(model.named_parameters())
+        params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # frozen: held fixed
         if not params:
-            raise ValueError(f"model has no parameters; got model of type {type(model).__name__}")
+            raise ValueError(f"model has no trainable parameters; got model of type {type(model).__name__}")
         self.names = [name for name, _ in params]
         self.shapes = {name: tuple(p.shape) for name, p in params}
         self._dtype = params[0][1].dtype
@@ -164,9 +165,9 @@ class UnitwisePrior(PriorPrecision):
         rows, cols = [], []
         for name in self.names:
             module, kind = modules[_module_of(name)], name.rpartition(".")[2]
-            if not isinstance(module, (nn.Linear, nn.Conv2d)) or kind not in ("weight", "bias"):
+            if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) or kind not in ("weight", "bias"):
                 raise ValueError(
-                    f"unitwise prior supports Linear and Conv2d weights and biases; parameter {name!r} "
+                    f"unitwise prior supports Linear and Conv weights and biases; parameter {name!r} "
                     f"belongs to {type(module).__name__}"
                 )
             shape = self.shapes[name]

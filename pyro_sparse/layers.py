@@ -13,7 +13,17 @@ variational parameters live in the guide. Each layer also knows
 * the compaction protocol (:mod:`pyro_sparse.compaction`): ``compaction(...)`` (a Bayesian
   layer's units and features for the unit-chain algorithm), ``route_units`` (how a
   parameter-free layer passes units on), ``compact_spec`` and the class method
-  ``build_compact(entry)`` that rebuilds the compact module from its spec entry.
+  ``build_compact(entry)`` that rebuilds the compact module from its spec entry;
+* the conversion protocol (:mod:`pyro_sparse.convert`): the class method
+  ``from_torch(module, priors)`` builds the Bayesian counterpart of a ``torch.nn`` module started
+  at its weights (:meth:`Layer.start_at`), and ``write_torch(module, params)`` writes parameter
+  values back into such a module (what a converted network's deterministic twin is made of).
+
+Parameter scopes. A Bayesian layer samples its parameters once per call of ``forward``, unless a
+*parameter scope* (:func:`param_scope`) is open: then the first call samples them and every
+further call in the scope reuses them (a module that a converted network's ``forward`` applies
+twice shares one weight draw). Inside the ELBO core the priors return the values it drew
+(:func:`~pyro_sparse.priors.provided`), scope or not.
 
 New layer types become usable in specs once registered in :data:`pyro_sparse.registry.LAYERS`.
 """
@@ -21,12 +31,13 @@ New layer types become usable in specs once registered in :data:`pyro_sparse.reg
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from .compaction import WeightCompaction
-from .local_reparam import gaussian_conv2d, gaussian_linear
+from .local_reparam import gaussian_conv1d, gaussian_conv2d, gaussian_linear, realize, shared_weights
 from .priors import Gaussian, build_prior
 from .schema import Field, validate
 
@@ -49,6 +60,63 @@ def last_dim(size, in_shape: tuple, key: str) -> int:
     if not in_shape:
         raise ValueError(f"cannot infer {key!r} from a scalar input")
     return in_shape[-1]
+
+
+#: open parameter scopes, innermost last (:func:`param_scope`)
+_SCOPES: list = []
+
+
+@contextmanager
+def param_scope():
+    """Within the block every Bayesian layer samples its parameters at most once, on its first
+    call, and reuses them on further calls. Yields the scope's dict (layer -> parameters)."""
+    scope = {}
+    _SCOPES.append(scope)
+    try:
+        yield scope
+    finally:
+        _SCOPES.pop()
+
+
+def scoped_params(layer, sample):
+    """``sample()`` (a layer's parameter draw), or inside a :func:`param_scope` the scope's value
+    for ``layer``, drawn on first use. A layer marked ``shared`` (applied several times per
+    forward pass) draws real weight tensors (:class:`~pyro_sparse.local_reparam.shared_weights`):
+    local reparameterisation would give each application its own weights."""
+    if not _SCOPES:
+        return _draw(layer, sample)
+    scope = _SCOPES[-1]
+    params = scope.get(layer)
+    if params is None:
+        params = scope[layer] = _draw(layer, sample)
+    return params
+
+
+def _draw(layer, sample):
+    if not layer.shared:
+        return sample()
+    with shared_weights():
+        params = sample()
+    if isinstance(params, dict):
+        return {k: realize(v) for k, v in params.items()}
+    return tuple(realize(p) for p in params)
+
+
+def _check_ints(layer, name, value, n, minimum):
+    """``value`` as a tuple of ``n`` integers >= ``minimum`` (an int is repeated)."""
+    items = (value,) * n if isinstance(value, int) and not isinstance(value, bool) else value
+    if (not isinstance(items, (tuple, list)) or len(items) != n
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in items)):
+        what = "a positive integer" if minimum > 0 else "an integer >= 0"
+        if isinstance(value, (tuple, list)):
+            what = f"{n} integers {'> 0' if minimum > 0 else '>= 0'}"
+        raise ValueError(f"{layer} {name} must be {what}, got {value!r}")
+    return tuple(items)
+
+
+def _plain(t: tuple):
+    """A tuple of equal ints as one int (how specs write sizes), else a list."""
+    return t[0] if len(set(t)) == 1 else list(t)
 
 
 class Reshape(nn.Module):
@@ -76,6 +144,10 @@ class Layer(nn.Module):
     #: parameter name -> {axis name: tensor dim}
     param_axes: dict[str, dict[str, int]] = {}
 
+    #: applied more than once per forward pass: one weight draw serves every application
+    #: (set by :class:`~pyro_sparse.convert.BayesianModule`; see :func:`scoped_params`)
+    shared = False
+
     def __init__(self):
         super().__init__()
         self.site = self.prefix
@@ -92,6 +164,21 @@ class Layer(nn.Module):
         """Parameter name -> prior, for the parameters this layer samples."""
         return {}
 
+    def set_prior(self, param: str, prior):
+        """Give the parameter ``param`` another prior (a prior, its name or a mapping)."""
+        prior = build_prior(prior)
+        prior.check_axes(param, self.param_axes[param])
+        own = getattr(self, "_priors", None)
+        if own is not None and param in own:
+            own[param] = prior
+        elif param in ("weight", "bias") and param in self.priors():
+            setattr(self, f"{param}_prior", prior)
+        elif param.startswith("z_") and param in self.priors():
+            self.z_prior = prior
+        else:
+            raise ValueError(f"{type(self).__name__} has no parameter {param!r} (parameters: {sorted(self.priors())})")
+        return self
+
     def param_shapes(self) -> dict[str, torch.Size]:
         return {name: getattr(self, f"{name}_init").shape for name in self.priors()}
 
@@ -103,6 +190,44 @@ class Layer(nn.Module):
     def deterministic(self, params: dict[str, torch.Tensor]) -> nn.Module:
         """The plain PyTorch module with parameter values ``params`` (name -> tensor)."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ starting values
+    def start_at(self, values: dict):
+        """Start from given parameter values (name -> tensor, e.g. trained weights): they become
+        the initial values the priors propose (``<param>_init``), so a guide set up afterwards has
+        its posterior means there. Dtype and device follow ``values``."""
+        shapes = self.param_shapes()
+        for name, value in values.items():
+            if name not in shapes:
+                raise ValueError(f"{self.site}: no parameter {name!r} (parameters: {sorted(shapes)})")
+            value = torch.as_tensor(value).detach()
+            if tuple(value.shape) != tuple(shapes[name]):
+                raise ValueError(f"{self.site}.{name}: expected shape {list(shapes[name])}, got {list(value.shape)}")
+            setattr(self, f"{name}_init", value.clone())
+        return self
+
+    # ------------------------------------------------------------------ conversion protocol
+    #: the ``torch.nn`` module types :meth:`from_torch` converts
+    torch_types: tuple = ()
+
+    @classmethod
+    def from_torch(cls, module: nn.Module, priors: dict) -> "Layer":
+        """The Bayesian counterpart of ``module`` started at its parameters; ``priors`` maps the
+        counterpart's parameter names (``weight``, ``bias``, ...) to priors (missing: the layer's
+        default). Raises ValueError naming what it cannot represent."""
+        raise NotImplementedError(f"{cls.__name__} does not convert torch modules")
+
+    def torch_values(self, module: nn.Module) -> dict:
+        """This layer's parameter values (name -> tensor) read off a ``torch.nn`` module of the
+        type it converts: the inverse of :meth:`write_torch`."""
+        return {name: getattr(module, name).detach() for name in self.priors()}
+
+    @torch.no_grad()
+    def write_torch(self, module: nn.Module, params: dict):
+        """Write parameter values (name -> tensor) into ``module`` (of the type it converts), in
+        place: then ``module`` computes what this layer computes with those values."""
+        for name, value in params.items():
+            getattr(module, name).copy_(value)
 
     # ------------------------------------------------------------------ compaction protocol
     def compaction(self, name: str, values: dict, masks: dict, in_shape: tuple, out_shape: tuple):
@@ -278,7 +403,15 @@ class _Parametric(Layer):
         raise NotImplementedError
 
     def forward(self, x):
-        return self.compute(x, *self.sample_params())
+        return self.compute(x, *scoped_params(self, self.sample_params))
+
+    @classmethod
+    def _converted(cls, module, priors, layer):
+        """``layer`` started at ``module``'s weight and bias."""
+        values = {"weight": module.weight.detach()}
+        if module.bias is not None:
+            values["bias"] = module.bias.detach()
+        return layer.start_at(values)
 
     #: compaction: the per-example axes of the input features and output units (None: last)
     feature_axis = unit_axis = None
@@ -324,6 +457,14 @@ class Linear(_Parametric):
     def compute(self, x, weight, bias):
         return gaussian_linear(x, weight, bias)
 
+    torch_types = (nn.Linear,)
+
+    @classmethod
+    def from_torch(cls, module, priors):
+        layer = cls(module.in_features, module.out_features, bias=module.bias is not None,
+                    prior=priors.get("weight"), bias_prior=priors.get("bias"))
+        return cls._converted(module, priors, layer)
+
     def compact_spec(self, features, units, bias):
         return {"type": "linear", "in": int(features), "out": int(units), "bias": bool(bias)}
 
@@ -341,71 +482,144 @@ class Linear(_Parametric):
         return m
 
 
-class Conv2d(_Parametric):
-    """Bayesian 2-D convolution; weight (out_channels, in_channels, kh, kw)."""
+class _ConvNd(_Parametric):
+    """Shared machinery of the Bayesian 1-D and 2-D convolutions (``groups=1``, zero padding);
+    ``kernel_size``, ``stride``, ``padding`` and ``dilation`` may be ints or tuples."""
 
-    spec_name = "conv2d"
-
-    prefix = "conv"
+    dims = 2
+    torch_cls = nn.Conv2d
     fields = {"in": Field("size", "auto"), "out": Field("size"), "kernel_size": Field("int", positive=True),
               "stride": Field("int", 1, positive=True), "padding": Field("int", 0, nonneg=True),
-              "bias": Field("bool", True),
+              "dilation": Field("int", 1, positive=True), "bias": Field("bool", True),
               "prior": Field("any", None, allow_none=True), "bias_prior": Field("any", None, allow_none=True)}
     param_axes = {"weight": {"unit": 0, "channel": 0, "input": 1}, "bias": {"unit": 0, "channel": 0}}
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, bias: bool = True, prior=None, bias_prior=None):
-        for name, v in (("in_channels", in_channels), ("out_channels", out_channels),
-                        ("kernel_size", kernel_size), ("stride", stride)):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, bias: bool = True,
+                 prior=None, bias_prior=None, dilation=1):
+        kind = type(self).__name__
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"Conv2d {name} must be a positive integer, got {v!r}")
-        if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-            raise ValueError(f"Conv2d padding must be an integer >= 0, got {padding!r}")
+                raise ValueError(f"{kind} {name} must be a positive integer, got {v!r}")
+        n = self.dims
+        kernel = _check_ints(kind, "kernel_size", kernel_size, n, 1)
+        stride_t = _check_ints(kind, "stride", stride, n, 1)
+        padding_t = _check_ints(kind, "padding", padding, n, 0)
+        dilation_t = _check_ints(kind, "dilation", dilation, n, 1)
         if not isinstance(bias, bool):
-            raise ValueError(f"Conv2d bias must be true or false, got {bias!r}")
-        super().__init__(nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias),
-                         prior, bias_prior)
+            raise ValueError(f"{kind} bias must be true or false, got {bias!r}")
+        super().__init__(self.torch_cls(in_channels, out_channels, kernel, stride_t, padding_t, dilation_t,
+                                        bias=bias), prior, bias_prior)
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        # ints where the spec gave ints (compact specs and reports keep that form)
+        self.kernel_size, self.stride = _plain(kernel), _plain(stride_t)
+        self.padding, self.dilation = _plain(padding_t), _plain(dilation_t)
+        self._geometry = (kernel, stride_t, padding_t, dilation_t)
 
-    @classmethod
-    def from_config(cls, cfg, in_shape):
-        cfg = dict(cfg)
-        return cls(image_channels(cfg.pop("in"), in_shape, "conv2d"), cfg.pop("out"), **cfg)
+    @property
+    def zero_padding(self) -> bool:
+        """No padding: a spatially uniform input gives a spatially uniform output (compaction)."""
+        return not any(self._geometry[2])
 
     def out_shape(self, in_shape):
-        if len(in_shape) != 3 or in_shape[0] != self.in_channels:
-            raise ValueError(f"expects input of shape ({self.in_channels}, height, width), "
-                             f"got {tuple(in_shape)}")
-        _, h, w = in_shape
-        oh = _pool_out(h, self.kernel_size, self.stride, self.padding)
-        ow = _pool_out(w, self.kernel_size, self.stride, self.padding)
-        if oh <= 0 or ow <= 0:
-            raise ValueError(f"kernel {self.kernel_size} does not fit input of size {h}x{w}")
-        return (self.out_channels, oh, ow)
+        n = self.dims
+        if len(in_shape) != n + 1 or in_shape[0] != self.in_channels:
+            where = "length" if n == 1 else "height, width"
+            raise ValueError(f"expects input of shape ({self.in_channels}, {where}), got {tuple(in_shape)}")
+        kernel, stride, padding, dilation = self._geometry
+        out = [(size + 2 * p - d * (k - 1) - 1) // s + 1
+               for size, k, s, p, d in zip(in_shape[1:], kernel, stride, padding, dilation)]
+        if any(o <= 0 for o in out):
+            raise ValueError(f"kernel {self.kernel_size} does not fit input of size {'x'.join(map(str, in_shape[1:]))}")
+        return (self.out_channels, *out)
 
-    def compute(self, x, weight, bias):
-        return gaussian_conv2d(x, weight, bias, stride=self.stride, padding=self.padding)
+    def _conv_options(self):
+        _, stride, padding, dilation = self._geometry
+        return {"stride": stride, "padding": padding, "dilation": dilation}
 
     feature_axis = unit_axis = 0  # channels
     conv = True
 
     def compact_spec(self, features, units, bias):
-        return {"type": "conv2d", "in": int(features), "out": int(units), "bias": bool(bias),
-                "kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding}
+        entry = {"type": self.spec_name, "in": int(features), "out": int(units), "bias": bool(bias),
+                 "kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding}
+        if self.dilation != 1:
+            entry["dilation"] = self.dilation
+        return entry
 
     @classmethod
     def build_compact(cls, entry):
-        return nn.Conv2d(entry["in"], entry["out"], entry["kernel_size"], entry["stride"], entry["padding"],
-                         bias=entry["bias"])
+        def t(v):
+            return tuple(v) if isinstance(v, list) else v
+
+        return cls.torch_cls(entry["in"], entry["out"], t(entry["kernel_size"]), t(entry["stride"]),
+                             t(entry["padding"]), t(entry.get("dilation", 1)), bias=entry["bias"])
 
     def deterministic(self, params):
         w = params["weight"]
-        m = nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[2:]), self.stride, self.padding,
-                      bias="bias" in params, device=w.device, dtype=w.dtype)
+        m = self.torch_cls(w.shape[1], w.shape[0], tuple(w.shape[2:]), bias="bias" in params, device=w.device,
+                           dtype=w.dtype, **self._conv_options())
         with torch.no_grad():
             m.weight.copy_(w)
             if "bias" in params:
                 m.bias.copy_(params["bias"])
         return m
 
+    @classmethod
+    def from_torch(cls, module, priors):
+        name = type(module).__name__
+        if module.groups != 1:
+            raise ValueError(f"{name} with groups={module.groups} has no Bayesian counterpart (groups=1 only); "
+                             "leave it deterministic")
+        if isinstance(module.padding, str) or module.padding_mode != "zeros":
+            raise ValueError(f"{name} with padding={module.padding!r}, padding_mode={module.padding_mode!r} has no "
+                             "Bayesian counterpart (numeric zero padding only); leave it deterministic")
+        layer = cls(module.in_channels, module.out_channels, tuple(module.kernel_size), tuple(module.stride),
+                    tuple(module.padding), module.bias is not None, priors.get("weight"), priors.get("bias"),
+                    tuple(module.dilation))
+        return cls._converted(module, priors, layer)
+
+
+class Conv2d(_ConvNd):
+    """Bayesian 2-D convolution; weight (out_channels, in_channels, kh, kw)."""
+
+    spec_name = "conv2d"
+
+    prefix = "conv"
+    dims = 2
+    torch_cls = nn.Conv2d
+    torch_types = (nn.Conv2d,)
+
+    @classmethod
+    def from_config(cls, cfg, in_shape):
+        cfg = dict(cfg)
+        return cls(image_channels(cfg.pop("in"), in_shape, "conv2d"), cfg.pop("out"), **cfg)
+
+    def compute(self, x, weight, bias):
+        return gaussian_conv2d(x, weight, bias, **self._conv_options())
+
+
+class Conv1d(_ConvNd):
+    """Bayesian 1-D convolution over ``(channels, length)`` inputs; weight (out_channels,
+    in_channels, k). Under local reparameterisation the pre-activations are drawn with
+    :func:`~pyro_sparse.local_reparam.gaussian_conv1d` (Kingma, Salimans & Welling 2015)."""
+
+    spec_name = "conv1d"
+
+    prefix = "conv"
+    dims = 1
+    torch_cls = nn.Conv1d
+    torch_types = (nn.Conv1d,)
+
+    @classmethod
+    def from_config(cls, cfg, in_shape):
+        cfg = dict(cfg)
+        size = cfg.pop("in")
+        if size == "auto":
+            if len(in_shape) != 2:
+                raise ValueError(f"conv1d expects (channels, length) input, got shape {list(in_shape)}; "
+                                 "set input_shape: [C, L] in the spec")
+            size = in_shape[0]
+        return cls(size, cfg.pop("out"), **cfg)
+
+    def compute(self, x, weight, bias):
+        return gaussian_conv1d(x, weight, bias, **self._conv_options())

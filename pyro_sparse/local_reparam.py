@@ -17,7 +17,8 @@ How it works here. While :class:`LocalReparameterization` is active,
   the ELBO takes the KL of such a site in closed form from the distributions alone;
 * the prior that owns the site asks :func:`gaussian_posterior` for that record and hands the
   layer a :class:`GaussianWeight` (mean and variance) instead of a tensor, and the layer then
-  samples the pre-activations with :func:`gaussian_linear` / :func:`gaussian_conv2d`.
+  samples the pre-activations with :func:`gaussian_linear` / :func:`gaussian_conv2d` /
+  :func:`gaussian_conv1d`.
 
 When the handler is not active (plain ``TraceMeanField_ELBO``, predictions with fixed weights)
 everything falls back to ordinary weight samples.
@@ -165,18 +166,53 @@ def gaussian_linear(x, weight, bias=None):
     return _sample_preactivation(mean, var)
 
 
-def gaussian_conv2d(x, weight, bias=None, **conv_kwargs):
-    """``F.conv2d`` for weights and biases that may be :class:`GaussianWeight` (same rule)."""
+def _gaussian_conv(conv, x, weight, bias, conv_kwargs):
     w_mean, w_var = _split(weight)
     b_mean, b_var = _split(bias)
-    mean = F.conv2d(x, w_mean, b_mean, **conv_kwargs)
+    mean = conv(x, w_mean, b_mean, **conv_kwargs)
     if w_var is None and b_var is None:
         return mean
     if w_var is not None:
-        var = F.conv2d(x * x, w_var, b_var, **conv_kwargs)
+        var = conv(x * x, w_var, b_var, **conv_kwargs)
     else:
-        var = torch.zeros_like(mean) + b_var.view(1, -1, 1, 1)
+        var = torch.zeros_like(mean) + b_var.view(1, -1, *([1] * (mean.dim() - 2)))
     return _sample_preactivation(mean, var)
+
+
+def gaussian_conv2d(x, weight, bias=None, **conv_kwargs):
+    """``F.conv2d`` for weights and biases that may be :class:`GaussianWeight` (same rule:
+    mean ``conv(x, mu_W) + mu_b``, variance ``conv(x^2, sigma_W^2) + sigma_b^2``)."""
+    return _gaussian_conv(F.conv2d, x, weight, bias, conv_kwargs)
+
+
+def gaussian_conv1d(x, weight, bias=None, **conv_kwargs):
+    """``F.conv1d`` for weights and biases that may be :class:`GaussianWeight` (same rule)."""
+    return _gaussian_conv(F.conv1d, x, weight, bias, conv_kwargs)
+
+
+class shared_weights(Messenger):
+    """Mark every latent site sampled inside as *not* locally reparameterisable.
+
+    The mean-field guide reads ``infer["ps_local_reparam_ok"]`` when it sets up a site; with it
+    False, the guide samples a real weight tensor even under :class:`LocalReparameterization`.
+    Used where one weight draw must serve several applications of the weight: a recurrent layer
+    (one draw per mini-batch shared by all time steps, Lobacheva et al. 2017, sec. 3) and a
+    module that a converted network's ``forward`` calls more than once
+    (:class:`~pyro_sparse.convert.BayesianModule`).
+    """
+
+    def _pyro_sample(self, msg):
+        if not msg["is_observed"]:
+            msg["infer"]["ps_local_reparam_ok"] = False
+
+
+def realize(param):
+    """A weight tensor from a prior's return value: a :class:`GaussianWeight` (a guide set up
+    without :class:`shared_weights`) becomes one draw ``loc + sqrt(var) * eps`` for the whole
+    mini-batch."""
+    if isinstance(param, GaussianWeight):
+        return param.loc + param.var.clamp_min(0).sqrt() * torch.randn_like(param.loc)
+    return param
 
 
 def as_tensor(param):

@@ -19,7 +19,130 @@ from .likelihoods import Likelihood, build_likelihood
 from .local_reparam import LocalReparameterization
 
 
-class BayesianNetwork(nn.Module):
+class PyroNetwork(nn.Module):
+    """What the rest of the library reads from a Bayesian network, whatever its structure.
+
+    A network has a :attr:`likelihood`, an optional per-example :attr:`input_shape` (inputs are
+    reshaped to it), Bayesian layers (:meth:`bayesian_layers`, each a
+    :class:`~pyro_sparse.layers.Layer` whose ``site`` names its sample sites), and
+
+    * ``forward(x)``: the network output (logits, means) with parameters drawn from the priors
+      (or, inside a guide's replay, from the posterior);
+    * :meth:`model`: the Pyro model ``p(y, w | x)``;
+    * :meth:`deterministic`: its deterministic twin, a plain ``torch.nn`` module holding given
+      parameter values, with parameters named like the sample sites;
+    * :meth:`unit_chains`: the sequential runs of layers whose units compaction may delete
+      (:func:`pyro_sparse.reduction.compact.compact`).
+
+    Two kinds exist: :class:`BayesianNetwork` (a sequential layer list, what specs build) and
+    :class:`~pyro_sparse.convert.BayesianModule` (any ``torch.nn.Module`` converted by
+    :func:`~pyro_sparse.convert.bayesian`).
+    """
+
+    likelihood: Likelihood
+    input_shape = None
+
+    # ------------------------------------------------------------------ structure
+    def bayesian_layers(self):
+        """(name, layer) for layers that own sample sites."""
+        raise NotImplementedError
+
+    def param_sites(self):
+        """Site name -> (layer, parameter name, prior) for every layer parameter. The layer is the
+        leaf that owns the site (``block1.attn.q`` for ``block1.attn.q.weight``; see ``Layer.leaves``)."""
+        return {f"{leaf.site}.{p}": (leaf, p, prior) for _, l in self.bayesian_layers() for leaf in l.leaves()
+                for p, prior in leaf.priors().items()}
+
+    def num_weights(self) -> int:
+        """Number of network parameters (weights and biases), the quantity pruning reduces."""
+        return sum(math.prod(s) for _, l in self.bayesian_layers() for s in l.param_shapes().values())
+
+    def start_at(self, values: dict):
+        """Start every Bayesian layer at given parameter values (site -> tensor, e.g. a trained
+        network's weights or a previous run's posterior means; :meth:`~pyro_sparse.layers.Layer.start_at`).
+        Sites not in ``values`` keep their starting values; a name that is no site is an error."""
+        sites = self.param_sites()
+        unknown = sorted(set(values) - set(sites))
+        if unknown:
+            raise ValueError(f"no such parameter site(s): {unknown[:5]}; the sites are {sorted(sites)[:8]}...")
+        for site, (layer, param, _) in sites.items():
+            if site in values:
+                layer.start_at({param: values[site]})
+        return self
+
+    def starting_values(self) -> dict:
+        """Site -> the starting value of every layer parameter (where a guide's means start)."""
+        return {site: getattr(layer, f"{param}_init") for site, (layer, param, _) in self.param_sites().items()}
+
+    def twin_values(self, twin: nn.Module) -> dict:
+        """Site -> value read off a deterministic twin (after training it, e.g.): the inverse of
+        :meth:`deterministic`. Here the twin's parameters named like the sites; ValueError where
+        a site has no such parameter (a recurrent layer's twin folds its parameters)."""
+        params = dict(twin.named_parameters())
+        missing = [site for site in self.param_sites() if site not in params]
+        if missing:
+            raise ValueError(f"the deterministic network has no parameters named like the sites {missing[:3]}")
+        return {site: params[site].detach().clone() for site in self.param_sites()}
+
+    def unit_chains(self, input_shape=None) -> list:
+        """``[(path, chain)]``: sequential runs of layers for the unit-chain algorithm of
+        compaction; ``chain`` has ``layers`` (name -> layer) and ``input_shape``, and ``path`` is
+        the submodule of the deterministic twin the compact chain replaces ('' for the twin)."""
+        return []
+
+    # ------------------------------------------------------------------ model
+    def _reshape(self, x):
+        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
+            x = x.reshape(x.shape[0], *self.input_shape)
+        return x
+
+    def model(self, x, y=None, dataset_size=None, subsample=None):
+        """The Pyro model p(y, w | x) = p(w) prod_n p(y_n | f(x_n; w))."""
+        output = self(x)
+        self.likelihood.observe(output, y, dataset_size, subsample)
+        return output
+
+    # ------------------------------------------------------------------ predictions
+    @torch.no_grad()
+    def sample_outputs(self, x, guide, num_samples=10, local_reparam=True):
+        """Network outputs under ``num_samples`` posterior draws: tensor (S, B, ...).
+
+        Pre-activations are drawn with local reparameterisation (each test point gets its own
+        draw, which leaves every per-point predictive distribution unchanged).
+        """
+        outputs = []
+        with _inference_mode(self):
+            for _ in range(num_samples):
+                with LocalReparameterization() if local_reparam else _null():
+                    guide_trace = poutine.trace(guide).get_trace(x)
+                    outputs.append(poutine.replay(self, trace=guide_trace)(x))
+        return torch.stack(outputs)
+
+    @torch.no_grad()
+    def point_outputs(self, x, values: dict):
+        """Network outputs with every latent site fixed to ``values`` (e.g. posterior means)."""
+        with _inference_mode(self):
+            return poutine.condition(self, data=values)(x)
+
+    def deterministic(self, params: dict[str, torch.Tensor]) -> nn.Module:
+        """The deterministic twin holding ``params`` (site -> tensor)."""
+        raise NotImplementedError
+
+
+def check_input_shape(input_shape):
+    """``input_shape`` as a tuple of positive ints (or None); ValueError otherwise."""
+    if input_shape is None:
+        return None
+    try:
+        input_shape = tuple(input_shape)
+    except TypeError:
+        input_shape = None, input_shape
+    if not input_shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in input_shape):
+        raise ValueError(f"input_shape must be a sequence of positive integers, got {input_shape!r}")
+    return input_shape
+
+
+class BayesianNetwork(PyroNetwork):
     """Sequential Bayesian network.
 
     Args:
@@ -56,68 +179,23 @@ class BayesianNetwork(nn.Module):
         for name, layer in self.layers.items():
             layer.site = name
         self.likelihood: Likelihood = build_likelihood(likelihood)
-        if input_shape is not None:
-            try:
-                input_shape = tuple(input_shape)
-            except TypeError:
-                input_shape = None, input_shape
-            if not input_shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
-                                          for s in input_shape):
-                raise ValueError(f"input_shape must be a sequence of positive integers, got {input_shape!r}")
-        self.input_shape = input_shape
+        self.input_shape = check_input_shape(input_shape)
 
     # ------------------------------------------------------------------ structure
     def bayesian_layers(self):
         """(name, layer) for layers that own sample sites."""
         return [(n, l) for n, l in self.layers.items() if l.priors()]
 
-    def param_sites(self):
-        """Site name -> (layer, parameter name, prior) for every layer parameter. The layer is the
-        leaf that owns the site (``block1.attn.q`` for ``block1.attn.q.weight``; see ``Layer.leaves``)."""
-        return {f"{leaf.site}.{p}": (leaf, p, prior) for _, l in self.bayesian_layers() for leaf in l.leaves()
-                for p, prior in leaf.priors().items()}
-
-    def num_weights(self) -> int:
-        """Number of network parameters (weights and biases), the quantity pruning reduces."""
-        return sum(math.prod(s) for _, l in self.bayesian_layers() for s in l.param_shapes().values())
+    def unit_chains(self, input_shape=None):
+        """The whole network is one chain."""
+        return [("", self)]
 
     # ------------------------------------------------------------------ model
-    def _reshape(self, x):
-        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
-            x = x.reshape(x.shape[0], *self.input_shape)
-        return x
-
     def forward(self, x):
         x = self._reshape(x)
         for layer in self.layers.values():
             x = layer(x)
         return x
-
-    def model(self, x, y=None, dataset_size=None, subsample=None):
-        """The Pyro model p(y, w | x) = p(w) prod_n p(y_n | f(x_n; w))."""
-        output = self(x)
-        self.likelihood.observe(output, y, dataset_size, subsample)
-        return output
-
-    # ------------------------------------------------------------------ predictions
-    @torch.no_grad()
-    def sample_outputs(self, x, guide, num_samples=10, local_reparam=True):
-        """Network outputs under ``num_samples`` posterior draws: tensor (S, B, ...).
-
-        Pre-activations are drawn with local reparameterisation (each test point gets its own
-        draw, which leaves every per-point predictive distribution unchanged).
-        """
-        outputs = []
-        for _ in range(num_samples):
-            with LocalReparameterization() if local_reparam else _null():
-                guide_trace = poutine.trace(guide).get_trace(x)
-                outputs.append(poutine.replay(self, trace=guide_trace)(x))
-        return torch.stack(outputs)
-
-    @torch.no_grad()
-    def point_outputs(self, x, values: dict):
-        """Network outputs with every latent site fixed to ``values`` (e.g. posterior means)."""
-        return poutine.condition(self, data=values)(x)
 
     def deterministic(self, params: dict[str, torch.Tensor]) -> nn.Sequential:
         """The network's deterministic twin: a plain ``torch.nn.Sequential`` with the given layer
@@ -134,6 +212,24 @@ class BayesianNetwork(nn.Module):
             own = {p: params[f"{name}.{p}"] for p in layer.priors()}
             modules[name] = layer.deterministic(own)
         return nn.Sequential(modules)
+
+
+class _inference_mode:
+    """Predictions run in ``eval`` mode (dropout the identity, batch norms on their running
+    statistics, as in the deterministic twin); the previous modes are restored afterwards."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        self.modes = [m.training for m in self.module.modules()]
+        self.module.eval()
+        return self
+
+    def __exit__(self, *exc):
+        for m, mode in zip(self.module.modules(), self.modes):
+            m.training = mode
+        return False
 
 
 class _null:

@@ -51,19 +51,21 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from pyro.poutine.messenger import Messenger
 from torch import nn
 from torch.func import functional_call
 
 from .compaction import Compaction, drop_entries, as_index
-from .layers import Layer, _Stateless
-from .local_reparam import GaussianWeight
+from .layers import Layer, _Stateless, scoped_params
+from .local_reparam import realize, shared_weights
 from .priors import Gaussian, LogUniform, build_prior
 from .schema import Field
 
 __all__ = [
     "LSTM",
     "GRU",
+    "TorchLSTM",
+    "TorchGRU",
+    "CompactTorchRecurrent",
     "Embedding",
     "OneHot",
     "LastStep",
@@ -80,32 +82,6 @@ CELLS = {
     "lstm": {"gates": ("i", "f", "g", "o"), "tanh": ("g",), "torch": nn.LSTM},
     "gru": {"gates": ("r", "z", "n"), "tanh": ("n",), "torch": nn.GRU},
 }
-
-
-# ---------------------------------------------------------------------------- weight sharing
-class shared_weights(Messenger):
-    """Mark every latent site sampled inside as *not* locally reparameterisable.
-
-    The mean-field guide reads ``infer["ps_local_reparam_ok"]`` when it sets up a site; with it
-    False, the guide samples a real weight tensor even under
-    :class:`~pyro_sparse.local_reparam.LocalReparameterization`, so a recurrent layer gets one
-    weight sample per mini-batch, shared across time steps (Lobacheva et al. 2017, sec. 3).
-    """
-
-    def _pyro_sample(self, msg):
-        if not msg["is_observed"]:
-            msg["infer"]["ps_local_reparam_ok"] = False
-
-
-def _realize(param):
-    """A weight tensor from a prior's return value.
-
-    A :class:`GaussianWeight` (a guide set up without :class:`shared_weights`) is turned into
-    one draw ``loc + sqrt(var) * eps`` for the whole mini-batch, never one per time step.
-    """
-    if isinstance(param, GaussianWeight):
-        return param.loc + param.var.clamp_min(0).sqrt() * torch.randn_like(param.loc)
-    return param
 
 
 # ---------------------------------------------------------------------------- the maths
@@ -138,7 +114,17 @@ def _template(cell, input_size, hidden_size, device):
     return _TEMPLATES[key]
 
 
-def recurrent_sequence(cell, x, weight_ih, weight_hh, bias, z_input=None, z_hidden=None, z_gates=None):
+def _hidden_bias(cell, bias, bias_hn):
+    """``bias_hh`` of the torch module: 0, except a GRU's hidden bias of the candidate gate n."""
+    if bias_hn is None:
+        return torch.zeros_like(bias)
+    if cell != "gru":
+        raise ValueError("a hidden bias (bias_hn) exists for the GRU only")
+    return torch.cat([torch.zeros_like(bias[: 2 * bias_hn.shape[0]]), bias_hn])
+
+
+def recurrent_sequence(cell, x, weight_ih, weight_hh, bias, z_input=None, z_hidden=None, z_gates=None,
+                       bias_hn=None):
     r"""Run one gated LSTM/GRU layer over a batch-first sequence; return :math:`\hat h_{1..T}`.
 
     ``x`` is (B, T, F); weights are (G H, F) and (G H, H), ``bias`` (G H,) with G = 4 (LSTM) or
@@ -146,14 +132,24 @@ def recurrent_sequence(cell, x, weight_ih, weight_hh, bias, z_input=None, z_hidd
     one (inputs multiplied by the weights for all steps at once, then one ``h @ W_h^T`` per
     step) on the folded weights of :func:`fold_gated_weights`, with ``bias_ih = bias`` and
     ``bias_hh = 0``; the output is scaled by :math:`z^h`. The initial state is zero.
+    ``bias_hn`` (H,): a GRU's hidden bias of the candidate gate,
+    :math:`n = \tanh(W^n_x x + b^n + r (W^n_h h + b^n_h))` (``torch.nn.GRU``'s ``b_hn``).
     """
+    return recurrent_states(cell, x, weight_ih, weight_hh, bias, z_input, z_hidden, z_gates, bias_hn)[0]
+
+
+def recurrent_states(cell, x, weight_ih, weight_hh, bias, z_input=None, z_hidden=None, z_gates=None,
+                     bias_hn=None, state=None):
+    """:func:`recurrent_sequence` and the final state: ``(outputs, state)``, the state ``(h, c)``
+    (LSTM) or ``h`` (GRU), each ``(1, B, H)`` as ``torch.nn.LSTM`` returns it; ``state``: the
+    initial state in that form (None: zeros)."""
     w_ih, w_hh = fold_gated_weights(weight_ih, weight_hh, z_input, z_hidden, z_gates)
     hidden = weight_hh.shape[-1]
     module = _template(cell, weight_ih.shape[-1], hidden, x.device)
     params = {"weight_ih_l0": w_ih, "weight_hh_l0": w_hh, "bias_ih_l0": bias,
-              "bias_hh_l0": torch.zeros_like(bias)}
-    out, _ = functional_call(module, params, (x,))
-    return out * z_hidden if z_hidden is not None else out
+              "bias_hh_l0": _hidden_bias(cell, bias, bias_hn)}
+    out, final = functional_call(module, params, (x,) if state is None else (x, state))
+    return (out * z_hidden if z_hidden is not None else out), final
 
 
 # ---------------------------------------------------------------------------- layers
@@ -248,7 +244,7 @@ class _Recurrent(Layer):
         with shared_weights():
             for pname, prior in self._priors.items():
                 init = getattr(self, f"{pname}_init")
-                out[pname] = _realize(prior.sample(f"{self.site}.{pname}", init, self.param_axes[pname]))
+                out[pname] = realize(prior.sample(f"{self.site}.{pname}", init, self.param_axes[pname]))
         return out
 
     def run(self, x, params: dict):
@@ -260,11 +256,11 @@ class _Recurrent(Layer):
             s = self.suffix(k)
             x = recurrent_sequence(self.cell, x, params[f"weight_ih{s}"], params[f"weight_hh{s}"],
                                    params[f"bias{s}"], params.get(f"z_input{s}"), params.get(f"z_hidden{s}"),
-                                   params.get(f"z_gates{s}"))
+                                   params.get(f"z_gates{s}"), params.get(f"bias_hn{s}"))
         return x if self.return_sequence else x[:, -1]
 
     def forward(self, x):
-        return self.run(x, self.sample_params())
+        return self.run(x, scoped_params(self, self.sample_params))
 
     def deterministic(self, params):
         return RecurrentStack(self.cell, [self.layer_params(params, k) for k in range(self.num_layers)],
@@ -283,7 +279,7 @@ class _Recurrent(Layer):
         """Parameters of stacked layer ``k`` under their base names (weight_ih, ..., z_gates)."""
         s = self.suffix(k)
         out = {}
-        for base in ("weight_ih", "weight_hh", "bias", "z_input", "z_hidden", "z_gates"):
+        for base in ("weight_ih", "weight_hh", "bias", "bias_hn", "z_input", "z_hidden", "z_gates"):
             if f"{base}{s}" in params:
                 out[base] = params[f"{base}{s}"]
         return out
@@ -305,6 +301,198 @@ class GRU(_Recurrent):
 
     prefix = "gru"
     cell = "gru"
+
+
+class _TorchRecurrent:
+    """The interface of ``torch.nn.LSTM`` / ``torch.nn.GRU`` on the Bayesian recurrent layers: the
+    counterpart that :func:`pyro_sparse.convert.bayesian` puts in place of a user's module, so the
+    user's ``forward`` can call it as before: ``output, (h_n, c_n) = self.lstm(x, hx)`` (LSTM) or
+    ``output, h_n = self.gru(x, hx)``, batch-first or time-first, batched or not, with inter-layer
+    dropout in training mode.
+
+    Maths and sites are those of the Bayesian layer (weights sampled once per mini-batch and
+    shared by all time steps; ``lstm.weight_ih``, ``lstm.weight_hh``, ``lstm.bias`` and ``_l{k}``
+    for stacked layers). ``torch.nn``'s two biases per gate are one site ``bias`` = ``b_ih + b_hh``,
+    which is exact for every LSTM gate and for the GRU's r and z gates; the GRU's candidate gate
+    :math:`n = \tanh(W_{in} x + b_{in} + r (W_{hn} h + b_{hn}))` keeps ``b_hn`` as a site of its
+    own, ``gru.bias_hn`` (H,). Bidirectional layers, ``proj_size`` and ``bias=False`` have no
+    counterpart (ValueError)."""
+
+    batch_first = True
+    dropout = 0.0
+
+    @classmethod
+    def from_torch(cls, module, priors):
+        name = type(module).__name__
+        for what, bad in (("bidirectional=True", module.bidirectional), ("bias=False", not module.bias),
+                          ("proj_size > 0", getattr(module, "proj_size", 0))):
+            if bad:
+                raise ValueError(f"{name} with {what} has no Bayesian counterpart; leave it deterministic")
+        layer = cls(module.input_size, module.hidden_size, module.num_layers, return_sequence=True,
+                    prior=priors.get("weight"), bias_prior=priors.get("bias"))
+        layer.batch_first, layer.dropout = bool(module.batch_first), float(module.dropout)
+        return layer.start_at(layer.torch_values(module))
+
+    def torch_values(self, module):
+        out = {}
+        for k in range(self.num_layers):
+            s = self.suffix(k)
+            b_ih, b_hh = getattr(module, f"bias_ih_l{k}").detach(), getattr(module, f"bias_hh_l{k}").detach()
+            out[f"weight_ih{s}"] = getattr(module, f"weight_ih_l{k}").detach()
+            out[f"weight_hh{s}"] = getattr(module, f"weight_hh_l{k}").detach()
+            if self.cell == "gru":
+                h = self.hidden_size
+                out[f"bias{s}"] = torch.cat([b_ih[: 2 * h] + b_hh[: 2 * h], b_ih[2 * h:]])
+                out[f"bias_hn{s}"] = b_hh[2 * h:]
+            else:
+                out[f"bias{s}"] = b_ih + b_hh
+        return out
+
+    @torch.no_grad()
+    def write_torch(self, module, params):
+        for k in range(self.num_layers):
+            p = self.layer_params(params, k)
+            getattr(module, f"weight_ih_l{k}").copy_(p["weight_ih"])
+            getattr(module, f"weight_hh_l{k}").copy_(p["weight_hh"])
+            getattr(module, f"bias_ih_l{k}").copy_(p["bias"])
+            getattr(module, f"bias_hh_l{k}").copy_(_hidden_bias(self.cell, p["bias"], p.get("bias_hn")))
+
+    def compact_module(self, values: dict, masks: dict, in_shape, out_shape):
+        """``(entry, module, info)``: the :class:`CompactTorchRecurrent` of this layer at point
+        ``values`` with keep ``masks`` (parameter name -> tensor), by the recurrent compaction of
+        :class:`RecurrentCompaction` with every output neuron of the last layer read."""
+        plan = RecurrentCompaction(self.site, self, values, masks, in_shape, out_shape)
+        entry, _, info = plan.build()
+        entry.update({"type": self.spec_name, "hidden_size": self.hidden_size, "batch_first": self.batch_first})
+        module = CompactTorchRecurrent(self.cell, self.hidden_size, plan.modules, plan.kept_hidden, self.batch_first)
+        return entry, module.eval(), info
+
+    @classmethod
+    def build_compact(cls, entry):
+        return CompactTorchRecurrent.empty(entry)
+
+    def deterministic(self, params):
+        w = params["weight_ih"]
+        module = CELLS[self.cell]["torch"](self.input_size, self.hidden_size, self.num_layers,
+                                           batch_first=self.batch_first, dropout=self.dropout, device=w.device,
+                                           dtype=w.dtype)
+        self.write_torch(module, params)
+        return module
+
+    def forward(self, input, hx=None):
+        params = scoped_params(self, self.sample_params)
+        x = input
+        unbatched = x.dim() == 2
+        if unbatched:
+            x = x.unsqueeze(0 if self.batch_first else 1)
+        elif x.dim() != 3:
+            raise ValueError(f"{self.site}: expected a 2-D or 3-D input, got shape {tuple(input.shape)}")
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        lstm = self.cell == "lstm"
+        if hx is not None:
+            h0, c0 = hx if lstm else (hx, None)
+            if unbatched:
+                h0, c0 = h0.unsqueeze(1), (c0.unsqueeze(1) if c0 is not None else None)
+        finals = []
+        for k in range(self.num_layers):
+            p = self.layer_params(params, k)
+            state = None
+            if hx is not None:
+                state = (h0[k:k + 1], c0[k:k + 1]) if lstm else h0[k:k + 1]
+            x, final = recurrent_states(self.cell, x, p["weight_ih"], p["weight_hh"], p["bias"],
+                                        bias_hn=p.get("bias_hn"), state=state)
+            finals.append(final)
+            if self.dropout and self.training and k + 1 < self.num_layers:
+                x = F.dropout(x, self.dropout, True)
+        out = x if self.batch_first else x.transpose(0, 1)
+        if lstm:
+            h_n, c_n = torch.cat([f[0] for f in finals]), torch.cat([f[1] for f in finals])
+        else:
+            h_n, c_n = torch.cat(finals), None
+        if unbatched:
+            out = out.squeeze(0 if self.batch_first else 1)
+            h_n, c_n = h_n.squeeze(1), (c_n.squeeze(1) if c_n is not None else None)
+        return (out, (h_n, c_n)) if lstm else (out, h_n)
+
+
+class CompactTorchRecurrent(nn.Module):
+    """The compact form of a converted ``torch.nn.LSTM`` / ``GRU`` (:class:`_TorchRecurrent`), with
+    the torch interface: one :class:`CompactRecurrent` per stacked layer (constant gates and input
+    features nothing reads deleted; hidden neurons of inner layers that neither the next layer nor
+    the recurrence reads deleted), ``kept_<k>`` the original indices of layer ``k``'s kept hidden
+    neurons. The output sequence and the last layer's final state are exact; in ``h_n`` (and
+    ``c_n``) of an inner layer a deleted neuron reads 0 (nothing in the network read it). Runs in
+    inference mode (no inter-layer dropout)."""
+
+    def __init__(self, cell, hidden_size, layers, kept, batch_first=True):
+        super().__init__()
+        self.cell, self.hidden_size, self.batch_first = cell, int(hidden_size), bool(batch_first)
+        self.layers = nn.ModuleList(layers)
+        for k, index in enumerate(kept):
+            self.register_buffer(f"kept_{k}", torch.as_tensor(index, dtype=torch.long))
+
+    @classmethod
+    def empty(cls, entry: dict):
+        """Of the sizes of a compact entry (``layers``: per stacked layer its sizes)."""
+        layers = [CompactRecurrent.empty(entry["cell"], sizes, True) for sizes in entry["layers"]]
+        return cls(entry["cell"], entry["hidden_size"], layers, [torch.zeros(s["hidden"], dtype=torch.long)
+                                                                  for s in entry["layers"]], entry["batch_first"])
+
+    def forward(self, input, hx=None):
+        x = input
+        unbatched = x.dim() == 2
+        if unbatched:
+            x = x.unsqueeze(0 if self.batch_first else 1)
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        lstm = self.cell == "lstm"
+        if hx is not None:
+            h0, c0 = hx if lstm else (hx, None)
+            if unbatched:
+                h0, c0 = h0.unsqueeze(1), (c0.unsqueeze(1) if c0 is not None else None)
+        hs, cs = [], []
+        B, H = x.shape[0], self.hidden_size
+        for k, layer in enumerate(self.layers):
+            kept = getattr(self, f"kept_{k}")
+            h = None if hx is None else h0[k].index_select(-1, kept)
+            c = None if hx is None or c0 is None else c0[k].index_select(-1, kept)
+            x, h, c = layer.run(x, h, c)
+            hs.append(x.new_zeros(B, H).index_copy(1, kept, h))
+            if lstm:
+                cs.append(x.new_zeros(B, H).index_copy(1, kept, c))
+        kept = getattr(self, f"kept_{len(self.layers) - 1}")
+        out = x.new_zeros(B, x.shape[1], H).index_copy(2, kept, x)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        h_n, c_n = torch.stack(hs), (torch.stack(cs) if lstm else None)
+        if unbatched:
+            out = out.squeeze(0 if self.batch_first else 1)
+            h_n, c_n = h_n.squeeze(1), (c_n.squeeze(1) if c_n is not None else None)
+        return (out, (h_n, c_n)) if lstm else (out, h_n)
+
+
+class TorchLSTM(_TorchRecurrent, LSTM):
+    """A converted ``torch.nn.LSTM``: :class:`LSTM` with the torch interface (:class:`_TorchRecurrent`)."""
+
+    spec_name = "torch_lstm"
+    torch_types = (nn.LSTM,)
+
+
+class TorchGRU(_TorchRecurrent, GRU):
+    """A converted ``torch.nn.GRU``: :class:`GRU` with the torch interface and the hidden bias
+    ``bias_hn`` of the candidate gate (:class:`_TorchRecurrent`)."""
+
+    spec_name = "torch_gru"
+    torch_types = (nn.GRU,)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for k in range(self.num_layers):
+            s = self.suffix(k)
+            self.register_buffer(f"bias_hn{s}_init", torch.zeros(self.hidden_size), persistent=False)
+            self.param_axes[f"bias_hn{s}"] = {"unit": 0, "hidden": 0}
+            self._priors[f"bias_hn{s}"] = self.bias_prior
 
 
 class RecurrentStack(nn.Module):
@@ -329,7 +517,7 @@ class RecurrentStack(nn.Module):
                 rnn.weight_ih_l0.copy_(w_ih)
                 rnn.weight_hh_l0.copy_(w_hh)
                 rnn.bias_ih_l0.copy_(p["bias"])
-                rnn.bias_hh_l0.zero_()
+                rnn.bias_hh_l0.copy_(_hidden_bias(cell, p["bias"], p.get("bias_hn")))
             self.rnns.append(rnn)
             z_h = p.get("z_hidden")
             self.register_buffer(f"output_scale_{k}",
@@ -395,11 +583,34 @@ class Embedding(Layer):
             out["z_tokens"] = self.z_prior
         return out
 
-    def forward(self, x):
+    def sample_params(self) -> dict:
+        """One draw of the table (and the token variables), shared by every position."""
         with shared_weights():
-            params = {p: _realize(prior.sample(f"{self.site}.{p}", getattr(self, f"{p}_init"), self.param_axes[p]))
-                      for p, prior in self.priors().items()}
+            return {p: realize(prior.sample(f"{self.site}.{p}", getattr(self, f"{p}_init"), self.param_axes[p]))
+                    for p, prior in self.priors().items()}
+
+    def forward(self, x):
+        params = scoped_params(self, self.sample_params)
         return embed(x, params["weight"], params.get("z_tokens"))
+
+    torch_types = (nn.Embedding,)
+
+    @classmethod
+    def from_torch(cls, module, priors):
+        if module.max_norm is not None:
+            raise ValueError("nn.Embedding with max_norm renormalises its table in the forward pass and has no "
+                             "Bayesian counterpart; leave it deterministic")
+        if module.sparse:
+            raise ValueError("nn.Embedding(sparse=True) has no Bayesian counterpart; leave it deterministic")
+        layer = cls(module.num_embeddings, module.embedding_dim, prior=priors.get("weight"))
+        return layer.start_at({"weight": module.weight.detach()})
+
+    def torch_values(self, module):
+        return {"weight": module.weight.detach()}
+
+    @torch.no_grad()
+    def write_torch(self, module, params):
+        module.weight.copy_(embed_table(params["weight"], params.get("z_tokens")))
 
     def deterministic(self, params):
         weight = embed_table(params["weight"], params.get("z_tokens"))
@@ -549,7 +760,7 @@ def _check_bool(name, mask, shape):
 
 
 def recurrent_masks(cell, weight_ih, weight_hh, z_input=None, z_hidden=None, z_gates=None,
-                    next_input=None) -> RecurrentMasks:
+                    next_input=None, keep_gates=None) -> RecurrentMasks:
     r"""Structured masks of one LSTM (``cell='lstm'``) or GRU (``'gru'``) layer from element masks.
 
     Lobacheva, Chirkova & Vetrov (2018): weights and group variables are pruned by a rule; the
@@ -573,6 +784,9 @@ def recurrent_masks(cell, weight_ih, weight_hh, z_input=None, z_hidden=None, z_g
         next_input: keep-mask of the weights that read this layer's output, (M, H) (the next
             layer's input weights), or ``None`` when the output is read as it is (every hidden
             neuron counts as having an outgoing weight).
+        keep_gates: (G H,) gates computed even without a weight into them (a GRU's candidate
+            gate with a hidden bias :math:`b_{hn} \ne 0` is :math:`\tanh(b_n + r\,b_{hn})`,
+            not a constant), or ``None``.
     """
     if cell not in CELLS:
         raise ValueError(f"cell: expected one of {sorted(CELLS)}, got {cell!r}")
@@ -596,12 +810,13 @@ def recurrent_masks(cell, weight_ih, weight_hh, z_input=None, z_hidden=None, z_g
     else:
         read = ones(H)
     unit = torch.arange(G * H, device=weight_ih.device) % H
+    forced = _check_bool("keep_gates", keep_gates, (G * H,)) if keep_gates is not None else ~ones(G * H)
     inputs, hidden, gates = z_x.clone(), z_h.clone(), z_g.clone()
     while True:
         rows = gates & hidden[unit]
         w_ih = weight_ih & rows.unsqueeze(1) & inputs.unsqueeze(0)
         w_hh = weight_hh & rows.unsqueeze(1) & hidden.unsqueeze(0)
-        new_gates = rows & (w_ih.any(1) | w_hh.any(1))
+        new_gates = rows & (w_ih.any(1) | w_hh.any(1) | forced)
         new_inputs = inputs & w_ih.any(0)
         new_hidden = hidden & (w_hh.any(0) | read)
         if (torch.equal(new_gates, gates) and torch.equal(new_inputs, inputs)
@@ -627,7 +842,7 @@ class CompactRecurrent(nn.Module):
     """
 
     def __init__(self, cell, input_index, weight_ih, weight_hh, bias, active, constant_index, constants,
-                 output_scale, return_sequence=True):
+                 output_scale, return_sequence=True, bias_hn=None):
         super().__init__()
         self.cell, self.return_sequence = cell, return_sequence
         self.num_gates = len(CELLS[cell]["gates"])
@@ -639,6 +854,8 @@ class CompactRecurrent(nn.Module):
         self.bias = nn.Parameter(bias)
         self.constants = nn.Parameter(constants)
         self.output_scale = nn.Parameter(output_scale)
+        #: a GRU's hidden bias of the candidate gate, per kept unit (None: 0)
+        self.bias_hn = nn.Parameter(bias_hn) if bias_hn is not None else None
 
     @classmethod
     def empty(cls, cell, sizes: dict, return_sequence=True):
@@ -648,16 +865,26 @@ class CompactRecurrent(nn.Module):
         f, h, a = sizes["features"], sizes["hidden"], sizes["active"]
         long = lambda n: torch.zeros(n, dtype=torch.long)  # noqa: E731
         return cls(cell, long(f), torch.zeros(a, f), torch.zeros(a, h), torch.zeros(a), long(a), long(G * h - a),
-                   torch.zeros(G * h - a), torch.zeros(h), return_sequence)
+                   torch.zeros(G * h - a), torch.zeros(h), return_sequence,
+                   torch.zeros(h) if sizes.get("hidden_bias") else None)
 
     @property
     def hidden_size(self):
         return self.output_scale.numel()
 
     def sizes(self) -> dict:
-        return {"features": self.input_index.numel(), "hidden": self.hidden_size, "active": self.active.numel()}
+        out = {"features": self.input_index.numel(), "hidden": self.hidden_size, "active": self.active.numel()}
+        if self.bias_hn is not None:
+            out["hidden_bias"] = True
+        return out
 
     def forward(self, x):
+        out, _, _ = self.run(x)
+        return out if self.return_sequence else out[:, -1]
+
+    def run(self, x, h=None, c=None):
+        """``(outputs (B, T, H'), h_T, c_T)`` from the initial state ``(h, c)`` of the kept units
+        (zeros when None; ``c`` is None for a GRU)."""
         x = x.index_select(-1, self.input_index)
         B, T = x.shape[:2]
         H, G = self.hidden_size, self.num_gates
@@ -666,8 +893,9 @@ class CompactRecurrent(nn.Module):
                                                                                x @ self.weight_ih.T + self.bias)
         const = self.constants.new_zeros(gh).index_copy(0, self.constant_index, self.constants).view(G, H)
         act = torch.zeros(gh, dtype=torch.bool, device=x.device).index_fill(0, self.active, True).view(G, H)
-        h = x.new_zeros(B, H)
-        c = x.new_zeros(B, H)
+        h = x.new_zeros(B, H) if h is None else h
+        c = x.new_zeros(B, H) if c is None else c
+        b_hn = self.bias_hn if self.bias_hn is not None else 0.0
         outputs = []
         for t in range(T):
             hw = (h @ self.weight_hh.T).new_zeros(B, gh).index_copy(1, self.active, h @ self.weight_hh.T).view(B, G, H)
@@ -681,15 +909,15 @@ class CompactRecurrent(nn.Module):
             else:  # gru: r, z (update), n
                 r = torch.where(act[0], torch.sigmoid(xt[:, 0] + hw[:, 0]), const[0])
                 u = torch.where(act[1], torch.sigmoid(xt[:, 1] + hw[:, 1]), const[1])
-                n = torch.where(act[2], torch.tanh(xt[:, 2] + r * hw[:, 2]), const[2])
+                n = torch.where(act[2], torch.tanh(xt[:, 2] + r * (hw[:, 2] + b_hn)), const[2])
                 h = (1 - u) * n + u * h
             outputs.append(h)
         out = torch.stack(outputs, 1) * self.output_scale if outputs else x.new_zeros(B, 0, H)
-        return out if self.return_sequence else out[:, -1]
+        return out, h, (c if self.cell == "lstm" else None)
 
 
 def compact_recurrent(cell, weight_ih, weight_hh, bias, masks: RecurrentMasks, z_input=None, z_hidden=None,
-                      z_gates=None, return_sequence=True, input_index=None) -> CompactRecurrent:
+                      z_gates=None, return_sequence=True, input_index=None, bias_hn=None) -> CompactRecurrent:
     """The :class:`CompactRecurrent` of a masked LSTM/GRU layer.
 
     The parameters are the layer's point values (e.g. posterior means); the masks come from
@@ -717,10 +945,10 @@ def compact_recurrent(cell, weight_ih, weight_hh, bias, masks: RecurrentMasks, z
         return CompactRecurrent(cell, inputs if input_index is None else input_index[inputs],
                                 w_ih[rows[active]][:, inputs].clone(), w_hh[rows[active]][:, hidden].clone(),
                                 b[active].clone(), active, constant, constants.clone(), scale.clone(),
-                                return_sequence)
+                                return_sequence, None if bias_hn is None else bias_hn[hidden].clone())
 
 
-_GATED = ("weight_ih", "weight_hh", "bias", "z_input", "z_hidden", "z_gates")
+_GATED = ("weight_ih", "weight_hh", "bias", "bias_hn", "z_input", "z_hidden", "z_gates")
 
 
 class RecurrentCompaction(Compaction):
@@ -764,11 +992,21 @@ class RecurrentCompaction(Compaction):
                 else:
                     nxt = None if read is None else read.unsqueeze(0)
                 new.append(recurrent_masks(self.cell, e["m_weight_ih"], e["m_weight_hh"], z_in, e.get("m_z_hidden"),
-                                           e.get("m_z_gates"), nxt))
+                                           e.get("m_z_gates"), nxt, self._live_gates(e)))
             if all(n.same(o) for n, o in zip(new, out)):
                 break
             out = new
         return new
+
+    @staticmethod
+    def _live_gates(e):
+        """A GRU's candidate gates with a non-zero hidden bias ``b_hn`` (computed even without
+        weights), or None."""
+        b_hn = e.get("bias_hn")
+        if b_hn is None:
+            return None
+        h = b_hn.numel()
+        return torch.cat([torch.zeros(2 * h, dtype=torch.bool, device=b_hn.device), b_hn != 0])
 
     # ---------------------------------------------------------------- producer
     def constant_units(self):
@@ -795,7 +1033,7 @@ class RecurrentCompaction(Compaction):
                     e[k] = drop_entries(e[k], rows, 0)
         for k in ("weight_hh", "m_weight_hh"):
             e[k] = drop_entries(e[k], idx, 1)
-        for k in ("z_hidden", "m_z_hidden"):
+        for k in ("z_hidden", "m_z_hidden", "bias_hn", "m_bias_hn"):
             if k in e:
                 e[k] = drop_entries(e[k], idx, 0)
         if self.read is not None:
@@ -838,7 +1076,7 @@ class RecurrentCompaction(Compaction):
         for k, (e, m) in enumerate(zip(self.stack, masks)):
             module = compact_recurrent(self.cell, e["weight_ih"], e["weight_hh"], e["bias"], m, e.get("z_input"),
                                        e.get("z_hidden"), e.get("z_gates"),
-                                       self.return_sequence or k + 1 < len(self.stack), position)
+                                       self.return_sequence or k + 1 < len(self.stack), position, e.get("bias_hn"))
             kept = m.hidden.nonzero().squeeze(1)
             position = torch.full((m.hidden.numel(),), -1, dtype=torch.long)
             position[kept] = torch.arange(kept.numel())
@@ -856,6 +1094,8 @@ class RecurrentCompaction(Compaction):
         info = {"units": {"": self.units_info()}, "recurrent": reports,
                 "flops": 2 * steps * sum(w.numel() for w in weights),
                 "flops_sparse": 2 * steps * sum(int((w != 0).sum()) for w in weights)}
+        self.kept_hidden = [m.hidden.nonzero().squeeze(1) for m in masks]  # per stacked layer (the last: all)
+        self.modules = modules
         return entry, params, info
 
 

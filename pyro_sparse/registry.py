@@ -9,6 +9,8 @@ registry       a name such as                                   maps to
 ``GUIDES``     ``guide: structured``                            a :class:`~pyro_sparse.guides.Guide` class
 ``FITTERS``    ``method: laplace``                              a trainer class (``SVITrainer``, ...)
 ``RULES``      ``pyro-sparse reduce --method opd``              a :class:`~pyro_sparse.reduction.rules.Rule`
+``CONVERSIONS`` ``bayesian(module)`` on an ``nn.Linear``         the Bayesian layer class whose ``torch_types``
+                                                                it converts (:mod:`pyro_sparse.convert`)
 =============  ==============================================  ===============================
 
 The modules that define these components register nothing themselves. The built-in ones are
@@ -28,7 +30,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 
-__all__ = ["Registry", "PRIORS", "LAYERS", "LIKELIHOODS", "GUIDES", "FITTERS", "RULES", "load", "LOADER"]
+__all__ = ["Registry", "PRIORS", "LAYERS", "LIKELIHOODS", "GUIDES", "FITTERS", "RULES", "CONVERSIONS", "load",
+           "LOADER"]
 
 #: the module whose ``register_builtins()`` fills the registries with the built-in components
 LOADER = "pyro_sparse.builtins"
@@ -109,3 +112,4 @@ LIKELIHOODS = Registry("likelihood")
 GUIDES = Registry("guide")
 FITTERS = Registry("fitting method")
 RULES = Registry("reduction rule")
+CONVERSIONS = Registry("module conversion")

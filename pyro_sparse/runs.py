@@ -30,7 +30,8 @@ from .recipe import RECIPE_FIELDS, check_device, check_seed, load_recipe, parse_
 from .registry import FITTERS
 from .rundir import CHECKPOINT, check_out_dir, check_run_dir
 from .schema import short_repr
-from .spec import build_network, data_task, load_model_spec, parse_model_spec, recipe_of
+from .spec import (build_network, data_task, init_is_state_dict, init_path, load_model_spec, parse_model_spec,
+                   recipe_of)
 
 @dataclass
 class Run:
@@ -70,6 +71,31 @@ def build(model_spec: dict, recipe: dict, dataset: Dataset) -> tuple:
     except (TypeError, ValueError, ArithmeticError) as e:
         raise SpecError(str(e), recipe.get("_source"), "guide_options") from None
     return network, guide
+
+
+def start_from_run(network, model_spec: dict):
+    """A spec's ``init`` naming a run directory: the network starts at that run's posterior means
+    (a MAP run's weights; ``trainer.posterior_summary()``), site by site. A state_dict file is
+    loaded by :func:`~pyro_sparse.spec.build_network` itself."""
+    path = init_path(model_spec)
+    if path is None or init_is_state_dict(path):
+        return
+    source = model_spec.get("_source")
+    if not os.path.isdir(path):
+        raise SpecError(f"no such run directory (or state_dict file) {path!r}", source, "init")
+    try:
+        values = load_run(path).trainer.posterior_summary().locs()
+    except PyroSparseError as e:
+        raise SpecError(f"cannot start from the run {path}: {e}", source, "init") from None
+    sites = network.param_sites()
+    missing = sorted(set(sites) - set(values))
+    if missing:
+        raise SpecError(f"the run {path} has no sites {missing[:3]} of this network; it must have the same "
+                        "layers", source, "init")
+    try:
+        network.start_at({k: values[k] for k in sites})
+    except ValueError as e:
+        raise SpecError(f"the run {path} does not fit this network: {e}", source, "init") from None
 
 
 def make_trainer(run: Run, out_dir=None, progress=True):
@@ -139,6 +165,8 @@ def fit_run(model_path: str, recipe_path: str | None, data: str, out_dir: str, e
     if distributed or (distributed is None and ddp.launched_by_torchrun()):
         owner = ddp.init_from_env(device=recipe["device"])
     network, guide = build(model_spec, recipe, dataset)
+    if not resume:
+        start_from_run(network, model_spec)
     run = Run(network, guide, dataset, model_spec, recipe, out_dir)
     run.trainer = make_trainer(run, out_dir, progress)  # validates the data against the network
     main = ddp.is_main_process()
@@ -154,6 +182,8 @@ def fit_run(model_path: str, recipe_path: str | None, data: str, out_dir: str, e
                 saved["recipe"] = recipe_of(model_spec)
             except SpecError:  # a copied spec whose recipe is not beside it (fitted with --inference)
                 del saved["recipe"]
+        if saved.get("init"):  # like the recipe: the copy names it by its absolute path
+            saved["init"] = init_path(model_spec)
         write_text_atomic(os.path.join(out_dir, "model.yaml"), yaml.safe_dump(saved, sort_keys=False))
         write_text_atomic(os.path.join(out_dir, "inference.yaml"), yaml.safe_dump(_strip(recipe), sort_keys=False))
         write_json_atomic(os.path.join(out_dir, "run.json"), {

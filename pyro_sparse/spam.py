@@ -337,7 +337,9 @@ def masked_fine_tune(model, masks, x, y, likelihood, noise=1.0, prior=None, epoc
                      generator=None):
     """Retrain the kept weights of ``model`` in place on the MAP objective, the pruned ones held at 0.
 
-    Adam on ``-(N/|B|) sum log p(y | f(x)) + 0.5 sum_i delta_i theta_i^2`` (``delta`` from
+    ``(x, y)``: tensors, or ``x`` an iterable of ``(x, y)`` batches (a ``DataLoader``) and ``y``
+    None. Parameters that do not require gradients stay as they are. Adam on
+    ``-(N/|B|) sum log p(y | f(x)) + 0.5 sum_i delta_i theta_i^2`` (``delta`` from
     ``prior``, fixed; no prior term with ``prior=None``). The masked weights start at 0, their
     gradients are multiplied by the mask before every step (so Adam's moments stay 0 for them),
     and the mask is re-applied after every step, so they are exactly 0 at the end.
@@ -349,18 +351,30 @@ def masked_fine_tune(model, masks, x, y, likelihood, noise=1.0, prior=None, epoc
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be a number > 0, got lr={lr!r}")
     apply_masks(model, masks)
-    params = dict(model.named_parameters())
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     keep = {name: masks[name].to(p.dtype) for name, p in params.items() if name in masks}
-    deltas = {} if prior is None else {name: d.detach() for name, d in prior.precision_dict().items()}
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    n = x.shape[0]
-    batch_size = min(batch_size, n)
+    deltas = {} if prior is None else {name: d.detach() for name, d in prior.precision_dict().items()
+                                       if name in params}
+    optimizer = torch.optim.Adam(params.values(), lr=lr)
+    if torch.is_tensor(x):
+        n = x.shape[0]
+        batch_size = min(batch_size, n)
+
+        def epoch_batches():
+            perm = torch.randperm(n, generator=generator).to(x.device)
+            for start in range(0, n, batch_size):
+                idx = perm[start:start + batch_size]
+                yield x[idx], y[idx]
+    else:  # an iterable of (x, y) batches (a DataLoader), in its own order
+        n = len(x.dataset) if hasattr(x, "dataset") else sum(len(b[0]) for b in x)
+
+        def epoch_batches():
+            for item in x:
+                yield item[0], item[1]
     model.train()
     for _ in range(epochs):
-        perm = torch.randperm(n, generator=generator).to(x.device)
-        for start in range(0, n, batch_size):
-            idx = perm[start:start + batch_size]
-            loss = -(n / len(idx)) * log_likelihood(model, x[idx], y[idx], likelihood, noise)
+        for xb, yb in epoch_batches():
+            loss = -(n / len(xb)) * log_likelihood(model, xb, yb, likelihood, noise)
             for name, delta in deltas.items():
                 loss = loss + 0.5 * (delta * params[name].square()).sum()
             optimizer.zero_grad(set_to_none=True)
@@ -405,6 +419,9 @@ class LaplaceTrainer(SVITrainer):
         if not isinstance(guide, DeltaGuide):
             raise SpecError(f"method laplace trains a point estimate: set guide: delta (got {recipe['guide']!r})",
                             source, "guide")
+        if recipe.get("pretrain"):
+            raise SpecError("pretrain starts an SVI posterior at a MAP network; method laplace trains the MAP "
+                            "network itself: remove the pretrain section", source, "pretrain")
         self.likelihood, self.noise = _likelihood_of(network, source)
         self._place(recipe, progress)
         rows = min(self.options["curvature_subset"] or self.num_train, self.num_train)
@@ -422,9 +439,12 @@ class LaplaceTrainer(SVITrainer):
             raise SpecError(f"method laplace needs centred priors whose sample sites are the layer parameters; "
                             f"the guide has no sites {missing}", source, "prior")
         self.net = network.deterministic(init).to(self.device)
+        sites = set(network.param_sites())
+        for name, p in self.net.named_parameters():  # a converted module's other parameters stay fixed
+            p.requires_grad_(name in sites)
         self.prior = make_prior_precision(self.options["structure"], self.net,
                                           init=self.options["prior_precision"]).to(self.device)
-        self.optimizer = make_optimizer(self.net.parameters(), recipe["optimizer"])
+        self.optimizer = make_optimizer([p for _, p in self.site_parameters()], recipe["optimizer"])
         self.hyper_optimizer = torch.optim.Adam(self.prior.parameters(), lr=self.options["hyper_lr"])
         self.scheduler = make_scheduler(self.optimizer, recipe["schedule"], recipe["epochs"])
         self.generator = torch.Generator().manual_seed(recipe["seed"])
@@ -456,21 +476,26 @@ class LaplaceTrainer(SVITrainer):
             self._log_prior_const = sum(float(v.sum()) for v in full.values()) * 0.5 \
                 - 0.5 * math.log(2 * math.pi) * sum(v.numel() for v in full.values())
 
+    def site_parameters(self):
+        """``(site, parameter)`` of the network being trained: its parameters named like the sites
+        (a converted module's twin has others too, held fixed)."""
+        return [(name, p) for name, p in self.net.named_parameters() if p.requires_grad]
+
     @torch.no_grad()
     def _sync_guide(self):
-        for name, p in self.net.named_parameters():
+        for name, p in self.site_parameters():
             self.guide.values[_key(name)].copy_(p)
 
     def values(self) -> dict:
         """Site -> current weight (detached), e.g. for ``compact()``."""
-        return {name: p.detach().clone() for name, p in self.net.named_parameters()}
+        return {name: p.detach().clone() for name, p in self.site_parameters()}
 
     # ------------------------------------------------------------------ training
     def map_loss(self, idx):
         """``-(N/|B|) sum_B log p(y | f(x; theta)) - log N(theta; 0, diag(delta)^-1)`` on the rows ``idx``."""
         ll = log_likelihood(self.net, self.x_train[idx], self.data.y_train[idx], self.likelihood, self.noise)
         quad = 0.0
-        for name, p in self.net.named_parameters():
+        for name, p in self.site_parameters():
             quad = quad + (self._deltas[name] * p.square()).sum()
         return -(self.num_train / len(idx)) * ll - (self._log_prior_const - 0.5 * quad)
 
@@ -514,7 +539,7 @@ class LaplaceTrainer(SVITrainer):
         """The Laplace log marginal likelihood at the current weights and precisions (a tensor,
         differentiable in ``log delta``), with the recipe's curvature unless ``curv`` is given."""
         curv, ll = self.statistics() if curv is None else (curv, self._log_lik())
-        theta = {name: p.detach() for name, p in self.net.named_parameters()}
+        theta = {name: p.detach() for name, p in self.site_parameters()}
         return laplace_log_marglik(ll, theta, curv, self.prior, self.options["curvature"])
 
     def marglik_step(self) -> dict:
@@ -526,7 +551,7 @@ class LaplaceTrainer(SVITrainer):
         never let the ranks' priors drift apart."""
         start = time.perf_counter()
         curv, ll = self.statistics()
-        theta = {name: p.detach() for name, p in self.net.named_parameters()}
+        theta = {name: p.detach() for name, p in self.site_parameters()}
         trajectory = optimize_prior_precision(ll, theta, curv, self.prior, self.hyper_optimizer,
                                               self.options["hyper_steps"], self.options["curvature"])
         if self.world > 1:

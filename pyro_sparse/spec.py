@@ -13,6 +13,25 @@ A spec is a mapping::
     likelihood: {type: categorical}
     recipe: ../inference/svi_meanfield.yaml   # the recipe that fits it (relative to this file)
 
+Instead of a layer list a spec may name a PyTorch class of the user's (``module``), which
+:func:`~pyro_sparse.convert.bayesian` converts (its ``forward`` runs unchanged)::
+
+    name: resnet_digits
+    module: examples.resnet_digits:ResidualCNN   # package.module:ClassName, importable
+    kwargs: {channels: 16}                        # its constructor's arguments
+    input_shape: image                            # inputs are reshaped to it
+    prior: {type: log_uniform}                    # default weight prior
+    priors: {"fc.*": {type: gaussian}}            # by fnmatch pattern on site / module names
+    deterministic: ["stem.*"]                     # modules left deterministic (frozen)
+    init: resnet_digits_map.pt                    # a state_dict of the class, or a run directory
+    likelihood: {type: categorical}
+
+Importing the class runs its code, so building such a spec needs permission
+(:func:`pyro_sparse.usercode.allow_code`; ``--allow-code`` on the command line). ``init`` (both
+kinds of spec) starts the network elsewhere than its fresh initialisation: a ``state_dict``
+file (``.pt``; of the user's class, or keyed by site names for a layer list), or a run
+directory whose posterior means (a MAP run's weights) become the starting values.
+
 It is checked in two passes, both before anything trains: :func:`parse_model_spec` checks keys,
 types, layer/prior names and values; :func:`build_network` resolves ``auto`` sizes from the
 data and checks that sizes chain. Every error names the file, the path inside it
@@ -39,7 +58,13 @@ MODEL_FIELDS = {
     "input_shape": Field("any", "auto"),
     "prior": Field("any", None, allow_none=True),
     "bias_prior": Field("any", None, allow_none=True),
-    "layers": Field("list"),
+    "layers": Field("list", None, allow_none=True, doc="the layer list (or name a class with module:)"),
+    "module": Field("str", None, allow_none=True, doc="package.module:ClassName of a torch.nn.Module to convert"),
+    "kwargs": Field("dict", None, allow_none=True, doc="the class's constructor arguments"),
+    "priors": Field("dict", None, allow_none=True, doc="module: priors by fnmatch pattern on site/module names"),
+    "deterministic": Field("list", None, allow_none=True, doc="module: module-name patterns left deterministic"),
+    "init": Field("str", None, allow_none=True, doc="start from a state_dict file (.pt) or a run directory, "
+                                                    "relative to the spec file"),
     "likelihood": Field("any", "categorical"),
     "data": Field("dict", None, allow_none=True),  # loader options: data.INPUT_FIELDS, or data.TEXT_FIELDS for a corpus
     "recipe": Field("str", None, allow_none=True, doc="the inference recipe that fits this spec, relative to the spec "
@@ -108,6 +133,14 @@ def parse_model_spec(data: dict, source: str | None = None) -> dict:
         checked = validate({**TEXT_FIELDS, **INPUT_FIELDS}, given, "data", source)
         spec["data"] = {k: v for k, v in checked.items() if k in given}  # the loader fills its own defaults
         _check_data_task(spec, source)
+    if spec["module"] is not None:
+        return _parse_module_spec(spec, source)
+    for key in ("kwargs", "priors", "deterministic"):
+        if spec[key] is not None:
+            raise SpecError(f"{key} applies to a spec that names a class (module:), not to a layer list", source, key)
+    if spec["layers"] is None:
+        raise SpecError("missing required key 'layers' (a list of layers), or name a class with module: "
+                        "package.module:ClassName", source, None)
     if not spec["layers"]:
         raise SpecError("expected at least one layer", source, "layers")
     layers = []
@@ -133,6 +166,108 @@ def parse_model_spec(data: dict, source: str | None = None) -> dict:
                             f"layers[{i}].out")
     spec["layers"] = layers
     return spec
+
+
+def _parse_module_spec(spec, source):
+    """A spec that names a class: the reference, its arguments, priors by pattern and the patterns
+    left deterministic are checked here; nothing is imported (that is :func:`build_network`'s,
+    with permission)."""
+    from .usercode import check_reference
+
+    if spec["layers"] is not None:
+        raise SpecError("give either layers or module (a class to convert), not both", source, "layers")
+    check_reference(spec["module"], source, "module")
+    spec["kwargs"] = dict(spec["kwargs"] or {})
+    if not all(isinstance(k, str) for k in spec["kwargs"]):
+        raise SpecError("expected a mapping of argument names to values", source, "kwargs")
+    priors = {}
+    for pattern, prior in (spec["priors"] or {}).items():
+        if not isinstance(pattern, str) or not pattern:
+            raise SpecError(f"expected module-name patterns as keys, got {short_repr(pattern)}", source, "priors")
+        priors[pattern] = parse_prior(prior, f"priors.{pattern}", source)
+    spec["priors"] = priors
+    patterns = spec["deterministic"] or []
+    for i, pattern in enumerate(patterns):
+        if not isinstance(pattern, str) or not pattern:
+            raise SpecError(f"expected a module-name pattern, got {short_repr(pattern)}", source, f"deterministic[{i}]")
+    spec["deterministic"] = list(patterns)
+    return spec
+
+
+def init_is_state_dict(path) -> bool:
+    """Whether an ``init`` path names a state_dict file (a file, or a missing name with an
+    extension such as ``.pt``) rather than a run directory."""
+    if path is None:
+        return False
+    return os.path.isfile(path) or (not os.path.isdir(path) and bool(os.path.splitext(path)[1]))
+
+
+def init_path(spec: dict) -> str | None:
+    """The absolute path a loaded spec's ``init`` names (relative to the spec file), or None."""
+    init = spec.get("init")
+    if not init:
+        return None
+    source = spec.get("_source")
+    base = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()
+    return os.path.normpath(os.path.join(base, os.path.expanduser(init)))
+
+
+def _state_dict(path, source):
+    """A ``state_dict`` file's tensors (loaded with ``weights_only``); SpecError naming ``init``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SpecError(f"no such file {path!r}", source, "init") from None
+    except Exception as e:
+        raise SpecError(f"{path}: not a state_dict file torch.load(weights_only=True) can read "
+                        f"({type(e).__name__}: {str(e)[:200]})", source, "init") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise SpecError(f"{path}: expected a state_dict (parameter name -> tensor)", source, "init")
+    return state
+
+
+def _build_module_network(spec, likelihood, input_shape, out_dim, num_outputs, source):
+    """The :class:`~pyro_sparse.convert.BayesianModule` of a spec that names a class."""
+    from .convert import BayesianModule
+    from .usercode import import_object
+
+    cls = import_object(spec["module"], source, "module")
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)) and not callable(cls):
+        raise SpecError(f"{spec['module']!r} is not a torch.nn.Module class", source, "module")
+    try:
+        module = cls(**spec["kwargs"])
+    except Exception as e:
+        raise SpecError(f"{spec['module']}(**kwargs) failed: {type(e).__name__}: {str(e)[:300]}", source,
+                        "kwargs") from None
+    if not isinstance(module, torch.nn.Module):
+        raise SpecError(f"{spec['module']} made a {type(module).__name__}, not a torch.nn.Module", source, "module")
+    path = init_path(spec)
+    if init_is_state_dict(path):
+        try:
+            module.load_state_dict(_state_dict(path, source))
+        except RuntimeError as e:
+            raise SpecError(f"{path} does not fit {spec['module']} ({str(e).splitlines()[0][:300]})", source,
+                            "init") from None
+    try:
+        network = BayesianModule(module, prior=spec["prior"], priors=spec["priors"], bias_prior=spec["bias_prior"],
+                                 likelihood=likelihood, deterministic=spec["deterministic"], input_shape=input_shape,
+                                 source={"module": spec["module"], "kwargs": spec["kwargs"]})
+    except (ValueError, TypeError, RuntimeError) as e:
+        msg = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        raise SpecError(f"{msg} (input shape {list(input_shape)})", source, "module") from None
+    with torch.no_grad():
+        shape = tuple(network.deterministic({})(torch.zeros(1, *input_shape)).shape[1:])
+    try:
+        expected = tuple(likelihood.output_shape(num_outputs, shape))
+    except ValueError as e:
+        raise SpecError(str(e), source, "likelihood") from None
+    if shape != expected:
+        raise SpecError(f"{spec['module']} outputs shape {list(shape)} per example but the "
+                        f"{type(likelihood).spec_name} likelihood needs {list(expected)} for this data", source,
+                        "module")
+    return network
 
 
 #: the targets each likelihood task needs from a data file (Likelihood.task -> data task)
@@ -223,6 +358,8 @@ def build_network(spec: dict, feature_shape, num_outputs: int, image_shape=None,
     likelihood = LIKELIHOODS[likelihood_cfg.pop("type")](**likelihood_cfg)
     out_dim = likelihood.output_dim(num_outputs)
     input_shape = _resolve_input_shape(spec, feature_shape, image_shape, source)
+    if spec.get("module"):
+        return _build_module_network(spec, likelihood, input_shape, out_dim, num_outputs, source)
     shape = input_shape
     last_parametric = max((i for i, l in enumerate(spec["layers"]) if "out" in l), default=None)
     layers = []
@@ -254,9 +391,16 @@ def build_network(spec: dict, feature_shape, num_outputs: int, image_shape=None,
                         f"likelihood needs {expected} for this data", source,
                         f"layers[{last_parametric if last_parametric is not None else len(layers) - 1}].out")
     try:
-        return BayesianNetwork(layers, likelihood, input_shape=input_shape)
+        network = BayesianNetwork(layers, likelihood, input_shape=input_shape)
     except ValueError as e:
         raise SpecError(str(e), source, "layers") from None
+    path = init_path(spec)
+    if init_is_state_dict(path):  # a state_dict keyed by site names (fc1.weight)
+        try:
+            network.start_at(_state_dict(path, source))
+        except ValueError as e:
+            raise SpecError(f"{path}: {e}", source, "init") from None
+    return network
 
 
 def spec_name(spec: dict) -> str:

@@ -586,6 +586,18 @@ class LayerNorm(_Compactable, _Parametric):
     def deterministic(self, params):
         return _layer_norm_module(params["weight"], params.get("bias"), self.eps)
 
+    torch_types = (nn.LayerNorm,)
+
+    @classmethod
+    def from_torch(cls, module, priors):
+        if len(module.normalized_shape) != 1 or not module.elementwise_affine:
+            raise ValueError(f"nn.LayerNorm{tuple(module.normalized_shape)} (elementwise_affine="
+                             f"{module.elementwise_affine}) has no Bayesian counterpart: one normalised dimension "
+                             "with a gain is needed; leave it deterministic")
+        layer = cls(module.normalized_shape[0], module.eps, bias=module.bias is not None,
+                    gain_prior=priors.get("weight"), bias_prior=priors.get("bias"))
+        return cls._converted(module, priors, layer)
+
     def compact_spec(self):
         return {"type": "layernorm", "dim": self.dim, "eps": self.eps, "bias": self.has_bias}
 

@@ -6,6 +6,7 @@ the compact network equals the masked one -> sweep -> report -> compare. One epo
 A test per (spec, recipe); marked slow (about three minutes in all) but run by `make test`.
 """
 
+import contextlib
 import glob
 import json
 import os
@@ -19,6 +20,7 @@ from pyro_sparse.data import load_digits
 from pyro_sparse.reduction.rules import applicable_rules
 from pyro_sparse.registry import RULES
 from pyro_sparse.runs import load_run
+from pyro_sparse.usercode import allow_code
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECS = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ROOT, "models", "*.yaml")))
@@ -99,9 +101,26 @@ def _fit_args(spec, recipe, tmp_path):
 
 def _walk(spec, recipe, data, tmp_path, capsys):
     run = str(tmp_path / "run")
+    # a spec that names a Python class (module:) imports its code: every command needs --allow-code
+    code = ["--allow-code"] if yaml.safe_load(open(os.path.join(ROOT, "models", f"{spec}.yaml"))).get("module") else []
+
+    def cli(argv):
+        return main([*argv, *code])
+
+    # the class of a module spec (examples.resnet_digits:ResidualCNN) imports from the repository root
+    with contextlib.chdir(ROOT):
+        summary = _fit_and_summary(cli, spec, recipe, data, tmp_path, capsys, run)
+        return _reductions(cli, run, summary, capsys)
+
+
+def _fit_and_summary(main, spec, recipe, data, tmp_path, capsys, run):
     assert main(["fit", *_fit_args(spec, recipe, tmp_path), "--data", data[data_for(spec)], "--out", run,
                  "--epochs", "1", "--quiet"]) == 0, capsys.readouterr().err
-    summary = load_run(run).trainer.posterior_summary()
+    with allow_code():
+        return load_run(run).trainer.posterior_summary()
+
+
+def _reductions(main, run, summary, capsys):
     applies = [name for name, why in applicable_rules(summary).items() if why is None]
     assert {"magnitude", "random"} <= set(applies)  # every posterior has means
     reports = []
@@ -112,7 +131,8 @@ def _walk(spec, recipe, data, tmp_path, capsys):
         report = json.load(open(path))
         assert report["max_abs_output_diff"] <= TOL, (name, report["max_abs_output_diff"])
         # every parametric layer is covered, and kept weights are those of the compact network
-        assert set(report["layers"]) == {n for n, _ in load_run(run).network.bayesian_layers()}
+        with allow_code():
+            assert set(report["layers"]) == {n for n, _ in load_run(run).network.bayesian_layers()}
         assert report["weights_kept"] <= report["rule_weights_kept"]
         reports.append(report)
     ranking = [name for name in applies if RULES[name].ranks]

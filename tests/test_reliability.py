@@ -513,6 +513,14 @@ def test_output_directories_are_never_overwritten_without_overwrite(tmp_path, ca
     assert main(["compare", str(run), "--out", str(table)]) == 2
     assert "table.md: exists; use --overwrite to replace it" in capsys.readouterr().err
     assert table.read_text() == "mine"
+    # predict --out never replaces an existing file without --overwrite
+    inputs = tmp_path / "inputs.npz"
+    np.savez(inputs, x=load_digits().x_test[:5].numpy())
+    predictions = tmp_path / "pred.csv"
+    predictions.write_text("mine")
+    assert main(["predict", str(run), "--data", str(inputs), "--out", str(predictions)]) == 2
+    assert "pred.csv: exists; use --overwrite to replace it" in capsys.readouterr().err
+    assert predictions.read_text() == "mine"
     # report adds its own files to a run directory and never modifies the run's files
     before = {f: (run / f).read_bytes() for f in os.listdir(run)}
     assert main(["report", str(run), "--samples", "4", "--threads", "1"]) == 0
@@ -522,7 +530,8 @@ def test_output_directories_are_never_overwritten_without_overwrite(tmp_path, ca
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     writers = {name for name, p in sub.choices.items() if any("--out" in a.option_strings for a in p._actions)}
-    assert writers == {"fit", "compare"}, f"new writing commands {writers - {'fit', 'compare'}} need a test here"
+    covered = {"fit", "compare", "predict"}
+    assert writers == covered, f"new writing commands {writers - covered} need a test here"
 
 
 # ============================================================================ 5. reproducibility

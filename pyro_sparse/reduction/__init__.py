@@ -30,7 +30,7 @@ from .bmr import (
     savage_dickey,
     spike_slab_decision,
 )
-from .compact import compact, compact_plan, masked_module, masked_predictive, masked_values
+from .compact import add_prune_masks, compact, compact_plan, export, masked_module, masked_predictive, masked_values
 from .report import reduction_report
 from .rules import Decision, Rule, applicable_rules, reduce, rule
 from .scores import (
@@ -55,6 +55,8 @@ __all__ = [
     "remove_heads",
     "compact",
     "compact_plan",
+    "export",
+    "add_prune_masks",
     "masked_module",
     "masked_predictive",
     "masked_values",

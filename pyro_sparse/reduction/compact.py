@@ -8,9 +8,11 @@ r"""Applying a decision: the masked network, its predictive, and the compact net
   Gaussian marginal in the summary, :math:`w = m \odot (\mu + \sigma\varepsilon)`.
 * :func:`compact`: a deterministic ``torch.nn.Sequential`` in which removed units, channels,
   recurrent neurons and gates, attention heads and MLP units are physically deleted, predicting
-  as the masked network does. :func:`compact_plan` runs the unit-chain algorithm of
-  :mod:`pyro_sparse.compaction` over the layers' own compaction objects (it names no layer
-  type); :func:`build_module` rebuilds a compact network from its spec.
+  as the masked network does; for a converted module (:mod:`pyro_sparse.convert`) a module of the
+  user's own class, masked, with its ``nn.Sequential`` unit chains physically smaller.
+  :func:`compact_plan` runs the unit-chain algorithm of :mod:`pyro_sparse.compaction` over the
+  layers' own compaction objects (it names no layer type); :func:`build_module` rebuilds a
+  compact network from its spec.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ import torch
 from torch import nn
 
 from ..compaction import as_index
-from ..layers import Reshape
-from ..registry import LAYERS
+from ..layers import Reshape, _Parametric
+from ..registry import CONVERSIONS, LAYERS
+
+#: layers whose compaction with masks only changes the non-zero count (nothing deleted on its own)
+_WEIGHT_LAYERS = (_Parametric,)
 
 __all__ = ["masked_values", "masked_module", "masked_predictive", "compact", "compact_plan", "CompactPlan",
-           "build_module", "layer_shapes", "FORMAT"]
+           "build_module", "layer_shapes", "FORMAT", "export", "add_prune_masks", "replace_chains"]
 
 #: version of the compact spec (format 2: children named like the network's layers)
 FORMAT = 2
@@ -60,6 +65,38 @@ def _masks(decision) -> dict:
 def masked_module(network, summary_or_values, decision=None) -> nn.Sequential:
     """The masked network as a plain ``torch.nn.Sequential`` in inference mode."""
     return network.deterministic(masked_values(summary_or_values, decision)).eval()
+
+
+def export(network, summary_or_values, decision=None, prune_masks=False) -> nn.Module:
+    """The reduced network as a plain module of the user's kind: for a converted module
+    (:func:`~pyro_sparse.convert.bayesian`) a copy of the user's module, of its own class, whose
+    ``state_dict`` loads into a fresh instance of that class; for a spec-built network its
+    ``nn.Sequential`` twin. Parameters are the point values (posterior means) times the
+    decision's masks, so pruned weights are exactly 0 and the outputs are the masked network's.
+
+    ``prune_masks=True`` attaches ``torch.nn.utils.prune`` masks (:func:`add_prune_masks`) so
+    that further training keeps the pruned weights at 0 (its ``state_dict`` then holds
+    ``weight_orig`` and ``weight_mask``; ``torch.nn.utils.prune.remove`` folds them back)."""
+    module = network.deterministic(masked_values(summary_or_values, decision))
+    if prune_masks:
+        add_prune_masks(module, _masks(decision))
+    return module.eval()
+
+
+def add_prune_masks(module: nn.Module, masks: dict) -> nn.Module:
+    """Attach ``torch.nn.utils.prune`` masks (``custom_from_mask``) to every parameter named in
+    ``masks`` (site names, which are the module's parameter names) that the mask prunes, in place.
+    Sites that are not a parameter of ``module`` (a recurrent layer's summed bias) are skipped."""
+    from torch.nn.utils import prune as torch_prune
+
+    params = dict(module.named_parameters())
+    for name, mask in masks.items():
+        if name not in params or bool(mask.all()):
+            continue
+        owner, _, param = name.rpartition(".")
+        torch_prune.custom_from_mask(module.get_submodule(owner) if owner else module, param,
+                                     mask.to(dtype=torch.bool, device=params[name].device))
+    return module
 
 
 @torch.no_grad()
@@ -184,7 +221,21 @@ def _own(d, layer, name):
 def compact_plan(network, values: dict, masks: dict, input_shape=None) -> CompactPlan:
     """Plan the compact network of ``network`` at point ``values`` (site -> tensor) with keep
     ``masks`` (site -> bool tensor; missing: all kept); :func:`build_module` builds it.
-    ``input_shape``: see :func:`layer_shapes`."""
+    ``input_shape``: see :func:`layer_shapes`.
+
+    A sequential network is one unit chain (its ``unit_chains()`` is ``[("", network)]``) and its
+    compact network a layer list. Any other network (a converted module,
+    :class:`~pyro_sparse.convert.BayesianModule`) keeps its own class: its compact network is its
+    masked deterministic twin in which every unit chain (an ``nn.Sequential`` of converted
+    Linear/Conv layers) is replaced by the compact chain (:func:`_module_plan`)."""
+    chains = network.unit_chains(input_shape)
+    if len(chains) == 1 and chains[0][0] == "" and chains[0][1] is network:
+        return _chain_plan(network, values, masks, input_shape)
+    return _module_plan(network, values, masks, chains)
+
+
+def _chain_plan(network, values, masks, input_shape=None) -> CompactPlan:
+    """The unit-chain algorithm over ``network.layers`` (see the module docstring)."""
     shapes = layer_shapes(network, input_shape)
     members, links = {}, []
     producer, route, between = None, None, []
@@ -249,6 +300,103 @@ def compact_plan(network, values: dict, masks: dict, input_shape=None) -> Compac
     return CompactPlan(spec, params, infos, sorted(folded))
 
 
+def _strip(d, prefix):
+    return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)} if prefix else dict(d)
+
+
+def _module_plan(network, values, masks, chains) -> CompactPlan:
+    """The compact plan of a converted module: each unit chain by :func:`_chain_plan` (its members'
+    units physically deleted, its input features and outputs kept, so the compact chain fits the
+    user's code), every other Bayesian layer at its masked values with nothing deleted (its
+    counts and FLOPs from its own compaction object, units all kept)."""
+    spec = {"format": FORMAT, "kind": "module", "source": network.source, "class": _class_path(network.template),
+            "input_shape": list(network.input_shape) if network.input_shape is not None else None, "chains": {}}
+    params, infos, folded, done = {}, {}, [], set()
+    masked = masked_values(values, masks)
+    for path, chain in chains:
+        prefix = f"{path}." if path else ""
+        plan = _chain_plan(chain, _strip(values, prefix), _strip(masks, prefix))
+        members = list(plan.layers)
+        spec["chains"][path] = {"layers": plan.spec["layers"], "members": members}
+        params.update({prefix + k: v for k, v in plan.params.items()})
+        infos.update({prefix + k: v for k, v in plan.layers.items()})
+        folded.extend(prefix + f for f in plan.folded)
+        done.update(prefix + m for m in members)
+    shapes = network.layer_shapes()
+    spec["modules"] = {}
+    for path, layer in network.bayesian_layers():
+        if path in done:
+            continue
+        own = {p: masked[f"{path}.{p}"] for p in layer.priors() if f"{path}.{p}" in masked}
+        in_shape, out_shape = shapes[path]
+        if hasattr(layer, "compact_module"):  # a converted LSTM/GRU: constant gates, unread neurons deleted
+            own_masks = {k[len(path) + 1:]: m for k, m in masks.items() if k.startswith(path + ".")}
+            entry, module, info = layer.compact_module(own, own_masks, in_shape, out_shape)
+            spec["modules"][path] = entry
+            infos[path] = info
+            params.update({f"{path}.{k}": v for k, v in module.state_dict().items()})
+            continue
+        info = {"units": {}, "flops": 0, "flops_sparse": 0}
+        try:
+            dense = layer.compaction(path, own, {}, in_shape, out_shape).build()[2]
+            sparse = layer.compaction(path, own, {k[len(path) + 1:]: m for k, m in masks.items()
+                                                  if k.startswith(path + ".")}, in_shape, out_shape).build()[2]
+            total = sum(u["total"] for u in dense.get("units", {}).values())
+            info = {"units": {"": {"total": total, "kept": list(range(total)), "removed": 0, "constant": 0,
+                                   "unread": 0}} if total else {},
+                    "flops": dense.get("flops", 0),
+                    "flops_sparse": sparse.get("flops_sparse", 0) if isinstance(layer, _WEIGHT_LAYERS)
+                    else dense.get("flops_sparse", 0)}
+        except (NotImplementedError, ValueError, RuntimeError):
+            pass
+        infos[path] = info
+        params.update({f"{path}.{p}": v for p, v in own.items()})
+    order = [path for path, _ in network.bayesian_layers()]
+    infos = {k: infos[k] for k in order if k in infos}
+    return CompactPlan(spec, params, infos, sorted(folded))
+
+
+def _class_path(module) -> str:
+    cls = type(module)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def build_module_network(network, plan: CompactPlan, values: dict, masks: dict) -> nn.Module:
+    """The compact module of a converted network: its masked deterministic twin (the user's class)
+    with every unit chain's members rebuilt at their compact sizes, holding the plan's parameters."""
+    module = network.deterministic(masked_values(values, masks))
+    replace_chains(module, plan.spec)
+    state = module.state_dict()
+    for key, value in plan.params.items():
+        if key in state:
+            state[key] = value
+    ref = next((v for v in plan.params.values() if v.is_floating_point()), None)
+    if ref is not None:
+        module.to(device=ref.device)
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+def replace_chains(module: nn.Module, spec: dict) -> nn.Module:
+    """Put the compact members of every unit chain of a compact module spec into ``module`` (an
+    instance of the user's class), in place; their parameters are then loaded from a state dict.
+    Children of a chain that are not members (activations, pooling, modules of the user's a chain
+    cannot see through) stay as they are."""
+    for path, chain in spec.get("chains", {}).items():
+        seq = module.get_submodule(path) if path else module
+        members = set(chain["members"])
+        for entry in chain["layers"]:
+            if entry["name"] in members:
+                with warnings.catch_warnings():  # a layer whose units were all removed has no weights
+                    warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+                    setattr(seq, entry["name"], LAYERS[entry["type"]].build_compact(entry))
+    for path, entry in spec.get("modules", {}).items():  # converted recurrent layers
+        parent, _, name = path.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, name,
+                CONVERSIONS[entry["type"]].build_compact(entry))
+    return module
+
+
 def build_module(spec: dict) -> nn.Sequential:
     """A plain ``torch.nn.Sequential`` from a compact spec (parameters uninitialised): children
     named like the layers, each built by its class's ``build_compact(entry)``."""
@@ -280,11 +428,15 @@ def compact(network, summary_or_values, decision=None, input_shape=None) -> nn.S
     ``.spec`` (layer list with sizes, see :func:`build_module`) and ``.plan`` (:class:`CompactPlan`).
     ``input_shape``: the per-example input shape where the network declares none.
     """
-    plan = compact_plan(network, point_values(summary_or_values), _masks(decision), input_shape)
-    module = build_module(plan.spec)
-    ref = next(t for t in plan.params.values() if t.is_floating_point())
-    module.to(dtype=ref.dtype, device=ref.device)
-    module.load_state_dict(plan.params, strict=True)
+    values, masks = point_values(summary_or_values), _masks(decision)
+    plan = compact_plan(network, values, masks, input_shape)
+    if plan.spec.get("kind") == "module":
+        module = build_module_network(network, plan, values, masks)
+    else:
+        module = build_module(plan.spec)
+        ref = next(t for t in plan.params.values() if t.is_floating_point())
+        module.to(dtype=ref.dtype, device=ref.device)
+        module.load_state_dict(plan.params, strict=True)
     module.eval()
     module.spec = plan.spec
     module.plan = plan

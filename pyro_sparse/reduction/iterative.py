@@ -97,6 +97,7 @@ class IterativeBMRTrainer(SVITrainer):
     ``bmr_sparsity`` with every evaluation.
     """
 
+    accepts_batches = False  # it evaluates on the held-out tensors
     spec_name = "svi_bmr"
     #: its ``reduction:`` section says how to prune during training
     reduction_fields = ITERATIVE_FIELDS
@@ -119,7 +120,7 @@ class IterativeBMRTrainer(SVITrainer):
         return self._model, self._guide
 
     def pruned_weights(self):
-        """The wrapping of :meth:`objective` as masks for the direct ELBO: ``(self.masks,
+        """The wrapping of :meth:`objective` as masks for the ELBO core: ``(self.masks,
         pruned_scale)``, the same dict the handler reads (updated in place)."""
         return self.masks, self.config["pruned_scale"]
 

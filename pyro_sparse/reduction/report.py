@@ -129,9 +129,7 @@ def reduction_report(network, summary_or_values, decision, x_test=None, y_test=N
             "units_total", "params_dense", "params_nonzero", "params_compact", "flops_dense", "flops_compact",
             "flops_sparse"]
     layers, totals = {}, dict.fromkeys(keys, 0)
-    for name in network.layers:
-        if name not in plan.layers:
-            continue
+    for name in plan.layers:  # the Bayesian layers, in network order
         entry = _layer_entry(name, _own(values, name), _own(decision.masks, name), _own(plan.params, name),
                              plan.layers[name], dense.layers.get(name, {}))
         layers[name] = entry

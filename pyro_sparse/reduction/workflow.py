@@ -106,14 +106,27 @@ def save_compact(path, module, info=None):
                 path, keep_previous=False)
 
 
-def load_compact(path, map_location="cpu") -> torch.nn.Sequential:
+def load_compact(path, map_location="cpu") -> torch.nn.Module:
     """Rebuild a compact network saved by :func:`save_compact` (loaded with ``weights_only=True``).
 
-    The module is in inference mode and carries ``.spec`` and ``.info``.
+    The module is in inference mode and carries ``.spec`` and ``.info``. A compact network of a
+    converted module is an instance of the user's class (``spec["kind"] == "module"``): building
+    it imports that class, which needs :func:`pyro_sparse.usercode.allow_code`
+    (``--allow-code``), and calls it with the arguments the spec recorded.
     """
     data = load_safe(path, map_location=map_location)
     if not isinstance(data, dict) or "spec" not in data or "state_dict" not in data:
         raise CheckpointError(f"{path}: not a compact network (expected keys 'spec' and 'state_dict')")
+    if isinstance(data["spec"], dict) and data["spec"].get("kind") == "module":
+        module = _user_module(path, data["spec"])
+        try:
+            module.load_state_dict(data["state_dict"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: the compact network does not fit {data['spec'].get('class')} "
+                                  f"({str(e).splitlines()[0][:300]})") from None
+        module.eval()
+        module.spec, module.info = data["spec"], data.get("info", {})
+        return module
     try:
         module = build_module(data["spec"])
         ref = next((t for t in data["state_dict"].values() if t.is_floating_point()), None)
@@ -126,6 +139,25 @@ def load_compact(path, map_location="cpu") -> torch.nn.Sequential:
     module.spec = data["spec"]
     module.info = data.get("info", {})
     return module
+
+
+def _user_module(path, spec):
+    """An instance of the user's class named by a compact module spec, with the compact chains in
+    place (parameters still to be loaded) and the input reshaping of its network."""
+    from ..convert import reshaping_inputs
+    from ..usercode import import_object
+    from .compact import replace_chains
+
+    source = spec.get("source") or {"module": spec.get("class"), "kwargs": {}}
+    cls = import_object(source["module"], None, f"{path}: module")
+    try:
+        module = cls(**(source.get("kwargs") or {}))
+    except Exception as e:
+        raise CheckpointError(f"{path}: {source['module']}(**{source.get('kwargs') or {}}) failed ({type(e).__name__}: "
+                              f"{e}); a compact file of a module converted in Python records no constructor "
+                              "arguments: rebuild it with the class yourself and load its state_dict") from None
+    replace_chains(module, spec)
+    return reshaping_inputs(module, spec.get("input_shape"))
 
 
 # --------------------------------------------------------------------------- reduce
@@ -217,12 +249,16 @@ def reduce_run(directory, method=None, sparsity=None, threshold=None, structured
 
 def _run_extras(run) -> dict:
     """What a compact file carries of its run beyond the network: the likelihood (to read its
-    outputs), the inputs' transform (to apply it to raw data) and the targets' (a regression
-    network fitted on standardised targets outputs standardised values), with their statistics."""
-    extras = {"likelihood": run.model_spec.get("likelihood")}
+    outputs; a learned noise scale), the example shape, and the transforms of the inputs (to apply
+    to raw data) and of regression targets (to map standardised outputs back)."""
+    extras = {"likelihood": run.model_spec.get("likelihood"), "feature_shape": list(run.dataset.feature_shape)}
     for key in ("input_transform", "target_transform"):
-        if run.dataset.extras.get(key) is not None:
-            extras[key] = run.dataset.extras[key]
+        transform = run.dataset.extras.get(key)
+        if transform is not None:
+            extras[key] = transform
+    noise = _noise(run)
+    if noise is not None:  # a learned Gaussian noise scale (its posterior median)
+        extras["noise"] = float(torch.as_tensor(noise).reshape(-1)[0])
     return extras
 
 

@@ -1,0 +1,162 @@
+r"""Predictions on new data: what ``pyro-sparse predict`` does.
+
+From a **run directory**: the posterior predictive with ``S`` draws (the run's guide; a Laplace
+fit's Gaussian posterior), :math:`\bar p(y \mid x) = \frac1S\sum_s p(y \mid f_s(x))`. From a
+**compact file** (``reduce``'s ``compact-*.pt``): the deterministic compact network, one draw.
+
+Either way the inputs are raw data as the run was given them: the transform the run's inputs
+went through (``data: {inputs: center}``; :func:`~pyro_sparse.data.transform_inputs`) is applied
+first -- a run keeps it in its data set, a compact file in its ``info`` -- so a network fitted on
+centred inputs sees centred inputs. Outputs:
+
+* classification: the predictive class probabilities ``prob_<k>`` and the arg-max
+  ``predicted`` (binary labels: ``prob_1``, ``predicted`` = ``prob_1 > 1/2``);
+* regression: the predictive mean and standard deviation per target, in the data's units:
+  with draws :math:`\mu_s = m + s_y f_s(x)` (standardised targets map back through the
+  likelihood's target transform, :math:`m`, :math:`s_y`) the mean is :math:`\bar\mu` and the
+  standard deviation :math:`\sqrt{\mathrm{Var}_s(\mu_s) + (s_y \sigma)^2}`, the law of total
+  variance of the Gaussian mixture.
+
+Where the file has labels the held-out figures (:func:`pyro_sparse.evaluation.evaluate`) are
+returned too.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+
+import torch
+
+from . import evaluation
+from .data import apply_input_transform, load_inputs
+from .errors import DataError, PyroSparseError
+from .likelihoods import build_likelihood
+
+__all__ = ["predict", "predictions_table", "write_predictions"]
+
+
+def _is_run(path) -> bool:
+    return os.path.isdir(path)
+
+
+def predict(source: str, data: str, num_samples: int = 100, seed: int = 0, target: str | None = None,
+            batch_size: int = 2048) -> dict:
+    """Predict ``data`` (a ``.npz`` or ``.csv`` file; labels optional) with a run directory or a
+    compact file. Returns ``{"columns": [...], "rows": tensor (N, C), "figures": {...} or None,
+    "source": "run" | "compact", "samples": S}``."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise PyroSparseError(f"--samples: must be a positive integer, got {num_samples!r}")
+    if not os.path.exists(source):
+        raise PyroSparseError(f"{source}: no such run directory or compact file")
+    torch.manual_seed(seed)
+    if _is_run(source):
+        outputs_of, likelihood, noise, shape, transform, kind, samples = _from_run(source, num_samples)
+    else:
+        outputs_of, likelihood, noise, shape, transform, kind, samples = _from_compact(source)
+    labels = "regression" if likelihood.task == "regression" else "classification"
+    x, y = load_inputs(data, target, shape, labels)
+    x = apply_input_transform(x, transform)
+    outs = []
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            outs.append(outputs_of(x[start:start + batch_size]))
+    outputs = torch.cat(outs, 1)  # (S, N, ...)
+    columns, rows = predictions_table(outputs, likelihood, noise)
+    figures = None
+    if y is not None:
+        classes = outputs.shape[-1] if likelihood.task != "binary" else 2
+        if likelihood.task != "regression" and int(y.max()) >= classes:
+            raise DataError(f"{data}: labels up to {int(y.max())} but the network predicts {classes} classes")
+        figures = evaluation.evaluate_outputs(outputs, y, likelihood, noise)
+        rows = torch.cat([rows, y.reshape(len(y), -1).to(rows.dtype)], 1)
+        columns = columns + (["label"] if likelihood.task != "regression" else
+                             [f"target_{j}" if y.reshape(len(y), -1).shape[1] > 1 else "target"
+                              for j in range(y.reshape(len(y), -1).shape[1])])
+    return {"columns": columns, "rows": rows, "figures": figures, "source": kind, "samples": samples,
+            "examples": len(x)}
+
+
+def _from_run(directory, num_samples):
+    from .guides import DeltaGuide
+    from .runs import load_run
+
+    run = load_run(directory)
+    network = run.network
+    guide = run.trainer.posterior_guide()
+    samples = 1 if isinstance(guide, DeltaGuide) else num_samples
+    lik = network.likelihood
+    noise = None
+    if getattr(lik, "learn_noise", False):
+        noise = guide.median().get("likelihood.noise")
+
+    def outputs_of(xb):
+        return network.sample_outputs(xb, guide, samples)
+
+    transform = run.dataset.extras.get("input_transform")
+    return outputs_of, lik, noise, run.dataset.feature_shape, transform, "run", samples
+
+
+def _from_compact(path):
+    from .reduction.workflow import load_compact
+
+    module = load_compact(path)
+    info = getattr(module, "info", {}) or {}
+    if not info.get("likelihood"):
+        raise PyroSparseError(f"{path}: the compact file records no likelihood (reduce the run again to rebuild it)")
+    lik = build_likelihood(info["likelihood"])
+    if hasattr(lik, "set_target_transform"):
+        lik.set_target_transform(info.get("target_transform"))
+    noise = torch.tensor([info["noise"]]) if info.get("noise") is not None else None
+    shape = info.get("feature_shape")
+
+    def outputs_of(xb):
+        return module(xb).unsqueeze(0)
+
+    return outputs_of, lik, noise, tuple(shape) if shape else None, info.get("input_transform"), "compact", 1
+
+
+def predictions_table(outputs, likelihood, noise=None):
+    """``(columns, rows (N, C))`` of stacked outputs ``(S, N, ...)`` (see the module docstring)."""
+    task = likelihood.task
+    if task == "regression":
+        affine = likelihood._affine(outputs) if hasattr(likelihood, "_affine") else None
+        mu = outputs if affine is None else affine[0] + affine[1] * outputs
+        mean = mu.mean(0)
+        spread = mu.var(0, unbiased=False) if mu.shape[0] > 1 else torch.zeros_like(mean)
+        sigma = torch.as_tensor(likelihood.noise if noise is None else noise, dtype=mean.dtype).reshape(-1)
+        if affine is not None:
+            sigma = sigma * affine[1]
+        sd = (spread + sigma.square()).sqrt()
+        k = mean.shape[-1]
+        names = ["mean", "sd"] if k == 1 else [n for j in range(k) for n in (f"mean_{j}", f"sd_{j}")]
+        rows = torch.stack([mean, sd], -1).reshape(len(mean), -1)
+        return names, rows
+    if task == "binary":
+        p1 = torch.sigmoid(outputs.squeeze(-1)).mean(0)
+        return ["predicted", "prob_1"], torch.stack([(p1 > 0.5).to(p1.dtype), p1], 1)
+    if task == "sequence":
+        raise PyroSparseError("predict: sequence models (language models) are not supported; it writes one row "
+                              "per example")
+    probs = torch.softmax(outputs, -1).mean(0)
+    return ["predicted"] + [f"prob_{k}" for k in range(probs.shape[-1])], \
+        torch.cat([probs.argmax(-1, keepdim=True).to(probs.dtype), probs], 1)
+
+
+def write_predictions(result: dict, path: str, overwrite: bool = False):
+    """Write the table of :func:`predict` as CSV (refusing to replace a file without ``overwrite``)."""
+    if os.path.exists(path) and not (overwrite and os.path.isfile(path)):
+        raise PyroSparseError(f"{path}: exists; use --overwrite to replace it" if os.path.isfile(path)
+                              else f"{path}: exists and is not a file")
+    from .checkpoint import write_text_atomic
+
+    integral = {"predicted", "label"}
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(result["columns"])
+    for row in result["rows"].tolist():
+        writer.writerow([str(int(v)) if c in integral and math.isfinite(v) else f"{v:.6g}"
+                         for c, v in zip(result["columns"], row)])
+    write_text_atomic(path, buf.getvalue())
