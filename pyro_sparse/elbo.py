@@ -34,7 +34,7 @@ from pyro.infer import ELBO
 from pyro.poutine.messenger import Messenger
 from torch.distributions import kl_divergence
 
-from .kl import (HyperLayout, NormalKLTerms, hyper_terms, kl_terms_for, local_terms, neg_log_density_for,
+from .kl import (HyperLayout, NormalKLTerms, hyper_terms, kl_terms_for, local_terms, neg_log_density_for, point_terms,
                  pruning_factors, reduced_normal)
 from .local_reparam import GaussianWeight, LocalReparameterization
 from .priors import Prior, Values, provided
@@ -171,8 +171,9 @@ class _Plan:
       which ``fused`` ones (a plain mean-field posterior and a fixed prior
       :func:`~pyro_sparse.kl.kl_terms_for` knows) go through :func:`~pyro_sparse.kl.local_terms`;
     * ``draw_order``: the sites drawn from ``guide.posterior``, in order;
-    * with a point-mass guide (MAP) nothing is drawn: a site's KL is ``-log p(w_hat)``
-      (:func:`~pyro_sparse.kl.neg_log_density_for`).
+    * with a point-mass guide (MAP) nothing is drawn: a site's KL is ``-log p(w_hat)``, in one
+      node (:func:`~pyro_sparse.kl.point_terms`) for the ``fused_point`` sites whose fixed prior
+      has known terms, else :func:`~pyro_sparse.kl.neg_log_density_for`.
     """
 
     def __init__(self, network, guide, local_reparam):
@@ -193,6 +194,8 @@ class _Plan:
         if self.point_mass:
             for s in self.sites:
                 s.point = neg_log_density_for(s.fixed) if s.fixed is not None else None
+                s.fused = s.point is not None and kl_terms_for(s.fixed) is not None
+            self.fused_point = [(s.name, kl_terms_for(s.fixed)) for s in self.sites if s.fused]
             return
         early = any("group_sites" in info and not (local_reparam and info["local_reparam"])
                     for info in guide.sites.values())
@@ -374,8 +377,10 @@ class CoreELBO(_Loss):
         """``(values, [KL terms])`` of a point-mass guide: ``KL(delta || p) = -log p(w_hat)`` per
         site, given the hyper-values."""
         values = Values((s.name, guide.value(s.name)) for s in plan.sites)
-        return values, [s.point(values[s.name]) if s.point is not None else -s.prior_given(values).log_prob(
-            values[s.name]).sum() for s in plan.sites]
+        kls = [point_terms([values[name] for name, _ in plan.fused_point], [t for _, t in plan.fused_point])
+               ] if plan.fused_point else []
+        return values, kls + [s.point(values[s.name]) if s.point is not None else -s.prior_given(values).log_prob(
+            values[s.name]).sum() for s in plan.sites if not s.fused]
 
     @staticmethod
     def data_term(network, out, y, dataset_size=None, subsample=None):
