@@ -123,7 +123,7 @@ def _run(task):
     if keep_modules:
         os.makedirs(compact_dir, exist_ok=True)
         result["dense_path"] = _save(masked_module(network, summary), compact_dir, entry, "dense")
-    for rule in method.rules:
+    for rule in entry.rules:
         r = {"label": rule.label}
         try:
             module, counts = _reduce(rule, network, summary, recipe, task["seed"])

@@ -106,6 +106,8 @@ class Model:
     headline: bool = False
     cost: float = 1.0  # rough cost of an epoch relative to the digits MLP (orders the work queue)
     quality: bool = True  # False: timed in the speed section only (its fits are too long for the tables)
+    rules: dict = field(default_factory=dict)  # method key -> its rules on this model (default: the method's)
+    skip: dict = field(default_factory=dict)  # method key -> why the method cannot run on this model
 
 
 M = TABLE_SPARSITY
@@ -177,6 +179,10 @@ MODELS = {m.key: m for m in (
            "group_log_uniform": ("models/lstm_classifier_wgn.yaml",)},
           recipes={"map": "inference/map_rnn.yaml", "sparsevd": "inference/svi_sparsevd_rnn.yaml",
                    "group_lu": "inference/svi_sparsevd_rnn.yaml"},
+          # the LSTM's groups are the z variables of its neurons, gates and inputs (Lobacheva et al.):
+          # log alpha > 3 on weights and z alike, and compaction removes the neurons a z removes
+          rules={"group_lu": (Rule("group-log-alpha", "log alpha > 3 (weights, z)", "log-alpha", from_recipe=True),)},
+          skip={"spam": "the Laplace curvature covers Linear and Conv layers, not recurrent ones"},
           quick_scale=0.2, quick_scales={"map": 0.5, "sparsevd": 0.3, "group_lu": 0.3}, cost=20.0),
     Model("digits-vit", "digits tiny ViT (2x2 patches, 2 blocks of width 32)", "digits",
           {"gaussian": ("models/vit_tiny_gaussian.yaml",), "log_uniform": ("models/vit_tiny_sparsevd.yaml",),
@@ -203,6 +209,11 @@ class Entry:
     @property
     def key(self):
         return f"{self.model.key}/{self.method.key}"
+
+    @property
+    def rules(self):
+        """The rules applied to this cell's fits: the model's own for the method, else the method's."""
+        return self.model.rules.get(self.method.key, self.method.rules)
 
     def scale(self, mode: str) -> float:
         """Fraction of the recipe's epochs this entry runs in ``mode`` ("quick" or "full")."""
@@ -252,6 +263,8 @@ def resolve(model: Model, method: Method) -> Entry | Skip:
     from pyro_sparse.registry import FITTERS, RULES
 
     candidates = model.specs.get(method.family)
+    if method.key in model.skip:
+        return Skip(model, method, model.skip[method.key])
     if method.models and model.key not in method.models:
         return Skip(model, method, f"{method.label} runs on {', '.join(method.models)} only")
     if not candidates:
@@ -270,7 +283,7 @@ def resolve(model: Model, method: Method) -> Entry | Skip:
     recipe = yaml.safe_load(open(os.path.join(ROOT, recipe_path)))
     if recipe.get("method", "svi") not in FITTERS:
         return Skip(model, method, f"{recipe_path}: fitting method {recipe.get('method')!r} is not in this library")
-    for rule in method.rules:
+    for rule in model.rules.get(method.key, method.rules):
         name = rule.method or (recipe.get("reduction") or {}).get("method")
         if name not in RULES:
             return Skip(model, method, f"{recipe_path}: reduction rule {name!r} is not in this library")

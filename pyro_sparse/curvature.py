@@ -57,6 +57,7 @@ from torch import nn
 
 __all__ = [
     "LIKELIHOODS",
+    "check_supported",
     "curvature_targets",
     "log_likelihood",
     "diag_ggn",
@@ -157,6 +158,13 @@ def _check_conv(name, module):
                 f"model[{name}]: {kind} needs numeric zero padding, got padding={module.padding!r}, "
                 f"padding_mode={module.padding_mode!r}"
             )
+
+
+def check_supported(model):
+    """Raise ValueError naming the first layer of ``model`` that has trainable parameters and no
+    curvature here (what every curvature function of this module would raise): a Laplace fit
+    checks at start-up instead of at its first marginal-likelihood step."""
+    _targets(model)
 
 
 def _targets(model):

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from . import distributed, evaluation
-from .curvature import LIKELIHOODS, diag_ef, diag_ggn, kfac_ggn, log_likelihood
+from .curvature import LIKELIHOODS, check_supported, diag_ef, diag_ggn, kfac_ggn, log_likelihood
 from .distributions import log_alpha
 from .errors import SpecError
 from .fitting import SVITrainer
@@ -439,6 +439,11 @@ class LaplaceTrainer(SVITrainer):
             raise SpecError(f"method laplace needs centred priors whose sample sites are the layer parameters; "
                             f"the guide has no sites {missing}", source, "prior")
         self.net = network.deterministic(init).to(self.device)
+        try:
+            check_supported(self.net)
+        except ValueError as e:
+            raise SpecError(f"the Laplace curvature cannot be computed for this network: {e}", source,
+                            "method") from None
         sites = set(network.param_sites())
         for name, p in self.net.named_parameters():  # a converted module's other parameters stay fixed
             p.requires_grad_(name in sites)

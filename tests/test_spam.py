@@ -117,6 +117,18 @@ def test_recipe_and_setup_errors_name_the_field(digits):
         LaplaceTrainer(network, guide, digits, recipe, progress=False)
 
 
+def test_a_network_without_curvature_is_refused_at_start_up():
+    """An LSTM has no Laplace curvature here: the trainer says so when it is built (the method
+    field, the layer), not at its first marginal-likelihood step after the burn-in epochs."""
+    seq = Dataset("sequences", torch.randn(40, 5, 3), torch.randint(0, 2, (40,)), torch.randn(10, 5, 3),
+                  torch.randint(0, 2, (10,)), "classification", 2)
+    spec = {"input_shape": [5, 3], "layers": [{"type": "lstm", "hidden_size": 4}, {"type": "linear", "out": 2}]}
+    spec, recipe = parse_specs(spec, small_recipe())
+    network, guide = build(spec, recipe, seq)
+    with pytest.raises(SpecError, match=r"method: the Laplace curvature cannot be computed.*unsupported layer"):
+        LaplaceTrainer(network, guide, seq, recipe, progress=False)
+
+
 def test_a_diverging_marglik_step_is_retried_with_a_lower_learning_rate(digits, monkeypatch):
     """NaN handling is SVITrainer's: restore the last good state, lower the learning rate, retry."""
     trainer = make_trainer(digits, epochs=3)
