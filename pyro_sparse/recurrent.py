@@ -892,14 +892,35 @@ class CompactRecurrent(nn.Module):
         if T == 0 or H == 0:  # nothing to run (torch's layers need a hidden unit)
             return x.new_zeros(B, T, H), (x.new_zeros(B, H) if h is None else h), (
                 (x.new_zeros(B, H) if c is None else c) if lstm else None)
-        w_ih, w_hh, bias, bias_hn = self.plain_weights()
         state = None
         if h is not None or c is not None:
             h = x.new_zeros(B, H) if h is None else h
             state = (h.unsqueeze(0), (x.new_zeros(B, H) if c is None else c).unsqueeze(0)) if lstm else h.unsqueeze(0)
-        out, final = recurrent_states(self.cell, x, w_ih, w_hh, bias, bias_hn=bias_hn, state=state)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):  # fine-tuning
+            w_ih, w_hh, bias, bias_hn = self.plain_weights()
+            out, final = recurrent_states(self.cell, x, w_ih, w_hh, bias, bias_hn=bias_hn, state=state)
+        else:
+            out, final = self._plain_layer()(x) if state is None else self._plain_layer()(x, state)
         h_T, c_T = (final[0][0], final[1][0]) if lstm else (final[0], None)
         return out * self.output_scale, h_T, c_T
+
+    def _plain_layer(self):
+        """A ``torch.nn.LSTM``/``GRU`` holding :meth:`plain_weights` for inference, built again when
+        a parameter changed (its version, identity, device or dtype); kept outside the module's
+        parameters and state dict."""
+        params = list(self.parameters())
+        key = tuple((id(p), p._version, p.device, p.dtype) for p in params)
+        cached = self.__dict__.get("_plain_cache")
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable outside inference mode
+                w_ih, w_hh, bias, bias_hn = self.plain_weights()
+                layer = CELLS[self.cell]["torch"](w_ih.shape[1], self.hidden_size, batch_first=True,
+                                                  device=w_ih.device, dtype=w_ih.dtype).requires_grad_(False)
+                for name, value in (("weight_ih_l0", w_ih), ("weight_hh_l0", w_hh), ("bias_ih_l0", bias),
+                                    ("bias_hh_l0", _hidden_bias(self.cell, bias, bias_hn))):
+                    getattr(layer, name).copy_(value)
+            cached = self.__dict__["_plain_cache"] = (key, layer)
+        return cached[1]
 
     def plain_weights(self):
         r"""``(weight_ih, weight_hh, bias, bias_hn)`` of a plain LSTM/GRU layer of the kept units

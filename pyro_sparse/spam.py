@@ -439,14 +439,14 @@ class LaplaceTrainer(SVITrainer):
             raise SpecError(f"method laplace needs centred priors whose sample sites are the layer parameters; "
                             f"the guide has no sites {missing}", source, "prior")
         self.net = network.deterministic(init).to(self.device)
+        sites = set(network.param_sites())
+        for name, p in self.net.named_parameters():  # a converted module's other parameters stay fixed
+            p.requires_grad_(name in sites)
         try:
             check_supported(self.net)
         except ValueError as e:
             raise SpecError(f"the Laplace curvature cannot be computed for this network: {e}", source,
                             "method") from None
-        sites = set(network.param_sites())
-        for name, p in self.net.named_parameters():  # a converted module's other parameters stay fixed
-            p.requires_grad_(name in sites)
         self.prior = make_prior_precision(self.options["structure"], self.net,
                                           init=self.options["prior_precision"]).to(self.device)
         self.optimizer = make_optimizer([p for _, p in self.site_parameters()], recipe["optimizer"])

@@ -494,3 +494,35 @@ def test_spec_data_options_are_checked_before_anything_runs(tmp_path, root):
         yaml.safe_dump(spec, f)
     with pytest.raises(SpecError, match=r"data\.sequence_length"):
         load_model_spec(path)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_compact_inference_layer_follows_the_parameters(cell):
+    """A compact layer's inference pass (a cached torch layer holding its plain weights) gives
+    what its differentiable pass gives, with constant gates and a GRU hidden bias, from a given
+    state too, and is built again when a parameter changes in place."""
+    from pyro_sparse.recurrent import CompactRecurrent
+
+    g = torch.Generator().manual_seed(0)
+    G, H, F = (4, 3, 2) if cell == "lstm" else (3, 3, 2)
+    active = torch.tensor([r for r in range(G * H) if r not in (1, 2 * H + 1)])
+    constant = torch.tensor([1, 2 * H + 1])  # a sigmoid gate and the tanh gate (g, n)
+    m = CompactRecurrent(cell, torch.arange(F), torch.randn(len(active), F, generator=g),
+                         torch.randn(len(active), H, generator=g), torch.randn(len(active), generator=g), active,
+                         constant, torch.tensor([0.3, -0.6]), torch.rand(H, generator=g),
+                         True, torch.randn(H, generator=g) if cell == "gru" else None)
+    x, h0 = torch.randn(5, 7, F, generator=g), torch.randn(5, H, generator=g)
+    for step in range(2):
+        with torch.no_grad():
+            cached = m.run(x, h0)
+        differentiable = m.run(x, h0)
+        assert differentiable[0].requires_grad and not cached[0].requires_grad
+        for a, b in zip(cached, differentiable):
+            if a is not None:
+                torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-6)
+        if step == 0:
+            before = cached[0]
+            with torch.no_grad():
+                m.weight_hh.mul_(0.5)
+                m.constants.mul_(0.5)
+    assert not torch.allclose(before, cached[0])
