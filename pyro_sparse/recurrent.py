@@ -381,19 +381,10 @@ class _TorchRecurrent:
 
     def forward(self, input, hx=None):
         params = scoped_params(self, self.sample_params)
-        x = input
-        unbatched = x.dim() == 2
-        if unbatched:
-            x = x.unsqueeze(0 if self.batch_first else 1)
-        elif x.dim() != 3:
+        if input.dim() not in (2, 3):
             raise ValueError(f"{self.site}: expected a 2-D or 3-D input, got shape {tuple(input.shape)}")
-        if not self.batch_first:
-            x = x.transpose(0, 1)
         lstm = self.cell == "lstm"
-        if hx is not None:
-            h0, c0 = hx if lstm else (hx, None)
-            if unbatched:
-                h0, c0 = h0.unsqueeze(1), (c0.unsqueeze(1) if c0 is not None else None)
+        x, unbatched, h0, c0 = _torch_inputs(input, hx, lstm, self.batch_first)
         finals = []
         for k in range(self.num_layers):
             p = self.layer_params(params, k)
@@ -405,15 +396,39 @@ class _TorchRecurrent:
             finals.append(final)
             if self.dropout and self.training and k + 1 < self.num_layers:
                 x = F.dropout(x, self.dropout, True)
-        out = x if self.batch_first else x.transpose(0, 1)
         if lstm:
             h_n, c_n = torch.cat([f[0] for f in finals]), torch.cat([f[1] for f in finals])
         else:
             h_n, c_n = torch.cat(finals), None
+        return _torch_outputs(x, h_n, c_n, lstm, self.batch_first, unbatched)
+
+
+def _torch_inputs(x, hx, lstm, batch_first):
+    """``(x as (B, T, F), unbatched, h0, c0)`` of the ``torch.nn.LSTM``/``GRU`` calling
+    convention: an unbatched (T, F) input and its (layers, H) state get a batch axis, a
+    time-first input is made batch-first; ``h0, c0`` None without ``hx`` (``c0`` None for a GRU)."""
+    unbatched = x.dim() == 2
+    if unbatched:
+        x = x.unsqueeze(0 if batch_first else 1)
+    if not batch_first:
+        x = x.transpose(0, 1)
+    h0 = c0 = None
+    if hx is not None:
+        h0, c0 = hx if lstm else (hx, None)
         if unbatched:
-            out = out.squeeze(0 if self.batch_first else 1)
-            h_n, c_n = h_n.squeeze(1), (c_n.squeeze(1) if c_n is not None else None)
-        return (out, (h_n, c_n)) if lstm else (out, h_n)
+            h0, c0 = h0.unsqueeze(1), (c0.unsqueeze(1) if c0 is not None else None)
+    return x, unbatched, h0, c0
+
+
+def _torch_outputs(out, h_n, c_n, lstm, batch_first, unbatched):
+    """The ``torch.nn.LSTM``/``GRU`` return value from a batch-first output and final states
+    (the inverse of :func:`_torch_inputs`' reshaping)."""
+    if not batch_first:
+        out = out.transpose(0, 1)
+    if unbatched:
+        out = out.squeeze(0 if batch_first else 1)
+        h_n, c_n = h_n.squeeze(1), (c_n.squeeze(1) if c_n is not None else None)
+    return (out, (h_n, c_n)) if lstm else (out, h_n)
 
 
 class CompactTorchRecurrent(nn.Module):
@@ -440,17 +455,8 @@ class CompactTorchRecurrent(nn.Module):
                                                                   for s in entry["layers"]], entry["batch_first"])
 
     def forward(self, input, hx=None):
-        x = input
-        unbatched = x.dim() == 2
-        if unbatched:
-            x = x.unsqueeze(0 if self.batch_first else 1)
-        if not self.batch_first:
-            x = x.transpose(0, 1)
         lstm = self.cell == "lstm"
-        if hx is not None:
-            h0, c0 = hx if lstm else (hx, None)
-            if unbatched:
-                h0, c0 = h0.unsqueeze(1), (c0.unsqueeze(1) if c0 is not None else None)
+        x, unbatched, h0, c0 = _torch_inputs(input, hx, lstm, self.batch_first)
         hs, cs = [], []
         B, H = x.shape[0], self.hidden_size
         for k, layer in enumerate(self.layers):
@@ -463,13 +469,8 @@ class CompactTorchRecurrent(nn.Module):
                 cs.append(x.new_zeros(B, H).index_copy(1, kept, c))
         kept = getattr(self, f"kept_{len(self.layers) - 1}")
         out = x.new_zeros(B, x.shape[1], H).index_copy(2, kept, x)
-        if not self.batch_first:
-            out = out.transpose(0, 1)
-        h_n, c_n = torch.stack(hs), (torch.stack(cs) if lstm else None)
-        if unbatched:
-            out = out.squeeze(0 if self.batch_first else 1)
-            h_n, c_n = h_n.squeeze(1), (c_n.squeeze(1) if c_n is not None else None)
-        return (out, (h_n, c_n)) if lstm else (out, h_n)
+        return _torch_outputs(out, torch.stack(hs), torch.stack(cs) if lstm else None, lstm, self.batch_first,
+                              unbatched)
 
 
 class TorchLSTM(_TorchRecurrent, LSTM):
