@@ -15,6 +15,12 @@ For each spec (digits, batch 64, one thread):
 Prints the first compiled call's wall time (the compile) and the median step times of interleaved
 blocks (CPU time of this thread), and the break-even: the number of steps after which the compiled
 step has paid for its compilation (never, when it is not faster).
+
+Measured on the 2-core development VM (torch 2.13 CPU, 2026-12-03): the plain step compiles in
+1.0 s and runs at 0.92x its eager speed; the core does not compile (dynamo: an intermediate that
+aliases an input inside a fused node); with the fused nodes left eager it compiles (13.2 s cold,
+1.9 s from inductor's cache) and runs at 0.67x (Sparse VD MLP) and 0.66x (horseshoe MLP) its eager
+speed. Compilation does not pay on this CPU, so no recipe option enables it.
 """
 
 import argparse

@@ -304,7 +304,8 @@ def _add_predict(sub):
     p.add_argument("source", help="run directory (posterior predictive) or compact-*.pt file (deterministic)")
     p.add_argument("--data", required=True, help="PATH.npz (x [, y]) or PATH.csv (features [, target column]); "
                                                  "raw inputs: the run's input transform is applied")
-    p.add_argument("--out", required=True, help="CSV file to write (one row per example)")
+    p.add_argument("--out", required=True, help="file to write: PATH.npz (one array per column) or CSV (one row "
+                                                "per example)")
     p.add_argument("--target", help="label column of a CSV file (default: 'target' where present)")
     p.add_argument("--samples", type=int, default=100, help="posterior draws for a run (default 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws")

@@ -585,7 +585,9 @@ def load_inputs(path: str, target: str | None = None, feature_shape=None, labels
     ``y`` (``classification``: integer class labels; ``regression``: real values).
     """
     if not isinstance(path, (str, os.PathLike)) or not os.path.exists(path):
-        raise DataError(f"{path}: no such file")
+        hint = (f" ({path!r} is a built-in data set: `pyro-sparse evaluate` scores a run on its test split)"
+                if path in BUILTIN else "")
+        raise DataError(f"{path}: no such file{hint}")
     path = os.fspath(path)
     if path.endswith(".npz"):
         try:

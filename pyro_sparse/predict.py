@@ -146,13 +146,22 @@ def predictions_table(outputs, likelihood, noise=None):
 
 
 def write_predictions(result: dict, path: str, overwrite: bool = False):
-    """Write the table of :func:`predict` as CSV (refusing to replace a file without ``overwrite``)."""
+    """Write the table of :func:`predict`: a ``.npz`` path gets one array per column (``predicted``
+    as integers), any other path CSV. A file is replaced only with ``overwrite``."""
     if os.path.exists(path) and not (overwrite and os.path.isfile(path)):
         raise PyroSparseError(f"{path}: exists; use --overwrite to replace it" if os.path.isfile(path)
                               else f"{path}: exists and is not a file")
-    from .checkpoint import write_text_atomic
+    from .checkpoint import _atomic_write, write_text_atomic
 
     integral = {"predicted", "label"}
+    if path.lower().endswith(".npz"):
+        import numpy as np
+
+        rows = result["rows"].detach().cpu().numpy()
+        arrays = {c: rows[:, j].astype(np.int64) if c in integral else rows[:, j]
+                  for j, c in enumerate(result["columns"])}
+        _atomic_write(path, lambda f: np.savez(f, **arrays))
+        return
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(result["columns"])

@@ -93,6 +93,20 @@ def test_predict_a_file_without_labels(centred_run, kind, capsys):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+def test_predict_writes_npz_arrays_when_asked(centred_run, tmp_path):
+    """--out PATH.npz: one array per column (the CSV's), ``predicted`` and ``label`` as integers."""
+    csv_out, npz_out = str(tmp_path / "p.csv"), str(tmp_path / "p.npz")
+    for out in (csv_out, npz_out):
+        assert main(["predict", centred_run["compact"], "--data", centred_run["labelled"], "--out", out]) == 0
+    table = rows(csv_out)
+    with np.load(npz_out, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    assert sorted(arrays) == sorted(table[0])
+    assert arrays["predicted"].dtype == np.int64 and arrays["label"].dtype == np.int64
+    np.testing.assert_array_equal(arrays["predicted"], [int(r["predicted"]) for r in table])
+    np.testing.assert_allclose(arrays["prob_3"], [float(r["prob_3"]) for r in table], rtol=1e-5)
+
+
 def test_predict_refuses_to_overwrite_and_names_bad_input(centred_run, tmp_path, capsys):
     out = str(tmp_path / "p.csv")
     open(out, "w").write("keep me")
