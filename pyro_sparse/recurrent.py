@@ -893,6 +893,8 @@ class CompactRecurrent(nn.Module):
         if T == 0 or H == 0:  # nothing to run (torch's layers need a hidden unit)
             return x.new_zeros(B, T, H), (x.new_zeros(B, H) if h is None else h), (
                 (x.new_zeros(B, H) if c is None else c) if lstm else None)
+        if x.shape[-1] == 0:  # no input feature kept: one zero column (torch's layers need an input)
+            x = x.new_zeros(B, T, 1)
         state = None
         if h is not None or c is not None:
             h = x.new_zeros(B, H) if h is None else h
@@ -906,12 +908,19 @@ class CompactRecurrent(nn.Module):
         return out * self.output_scale, h_T, c_T
 
     def _plain_layer(self):
-        """A ``torch.nn.LSTM``/``GRU`` holding :meth:`plain_weights` for inference, built again when
-        a parameter changed (its version, identity, device or dtype); kept outside the module's
-        parameters and state dict."""
-        params = list(self.parameters())
-        key = tuple((id(p), p._version, p.device, p.dtype) for p in params)
-        cached = self.__dict__.get("_plain_cache")
+        """A ``torch.nn.LSTM``/``GRU`` holding :meth:`plain_weights` for inference, kept outside the
+        module's parameters and state dict and built again when a parameter or index buffer
+        changed: its identity, storage, version (in-place updates, optimiser steps,
+        ``load_state_dict``), device or dtype. A write through ``p.data`` bumps no version: call
+        :meth:`refresh` after one. Inference tensors (a module built in inference mode) have no
+        version: then the layer is built for each call."""
+        tensors = list(self.parameters()) + list(self.buffers())
+        if any(t.is_inference() for t in tensors):
+            cached = None
+            key = None
+        else:
+            key = tuple((id(t), t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+            cached = self.__dict__.get("_plain_cache")
         if cached is None or cached[0] != key:
             with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable outside inference mode
                 w_ih, w_hh, bias, bias_hn = self.plain_weights()
@@ -920,26 +929,39 @@ class CompactRecurrent(nn.Module):
                 for name, value in (("weight_ih_l0", w_ih), ("weight_hh_l0", w_hh), ("bias_ih_l0", bias),
                                     ("bias_hh_l0", _hidden_bias(self.cell, bias, bias_hn))):
                     getattr(layer, name).copy_(value)
-            cached = self.__dict__["_plain_cache"] = (key, layer)
+            cached = (key, layer)
+            if key is not None:
+                self.__dict__["_plain_cache"] = cached
         return cached[1]
+
+    def refresh(self):
+        """Forget the inference layer of :meth:`_plain_layer` (after writing a parameter through
+        ``.data``, which its cache cannot see)."""
+        self.__dict__.pop("_plain_cache", None)
 
     def plain_weights(self):
         r"""``(weight_ih, weight_hh, bias, bias_hn)`` of a plain LSTM/GRU layer of the kept units
         (``bias_hn`` None for an LSTM) that computes this module exactly, for torch's fused
         recurrence: an active gate row is its own, a constant gate is a row of zero weights whose
         bias is the inverse of the gate's nonlinearity at the constant (:math:`\mathrm{logit}`,
-        or :math:`\tanh^{-1}` for the tanh gate; clamped to [-30, 30], where either saturates),
-        and a GRU's constant candidate gate gets no hidden bias. The matrices keep zero rows where
+        or :math:`\tanh^{-1}` for the tanh gate; a saturated constant, 0 or 1 (or -1), taken one
+        machine epsilon inside, so that value and gradient stay finite), and a GRU's constant
+        candidate gate gets no hidden bias. No input feature kept: one zero column. The matrices keep zero rows where
         the module keeps none: the fused kernel costs a little more arithmetic than the active
         rows alone, and far less than a step-by-step loop in Python."""
         G, H = self.num_gates, self.hidden_size
         gh = G * H
-        w_ih = self.weight_ih.new_zeros(gh, self.weight_ih.shape[1]).index_copy(0, self.active, self.weight_ih)
+        w_ih = self.weight_ih.new_zeros(gh, max(self.weight_ih.shape[1], 1))
+        if self.weight_ih.shape[1]:
+            w_ih = w_ih.index_copy(0, self.active, self.weight_ih)
         w_hh = self.weight_hh.new_zeros(gh, H).index_copy(0, self.active, self.weight_hh)
         gate = torch.div(self.constant_index, H, rounding_mode="floor")
         tanh_gates = [CELLS[self.cell]["gates"].index(g) for g in CELLS[self.cell]["tanh"]]
         on_tanh = torch.isin(gate, torch.tensor(tanh_gates, device=gate.device))
-        pre = torch.where(on_tanh, torch.atanh(self.constants), torch.logit(self.constants)).clamp(-30.0, 30.0)
+        c, eps = self.constants, torch.finfo(self.constants.dtype).eps
+        # each branch sees only inputs in its domain: torch.where differentiates both
+        pre = torch.where(on_tanh, torch.atanh(torch.where(on_tanh, c, 0.0).clamp(-1 + eps, 1 - eps)),
+                          torch.logit(torch.where(on_tanh, 0.5, c), eps=eps))
         bias = self.bias.new_zeros(gh).index_copy(0, self.active, self.bias).index_copy(0, self.constant_index, pre)
         bias_hn = None
         if self.cell == "gru":

@@ -526,3 +526,98 @@ def test_compact_inference_layer_follows_the_parameters(cell):
                 m.weight_hh.mul_(0.5)
                 m.constants.mul_(0.5)
     assert not torch.allclose(before, cached[0])
+
+
+def _loop_reference(m, x, h=None, c=None):
+    """The compact layer's recurrence step by step (what CompactRecurrent computed before it ran
+    torch's fused layer): only active rows are multiplied, constant gates take their constants."""
+    from pyro_sparse.recurrent import CELLS
+
+    x = x.index_select(-1, m.input_index)
+    B, T = x.shape[:2]
+    H, G = m.hidden_size, len(CELLS[m.cell]["gates"])
+    gh = G * H
+    xw = (x @ m.weight_ih.T + m.bias).new_zeros(B, T, gh).index_copy(2, m.active, x @ m.weight_ih.T + m.bias)
+    const = m.constants.new_zeros(gh).index_copy(0, m.constant_index, m.constants).view(G, H)
+    act = torch.zeros(gh, dtype=torch.bool).index_fill(0, m.active, True).view(G, H)
+    h = x.new_zeros(B, H) if h is None else h
+    c = x.new_zeros(B, H) if c is None else c
+    b_hn = m.bias_hn if m.bias_hn is not None else 0.0
+    outs = []
+    for t in range(T):
+        hw = (h @ m.weight_hh.T).new_zeros(B, gh).index_copy(1, m.active, h @ m.weight_hh.T).view(B, G, H)
+        xt = xw[:, t].view(B, G, H)
+        if m.cell == "lstm":
+            pre = xt + hw
+            s = torch.where(act, torch.sigmoid(pre), const)
+            g = torch.where(act[2], torch.tanh(pre[:, 2]), const[2])
+            c = s[:, 1] * c + s[:, 0] * g
+            h = s[:, 3] * torch.tanh(c)
+        else:
+            r = torch.where(act[0], torch.sigmoid(xt[:, 0] + hw[:, 0]), const[0])
+            u = torch.where(act[1], torch.sigmoid(xt[:, 1] + hw[:, 1]), const[1])
+            n = torch.where(act[2], torch.tanh(xt[:, 2] + r * (hw[:, 2] + b_hn)), const[2])
+            h = (1 - u) * n + u * h
+        outs.append(h)
+    return torch.stack(outs, 1) * m.output_scale
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("features", [2, 0])
+def test_compact_layer_fine_tunes_like_its_step_by_step_recurrence(cell, features):
+    """float64: outputs and gradients of the fused compact layer equal the step-by-step
+    recurrence, with a sigmoid constant, a negative tanh-gate constant and saturated constants
+    (0 and 1: finite gradients), and with no input feature kept (the layer reads zeros)."""
+    from pyro_sparse.recurrent import CompactRecurrent
+
+    g = torch.Generator().manual_seed(1)
+    G, H = (4, 3) if cell == "lstm" else (3, 3)
+    f64 = {"dtype": torch.float64}
+    constant = torch.tensor([1, 2 * H + 1, H, 2 * H])  # sigmoid gates and the tanh gate (g / n)
+    active = torch.tensor([r for r in range(G * H) if r not in constant.tolist()])
+    m = CompactRecurrent(cell, torch.arange(features), torch.randn(len(active), features, generator=g, **f64),
+                         torch.randn(len(active), H, generator=g, **f64), torch.randn(len(active), generator=g, **f64),
+                         active, constant, torch.tensor([0.3, -0.6, 1.0, 0.0], **f64),
+                         torch.rand(H, generator=g, **f64), True,
+                         torch.randn(H, generator=g, **f64) if cell == "gru" else None)
+    x, h0 = torch.randn(4, 6, features, generator=g, **f64), torch.randn(4, H, generator=g, **f64)
+    out = m.run(x, h0)[0]
+    ref = _loop_reference(m, x, h0)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    params = [p for p in m.parameters() if p.numel()]
+    got = torch.autograd.grad(out.square().sum(), params)
+    want = torch.autograd.grad(ref.square().sum(), params)
+    for name, a, b in zip([n for n, p in m.named_parameters() if p.numel()], got, want):
+        assert torch.isfinite(a).all(), name
+        if name != "constants":  # saturated constants (0, 1) are held one epsilon inside: zero gradient
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+    k = next(i for i, p in enumerate(params) if p is m.constants)
+    torch.testing.assert_close(got[k][:2], want[k][:2], rtol=1e-9, atol=1e-12)  # the constants inside (0, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), _loop_reference(m, x), rtol=1e-12, atol=1e-12)  # the inference layer
+
+
+def test_compact_inference_cache_sees_storage_changes_and_inference_mode():
+    """The cached inference layer follows a parameter replaced through ``.data``; a write through
+    ``.data`` in place is seen after refresh(); a module built in inference mode runs."""
+    from pyro_sparse.recurrent import CompactRecurrent
+
+    def build():
+        return CompactRecurrent("lstm", torch.arange(2), torch.randn(12, 2), torch.randn(12, 3), torch.randn(12),
+                                torch.arange(12), torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.ones(3),
+                                True)
+
+    torch.manual_seed(0)
+    m, x = build(), torch.randn(2, 5, 2)
+    with torch.no_grad():
+        first = m(x)
+        m.weight_hh.data = m.weight_hh.data * 0.1  # new storage
+        torch.testing.assert_close(m(x), _loop_reference(m, x))
+        m.weight_ih.data.mul_(2.0)  # same storage, no version bump
+        m.refresh()
+        torch.testing.assert_close(m(x), _loop_reference(m, x))
+    assert not torch.allclose(first, m(x).detach())
+    with torch.inference_mode():
+        frozen = build()
+        out = frozen(x)
+        torch.testing.assert_close(out, _loop_reference(frozen, x))
