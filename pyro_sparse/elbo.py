@@ -168,7 +168,8 @@ class _Plan:
       stores flat, drawn and scored in one node (unless a drawn site of a structured guide depends
       on them, which needs them earlier);
     * ``local``: parameter sites under local reparameterisation (the guide decided at set-up), of
-      which ``fused`` ones (a plain mean-field posterior and a fixed prior
+      which ``fused`` ones (a Gaussian posterior of the mean-field guide, or of the structured
+      guide with its mean shifted by the hyper-values, and a fixed prior
       :func:`~pyro_sparse.kl.kl_terms_for` knows) go through :func:`~pyro_sparse.kl.local_terms`;
     * ``draw_order``: the sites drawn from ``guide.posterior``, in order;
     * with a point-mass guide (MAP) nothing is drawn: a site's KL is ``-log p(w_hat)``, in one
@@ -206,12 +207,15 @@ class _Plan:
                 s.fused = s.name in flat
                 continue
             s.local = local_reparam and info.get("local_reparam", False)
-            plain = hasattr(guide, "locs") and "group_sites" not in info and info.get("block") is None
+            plain = hasattr(guide, "locs") and info.get("block") is None  # a structured site: its mean shifts
             s.fused = s.local and plain and s.fixed is not None and kl_terms_for(s.fixed) is not None
         if flat and not early:
             self.layout = HyperLayout(guide, {s.name: s.prior for s in self.sites if s.fused and s.owner is None})
         self.draw_order = [s for s in self.sites if not s.local]
         self.fused_local = [(s.name, kl_terms_for(s.fixed)) for s in self.sites if s.fused and s.owner is not None]
+        #: fused sites whose posterior mean depends on the hyper-values (structured guide): taken
+        #: from ``guide.posterior(site, values)``, the others straight from the guide's parameter
+        self.conditional_loc = {s.name for s in self.sites if s.fused and "group_sites" in guide.sites[s.name]}
         self.generic_local = [s for s in self.sites if s.local and not s.fused]
 
     def current(self) -> bool:
@@ -354,7 +358,8 @@ class CoreELBO(_Loss):
                 kls.append((q.log_prob(v) - p.log_prob(v)).sum())
         if plan.fused_local:
             names = [name for name, _ in plan.fused_local]
-            locs = [guide.locs[name.replace(".", "__")] for name in names]
+            locs = [guide.posterior(name, values).loc if name in plan.conditional_loc
+                    else guide.locs[name.replace(".", "__")] for name in names]
             pruning = None
             if masks:
                 for name, terms in plan.fused_local:  # a non-Gaussian prior cannot be reduced: raises as Pyro does
