@@ -46,13 +46,12 @@ from torch import nn
 
 from .convert import BayesianModule
 from .curvature import LIKELIHOODS, diag_ggn, kfac_ggn, log_likelihood
-from .distributions import log_alpha
 from .laplace import PRIOR_STRUCTURES, log_marglik_diag, make_prior_precision
 from .priors import Gaussian
 from .reduction.compact import add_prune_masks, compact, export
 from .reduction.rules import reduce
-from .spam import masked_fine_tune, optimize_prior_precision
-from .summary import PosteriorSummary, SiteSummary
+from .spam import masked_fine_tune, optimize_prior_precision, summary_from_curvature
+from .summary import PosteriorSummary
 
 __all__ = ["prune", "laplace_posterior", "PrunedModel", "batches"]
 
@@ -126,20 +125,6 @@ def _kfac_diagonal(kfac, model):
         out[f"{prefix}weight"] = (g_diag[:, None] * a_diag[None, :d]).reshape(w.shape)
         if module.bias is not None:
             out[f"{prefix}bias"] = g_diag * a_diag[d]
-    return out
-
-
-@torch.no_grad()
-def _summary(network, model, curv_diag, prior, method):
-    deltas = {name: d.detach() for name, d in prior.precision_dict().items()}
-    params = dict(model.named_parameters())
-    out = PosteriorSummary(method=method)
-    for name, (layer, param, _) in network.param_sites().items():
-        loc = params[name].detach().clone()
-        delta = deltas[name].expand(loc.shape).clone()
-        precision = curv_diag[name].detach() + delta
-        out[name] = SiteSummary(layer.site, param, loc, precision, torch.zeros((), dtype=loc.dtype, device=loc.device),
-                                delta, dict(layer.param_axes[param]), log_alpha(loc, precision.rsqrt()))
     return out
 
 
@@ -256,7 +241,7 @@ def laplace_posterior(module: nn.Module, x, y=None, likelihood="categorical", no
                                               torch.optim.Adam(prior.parameters(), lr=hyper_lr), hyper_steps, curvature)
     marglik_seconds = time.perf_counter() - start
     diag = _kfac_diagonal(curv, model) if curvature == "kfac" else curv
-    summary = _summary(network, model, diag, prior, f"laplace-posthoc-{curvature}-{structure}")
+    summary = summary_from_curvature(network, model, diag, prior, f"laplace-posthoc-{curvature}-{structure}")
     info = {"log_marglik": float(trajectory[-1]), "log_marglik_start": float(trajectory[0]),
             "log_lik": float(log_lik), "examples": n, "curvature": curvature, "structure": structure,
             "prior_precision": {k: float(v.detach().mean()) for k, v in prior.precision_dict().items()},

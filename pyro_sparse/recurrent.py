@@ -898,7 +898,8 @@ class CompactRecurrent(nn.Module):
         state = None
         if h is not None or c is not None:
             h = x.new_zeros(B, H) if h is None else h
-            state = (h.unsqueeze(0), (x.new_zeros(B, H) if c is None else c).unsqueeze(0)) if lstm else h.unsqueeze(0)
+            c = x.new_zeros(B, H) if c is None else c
+            state = (h.unsqueeze(0), c.unsqueeze(0)) if lstm else h.unsqueeze(0)
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):  # fine-tuning
             w_ih, w_hh, bias, bias_hn = self.plain_weights()
             out, final = recurrent_states(self.cell, x, w_ih, w_hh, bias, bias_hn=bias_hn, state=state)

@@ -71,6 +71,7 @@ __all__ = [
     "laplace_statistics",
     "optimize_prior_precision",
     "laplace_summary",
+    "summary_from_curvature",
     "apply_masks",
     "masked_fine_tune",
 ]
@@ -307,6 +308,14 @@ def laplace_summary(network, model, prior, x, y, likelihood, noise=1.0, hessian=
         curv = diag_ggn(model, x, y, likelihood, noise, batch_size=batch_size)
     else:
         raise ValueError(f"hessian must be one of {HESSIANS}, got hessian={hessian!r}")
+    return summary_from_curvature(network, model, curv, prior, method)
+
+
+@torch.no_grad()
+def summary_from_curvature(network, model, curv, prior, method="laplace"):
+    """The diagonal Laplace posterior of :func:`laplace_summary` from a curvature diagonal already
+    computed (``curv``: parameter name -> ``H_ii``, any estimate: exact GGN, empirical Fisher,
+    the diagonal of a KFAC)."""
     deltas = {name: d.detach() for name, d in prior.precision_dict().items()}
     params = dict(model.named_parameters())
     out = PosteriorSummary(method=method)
