@@ -42,15 +42,22 @@ from .priors import Gaussian, build_prior
 from .schema import Field, validate
 
 
+def auto_size(size, in_shape: tuple, axes: tuple, axis: int, layer: str, hint: str) -> int:
+    """A spec size that may be ``auto``: then the size along ``axis`` of a per-example input whose
+    axes are named ``axes`` (ValueError naming the layer, the expected axes and ``hint`` for an
+    input of another rank)."""
+    if size != "auto":
+        return size
+    if len(in_shape) != len(axes):
+        raise ValueError(f"{layer} expects ({', '.join(axes)}) input, got shape {list(in_shape)}; {hint}")
+    return in_shape[axis]
+
+
 def image_channels(size, in_shape: tuple, layer: str) -> int:
     """A spec's input-channel count that may be ``auto``: then the channels of a per-example
     ``(channels, height, width)`` input."""
-    if size != "auto":
-        return size
-    if len(in_shape) != 3:
-        raise ValueError(f"{layer} expects (channels, height, width) input, got shape {list(in_shape)}; "
-                         "set input_shape: image or a list in the spec")
-    return in_shape[0]
+    return auto_size(size, in_shape, ("channels", "height", "width"), 0, layer,
+                     "set input_shape: image or a list in the spec")
 
 
 def last_dim(size, in_shape: tuple, key: str) -> int:
@@ -613,12 +620,8 @@ class Conv1d(_ConvNd):
     @classmethod
     def from_config(cls, cfg, in_shape):
         cfg = dict(cfg)
-        size = cfg.pop("in")
-        if size == "auto":
-            if len(in_shape) != 2:
-                raise ValueError(f"conv1d expects (channels, length) input, got shape {list(in_shape)}; "
-                                 "set input_shape: [C, L] in the spec")
-            size = in_shape[0]
+        size = auto_size(cfg.pop("in"), in_shape, ("channels", "length"), 0, "conv1d",
+                         "set input_shape: [C, L] in the spec")
         return cls(size, cfg.pop("out"), **cfg)
 
     def compute(self, x, weight, bias):

@@ -55,7 +55,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .compaction import Compaction, drop_entries, as_index
-from .layers import Layer, _Stateless, scoped_params
+from .layers import Layer, _Stateless, auto_size, scoped_params
 from .local_reparam import realize, shared_weights
 from .priors import Gaussian, LogUniform, build_prior
 from .schema import Field
@@ -222,12 +222,8 @@ class _Recurrent(Layer):
     @classmethod
     def from_config(cls, cfg, in_shape):
         cfg = dict(cfg)
-        size = cfg.pop("in")
-        if size == "auto":
-            if len(in_shape) != 2:
-                raise ValueError(f"expects (time, features) inputs, got shape {list(in_shape)}; "
-                                 "set input_shape: [T, F] in the spec")
-            size = in_shape[-1]
+        size = auto_size(cfg.pop("in"), in_shape, ("time", "features"), 1, cls.spec_name,
+                         "set input_shape: [T, F] in the spec")
         return cls(size, **cfg)
 
     def out_shape(self, in_shape):
