@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from pyro_sparse.curvature import diag_ef, diag_ggn, kfac_ggn
+from pyro_sparse.laplace.curvature import diag_ef, diag_ggn, kfac_ggn
 
 
 def timed(fn, repeats=9):

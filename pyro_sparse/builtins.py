@@ -14,7 +14,7 @@ from .fitting import SVITrainer
 from .reduction import rules
 from .reduction.iterative import IterativeBMRTrainer
 from .registry import CONVERSIONS, FITTERS, GUIDES, LAYERS, LIKELIHOODS, PRIORS, RULES
-from .spam import LaplaceTrainer
+from .laplace.trainer import LaplaceTrainer
 
 __all__ = ["register_builtins", "BUILTIN"]
 

@@ -272,7 +272,7 @@ class SVITrainer:
     accepts_batches = True
     streaming = False
 
-    # Defaults for trainers that subclass without calling __init__ (see spam.LaplaceTrainer).
+    # Defaults for trainers that subclass without calling __init__ (see laplace.trainer.LaplaceTrainer).
     recoveries: tuple | list = ()
     check_each_step = True
     _on_disk = _resumed_from_prev = False
@@ -280,7 +280,7 @@ class SVITrainer:
     #: L0, the loss per datum at the run's start with the full KL weight (see the module docstring)
     loss_reference = None
     #: which ELBO implementation the steps use: "core" (CoreELBO) or "pyro" (MeanFieldELBO);
-    #: None for subclasses that fit another objective (spam.LaplaceTrainer)
+    #: None for subclasses that fit another objective (laplace.trainer.LaplaceTrainer)
     elbo_path = None
 
     def __init__(self, network, guide, dataset, recipe, out_dir=None, progress=True):
@@ -725,6 +725,13 @@ class SVITrainer:
     def posterior_guide(self):
         """A Pyro guide that draws from the fitted posterior (here the guide itself)."""
         return self.guide
+
+    def predictive(self, num_samples=None, generator=None):
+        """``x -> outputs (S, B, ...)``: the posterior predictive with ``num_samples`` draws (default
+        the recipe's ``eval_samples``; one for a point estimate), what ``evaluate`` and ``predict``
+        read. A Laplace fit gives its linearised predictive instead."""
+        samples = 1 if isinstance(self.guide, DeltaGuide) else num_samples or self.recipe["eval_samples"]
+        return evaluation.posterior_predictive(self.network, self.guide, samples)
 
     def evaluate(self, num_samples=None):
         if self.streaming:

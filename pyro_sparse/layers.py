@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .compaction import WeightCompaction
+from .laplace.curvature import CONV, LINEAR
 from .local_reparam import gaussian_conv1d, gaussian_conv2d, gaussian_linear, realize, shared_weights
 from .priors import Gaussian, build_prior
 from .schema import Field, validate
@@ -151,6 +152,10 @@ class Layer(nn.Module):
     #: parameter name -> {axis name: tensor dim}
     param_axes: dict[str, dict[str, int]] = {}
 
+    #: how the Laplace curvature covers the layer's parameters (:mod:`pyro_sparse.laplace.curvature`):
+    #: a backend, or None where it does not; every registered layer must say which
+    curvature = NotImplemented
+
     #: applied more than once per forward pass: one weight draw serves every application
     #: (set by :class:`~pyro_sparse.convert.BayesianModule`; see :func:`scoped_params`)
     shared = False
@@ -250,6 +255,8 @@ class Layer(nn.Module):
 
 class _Stateless(Layer):
     """A parameter-free layer wrapping a ``torch.nn`` module."""
+
+    curvature = None  # no parameters
 
     def _module(self) -> nn.Module:
         raise NotImplementedError
@@ -437,6 +444,7 @@ class Linear(_Parametric):
     spec_name = "linear"
 
     prefix = "fc"
+    curvature = LINEAR
     fields = {"in": Field("size", "auto"), "out": Field("size"), "bias": Field("bool", True),
               "prior": Field("any", None, allow_none=True), "bias_prior": Field("any", None, allow_none=True)}
     param_axes = {"weight": {"unit": 0, "input": 1}, "bias": {"unit": 0}}
@@ -495,6 +503,7 @@ class _ConvNd(_Parametric):
 
     dims = 2
     torch_cls = nn.Conv2d
+    curvature = CONV
     fields = {"in": Field("size", "auto"), "out": Field("size"), "kernel_size": Field("int", positive=True),
               "stride": Field("int", 1, positive=True), "padding": Field("int", 0, nonneg=True),
               "dilation": Field("int", 1, positive=True), "bias": Field("bool", True),

@@ -77,6 +77,31 @@ class Likelihood(Configurable):
         """log p(y_n | output_s) for stacked outputs (S, B, ...): shape (S, B)."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ curvature (Laplace)
+    # The Hessian Lambda_n of -log p(y_n | f_n) with respect to the flat output f_n (K numbers)
+    # for the GGN H = sum_n J_n' Lambda_n J_n (pyro_sparse.laplace.curvature), given as columns of
+    # a square root, Lambda_n = S_n S_n'. A likelihood without them has no Laplace approximation.
+
+    def check_curvature(self):
+        """Raise ValueError where this likelihood has no output Hessian for the Laplace approximation."""
+        raise ValueError(f"likelihood {self.spec_name!r} has no output Hessian for the Laplace approximation "
+                         "(categorical, bernoulli and gaussian with a fixed noise have one)")
+
+    def hessian_sqrt(self, output):
+        """Columns ``(K, N, K)`` of a square root of ``Lambda_n``: ``sum_k s_k s_k' = Lambda_n``, for
+        the flat outputs ``(N, K)``."""
+        self.check_curvature()
+
+    def sampled_hessian_sqrt(self, output, m, generator=None):
+        """``m`` Monte Carlo columns ``(m, N, K)``, ``(d/df) NLL(y~; f) / sqrt(m)`` with
+        ``y~ ~ p(y | f)``, whose outer products average to ``Lambda_n`` (the Fisher identity
+        ``E[r r'] = Lambda`` of these exponential families)."""
+        self.check_curvature()
+
+    def nll_gradient(self, output, y):
+        """``r_n = d(-log p(y_n | f_n)) / d f_n`` ``(N, K)`` (the empirical Fisher's column)."""
+        self.check_curvature()
+
 
 def categorical_log_likelihood(logits, y):
     """log softmax(logits)[y], broadcasting ``y`` over leading sample dimensions of ``logits``."""
@@ -113,6 +138,24 @@ class Categorical(Likelihood):
     def log_predictive(self, outputs, y):
         return _log_mean_exp(self.pointwise_log_likelihood(outputs, y))
 
+    def check_curvature(self):
+        pass
+
+    def hessian_sqrt(self, output):
+        """``Lambda = diag(p) - p p'`` (``p = softmax(f)``) has the square root with columns
+        ``s_k = sqrt(p_k) (e_k - p)``, because ``sum_k p_k (e_k - p)(e_k - p)' = diag(p) - p p'``."""
+        p = torch.softmax(output, dim=-1)  # (N, K)
+        eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+        return p.T.sqrt().unsqueeze(-1) * (eye.unsqueeze(1) - p.unsqueeze(0))
+
+    def sampled_hessian_sqrt(self, output, m, generator=None):
+        p = torch.softmax(output, dim=-1)
+        ys = torch.multinomial(p, m, replacement=True, generator=generator).T  # (m, N)
+        return (p.unsqueeze(0) - F.one_hot(ys, p.shape[1]).to(p.dtype)) / math.sqrt(m)
+
+    def nll_gradient(self, output, y):
+        return torch.softmax(output, dim=-1) - F.one_hot(y.long().reshape(-1), output.shape[1]).to(output.dtype)
+
 
 class Bernoulli(Likelihood):
     """``y ~ Bernoulli(sigmoid(f(x)))`` for binary labels; the network has one output.
@@ -146,6 +189,24 @@ class Bernoulli(Likelihood):
 
     def log_predictive(self, outputs, y):
         return _log_mean_exp(self.pointwise_log_likelihood(outputs, y))
+
+    def check_curvature(self):
+        pass
+
+    def hessian_sqrt(self, output):
+        """One independent Bernoulli per output: ``Lambda = diag(p (1 - p))``, columns
+        ``sqrt(p_k (1 - p_k)) e_k`` (``p = sigmoid(f)``)."""
+        p = torch.sigmoid(output)
+        eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+        return eye.unsqueeze(1) * (p * (1 - p)).sqrt().unsqueeze(0)
+
+    def sampled_hessian_sqrt(self, output, m, generator=None):
+        p = torch.sigmoid(output)
+        ys = torch.bernoulli(p.expand(m, *p.shape), generator=generator)
+        return (p.unsqueeze(0) - ys) / math.sqrt(m)
+
+    def nll_gradient(self, output, y):
+        return torch.sigmoid(output) - y.to(output.dtype).reshape(output.shape)
 
 
 class Gaussian(Likelihood):
@@ -193,6 +254,12 @@ class Gaussian(Likelihood):
         mean, scale = affine
         return dist.Normal(mean + scale * output, noise * scale)
 
+    def observed(self, y, output):
+        """``y`` shaped like the output: a one-target regression's ``(N,)`` targets as ``(N, 1)``."""
+        if y.shape != output.shape and y.numel() == output.numel():
+            return y.reshape(output.shape)
+        return y
+
     def hyper_sites(self, like):
         """``{"likelihood.noise": HyperSite}`` with a learned noise (half-normal prior of scale
         ``noise``, starting there), else ``{}``."""
@@ -226,6 +293,28 @@ class Gaussian(Likelihood):
     def log_predictive(self, outputs, y, noise=None):
         return _log_mean_exp(self.pointwise_log_likelihood(outputs, y, noise))
 
+    def check_curvature(self):
+        if self.learn_noise:
+            raise ValueError("the Laplace approximation needs a fixed Gaussian noise; set learn_noise: false")
+        if self.target_transform is not None:
+            raise ValueError("the Laplace approximation fits raw regression targets; remove data: "
+                             "{targets: standardize}")
+
+    def hessian_sqrt(self, output):
+        """``Lambda = I / sigma^2``: columns ``e_k / sigma``."""
+        self.check_curvature()
+        eye = torch.eye(output.shape[1], dtype=output.dtype, device=output.device)
+        return (eye / float(self.noise)).unsqueeze(1).expand(-1, output.shape[0], -1)
+
+    def sampled_hessian_sqrt(self, output, m, generator=None):
+        self.check_curvature()
+        eps = torch.randn((m, *output.shape), dtype=output.dtype, device=output.device, generator=generator)
+        return eps / (float(self.noise) * math.sqrt(m))
+
+    def nll_gradient(self, output, y):
+        self.check_curvature()
+        return (output - y.to(output.dtype).reshape(output.shape)) / float(self.noise) ** 2
+
 
 class SequenceCategorical(Categorical):
     """``y_t ~ Categorical(softmax(f(x)_t))`` at every position of a sequence (language models).
@@ -251,6 +340,9 @@ class SequenceCategorical(Categorical):
     def pointwise_log_likelihood(self, outputs, y):
         """Per-sequence log-likelihood sum_t log p(y_t | ...): (S, B, T, V) outputs -> (S, B)."""
         return self.token_log_likelihood(outputs, y).sum(-1)
+
+    def check_curvature(self):
+        Likelihood.check_curvature(self)
 
     @staticmethod
     def token_log_likelihood(outputs, y):

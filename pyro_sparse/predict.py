@@ -85,16 +85,12 @@ def _from_run(directory, num_samples):
 
     run = load_run(directory)
     network = run.network
-    guide = run.trainer.posterior_guide()
-    samples = 1 if isinstance(guide, DeltaGuide) else num_samples
+    samples = 1 if isinstance(run.guide, DeltaGuide) and run.recipe["method"] != "laplace" else num_samples
     lik = network.likelihood
     noise = None
     if getattr(lik, "learn_noise", False):
-        noise = guide.median().get("likelihood.noise")
-
-    def outputs_of(xb):
-        return network.sample_outputs(xb, guide, samples)
-
+        noise = run.guide.median().get("likelihood.noise")
+    outputs_of = run.trainer.predictive(samples, torch.Generator().manual_seed(0))
     transform = run.dataset.extras.get("input_transform")
     return outputs_of, lik, noise, run.dataset.feature_shape, transform, "run", samples
 

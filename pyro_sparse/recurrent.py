@@ -156,6 +156,8 @@ def recurrent_states(cell, x, weight_ih, weight_hh, bias, z_input=None, z_hidden
 class _Recurrent(Layer):
     """Shared machinery of the Bayesian LSTM and GRU layers."""
 
+    curvature = None  # the Laplace curvature does not cover recurrent layers
+
     cell = "lstm"
     fields = {
         "in": Field("size", "auto", doc="input features per time step"),
@@ -537,6 +539,7 @@ class Embedding(Layer):
     """
 
     spec_name = "embedding"
+    curvature = None
 
     prefix = "emb"
     fields = {

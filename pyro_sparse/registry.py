@@ -57,8 +57,10 @@ class Registry(Mapping):
     ``name`` (rules) attribute: the name a spec or the command line uses.
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, declares: dict | None = None):
         self.kind = kind
+        #: class attributes every component must set (attribute -> what it is, for the message)
+        self.declares = dict(declares or {})
         self._items: dict = {}
 
     def register(self, obj=None, name: str | None = None):
@@ -71,6 +73,10 @@ class Registry(Mapping):
         key = name or getattr(obj, "spec_name", None) or getattr(obj, "name", None)
         if not isinstance(key, str) or not key:
             raise ValueError(f"{self.kind} registry: {obj!r} needs a name (spec_name, name or the name argument)")
+        for attr, what in self.declares.items():
+            if getattr(obj, attr, NotImplemented) is NotImplemented:
+                raise ValueError(f"{self.kind} registry: {getattr(obj, '__name__', obj)!r} declares no {attr!r}: set "
+                                 f"the class attribute {attr} to {what}")
         if isinstance(obj, type):
             obj.spec_name = key
         self._items[key] = obj
@@ -106,10 +112,15 @@ class Registry(Mapping):
         return f"Registry({self.kind!r}, {sorted(self._items)})"
 
 
+#: what a layer must say about the Laplace approximation (pyro_sparse.laplace.curvature)
+_CURVATURE = ("a curvature backend of pyro_sparse.laplace.curvature (LINEAR for an affine map of the last axis, "
+              "CONV for a convolution, or a CurvatureBackend of your own that cuts the input into patches), or to "
+              "None where the Laplace approximation cannot cover the layer's parameters")
+
 PRIORS = Registry("prior")
-LAYERS = Registry("layer")
+LAYERS = Registry("layer", declares={"curvature": _CURVATURE})
 LIKELIHOODS = Registry("likelihood")
 GUIDES = Registry("guide")
 FITTERS = Registry("fitting method")
 RULES = Registry("reduction rule")
-CONVERSIONS = Registry("module conversion")
+CONVERSIONS = Registry("module conversion", declares={"curvature": _CURVATURE})

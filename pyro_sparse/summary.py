@@ -1,8 +1,10 @@
-"""The posterior summary: where every fitting method ends and every reduction rule starts.
+r"""The posterior summary: where every fitting method ends and every reduction rule starts.
 
 For each layer parameter (``fc1.weight``, ...) a :class:`SiteSummary` holds a Gaussian
 approximation of its posterior marginals, ``N(loc, 1/precision)`` element-wise (plus an
-optional full or low-rank block where the guide has one), and the Gaussian prior that produced
+optional full or low-rank block where the guide has one, or the structure of its layer's
+posterior precision -- Kronecker factors or row blocks, :mod:`pyro_sparse.kron` -- shared by the
+layer's weight and bias), and the Gaussian prior that produced
 it, ``N(prior_loc, 1/prior_precision)`` (for hierarchical priors: the conditional prior given
 the fitted scales), its ``role`` (a ``weight``, a ``bias``, or a ``group`` variable that
 multiplies other parameters, like the ``z`` of a gated LSTM) and, for a prior with a rule of
@@ -11,9 +13,15 @@ its own, the group quantity that rule reads (``groups``: the log alpha of a grou
 (:mod:`pyro_sparse.reduction.rules`) reads only this, so the rules run unchanged on SVI and
 Laplace posteriors (DESIGN.md, "The flow of one run").
 
+``precision`` is a *marginal* precision :math:`1/\Sigma_{ii}` (``marginal=True``: a mean-field
+posterior, whose marginals are its factors, or a structure that gives the marginal variances)
+or the diagonal :math:`P_{ii}` of a precision matrix whose off-diagonal entries were dropped
+(``marginal=False``: a diagonal Laplace posterior), a *conditional* precision, with
+:math:`1/P_{ii} \le \Sigma_{ii}`. Rules that need the marginal say which they read.
+
 Where a summary comes from: :func:`summarize` (a fitted guide: mean-field, structured,
-low-rank, delta) and :func:`pyro_sparse.spam.laplace_summary` (a Laplace fit); a fitted run
-gives its own through ``trainer.posterior_summary()``.
+low-rank, delta) and :meth:`pyro_sparse.laplace.posterior.LaplacePosterior.summary` (a Laplace
+fit); a fitted run gives its own through ``trainer.posterior_summary()``.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ class SiteSummary:
     log_alpha: torch.Tensor | None = None  # Sparse VD log sigma^2/theta^2, where defined
     block: dict | None = None  # {"precision": (n, n)} or {"cov_factor", "cov_diag"} over loc.flatten()
     groups: dict = field(default_factory=dict)  # prior's rule name -> one value per group (broadcastable)
+    structure: object = None  # the layer's KroneckerPrecision or RowPrecision (pyro_sparse.kron), or None
+    marginal: bool = True  # precision is 1/marginal variance (else the diagonal of a precision matrix)
 
     @property
     def name(self):
@@ -53,6 +63,14 @@ class SiteSummary:
     def variance(self):
         return self.precision.reciprocal()
 
+    def precision_diagonal(self):
+        """:math:`P_{ii}`, the diagonal of the posterior precision matrix (what OPD reads): the
+        structure's where there is one, else ``precision`` (for a mean-field posterior both are
+        the same; a low-rank block is handled by the rules)."""
+        if self.structure is not None:
+            return self.structure.split(self.structure.precision_diagonal())[self.name].to(self.loc.dtype)
+        return self.precision
+
     def to(self, device=None, dtype=None):
         def move(t):
             return t.to(device=device, dtype=dtype) if torch.is_tensor(t) else t
@@ -60,7 +78,7 @@ class SiteSummary:
         return SiteSummary(self.layer, self.param, move(self.loc), move(self.precision), move(self.prior_loc),
                            move(self.prior_precision), self.axes, move(self.log_alpha),
                            {k: move(v) for k, v in self.block.items()} if self.block else None,
-                           {k: move(v) for k, v in self.groups.items()})
+                           {k: move(v) for k, v in self.groups.items()}, self.structure, self.marginal)
 
 
 def param_role(param: str) -> str:

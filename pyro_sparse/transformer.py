@@ -499,6 +499,8 @@ class Composite(Layer):
     ``site`` and group axes), which is what ``BayesianNetwork.param_sites`` enumerates.
     """
 
+    curvature = None  # not covered by the Laplace curvature
+
     @property
     def site(self):
         return self.__dict__.get("_site", self.prefix)
@@ -553,6 +555,8 @@ class LayerNorm(_Compactable, _Parametric):
     Gain ``weight`` (prior ``prior``, default N(1, 1): the identity map a priori) and ``bias``
     (default N(0, 1)), both ``(D,)`` on the ``unit`` axis. Under local reparameterisation the
     output is drawn element-wise (:func:`gaussian_elementwise`)."""
+
+    curvature = None  # not covered by the Laplace curvature
 
     spec_name = "layernorm"
 
@@ -618,6 +622,8 @@ class PatchEmbed(_Compactable, _Parametric):
     Linear layer on the flattened patches (``F.unfold``, features in (c, i, j) order). Tokens are
     in row-major patch order."""
 
+    curvature = None  # not covered by the Laplace curvature
+
     spec_name = "patch_embed"
 
     prefix = "patch"
@@ -681,6 +687,8 @@ class PatchEmbed(_Compactable, _Parametric):
 class _Embedding(_Compactable, Layer):
     """A Bayesian embedding tensor ``weight`` (axes ``token`` 0, ``unit`` 1), ViT initialisation
     N(0, 0.02^2) truncated at two standard deviations."""
+
+    curvature = None  # not covered by the Laplace curvature
 
     fields = {"prior": Field("any", None, allow_none=True), "bias_prior": Field("any", None, allow_none=True)}
     param_axes = {"weight": {"token": 0, "unit": 1}}
@@ -810,6 +818,8 @@ class QKVProjection(_Parametric):
     ``(H, d, D)`` (axes ``head`` 0, ``input`` 2) and bias as ``(H, d)`` (``head`` 0), so priors
     can group by head. Output ``(..., H, d)``."""
 
+    curvature = None  # not covered by the Laplace curvature
+
     prefix = "q"
     param_axes = {"weight": {"head": 0, "input": 2}, "bias": {"head": 0}}
 
@@ -832,6 +842,8 @@ class QKVProjection(_Parametric):
 class OutProjection(_Parametric):
     """Bayesian output projection of attention: a Linear map ``H*d -> D`` whose weight is kept
     as ``(D, H, d)`` (axes ``unit`` 0, ``head`` 1); bias ``(D,)``. Input ``(..., H, d)``."""
+
+    curvature = None  # not covered by the Laplace curvature
 
     prefix = "o"
     param_axes = {"weight": {"unit": 0, "head": 1}, "bias": {"unit": 0}}

@@ -430,7 +430,7 @@ def test_compact_of_a_converted_recurrent_layer_deletes_gates_and_hidden_units(c
 
 def test_the_laplace_trainer_fits_a_converted_module_with_fixed_other_parameters():
     from pyro_sparse.recipe import load_recipe
-    from pyro_sparse.spam import LaplaceTrainer
+    from pyro_sparse.laplace.trainer import LaplaceTrainer
 
     class WithNorm(nn.Module):
         def __init__(self):

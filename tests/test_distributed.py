@@ -249,10 +249,22 @@ def even_digits():
 def _laplace_statistics_worker():
     """All-reduced statistics of 2 shards == the single-process statistics of the whole set (float64):
     diagonal GGN and EF, KFAC (A adds up, G is a count-weighted mean), subsets, log-likelihood."""
-    from pyro_sparse.curvature import log_likelihood
     from pyro_sparse.data import load_digits
-    from pyro_sparse.spam import laplace_curvature, laplace_statistics
+    from pyro_sparse.laplace.curvature import data_batches, log_likelihood
+    from pyro_sparse.laplace.posterior import curvature_of
+    from pyro_sparse.laplace.trainer import laplace_statistics
+    from pyro_sparse.likelihoods import Categorical
 
+    def single_process(x, y, curvature="diag", hessian="ggn", rows=None):
+        """The curvature of one process on the given rows, scaled by N / m for a subset."""
+        xs, ys = (x, y) if rows is None else (x[rows], y[rows])
+        curv = curvature_of(net, data_batches(xs, ys), lik, curvature, hessian)
+        scale = len(x) / len(xs)
+        if curvature == "kfac":
+            return {k: (a * scale, g) for k, (a, g) in curv.items()}
+        return {k: h * scale for k, h in curv.items()}
+
+    lik = Categorical()
     data = load_digits()
     x, y = data.x_train.double(), data.y_train  # 1437 rows: shards of 719 and 718
     torch.manual_seed(0)  # the same network on both ranks
@@ -262,10 +274,9 @@ def _laplace_statistics_worker():
     rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(4))[:301]  # odd subset: 151 + 150
     for curvature, hessian, subset in (("diag", "ggn", None), ("diag", "ggn", 301), ("diag", "ef", 301),
                                        ("kfac", "ggn", None), ("kfac", "ggn", 301)):
-        curv, ll = laplace_statistics(net, x, y, "categorical", curvature=curvature, hessian=hessian,
+        curv, ll = laplace_statistics(net, x, y, lik, curvature=curvature, hessian=hessian,
                                       rows=None if subset is None else rows)
-        reference = laplace_curvature(net, x, y, "categorical", curvature=curvature, hessian=hessian, subset=subset,
-                                      generator=torch.Generator().manual_seed(4))
+        reference = single_process(x, y, curvature, hessian, None if subset is None else rows)
         assert abs(ll.item() - reference_ll.item()) <= 1e-9 * abs(reference_ll.item())
         assert set(curv) == set(reference)
         pairs = [(curv[k], reference[k]) for k in reference] if curvature == "diag" else \
@@ -274,8 +285,8 @@ def _laplace_statistics_worker():
             err, scale = (got - want).abs().max().item(), want.abs().max().item()
             assert scale > 0 and err <= 1e-9 * scale, (curvature, hessian, subset, err, scale)
     # one rank's own share is not the whole (the reduction is what makes them equal)
-    mine = laplace_curvature(net, x[ddp.rank()::2], y[ddp.rank()::2], "categorical")
-    assert (mine["0.weight"] - laplace_curvature(net, x, y, "categorical")["0.weight"]).abs().max() > 1e-3
+    mine = single_process(x[ddp.rank()::2], y[ddp.rank()::2])
+    assert (mine["0.weight"] - single_process(x, y)["0.weight"]).abs().max() > 1e-3
 
 
 def test_laplace_statistics_summed_over_shards_equal_the_full_set():
@@ -284,7 +295,7 @@ def test_laplace_statistics_summed_over_shards_equal_the_full_set():
 
 def _laplace_fit(data, out_dir=None, epochs=None, resume=False):
     from pyro_sparse.runs import build, parse_specs
-    from pyro_sparse.spam import LaplaceTrainer
+    from pyro_sparse.laplace.trainer import LaplaceTrainer
 
     spec, recipe = parse_specs(SMALL, LAPLACE)
     network, guide = build(spec, recipe, data)

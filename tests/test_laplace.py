@@ -12,18 +12,21 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_sparse.curvature import diag_ggn, kfac_flatten, kfac_ggn, log_likelihood
-from pyro_sparse.laplace import (
+from pyro_sparse.kron import rows_of
+from pyro_sparse.laplace.curvature import diag_ggn, kfac_ggn, log_likelihood
+from pyro_sparse.laplace.marglik import kfac_eig, log_marglik_diag, log_marglik_kfac, posterior_precision_diag
+from pyro_sparse.laplace.prior import (
     LayerwisePrior,
     ParameterwisePrior,
     ScalarPrior,
     UnitwisePrior,
-    kfac_eig,
-    log_marglik_diag,
-    log_marglik_kfac,
     make_prior_precision,
-    posterior_precision_diag,
 )
+
+
+def kfac_flatten(weight, bias=None):
+    """vec([W | b]) column-major: the order in which a KFAC block is kron(A, G)."""
+    return rows_of(weight, bias).T.reshape(-1)
 
 DT = torch.float64
 SIGMA = 0.5

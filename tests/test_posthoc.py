@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
-from pyro_sparse.curvature import diag_ef, diag_ggn, kfac_ggn
+from pyro_sparse.laplace.curvature import diag_ef, diag_ggn, kfac_ggn
 from pyro_sparse.posthoc import laplace_posterior, prune
 from pyro_sparse.reduction import masked_module
 
@@ -167,13 +167,15 @@ def test_prune_returns_the_users_class_with_the_rule_applied(cnn, curvature):
         small = result.compact()
         assert type(small) is SmallCNN and small.head[1].out_features <= 24
         assert (small(x) - reference).abs().max() <= 1e-4
-    if curvature == "kfac":  # the summary's precision is the diagonal of kron(A, G) plus the prior's
-        network, twin, summary, info = laplace_posterior(model, data.x_train[:400], data.y_train[:400],
-                                                         curvature="kfac", hyper_steps=0)
-        a, g = kfac_ggn(twin, data.x_train[:400])["head.3"]
+    if curvature == "kfac":  # P_ii is the diagonal of kron(A, G) plus the prior's; precision the marginal one
+        posterior = laplace_posterior(model, data.x_train[:400], data.y_train[:400], curvature="kfac", hyper_steps=0)
+        summary = posterior.summary()
+        a, g = kfac_ggn(posterior.model, data.x_train[:400])["head.3"]
         w = summary["head.3.weight"]
         expected = torch.outer(g.diagonal(), a.diagonal()[:-1]) + w.prior_precision
-        torch.testing.assert_close(w.precision, expected)
+        torch.testing.assert_close(w.precision_diagonal(), expected)
+        assert w.marginal and w.structure is summary["head.3.bias"].structure
+        assert (w.precision <= expected * (1 + 1e-5)).all()  # 1 / Sigma_ii <= P_ii
 
 
 def test_prune_with_fine_tuning_keeps_pruned_weights_at_zero_and_any_rule(cnn):

@@ -13,19 +13,21 @@ import pytest
 import torch
 import yaml
 
-from pyro_sparse.curvature import diag_ef, diag_ggn
+from pyro_sparse.laplace.curvature import diag_ef, diag_ggn
 from pyro_sparse.data import Dataset, load_digits
 from pyro_sparse.errors import SpecError
 from pyro_sparse.fitting import evaluate
 from pyro_sparse.guides import DeltaGuide, MeanFieldGuide
-from pyro_sparse.laplace import log_marglik_diag, make_prior_precision
+from pyro_sparse.finetune import masked_fine_tune
+from pyro_sparse.laplace.marglik import log_marglik_diag, optimize_prior_precision
+from pyro_sparse.laplace.prior import make_prior_precision
 from pyro_sparse.layers import Conv2d, Flatten, Linear, ReLU
 from pyro_sparse.likelihoods import Gaussian
 from pyro_sparse.network import BayesianNetwork
 from pyro_sparse.recipe import parse_recipe
 from pyro_sparse.reduction import bmr_diagonal_zero_mean, compact, reduce, savage_dickey
 from pyro_sparse.runs import build, fit_run, load_run, parse_specs
-from pyro_sparse.spam import LaplaceTrainer, laplace_curvature, masked_fine_tune, optimize_prior_precision
+from pyro_sparse.laplace.trainer import LaplaceTrainer, laplace_statistics
 from pyro_sparse.summary import PosteriorSummary, SiteSummary
 
 SMALL = {"layers": [{"type": "linear", "in": "auto", "out": 32}, {"type": "relu"},
@@ -125,7 +127,7 @@ def test_a_network_without_curvature_is_refused_at_start_up():
     spec = {"input_shape": [5, 3], "layers": [{"type": "lstm", "hidden_size": 4}, {"type": "linear", "out": 2}]}
     spec, recipe = parse_specs(spec, small_recipe())
     network, guide = build(spec, recipe, seq)
-    with pytest.raises(SpecError, match=r"method: the Laplace curvature cannot be computed.*unsupported layer"):
+    with pytest.raises(SpecError, match=r"method: the Laplace curvature cannot be computed.*lstm1.*declares no curvature"):
         LaplaceTrainer(network, guide, seq, recipe, progress=False)
 
 
@@ -257,17 +259,16 @@ def test_log_delta_moves_and_every_marglik_step_raises_the_marglik(fitted, digit
 
 
 def test_subset_curvature_is_the_rescaled_curvature_of_the_subset(fitted):
-    x, y = fitted.x_train, fitted.data.y_train
-    full = laplace_curvature(fitted.net, x, y, "categorical")
-    same = laplace_curvature(fitted.net, x, y, "categorical", subset=len(x) + 5)
+    x, y, lik = fitted.x_train, fitted.data.y_train, fitted.likelihood
+    full, ll = laplace_statistics(fitted.net, x, y, lik)
+    torch.testing.assert_close(full["fc1.weight"], diag_ggn(fitted.net, x, None, "categorical")["fc1.weight"])
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(3))[:100]
-    sub = laplace_curvature(fitted.net, x, y, "categorical", subset=100, generator=torch.Generator().manual_seed(3))
+    sub, ll_sub = laplace_statistics(fitted.net, x, y, lik, rows=idx)
     ref = diag_ggn(fitted.net, x[idx], None, "categorical")
     for name in full:
-        torch.testing.assert_close(same[name], full[name])
         torch.testing.assert_close(sub[name], ref[name] * len(x) / 100)
-    kfac = laplace_curvature(fitted.net, x, y, "categorical", curvature="kfac", subset=100,
-                             generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(ll_sub, ll)  # the log-likelihood always runs over every row
+    kfac, _ = laplace_statistics(fitted.net, x, y, lik, curvature="kfac", rows=idx)
     assert set(kfac) == {"fc1", "fc2", "fc3"}
 
 
@@ -295,7 +296,8 @@ def test_summary_sites_shapes_and_precisions(fitted):
         assert torch.isfinite(savage_dickey(site.loc, site.precision, site.prior_loc, site.prior_precision)).all()
         bmr = bmr_diagonal_zero_mean(site.loc, site.precision, site.prior_precision.rsqrt(), 1e-3)
         assert bmr.shape == site.loc.shape
-    assert summary.method == "laplace-parameterwise"
+    assert summary.method == "laplace-parameterwise-diag"
+    assert not any(site.marginal for site in summary.values())  # a diagonal curvature: conditional precisions
     assert summary.num_weights() == network.num_weights()
     # the empirical-Fisher recipe summarises with the empirical Fisher
     ef = make_trainer(fitted.data, epochs=1, hessian="ef")
@@ -386,7 +388,7 @@ def test_masked_fine_tune_keeps_pruned_weights_at_zero(fitted):
         assert torch.equal(p, before[name])
     assert fitted.evaluate_model(tuned)["test_nll"] < fitted.evaluate_model(pruned)["test_nll"]
     with pytest.raises(ValueError, match="epochs"):
-        masked_fine_tune(pruned, masks, fitted.x_train, fitted.data.y_train, "categorical", epochs=-1)
+        masked_fine_tune(pruned, masks, fitted.x_train, fitted.data.y_train, fitted.likelihood, epochs=-1)
 
 
 def test_the_rules_score_the_laplace_summary(fitted):

@@ -1,4 +1,4 @@
-"""SpaM: online Laplace marginal-likelihood training, and its Laplace posterior summary.
+"""SpaM: online Laplace marginal-likelihood training of a network's deterministic twin.
 
 Dhahri, Immer, Charpentier, Günnemann, Fortuin (2024), "Shaving Weights with Occam's Razor:
 Bayesian Sparsification for Neural Networks Using the Marginal Likelihood" (SpaM), built on the
@@ -14,17 +14,15 @@ mini-batch ``B`` out of ``N`` training points
 
 Every ``F`` epochs after a burn-in of ``E0`` epochs the Laplace approximation at the current
 ``theta`` is fitted -- a curvature ``H`` of the negative log-likelihood on the training data
-(diagonal GGN, diagonal empirical Fisher, or KFAC; :mod:`pyro_sparse.curvature`) -- and ``K``
+(diagonal GGN, diagonal empirical Fisher, or KFAC; :mod:`pyro_sparse.laplace.curvature`) -- and ``K``
 Adam steps on ``log delta`` raise the Laplace log marginal likelihood
-
-    ``log p(D | delta) ~= log p(D | theta) - 0.5 [log det(H + P0) - log det P0 + theta' P0 theta]``,
-    ``P0 = diag(delta)``
-
-(:func:`pyro_sparse.laplace.log_marglik_diag`, :func:`~pyro_sparse.laplace.log_marglik_kfac`),
-with ``H`` held fixed during the ``K`` steps. With parameter-wise or unit-wise precisions
-(:func:`~pyro_sparse.laplace.make_prior_precision`) this is an automatic Occam's razor: the
-evidence raises ``delta_i`` for weights the data do not determine, and the MAP steps then shrink
-them towards 0. The spec's own priors are replaced by this learned Gaussian prior.
+(:mod:`pyro_sparse.laplace.marglik`) with ``H`` held fixed during the ``K`` steps. With
+parameter-wise or unit-wise precisions (:mod:`pyro_sparse.laplace.prior`) this is an automatic
+Occam's razor: the evidence raises ``delta_i`` for weights the data do not determine, and the MAP
+steps then shrink them towards 0. The spec's own priors are replaced by this learned Gaussian
+prior. A recipe with ``epochs: 0`` trains nothing: the prior precision is fitted once at the
+starting weights (a spec's ``init:`` trained weights) -- the post-hoc Laplace posterior of the
+command line.
 
 **Data-parallel.** Inside a ``torch.distributed`` process group (``torchrun``) the MAP steps run
 like :class:`~pyro_sparse.fitting.SVITrainer`'s (each rank's shard of the epoch's permutation,
@@ -33,13 +31,13 @@ statistics -- the curvature and ``log p(D | theta)``, sums over the data -- are 
 partition of the rows and added with one all-reduce (:func:`laplace_statistics`); every rank
 then takes the same steps on ``log delta``. Only rank 0 evaluates and writes.
 
-**Posterior summary and pruning.** The fitted posterior ``N(theta, diag(H + delta)^-1)`` is
-summarised like any other fit (``trainer.posterior_summary()`` -> :func:`laplace_summary`, a
-:class:`~pyro_sparse.summary.PosteriorSummary` with the same site names as SVI), so every rule of
-:mod:`pyro_sparse.reduction.rules` runs on it unchanged -- Optimal Posterior Damage
-``s_i = P_ii theta_i^2`` (unstructured, or summed over a unit's row and bias when structured),
-BMR, Savage-Dickey, magnitude. A short masked fine-tune (:func:`masked_fine_tune`) can follow;
-masked weights stay exactly zero.
+**The posterior.** ``trainer.posterior()`` is the fitted
+:class:`~pyro_sparse.laplace.posterior.LaplacePosterior` on the whole training set, with the
+curvature the recipe's ``laplace.posterior`` names (default: its ``curvature``; ``rows`` for the
+exact row blocks); its summary (``trainer.posterior_summary()``) is what every rule of
+:mod:`pyro_sparse.reduction.rules` reads -- OPD, BMR and Savage-Dickey (compensated on a
+structured posterior), magnitude -- and its predictive (linearised by default) is what
+``evaluate --samples`` and ``predict --samples`` draw from.
 """
 
 from __future__ import annotations
@@ -50,33 +48,28 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from . import distributed, evaluation
-from .curvature import LIKELIHOODS, check_supported, diag_ef, diag_ggn, kfac_ggn, log_likelihood
-from .distributions import log_alpha
-from .errors import SpecError
-from .fitting import SVITrainer
-from .guides import DeltaGuide, GaussianPosterior, _key
-from .laplace import PRIOR_STRUCTURES, kfac_eig, log_marglik_diag, log_marglik_kfac, make_prior_precision
-from .recipe import make_optimizer, make_scheduler
-from .schema import Field, validate
-from .summary import PosteriorSummary, SiteSummary
+from .. import distributed, evaluation
+from ..errors import SpecError
+from ..finetune import apply_masks, masked_fine_tune
+from ..fitting import SVITrainer
+from ..guides import DeltaGuide, GaussianPosterior, _key
+from ..recipe import make_optimizer, make_scheduler
+from ..schema import Field, validate
+from ..summary import PosteriorSummary
+from .curvature import check_supported, data_batches, log_likelihood
+from .marglik import log_marglik, optimize_prior_precision
+from .posterior import LaplacePosterior, curvature_of, fit_prior_precision
+from .prior import PRIOR_STRUCTURES, make_prior_precision
 
 __all__ = [
     "LAPLACE_FIELDS",
     "LaplaceTrainer",
-    "laplace_curvature",
-    "laplace_log_marglik",
     "laplace_statistics",
-    "optimize_prior_precision",
-    "laplace_summary",
-    "summary_from_curvature",
-    "apply_masks",
-    "masked_fine_tune",
 ]
 
-CURVATURES = ("diag", "kfac")
+CURVATURES = ("diag", "kfac")  # of the marglik steps
+POSTERIORS = ("diag", "kfac", "rows")
 HESSIANS = ("ggn", "ef")
 
 #: options of the ``laplace:`` section of an inference recipe (``method: laplace``)
@@ -96,6 +89,9 @@ LAPLACE_FIELDS = {
                         doc="Monte Carlo GGN with this many sampled targets per input (null: exact)"),
     "curvature_batch_size": Field("int", None, positive=True, allow_none=True,
                                   doc="chunk size for the curvature pass (memory); null: all at once"),
+    "posterior": Field("choice", None, choices=POSTERIORS, allow_none=True,
+                       doc="curvature of the posterior the reduction rules read: diag | kfac | rows (null: "
+                           "curvature's; kfac and rows give the compensated bmr and savage-dickey)"),
 }
 
 
@@ -103,9 +99,15 @@ def _check_options(options, source=None):
     if options["curvature"] == "kfac" and options["hessian"] != "ggn":
         raise SpecError("the KFAC curvature is a GGN; use hessian: ggn or curvature: diag", source,
                         "laplace.hessian")
-    if options["mc_samples"] is not None and (options["curvature"], options["hessian"]) != ("diag", "ggn"):
-        raise SpecError("mc_samples applies to the diagonal GGN only; use curvature: diag, hessian: ggn "
-                        "or mc_samples: null", source, "laplace.mc_samples")
+    if options["mc_samples"] is not None and options["hessian"] != "ggn":
+        raise SpecError("mc_samples applies to the GGN; use hessian: ggn or mc_samples: null", source,
+                        "laplace.mc_samples")
+    if options["posterior"] not in (None, "diag") and options["hessian"] != "ggn":
+        raise SpecError("the kfac and rows posteriors are GGNs; use hessian: ggn or posterior: diag", source,
+                        "laplace.posterior")
+    if options["posterior"] == "rows" and options["structure"] not in ("scalar", "layerwise"):
+        raise SpecError("the rows posterior takes scalar or layer-wise prior precisions; got structure: "
+                        f"{options['structure']}", source, "laplace.posterior")
     return options
 
 
@@ -126,70 +128,29 @@ LAPLACE_SECTION = _LaplaceSection("dict", validate(LAPLACE_FIELDS, {}), allow_no
 
 
 def _likelihood_of(network, source=None):
-    """(curvature likelihood name, Gaussian noise std) of a network's likelihood."""
-    lik = network.likelihood
-    name = getattr(lik, "spec_name", None)
-    if name not in LIKELIHOODS:
-        raise SpecError(f"method laplace supports the likelihoods {LIKELIHOODS}, got {name!r}", source, "likelihood")
-    if name == "gaussian":
-        if lik.learn_noise:
-            raise SpecError("method laplace needs a fixed Gaussian noise; set learn_noise: false", source,
-                            "likelihood.learn_noise")
-        return name, float(lik.noise)
-    return name, 1.0
+    """The network's likelihood, checked to have an output Hessian (SpecError naming the field)."""
+    try:
+        network.likelihood.check_curvature()
+    except ValueError as e:
+        raise SpecError(f"method laplace: {e}", source, "likelihood") from None
+    return network.likelihood
 
 
 # --------------------------------------------------------------------------- the marginal likelihood
 
 
-def laplace_curvature(model, x, y, likelihood, noise=1.0, curvature="diag", hessian="ggn", subset=None,
-                      mc_samples=None, batch_size=None, generator=None):
-    """The curvature ``H`` of ``-log p(D | theta)`` for the Laplace approximation, summed over the data.
-
-    ``curvature="diag"`` with ``hessian="ggn"``: :func:`~pyro_sparse.curvature.diag_ggn` (exact,
-    or Monte Carlo with ``mc_samples`` sampled targets); ``hessian="ef"``: the empirical Fisher
-    :func:`~pyro_sparse.curvature.diag_ef`; ``curvature="kfac"``: the Kronecker factors
-    :func:`~pyro_sparse.curvature.kfac_ggn` (layer -> ``(A, G)``).
-
-    With ``subset = m < N`` the curvature is fitted on ``m`` training points drawn without
-    replacement (``generator``) and multiplied by ``N / m`` -- an unbiased estimate of the sum
-    over all ``N`` (for KFAC the count-carrying factor ``A`` is scaled). This trades noise in
-    ``H`` for a marglik step ``N / m`` times cheaper.
-
-    Returns dict name -> tensor (diagonal) or layer -> ``(A, G)`` (KFAC).
-    """
-    if curvature not in CURVATURES:
-        raise ValueError(f"curvature must be one of {CURVATURES}, got curvature={curvature!r}")
-    if hessian not in HESSIANS:
-        raise ValueError(f"hessian must be one of {HESSIANS}, got hessian={hessian!r}")
-    n = x.shape[0]
-    scale = 1.0
-    if subset is not None and subset < n:
-        idx = torch.randperm(n, generator=generator)[:subset].to(x.device)
-        x, y = x[idx], y[idx]
-        scale = n / subset
-    if curvature == "kfac":
-        if hessian != "ggn":
-            raise ValueError(f"the KFAC curvature is a GGN; got hessian={hessian!r}")
-        kfac = kfac_ggn(model, x, y, likelihood, noise, batch_size=batch_size)
-        return {name: (a * scale, g) for name, (a, g) in kfac.items()}
-    if hessian == "ef":
-        diag = diag_ef(model, x, y, likelihood, noise, batch_size=batch_size)
-    else:
-        diag = diag_ggn(model, x, y, likelihood, noise, mc_samples=mc_samples, batch_size=batch_size,
-                        generator=generator)
-    return {name: h * scale for name, h in diag.items()} if scale != 1.0 else diag
-
-
-def laplace_statistics(model, x, y, likelihood, noise=1.0, curvature="diag", hessian="ggn", rows=None,
-                       mc_samples=None, batch_size=None, generator=None):
-    """The data statistics of one marglik step: the curvature ``H`` of :func:`laplace_curvature`
-    and the log-likelihood ``log p(D | theta) = sum_{n=1}^N log p(y_n | f(x_n; theta))`` at the
-    current weights, both sums over the data -- data-parallel inside a process group.
+def laplace_statistics(model, x, y, likelihood, curvature="diag", hessian="ggn", rows=None, mc_samples=None,
+                       batch_size=None, generator=None, network=None):
+    """The data statistics of one marglik step: the curvature ``H``
+    (:func:`~pyro_sparse.laplace.posterior.curvature_of`) and the log-likelihood
+    ``log p(D | theta) = sum_{n=1}^N log p(y_n | f(x_n; theta))`` at the current weights, both sums
+    over the data -- data-parallel inside a process group.
 
     ``rows`` (an index tensor of ``m`` training rows, or None for all ``N``) is the curvature
-    subset, the same on every rank; ``H`` is fitted on it and multiplied by ``N / m`` as in
-    :func:`laplace_curvature`. The log-likelihood always runs over all ``N`` rows.
+    subset, the same on every rank; ``H`` is fitted on it and multiplied by ``N / m`` (for KFAC the
+    count-carrying factor ``A``), an unbiased estimate of the sum over all ``N`` that trades noise
+    in ``H`` for a marglik step ``N / m`` times cheaper. The log-likelihood always runs over all
+    ``N`` rows.
 
     With ``W`` ranks each rank takes the strided part ``r::W`` of the curvature rows and of the
     training rows (:func:`~pyro_sparse.distributed.shard` without padding: a partition) and
@@ -201,7 +162,7 @@ def laplace_statistics(model, x, y, likelihood, noise=1.0, curvature="diag", hes
     per example, is the same on every rank). ``generator`` drives the Monte Carlo GGN draws
     (``mc_samples``); under a process group give each rank its own.
 
-    Returns ``(curvature, log_lik)``: dict as :func:`laplace_curvature`, and a 0-d tensor.
+    Returns ``(curvature, log_lik)``: a dict as ``curvature_of``'s, and a 0-d tensor.
     """
     n = x.shape[0]
     world = distributed.world_size()
@@ -218,10 +179,10 @@ def laplace_statistics(model, x, y, likelihood, noise=1.0, curvature="diag", hes
     else:
         x_ll, y_ll = x, y
     x_h, y_h = (x, y) if rows is None else (x[rows], y[rows])
-    curv = laplace_curvature(model, x_h, y_h, likelihood, noise, curvature, hessian, None, mc_samples,
-                             batch_size, generator)
+    curv = curvature_of(model, data_batches(x_h, y_h, batch_size), likelihood, curvature, hessian, mc_samples,
+                        generator, network)
     with torch.no_grad():
-        log_lik = log_likelihood(model, x_ll, y_ll, likelihood, noise)
+        log_lik = log_likelihood(model, x_ll, y_ll, likelihood)
     if world > 1:
         names = list(curv)
         if curvature == "kfac":
@@ -243,159 +204,6 @@ def laplace_statistics(model, x, y, likelihood, noise=1.0, curvature="diag", hes
     return curv, log_lik
 
 
-def laplace_log_marglik(log_lik, theta, curv, prior, curvature="diag"):
-    """Laplace log marginal likelihood ``log p(D | delta)`` for a curvature from
-    :func:`laplace_curvature` (differentiable in the prior's ``log delta``)."""
-    if curvature == "kfac":
-        return log_marglik_kfac(log_lik, theta, curv, prior)
-    return log_marglik_diag(log_lik, theta, curv, prior)
-
-
-def optimize_prior_precision(log_lik, theta, curv, prior, optimizer, steps, curvature="diag"):
-    """``steps`` gradient steps of ``optimizer`` (over ``prior``'s log precisions) on ``-log p(D | delta)``
-    with ``theta`` and the curvature held fixed (Immer et al. 2021, Algorithm 1, inner loop).
-
-    For the diagonal curvature the objective is evaluated on flat vectors,
-    ``log p(D | theta) - 0.5 [sum log(H + delta) - sum log delta + sum delta theta^2]`` with
-    ``H`` and ``theta^2`` concatenated once -- the formula of
-    :func:`~pyro_sparse.laplace.log_marglik_diag`, with fewer tensor operations per step.
-
-    Returns the trajectory of the log marginal likelihood, a tensor of ``steps + 1`` values:
-    before each step, and after the last (the last by the general formula).
-    """
-    theta = {name: t.detach() for name, t in theta.items()}
-    log_lik = torch.as_tensor(log_lik).detach()
-    if curvature == "kfac":
-        curv = kfac_eig(curv)  # once, reused by every step
-        objective = lambda: laplace_log_marglik(log_lik, theta, curv, prior, curvature)  # noqa: E731
-    else:
-        h = torch.cat([curv[name].detach().reshape(-1) for name in prior.names])
-        theta2 = torch.cat([theta[name].reshape(-1).square() for name in prior.names])
-
-        def objective():
-            log_delta = torch.cat([v.reshape(-1) for v in prior.full_log_precision_dict().values()])
-            delta = log_delta.exp()
-            return log_lik - 0.5 * ((h + delta).log().sum() - log_delta.sum() + (delta * theta2).sum())
-
-    values = []
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        lml = objective()
-        (-lml).backward()
-        optimizer.step()
-        values.append(lml.detach())
-    with torch.no_grad():
-        values.append(laplace_log_marglik(log_lik, theta, curv, prior, curvature).detach())
-    return torch.stack(values)
-
-
-# --------------------------------------------------------------------------- the posterior summary
-
-
-def laplace_summary(network, model, prior, x, y, likelihood, noise=1.0, hessian="ggn", batch_size=None,
-                    method="laplace"):
-    """The diagonal Laplace posterior of ``model`` (the deterministic twin of ``network``) as a
-    :class:`~pyro_sparse.summary.PosteriorSummary`.
-
-    Per site: ``loc = theta`` (the MAP), ``precision = H_ii + delta_i`` with ``H`` the diagonal
-    GGN (``hessian="ggn"``) or empirical Fisher (``"ef"``) on ``(x, y)``, ``prior_loc = 0``,
-    ``prior_precision = delta`` (full shape), the network's group axes, and
-    ``log_alpha = log(1 / P_ii) - log theta_i^2``.
-    """
-    if hessian == "ef":
-        curv = diag_ef(model, x, y, likelihood, noise, batch_size=batch_size)
-    elif hessian == "ggn":
-        curv = diag_ggn(model, x, y, likelihood, noise, batch_size=batch_size)
-    else:
-        raise ValueError(f"hessian must be one of {HESSIANS}, got hessian={hessian!r}")
-    return summary_from_curvature(network, model, curv, prior, method)
-
-
-@torch.no_grad()
-def summary_from_curvature(network, model, curv, prior, method="laplace"):
-    """The diagonal Laplace posterior of :func:`laplace_summary` from a curvature diagonal already
-    computed (``curv``: parameter name -> ``H_ii``, any estimate: exact GGN, empirical Fisher,
-    the diagonal of a KFAC)."""
-    deltas = {name: d.detach() for name, d in prior.precision_dict().items()}
-    params = dict(model.named_parameters())
-    out = PosteriorSummary(method=method)
-    for name, (layer, param, _) in network.param_sites().items():
-        if name not in params or name not in deltas:
-            raise ValueError(f"model / prior lack the network parameter {name!r}")
-        loc = params[name].detach().clone()
-        delta = deltas[name].expand(loc.shape).clone()
-        precision = curv[name].detach() + delta
-        out[name] = SiteSummary(layer.site, param, loc, precision, torch.zeros((), dtype=loc.dtype, device=loc.device),
-                                delta, dict(layer.param_axes[param]), log_alpha(loc, precision.rsqrt()))
-    return out
-
-
-# --------------------------------------------------------------------------- pruning
-
-
-@torch.no_grad()
-def apply_masks(model, masks):
-    """Zero the masked-out parameters of ``model`` in place (names as in ``model.named_parameters()``)."""
-    for name, p in model.named_parameters():
-        if name in masks:
-            p.mul_(masks[name].to(p.dtype))
-    return model
-
-
-def masked_fine_tune(model, masks, x, y, likelihood, noise=1.0, prior=None, epochs=5, batch_size=64, lr=1e-3,
-                     generator=None):
-    """Retrain the kept weights of ``model`` in place on the MAP objective, the pruned ones held at 0.
-
-    ``(x, y)``: tensors, or ``x`` an iterable of ``(x, y)`` batches (a ``DataLoader``) and ``y``
-    None. Parameters that do not require gradients stay as they are. Adam on
-    ``-(N/|B|) sum log p(y | f(x)) + 0.5 sum_i delta_i theta_i^2`` (``delta`` from
-    ``prior``, fixed; no prior term with ``prior=None``). The masked weights start at 0, their
-    gradients are multiplied by the mask before every step (so Adam's moments stay 0 for them),
-    and the mask is re-applied after every step, so they are exactly 0 at the end.
-    """
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "epochs" else 1):
-            raise ValueError(f"{name} must be a {'non-negative' if name == 'epochs' else 'positive'} int, "
-                             f"got {name}={value!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be a number > 0, got lr={lr!r}")
-    apply_masks(model, masks)
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    keep = {name: masks[name].to(p.dtype) for name, p in params.items() if name in masks}
-    deltas = {} if prior is None else {name: d.detach() for name, d in prior.precision_dict().items()
-                                       if name in params}
-    optimizer = torch.optim.Adam(params.values(), lr=lr)
-    if torch.is_tensor(x):
-        n = x.shape[0]
-        batch_size = min(batch_size, n)
-
-        def epoch_batches():
-            perm = torch.randperm(n, generator=generator).to(x.device)
-            for start in range(0, n, batch_size):
-                idx = perm[start:start + batch_size]
-                yield x[idx], y[idx]
-    else:  # an iterable of (x, y) batches (a DataLoader), in its own order
-        n = len(x.dataset) if hasattr(x, "dataset") else sum(len(b[0]) for b in x)
-
-        def epoch_batches():
-            for item in x:
-                yield item[0], item[1]
-    model.train()
-    for _ in range(epochs):
-        for xb, yb in epoch_batches():
-            loss = -(n / len(xb)) * log_likelihood(model, xb, yb, likelihood, noise)
-            for name, delta in deltas.items():
-                loss = loss + 0.5 * (delta * params[name].square()).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for name, m in keep.items():
-                params[name].grad.mul_(m)
-            optimizer.step()
-            apply_masks(model, masks)
-    model.eval()
-    return model
-
-
 # --------------------------------------------------------------------------- the trainer
 
 
@@ -412,8 +220,8 @@ class LaplaceTrainer(SVITrainer):
     Held-out figures are those of the MAP network. Inside a process group it trains
     data-parallel (see :meth:`train_epoch` and :meth:`statistics`); only rank 0 writes.
 
-    Attributes: ``net`` (the ``nn.Sequential`` being trained, parameters named like sites),
-    ``prior`` (a :class:`~pyro_sparse.laplace.PriorPrecision`), ``options`` (the laplace section).
+    Attributes: ``net`` (the deterministic twin being trained, parameters named like sites),
+    ``prior`` (a :class:`~pyro_sparse.laplace.prior.PriorPrecision`), ``options`` (the laplace section).
     """
 
     spec_name = "laplace"
@@ -431,7 +239,7 @@ class LaplaceTrainer(SVITrainer):
         if recipe.get("pretrain"):
             raise SpecError("pretrain starts an SVI posterior at a MAP network; method laplace trains the MAP "
                             "network itself: remove the pretrain section", source, "pretrain")
-        self.likelihood, self.noise = _likelihood_of(network, source)
+        self.likelihood = _likelihood_of(network, source)
         self._place(recipe, progress)
         rows = min(self.options["curvature_subset"] or self.num_train, self.num_train)
         if rows < self.world:
@@ -452,7 +260,7 @@ class LaplaceTrainer(SVITrainer):
         for name, p in self.net.named_parameters():  # a converted module's other parameters stay fixed
             p.requires_grad_(name in sites)
         try:
-            check_supported(self.net)
+            check_supported(self.net, network)
         except ValueError as e:
             raise SpecError(f"the Laplace curvature cannot be computed for this network: {e}", source,
                             "method") from None
@@ -465,6 +273,7 @@ class LaplaceTrainer(SVITrainer):
         self.epoch, self.steps, self.train_seconds = 0, 0, 0.0
         self.history: list[dict] = []
         self._good_state = None
+        self._posterior = None
         if self.world > 1:  # the same starting point on every rank
             distributed.broadcast_parameters(list(self.net.parameters()) + list(self.prior.parameters()))
         self._refresh_prior()
@@ -484,6 +293,7 @@ class LaplaceTrainer(SVITrainer):
 
     def _refresh_prior(self):
         """Cache the (detached) precisions used by the MAP steps until the next marglik step."""
+        self._posterior = None
         with torch.no_grad():
             self._deltas = {name: d.detach() for name, d in self.prior.precision_dict().items()}
             full = self.prior.full_log_precision_dict()
@@ -507,7 +317,7 @@ class LaplaceTrainer(SVITrainer):
     # ------------------------------------------------------------------ training
     def map_loss(self, idx):
         """``-(N/|B|) sum_B log p(y | f(x; theta)) - log N(theta; 0, diag(delta)^-1)`` on the rows ``idx``."""
-        ll = log_likelihood(self.net, self.x_train[idx], self.data.y_train[idx], self.likelihood, self.noise)
+        ll = self.likelihood.log_likelihood(self.net(self.x_train[idx]), self.data.y_train[idx])
         quad = 0.0
         for name, p in self.site_parameters():
             quad = quad + (self._deltas[name] * p.square()).sum()
@@ -532,13 +342,13 @@ class LaplaceTrainer(SVITrainer):
             # the MC draws of a shard must not advance the shared generator by a shard-dependent
             # amount: each rank draws from its own stream, a function of (seed, epoch, rank)
             generator = torch.Generator().manual_seed(distributed.rank_seed(self.recipe["seed"], self.epoch, 0x4D43))
-        return laplace_statistics(self.net, self.x_train, self.data.y_train, self.likelihood, self.noise,
-                                  o["curvature"], o["hessian"], rows, o["mc_samples"], o["curvature_batch_size"],
-                                  generator)
+        return laplace_statistics(self.net, self.x_train, self.data.y_train, self.likelihood, o["curvature"],
+                                  o["hessian"], rows, o["mc_samples"], o["curvature_batch_size"], generator,
+                                  self.network)
 
     def curvature(self):
-        """The training curvature per the recipe (:func:`laplace_curvature`) at the current weights
-        (summed over the ranks when data-parallel)."""
+        """The training curvature per the recipe at the current weights (summed over the ranks when
+        data-parallel)."""
         return self.statistics()[0]
 
     def _log_lik(self):
@@ -546,7 +356,7 @@ class LaplaceTrainer(SVITrainer):
         world = self.world
         with torch.no_grad():
             ll = log_likelihood(self.net, self.x_train[self.rank::world], self.data.y_train[self.rank::world],
-                                self.likelihood, self.noise)
+                                self.likelihood)
         return distributed.all_reduce_sum(ll) if world > 1 else ll
 
     def log_marglik(self, curv=None):
@@ -554,7 +364,7 @@ class LaplaceTrainer(SVITrainer):
         differentiable in ``log delta``), with the recipe's curvature unless ``curv`` is given."""
         curv, ll = self.statistics() if curv is None else (curv, self._log_lik())
         theta = {name: p.detach() for name, p in self.site_parameters()}
-        return laplace_log_marglik(ll, theta, curv, self.prior, self.options["curvature"])
+        return log_marglik(ll, theta, curv, self.prior, self.options["curvature"])
 
     def marglik_step(self) -> dict:
         """Fit the Laplace approximation and take ``hyper_steps`` Adam steps on ``log delta``.
@@ -643,35 +453,93 @@ class LaplaceTrainer(SVITrainer):
         return record
 
     def evaluate(self, num_samples=None):
-        """Held-out metrics of the MAP network (``num_samples`` is ignored: a point estimate);
-        data-parallel, rank 0 evaluates and hands the figures to every rank."""
+        """Held-out metrics: of the MAP network, or with ``num_samples`` of the posterior predictive
+        (:meth:`predictive`: the linearised Laplace predictive with that many draws); data-parallel,
+        rank 0 evaluates and hands the figures to every rank."""
+        if num_samples:
+            figures = evaluation.evaluate(self.predictive(num_samples), self.x_test, self.data.y_test,
+                                          self.network.likelihood)
+            return evaluation.prefixed(figures)
         return self.evaluate_model(self.net) if self.world == 1 else distributed.on_main(self.evaluate_model, self.net)
 
-    # ------------------------------------------------------------------ the posterior and pruning
-    def posterior_summary(self, batch_size=None) -> PosteriorSummary:
-        """:func:`laplace_summary` on the whole training set (curvature: the recipe's ``hessian``,
-        always the exact diagonal)."""
-        return laplace_summary(self.network, self.net, self.prior, self.x_train, self.data.y_train,
-                               self.likelihood, self.noise, self.options["hessian"],
-                               batch_size or self.options["curvature_batch_size"],
-                               method=f"laplace-{self.options['structure']}")
+    def fit(self, epochs=None, resume=False) -> dict:
+        """Train to ``epochs`` (see :meth:`SVITrainer.fit <pyro_sparse.fitting.SVITrainer.fit>`). With
+        ``epochs: 0`` nothing is trained: the prior precision is fitted once to the marginal
+        likelihood at the starting weights (:func:`~pyro_sparse.laplace.posterior.fit_prior_precision`,
+        ``hyper_steps`` iterations) and saved -- the post-hoc Laplace posterior of a spec's
+        ``init:`` weights."""
+        epochs = self.recipe["epochs"] if epochs is None else epochs
+        if epochs or resume:
+            return super().fit(epochs, resume)
+        start = time.perf_counter()
+        o = self.options
+        curv, ll = self.statistics()
+        theta = {name: p.detach() for name, p in self.site_parameters()}
+        trajectory = fit_prior_precision(ll, theta, curv, o["curvature"], self.prior, o["hyper_steps"], o["hyper_lr"])
+        self._refresh_prior()
+        self.train_seconds = time.perf_counter() - start
+        self.history.append({"epoch": 0, "steps": 0, "log_marglik": float(trajectory[-1]),
+                             "log_marglik_start": float(trajectory[0]), "marglik_seconds": self.train_seconds,
+                             **self.evaluate()})
+        self._sync_guide()
+        self.save()
+        return self.summary()
+
+    # ------------------------------------------------------------------ the posterior
+    def posterior(self) -> LaplacePosterior:
+        """The Laplace posterior at the current weights and prior on the whole training set (kept
+        until the weights or the prior change): the curvature the recipe's ``laplace.posterior``
+        names (default its ``curvature``; the recipe's ``hessian`` for a diagonal one), the exact
+        GGN columns unless ``mc_samples`` is set."""
+        if self._posterior is None:
+            o = self.options
+            kind = o["posterior"] or o["curvature"]
+            data = data_batches(self.x_train, self.data.y_train, o["curvature_batch_size"])
+            generator = torch.Generator().manual_seed(self.recipe["seed"])
+            start = time.perf_counter()
+            curv = curvature_of(self.net, data, self.likelihood, kind, o["hessian"] if kind == "diag" else "ggn",
+                                o["mc_samples"], generator, self.network)
+            info = {"curvature_seconds": time.perf_counter() - start, "curvature": kind}
+            self._posterior = LaplacePosterior(self.network, self.net, self.likelihood, self.prior, kind, curv,
+                                               info=info, method=f"laplace-{o['structure']}-{kind}")
+        return self._posterior
+
+    def posterior_summary(self) -> PosteriorSummary:
+        """The summary of :meth:`posterior`."""
+        return self.posterior().summary()
+
+    def predictive(self, num_samples=None, generator=None):
+        """``x -> outputs (S, B, ...)``: the linearised Laplace predictive with ``num_samples`` draws
+        (:meth:`~pyro_sparse.laplace.posterior.LaplacePosterior.predictive`), or the MAP network's
+        outputs without."""
+        if not num_samples:
+            return evaluation.point_predictive(self.net)
+        posterior = self.posterior()
+        generator = generator or torch.Generator().manual_seed(self.recipe["seed"])
+        return lambda x: posterior.predictive(x, num_samples, generator=generator)
 
     def posterior_guide(self):
-        """The Laplace posterior ``N(theta, diag(H + delta)^-1)`` as a Pyro guide
+        """The Laplace posterior's marginals ``N(theta, 1/precision)`` as a Pyro guide
         (:class:`~pyro_sparse.guides.GaussianPosterior`), for posterior draws and ArviZ data."""
         summary = self.posterior_summary()
         return GaussianPosterior(self.network.model, {k: (s.loc, s.variance) for k, s in summary.items()},
                                  method=summary.method)
 
-    def pruned(self, masks, fine_tune_epochs=0, lr=None, seed=None) -> nn.Sequential:
-        """A masked copy of ``net`` (the trainer is unchanged), optionally fine-tuned for
-        ``fine_tune_epochs`` epochs by :func:`masked_fine_tune` with the current fixed prior."""
-        model = apply_masks(copy.deepcopy(self.net), masks)
+    def pruned(self, masks, fine_tune_epochs=0, lr=None, seed=None, values=None):
+        """A masked copy of ``net`` (the trainer is unchanged; ``values``: site -> weight to start
+        from, e.g. a compensated decision's), optionally fine-tuned for ``fine_tune_epochs`` epochs
+        by :func:`~pyro_sparse.finetune.masked_fine_tune` with the current fixed prior."""
+        model = copy.deepcopy(self.net)
+        if values:
+            with torch.no_grad():
+                params = dict(model.named_parameters())
+                for name, value in values.items():
+                    params[name].copy_(value)
+        apply_masks(model, masks)
         if fine_tune_epochs:
             generator = torch.Generator().manual_seed(self.recipe["seed"] if seed is None else seed)
-            masked_fine_tune(model, masks, self.x_train, self.data.y_train, self.likelihood, self.noise,
-                             self.prior, fine_tune_epochs, self.batch_size,
-                             lr or self.recipe["optimizer"].get("lr", 1e-3), generator)
+            masked_fine_tune(model, masks, self.x_train, self.data.y_train, self.likelihood, self.prior,
+                             fine_tune_epochs, self.batch_size, lr or self.recipe["optimizer"].get("lr", 1e-3), generator)
         return model.eval()
 
     def evaluate_model(self, model) -> dict:
@@ -681,4 +549,3 @@ class LaplaceTrainer(SVITrainer):
                                       self.network.likelihood)
         model.train(was_training)
         return evaluation.prefixed(figures)
-

@@ -1,0 +1,361 @@
+r"""The Laplace posterior of a network: its curvature, summary and predictive.
+
+Around the weights :math:`\theta` of a network's deterministic twin (a MAP estimate, or a
+trained module's weights), the Laplace approximation is the Gaussian
+:math:`N(\theta, P^{-1})`, :math:`P = H + \mathrm{diag}(\delta)`, with ``H`` a curvature of the
+negative log-likelihood on the data (:mod:`pyro_sparse.laplace.curvature`) and :math:`\delta`
+the prior precision (:mod:`pyro_sparse.laplace.prior`), fitted to the Laplace marginal
+likelihood (:mod:`pyro_sparse.laplace.marglik`; MacKay 1992; Immer et al. 2021). Three
+structures of ``H`` are kept (``curvature``):
+
+* ``"diag"``: the exact diagonal GGN (or empirical Fisher, ``hessian="ef"``). The summary's
+  precision :math:`P_{ii}` is then the diagonal of the precision matrix -- a *conditional*
+  precision: :math:`1/P_{ii} \le \Sigma_{ii}`, equal only where ``H`` is diagonal. The summary
+  says so (``marginal=False``) and the rules that read marginal variances name the approximation.
+* ``"kfac"``: Kronecker factors per layer, :math:`P = A \otimes G + \delta`
+  (:class:`~pyro_sparse.kron.KroneckerPrecision`): marginal variances from the eigenbasis, and
+  the row blocks :math:`G_{ii}A + \delta` the compensated reduction works on.
+* ``"rows"``: the exact GGN block of every unit's row (:class:`~pyro_sparse.kron.RowPrecision`),
+  rows independent: exact within a row.
+
+:class:`LaplacePosterior` holds one fit: its :meth:`~LaplacePosterior.summary` is the
+:class:`~pyro_sparse.summary.PosteriorSummary` every reduction rule reads (site names as in the
+network, the structure of each layer reachable as ``site.structure``), and
+:meth:`~LaplacePosterior.predictive` draws from the linearised (GLM) or the sampled-network
+predictive (Immer, Korzepa & Bauer 2021; Daxberger et al. 2021, "Laplace Redux").
+:func:`laplace_posterior` fits one to a trained module in one call.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+
+from ..distributions import log_alpha
+from ..kron import KroneckerPrecision, RowPrecision, psd_eigvalsh, rows_of
+from ..summary import PosteriorSummary, SiteSummary
+from .curvature import as_likelihood, data_batches, diag_ef, diag_ggn, kfac_ggn, row_ggn
+from .marglik import fixed_point_prior_precision, optimize_prior_precision
+from .prior import PRIOR_STRUCTURES, LayerwisePrior, ScalarPrior, make_prior_precision
+
+__all__ = ["CURVATURES", "HESSIANS", "PREDICTIVES", "curvature_of", "LaplacePosterior", "laplace_posterior",
+           "spectrum"]
+
+CURVATURES = ("diag", "kfac", "rows")
+HESSIANS = ("ggn", "ef")
+PREDICTIVES = ("glm", "nn")
+
+
+def curvature_of(model, data, likelihood, curvature="diag", hessian="ggn", mc_samples=None, generator=None,
+                 network=None):
+    """The curvature ``H`` of ``-log p(D | theta)`` summed over ``data`` (a list of ``(x, y)`` batches,
+    :func:`~pyro_sparse.laplace.curvature.data_batches`): ``diag`` name -> ``H_ii`` (GGN, or the
+    empirical Fisher with ``hessian="ef"``), ``kfac`` layer -> ``(A, G)``, ``rows`` layer ->
+    ``(out, D', D')``. ``mc_samples``: Monte Carlo output columns instead of one backward pass per
+    output (any GGN)."""
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature: expected one of {CURVATURES}, got {curvature!r}")
+    if hessian not in HESSIANS:
+        raise ValueError(f"hessian: expected one of {HESSIANS}, got {hessian!r}")
+    if hessian == "ef":
+        if curvature != "diag":
+            raise ValueError(f"hessian: the empirical Fisher is diagonal here; use curvature diag (got {curvature!r})")
+        return diag_ef(model, data, None, likelihood, network=network)
+    fn = {"diag": diag_ggn, "kfac": kfac_ggn, "rows": row_ggn}[curvature]
+    return fn(model, data, None, likelihood, mc_samples=mc_samples, generator=generator, network=network)
+
+
+def spectrum(curv, curvature):
+    """``[(parameter names, eigenvalues of H on them)]``: one entry per parameter (``diag``) or per
+    layer (``kfac``: :math:`\\lambda_{G,m}\\lambda_{A,k}`; ``rows``: every row block's). With a prior
+    precision constant on each entry's parameters, :math:`\\log\\det(H + \\delta I)` is
+    :math:`\\sum \\log(\\lambda + \\delta)` exactly."""
+    out = []
+    for name, value in curv.items():
+        prefix = f"{name}." if name else ""
+        if curvature == "diag":
+            out.append(((name,), value.detach().reshape(-1)))
+        elif curvature == "kfac":
+            la, _ = psd_eigvalsh(value[0], f"layer {name}: the KFAC input factor A")
+            lg, _ = psd_eigvalsh(value[1], f"layer {name}: the KFAC output factor G")
+            out.append(((f"{prefix}weight", f"{prefix}bias"), torch.outer(lg, la).reshape(-1)))
+        else:
+            vals, _ = psd_eigvalsh(value, f"layer {name}: the row blocks")
+            out.append(((f"{prefix}weight", f"{prefix}bias"), vals.reshape(-1)))
+    return out
+
+
+def _eigen_fixed_point(log_lik, theta, curv, curvature, prior, iterations=200, tol=1e-8):
+    r"""MacKay's fixed point :math:`\delta_g = \gamma_g / \lVert\theta_g\rVert^2`,
+    :math:`\gamma_g = \sum_k \lambda_k / (\lambda_k + \delta_g)` over the eigenvalues of ``H`` on the
+    parameters of group ``g`` (scalar: all; layer-wise: a layer's), for a kfac or rows curvature;
+    returns the log marginal likelihood before and after (exact for these priors)."""
+    names = prior.names
+    group = {n: 0 for n in names} if isinstance(prior, ScalarPrior) else dict(prior._index)
+    parts = [(list(ns), vals.to(torch.float64)) for ns, vals in spectrum(curv, curvature)]
+    k = int(prior.log_delta.numel())
+    norm = torch.zeros(k, dtype=torch.float64)
+    for n in names:
+        norm[group[n]] += theta[n].detach().to(torch.float64).square().sum()
+    norm = norm.clamp_min(1e-300)
+    count = torch.zeros(k, dtype=torch.float64)
+    for n in names:
+        count[group[n]] += theta[n].numel()
+
+    def value(delta):
+        logdet = sum((vals + delta[group[ns[0]]]).log().sum() for ns, vals in parts)
+        return float(log_lik) - 0.5 * (float(logdet) - float((count * delta.log()).sum()) + float((delta * norm).sum()))
+
+    delta = prior.log_delta.detach().to(torch.float64).exp().reshape(-1).clone()
+    before = value(delta)
+    for _ in range(iterations):
+        gamma = torch.zeros(k, dtype=torch.float64)
+        for ns, vals in parts:
+            g = group[ns[0]]
+            gamma[g] += (vals / (vals + delta[g])).sum()
+        new = (gamma / norm).clamp_min(1e-300)
+        done = bool(((new - delta).abs() <= tol * delta).all())
+        delta = new
+        if done:
+            break
+    with torch.no_grad():
+        prior.log_delta.copy_(delta.log().reshape(prior.log_delta.shape).to(prior.log_delta.dtype))
+    return torch.tensor([before, value(delta)], dtype=torch.float64)
+
+
+def fit_prior_precision(log_lik, theta, curv, curvature, prior, steps=200, lr=0.1):
+    """Fit ``prior`` to the Laplace marginal likelihood at ``theta``: MacKay's fixed point for
+    scalar and layer-wise precisions (any curvature), else ``steps`` Adam steps at rate ``lr`` on
+    ``log delta`` (diag, kfac). Returns the log marginal likelihood before and after."""
+    if steps == 0:
+        return torch.tensor([float("nan"), float("nan")])
+    if isinstance(prior, (ScalarPrior, LayerwisePrior)):
+        if curvature == "diag":
+            return fixed_point_prior_precision(log_lik, theta, curv, prior, steps)
+        return _eigen_fixed_point(log_lik, theta, curv, curvature, prior, steps)
+    if curvature == "rows":
+        raise ValueError("structure: the rows curvature fits scalar and layer-wise prior precisions; "
+                         f"got {type(prior).__name__}")
+    return optimize_prior_precision(log_lik, theta, curv, prior, torch.optim.Adam(prior.parameters(), lr=lr), steps,
+                                    curvature)
+
+
+class LaplacePosterior:
+    r"""A Laplace posterior :math:`N(\theta, (H + \mathrm{diag}(\delta))^{-1})` of ``model``, the
+    deterministic twin of ``network`` (parameters named like the network's sites).
+
+    Attributes: ``network``, ``model``, ``likelihood``, ``prior`` (a
+    :class:`~pyro_sparse.laplace.prior.PriorPrecision`), ``curvature`` (``diag``, ``kfac``,
+    ``rows``), ``factors`` (the curvature itself: name -> ``H_ii``, layer -> ``(A, G)``, layer ->
+    row blocks), ``log_lik`` and ``info`` (marginal likelihood, seconds per stage).
+    """
+
+    def __init__(self, network, model, likelihood, prior, curvature, factors, log_lik=None, info=None,
+                 method="laplace"):
+        self.network, self.model, self.likelihood, self.prior = network, model, likelihood, prior
+        self.curvature, self.factors, self.log_lik = curvature, factors, log_lik
+        self.info = dict(info or {})
+        self.method = method
+        self._summary = None
+
+    @property
+    def sites(self):
+        return self.network.param_sites()
+
+    def theta(self) -> dict:
+        """Site -> the weight the posterior is centred at (detached)."""
+        params = dict(self.model.named_parameters())
+        return {name: params[name].detach() for name in self.sites if name in params}
+
+    # ------------------------------------------------------------------ the summary
+    @torch.no_grad()
+    def summary(self) -> PosteriorSummary:
+        """The posterior as a :class:`~pyro_sparse.summary.PosteriorSummary` (computed once).
+
+        Per site: ``loc = theta``, ``prior_loc = 0``, ``prior_precision = delta``, the network's
+        group axes, ``log_alpha`` from the variance; ``precision`` is the marginal precision
+        :math:`1/\\Sigma_{ii}` where the structure gives it (kfac, rows) and :math:`P_{ii}` for a
+        diagonal curvature (``marginal=False``); ``structure`` the layer's
+        :class:`~pyro_sparse.kron.KroneckerPrecision` or :class:`~pyro_sparse.kron.RowPrecision`."""
+        if self._summary is not None:
+            return self._summary
+        deltas = {name: d.detach() for name, d in self.prior.precision_dict().items()}
+        theta = self.theta()
+        sites = self.sites
+        structures, precisions, marginal = {}, {}, {}
+        if self.curvature == "diag":
+            for name in sites:
+                precisions[name] = self.factors[name].detach() + deltas[name].expand(theta[name].shape)
+                marginal[name] = False
+        else:
+            for layer, value in self.factors.items():
+                prefix = f"{layer}." if layer else ""
+                w, b = f"{prefix}weight", f"{prefix}bias"
+                if w not in sites:
+                    continue
+                bias = b if b in sites and b in deltas else None
+                delta = rows_of(deltas[w].expand(theta[w].shape),
+                                deltas[bias].expand(theta[bias].shape) if bias else None)
+                if self.curvature == "kfac":
+                    s = KroneckerPrecision(layer, w, bias, theta[w].shape, value[0], value[1], delta)
+                else:
+                    s = RowPrecision(layer, w, bias, theta[w].shape, value, delta)
+                variance = s.marginal_variance()
+                values = s.split(s.precision_diagonal() if variance is None else variance.reciprocal())
+                for site in s.sites():
+                    structures[site], precisions[site], marginal[site] = s, values[site], variance is not None
+        out = PosteriorSummary(method=self.method)
+        for name, (layer, param, _) in sites.items():
+            if name not in precisions:
+                raise ValueError(f"the Laplace posterior has no curvature for the site {name!r}")
+            loc = theta[name].clone()
+            precision = precisions[name].to(loc.dtype)
+            delta = deltas[name].expand(loc.shape).clone()
+            out[name] = SiteSummary(layer.site, param, loc, precision, torch.zeros((), dtype=loc.dtype, device=loc.device),
+                                    delta, dict(layer.param_axes[param]), log_alpha(loc, precision.rsqrt()),
+                                    structure=structures.get(name), marginal=marginal[name])
+        self._summary = out
+        return out
+
+    # ------------------------------------------------------------------ draws and the predictive
+    @torch.no_grad()
+    def sample(self, num_samples, generator=None) -> list[dict]:
+        """``num_samples`` draws of the weights, each site -> value (the other parameters as they are)."""
+        summary = self.summary()
+        draws = [dict() for _ in range(num_samples)]
+        done = set()
+        for name, s in summary.items():
+            if name in done:
+                continue
+            if s.structure is not None:
+                noise = s.structure.sample(num_samples, generator)
+                for i in range(num_samples):
+                    for site, v in s.structure.split(noise[i]).items():
+                        draws[i][site] = summary[site].loc + v.to(s.loc.dtype)
+                done.update(s.structure.sites())
+                continue
+            sd = s.precision.rsqrt()
+            for i in range(num_samples):
+                eps = torch.randn(s.loc.shape, generator=generator, dtype=s.loc.dtype).to(s.loc.device)
+                draws[i][name] = s.loc + sd * eps
+            done.add(name)
+        return draws
+
+    def predictive(self, x, num_samples=20, kind="glm", generator=None):
+        r"""Network outputs ``(S, B, ...)`` under ``num_samples`` posterior draws.
+
+        ``kind="glm"`` (default): the linearised network :math:`f(x;\theta) + J_\theta(x)(w - \theta)`
+        for each draw ``w`` -- the generalised linear model whose predictive the Laplace
+        approximation describes best (Immer, Korzepa & Bauer 2021; laplace-torch's ``glm``
+        predictive with Monte Carlo link), one Jacobian-vector product per draw
+        (``torch.func.jvp``). ``kind="nn"``: the network itself at each draw (Laplace Redux's
+        "sampled" predictive; it underfits where the posterior is broad)."""
+        if kind not in PREDICTIVES:
+            raise ValueError(f"kind: expected one of {PREDICTIVES}, got {kind!r}")
+        draws = self.sample(num_samples, generator)
+        model = self.model
+        modes = [m.training for m in model.modules()]
+        model.eval()
+        try:
+            with torch.no_grad():
+                if kind == "nn":
+                    params = dict(model.named_parameters())
+                    return torch.stack([functional_call(model, {**params, **d}, (x,)) for d in draws])
+                theta = self.theta()
+                fixed = {k: v.detach() for k, v in model.named_parameters() if k not in theta}
+                fixed.update({k: v for k, v in model.named_buffers()})
+
+                def f(sites):
+                    return functional_call(model, {**fixed, **sites}, (x,))
+
+                outputs = []
+                for d in draws:
+                    tangent = {k: (d[k] - theta[k]).to(theta[k].dtype) for k in theta}
+                    f0, df = jvp(f, (theta,), (tangent,))
+                    outputs.append(f0 + df)
+                return torch.stack(outputs)
+        finally:
+            for m, mode in zip(model.modules(), modes):
+                m.training = mode
+
+
+def _without_curvature(module):
+    """Module paths of ``module`` that ``bayesian()`` would convert to a layer declaring no
+    curvature (recurrent, embedding, ...): the post-hoc posterior holds them fixed."""
+    from ..convert import conversion_for
+
+    out = []
+    for path, child in module.named_modules():
+        cls = conversion_for(child) if path else None
+        if cls is not None and cls.curvature is None and not any(path.startswith(p + ".") for p in out):
+            out.append(path)
+    return out
+
+
+def laplace_posterior(module: nn.Module, x, y=None, likelihood="categorical", noise=1.0, curvature="diag",
+                      structure="scalar", prior_precision=1.0, hyper_steps=200, hyper_lr=0.1, exclude=(),
+                      input_shape=None, batch_size=None, mc_samples=None, seed=0) -> LaplacePosterior:
+    """The post-hoc Laplace posterior of a trained module, in one call (as laplace-torch's
+    ``Laplace(model, ...).fit(loader)`` with ``optimize_prior_precision``).
+
+    ``module``: any ``torch.nn.Module`` with parameters (a bare ``nn.Linear`` too); ``x, y``
+    tensors or ``x`` an iterable of ``(x, y)`` batches (a ``DataLoader``, streamed).
+    ``curvature``: ``diag`` (exact diagonal GGN), ``kfac`` or ``rows`` (see the module
+    docstring); ``mc_samples``: Monte Carlo output columns (one backward pass each instead of one
+    per output; for networks with many outputs). ``structure``: the prior precisions (``scalar``,
+    ``layerwise``, ``parameterwise``, ``unitwise``), fitted from ``prior_precision`` by MacKay's
+    fixed point (scalar, layer-wise; at most ``hyper_steps`` iterations) or ``hyper_steps`` Adam
+    steps at ``hyper_lr`` (``hyper_steps=0``: fixed). The default ``scalar`` (laplace-torch's
+    too): with the weights fixed at a MAP of another objective, richer structures raise the
+    marginal likelihood by driving the precision of weights the data do not constrain towards 0.
+    ``exclude``: module-name patterns held fixed (with every layer that has no curvature).
+    ``batch_size``: chunk size of tensor data for the curvature pass (memory).
+
+    Returns a :class:`LaplacePosterior`: ``.summary()`` (with the factors reachable per layer),
+    ``.predictive(x, S)``, ``.network`` (the :class:`~pyro_sparse.convert.BayesianModule` naming the
+    sites), ``.model`` (the copy the curvature was computed on), ``.info`` (``log_marglik``,
+    ``prior_precision``, seconds and peak memory per stage).
+    """
+    from ..convert import BayesianModule
+    from ..priors import Gaussian
+
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature: expected one of {CURVATURES}, got {curvature!r}")
+    if structure not in PRIOR_STRUCTURES:
+        raise ValueError(f"structure: expected one of {PRIOR_STRUCTURES}, got {structure!r}")
+    if isinstance(hyper_steps, bool) or not isinstance(hyper_steps, int) or hyper_steps < 0:
+        raise ValueError(f"hyper_steps: expected an integer >= 0, got {hyper_steps!r}")
+    lik = as_likelihood(likelihood, noise)
+    data = data_batches(x, y, batch_size)
+    if any(yb is None for _, yb in data):
+        raise ValueError("y: the Laplace posterior needs the labels (targets) of the data")
+    start = time.perf_counter()
+    fixed = _without_curvature(module)
+    network = BayesianModule(module, prior=Gaussian(), likelihood=lik, deterministic=list(exclude) + fixed,
+                             input_shape=input_shape)
+    if not network._probed:
+        network.probe(data[0][0])
+    sites = network.param_sites()
+    model = network.deterministic(network.starting_values())
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in sites)
+    generator = torch.Generator().manual_seed(seed)
+    curv = curvature_of(model, data, lik, curvature, "ggn", mc_samples, generator)
+    with torch.no_grad():
+        ll = sum(lik.log_likelihood(model(xb), yb) for xb, yb in data)
+    curvature_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    theta = {name: p.detach() for name, p in model.named_parameters() if name in sites}
+    prior = make_prior_precision(structure, model, init=prior_precision)
+    trajectory = fit_prior_precision(ll, theta, curv, curvature, prior, hyper_steps, hyper_lr)
+    info = {"log_marglik": float(trajectory[-1]), "log_marglik_start": float(trajectory[0]),
+            "log_lik": float(ll), "examples": sum(len(xb) for xb, _ in data), "curvature": curvature,
+            "structure": structure, "mc_samples": mc_samples,
+            "prior_precision": {k: float(v.detach().mean()) for k, v in prior.precision_dict().items()},
+            "held_fixed": fixed, "curvature_seconds": curvature_seconds,
+            "marglik_seconds": time.perf_counter() - start}
+    return LaplacePosterior(network, model, lik, prior, curvature, curv, ll, info,
+                            method=f"laplace-posthoc-{curvature}-{structure}")
