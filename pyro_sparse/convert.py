@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from . import layers as L
-from .layers import Layer, param_scope
+from .layers import Layer, param_scope, site_name
 from .likelihoods import build_likelihood
 from .network import PyroNetwork, check_input_shape
 from .priors import Gaussian, build_prior
@@ -150,7 +150,9 @@ class BayesianModule(PyroNetwork):
         converted = OrderedDict()
         skip = ()  # paths whose descendants stay as they are
         for path, child in list(self.module.named_modules()):
-            if not path or any(path.startswith(p + ".") for p in skip):
+            if not path and conversion_for(child) is None:  # the root converts only when it is one layer
+                continue
+            if any(path.startswith(p + ".") for p in skip) or (skip and skip[0] == "" and path):
                 continue
             owns = any(True for _ in child.parameters(recurse=False))
             if _match(keep, path):
@@ -168,7 +170,10 @@ class BayesianModule(PyroNetwork):
                 skip += (path,)
                 continue
             layer = self._convert(cls, child, path, weight_prior, shift_prior, patterns)
-            _set_submodule(self.module, path, layer)
+            if path:
+                _set_submodule(self.module, path, layer)
+            else:  # a bare layer (an nn.Linear): its Bayesian counterpart is the whole module
+                self.module = layer
             converted[path] = layer
             self.conversions[path] = type(layer).__name__
             skip += (path,)
@@ -186,7 +191,7 @@ class BayesianModule(PyroNetwork):
 
     @staticmethod
     def _asked(patterns, path, module):
-        return any(_match(patterns, f"{path}.{p}", path) for p, _ in module.named_parameters(recurse=False))
+        return any(_match(patterns, site_name(path, p), path) for p, _ in module.named_parameters(recurse=False))
 
     @staticmethod
     def _convert(cls, child, path, weight_prior, shift_prior, patterns):
@@ -194,7 +199,7 @@ class BayesianModule(PyroNetwork):
         weight's (bias's) site name or else the module's path, else the defaults; then any
         pattern that matches a site of the counterpart by name (``lstm.weight_hh*``) overrides."""
         def chosen(param, default):
-            found = _match(patterns, f"{path}.{param}", path)
+            found = _match(patterns, site_name(path, param), path)
             return found[1] if found else default
 
         is_norm = isinstance(child, nn.LayerNorm)
@@ -206,7 +211,7 @@ class BayesianModule(PyroNetwork):
         for param in layer.priors():
             if param in uniform:
                 continue
-            found = _match(patterns, f"{path}.{param}")
+            found = _match(patterns, site_name(path, param))
             if found is not None:
                 layer.set_prior(param, found[1])
         for param, p in layer.priors().items():
@@ -285,7 +290,7 @@ class BayesianModule(PyroNetwork):
         if ref is not None:
             twin.to(dtype=ref.dtype if ref.is_floating_point() else None, device=ref.device)
         for path, layer in self.converted.items():
-            own = {p: params.get(f"{path}.{p}", getattr(layer, f"{p}_init")) for p in layer.priors()}
+            own = {p: params.get(site_name(path, p), getattr(layer, f"{p}_init")) for p in layer.priors()}
             layer.write_torch(twin.get_submodule(path), own)
         return reshaping_inputs(twin, self.input_shape)
 
@@ -295,7 +300,7 @@ class BayesianModule(PyroNetwork):
         out = {}
         for path, layer in self.converted.items():
             values = layer.torch_values(twin.get_submodule(path))
-            out.update({f"{path}.{k}": v.detach().clone() for k, v in values.items()})
+            out.update({site_name(path, k): v.detach().clone() for k, v in values.items()})
         return out
 
     def state_dict_of(self, params: dict) -> dict:

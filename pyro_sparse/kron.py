@@ -189,7 +189,9 @@ class KroneckerPrecision(_LayerPrecision):
         already-reduced network); ``output_scale`` ``s`` multiplies ``G`` (default 1)."""
         a = self.A if input_moment is None else input_moment.detach().to(torch.float64)
         g = self.G.diagonal() * (1.0 if output_scale is None else output_scale)
-        return g[:, None, None] * a[None] + torch.diag_embed(self.delta)
+        rows = g[:, None, None] * a[None]
+        rows.diagonal(dim1=1, dim2=2).add_(self.delta)
+        return rows
 
     def log_det(self):
         """:math:`\\log\\det P` (exact for a constant ``delta``, else the projected form)."""

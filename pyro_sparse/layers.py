@@ -70,6 +70,12 @@ def last_dim(size, in_shape: tuple, key: str) -> int:
     return in_shape[-1]
 
 
+def site_name(site: str, param: str) -> str:
+    """The sample site of parameter ``param`` of the layer at ``site``: ``fc1.weight``, or ``weight``
+    for a layer at the root (a converted bare ``nn.Linear``)."""
+    return f"{site}.{param}" if site else param
+
+
 #: open parameter scopes, innermost last (:func:`param_scope`)
 _SCOPES: list = []
 
@@ -214,7 +220,7 @@ class Layer(nn.Module):
                 raise ValueError(f"{self.site}: no parameter {name!r} (parameters: {sorted(shapes)})")
             value = torch.as_tensor(value).detach()
             if tuple(value.shape) != tuple(shapes[name]):
-                raise ValueError(f"{self.site}.{name}: expected shape {list(shapes[name])}, got {list(value.shape)}")
+                raise ValueError(f"{site_name(self.site, name)}: expected shape {list(shapes[name])}, got {list(value.shape)}")
             setattr(self, f"{name}_init", value.clone())
         return self
 
@@ -404,10 +410,10 @@ class _Parametric(Layer):
         return out
 
     def sample_params(self):
-        weight = self.weight_prior.sample(f"{self.site}.weight", self.weight_init, self.param_axes["weight"])
+        weight = self.weight_prior.sample(site_name(self.site, "weight"), self.weight_init, self.param_axes["weight"])
         bias = None
         if self.has_bias:
-            bias = self.bias_prior.sample(f"{self.site}.bias", self.bias_init, self.param_axes["bias"])
+            bias = self.bias_prior.sample(site_name(self.site, "bias"), self.bias_init, self.param_axes["bias"])
         return weight, bias
 
     def compute(self, x, weight, bias):

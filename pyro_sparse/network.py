@@ -14,7 +14,7 @@ import pyro.poutine as poutine
 import torch
 from torch import nn
 
-from .layers import Layer, Reshape
+from .layers import Layer, Reshape, site_name
 from .likelihoods import Likelihood, build_likelihood
 from .local_reparam import LocalReparameterization
 
@@ -50,7 +50,7 @@ class PyroNetwork(nn.Module):
     def param_sites(self):
         """Site name -> (layer, parameter name, prior) for every layer parameter. The layer is the
         leaf that owns the site (``block1.attn.q`` for ``block1.attn.q.weight``; see ``Layer.leaves``)."""
-        return {f"{leaf.site}.{p}": (leaf, p, prior) for _, l in self.bayesian_layers() for leaf in l.leaves()
+        return {site_name(leaf.site, p): (leaf, p, prior) for _, l in self.bayesian_layers() for leaf in l.leaves()
                 for p, prior in leaf.priors().items()}
 
     def num_weights(self) -> int:

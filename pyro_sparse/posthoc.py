@@ -103,6 +103,7 @@ def prune(module: nn.Module, x, y=None, rule="opd", sparsity=None, threshold=Non
                                   hyper_lr, exclude, input_shape, curvature_batch_size, mc_samples, seed)
     network, summary, info = posterior.network, posterior.summary(), dict(posterior.info)
     start = time.perf_counter()
+    rule_options.setdefault("calibration", posterior.calibration(x))  # layer by layer, where compensating
     decision = reduce(summary, rule, sparsity=sparsity, threshold=threshold, structured=structured, seed=seed,
                       **rule_options)
     info["rule_seconds"] = time.perf_counter() - start

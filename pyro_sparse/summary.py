@@ -93,9 +93,12 @@ def param_role(param: str) -> str:
 class PosteriorSummary(dict):
     """Site name -> :class:`SiteSummary`, in network order; ``method`` says where it came from."""
 
-    def __init__(self, *args, method: str = "", **kwargs):
+    def __init__(self, *args, method: str = "", output_scale: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.method = method
+        #: how the compensated reduction reads the layer structures by default (``unit`` or
+        #: ``posterior``, :mod:`pyro_sparse.reduction.compensate`); None: ``unit``
+        self.output_scale = output_scale
 
     def num_weights(self) -> int:
         return sum(s.loc.numel() for s in self.values())

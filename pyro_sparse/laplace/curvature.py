@@ -71,6 +71,7 @@ __all__ = [
     "kfac_ggn",
     "row_ggn",
     "kfac_layer_names",
+    "input_moment",
 ]
 
 
@@ -516,3 +517,29 @@ def row_ggn(model, x, y=None, likelihood="categorical", noise=1.0, batch_size=No
                     v = torch.einsum("nol,nil->noi", g, _with_ones(t, a))  # (N, out, D')
                     out[t.name] = out.get(t.name, 0) + torch.einsum("noi,noj->oij", v, v)
     return {t.name: out[t.name].detach() for t in targets if t.name in out}
+
+
+@torch.no_grad()
+def input_moment(model, x, layer, network=None, batch_size=None):
+    """The input factor ``A = sum_{n,l} a~_{n,l} a~_{n,l}'`` of one layer (as in :func:`kfac_ggn`,
+    ``a~`` with a one for a trainable bias), from a forward pass alone; float64. What the
+    compensated reduction recomputes on the already-reduced network
+    (:class:`~pyro_sparse.laplace.posterior.Calibration`)."""
+    data = data_batches(x, None, batch_size) if torch.is_tensor(x) else x
+    target = next((t for t in _targets(model, network) if t.name == layer), None)
+    if target is None:
+        raise ValueError(f"model[{layer}]: no trainable layer with curvature at this path")
+    total, inputs = 0, []
+    hook = target.module.register_forward_hook(lambda module, args, z: inputs.append(args[0].detach()))
+    try:
+        with _eval_mode(model):
+            for xb, *_ in data:
+                model(xb)
+                for a in inputs:
+                    p = _with_ones(target, target.backend.patches(target.module, a))
+                    p = p.transpose(0, 1).reshape(p.shape[1], -1).to(torch.float64)
+                    total = total + p @ p.T
+                inputs.clear()
+    finally:
+        hook.remove()
+    return total

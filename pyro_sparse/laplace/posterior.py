@@ -28,6 +28,7 @@ predictive (Immer, Korzepa & Bauer 2021; Daxberger et al. 2021, "Laplace Redux")
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -37,12 +38,12 @@ from torch.func import functional_call, jvp
 from ..distributions import log_alpha
 from ..kron import KroneckerPrecision, RowPrecision, psd_eigvalsh, rows_of
 from ..summary import PosteriorSummary, SiteSummary
-from .curvature import as_likelihood, data_batches, diag_ef, diag_ggn, kfac_ggn, row_ggn
+from .curvature import as_likelihood, data_batches, diag_ef, diag_ggn, input_moment, kfac_ggn, row_ggn
 from .marglik import fixed_point_prior_precision, optimize_prior_precision
 from .prior import PRIOR_STRUCTURES, LayerwisePrior, ScalarPrior, make_prior_precision
 
 __all__ = ["CURVATURES", "HESSIANS", "PREDICTIVES", "curvature_of", "LaplacePosterior", "laplace_posterior",
-           "spectrum"]
+           "spectrum", "Calibration", "fit_prior_precision"]
 
 CURVATURES = ("diag", "kfac", "rows")
 HESSIANS = ("ggn", "ef")
@@ -143,6 +144,30 @@ def fit_prior_precision(log_lik, theta, curv, curvature, prior, steps=200, lr=0.
                                     curvature)
 
 
+class Calibration:
+    """The inputs of every layer of a network being reduced: what the compensated reduction
+    (:mod:`pyro_sparse.reduction.compensate`) reads to reduce the layers in order, each on the
+    already-reduced network's own activations (OBC and SparseGPT do the same).
+
+    ``network``: the Bayesian network; ``model``: its deterministic twin (copied; parameters
+    named like the sites); ``data``: ``(x, y)`` batches (the labels are not read).
+    """
+
+    def __init__(self, network, model, data):
+        self.network, self.data = network, data
+        self.model = copy.deepcopy(model).eval()
+
+    @torch.no_grad()
+    def input_moment(self, layer, values):
+        """``A`` of ``layer`` (:func:`~pyro_sparse.laplace.curvature.input_moment`) on the network
+        holding ``values`` (site -> tensor; others as they are)."""
+        params = dict(self.model.named_parameters())
+        for site, value in values.items():
+            if site in params:
+                params[site].copy_(value)
+        return input_moment(self.model, self.data, layer, self.network)
+
+
 class LaplacePosterior:
     r"""A Laplace posterior :math:`N(\theta, (H + \mathrm{diag}(\delta))^{-1})` of ``model``, the
     deterministic twin of ``network`` (parameters named like the network's sites).
@@ -202,12 +227,17 @@ class LaplacePosterior:
                 if self.curvature == "kfac":
                     s = KroneckerPrecision(layer, w, bias, theta[w].shape, value[0], value[1], delta)
                 else:
-                    s = RowPrecision(layer, w, bias, theta[w].shape, value, delta)
+                    blocks = value.detach().to(torch.float64).clone()
+                    blocks.diagonal(dim1=1, dim2=2).add_(delta.to(torch.float64))
+                    s = RowPrecision(layer, w, bias, theta[w].shape, blocks, delta)
                 variance = s.marginal_variance()
                 values = s.split(s.precision_diagonal() if variance is None else variance.reciprocal())
                 for site in s.sites():
                     structures[site], precisions[site], marginal[site] = s, values[site], variance is not None
-        out = PosteriorSummary(method=self.method)
+        # a classifier's curvature vanishes where its softmax saturates (a confident fit), a Gaussian
+        # likelihood's does not: the compensated reduction reads the former in unit output scale
+        scale = "posterior" if getattr(self.likelihood, "task", None) == "regression" else "unit"
+        out = PosteriorSummary(method=self.method, output_scale=scale)
         for name, (layer, param, _) in sites.items():
             if name not in precisions:
                 raise ValueError(f"the Laplace posterior has no curvature for the site {name!r}")
@@ -219,6 +249,12 @@ class LaplacePosterior:
                                     structure=structures.get(name), marginal=marginal[name])
         self._summary = out
         return out
+
+    def calibration(self, data) -> Calibration:
+        """A :class:`Calibration` on ``data`` (tensors ``x`` or ``(x, y)`` batches): the compensated
+        reduction then works layer by layer on the reduced network's inputs."""
+        batches = data_batches(data) if not torch.is_tensor(data) else data_batches(data, None, 256)
+        return Calibration(self.network, self.model, batches)
 
     # ------------------------------------------------------------------ draws and the predictive
     @torch.no_grad()

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..compaction import as_index
-from ..layers import Reshape, _Parametric
+from ..layers import Reshape, _Parametric, site_name
 from ..registry import CONVERSIONS, LAYERS
 
 #: layers whose compaction with masks only changes the non-zero count (nothing deleted on its own)
@@ -41,17 +41,22 @@ FORMAT = 2
 # --------------------------------------------------------------------------- masked network
 
 
-def point_values(summary_or_values) -> dict:
-    """Site -> point value: the summary's posterior means, or a given dict of tensors."""
+def point_values(summary_or_values, decision=None) -> dict:
+    """Site -> point value: the summary's posterior means, or a given dict of tensors; where the
+    decision moved the kept weights (a compensated reduction's ``values``), those."""
     if hasattr(summary_or_values, "locs"):
-        return summary_or_values.locs()
-    return dict(summary_or_values)
+        values = summary_or_values.locs()
+    else:
+        values = dict(summary_or_values)
+    if hasattr(decision, "masks"):  # a Decision (a dict of masks moves nothing)
+        values.update(decision.values)
+    return values
 
 
 def masked_values(summary_or_values, decision=None) -> dict:
-    """Site -> point value times the decision's keep-mask (pruned entries exactly 0); ``decision``
-    is a :class:`~.rules.Decision` or a dict of masks."""
-    values = point_values(summary_or_values)
+    """Site -> point value (:func:`point_values`) times the decision's keep-mask (pruned entries
+    exactly 0); ``decision`` is a :class:`~.rules.Decision` or a dict of masks."""
+    values = point_values(summary_or_values, decision)
     masks = _masks(decision)
     return {k: v * masks[k].to(v.dtype) if k in masks else v for k, v in values.items()}
 
@@ -106,16 +111,18 @@ def masked_predictive(network, summary, decision=None, x=None, num_samples=10, g
     Each draw takes every parameter from its Gaussian marginal in the summary,
     :math:`w = m \odot (\mu + \sigma\varepsilon)`, :math:`\varepsilon \sim N(0, I)`, so pruned
     parameters are exactly 0 (the reduced posterior of BMR for a point-mass reduced prior) and
-    kept ones follow the fitted posterior. ``decision=None`` gives the dense predictive of the
+    kept ones follow the fitted posterior (centred at the reduced posterior mean where the
+    decision moved them; their spread is the fitted marginal's). ``decision=None`` gives the dense predictive of the
     summary.
     """
     masks = _masks(decision)
+    locs = point_values(summary, decision)
     outputs = []
     for _ in range(num_samples):
         values = {}
         for k, s in summary.items():
             sd = s.precision.rsqrt().nan_to_num(0.0)
-            w = s.loc + sd * torch.randn(s.loc.shape, generator=generator, dtype=s.loc.dtype).to(s.loc.device)
+            w = locs[k] + sd * torch.randn(s.loc.shape, generator=generator, dtype=s.loc.dtype).to(s.loc.device)
             values[k] = w * masks[k].to(w.dtype) if k in masks else w
         outputs.append(network.deterministic(values).eval()(x))
     return torch.stack(outputs)
@@ -327,20 +334,19 @@ def _module_plan(network, values, masks, chains) -> CompactPlan:
     for path, layer in network.bayesian_layers():
         if path in done:
             continue
-        own = {p: masked[f"{path}.{p}"] for p in layer.priors() if f"{path}.{p}" in masked}
+        own = {p: masked[site_name(path, p)] for p in layer.priors() if site_name(path, p) in masked}
+        own_masks = {p: masks[site_name(path, p)] for p in layer.priors() if site_name(path, p) in masks}
         in_shape, out_shape = shapes[path]
         if hasattr(layer, "compact_module"):  # a converted LSTM/GRU: constant gates, unread neurons deleted
-            own_masks = {k[len(path) + 1:]: m for k, m in masks.items() if k.startswith(path + ".")}
             entry, module, info = layer.compact_module(own, own_masks, in_shape, out_shape)
             spec["modules"][path] = entry
             infos[path] = info
-            params.update({f"{path}.{k}": v for k, v in module.state_dict().items()})
+            params.update({site_name(path, k): v for k, v in module.state_dict().items()})
             continue
         info = {"units": {}, "flops": 0, "flops_sparse": 0}
         try:
             dense = layer.compaction(path, own, {}, in_shape, out_shape).build()[2]
-            sparse = layer.compaction(path, own, {k[len(path) + 1:]: m for k, m in masks.items()
-                                                  if k.startswith(path + ".")}, in_shape, out_shape).build()[2]
+            sparse = layer.compaction(path, own, own_masks, in_shape, out_shape).build()[2]
             total = sum(u["total"] for u in dense.get("units", {}).values())
             info = {"units": {"": {"total": total, "kept": list(range(total)), "removed": 0, "constant": 0,
                                    "unread": 0}} if total else {},
@@ -350,7 +356,7 @@ def _module_plan(network, values, masks, chains) -> CompactPlan:
         except (NotImplementedError, ValueError, RuntimeError):
             pass
         infos[path] = info
-        params.update({f"{path}.{p}": v for p, v in own.items()})
+        params.update({site_name(path, p): v for p, v in own.items()})
     order = [path for path, _ in network.bayesian_layers()]
     infos = {k: infos[k] for k in order if k in infos}
     return CompactPlan(spec, params, infos, sorted(folded))
@@ -428,7 +434,7 @@ def compact(network, summary_or_values, decision=None, input_shape=None) -> nn.S
     ``.spec`` (layer list with sizes, see :func:`build_module`) and ``.plan`` (:class:`CompactPlan`).
     ``input_shape``: the per-example input shape where the network declares none.
     """
-    values, masks = point_values(summary_or_values), _masks(decision)
+    values, masks = point_values(summary_or_values, decision), _masks(decision)
     plan = compact_plan(network, values, masks, input_shape)
     if plan.spec.get("kind") == "module":
         module = build_module_network(network, plan, values, masks)

@@ -148,7 +148,10 @@ def reduction_report(network, summary_or_values, decision, x_test=None, y_test=N
         "param_bytes_nonzero": totals["params_nonzero"] * element,
         "flops_ratio": totals["flops_dense"] / max(totals["flops_compact"], 1),
         "folded_biases": plan.folded,
+        "compensated": bool(decision.values), "approximation": decision.approximation,
     })
+    if decision.layers:  # the compensated reduction, layer by layer: removed, evidence change, path
+        report["compensation"] = decision.summary()["layers"]
     blocks = {name: _block_summary(info) for name, info in plan.layers.items()
               if "heads_total" in info or any(info.get("units", {}))}
     if blocks:  # attention heads and MLP hidden units removed per block

@@ -98,6 +98,17 @@ class Rule:
     threshold: float | None = None
     ranks = True
     plot: str | None = None
+    #: reads marginal variances (a diagonal Laplace precision is then an approximation it names)
+    reads_marginal = False
+    #: removes weights by the evidence with the reduced posterior mean on a structured summary
+    #: (:meth:`compensated_delta_f`)
+    compensates = False
+
+    def compensated_delta_f(self, context):
+        """``delta_f(mu, var, prior_precision)``: the rule's single-weight evidence change on a
+        marginal ``N(mu, var)`` under the zero-mean prior ``N(0, 1/prior_precision)``, element-wise;
+        what the compensated reduction (:mod:`.compensate`) removes by."""
+        raise NotImplementedError
 
     def scores(self, site, context) -> torch.Tensor | None:
         """The quantity per element of ``site`` (broadcastable to ``site.loc``), or None where the
@@ -156,6 +167,7 @@ class _Evidence(Rule):
     prunes = "above"
     threshold = 0.0
     plot = "symlog"
+    reads_marginal = True
 
     def judges(self, site):
         return site.role in ("weight", "group")
@@ -191,6 +203,18 @@ class BMR(_Evidence):
         delta_f, _, _ = bmr_gaussian(site.loc, precision, prior_loc, prior_precision, 0.0, reduced_precision)
         return delta_f
 
+    compensates = True
+
+    def compensated_delta_f(self, context):
+        reduced_scale, shrink = context["reduced_scale"], context["shrink"]
+
+        def delta_f(mu, var, prior_precision):
+            prior_scale = prior_precision.rsqrt()
+            g = float(reduced_scale) if reduced_scale is not None else shrink * prior_scale
+            return bmr_diagonal_zero_mean(mu, var.reciprocal(), prior_scale, g)
+
+        return delta_f
+
 
 class SavageDickey(_Evidence):
     r"""Savage-Dickey: the BMR limit of a point-mass reduced prior,
@@ -202,6 +226,14 @@ class SavageDickey(_Evidence):
     def delta_f(self, site, context):
         precision, prior_loc, prior_precision = _gaussian_parts(site, self.name)
         return savage_dickey(site.loc, precision, prior_loc, prior_precision)
+
+    compensates = True
+
+    def compensated_delta_f(self, context):
+        def delta_f(mu, var, prior_precision):
+            return savage_dickey(mu, var.reciprocal(), 0.0, prior_precision)
+
+        return delta_f
 
     def unit_scores(self, site, bias, unit_dim, context):
         if _low_rank(site) is None:
@@ -220,6 +252,7 @@ class SpikeSlab(BMR):
     quantity = "BMR dF, layer-wise spike-and-slab threshold zeta"
     threshold = None
     ranks = False
+    compensates = False
 
 
 class LogAlpha(Rule):
@@ -234,6 +267,7 @@ class LogAlpha(Rule):
     score_name = "log_alpha"
     prunes = "above"
     threshold = 3.0
+    reads_marginal = True
 
     def judges(self, site):
         return site.role in ("weight", "group")
@@ -266,7 +300,8 @@ class OPD(Rule):
         if not bool(torch.isfinite(site.precision).all()):
             raise NotApplicable(f"rule 'opd': site {site.name!r} has an infinite posterior precision (a point "
                                 "estimate); OPD needs a posterior precision (SVI or Laplace fit)")
-        return opd_scores(site.loc, _precision_diagonal(site))
+        return opd_scores(site.loc, site.precision_diagonal() if site.structure is not None
+                          else _precision_diagonal(site))
 
 
 class Magnitude(Rule):
@@ -398,6 +433,14 @@ class Decision:
         group_scores: structured rules: layer -> the per-unit group quantity.
         options: the arguments the rule ran with (sparsity, threshold, scope, ...).
         zeta: spike-and-slab: weight site (or layer, structured) -> the fitted log-odds zeta.
+        values: compensated reductions: site -> the reduced posterior mean (the kept weights moved,
+            the removed ones 0) of every reduced layer's weight and bias; empty otherwise (the
+            summary's means stand).
+        layers: compensated reductions: layer -> what was done (``removed``, ``total``,
+            ``delta_f``: the evidence change of the removal, ``path``, ``output_scale``, ``refit``).
+        approximation: how the posterior was read where it is not what the rule assumes (a
+            diagonal Laplace precision taken as the marginal one, row blocks of a Kronecker
+            posterior), or None.
     """
 
     method: str
@@ -408,6 +451,9 @@ class Decision:
     group_scores: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
     zeta: dict = field(default_factory=dict)
+    values: dict = field(default_factory=dict)
+    layers: dict = field(default_factory=dict)
+    approximation: str | None = None
 
     def weight_sites(self):
         return [k for k in self.masks if _role(k) == "weight"]
@@ -434,11 +480,15 @@ class Decision:
         """Plain numbers for reports and JSON."""
         kept, total = self.counts()
         kept_all, total_all = self.counts(weights_only=False)
-        return {"method": self.method, "sparsity": self.sparsity, "weights_kept": kept, "weights_total": total,
-                "params_kept": kept_all, "params_total": total_all,
-                "units_removed": sum(self.units_removed.values()),
-                "units_removed_per_layer": self.units_removed,
-                "options": {k: v for k, v in self.options.items() if _jsonable(v)}}
+        out = {"method": self.method, "sparsity": self.sparsity, "weights_kept": kept, "weights_total": total,
+               "params_kept": kept_all, "params_total": total_all,
+               "units_removed": sum(self.units_removed.values()),
+               "units_removed_per_layer": self.units_removed,
+               "options": {k: v for k, v in self.options.items() if _jsonable(v)},
+               "compensated": bool(self.values), "approximation": self.approximation}
+        if self.layers:
+            out["layers"] = {k: {**v, "sparsity": v["removed"] / max(v["total"], 1)} for k, v in self.layers.items()}
+        return out
 
 
 def _jsonable(v):
@@ -565,7 +615,8 @@ def _natural(summary, r, context) -> dict:
 
 
 def reduce(summary, method, sparsity=None, threshold=None, structured=False, *, scope="global",
-           reduced_scale=None, shrink=DEFAULT_SHRINK, seed=0, generator=None) -> Decision:
+           reduced_scale=None, shrink=DEFAULT_SHRINK, seed=0, generator=None, compensate=None, calibration=None,
+           pattern=None, output_scale=None) -> Decision:
     r"""Decide which weights (or units) of a posterior summary to remove.
 
     Args:
@@ -585,6 +636,18 @@ def reduce(summary, method, sparsity=None, threshold=None, structured=False, *, 
         shrink: relative scale of the reduced prior when ``reduced_scale`` is not given (a shrunk
             copy of the full prior, Markovic et al. 2023), in (0, 1).
         seed, generator: the random stream of ``random``.
+        compensate: ``bmr`` and ``savage-dickey`` on a summary whose weight sites carry a layer
+            structure (Kronecker factors or row blocks, :mod:`pyro_sparse.kron`): remove weights
+            by the evidence and move the kept ones to the reduced posterior mean
+            (:mod:`.compensate`); default on where the summary has the structure (None), never
+            for ``structured``.
+        calibration: with compensation, an object whose ``input_moment(layer, values)`` gives a
+            layer's input second moment on the reduced network: the layers are then reduced in
+            order on the reduced network's own inputs (a Laplace fit's ``calibration(data)``).
+        pattern: with compensation, ``"n:m"``: keep ``n`` of every ``m`` consecutive inputs.
+        output_scale: with compensation, ``"unit"`` (each layer in its own output units) or
+            ``"posterior"`` (as fitted); see :mod:`.compensate`. Default: the summary's own
+            (``unit`` for a classifier's Laplace posterior, ``posterior`` for a regression's).
 
     Returns a :class:`Decision`.
     """
@@ -619,12 +682,26 @@ def reduce(summary, method, sparsity=None, threshold=None, structured=False, *, 
     weights = summary.of_role("weight")
     if not weights:
         raise ValueError("summary: has no weight sites")
+    compensate = _compensates(summary, weights, r, structured, compensate, pattern)
+    output_scale = output_scale or getattr(summary, "output_scale", None) or "unit"
+    approximation = _approximation(summary, r, compensate, output_scale)
     biases = {s.layer: s for s in summary.of_role("bias").values()}
     output_layer = list(weights.values())[-1].layer
     masks = {k: torch.ones_like(s.loc, dtype=torch.bool) for k, s in summary.items()}
     zeta, group_q = {}, {}
 
-    if not structured:
+    values, layer_info = {}, {}
+    if compensate:
+        from .compensate import compensated_reduction
+
+        natural = _natural(summary, r, context)
+        found, values, layer_info = compensated_reduction(
+            summary, r.compensated_delta_f(context), sparsity=sparsity, threshold=threshold or 0.0, scope=scope,
+            pattern=pattern, calibration=calibration, output_scale=output_scale)
+        masks.update(found)
+        options.update({"compensate": True, "pattern": pattern, "output_scale": output_scale,
+                        "layer_by_layer": calibration is not None})
+    elif not structured:
         natural = _natural(summary, r, context)
         ranked = {k: v for k, v in natural.items() if summary[k].role == "weight"}
         if sparsity is not None:
@@ -671,7 +748,44 @@ def reduce(summary, method, sparsity=None, threshold=None, structured=False, *, 
         if s.layer == output_layer:
             kept = torch.ones_like(kept)
         units[s.layer] = kept
-    return Decision(r.name, masks, natural, r.score_name, units, group_q, options, zeta)
+    return Decision(r.name, masks, natural, r.score_name, units, group_q, options, zeta, values, layer_info,
+                    approximation)
+
+
+def _compensates(summary, weights, r, structured, compensate, pattern) -> bool:
+    """Whether :func:`reduce` compensates: as asked, or (None) wherever the rule can and every
+    weight site has a layer structure."""
+    has = all(s.structure is not None for s in weights.values())
+    if compensate is None:
+        compensate = r.compensates and has and not structured
+    if compensate:
+        if not r.compensates:
+            raise NotApplicable(f"compensate: rule {r.name!r} does not move the kept weights; the compensated rules "
+                                "are bmr and savage-dickey")
+        if structured:
+            raise NotApplicable("compensate: the compensated reduction removes single weights; use structured=False "
+                                "or compensate=False")
+        if not has:
+            bare = next(k for k, s in weights.items() if s.structure is None)
+            raise NotApplicable(f"compensate: site {bare!r} has no correlated posterior (a diagonal or mean-field "
+                                "summary); fit the Laplace posterior with curvature kfac or rows, or compensate=False")
+        if any(bool((s.prior_loc != 0).any()) for s in weights.values()):
+            raise NotApplicable("compensate: the reduced posterior mean is computed for zero-mean priors")
+    elif pattern is not None:
+        raise NotApplicable("pattern: n:m patterns are selected by the compensated reduction (a Laplace fit with "
+                            "curvature kfac or rows, rule bmr or savage-dickey)")
+    return bool(compensate)
+
+
+def _approximation(summary, r, compensate, output_scale):
+    """What the decision says about how it read the posterior (see :class:`Decision`)."""
+    if compensate:
+        kinds = sorted({s.structure.kind for s in summary.values() if s.structure is not None})
+        return (f"row blocks of the {' and '.join(kinds)} posterior (rows independent), output scale {output_scale}")
+    if r.reads_marginal and any(not s.marginal for s in summary.values() if r.judges(s)):
+        return ("diagonal precision P_ii read as the marginal precision 1/Sigma_ii (a diagonal Laplace posterior: "
+                "exact only where the curvature is diagonal; fit curvature kfac or rows for the marginals)")
+    return None
 
 
 def _expand_units(keep, shape, unit_dim):
