@@ -59,6 +59,8 @@ def _add_fit(sub):
     p.add_argument("--data", help="digits | mnist1d | sparse-regression | PATH.npz | PATH.csv | PATH.txt | IDX dir; "
                    "not needed with --resume")
     p.add_argument("--target", help="label column of a CSV file")
+    p.add_argument("--init", help="start from this state_dict file or run directory (in place of the spec's init:); "
+                                  "with a Laplace recipe of 0 epochs, the post-hoc Laplace posterior of those weights")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
     p.add_argument("--seed", type=int, help="override the recipe's seed")
@@ -88,12 +90,16 @@ def cmd_fit(args):
         _check_file(f"--{flag}", getattr(args, flag))
     if args.data is not None and _looks_like_a_path(args.data) and not os.path.exists(args.data):
         raise PyroSparseError(f"--data: {args.data}: no such file or directory")
+    if args.init is not None and (args.resume or not os.path.exists(args.init)):
+        raise PyroSparseError(f"--init: {args.init}: " + ("a resumed run continues from its checkpoint" if args.resume
+                                                           else "no such state_dict file or run directory"))
     check_out_dir(args.out, args.resume, args.overwrite)  # all of the above before torch is imported
     from .runs import fit_run
 
     _, metrics = fit_run(args.model, args.inference, args.data, args.out, epochs=args.epochs, seed=args.seed,
                          device=args.device, resume=args.resume, overwrite=args.overwrite, target=args.target,
-                         progress=not (args.no_progress or args.quiet), distributed=args.distributed)
+                         progress=not (args.no_progress or args.quiet), distributed=args.distributed,
+                         init=args.init)
     from .distributed import env_rank
 
     if env_rank() == 0:  # under torchrun only rank 0 prints
@@ -138,6 +144,16 @@ def _add_reduce(sub):
     p.add_argument("--structured", action="store_true", help="remove whole units / conv filters")
     p.add_argument("--scope", default="global", help="global | layer: rank weights over the network or per layer")
     p.add_argument("--reduced-scale", type=float, help="bmr: standard deviation of the reduced prior N(0, g^2)")
+    p.add_argument("--compensate", choices=("auto", "yes", "no"), default="auto",
+                   help="bmr, savage-dickey: move the kept weights to the reduced posterior mean (default: where the "
+                        "run's posterior has the structure, a Laplace fit with curvature kfac or rows)")
+    p.add_argument("--pattern", help="with compensation: keep n of every m consecutive inputs, e.g. 2:4")
+    p.add_argument("--output-scale", choices=("unit", "posterior"),
+                   help="with compensation: read each layer in unit output scale or as fitted (default: unit for a "
+                        "classifier, posterior for a regression)")
+    p.add_argument("--max-drop", type=float,
+                   help="fail (exit 3, nothing written) when the reduced network's test accuracy falls more than this "
+                        "below the dense one's (a fraction: 0.02 = 2 points; regression: NLL per example)")
     p.add_argument("--samples", type=int, default=0, help="also report the masked posterior predictive (draws)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random rule and the predictive draws")
     p.add_argument("--data", help="the run's data, if it moved (a different fingerprint is warned about)")
@@ -150,18 +166,27 @@ def cmd_reduce(args):
         raise PyroSparseError(f"--scope: expected 'global' or 'layer', got {args.scope!r}")
     if args.samples < 0:
         raise PyroSparseError(f"--samples: must be >= 0, got {args.samples}")
+    if args.max_drop is not None and not args.max_drop >= 0:
+        raise PyroSparseError(f"--max-drop: must be a number >= 0, got {args.max_drop}")
     extra = {"reduced_scale": args.reduced_scale} if args.reduced_scale is not None else {}
+    extra.update({"compensate": {"auto": None, "yes": True, "no": False}[args.compensate], "pattern": args.pattern,
+                  "output_scale": args.output_scale})
     check_run_dir(args.dir)
     from .reduction.workflow import reduce_run
 
     report = reduce_run(args.dir, args.method, sparsity=args.sparsity, threshold=args.threshold,
                         structured=args.structured, scope=args.scope, num_samples=args.samples, seed=args.seed,
-                        overwrite=args.overwrite, data=args.data, **extra)
+                        overwrite=args.overwrite, data=args.data, max_drop=args.max_drop, **extra)
     keys = [k for k in report if k.startswith("test_")] + [
         "sparsity", "rule_sparsity", "weights_kept", "weights_total", "units_removed", "compression_ratio",
         "compact_ratio", "flops_dense", "flops_compact", "param_bytes_dense", "param_bytes_compact",
         "max_abs_output_diff"]
     _print_metrics({k: report[k] for k in keys}, f"reduced {args.dir} with {report['method']}")
+    if report.get("compensation"):
+        print("  compensated (kept weights moved to the reduced posterior mean); per layer: " + ", ".join(
+            f"{k or '(root)'} {v['sparsity']:.3f} removed, dF {v['delta_f']:.1f}" for k, v in report["compensation"].items()))
+    if report.get("approximation"):
+        print(f"  approximation: {report['approximation']}")
     print("  units kept per layer: " + ", ".join(f"{k} {v['units_kept']}/{v['units_total']}"
                                                  for k, v in report["layers"].items() if v["units_total"]))
     if report.get("blocks"):
@@ -357,7 +382,7 @@ def main(argv=None) -> int:
             if args.debug:
                 raise
             print(f"pyro-sparse {args.command}: error: {e}", file=sys.stderr)
-            return 2
+            return getattr(e, "exit_status", 2)
         except OSError as e:  # unwritable --out, full disk, ...: the environment, not a bug
             if args.debug:
                 raise

@@ -30,6 +30,13 @@ class CheckpointError(PyroSparseError):
     """A checkpoint or saved model cannot be read safely."""
 
 
+class QualityError(PyroSparseError):
+    """A reduced network fell further below the dense one than the user allowed (``--max-drop``).
+    The CLI exits with status 3 (an input error is 2)."""
+
+    exit_status = 3
+
+
 class PyroSparseWarning(UserWarning):
     """Something the user should know but that does not stop the run (e.g. a data fingerprint
     that differs from the one a run was fitted on, or a resume from ``checkpoint.pt.prev``).

@@ -285,6 +285,9 @@ class SVITrainer:
 
     def __init__(self, network, guide, dataset, recipe, out_dir=None, progress=True):
         recipe = _as_recipe(recipe)
+        if recipe["epochs"] < 1:
+            raise SpecError(f"method {recipe.get('method', 'svi')} trains for at least one epoch, got 0 (epochs: 0 is "
+                            "the post-hoc Laplace posterior of method laplace)", recipe.get("_source"), "epochs")
         dataset = as_training_data(dataset, recipe["batch_size"], recipe["seed"])
         if isinstance(dataset, Batches) and not self.accepts_batches:
             raise DataError(f"{dataset.name}: data in batches (a DataLoader) are fitted by method svi; "
@@ -935,8 +938,11 @@ class SVITrainer:
             last.update(self.evaluate())
         out = {k: last[k] for k in ("test_accuracy", "test_rmse", "test_nll", "test_bpc") if k in last}
         out.update({"epochs": self.epoch, "steps": self.steps, "train_seconds": self.train_seconds,
-                    "step_ms": 1000 * self.train_seconds / max(self.steps, 1),
                     "n_weights": self.network.num_weights(), "nan_recoveries": len(self.recoveries)})
+        if self.steps:
+            out["step_ms"] = 1000 * self.train_seconds / self.steps
+        if "log_marglik" in last:  # a Laplace fit: the marginal likelihood of its last marglik step
+            out["log_marglik"] = last["log_marglik"]
         if self.elbo_path is not None:
             out["elbo_path"] = self.elbo_path
         if self.pretrained:

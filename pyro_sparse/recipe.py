@@ -57,7 +57,8 @@ RECIPE_FIELDS = {
                   doc="auto: the ELBO core (CoreELBO); pyro: the reference through Pyro (MeanFieldELBO)"),
     "optimizer": Field("dict", {"name": "Adam", "lr": 1e-3}),
     "schedule": Field("dict", {"name": "none"}),
-    "epochs": Field("int", 50, positive=True),
+    "epochs": Field("int", 50, nonneg=True, doc="0 only for method laplace: the post-hoc Laplace posterior of the "
+                                                "starting weights, nothing trained"),
     "batch_size": Field("int", 128, positive=True),
     "kl_warmup_epochs": Field("float", 0.0, nonneg=True),
     "scale_lr_factor": Field("float", 1.0, positive=True),

@@ -120,10 +120,11 @@ def _overrides(recipe: dict, epochs, seed, device) -> dict:
 
 def fit_run(model_path: str, recipe_path: str | None, data: str, out_dir: str, epochs=None, seed=None,
             device=None, resume=False, overwrite=False, target=None, progress=True,
-            distributed=None) -> tuple[Run, dict]:
+            distributed=None, init=None) -> tuple[Run, dict]:
     """Fit a model spec with a recipe on data into ``out_dir``; returns (run, final metrics).
 
-    ``recipe_path`` None: the recipe the spec names (``recipe:``).
+    ``recipe_path`` None: the recipe the spec names (``recipe:``). ``init``: a state_dict file or a
+    run directory to start from, in place of the spec's own ``init:``.
 
     Everything (specs, recipe, overrides, device, data, network) is validated before
     ``out_dir`` is created or, with ``overwrite``, removed; ``overwrite`` only replaces a
@@ -155,6 +156,8 @@ def fit_run(model_path: str, recipe_path: str | None, data: str, out_dir: str, e
         recipe.update(changes)
     else:
         model_spec = load_model_spec(model_path)
+        if init is not None:
+            model_spec["init"] = os.path.abspath(init)
         if recipe_path is None:  # the spec's own recipe
             recipe_path = recipe_of(model_spec)
         recipe = load_recipe(recipe_path)

@@ -268,7 +268,7 @@ class LaplaceTrainer(SVITrainer):
                                           init=self.options["prior_precision"]).to(self.device)
         self.optimizer = make_optimizer([p for _, p in self.site_parameters()], recipe["optimizer"])
         self.hyper_optimizer = torch.optim.Adam(self.prior.parameters(), lr=self.options["hyper_lr"])
-        self.scheduler = make_scheduler(self.optimizer, recipe["schedule"], recipe["epochs"])
+        self.scheduler = make_scheduler(self.optimizer, recipe["schedule"], max(recipe["epochs"], 1))
         self.generator = torch.Generator().manual_seed(recipe["seed"])
         self.epoch, self.steps, self.train_seconds = 0, 0, 0.0
         self.history: list[dict] = []
@@ -507,6 +507,11 @@ class LaplaceTrainer(SVITrainer):
     def posterior_summary(self) -> PosteriorSummary:
         """The summary of :meth:`posterior`."""
         return self.posterior().summary()
+
+    def calibration(self):
+        """The training inputs for the compensated reduction's layer-by-layer pass
+        (:meth:`~pyro_sparse.laplace.posterior.LaplacePosterior.calibration`)."""
+        return self.posterior().calibration(self.x_train)
 
     def predictive(self, num_samples=None, generator=None):
         """``x -> outputs (S, B, ...)``: the linearised Laplace predictive with ``num_samples`` draws

@@ -17,12 +17,13 @@ import csv
 import io
 import math
 import os
+import warnings
 
 import torch
 
 from .. import evaluation
 from ..checkpoint import load_safe, save_atomic, write_json_atomic, write_text_atomic
-from ..errors import CheckpointError, PyroSparseError
+from ..errors import CheckpointError, PyroSparseError, PyroSparseWarning, QualityError
 from ..registry import RULES
 from ..runs import load_run
 from .compact import FORMAT, build_module, compact, masked_module
@@ -90,7 +91,8 @@ def _decide(summary, method, **options):
         return reduce(summary, method, **options)
     except ValueError as e:
         head, _, rest = str(e).partition(": ")
-        if head in ("sparsity", "threshold", "structured", "scope", "reduced_scale"):
+        if head in ("sparsity", "threshold", "structured", "scope", "reduced_scale", "pattern", "compensate",
+                    "output_scale"):
             raise PyroSparseError(f"--{head.replace('_', '-')}: {rest}") from None
         if head == f"rule {method!r}":
             raise PyroSparseError(f"--method {method}: {rest}") from None
@@ -182,9 +184,11 @@ def run_rule(run, method=None, threshold=None, sparsity=None, structured=False):
     return check_method(method), threshold, sparsity, structured
 
 
-def output_base(method, sparsity=None, threshold=None, structured=False, scope="global", reduced_scale=None):
+def output_base(method, sparsity=None, threshold=None, structured=False, scope="global", reduced_scale=None,
+                pattern=None, compensate=None, output_scale=None):
     """The stem of a reduction's files, naming what distinguishes it: ``opd-s0.9``,
-    ``log-alpha-t3``, ``bmr-g0.01-structured``."""
+    ``log-alpha-t3``, ``bmr-g0.01-structured``, ``savage-dickey-2of4``, ``bmr-s0.9-plain`` (no
+    compensation asked), ``bmr-s0.9-posterior`` (the posterior's own output scale asked)."""
     parts = [method]
     if sparsity is not None:
         parts.append(f"s{sparsity:g}")
@@ -192,11 +196,48 @@ def output_base(method, sparsity=None, threshold=None, structured=False, scope="
         parts.append(f"t{threshold:g}")
     if reduced_scale is not None:
         parts.append(f"g{reduced_scale:g}")
+    if pattern is not None:
+        parts.append(str(pattern).replace(":", "of").replace(" ", ""))
     if scope != "global":
         parts.append(scope)
     if structured:
         parts.append("structured")
+    if compensate is False:
+        parts.append("plain")
+    if output_scale is not None:
+        parts.append(output_scale)
     return "-".join(parts)
+
+
+#: a reduced network this far below the dense one (accuracy points as a fraction; NLL per example
+#: for regression) is reported on stderr and in the reduction file
+WARN_DROP = 0.05
+
+
+def quality(report, key, summary_method, rule, max_drop=None) -> dict:
+    """How far the reduced network falls below the dense posterior-mean network on held-out data:
+    ``{"metric", "dense", "reduced", "drop", "warning"}`` (``drop`` in accuracy, or the NLL increase
+    for regression); a :class:`~pyro_sparse.errors.QualityError` (exit 3) past ``max_drop``."""
+    if key == "accuracy":
+        dense, reduced = report["test_accuracy_dense"], report["test_accuracy_reduced"]
+        metric, drop = "test_accuracy", dense - reduced
+        said = f"test accuracy {reduced:.4f} against {dense:.4f} for the dense posterior-mean network " \
+               f"({100 * drop:.1f} points lower)"
+    else:
+        dense, reduced = report["test_nll_dense"], report["test_nll_reduced"]
+        metric, drop = "test_nll", reduced - dense
+        said = f"test NLL {reduced:.4f} against {dense:.4f} for the dense posterior-mean network (+{drop:.4f} per example)"
+    warning = None
+    if drop > WARN_DROP:
+        advice = ""
+        if summary_method.startswith("svi") and rule in ("bmr", "savage-dickey", "spike-slab"):
+            advice = ("; one-shot evidence rules on a long mean-field fit over-prune (README, 'When one-shot "
+                      "reduction over-prunes'): use a target --sparsity, a Laplace posterior with curvature kfac, "
+                      "or iterative BMR")
+        warning = f"the reduced network lost quality: {said}{advice}"
+    if max_drop is not None and drop > max_drop:
+        raise QualityError(f"--max-drop {max_drop:g}: the reduced network's {said}; nothing was written")
+    return {"metric": metric, "dense": dense, "reduced": reduced, "drop": drop, "warning": warning}
 
 
 def _refuse_overwrite(paths, overwrite):
@@ -207,27 +248,36 @@ def _refuse_overwrite(paths, overwrite):
 
 
 def reduce_run(directory, method=None, sparsity=None, threshold=None, structured=False, scope="global",
-               num_samples=0, seed=0, write=True, overwrite=False, data=None, **rule_options) -> dict:
+               num_samples=0, seed=0, write=True, overwrite=False, data=None, max_drop=None, **rule_options) -> dict:
     """Reduce a fitted run: returns the report (and writes the JSON and the compact network).
 
     ``method``: a rule of :data:`pyro_sparse.registry.RULES`; default the recipe's
-    ``reduction.method`` (and its threshold). The report holds at least ``sparsity`` (fraction
-    of weights not in the compact network), ``rule_sparsity``, ``units_removed``,
-    ``compression_ratio``, ``test_accuracy_dense`` and ``test_accuracy_reduced`` (RMSE for
-    regression), plus everything :func:`~.report.reduction_report` gives. Files
+    ``reduction.method`` (and its threshold). ``rule_options``: further options of
+    :func:`~.rules.reduce` (``reduced_scale``, ``compensate``, ``pattern``, ``output_scale``); a
+    compensated reduction works layer by layer on the run's training inputs (the trainer's
+    ``calibration()``). The report holds at least ``sparsity`` (fraction of weights not in the
+    compact network), ``rule_sparsity``, ``units_removed``, ``compression_ratio``,
+    ``test_accuracy_dense`` and ``test_accuracy_reduced`` (RMSE for regression), ``quality``
+    (:func:`quality`: a warning when the reduced network falls more than :data:`WARN_DROP` below the
+    dense one, also printed), plus everything :func:`~.report.reduction_report` gives. Files
     ``reduction-<base>.json`` and ``compact-<base>.pt`` (:func:`output_base`) are never replaced
-    without ``overwrite``.
+    without ``overwrite``; with ``max_drop`` a larger fall raises
+    :class:`~pyro_sparse.errors.QualityError` and nothing is written.
     """
     sparsity = check_sparsity(sparsity)
+    rule_options = {k: v for k, v in rule_options.items() if v is not None}
     run = _load(directory, data)
     method, threshold, sparsity, structured = run_rule(run, method, threshold, sparsity, structured)
-    if threshold is None and sparsity is None:  # the rule's own threshold, named in the files
+    if threshold is None and sparsity is None and rule_options.get("pattern") is None:  # the rule's own, named
         threshold = RULES[method].threshold
-    base = output_base(method, sparsity, threshold, structured, scope, rule_options.get("reduced_scale"))
+    base = output_base(method, sparsity, threshold, structured, scope, rule_options.get("reduced_scale"),
+                       rule_options.get("pattern"), rule_options.get("compensate"), rule_options.get("output_scale"))
     paths = [os.path.join(directory, f"reduction-{base}.json"), os.path.join(directory, f"compact-{base}.pt")]
     if write:
         _refuse_overwrite(paths, overwrite)
     summary = run.trainer.posterior_summary()
+    if hasattr(run.trainer, "calibration") and any(s.structure is not None for s in summary.values()):
+        rule_options.setdefault("calibration", run.trainer.calibration())
     options = {"sparsity": sparsity, "threshold": threshold, "structured": structured, "scope": scope,
                "seed": seed, **rule_options}
     decision = _decide(summary, method, **options)
@@ -238,6 +288,9 @@ def reduce_run(directory, method=None, sparsity=None, threshold=None, structured
                               num_samples=num_samples, noise=_noise(run), generator=generator)
     report.update({"run": os.path.abspath(directory), "summary_method": summary.method,
                    "weights_removed": report["weights_total"] - report["weights_kept"]})
+    report["quality"] = quality(report, metric_key(run.network.likelihood), summary.method, method, max_drop)
+    if report["quality"]["warning"]:
+        warnings.warn(report["quality"]["warning"], PyroSparseWarning, stacklevel=2)
     if write:
         report["report_path"], report["compact_path"] = paths
         save_compact(report["compact_path"], module,
