@@ -37,7 +37,7 @@ BUILTIN = [
     (RULES, list(rules.BUILTIN_RULES)),
     # the Bayesian counterparts of torch modules that bayesian(module) converts (by their torch_types)
     (CONVERSIONS, [layers.Linear, layers.Conv1d, layers.Conv2d, recurrent.TorchLSTM, recurrent.TorchGRU,
-                   recurrent.Embedding, transformer.LayerNorm]),
+                   recurrent.Embedding, transformer.LayerNorm, transformer.TorchMultiheadAttention]),
 ]
 
 

@@ -74,6 +74,7 @@ from .data import Batches, Dataset, as_batches, first_batch
 from .elbo import CoreELBO, MeanFieldELBO
 from .errors import CheckpointError, DataError, PyroSparseError, PyroSparseWarning, SpecError
 from .guides import DeltaGuide
+from .layers import evaluation_mode
 from .recipe import RECIPE_FIELDS, check_device, guide_param_groups, make_optimizer, make_scheduler, parse_recipe
 from .rundir import CHECKPOINT
 from .schema import Field, validate
@@ -399,10 +400,19 @@ class SVITrainer:
         self.pretrained = state.get("pretrained")
 
     def state_dict(self) -> dict:
-        return {**self.training_state(), "guide": self.guide.state_dict()}
+        """The training state, the guide's and the network's deterministic state (``network``:
+        :meth:`~pyro_sparse.network.PyroNetwork.frozen_state`, e.g. batch-norm running statistics;
+        present only where the network has some)."""
+        state = {**self.training_state(), "guide": self.guide.state_dict()}
+        frozen = self.network.frozen_state()
+        if frozen:
+            state["network"] = frozen
+        return state
 
     def load_state_dict(self, state: dict):
         self.guide.load_state_dict(state["guide"])
+        if "network" in state:  # a checkpoint without it (an older one) leaves the module's own values
+            self.network.load_frozen_state(state["network"])
         self.load_training_state(state)
 
     def checkpoint_path(self):
@@ -501,7 +511,8 @@ class SVITrainer:
     def reference_loss(self):
         """L0: this trainer's loss estimate per datum at the current parameters with the full KL
         weight, on the first mini-batch of the training set, with a random draw of its own
-        (seeded by the recipe's seed; the random-number states of the run are restored after).
+        (seeded by the recipe's seed; the random-number states of the run are restored after), with
+        the network in evaluation mode (so a batch norm's running statistics stay as they are).
         None for trainers without an ELBO (method laplace) and when the estimate fails."""
         if self.elbo_path is None or getattr(self, "elbo", None) is None:
             return None
@@ -511,7 +522,7 @@ class SVITrainer:
         idx = None if self.streaming else torch.arange(len(x), device=self.device)
         devices = [self.device] if self.device.type == "cuda" else []
         model, guide = (self.network, self.guide) if path == "core" else self.objective()
-        with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
+        with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False), evaluation_mode(self.network):
             torch.manual_seed(self.recipe["seed"])
             try:
                 loss = elbo.differentiable_loss(model, guide, x, y, dataset_size=self.num_train, subsample=idx)
@@ -669,6 +680,7 @@ class SVITrainer:
         total = torch.zeros((), device=self.device)
         first_bad = torch.full((), -1.0, device=self.device)  # index of the first faulty batch, on device
         start = time.perf_counter()
+        self.network.train()  # dropout and batch norms as the user's module trains (evaluation restores eval)
         for b, (idx, batch) in enumerate(self._epoch_batches()):
             beta = self.kl_weight(self.epoch + b / self.steps_per_epoch)
             self._batch, self._ok = b, None
@@ -881,6 +893,7 @@ class SVITrainer:
                     optimizer.step()
         twin.eval()
         self.network.start_at(self.network.twin_values(twin))
+        self.network.load_frozen_state(self.network.twin_frozen_state(twin))  # batch norms trained too
         x, y = self._first_batch()
         self.guide.reinitialize(x, y, dataset_size=self.num_train)
         figures = self.evaluate_model(twin) if not self.streaming or self.data.test is not None else {}
