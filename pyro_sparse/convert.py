@@ -205,6 +205,7 @@ class BayesianModule(PyroNetwork):
                              "the deterministic patterns")
         self.converted = converted
         _check_ties(holders, first_site, converted)
+        self._check_patterns(patterns, keep, module)
         for p in self.module.parameters():  # deterministic modules are constants of the model
             p.requires_grad_(False)
         # training mode, as a new torch module: what the network does no longer depends on the mode
@@ -215,6 +216,26 @@ class BayesianModule(PyroNetwork):
         self._report_frozen()
         if self.input_shape is not None:
             self.probe(torch.zeros(1, *self.input_shape))
+
+    def _check_patterns(self, patterns, keep, module):
+        """ValueError for a ``priors`` pattern that matches no converted module, parameter or site
+        (it would change nothing: a typo, or a module that stays deterministic) and for a
+        ``deterministic`` pattern that matches no module."""
+        names = set(self.converted)
+        names.update(f"{path}.{p}" for path in self.converted
+                     for p, _ in module.get_submodule(path).named_parameters(recurse=False))
+        names.update(f"{path}.{p}" for path, layer in self.converted.items() for p in layer.priors())
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise ValueError(f"bayesian: priors pattern {pattern!r} matches no converted module, parameter or site, "
+                                 f"so it would change nothing; converted: {', '.join(list(self.converted)[:8])}"
+                                 f"{', ...' if len(self.converted) > 8 else ''} (sites are <module>.weight, "
+                                 "<module>.bias, ...)")
+        paths = [path for path, _ in module.named_modules() if path]
+        for pattern in keep:
+            if not any(fnmatch.fnmatchcase(path, pattern) for path in paths):
+                raise ValueError(f"bayesian: deterministic pattern {pattern!r} matches no module of "
+                                 f"{type(module).__name__} (modules: {', '.join(paths[:8])}{', ...' if len(paths) > 8 else ''})")
 
     def _tie(self, layer, name, owner_layer, owner):
         """``layer.<name>`` is the same parameter as ``owner`` = (path, name) of an earlier converted
