@@ -63,6 +63,7 @@ def _add_fit(sub):
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
     p.add_argument("--seed", type=int, help="override the recipe's seed")
     p.add_argument("--device", help="override the recipe's device (cpu, cuda, cuda:1)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (overrides the recipe's num_threads)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -78,7 +79,7 @@ def cmd_fit(args):
     missing = [f"--{k}" for k in ("model", "data") if getattr(args, k) is None]
     if missing and not args.resume:
         raise PyroSparseError(f"fit needs {', '.join(missing)} (or --resume to continue the run in --out)")
-    for flag in ("epochs",):
+    for flag in ("epochs", "threads"):
         v = getattr(args, flag)
         if v is not None and v <= 0:
             raise PyroSparseError(f"--{flag} must be a positive integer, got {v}")
@@ -93,7 +94,8 @@ def cmd_fit(args):
 
     _, metrics = fit_run(args.model, args.inference, args.data, args.out, epochs=args.epochs, seed=args.seed,
                          device=args.device, resume=args.resume, overwrite=args.overwrite, target=args.target,
-                         progress=not (args.no_progress or args.quiet), distributed=args.distributed)
+                         progress=not (args.no_progress or args.quiet), distributed=args.distributed,
+                         threads=args.threads)
     from .distributed import env_rank
 
     if env_rank() == 0:  # under torchrun only rank 0 prints

@@ -280,6 +280,8 @@ class SVITrainer:
     _batch, _ok, _last_fault = 0, None, None
     #: L0, the loss per datum at the run's start with the full KL weight (see the module docstring)
     loss_reference = None
+    #: CPU seconds of the process (every thread) in training steps, where the trainer measures them
+    train_cpu_seconds = None
     #: which ELBO implementation the steps use: "core" (CoreELBO) or "pyro" (MeanFieldELBO);
     #: None for subclasses that fit another objective (spam.LaplaceTrainer)
     elbo_path = None
@@ -323,7 +325,7 @@ class SVITrainer:
         self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.scheduler = make_scheduler(self.optimizer, recipe["schedule"], recipe["epochs"])
         self.generator = torch.Generator().manual_seed(recipe["seed"])
-        self.epoch, self.steps, self.train_seconds = 0, 0, 0.0
+        self.epoch, self.steps, self.train_seconds, self.train_cpu_seconds = 0, 0, 0.0, 0.0
         self.history: list[dict] = []
         self.recoveries: list[dict] = []  # one entry per numerical fault survived
         #: check finiteness on the host at every step (CPU); else a device flag read once per epoch
@@ -351,7 +353,7 @@ class SVITrainer:
                                 "of your own in a single-process fit per shard)")
             self.device = distributed.rank_device(self.device)
             self.progress = progress and distributed.is_main_process()
-        if recipe.get("num_threads"):
+        if recipe.get("num_threads"):  # the process's torch threads (recipe num_threads, default 1; fit --threads)
             torch.set_num_threads(recipe["num_threads"])
         self.data.to(self.device)
         self.network.to(self.device)
@@ -378,6 +380,7 @@ class SVITrainer:
         """What every trainer checkpoints besides its model: optimiser, schedule, counters,
         random states and history (plain tensors and containers, loadable with weights_only)."""
         return {"format": 1, "epoch": self.epoch, "steps": self.steps, "train_seconds": self.train_seconds,
+                "train_cpu_seconds": self.train_cpu_seconds,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                 "rng_torch": torch.get_rng_state(), "rng_generator": self.generator.get_state(),
@@ -390,6 +393,8 @@ class SVITrainer:
         if self.scheduler and state["scheduler"]:
             self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.steps, self.train_seconds = state["epoch"], state["steps"], state["train_seconds"]
+        if "train_cpu_seconds" in state:  # older checkpoints have none
+            self.train_cpu_seconds = state["train_cpu_seconds"]
         torch.set_rng_state(state["rng_torch"])
         self.generator.set_state(state["rng_generator"])
         if state.get("rng_cuda"):
@@ -422,9 +427,18 @@ class SVITrainer:
         write_text_atomic(os.path.join(self.out_dir, "metrics.jsonl"),
                           "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history))
 
+    #: the output directory existed when fitting started or this trainer created it: if it
+    #: disappears, saving stops the fit instead of recreating a directory with a checkpoint alone
+    _watch_out_dir = False
+
     def save(self):
         if self.out_dir and distributed.is_main_process():
+            if self._watch_out_dir and not os.path.isdir(self.out_dir):
+                raise PyroSparseError(f"{self.out_dir}: the run directory disappeared during the fit (after epoch "
+                                      f"{self.epoch}); stopping instead of writing a checkpoint without the run's "
+                                      "other files. Fit again into a new --out")
             save_atomic(self.state_dict(), self.checkpoint_path(), keep_previous=not self._resumed_from_prev)
+            self._watch_out_dir = True
             self._resumed_from_prev, self._on_disk, self._good_state = False, True, None
             self._write_history()
 
@@ -679,7 +693,7 @@ class SVITrainer:
         Raises :class:`NonFiniteStep` naming the first faulty step of the epoch."""
         total = torch.zeros((), device=self.device)
         first_bad = torch.full((), -1.0, device=self.device)  # index of the first faulty batch, on device
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         self.network.train()  # dropout and batch norms as the user's module trains (evaluation restores eval)
         for b, (idx, batch) in enumerate(self._epoch_batches()):
             beta = self.kl_weight(self.epoch + b / self.steps_per_epoch)
@@ -693,7 +707,7 @@ class SVITrainer:
         total, first = torch.stack([total, first_bad.to(total.dtype)]).tolist()  # one host sync per epoch
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         if first >= 0:
             fault = self._fault("loss or gradient", int(first))
             if self._loss_limit is not None:  # the flag does not say which test failed
@@ -709,7 +723,7 @@ class SVITrainer:
             if not torch.isfinite(p).all():
                 raise NonFiniteStep(f"parameter {name}", self.steps + self.steps_per_epoch, self.epoch + 1,
                                     self.steps_per_epoch, self.steps_per_epoch)
-        return {"loss": total / self.steps_per_epoch, "seconds": seconds}
+        return {"loss": total / self.steps_per_epoch, "seconds": seconds, "cpu_seconds": cpu}
 
     def _epoch_batches(self):
         """``(idx, None)`` per mini-batch of a random permutation of the training rows, or
@@ -797,6 +811,7 @@ class SVITrainer:
             raise SpecError(f"expected a positive integer, got {epochs!r}", None, "SVITrainer.fit.epochs")
         epochs = epochs or self.recipe["epochs"]
         torch.manual_seed(self.recipe["seed"])
+        self._watch_out_dir = bool(self.out_dir) and os.path.isdir(self.out_dir)
         if resume:
             self.resume()
             if epochs < self.epoch:
@@ -829,6 +844,8 @@ class SVITrainer:
                 self.epoch += 1
                 self.steps += self.steps_per_epoch
                 self.train_seconds += figures["seconds"]
+                if "cpu_seconds" in figures and self.train_cpu_seconds is not None:
+                    self.train_cpu_seconds += figures["cpu_seconds"]
                 record = self.epoch_record(figures)
                 if self.epoch % self.recipe["eval_every"] == 0 or self.epoch == epochs:
                     record.update(self.evaluate())
@@ -932,17 +949,24 @@ class SVITrainer:
         """The ``metrics.jsonl`` line of the epoch just trained (held-out figures are added by ``fit``)."""
         return {"epoch": self.epoch, "steps": self.steps, "loss": figures["loss"],
                 "elbo_per_datum": -figures["loss"] / self.num_train,
-                "epoch_seconds": figures["seconds"], "lr": self.optimizer.param_groups[0]["lr"],
-                "kl_weight": self.kl_weight(self.epoch)}
+                "epoch_wall_seconds": figures["seconds"], "epoch_cpu_seconds": figures["cpu_seconds"],
+                "lr": self.optimizer.param_groups[0]["lr"], "kl_weight": self.kl_weight(self.epoch)}
 
     def summary(self) -> dict:
         last = dict(self.history[-1]) if self.history else {}
         if "test_nll" not in last:
             last.update(self.evaluate())
         out = {k: last[k] for k in ("test_accuracy", "test_rmse", "test_nll", "test_bpc") if k in last}
-        out.update({"epochs": self.epoch, "steps": self.steps, "train_seconds": self.train_seconds,
-                    "step_ms": 1000 * self.train_seconds / max(self.steps, 1),
-                    "n_weights": self.network.num_weights(), "nan_recoveries": len(self.recoveries)})
+        steps = max(self.steps, 1)
+        out.update({"epochs": self.epoch, "steps": self.steps, "train_wall_seconds": self.train_seconds,
+                    "step_wall_ms": 1000 * self.train_seconds / steps, "threads": torch.get_num_threads(),
+                    "n_params": self.network.num_weights(), "nan_recoveries": len(self.recoveries)})
+        if self.train_cpu_seconds is not None:  # the process's CPU time, every thread (one thread: the step's cost)
+            out.update({"train_cpu_seconds": self.train_cpu_seconds,
+                        "step_cpu_ms": 1000 * self.train_cpu_seconds / steps})
+        frozen = sum(self.network.frozen_parameters().values())
+        if frozen:
+            out["n_frozen_params"] = frozen
         if self.elbo_path is not None:
             out["elbo_path"] = self.elbo_path
         if self.pretrained:

@@ -26,7 +26,7 @@ from .checkpoint import load_safe, read_json, write_json_atomic, write_text_atom
 from .data import BUILTIN, Dataset, load_dataset
 from .errors import PyroSparseError, PyroSparseWarning, SpecError
 from .guides import build_guide
-from .recipe import RECIPE_FIELDS, check_device, check_seed, load_recipe, parse_recipe
+from .recipe import RECIPE_FIELDS, check_device, check_seed, check_threads, load_recipe, parse_recipe
 from .registry import FITTERS
 from .rundir import CHECKPOINT, check_out_dir, check_run_dir
 from .schema import short_repr
@@ -103,11 +103,13 @@ def make_trainer(run: Run, out_dir=None, progress=True):
     return cls(run.network, run.guide, run.dataset, run.recipe, out_dir=out_dir, progress=progress)
 
 
-def _overrides(recipe: dict, epochs, seed, device) -> dict:
-    """Validated command-line overrides of a recipe's epochs, seed and device."""
+def _overrides(recipe: dict, epochs, seed, device, threads=None) -> dict:
+    """Validated command-line overrides of a recipe's epochs, seed, device and threads."""
     out = {}
     if epochs is not None:
         out["epochs"] = RECIPE_FIELDS["epochs"].check(epochs, "--epochs", None)
+    if threads is not None:
+        out["num_threads"] = check_threads(threads, None, "--threads")
     if seed is not None:
         out["seed"] = check_seed(seed, None, "--seed")
     if device is not None:
@@ -120,10 +122,11 @@ def _overrides(recipe: dict, epochs, seed, device) -> dict:
 
 def fit_run(model_path: str, recipe_path: str | None, data: str, out_dir: str, epochs=None, seed=None,
             device=None, resume=False, overwrite=False, target=None, progress=True,
-            distributed=None) -> tuple[Run, dict]:
+            distributed=None, threads=None) -> tuple[Run, dict]:
     """Fit a model spec with a recipe on data into ``out_dir``; returns (run, final metrics).
 
-    ``recipe_path`` None: the recipe the spec names (``recipe:``).
+    ``recipe_path`` None: the recipe the spec names (``recipe:``). ``epochs``, ``seed``, ``device``
+    and ``threads`` (torch CPU threads, the recipe's ``num_threads``) override the recipe's.
 
     Everything (specs, recipe, overrides, device, data, network) is validated before
     ``out_dir`` is created or, with ``overwrite``, removed; ``overwrite`` only replaces a
@@ -146,7 +149,7 @@ def fit_run(model_path: str, recipe_path: str | None, data: str, out_dir: str, e
         data, target = info.get("data"), info.get("target")
         if not isinstance(data, str):
             raise PyroSparseError(f"{os.path.join(out_dir, 'run.json')}: no data set recorded")
-        changes = _overrides(recipe, epochs, seed, device)
+        changes = _overrides(recipe, epochs, seed, device, threads)
         for key in ("seed",):
             if key in changes and changes[key] != recipe[key]:
                 raise PyroSparseError(f"--{key} {changes[key]} differs from this run's {key} {recipe[key]}; a "
@@ -158,7 +161,7 @@ def fit_run(model_path: str, recipe_path: str | None, data: str, out_dir: str, e
         if recipe_path is None:  # the spec's own recipe
             recipe_path = recipe_of(model_spec)
         recipe = load_recipe(recipe_path)
-        recipe.update(_overrides(recipe, epochs, seed, device))
+        recipe.update(_overrides(recipe, epochs, seed, device, threads))
         extension = None
     dataset = load_dataset(data, target=target, seed=0, options=model_spec.get("data"), task=data_task(model_spec))
     owner = False  # whether this call creates (and so ends) the process group
@@ -206,6 +209,9 @@ def fit_run(model_path: str, recipe_path: str | None, data: str, out_dir: str, e
     metrics.update({"model": model_spec.get("name"), "data": data, "method": recipe["method"],
                     "guide": recipe["guide"]})
     if main:
+        if not os.path.exists(os.path.join(out_dir, "run.json")):
+            raise PyroSparseError(f"{out_dir}: the run directory (or its run.json) disappeared during the fit; "
+                                  "metrics.json is not written")
         write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
     if owner:
         ddp.shutdown()
@@ -254,7 +260,7 @@ def load_run(directory: str, data: str | None = None, device="cpu") -> Run:
 #: files fit writes before its first checkpoint (removed again if the fit fails before that)
 _RUN_FILES = ("model.yaml", "inference.yaml", "run.json", "metrics.jsonl", "metrics.json")
 #: recipe keys with their own command-line flags: overridden at fit time, so not compared on resume
-_FLAG_KEYS = ("epochs", "seed", "device")
+_FLAG_KEYS = ("epochs", "seed", "device", "num_threads")
 
 
 def _discard_unstarted_run(out_dir, created):
