@@ -146,6 +146,12 @@ def _add_reduce(sub):
     p.add_argument("--overwrite", action="store_true", help="replace the files of the same reduction")
 
 
+#: what the figures of `reduce` are, in the words every command uses
+REDUCE_LEGEND = ("  (test_*_dense / _reduced: the posterior-mean network, dense and compact; test_*_predictive_*: the "
+                 "posterior predictive, --samples draws; sparsity: the fraction of the weights zero in the compact "
+                 "network, rule_sparsity: removed by the rule itself; biases and frozen modules are not weights)")
+
+
 @command("reduce", "reduce a fitted run")
 def cmd_reduce(args):
     if args.scope not in ("global", "layer"):
@@ -164,6 +170,7 @@ def cmd_reduce(args):
         "compact_ratio", "flops_dense", "flops_compact", "param_bytes_dense", "param_bytes_compact",
         "max_abs_output_diff"]
     _print_metrics({k: report[k] for k in keys}, f"reduced {args.dir} with {report['method']}")
+    print(REDUCE_LEGEND)
     print("  units kept per layer: " + ", ".join(f"{k} {v['units_kept']}/{v['units_total']}"
                                                  for k, v in report["layers"].items() if v["units_total"]))
     if report.get("blocks"):

@@ -358,16 +358,26 @@ def _prior_description(prior) -> dict:
 
 
 def _sparsity(network, masks) -> dict:
-    total = network.num_weights()
-    per_site, pruned = {}, 0
+    """Counts of a (masked) network in the vocabulary of the reduction report: ``params_total`` /
+    ``params_nonzero`` (every parameter, biases and group variables included), ``weights_total`` /
+    ``weights_kept`` (the weight tensors) and ``rule_sparsity`` (the fraction of the weights the
+    masks remove; ``sparsity``, what the compact network keeps, is the report's to add)."""
+    from .summary import param_role
+
+    per_site, counts = {}, {"params_total": 0, "params_nonzero": 0, "weights_total": 0, "weights_kept": 0}
     for site, (layer, param, _) in network.param_sites().items():
         n = math.prod(layer.param_shapes()[param])
         kept = n
         if site in masks:
             kept = int(masks[site].expand(layer.param_shapes()[param]).sum())
-        pruned += n - kept
+        counts["params_total"] += n
+        counts["params_nonzero"] += kept
+        if param_role(site) == "weight":
+            counts["weights_total"] += n
+            counts["weights_kept"] += kept
         per_site[site] = [kept, n]
-    return {"num_weights": total, "num_nonzero": total - pruned, "sparsity": pruned / total if total else 0.0,
+    total = counts["weights_total"]
+    return {**counts, "rule_sparsity": 1.0 - counts["weights_kept"] / total if total else 0.0,
             "kept_per_site": per_site}
 
 
@@ -809,8 +819,9 @@ def forest_selection(idata, max_rows: int = 24):
     """What :func:`plot_forest` shows: ``(var_names, coords, title)``.
 
     The group scales (``scale_sites``) if the run has any, each cut to its first rows;
-    otherwise a few rows of the last weight matrix: its first two units, at the inputs where
-    the posterior mean of those units is largest in magnitude.
+    otherwise a few weights of every layer: of each weight tensor, its first unit at the inputs
+    where its posterior mean is largest in magnitude (the first position of any further axis, a
+    convolution's kernel), ``max_rows`` rows in all.
     """
     attrs = attributes(idata)
     scales = [n for n in attrs.get("scale_sites", []) if n in idata.posterior]
@@ -822,20 +833,24 @@ def forest_selection(idata, max_rows: int = 24):
                 coords[dim] = np.asarray(idata.posterior[dim][:per])
         return scales, coords, f"posterior of the scale / precision sites (first {per} entries of each)"
     weights = [n for n in idata.posterior.data_vars
-               if idata.posterior[n].attrs.get("role") == "weight" and idata.posterior[n].ndim == 4]
+               if idata.posterior[n].attrs.get("role") == "weight" and idata.posterior[n].ndim >= 4]
     if not weights:
-        weights = [n for n in idata.posterior.data_vars if idata.posterior[n].ndim >= 3]
-    name = weights[-1]
-    var = idata.posterior[name]
-    unit_dim, input_dim = var.dims[2], var.dims[3] if var.ndim > 3 else None
-    units = [int(u) for u in np.asarray(var[unit_dim][:2])]
-    coords[unit_dim] = units
-    if input_dim is not None:
-        mean = np.abs(np.asarray(var.sel({unit_dim: units}).mean(("chain", "draw")))).reshape(len(units), -1)
-        top = np.argsort(-mean.max(0))[: max(1, max_rows // len(units))]
-        coords[input_dim] = np.asarray(var[input_dim])[np.sort(top)]
-    return [name], coords, (f"posterior of {name}[{unit_dim}, {input_dim}]\n"
-                            f"units {units}, the inputs with the largest |mean|")
+        weights = [n for n in idata.posterior.data_vars if idata.posterior[n].ndim >= 3][-1:]
+    per = max(2, max_rows // len(weights))
+    for name in weights:
+        var = idata.posterior[name]
+        dims = var.dims[2:]
+        coords[dims[0]] = [int(np.asarray(var[dims[0]])[0])]
+        for dim in dims[2:]:
+            coords[dim] = [int(np.asarray(var[dim])[0])]
+        if len(dims) > 1:
+            mean = np.abs(np.asarray(var.sel({d: coords[d] for d in dims if d != dims[1]}).mean(("chain", "draw"))))
+            mean = mean.reshape(-1)
+            top = np.argsort(-mean)[:per]
+            coords[dims[1]] = np.asarray(var[dims[1]])[np.sort(top)]
+    which = "the weight tensor" if len(weights) == 1 else f"each of the {len(weights)} weight tensors"
+    return weights, coords, (f"posterior of a few weights of {which}:\n"
+                             f"its first unit, at the {per} inputs with the largest |mean|")
 
 
 def scales_shown(idata, var_names) -> bool:

@@ -957,6 +957,9 @@ class SVITrainer:
         if "test_nll" not in last:
             last.update(self.evaluate())
         out = {k: last[k] for k in ("test_accuracy", "test_rmse", "test_nll", "test_bpc") if k in last}
+        if type(self).evaluate is SVITrainer.evaluate:  # what test_* are (a trainer with its own evaluate says)
+            out["test_figures"] = ("the MAP network (a point estimate)" if isinstance(self.guide, DeltaGuide) else
+                                   f"the posterior predictive, {self.recipe['eval_samples']} draws")
         steps = max(self.steps, 1)
         out.update({"epochs": self.epoch, "steps": self.steps, "train_wall_seconds": self.train_seconds,
                     "step_wall_ms": 1000 * self.train_seconds / steps, "threads": torch.get_num_threads(),

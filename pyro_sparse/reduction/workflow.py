@@ -346,8 +346,8 @@ def _plot(result, path, title):
         rows = [r for r in result["rows"] if r["method"] == method]
         ax.plot([r["sparsity"] for r in rows], [r[key] for r in rows], marker="o", label=method)
     ax.axhline(result["dense"][key], color="gray", linestyle="--", label="dense posterior-mean network")
-    ax.set_xlabel("fraction of weights removed" if not result["structured"] else "fraction of weights removed "
-                  "(structured)")
+    ax.set_xlabel("sparsity (fraction of the weights zero in the compact network)"
+                  + (", whole units removed" if result["structured"] else ""))
     ax.set_ylabel(key.replace("_", " "))
     ax.set_title(os.path.basename(os.path.normpath(title)) + f" ({result['summary_method']})", fontsize=10)
     ax.grid(alpha=0.3)
