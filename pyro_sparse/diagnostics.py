@@ -61,6 +61,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import warnings
 
 import numpy as np
@@ -576,7 +577,8 @@ def run_inference_data(run, num_samples: int = 100, masks: dict | None = None, e
     d = run.dataset
     data = (d.x_train, d.y_train) if observations == "train" else (d.x_test, d.y_test)
     history = getattr(run.trainer, "history", None)
-    attrs = {"run": run.directory or "", "model": run.model_spec.get("name", ""), "data": d.name}
+    attrs = {"run": run.directory or "", "data": d.name,
+             "model": run.model_spec.get("name") or os.path.basename(os.path.normpath(run.directory or ""))}
     attrs.update(extra_attrs or {})
     guide = run.trainer.posterior_guide() if run.trainer is not None else run.guide
     return to_inference_data(run.network, guide, data, num_samples, masks, attrs,
@@ -841,16 +843,23 @@ def forest_selection(idata, max_rows: int = 24):
         var = idata.posterior[name]
         dims = var.dims[2:]
         coords[dims[0]] = [int(np.asarray(var[dims[0]])[0])]
-        for dim in dims[2:]:
-            coords[dim] = [int(np.asarray(var[dim])[0])]
-        if len(dims) > 1:
-            mean = np.abs(np.asarray(var.sel({d: coords[d] for d in dims if d != dims[1]}).mean(("chain", "draw"))))
-            mean = mean.reshape(-1)
-            top = np.argsort(-mean)[:per]
-            coords[dims[1]] = np.asarray(var[dims[1]])[np.sort(top)]
+        if len(dims) == 1:
+            continue
+        mean = np.abs(np.asarray(var.sel({dims[0]: coords[dims[0]]}).mean(("chain", "draw"))))[0]
+        # a kernel: its last axis whole (up to 5 positions), every other kernel axis at its largest |mean|
+        last = dims[-1] if len(dims) > 2 and mean.shape[-1] <= 5 else None
+        width = mean.shape[-1] if last is not None else 1
+        for i, dim in enumerate(dims[2:], start=2):
+            if dim == last:
+                continue
+            axes = tuple(a for a in range(mean.ndim) if a != i - 1)
+            coords[dim] = [int(np.asarray(var[dim])[int(np.argmax(mean.max(axis=axes)))])]
+        inputs = mean.reshape(mean.shape[0], -1).max(1)
+        top = np.argsort(-inputs)[:max(1, per // width)]
+        coords[dims[1]] = np.asarray(var[dims[1]])[np.sort(top)]
     which = "the weight tensor" if len(weights) == 1 else f"each of the {len(weights)} weight tensors"
     return weights, coords, (f"posterior of a few weights of {which}:\n"
-                             f"its first unit, at the {per} inputs with the largest |mean|")
+                             f"its first unit, at the inputs with the largest |mean| (a kernel: its largest row)")
 
 
 def scales_shown(idata, var_names) -> bool:

@@ -44,7 +44,7 @@ OBJECTIVES = (("elbo_per_datum", "ELBO per training datum (nats)", "ELBO"),
               ("neg_log_joint_per_datum", "-log p(y, theta) per training datum (nats)", "MAP objective"))
 
 
-def plot_training(history: list[dict], path: str, title: str = "training") -> str:
+def plot_training(history: list[dict], path: str, title: str = "training", figures_of: str | None = None) -> str:
     """The training traces of any fit, one panel each, per epoch:
 
     * the objective: the ELBO per datum (SVI; the end of the KL warm-up, the first epoch with
@@ -54,7 +54,8 @@ def plot_training(history: list[dict], path: str, title: str = "training") -> st
       likelihood per datum at each step, with the mean log prior precision;
     * held-out accuracy, or RMSE, with the NLL, where an epoch was evaluated.
 
-    ``history`` is the trainer's list of per-epoch records (``metrics.jsonl``).
+    ``history`` is the trainer's list of per-epoch records (``metrics.jsonl``); ``figures_of`` says
+    what the held-out figures are (``"the posterior predictive, 10 draws"``), for the axis label.
     """
     if not history:
         raise ValueError("history: no epochs recorded, nothing to plot")
@@ -99,7 +100,7 @@ def plot_training(history: list[dict], path: str, title: str = "training") -> st
         label = "test accuracy" if metric == "test_accuracy" else "test RMSE"
         ax.plot(e, v, "o-", color="#2ca02c", ms=3, lw=1.2, label=label)
         ax.set_xlabel("epoch")
-        ax.set_ylabel(label, color="#2ca02c")
+        ax.set_ylabel(f"{label}\n({figures_of})" if figures_of else label, color="#2ca02c")
         ax.set_title(f"{title}: held-out {label.split()[-1]} (final {v[-1]:.4g})")
         ax.grid(alpha=0.3)
         e2, nll = _series(history, "test_nll")

@@ -275,7 +275,7 @@ def write_report(directory: str, num_samples: int = 100, seed: int = 0, progress
     figs = {}
     if history:
         figs["training"] = plots.plot_training(history, os.path.join(directory, FIGURES["training"]),
-                                               title=run.model_spec.get("name", "run"))
+                                               title=_run_name(run), figures_of=_test_figures(directory))
     panels = []
     for label, decision in decisions.items():
         rule = RULES[decision.method]
@@ -303,7 +303,7 @@ def write_report(directory: str, num_samples: int = 100, seed: int = 0, progress
         points = {r["rule"]: (r["sparsity"], r[f"{key} (posterior-mean network)"]) for r in rule_info}
         figs["accuracy_vs_sparsity"] = plots.plot_accuracy_vs_sparsity(
             curves, os.path.join(directory, FIGURES["accuracy_vs_sparsity"]), points, ylabel=ylabel,
-            title=f"{run.model_spec.get('name', 'run')} on {data.name}: pruning by each rule")
+            title=f"{_run_name(run)} on {data.name}: pruning by each rule")
     figs["forest"] = D.plot_forest(dense, os.path.join(directory, FIGURES["forest"]))
     seconds = time.perf_counter() - start
 
@@ -318,6 +318,20 @@ def write_report(directory: str, num_samples: int = 100, seed: int = 0, progress
     write_json_atomic(os.path.join(directory, "report.json"), _jsonable(result))
     progress(f"report {directory}: {len(models)} models, {num_samples} draws, {seconds:.1f} s")
     return result
+
+
+def _run_name(run) -> str:
+    """The spec's name, or else the run directory's."""
+    return run.model_spec.get("name") or os.path.basename(os.path.normpath(run.directory or "run"))
+
+
+def _test_figures(directory):
+    """What a run's held-out figures are, as its metrics.json says (``test_figures``), or None."""
+    try:
+        with open(os.path.join(directory, "metrics.json")) as f:
+            return json.load(f).get("test_figures")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _jsonable(x):

@@ -31,7 +31,7 @@ from .registry import FITTERS
 from .rundir import CHECKPOINT, check_out_dir, check_run_dir
 from .schema import short_repr
 from .spec import (build_network, data_task, init_is_state_dict, init_path, load_model_spec, parse_model_spec,
-                   recipe_of)
+                   recipe_of, spec_name)
 
 @dataclass
 class Run:
@@ -206,7 +206,7 @@ def fit_run(model_path: str, recipe_path: str | None, data: str, out_dir: str, e
         if main and not resume:
             _discard_unstarted_run(out_dir, created=not existed)
         raise
-    metrics.update({"model": model_spec.get("name"), "data": data, "method": recipe["method"],
+    metrics.update({"model": spec_name(model_spec), "data": data, "method": recipe["method"],
                     "guide": recipe["guide"]})
     if main:
         if not os.path.exists(os.path.join(out_dir, "run.json")):
