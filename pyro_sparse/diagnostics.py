@@ -76,6 +76,7 @@ with warnings.catch_warnings():
 import xarray as xr
 
 from .distributions import LogUniform
+from .layers import evaluation_mode
 
 __all__ = [
     "to_inference_data",
@@ -250,7 +251,8 @@ def _network_pass(network, values, x, y, batch_size, prior_terms=False):
     outs, logliks, reps, first = [], [], [], None
     for start in range(0, len(x), batch_size):
         xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        trace = poutine.trace(poutine.condition(forward, data=values)).get_trace(xb)
+        with evaluation_mode(network):  # dropout off, batch norms on their running statistics
+            trace = poutine.trace(poutine.condition(forward, data=values)).get_trace(xb)
         out, fn = trace.nodes["_RETURN"]["value"]
         if lik.task == "binary":
             yb = yb.to(out.dtype)

@@ -84,7 +84,8 @@ def start_from_run(network, model_spec: dict):
     if not os.path.isdir(path):
         raise SpecError(f"no such run directory (or state_dict file) {path!r}", source, "init")
     try:
-        values = load_run(path).trainer.posterior_summary().locs()
+        previous = load_run(path)
+        values = previous.trainer.posterior_summary().locs()
     except PyroSparseError as e:
         raise SpecError(f"cannot start from the run {path}: {e}", source, "init") from None
     sites = network.param_sites()
@@ -94,6 +95,9 @@ def start_from_run(network, model_spec: dict):
                         "layers", source, "init")
     try:
         network.start_at({k: values[k] for k in sites})
+        frozen = previous.network.frozen_state()  # e.g. the running statistics that fit left its batch norms
+        if frozen:
+            network.load_frozen_state(frozen)
     except ValueError as e:
         raise SpecError(f"the run {path} does not fit this network: {e}", source, "init") from None
 

@@ -110,6 +110,11 @@ def test_the_guide_set_up_and_predictions_leave_running_statistics_alone(trained
     guide.setup(digits.x_train[:64], digits.y_train[:64])
     net.sample_outputs(digits.x_test[:32], guide, 3)
     assert net.training  # restored after predicting
+    from pyro_sparse.diagnostics import _network_pass  # the report's draws: the network at evaluation
+
+    values = guide.median()
+    out = _network_pass(net, values, digits.x_test[:32], digits.y_test[:32], 16)[0]
+    torch.testing.assert_close(out, net.point_outputs(digits.x_test[:32], values), rtol=0, atol=1e-6)
     for k, v in net.frozen_state().items():
         assert torch.equal(v, before[k]), k
 
