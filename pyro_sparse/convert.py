@@ -61,7 +61,6 @@ from collections import OrderedDict
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from . import layers as L
 from .layers import Layer, evaluation_mode, param_scope
@@ -398,10 +397,10 @@ class BayesianModule(PyroNetwork):
                 continue
             path, _, param = name.rpartition(".")
             owner = self.module.get_submodule(path) if path else self.module
-            if any(True for _ in owner.parameters(recurse=False)) and path in self.conversions:
+            if path in self.conversions:
                 key = f"{path} ({type(owner).__name__}"
             else:  # a parameter registered directly on a module
-                key, path = f"{name} (a parameter of {type(owner).__name__}", name
+                key = f"{name} (a parameter of {type(owner).__name__}"
             groups[key] = groups.get(key, 0) + n
         if groups:
             total = sum(groups.values())
@@ -521,18 +520,30 @@ class _DirectReads(TorchFunctionMode):
         self.active.append(path)
 
     def leave(self, path):
-        if path in self.active:
-            self.active.reverse()
-            self.active.remove(path)
-            self.active.reverse()
+        for i in range(len(self.active) - 1, -1, -1):  # the innermost call of that module
+            if self.active[i] == path:
+                del self.active[i]
+                break
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for t in tree_flatten((args, kwargs))[0]:
-            if isinstance(t, torch.Tensor) and id(t) in self.owner and not (self.paths[id(t)] & set(self.active)):
+        for t in _tensors((args, kwargs)):
+            if id(t) in self.owner and not (self.paths[id(t)] & set(self.active)):
                 path, name = self.owner[id(t)]
                 self.found.setdefault(path, set()).add(name)
         return func(*args, **kwargs)
+
+
+def _tensors(obj):
+    """The tensors in nested tuples, lists and dicts (a torch function's arguments)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
 
 
 class _ReshapeInputs:
