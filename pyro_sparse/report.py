@@ -312,7 +312,8 @@ def write_report(directory: str, num_samples: int = 100, seed: int = 0, progress
               "attributes": D.attributes(dense), "loo": loo_rows, "importance_corrected_loo": corrected,
               "rules": rule_info, "figures": {k: os.path.basename(v) for k, v in figs.items()},
               "accuracy_vs_sparsity": {k: {"sparsity": s, "metric": m} for k, (s, m) in curves.items()},
-              "compare": ranking, "compare_note": ranking_note}
+              "compare": ranking, "compare_note": ranking_note,
+              "frozen_params": sum(net.frozen_parameters().values())}
     write_text_atomic(os.path.join(directory, "report.md"),
                       _report_markdown(run, result, summary, dense, history))
     write_json_atomic(os.path.join(directory, "report.json"), _jsonable(result))
@@ -356,7 +357,9 @@ def _report_markdown(run, result, summary, dense, history) -> str:
     figs = result["figures"]
     lines = [f"# Report: {os.path.basename(os.path.abspath(run.directory))}", "",
              f"Model `{a.get('model')}` on `{a.get('data')}`, fitted by `{a.get('method')}` "
-             f"({a.get('epochs', '?')} epochs); {a['params_total']} parameters ({a['weights_total']} weights). "
+             f"({a.get('epochs', '?')} epochs); {a['params_total']} parameters ({a['weights_total']} weights)"
+             + (f" and {result['frozen_params']} frozen ones of modules left deterministic, which no rule judges "
+                "and no sparsity counts" if result.get("frozen_params") else "") + ". "
              f"Posterior summary: `{result['summary_method']}`. "
              f"Posterior draws: {result['num_samples']} (one chain of independent draws from the fitted posterior). "
              f"Report written in {result['seconds']:.1f} s.", ""]
