@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FixedLocator, MaxNLocator
 
 __all__ = [
     "plot_training",
@@ -138,7 +138,7 @@ def plot_sparsity_maps(masks: dict, path: str, title: str | None = None) -> str:
         ax.set_xlabel("input" if mask.dim() == 2 else "input x kernel position")
         ax.set_ylabel("unit (output)")
         for axis, size in ((ax.xaxis, img.shape[1]), (ax.yaxis, img.shape[0])):  # whole units and inputs only
-            axis.set_major_locator(MaxNLocator(nbins=min(size, 8), integer=True))
+            axis.set_major_locator(FixedLocator(np.arange(size)) if size <= 10 else MaxNLocator(nbins=8, integer=True))
     fig.suptitle(title or f"kept weights (black): {kept_total}/{total} = {kept_total / total:.2%}", fontsize=10)
     return _save(fig, path)
 

@@ -341,14 +341,17 @@ def _plot(result, path, title):
 
     key = result["metric"]
     fig, ax = plt.subplots(figsize=(6, 4))
+    from ..plots import coinciding
+
     methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
-    for method in methods:
-        rows = [r for r in result["rows"] if r["method"] == method]
-        ax.plot([r["sparsity"] for r in rows], [r[key] for r in rows], marker="o", label=method)
+    curves = {m: ([r["sparsity"] for r in result["rows"] if r["method"] == m],
+                  [r[key] for r in result["rows"] if r["method"] == m]) for m in methods}
+    for label, (xs, ys) in coinciding(curves).items():  # curves on top of each other drawn once, every name
+        ax.plot(xs, ys, marker="o", label=label)
     ax.axhline(result["dense"][key], color="gray", linestyle="--", label="dense posterior-mean network")
     ax.set_xlabel("sparsity (fraction of the weights zero in the compact network)"
                   + (", whole units removed" if result["structured"] else ""))
-    ax.set_ylabel(key.replace("_", " "))
+    ax.set_ylabel(key.replace("_", " ") + " (compact posterior-mean network)")
     ax.set_title(os.path.basename(os.path.normpath(title)) + f" ({result['summary_method']})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
