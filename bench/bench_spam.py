@@ -35,7 +35,7 @@ def fit_seconds(spec, recipe, data, **laplace):
     trainer.fit()
     marglik = sum(h.get("marglik_seconds", 0.0) for h in trainer.history)
     n_marglik = sum("marglik_seconds" in h for h in trainer.history)
-    map_epochs = [h["epoch_seconds"] - h.get("marglik_seconds", 0.0) for h in trainer.history]
+    map_epochs = [h["epoch_wall_seconds"] - h.get("marglik_seconds", 0.0) for h in trainer.history]
     steps = [h["marglik_seconds"] for h in trainer.history if "marglik_seconds" in h]
     return trainer.train_seconds, marglik, n_marglik, map_epochs, steps
 

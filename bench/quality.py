@@ -112,7 +112,7 @@ def _run(task):
             dense_pred = dense_point
     result = {
         "spec": entry.spec_source, "recipe": entry.recipe_source, "epochs": recipe["epochs"],
-        "fit_cpu_s": fit_cpu, "fit_wall_s": fit_wall, "steps": fit.get("steps"), "step_ms": fit.get("step_ms"),
+        "fit_cpu_s": fit_cpu, "fit_wall_s": fit_wall, "steps": fit.get("steps"), "step_wall_ms": fit.get("step_wall_ms"),
         "n_params": network.num_weights(), "dense_point": dense_point, "dense_predictive": dense_pred,
         "trainer_metrics": {k: v for k, v in fit.items() if isinstance(v, (int, float))},
         "sampled": sampled, "rules": {}, "curves": {},

@@ -71,12 +71,12 @@ def prune_and_report(net, guide, data, metrics, rule, threshold=None):
                "weights_total": report["weights_total"], "threshold": decision.options["threshold"],
                "hidden_units_removed": 1 - alive / units if units else 0.0,
                "hidden_units_alive": alive, "hidden_units": units,
-               "epochs": metrics["epochs"], "train_seconds": metrics["train_seconds"],
-               "step_ms": metrics["step_ms"]}
+               "epochs": metrics["epochs"], "train_wall_seconds": metrics["train_wall_seconds"],
+               "step_wall_ms": metrics["step_wall_ms"]}
     print(f"data {data.name}: posterior predictive accuracy {figures['test_accuracy']:.4f}, "
           f"compact network ({rule} at {figures['threshold']:g}) accuracy {figures['pruned_accuracy']:.4f}")
     print(f"weights removed {figures['weights_removed']:.2%} ({report['weights_total'] - report['weights_kept']} of "
           f"{report['weights_total']}); hidden units removed {figures['hidden_units_removed']:.2%} "
           f"({units - alive} of {units}, alive {alive})")
-    print(f"{metrics['epochs']} epochs, {metrics['train_seconds']:.1f} s training, {metrics['step_ms']:.2f} ms/step")
+    print(f"{metrics['epochs']} epochs, {metrics['train_wall_seconds']:.1f} s training, {metrics['step_wall_ms']:.2f} ms/step")
     return figures, decision

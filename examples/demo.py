@@ -44,7 +44,7 @@ def main():
     for name, layer in report["layers"].items():
         print(f"  {name + ' weights':26}{layer['weights_total']:>10d}{layer['weights_kept']:>10d}"
               f"   units {layer['units_kept']}/{layer['units_total']}")
-    print(f"fit time {fit_seconds:.1f} s ({metrics['epochs']} epochs, {metrics['step_ms']:.2f} ms/step); "
+    print(f"fit time {fit_seconds:.1f} s ({metrics['epochs']} epochs, {metrics['step_wall_ms']:.2f} ms/step); "
           f"run saved in {args.out}, compact network in {report['compact_path']}")
 
 

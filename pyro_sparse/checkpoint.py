@@ -95,18 +95,36 @@ def write_json_atomic(path: str, obj):
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def load_error(path, e: Exception, what: str = "checkpoint") -> str:
+    """One line saying why ``torch.load(path, weights_only=True)`` failed with ``e``: a file holding
+    Python objects other than tensors and plain containers (a pickle that names a class or a
+    function: loading it could run code) is *refused*; any other failure (random bytes, a text
+    file, a truncated archive: torch's unpickler stops at an opcode or record it does not know) is
+    a corrupt file or not one of ours. Only torch's specific line is quoted, never its paragraph of
+    advice about ``weights_only=False``."""
+    lines = [line.split("  (Could this error message be improved?")[0].strip() for line in str(e).splitlines()]
+    lines = [line for line in lines if line]
+    named = next((line for line in lines if "GLOBAL" in line or "Unsupported global" in line), None)
+    if named is not None:
+        return (f"{path}: refused: the file contains objects other than tensors and plain containers, which could run "
+                f"code ({named})")
+    if lines and lines[0].startswith("Weights only load failed"):
+        detail = next((line for line in lines[1:] if not line.startswith(("Please file", "Check the documentation"))),
+                      "unknown pickle content")
+        return f"{path}: corrupt or truncated {what}, or not one (torch.load stopped at: {detail})"
+    return (f"{path}: corrupt or truncated {what}, or not one "
+            f"({type(e).__name__}: {lines[0] if lines else type(e).__name__})")
+
+
 def load_safe(path: str, map_location="cpu"):
-    """Load a checkpoint with ``weights_only=True``; clear errors for missing/corrupt/unsafe files."""
+    """Load a checkpoint with ``weights_only=True``; clear errors for missing/corrupt/unsafe files
+    (:func:`load_error`)."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError (truncated zip), EOFError, ...
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise CheckpointError(f"{path}: refused: the file contains objects other than tensors and "
-                                  f"plain containers, which could run code ({msg})") from None
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {msg})") from None
+        raise CheckpointError(load_error(path, e)) from None
 
 
 def read_json(path: str, what: str = "file") -> dict:

@@ -65,6 +65,7 @@ def _add_fit(sub):
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
     p.add_argument("--seed", type=int, help="override the recipe's seed")
     p.add_argument("--device", help="override the recipe's device (cpu, cuda, cuda:1)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (overrides the recipe's num_threads)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -80,7 +81,7 @@ def cmd_fit(args):
     missing = [f"--{k}" for k in ("model", "data") if getattr(args, k) is None]
     if missing and not args.resume:
         raise PyroSparseError(f"fit needs {', '.join(missing)} (or --resume to continue the run in --out)")
-    for flag in ("epochs",):
+    for flag in ("epochs", "threads"):
         v = getattr(args, flag)
         if v is not None and v <= 0:
             raise PyroSparseError(f"--{flag} must be a positive integer, got {v}")
@@ -99,7 +100,7 @@ def cmd_fit(args):
     _, metrics = fit_run(args.model, args.inference, args.data, args.out, epochs=args.epochs, seed=args.seed,
                          device=args.device, resume=args.resume, overwrite=args.overwrite, target=args.target,
                          progress=not (args.no_progress or args.quiet), distributed=args.distributed,
-                         init=args.init)
+                         init=args.init, threads=args.threads)
     from .distributed import env_rank
 
     if env_rank() == 0:  # under torchrun only rank 0 prints
@@ -160,6 +161,12 @@ def _add_reduce(sub):
     p.add_argument("--overwrite", action="store_true", help="replace the files of the same reduction")
 
 
+#: what the figures of `reduce` are, in the words every command uses
+REDUCE_LEGEND = ("  (test_*_dense / _reduced: the posterior-mean network, dense and compact; test_*_predictive_*: the "
+                 "posterior predictive, --samples draws; sparsity: the fraction of the weights zero in the compact "
+                 "network, rule_sparsity: removed by the rule itself; biases and frozen modules are not weights)")
+
+
 @command("reduce", "reduce a fitted run")
 def cmd_reduce(args):
     if args.scope not in ("global", "layer"):
@@ -182,6 +189,7 @@ def cmd_reduce(args):
         "compact_ratio", "flops_dense", "flops_compact", "param_bytes_dense", "param_bytes_compact",
         "max_abs_output_diff"]
     _print_metrics({k: report[k] for k in keys}, f"reduced {args.dir} with {report['method']}")
+    print(REDUCE_LEGEND)
     if report.get("compensation"):
         print("  compensated (kept weights moved to the reduced posterior mean); per layer: " + ", ".join(
             f"{k or '(root)'} {v['sparsity']:.3f} removed, dF {v['delta_f']:.1f}" for k, v in report["compensation"].items()))

@@ -39,28 +39,44 @@ also records the per-example input shape of every submodule for compaction.
 
 ``forward`` must *call* the converted modules: code that reads a converted module's
 ``.weight`` directly (weight tying, ``F.linear(x, self.fc.weight)``) has no weight to read there,
-and two modules that share one parameter tensor become two sites. Predictions
-(``sample_outputs``, ``point_outputs``) run the module in ``eval`` mode, as the deterministic
-twin does: dropout is the identity and a batch norm uses its running statistics.
+and two modules that share one parameter tensor become two sites.
+
+Training and evaluation mode. The modules left deterministic (batch norms, dropout) behave as the
+user's module would: the converted network starts in training mode whatever mode the module was
+in, :class:`~pyro_sparse.fitting.SVITrainer` fits in training mode (dropout on; a batch norm
+normalises with the batch's statistics and updates its running ones), and predictions
+(``sample_outputs``, ``point_outputs``), the deterministic twin, the exported and the compact
+modules run in evaluation mode (dropout the identity, running statistics). The running
+statistics are part of the network's :meth:`~BayesianModule.frozen_state`, which checkpoints
+keep beside the guide.
 """
 
 from __future__ import annotations
 
 import copy
 import fnmatch
+import warnings
 from collections import OrderedDict
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from . import layers as L
-from .layers import Layer, param_scope, site_name
+from .layers import Layer, evaluation_mode, param_scope, site_name
 from .likelihoods import build_likelihood
 from .network import PyroNetwork, check_input_shape
 from .priors import Gaussian, build_prior
+from .errors import PyroSparseWarning
 from .registry import CONVERSIONS
 
-__all__ = ["bayesian", "BayesianModule", "conversion_for", "stateless_layer", "reshaping_inputs"]
+__all__ = ["bayesian", "BayesianModule", "conversion_for", "stateless_layer", "reshaping_inputs",
+           "FrozenModulesWarning"]
+
+
+class FrozenModulesWarning(PyroSparseWarning):
+    """A converted module keeps parameters deterministic that no ``deterministic`` pattern named
+    (the message lists them; ``net.frozen_parameters()`` has them all)."""
 
 
 def conversion_for(module: nn.Module):
@@ -145,10 +161,15 @@ class BayesianModule(PyroNetwork):
         self.template = copy.deepcopy(module)
         for p in self.template.parameters():
             p.requires_grad_(False)
-        self.module = copy.deepcopy(module)
+        self.module = copy.deepcopy(module)  # a deep copy keeps tied parameters tied
         self.conversions: dict[str, str] = OrderedDict()
         converted = OrderedDict()
+        holders = _parameter_holders(self.module)  # id(parameter) -> [(module path, name)], tied ones twice
+        first_site = {}  # id(parameter) -> (path, name) of the converted module that owns its site
+        #: follower site -> owner site of every tied parameter (one site, the owner's)
+        self.ties: dict[str, str] = OrderedDict()
         skip = ()  # paths whose descendants stay as they are
+        self._asked_frozen = ()  # the deterministic patterns' modules
         for path, child in list(self.module.named_modules()):
             if not path and conversion_for(child) is None:  # the root converts only when it is one layer
                 continue
@@ -157,6 +178,7 @@ class BayesianModule(PyroNetwork):
             owns = any(True for _ in child.parameters(recurse=False))
             if _match(keep, path):
                 skip += (path,)
+                self._asked_frozen += (path,)
                 if any(True for _ in child.parameters()):
                     self.conversions[path] = "deterministic (pattern)"
                 continue
@@ -170,6 +192,10 @@ class BayesianModule(PyroNetwork):
                 skip += (path,)
                 continue
             layer = self._convert(cls, child, path, weight_prior, shift_prior, patterns)
+            for name, p in child.named_parameters(recurse=False):
+                owner = first_site.setdefault(id(p), (path, name))
+                if owner != (path, name):
+                    self._tie(layer, name, converted[owner[0]], owner)
             if path:
                 _set_submodule(self.module, path, layer)
             else:  # a bare layer (an nn.Linear): its Bayesian counterpart is the whole module
@@ -182,12 +208,60 @@ class BayesianModule(PyroNetwork):
                              f"{', '.join(t.__name__ for c in CONVERSIONS.values() for t in c.torch_types)}) outside "
                              "the deterministic patterns")
         self.converted = converted
+        _check_ties(holders, first_site, converted)
+        self._check_patterns(patterns, keep, module)
         for p in self.module.parameters():  # deterministic modules are constants of the model
             p.requires_grad_(False)
+        # training mode, as a new torch module: what the network does no longer depends on the mode
+        # the user's module was in (fitting trains, predictions and twins evaluate)
+        self.train()
         self._probed = False
         self._shapes: dict[str, tuple] = {}
+        self._report_frozen()
         if self.input_shape is not None:
             self.probe(torch.zeros(1, *self.input_shape))
+
+    def _check_patterns(self, patterns, keep, module):
+        """ValueError for a ``priors`` pattern that matches no converted module, parameter or site
+        (it would change nothing: a typo, or a module that stays deterministic) and for a
+        ``deterministic`` pattern that matches no module."""
+        names = set(self.converted)
+        names.update(site_name(path, p) for path in self.converted
+                     for p, _ in module.get_submodule(path).named_parameters(recurse=False))
+        names.update(site_name(path, p) for path, layer in self.converted.items() for p in layer.priors())
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise ValueError(f"bayesian: priors pattern {pattern!r} matches no converted module, parameter or site, "
+                                 f"so it would change nothing; converted: {', '.join(list(self.converted)[:8])}"
+                                 f"{', ...' if len(self.converted) > 8 else ''} (sites are <module>.weight, "
+                                 "<module>.bias, ...)")
+        paths = [path for path, _ in module.named_modules() if path]
+        for pattern in keep:
+            if not any(fnmatch.fnmatchcase(path, pattern) for path in paths):
+                raise ValueError(f"bayesian: deterministic pattern {pattern!r} matches no module of "
+                                 f"{type(module).__name__} (modules: {', '.join(paths[:8])}{', ...' if len(paths) > 8 else ''})")
+
+    def _tie(self, layer, name, owner_layer, owner):
+        """``layer.<name>`` is the same parameter as ``owner`` = (path, name) of an earlier converted
+        module: one site, the owner's (:meth:`~pyro_sparse.layers.Layer.tie`)."""
+        path, site = layer.site, site_name(*owner)
+        if name not in layer.readable or owner[1] not in owner_layer.readable:
+            raise ValueError(f"bayesian: {path}.{name} is the same parameter as {site}; tied parameters are "
+                             "converted between the weights and biases of Linear, Conv, Embedding and LayerNorm "
+                             f"modules, not a {type(layer).__name__}'s {name!r}; leave one of the modules in "
+                             "deterministic (with the other)")
+        try:
+            layer.tie(name, owner_layer, owner[1])
+        except ValueError as e:
+            raise ValueError(f"bayesian: {e}") from None
+        self.ties[site_name(path, name)] = site
+
+    def tied_values(self, values: dict) -> dict:
+        """``values`` (site -> tensor) with an entry for every tied parameter's follower name too
+        (``out.weight`` holding ``emb.weight``'s value), as the modules that hold it read it."""
+        out = dict(values)
+        out.update({follower: values[owner] for follower, owner in self.ties.items() if owner in values})
+        return out
 
     @staticmethod
     def _asked(patterns, path, module):
@@ -235,29 +309,45 @@ class BayesianModule(PyroNetwork):
         ``input_shape`` where none was given."""
         x = self._reshape(x[:1])
         calls, shapes, outs, hooks = {}, {}, {}, []
+        reads = _DirectReads({path: self.template.get_submodule(path) for path in self.converted})
         for path, sub in self.template.named_modules():
             def hook(mod, args, out, path=path):
                 calls[path] = calls.get(path, 0) + 1
+                reads.leave(path)
                 out = out[0] if isinstance(out, tuple) else out
                 if path not in shapes and args and torch.is_tensor(args[0]) and torch.is_tensor(out):
                     shapes[path], outs[path] = _per_example(mod, args[0]), _per_example(mod, out)
+            hooks.append(sub.register_forward_pre_hook(lambda mod, args, path=path: reads.enter(path)))
             hooks.append(sub.register_forward_hook(hook))
-        modes = [m.training for m in self.template.modules()]
-        self.template.eval()
         try:
-            self.template(x)
+            with evaluation_mode(self.template), reads, _no_fused_attention():
+                self.template(x)
         finally:
             for h in hooks:
                 h.remove()
-            for m, mode in zip(self.template.modules(), modes):
-                m.training = mode
+        for path, names in reads.found.items():  # F.linear(h, self.emb.weight) in the user's forward
+            layer = self.converted[path]
+            bad = sorted(set(names) - set(layer.readable))
+            if bad:
+                raise ValueError(f"bayesian: the forward reads {path}.{bad[0]} directly (outside {path}'s own "
+                                 f"forward), which the Bayesian {type(layer).__name__} cannot serve (it serves "
+                                 f"{', '.join(layer.readable) or 'no parameter'}); leave {path} in deterministic")
+        self.read_directly = {path: sorted(names) for path, names in reads.found.items()}
+        tied = {site.rpartition(".")[0] for pair in self.ties.items() for site in pair}
         for path, layer in self.converted.items():
-            layer.shared = calls.get(path, 0) > 1
+            layer.shared = calls.get(path, 0) > 1 or path in tied or path in self.read_directly
         # the layers in the order the forward pass first applies them (the output layer last), the
         # order of the sites in summaries and of "the last layer" of structured rules
         first = {path: i for i, path in enumerate(calls)}
         self.converted = OrderedDict(sorted(self.converted.items(), key=lambda kv: first.get(kv[0], len(first))))
         self._shapes, self._out_shapes, self._probed = shapes, outs, True
+
+    def fixed_shape(self) -> set:
+        """The converted modules compaction must not resize: those holding a tied parameter and
+        those whose parameters the user's ``forward`` reads directly (code outside them expects
+        their shapes). Compaction keeps them whole, masked."""
+        tied = {site.rpartition(".")[0] for pair in self.ties.items() for site in pair}
+        return tied | set(getattr(self, "read_directly", {}))
 
     def layer_shapes(self) -> dict:
         """Path -> (per-example input shape, output shape) of every Bayesian layer, as the probe saw
@@ -271,16 +361,19 @@ class BayesianModule(PyroNetwork):
         x = self._reshape(x)
         if not self._probed:
             self.probe(x)
-        if L._SCOPES:  # a scope is open already (this network inside another)
-            return self.module(x)
-        with param_scope():
-            return self.module(x)
+        with _no_fused_attention():
+            if L._SCOPES:  # a scope is open already (this network inside another)
+                return self.module(x)
+            with param_scope():
+                return self.module(x)
 
     # ------------------------------------------------------------------ the deterministic twin
     def deterministic(self, params: dict[str, torch.Tensor]) -> nn.Module:
         """A copy of the user's module (its own class) whose converted modules hold ``params``
-        (site -> tensor; missing sites keep the starting values) and whose other modules keep
-        their weights. Its ``state_dict`` loads into a fresh instance of the user's class. With an
+        (site -> tensor; missing sites keep the starting values) and whose other modules hold the
+        network's :meth:`frozen_state` (a batch norm's running statistics as fitting left them).
+        Its ``state_dict`` loads into a fresh instance of the user's class. It is in evaluation
+        mode whatever mode the user's module was in (``.train()`` to train it). With an
         ``input_shape`` a forward pre-hook (:func:`reshaping_inputs`, not part of the state dict)
         reshapes its inputs to it, as the Bayesian network does."""
         twin = copy.deepcopy(self.template)
@@ -289,10 +382,61 @@ class BayesianModule(PyroNetwork):
         ref = next((v for v in params.values()), None)
         if ref is not None:
             twin.to(dtype=ref.dtype if ref.is_floating_point() else None, device=ref.device)
+        twin.load_state_dict(self.module.state_dict(), strict=False)
+        full = {**self.starting_values(), **params}
         for path, layer in self.converted.items():
-            own = {p: params.get(site_name(path, p), getattr(layer, f"{p}_init")) for p in layer.priors()}
+            own = {p: full[site_name(path, p)] for p in layer.priors()}
             layer.write_torch(twin.get_submodule(path), own)
-        return reshaping_inputs(twin, self.input_shape)
+        return reshaping_inputs(twin, self.input_shape).eval()
+
+    def frozen_parameters(self) -> dict:
+        return {name: p.numel() for name, p in self.module.named_parameters()}
+
+    def _report_frozen(self):
+        """A :class:`FrozenModulesWarning` naming the modules with parameters that stay
+        deterministic without a ``deterministic`` pattern asking for it (a batch norm, a module of
+        a type without a Bayesian counterpart, a parameter registered directly on a module)."""
+        groups = OrderedDict()
+        for name, n in self.frozen_parameters().items():
+            if any(name.startswith(p + ".") for p in self._asked_frozen):
+                continue
+            path, _, param = name.rpartition(".")
+            owner = self.module.get_submodule(path) if path else self.module
+            if path in self.conversions:
+                key = f"{path} ({type(owner).__name__}"
+            else:  # a parameter registered directly on a module
+                key = f"{name} (a parameter of {type(owner).__name__}"
+            groups[key] = groups.get(key, 0) + n
+        if groups:
+            total = sum(groups.values())
+            listed = ", ".join(f"{k}, {n} parameters)" for k, n in list(groups.items())[:6])
+            more = f" and {len(groups) - 6} more" if len(groups) > 6 else ""
+            warnings.warn(f"bayesian: these stay deterministic (frozen at their values, not sparsified, counted apart "
+                          f"from the weights in sparsity figures): {listed}{more}; {total} frozen parameters in all "
+                          "(name them in deterministic= to silence this)", FrozenModulesWarning, stacklevel=4)
+
+    def frozen_state(self) -> dict:
+        """The ``state_dict`` of the modules left deterministic (their frozen parameters and their
+        buffers, such as a batch norm's running statistics, which fitting in training mode updates)."""
+        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def load_frozen_state(self, state: dict):
+        keys = set(self.module.state_dict())
+        unknown, missing = sorted(set(state) - keys), sorted(keys - set(state))
+        if unknown or missing:
+            raise ValueError(f"the deterministic state does not fit this module: "
+                             f"{'unexpected ' + ', '.join(unknown[:3]) if unknown else ''}"
+                             f"{'; ' if unknown and missing else ''}{'missing ' + ', '.join(missing[:3]) if missing else ''}")
+        own = self.module.state_dict()
+        for k, v in state.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise ValueError(f"the deterministic state does not fit this module: {k} has shape {list(v.shape)}, "
+                                 f"the module's {list(own[k].shape)}")
+        self.module.load_state_dict(state, strict=True)
+
+    def twin_frozen_state(self, twin: nn.Module) -> dict:
+        state = twin.state_dict()
+        return {k: state[k].detach().clone() for k in self.module.state_dict()}
 
     def twin_values(self, twin: nn.Module) -> dict:
         """Site -> value read off a copy of the user's module (e.g. after training it): each
@@ -322,19 +466,89 @@ class BayesianModule(PyroNetwork):
                                  "give input_shape=... (the per-example input shape)")
             self.probe(torch.zeros(1, *shape))
         chains = []
+        fixed = self.fixed_shape()
         for path, seq in self.module.named_modules():
             if not isinstance(seq, nn.Sequential) or path not in self._shapes:
                 continue
             members = OrderedDict()
             for name, child in seq.named_children():
                 full = f"{path}.{name}" if path else name
-                if isinstance(child, (L.Linear, L._ConvNd)):
+                if isinstance(child, (L.Linear, L._ConvNd)) and full not in fixed:
                     members[name] = child
                 else:
                     members[name] = stateless_layer(child, self.template.get_submodule(full))
             if sum(isinstance(m, (L.Linear, L._ConvNd)) for m in members.values()) >= 1:
                 chains.append((path, _Chain(members, self._shapes[path])))
         return chains
+
+
+def _parameter_holders(module: nn.Module) -> dict:
+    """``id(parameter) -> [(module path, name), ...]`` over every module (a tied parameter is
+    listed once per module that registers it)."""
+    holders = {}
+    for path, sub in module.named_modules(remove_duplicate=False):
+        for name, p in sub._parameters.items():
+            if p is not None and (path, name) not in holders.setdefault(id(p), []):
+                holders[id(p)].append((path, name))
+    return holders
+
+
+def _check_ties(holders, first_site, converted):
+    """A parameter held by a converted module and by a module that stays deterministic (or
+    registered directly on a module) would be a random variable in one place and a constant in
+    the other: ValueError naming both."""
+    for pid, places in holders.items():
+        if len(places) < 2 or pid not in first_site:
+            continue
+        frozen = [f"{p}.{n}" if p else n for p, n in places if p not in converted]
+        if frozen:
+            raise ValueError("bayesian: {}.{} is the same parameter as {}, which stays deterministic; a tied parameter "
+                             "must be Bayesian in every module that holds it (convert both, or leave both in "
+                             "deterministic)".format(*first_site[pid], frozen[0]))
+
+
+class _DirectReads(TorchFunctionMode):
+    """Records the parameters of converted modules that a torch function receives outside those
+    modules' own ``forward`` (``F.linear(h, self.emb.weight)`` in the user's code): a probe run
+    under this mode says which converted modules the ``forward`` reads directly."""
+
+    def __init__(self, modules: dict):
+        super().__init__()
+        self.owner = {id(p): (path, name) for path, m in modules.items() for name, p in m.named_parameters(recurse=False)}
+        self.paths = {}  # id(parameter) -> every converted path holding it (tied ones: several)
+        for path, m in modules.items():
+            for p in m.parameters(recurse=False):
+                self.paths.setdefault(id(p), set()).add(path)
+        self.active, self.found = [], {}
+
+    def enter(self, path):
+        self.active.append(path)
+
+    def leave(self, path):
+        for i in range(len(self.active) - 1, -1, -1):  # the innermost call of that module
+            if self.active[i] == path:
+                del self.active[i]
+                break
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for t in _tensors((args, kwargs)):
+            if id(t) in self.owner and not (self.paths[id(t)] & set(self.active)):
+                path, name = self.owner[id(t)]
+                self.found.setdefault(path, set()).add(name)
+        return func(*args, **kwargs)
+
+
+def _tensors(obj):
+    """The tensors in nested tuples, lists and dicts (a torch function's arguments)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
 
 
 class _ReshapeInputs:
@@ -359,11 +573,29 @@ def reshaping_inputs(module: nn.Module, input_shape) -> nn.Module:
 
 
 def _per_example(module, t):
-    """The per-example shape of a module's input or output (time-first recurrent modules carry
-    the batch on axis 1)."""
-    if isinstance(module, (nn.LSTM, nn.GRU)) and not module.batch_first and t.dim() == 3:
+    """The per-example shape of a module's input or output (time-first recurrent modules and
+    attention carry the batch on axis 1)."""
+    if isinstance(module, (nn.LSTM, nn.GRU, nn.MultiheadAttention)) and not module.batch_first and t.dim() == 3:
         return (t.shape[0], *t.shape[2:])
     return tuple(t.shape[1:])
+
+
+class _no_fused_attention:
+    """``torch.backends.mha`` fast path off within the block: ``nn.TransformerEncoderLayer`` in
+    evaluation mode would otherwise read its attention's ``in_proj_weight`` and its linear layers'
+    weights itself and run a fused kernel, instead of calling those modules (the converted ones
+    compute what the Bayesian network samples; the probe must see every call)."""
+
+    def __enter__(self):
+        self.enabled = torch.backends.mha.get_fastpath_enabled()
+        if self.enabled:
+            torch.backends.mha.set_fastpath_enabled(False)
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            torch.backends.mha.set_fastpath_enabled(True)
+        return False
 
 
 class _Chain:
@@ -392,7 +624,7 @@ class _Opaque(L._Stateless):
         return self.fn
 
     def out_shape(self, in_shape):
-        with torch.no_grad():
+        with torch.no_grad(), evaluation_mode(self.fn):  # a batch norm: one example, statistics untouched
             return tuple(self.fn(torch.zeros(1, *in_shape)).shape[1:])
 
     def compact_spec(self):

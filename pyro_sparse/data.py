@@ -234,10 +234,18 @@ def _finish(name, x_train, y_train, x_test, y_test, task, num_outputs=None, imag
                 bad = y[y != np.round(y)]
                 raise DataError(f"{src}: {key} has {bad.size} non-integer class label(s) (e.g. {bad[0]:g}); a "
                                 "classification likelihood (categorical, bernoulli) needs labels 0..K-1")
+        for key in ("y_train", "y_test"):
+            y = arrays[key]
+            if y.min() < 0:
+                values = sorted({int(v) for v in np.unique(y)})
+                shown = ", ".join(map(str, values[:5])) + (", ..." if len(values) > 5 else "")
+                raise DataError(f"{src}: {key} has {int((y < 0).sum())} negative class label(s) (labels found: "
+                                f"{shown}); class labels must be 0..K-1"
+                                + (" (for labels -1/1, map -1 to 0)" if values == [-1, 1] else ""))
         classes = num_outputs if num_outputs is not None else int(max(y_train.max(), y_test.max())) + 1
         for key in ("y_train", "y_test"):
             y = arrays[key]
-            if y.min() < 0 or y.max() >= classes:
+            if y.max() >= classes:
                 raise DataError(f"{src}: {key} has labels outside 0..{classes - 1} "
                                 f"(found {int(y.min())}..{int(y.max())})")
         if classes > MAX_CLASSES:

@@ -61,6 +61,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import warnings
 
 import numpy as np
@@ -75,6 +76,7 @@ with warnings.catch_warnings():
 import xarray as xr
 
 from .distributions import LogUniform
+from .layers import evaluation_mode
 
 __all__ = [
     "to_inference_data",
@@ -249,7 +251,8 @@ def _network_pass(network, values, x, y, batch_size, prior_terms=False):
     outs, logliks, reps, first = [], [], [], None
     for start in range(0, len(x), batch_size):
         xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        trace = poutine.trace(poutine.condition(forward, data=values)).get_trace(xb)
+        with evaluation_mode(network):  # dropout off, batch norms on their running statistics
+            trace = poutine.trace(poutine.condition(forward, data=values)).get_trace(xb)
         out, fn = trace.nodes["_RETURN"]["value"]
         if lik.task == "binary":
             yb = yb.to(out.dtype)
@@ -358,16 +361,26 @@ def _prior_description(prior) -> dict:
 
 
 def _sparsity(network, masks) -> dict:
-    total = network.num_weights()
-    per_site, pruned = {}, 0
+    """Counts of a (masked) network in the vocabulary of the reduction report: ``params_total`` /
+    ``params_nonzero`` (every parameter, biases and group variables included), ``weights_total`` /
+    ``weights_kept`` (the weight tensors) and ``rule_sparsity`` (the fraction of the weights the
+    masks remove; ``sparsity``, what the compact network keeps, is the report's to add)."""
+    from .summary import param_role
+
+    per_site, counts = {}, {"params_total": 0, "params_nonzero": 0, "weights_total": 0, "weights_kept": 0}
     for site, (layer, param, _) in network.param_sites().items():
         n = math.prod(layer.param_shapes()[param])
         kept = n
         if site in masks:
             kept = int(masks[site].expand(layer.param_shapes()[param]).sum())
-        pruned += n - kept
+        counts["params_total"] += n
+        counts["params_nonzero"] += kept
+        if param_role(site) == "weight":
+            counts["weights_total"] += n
+            counts["weights_kept"] += kept
         per_site[site] = [kept, n]
-    return {"num_weights": total, "num_nonzero": total - pruned, "sparsity": pruned / total if total else 0.0,
+    total = counts["weights_total"]
+    return {**counts, "rule_sparsity": 1.0 - counts["weights_kept"] / total if total else 0.0,
             "kept_per_site": per_site}
 
 
@@ -566,7 +579,8 @@ def run_inference_data(run, num_samples: int = 100, masks: dict | None = None, e
     d = run.dataset
     data = (d.x_train, d.y_train) if observations == "train" else (d.x_test, d.y_test)
     history = getattr(run.trainer, "history", None)
-    attrs = {"run": run.directory or "", "model": run.model_spec.get("name", ""), "data": d.name}
+    attrs = {"run": run.directory or "", "data": d.name,
+             "model": run.model_spec.get("name") or os.path.basename(os.path.normpath(run.directory or ""))}
     attrs.update(extra_attrs or {})
     guide = run.trainer.posterior_guide() if run.trainer is not None else run.guide
     return to_inference_data(run.network, guide, data, num_samples, masks, attrs,
@@ -809,8 +823,9 @@ def forest_selection(idata, max_rows: int = 24):
     """What :func:`plot_forest` shows: ``(var_names, coords, title)``.
 
     The group scales (``scale_sites``) if the run has any, each cut to its first rows;
-    otherwise a few rows of the last weight matrix: its first two units, at the inputs where
-    the posterior mean of those units is largest in magnitude.
+    otherwise a few weights of every layer: of each weight tensor, its first unit at the inputs
+    where its posterior mean is largest in magnitude (the first position of any further axis, a
+    convolution's kernel), ``max_rows`` rows in all.
     """
     attrs = attributes(idata)
     scales = [n for n in attrs.get("scale_sites", []) if n in idata.posterior]
@@ -822,20 +837,31 @@ def forest_selection(idata, max_rows: int = 24):
                 coords[dim] = np.asarray(idata.posterior[dim][:per])
         return scales, coords, f"posterior of the scale / precision sites (first {per} entries of each)"
     weights = [n for n in idata.posterior.data_vars
-               if idata.posterior[n].attrs.get("role") == "weight" and idata.posterior[n].ndim == 4]
+               if idata.posterior[n].attrs.get("role") == "weight" and idata.posterior[n].ndim >= 4]
     if not weights:
-        weights = [n for n in idata.posterior.data_vars if idata.posterior[n].ndim >= 3]
-    name = weights[-1]
-    var = idata.posterior[name]
-    unit_dim, input_dim = var.dims[2], var.dims[3] if var.ndim > 3 else None
-    units = [int(u) for u in np.asarray(var[unit_dim][:2])]
-    coords[unit_dim] = units
-    if input_dim is not None:
-        mean = np.abs(np.asarray(var.sel({unit_dim: units}).mean(("chain", "draw")))).reshape(len(units), -1)
-        top = np.argsort(-mean.max(0))[: max(1, max_rows // len(units))]
-        coords[input_dim] = np.asarray(var[input_dim])[np.sort(top)]
-    return [name], coords, (f"posterior of {name}[{unit_dim}, {input_dim}]\n"
-                            f"units {units}, the inputs with the largest |mean|")
+        weights = [n for n in idata.posterior.data_vars if idata.posterior[n].ndim >= 3][-1:]
+    per = max(2, max_rows // len(weights))
+    for name in weights:
+        var = idata.posterior[name]
+        dims = var.dims[2:]
+        coords[dims[0]] = [int(np.asarray(var[dims[0]])[0])]
+        if len(dims) == 1:
+            continue
+        mean = np.abs(np.asarray(var.sel({dims[0]: coords[dims[0]]}).mean(("chain", "draw"))))[0]
+        # a kernel: its last axis whole (up to 5 positions), every other kernel axis at its largest |mean|
+        last = dims[-1] if len(dims) > 2 and mean.shape[-1] <= 5 else None
+        width = mean.shape[-1] if last is not None else 1
+        for i, dim in enumerate(dims[2:], start=2):
+            if dim == last:
+                continue
+            axes = tuple(a for a in range(mean.ndim) if a != i - 1)
+            coords[dim] = [int(np.asarray(var[dim])[int(np.argmax(mean.max(axis=axes)))])]
+        inputs = mean.reshape(mean.shape[0], -1).max(1)
+        top = np.argsort(-inputs)[:max(1, per // width)]
+        coords[dims[1]] = np.asarray(var[dims[1]])[np.sort(top)]
+    which = "the weight tensor" if len(weights) == 1 else f"each of the {len(weights)} weight tensors"
+    return weights, coords, (f"posterior of a few weights of {which}:\n"
+                             f"its first unit, at the inputs with the largest |mean| (a kernel: its largest row)")
 
 
 def scales_shown(idata, var_names) -> bool:

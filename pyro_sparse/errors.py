@@ -30,6 +30,11 @@ class CheckpointError(PyroSparseError):
     """A checkpoint or saved model cannot be read safely."""
 
 
+class CurvatureError(PyroSparseError, ValueError):
+    """The curvature of a Laplace approximation cannot be used: non-finite entries, or a factor
+    that no decomposition handles. The message names the layer and what to try."""
+
+
 class QualityError(PyroSparseError):
     """A reduced network fell further below the dense one than the user allowed (``--max-drop``).
     The CLI exits with status 3 (an input error is 2)."""

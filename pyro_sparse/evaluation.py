@@ -27,7 +27,12 @@ import math
 
 import torch
 
-__all__ = ["evaluate", "evaluate_outputs", "posterior_predictive", "point_predictive", "prefixed"]
+__all__ = ["evaluate", "evaluate_outputs", "posterior_predictive", "point_predictive", "prefixed", "quality",
+           "WARN_DROP"]
+
+#: a reduced network this far below the dense one (accuracy as a fraction; NLL per example for
+#: regression) is reported (:func:`quality`)
+WARN_DROP = 0.05
 
 
 @torch.no_grad()
@@ -129,3 +134,25 @@ def point_predictive(module):
 def prefixed(figures: dict, prefix: str = "test_") -> dict:
     """``{"accuracy": a}`` -> ``{"test_accuracy": a}``."""
     return {prefix + k: v for k, v in figures.items()}
+
+
+def quality(dense: dict, reduced: dict, max_drop=None, advice: str = "") -> dict:
+    """How far a reduced network falls below the dense one on held-out figures (:func:`evaluate`'s):
+    ``{"metric", "dense", "reduced", "drop", "warning"}``, ``drop`` in accuracy (classification) or
+    the NLL increase per example (regression); ``warning`` a sentence where the drop exceeds
+    :data:`WARN_DROP` (``advice`` appended), else None. A drop above ``max_drop`` raises
+    :class:`~pyro_sparse.errors.QualityError` (the command line exits 3)."""
+    from .errors import QualityError
+
+    if "accuracy" in dense:
+        metric, d, r = "test_accuracy", dense["accuracy"], reduced["accuracy"]
+        drop = d - r
+        said = f"test accuracy {r:.4f} against {d:.4f} for the dense network ({100 * drop:.1f} points lower)"
+    else:
+        metric, d, r = "test_nll", dense["nll"], reduced["nll"]
+        drop = r - d
+        said = f"test NLL {r:.4f} against {d:.4f} for the dense network (+{drop:.4f} per example)"
+    if max_drop is not None and drop > max_drop:
+        raise QualityError(f"--max-drop {max_drop:g}: the reduced network's {said}; nothing was written")
+    warning = f"the reduced network lost quality: {said}{advice}" if drop > WARN_DROP else None
+    return {"metric": metric, "dense": d, "reduced": r, "drop": drop, "warning": warning}

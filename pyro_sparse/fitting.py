@@ -74,6 +74,7 @@ from .data import Batches, Dataset, as_batches, first_batch
 from .elbo import CoreELBO, MeanFieldELBO
 from .errors import CheckpointError, DataError, PyroSparseError, PyroSparseWarning, SpecError
 from .guides import DeltaGuide
+from .layers import evaluation_mode
 from .recipe import RECIPE_FIELDS, check_device, guide_param_groups, make_optimizer, make_scheduler, parse_recipe
 from .rundir import CHECKPOINT
 from .schema import Field, validate
@@ -279,6 +280,8 @@ class SVITrainer:
     _batch, _ok, _last_fault = 0, None, None
     #: L0, the loss per datum at the run's start with the full KL weight (see the module docstring)
     loss_reference = None
+    #: CPU seconds of the process (every thread) in training steps, where the trainer measures them
+    train_cpu_seconds = None
     #: which ELBO implementation the steps use: "core" (CoreELBO) or "pyro" (MeanFieldELBO);
     #: None for subclasses that fit another objective (laplace.trainer.LaplaceTrainer)
     elbo_path = None
@@ -287,7 +290,8 @@ class SVITrainer:
         recipe = _as_recipe(recipe)
         if recipe["epochs"] < 1:
             raise SpecError(f"method {recipe.get('method', 'svi')} trains for at least one epoch, got 0 (epochs: 0 is "
-                            "the post-hoc Laplace posterior of method laplace)", recipe.get("_source"), "epochs")
+                            "the post-hoc Laplace posterior of method laplace)", recipe.get("_source") or "<recipe>",
+                            "epochs")
         dataset = as_training_data(dataset, recipe["batch_size"], recipe["seed"])
         if isinstance(dataset, Batches) and not self.accepts_batches:
             raise DataError(f"{dataset.name}: data in batches (a DataLoader) are fitted by method svi; "
@@ -325,7 +329,7 @@ class SVITrainer:
         self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.scheduler = make_scheduler(self.optimizer, recipe["schedule"], recipe["epochs"])
         self.generator = torch.Generator().manual_seed(recipe["seed"])
-        self.epoch, self.steps, self.train_seconds = 0, 0, 0.0
+        self.epoch, self.steps, self.train_seconds, self.train_cpu_seconds = 0, 0, 0.0, 0.0
         self.history: list[dict] = []
         self.recoveries: list[dict] = []  # one entry per numerical fault survived
         #: check finiteness on the host at every step (CPU); else a device flag read once per epoch
@@ -353,7 +357,7 @@ class SVITrainer:
                                 "of your own in a single-process fit per shard)")
             self.device = distributed.rank_device(self.device)
             self.progress = progress and distributed.is_main_process()
-        if recipe.get("num_threads"):
+        if recipe.get("num_threads"):  # the process's torch threads (recipe num_threads, default 1; fit --threads)
             torch.set_num_threads(recipe["num_threads"])
         self.data.to(self.device)
         self.network.to(self.device)
@@ -380,6 +384,7 @@ class SVITrainer:
         """What every trainer checkpoints besides its model: optimiser, schedule, counters,
         random states and history (plain tensors and containers, loadable with weights_only)."""
         return {"format": 1, "epoch": self.epoch, "steps": self.steps, "train_seconds": self.train_seconds,
+                "train_cpu_seconds": self.train_cpu_seconds,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                 "rng_torch": torch.get_rng_state(), "rng_generator": self.generator.get_state(),
@@ -392,6 +397,8 @@ class SVITrainer:
         if self.scheduler and state["scheduler"]:
             self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.steps, self.train_seconds = state["epoch"], state["steps"], state["train_seconds"]
+        if "train_cpu_seconds" in state:  # older checkpoints have none
+            self.train_cpu_seconds = state["train_cpu_seconds"]
         torch.set_rng_state(state["rng_torch"])
         self.generator.set_state(state["rng_generator"])
         if state.get("rng_cuda"):
@@ -402,10 +409,19 @@ class SVITrainer:
         self.pretrained = state.get("pretrained")
 
     def state_dict(self) -> dict:
-        return {**self.training_state(), "guide": self.guide.state_dict()}
+        """The training state, the guide's and the network's deterministic state (``network``:
+        :meth:`~pyro_sparse.network.PyroNetwork.frozen_state`, e.g. batch-norm running statistics;
+        present only where the network has some)."""
+        state = {**self.training_state(), "guide": self.guide.state_dict()}
+        frozen = self.network.frozen_state()
+        if frozen:
+            state["network"] = frozen
+        return state
 
     def load_state_dict(self, state: dict):
         self.guide.load_state_dict(state["guide"])
+        if "network" in state:  # a checkpoint without it (an older one) leaves the module's own values
+            self.network.load_frozen_state(state["network"])
         self.load_training_state(state)
 
     def checkpoint_path(self):
@@ -415,9 +431,18 @@ class SVITrainer:
         write_text_atomic(os.path.join(self.out_dir, "metrics.jsonl"),
                           "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history))
 
+    #: the output directory existed when fitting started or this trainer created it: if it
+    #: disappears, saving stops the fit instead of recreating a directory with a checkpoint alone
+    _watch_out_dir = False
+
     def save(self):
         if self.out_dir and distributed.is_main_process():
+            if self._watch_out_dir and not os.path.isdir(self.out_dir):
+                raise PyroSparseError(f"{self.out_dir}: the run directory disappeared during the fit (after epoch "
+                                      f"{self.epoch}); stopping instead of writing a checkpoint without the run's "
+                                      "other files. Fit again into a new --out")
             save_atomic(self.state_dict(), self.checkpoint_path(), keep_previous=not self._resumed_from_prev)
+            self._watch_out_dir = True
             self._resumed_from_prev, self._on_disk, self._good_state = False, True, None
             self._write_history()
 
@@ -504,7 +529,8 @@ class SVITrainer:
     def reference_loss(self):
         """L0: this trainer's loss estimate per datum at the current parameters with the full KL
         weight, on the first mini-batch of the training set, with a random draw of its own
-        (seeded by the recipe's seed; the random-number states of the run are restored after).
+        (seeded by the recipe's seed; the random-number states of the run are restored after), with
+        the network in evaluation mode (so a batch norm's running statistics stay as they are).
         None for trainers without an ELBO (method laplace) and when the estimate fails."""
         if self.elbo_path is None or getattr(self, "elbo", None) is None:
             return None
@@ -514,7 +540,7 @@ class SVITrainer:
         idx = None if self.streaming else torch.arange(len(x), device=self.device)
         devices = [self.device] if self.device.type == "cuda" else []
         model, guide = (self.network, self.guide) if path == "core" else self.objective()
-        with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
+        with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False), evaluation_mode(self.network):
             torch.manual_seed(self.recipe["seed"])
             try:
                 loss = elbo.differentiable_loss(model, guide, x, y, dataset_size=self.num_train, subsample=idx)
@@ -671,7 +697,8 @@ class SVITrainer:
         Raises :class:`NonFiniteStep` naming the first faulty step of the epoch."""
         total = torch.zeros((), device=self.device)
         first_bad = torch.full((), -1.0, device=self.device)  # index of the first faulty batch, on device
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
+        self.network.train()  # dropout and batch norms as the user's module trains (evaluation restores eval)
         for b, (idx, batch) in enumerate(self._epoch_batches()):
             beta = self.kl_weight(self.epoch + b / self.steps_per_epoch)
             self._batch, self._ok = b, None
@@ -684,7 +711,7 @@ class SVITrainer:
         total, first = torch.stack([total, first_bad.to(total.dtype)]).tolist()  # one host sync per epoch
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         if first >= 0:
             fault = self._fault("loss or gradient", int(first))
             if self._loss_limit is not None:  # the flag does not say which test failed
@@ -700,7 +727,7 @@ class SVITrainer:
             if not torch.isfinite(p).all():
                 raise NonFiniteStep(f"parameter {name}", self.steps + self.steps_per_epoch, self.epoch + 1,
                                     self.steps_per_epoch, self.steps_per_epoch)
-        return {"loss": total / self.steps_per_epoch, "seconds": seconds}
+        return {"loss": total / self.steps_per_epoch, "seconds": seconds, "cpu_seconds": cpu}
 
     def _epoch_batches(self):
         """``(idx, None)`` per mini-batch of a random permutation of the training rows, or
@@ -795,6 +822,7 @@ class SVITrainer:
             raise SpecError(f"expected a positive integer, got {epochs!r}", None, "SVITrainer.fit.epochs")
         epochs = epochs or self.recipe["epochs"]
         torch.manual_seed(self.recipe["seed"])
+        self._watch_out_dir = bool(self.out_dir) and os.path.isdir(self.out_dir)
         if resume:
             self.resume()
             if epochs < self.epoch:
@@ -827,6 +855,8 @@ class SVITrainer:
                 self.epoch += 1
                 self.steps += self.steps_per_epoch
                 self.train_seconds += figures["seconds"]
+                if "cpu_seconds" in figures and self.train_cpu_seconds is not None:
+                    self.train_cpu_seconds += figures["cpu_seconds"]
                 record = self.epoch_record(figures)
                 if self.epoch % self.recipe["eval_every"] == 0 or self.epoch == epochs:
                     record.update(self.evaluate())
@@ -891,6 +921,7 @@ class SVITrainer:
                     optimizer.step()
         twin.eval()
         self.network.start_at(self.network.twin_values(twin))
+        self.network.load_frozen_state(self.network.twin_frozen_state(twin))  # batch norms trained too
         x, y = self._first_batch()
         self.guide.reinitialize(x, y, dataset_size=self.num_train)
         figures = self.evaluate_model(twin) if not self.streaming or self.data.test is not None else {}
@@ -929,18 +960,29 @@ class SVITrainer:
         """The ``metrics.jsonl`` line of the epoch just trained (held-out figures are added by ``fit``)."""
         return {"epoch": self.epoch, "steps": self.steps, "loss": figures["loss"],
                 "elbo_per_datum": -figures["loss"] / self.num_train,
-                "epoch_seconds": figures["seconds"], "lr": self.optimizer.param_groups[0]["lr"],
-                "kl_weight": self.kl_weight(self.epoch)}
+                "epoch_wall_seconds": figures["seconds"], "epoch_cpu_seconds": figures["cpu_seconds"],
+                "lr": self.optimizer.param_groups[0]["lr"], "kl_weight": self.kl_weight(self.epoch)}
 
     def summary(self) -> dict:
         last = dict(self.history[-1]) if self.history else {}
         if "test_nll" not in last:
             last.update(self.evaluate())
         out = {k: last[k] for k in ("test_accuracy", "test_rmse", "test_nll", "test_bpc") if k in last}
-        out.update({"epochs": self.epoch, "steps": self.steps, "train_seconds": self.train_seconds,
-                    "n_weights": self.network.num_weights(), "nan_recoveries": len(self.recoveries)})
+        if type(self).evaluate is SVITrainer.evaluate:  # what test_* are (a trainer with its own evaluate says)
+            out["test_figures"] = ("the MAP network (a point estimate)" if isinstance(self.guide, DeltaGuide) else
+                                   f"the posterior predictive, {self.recipe['eval_samples']} draws")
+        out.update({"epochs": self.epoch, "steps": self.steps, "train_wall_seconds": self.train_seconds,
+                    "threads": torch.get_num_threads(), "n_params": self.network.num_weights(),
+                    "nan_recoveries": len(self.recoveries)})
         if self.steps:
-            out["step_ms"] = 1000 * self.train_seconds / self.steps
+            out["step_wall_ms"] = 1000 * self.train_seconds / self.steps
+        if self.train_cpu_seconds is not None:  # the process's CPU time, every thread (one thread: the step's cost)
+            out["train_cpu_seconds"] = self.train_cpu_seconds
+            if self.steps:
+                out["step_cpu_ms"] = 1000 * self.train_cpu_seconds / self.steps
+        frozen = sum(self.network.frozen_parameters().values())
+        if frozen:
+            out["n_frozen_params"] = frozen
         if "log_marglik" in last:  # a Laplace fit: the marginal likelihood of its last marglik step
             out["log_marglik"] = last["log_marglik"]
         if self.elbo_path is not None:

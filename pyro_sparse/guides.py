@@ -30,6 +30,7 @@ from torch.distributions import kl_divergence
 
 from .distributions import LOG_SCALE_MAX, LOG_SCALE_MIN, LogScaleNormal, clamp, log_alpha
 from .kl import HyperLayout, has_closed_form
+from .layers import evaluation_mode
 from .registry import GUIDES
 
 
@@ -66,9 +67,12 @@ def is_positive(support) -> bool:
 def prototype_trace(model, *args, **kwargs):
     """Trace of ``model`` with every latent site at its initial value (no sampling).
 
-    The observation site is hidden: without ``y`` it would otherwise look latent."""
+    The observation site is hidden: without ``y`` it would otherwise look latent. The network
+    (``model``'s owner, for ``net.model``) runs in evaluation mode, so the prototype run leaves
+    a batch norm's running statistics alone."""
     hidden = poutine.block(model, hide=["obs"])
-    with torch.no_grad():
+    owner = getattr(model, "__self__", None)
+    with torch.no_grad(), evaluation_mode(owner if isinstance(owner, nn.Module) else None):
         return poutine.trace(InitMessenger(_init_from_prior)(hidden)).get_trace(*args, **kwargs)
 
 

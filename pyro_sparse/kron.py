@@ -37,6 +37,8 @@ import math
 
 import torch
 
+from .errors import CurvatureError
+
 __all__ = ["psd_eigh", "psd_eigvalsh", "KroneckerPrecision", "RowPrecision", "rows_of", "split_rows"]
 
 #: widest row (D') whose marginal variances are computed by a full eigendecomposition; wider
@@ -48,7 +50,8 @@ def _clean(matrix, what):
     m = matrix.detach().to(torch.float64)
     if not bool(torch.isfinite(m).all()):
         bad = int((~torch.isfinite(m)).sum())
-        raise ValueError(f"{what}: {bad} NaN or infinite entries (non-finite activations or gradients)")
+        raise CurvatureError(f"{what}: {bad} NaN or infinite entries (non-finite activations or gradients: check "
+                             "the inputs for NaN or values far from unit scale)")
     return 0.5 * (m + m.transpose(-1, -2))
 
 
@@ -63,8 +66,9 @@ def _decompose(fn, matrix, what):
             return fn(m + (jitter * max(scale, 1e-300)) * eye if jitter else m), jitter * scale
         except (torch.linalg.LinAlgError, RuntimeError):
             continue
-    raise ValueError(f"{what}: the eigendecomposition did not converge even with a jitter of 1e-4 times its "
-                     f"largest diagonal entry ({scale:.3g}); its entries may be far out of range")
+    raise CurvatureError(f"{what}: the eigendecomposition did not converge even with a jitter of 1e-4 times its "
+                         f"largest diagonal entry ({scale:.3g}); its entries may be far out of range: standardise the "
+                         "inputs, or use curvature diag")
 
 
 def psd_eigh(matrix, what="matrix"):
@@ -75,7 +79,7 @@ def psd_eigh(matrix, what="matrix"):
     scaled; float32 ``eigh`` may then not converge (LAPACK's "ill-conditioned or too many repeated
     eigenvalues"). Should float64 fail too, the smallest jitter that converges is added to the
     diagonal and returned (0 when none was needed). Round-off negatives are clipped to 0.
-    ValueError naming ``what`` for non-finite entries.
+    :class:`~pyro_sparse.errors.CurvatureError` naming ``what`` for non-finite entries.
     """
     (vals, vecs), jitter = _decompose(torch.linalg.eigh, matrix, what)
     return vals.clamp_min(0.0), vecs, jitter
@@ -208,12 +212,14 @@ class KroneckerPrecision(_LayerPrecision):
 
 class RowPrecision(_LayerPrecision):
     """One precision matrix per row, ``precisions`` ``(out, D', D')`` with the prior included;
-    rows independent."""
+    rows independent. ``input_moment``: the layer's input second moment ``A`` (its scale is what
+    a row block is measured against in unit output scale), or None."""
 
     kind = "rows"
 
-    def __init__(self, layer, weight_site, bias_site, weight_shape, precisions, delta):
+    def __init__(self, layer, weight_site, bias_site, weight_shape, precisions, delta, input_moment=None):
         super().__init__(layer, weight_site, bias_site, weight_shape, delta)
+        self.A = None if input_moment is None else input_moment.detach().to(torch.float64)
         self.P = precisions.detach().to(torch.float64)
         if self.P.shape != (self.out, self.width, self.width):
             raise ValueError(f"{layer}: row precisions of shape {tuple(self.P.shape)} do not fit a layer of "
@@ -225,7 +231,8 @@ class RowPrecision(_LayerPrecision):
             chol, info = torch.linalg.cholesky_ex(_clean(self.P, f"{self.layer}: the row precisions"))
             if bool((info != 0).any()):
                 row = int(torch.nonzero(info)[0])
-                raise ValueError(f"{self.layer}: the precision of unit {row} is not positive definite")
+                raise CurvatureError(f"layer {self.layer}: the precision of unit {row} is not positive definite (a "
+                                     "prior precision of 0?); fit the prior precision, or use curvature kfac")
             self._chol = chol
         return self._chol
 

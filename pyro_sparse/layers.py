@@ -116,6 +116,19 @@ def _draw(layer, sample):
     return tuple(realize(p) for p in params)
 
 
+def read_parameter(layer, name):
+    """``layer.<name>`` for a parameter the layer samples (``weight``, ``bias``): inside a forward
+    pass of the network (an open :func:`param_scope`), that pass's draw (:meth:`Layer.drawn`), so a
+    user's ``forward`` that reads a converted module's weight directly (``F.linear(h,
+    self.emb.weight)``) gets the weight the module itself uses; outside one, AttributeError saying
+    why there is no single value."""
+    if _SCOPES:
+        return layer.drawn(name)
+    raise AttributeError(f"{layer.site}.{name}: a Bayesian layer's {name} is a random variable, drawn once per "
+                         "forward pass; read it inside the network's forward (that pass's draw) or take a point "
+                         f"value from the posterior (summary.locs()[{layer.site + '.' + name!r}])")
+
+
 def _check_ints(layer, name, value, n, minimum):
     """``value`` as a tuple of ``n`` integers >= ``minimum`` (an int is repeated)."""
     items = (value,) * n if isinstance(value, int) and not isinstance(value, bool) else value
@@ -131,6 +144,34 @@ def _check_ints(layer, name, value, n, minimum):
 def _plain(t: tuple):
     """A tuple of equal ints as one int (how specs write sizes), else a list."""
     return t[0] if len(set(t)) == 1 else list(t)
+
+
+class evaluation_mode:
+    """Within the block ``module`` (any ``torch.nn.Module``, or None: nothing) is in ``eval`` mode:
+    dropout is the identity and a batch norm uses (and does not update) its running statistics,
+    as in the deterministic twin. Predictions, the guide's prototype run and the trainer's
+    reference loss run so; the previous mode of every submodule is restored afterwards.
+
+    Training mode is the other one: :class:`~pyro_sparse.fitting.SVITrainer` fits with the network
+    in training mode (dropout on, batch norms on batch statistics, updating the running ones), as
+    the user's module would train."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        if self.module is None:
+            return self
+        self.modes = [m.training for m in self.module.modules()]
+        self.module.eval()
+        return self
+
+    def __exit__(self, *exc):
+        if self.module is None:
+            return False
+        for m, mode in zip(self.module.modules(), self.modes):
+            m.training = mode
+        return False
 
 
 class Reshape(nn.Module):
@@ -165,10 +206,48 @@ class Layer(nn.Module):
     #: applied more than once per forward pass: one weight draw serves every application
     #: (set by :class:`~pyro_sparse.convert.BayesianModule`; see :func:`scoped_params`)
     shared = False
+    #: parameter name -> (owner layer, the owner's parameter name): parameters tied to another
+    #: layer's (:meth:`tie`), which this layer reads instead of sampling a site of its own
+    tied: dict = {}
 
     def __init__(self):
         super().__init__()
         self.site = self.prefix
+
+    # ------------------------------------------------------------------ tied parameters
+    def tie(self, param: str, owner: "Layer", owner_param: str):
+        """Make this layer's ``param`` the random variable ``owner``'s ``owner_param`` is (a tied
+        weight: ``self.out.weight = self.emb.weight``). The parameter leaves :meth:`priors` (one
+        site, the owner's: one posterior, one mask, counted once) and every forward pass reads the
+        owner's draw of the pass (:meth:`drawn`); both layers draw real weight tensors
+        (``shared``), as one draw must serve both. ValueError for parameters of other shapes."""
+        mine, theirs = self.param_shapes(), owner.param_shapes()
+        if param not in mine or owner_param not in theirs:
+            raise ValueError(f"cannot tie {self.site}.{param} to {owner.site}.{owner_param}: no such parameter")
+        if tuple(mine[param]) != tuple(theirs[owner_param]):
+            raise ValueError(f"cannot tie {self.site}.{param} {list(mine[param])} to {owner.site}.{owner_param} "
+                             f"{list(theirs[owner_param])}: the shapes differ")
+        self.tied = {**self.tied, param: (owner, owner_param)}
+        self.shared = owner.shared = True
+        return self
+
+    #: the names of what ``sample_params`` returns, where it returns a tuple
+    draw_names: tuple = ()
+    #: parameters a converted layer serves to code that reads them directly (``module.weight``),
+    #: with the torch module's name and layout (:func:`read_parameter`)
+    readable: tuple = ()
+
+    def drawn(self, param: str):
+        """The value of ``param`` in the open parameter scope (:func:`param_scope`; drawn on first
+        use, a real tensor): what a layer tied to this one reads, and what a direct read of
+        ``module.weight`` in the user's ``forward`` returns."""
+        values = scoped_params(self, self.sample_params)
+        if not isinstance(values, dict):
+            values = dict(zip(self.draw_names, values))
+        return realize(values[param])
+
+    def _tied_values(self) -> dict:
+        return {param: owner.drawn(theirs) for param, (owner, theirs) in self.tied.items()}
 
     @classmethod
     def from_config(cls, cfg: dict, in_shape: tuple) -> "Layer":
@@ -407,14 +486,28 @@ class _Parametric(Layer):
         out = {"weight": self.weight_prior}
         if self.has_bias:
             out["bias"] = self.bias_prior
+        if self.tied:
+            out = {k: v for k, v in out.items() if k not in self.tied}
         return out
 
+    draw_names = readable = ("weight", "bias")
+
     def sample_params(self):
-        weight = self.weight_prior.sample(site_name(self.site, "weight"), self.weight_init, self.param_axes["weight"])
+        tied = self._tied_values() if self.tied else {}
+        weight = tied["weight"] if "weight" in tied else self.weight_prior.sample(
+            site_name(self.site, "weight"), self.weight_init, self.param_axes["weight"])
         bias = None
         if self.has_bias:
-            bias = self.bias_prior.sample(site_name(self.site, "bias"), self.bias_init, self.param_axes["bias"])
+            bias = tied["bias"] if "bias" in tied else self.bias_prior.sample(
+                site_name(self.site, "bias"), self.bias_init, self.param_axes["bias"])
         return weight, bias
+
+    def __getattr__(self, name):
+        if name in ("weight", "bias") and name in self.draw_names and "_modules" in self.__dict__:
+            if name == "bias" and not self.__dict__.get("has_bias", False):
+                return None  # as torch's layers without a bias
+            return read_parameter(self, name)
+        return super().__getattr__(name)
 
     def compute(self, x, weight, bias):
         """The layer's operation for given parameters: tensors, or under local

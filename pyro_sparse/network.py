@@ -14,7 +14,7 @@ import pyro.poutine as poutine
 import torch
 from torch import nn
 
-from .layers import Layer, Reshape, site_name
+from .layers import Layer, Reshape, evaluation_mode, site_name
 from .likelihoods import Likelihood, build_likelihood
 from .local_reparam import LocalReparameterization
 
@@ -84,6 +84,30 @@ class PyroNetwork(nn.Module):
             raise ValueError(f"the deterministic network has no parameters named like the sites {missing[:3]}")
         return {site: params[site].detach().clone() for site in self.param_sites()}
 
+    def frozen_parameters(self) -> dict:
+        """Name -> number of elements of every parameter left deterministic (frozen: not a random
+        variable of the model, not sparsified, counted apart from the weights in every sparsity
+        figure). Empty for a spec-built network."""
+        return {}
+
+    def frozen_state(self) -> dict:
+        """The state of the network's deterministic parts -- the frozen parameters and buffers of a
+        converted module's other modules (batch-norm running statistics, ...) -- as a ``state_dict``:
+        what a checkpoint keeps besides the guide, since fitting in training mode updates running
+        statistics. Empty for a spec-built network (its parameter-free layers hold no state)."""
+        return {}
+
+    def load_frozen_state(self, state: dict):
+        """Load :meth:`frozen_state` (from a checkpoint, or read off a trained deterministic twin
+        with :meth:`twin_frozen_state`); ValueError naming the keys that do not fit."""
+        if state:
+            raise ValueError(f"{type(self).__name__} has no deterministic state; got keys {sorted(state)[:3]}")
+
+    def twin_frozen_state(self, twin: nn.Module) -> dict:
+        """:meth:`frozen_state` read off a deterministic twin (after training it: pretraining
+        updates the batch norms' statistics and parameters too)."""
+        return {}
+
     def unit_chains(self, input_shape=None) -> list:
         """``[(path, chain)]``: sequential runs of layers for the unit-chain algorithm of
         compaction; ``chain`` has ``layers`` (name -> layer) and ``input_shape``, and ``path`` is
@@ -102,16 +126,47 @@ class PyroNetwork(nn.Module):
         self.likelihood.observe(output, y, dataset_size, subsample)
         return output
 
+    def elbo_loss(self, guide, x, y, num_data: int, kl_weight: float = 1.0) -> torch.Tensor:
+        r"""The negative ELBO of a mini-batch as a differentiable loss, for a training loop of your own:
+
+        .. math:: \text{loss} = \beta\,\mathrm{KL}(q \,\|\, p) - \frac{N}{B}\sum_{b=1}^{B} \log p(y_b \mid x_b, w),
+                  \quad w \sim q
+
+        (``N = num_data``, ``B = len(x)``, ``beta = kl_weight``, the KL warm-up factor), one
+        Monte Carlo draw, computed by the ELBO core (:class:`~pyro_sparse.elbo.CoreELBO`: closed-form
+        KL terms, local reparameterisation of every layer that allows it), the estimate
+        :class:`~pyro_sparse.fitting.SVITrainer` minimises. The variational parameters live in
+        ``guide`` (``MeanFieldGuide(net.model)``; set it up first, ``guide.setup(x, y)``, so that
+        ``guide.parameters()`` exist for the optimiser). The network runs in its current mode:
+        ``net.train()`` while training (dropout on, batch norms on batch statistics), predictions
+        (:meth:`sample_outputs`) evaluate. ``net.last_elbo_terms`` holds the batch's detached
+        ``{"loglik", "kl"}`` (the scaled log-likelihood and the KL) afterwards::
+
+            for x, y in loader:
+                loss = net.elbo_loss(guide, x, y, num_data=len(loader.dataset))
+                optimizer.zero_grad(); loss.backward(); optimizer.step()
+        """
+        from .elbo import CoreELBO
+
+        elbo = self.__dict__.get("_own_loop_elbo")
+        if elbo is None:
+            elbo = self.__dict__["_own_loop_elbo"] = CoreELBO()
+        elbo.kl_weight = float(kl_weight)
+        loss = elbo.differentiable_loss(self, guide, x, y, dataset_size=num_data)
+        self.__dict__["last_elbo_terms"] = elbo.last_terms
+        return loss
+
     # ------------------------------------------------------------------ predictions
     @torch.no_grad()
     def sample_outputs(self, x, guide, num_samples=10, local_reparam=True):
-        """Network outputs under ``num_samples`` posterior draws: tensor (S, B, ...).
+        """Network outputs under ``num_samples`` posterior draws: tensor (S, B, ...), in evaluation
+        mode (:class:`evaluation_mode`) whatever mode the network is in.
 
         Pre-activations are drawn with local reparameterisation (each test point gets its own
         draw, which leaves every per-point predictive distribution unchanged).
         """
         outputs = []
-        with _inference_mode(self):
+        with evaluation_mode(self):
             for _ in range(num_samples):
                 with LocalReparameterization() if local_reparam else _null():
                     guide_trace = poutine.trace(guide).get_trace(x)
@@ -120,12 +175,14 @@ class PyroNetwork(nn.Module):
 
     @torch.no_grad()
     def point_outputs(self, x, values: dict):
-        """Network outputs with every latent site fixed to ``values`` (e.g. posterior means)."""
-        with _inference_mode(self):
+        """Network outputs with every latent site fixed to ``values`` (e.g. posterior means), in
+        evaluation mode."""
+        with evaluation_mode(self):
             return poutine.condition(self, data=values)(x)
 
     def deterministic(self, params: dict[str, torch.Tensor]) -> nn.Module:
-        """The deterministic twin holding ``params`` (site -> tensor)."""
+        """The deterministic twin holding ``params`` (site -> tensor), in evaluation mode (call
+        ``.train()`` on it to train it)."""
         raise NotImplementedError
 
 
@@ -211,25 +268,7 @@ class BayesianNetwork(PyroNetwork):
         for name, layer in self.layers.items():
             own = {p: params[f"{name}.{p}"] for p in layer.priors()}
             modules[name] = layer.deterministic(own)
-        return nn.Sequential(modules)
-
-
-class _inference_mode:
-    """Predictions run in ``eval`` mode (dropout the identity, batch norms on their running
-    statistics, as in the deterministic twin); the previous modes are restored afterwards."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __enter__(self):
-        self.modes = [m.training for m in self.module.modules()]
-        self.module.eval()
-        return self
-
-    def __exit__(self, *exc):
-        for m, mode in zip(self.module.modules(), self.modes):
-            m.training = mode
-        return False
+        return nn.Sequential(modules).eval()
 
 
 class _null:

@@ -14,6 +14,7 @@ import math
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, MaxNLocator
 
 __all__ = [
     "plot_training",
@@ -43,7 +44,7 @@ OBJECTIVES = (("elbo_per_datum", "ELBO per training datum (nats)", "ELBO"),
               ("neg_log_joint_per_datum", "-log p(y, theta) per training datum (nats)", "MAP objective"))
 
 
-def plot_training(history: list[dict], path: str, title: str = "training") -> str:
+def plot_training(history: list[dict], path: str, title: str = "training", figures_of: str | None = None) -> str:
     """The training traces of any fit, one panel each, per epoch:
 
     * the objective: the ELBO per datum (SVI; the end of the KL warm-up, the first epoch with
@@ -53,7 +54,8 @@ def plot_training(history: list[dict], path: str, title: str = "training") -> st
       likelihood per datum at each step, with the mean log prior precision;
     * held-out accuracy, or RMSE, with the NLL, where an epoch was evaluated.
 
-    ``history`` is the trainer's list of per-epoch records (``metrics.jsonl``).
+    ``history`` is the trainer's list of per-epoch records (``metrics.jsonl``); ``figures_of`` says
+    what the held-out figures are (``"the posterior predictive, 10 draws"``), for the axis label.
     """
     if not history:
         raise ValueError("history: no epochs recorded, nothing to plot")
@@ -98,7 +100,7 @@ def plot_training(history: list[dict], path: str, title: str = "training") -> st
         label = "test accuracy" if metric == "test_accuracy" else "test RMSE"
         ax.plot(e, v, "o-", color="#2ca02c", ms=3, lw=1.2, label=label)
         ax.set_xlabel("epoch")
-        ax.set_ylabel(label, color="#2ca02c")
+        ax.set_ylabel(f"{label}\n({figures_of})" if figures_of else label, color="#2ca02c")
         ax.set_title(f"{title}: held-out {label.split()[-1]} (final {v[-1]:.4g})")
         ax.grid(alpha=0.3)
         e2, nll = _series(history, "test_nll")
@@ -135,6 +137,8 @@ def plot_sparsity_maps(masks: dict, path: str, title: str | None = None) -> str:
                      f"units {units}/{img.shape[0]}, inputs {inputs}/{img.shape[1]}", fontsize=9)
         ax.set_xlabel("input" if mask.dim() == 2 else "input x kernel position")
         ax.set_ylabel("unit (output)")
+        for axis, size in ((ax.xaxis, img.shape[1]), (ax.yaxis, img.shape[0])):  # whole units and inputs only
+            axis.set_major_locator(FixedLocator(np.arange(size)) if size <= 10 else MaxNLocator(nbins=8, integer=True))
     fig.suptitle(title or f"kept weights (black): {kept_total}/{total} = {kept_total / total:.2%}", fontsize=10)
     return _save(fig, path)
 
@@ -232,11 +236,28 @@ def _from_log_remaining(t):
     return 1.0 - 10.0 ** (-np.asarray(t, dtype=float))
 
 
+def coinciding(curves: dict) -> dict:
+    """``curves`` (method -> (xs, ys)) with the curves that lie on top of each other (the same
+    points to 1e-9) merged into one, labelled ``"a = b = c"``: drawn separately, only the last of
+    them would be visible."""
+    out = {}
+    for method, (s, a) in curves.items():
+        s, a = np.asarray(s, dtype=float), np.asarray(a, dtype=float)
+        same = next((k for k, (s2, a2) in out.items() if s2.shape == s.shape and np.allclose(s2, s, atol=1e-9)
+                     and np.allclose(a2, a, atol=1e-9)), None)
+        if same is None:
+            out[method] = (s, a)
+        else:
+            out[f"{same} = {method}"] = out.pop(same)
+    return out
+
+
 def plot_accuracy_vs_sparsity(curves: dict, path: str, points: dict | None = None, ylabel: str = "test accuracy",
                               title: str = "accuracy vs sparsity") -> str:
     """Accuracy against the fraction of weights removed, one line per method.
 
-    ``curves``: method -> (sparsities, accuracies). ``points``: label -> (sparsity, accuracy),
+    ``curves``: method -> (sparsities, accuracies); curves that coincide are drawn once, labelled
+    with every method's name (:func:`coinciding`). ``points``: label -> (sparsity, accuracy),
     drawn as stars (e.g. the operating point of a threshold rule).
     """
     if not curves:
@@ -244,10 +265,9 @@ def plot_accuracy_vs_sparsity(curves: dict, path: str, points: dict | None = Non
     fig = Figure(figsize=(9.0, 4.4))
     ax = fig.add_subplot()
     markers, styles = "osD^v<>ph", ["-", "--", "-.", ":"]
-    for i, (method, (s, a)) in enumerate(curves.items()):
-        # distinct styles and shrinking markers keep coinciding curves visible
-        ax.plot(np.asarray(s), np.asarray(a), marker=markers[i % len(markers)], ms=max(7 - 1.5 * i, 3),
-                ls=styles[i % len(styles)], lw=1.4, label=method, alpha=0.9)
+    for i, (method, (s, a)) in enumerate(coinciding(curves).items()):
+        ax.plot(np.asarray(s), np.asarray(a), marker=markers[i % len(markers)], ms=6, ls=styles[i % len(styles)],
+                lw=1.4, label=method, alpha=0.9)
     for label, (s, a) in (points or {}).items():
         ax.plot([s], [a], "*", ms=13, mec="black", mew=0.7, label=f"{label} ({s:.1%}, {a:.3f})")
     # x = -log10(1 - sparsity): equal room for 0 -> 90%, 90% -> 99% and 99% -> 99.9%
@@ -255,7 +275,9 @@ def plot_accuracy_vs_sparsity(curves: dict, path: str, points: dict | None = Non
     top = max([max(np.asarray(s)) for s, _ in curves.values()] + [s for s, _ in (points or {}).values()])
     ax.set_xlim(0.0, min(max(top, 0.99) + (1 - max(top, 0.99)) * 0.5, 0.9999))
     ticks = [t for t in (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999) if t <= ax.get_xlim()[1]]
-    ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=8)
+    if top > 0.999:  # everything removed: mark the right end
+        ticks.append(ax.get_xlim()[1])
+    ax.set_xticks(ticks, [f"{t:g}" if t <= 0.999 else f"{top:.4g}" for t in ticks], fontsize=8)
     ax.set_xlabel("sparsity (fraction of weights removed; axis stretched as -log10(1 - sparsity))")
     ax.set_ylabel(ylabel)
     ax.set_title(title)

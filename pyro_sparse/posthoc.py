@@ -41,12 +41,15 @@ recurrent layer, the modules named in ``exclude``) is held fixed and not pruned.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from . import evaluation
 from .convert import BayesianModule
+from .errors import PyroSparseWarning
 from .finetune import masked_fine_tune
 from .laplace.posterior import laplace_posterior
 from .reduction.compact import add_prune_masks, compact, export
@@ -88,8 +91,8 @@ class PrunedModel:
 def prune(module: nn.Module, x, y=None, rule="opd", sparsity=None, threshold=None, structured=False,
           likelihood="categorical", noise=1.0, curvature="diag", structure="scalar", prior_precision=1.0,
           hyper_steps=200, hyper_lr=0.1, fine_tune_epochs=0, lr=1e-3, batch_size=64, seed=0, exclude=(),
-          prune_masks=False, input_shape=None, curvature_batch_size=None, mc_samples=None,
-          **rule_options) -> PrunedModel:
+          prune_masks=False, input_shape=None, curvature_batch_size=None, mc_samples="auto", validation=None,
+          max_drop=None, **rule_options) -> PrunedModel:
     """Prune a trained ``module`` post hoc (see the module docstring): Laplace posterior
     (:func:`~pyro_sparse.laplace.posterior.laplace_posterior`: ``curvature``, ``structure``,
     ``prior_precision``, ``hyper_steps``, ``mc_samples``, ``curvature_batch_size``), the rule
@@ -97,6 +100,11 @@ def prune(module: nn.Module, x, y=None, rule="opd", sparsity=None, threshold=Non
     :func:`~pyro_sparse.reduction.rules.reduce` as keywords), an optional masked fine-tune of
     ``fine_tune_epochs`` epochs (Adam at ``lr``, batches of ``batch_size``, under the fitted
     Gaussian prior), and the pruned module of the user's class. ``module`` is not changed.
+
+    ``validation``: held-out data (tensors ``(x, y)`` or a ``DataLoader``): the pruned module is
+    scored against the dense one there (``info["quality"]``, :func:`~pyro_sparse.evaluation.quality`)
+    and a fall of more than 5 points (NLL 0.05 for regression) is warned about; with ``max_drop`` a
+    larger fall raises :class:`~pyro_sparse.errors.QualityError`.
     """
     started = time.perf_counter()
     posterior = laplace_posterior(module, x, y, likelihood, noise, curvature, structure, prior_precision, hyper_steps,
@@ -128,6 +136,14 @@ def prune(module: nn.Module, x, y=None, rule="opd", sparsity=None, threshold=Non
             total += p.numel()
     info.update({"rule": decision.method, "sparsity": 1.0 - kept / max(total, 1), "weights_total": total,
                  "weights_kept": kept, "seconds": time.perf_counter() - started})
+    if validation is not None:
+        x_val, y_val = validation if isinstance(validation, (tuple, list)) else (validation, None)
+        lik = posterior.likelihood
+        dense = evaluation.evaluate(evaluation.point_predictive(posterior.model), x_val, y_val, lik)
+        reduced = evaluation.evaluate(evaluation.point_predictive(pruned), x_val, y_val, lik)
+        info["quality"] = evaluation.quality(dense, reduced, max_drop)
+        if info["quality"]["warning"]:
+            warnings.warn(info["quality"]["warning"], PyroSparseWarning, stacklevel=2)
     if prune_masks:
         add_prune_masks(pruned, decision.masks)
     return PrunedModel(pruned, network, summary, decision, info, posterior)

@@ -29,6 +29,7 @@ import math
 import os
 
 import torch
+from torch import nn
 
 from . import evaluation
 from .data import apply_input_transform, load_inputs
@@ -59,6 +60,7 @@ def predict(source: str, data: str, num_samples: int = 100, seed: int = 0, targe
     labels = "regression" if likelihood.task == "regression" else "classification"
     x, y = load_inputs(data, target, shape, labels)
     x = apply_input_transform(x, transform)
+    check_tokens(x, vocabulary(outputs_of.network), data)
     outs = []
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
@@ -90,7 +92,12 @@ def _from_run(directory, num_samples):
     noise = None
     if getattr(lik, "learn_noise", False):
         noise = run.guide.median().get("likelihood.noise")
-    outputs_of = run.trainer.predictive(samples, torch.Generator().manual_seed(0))
+    predictive = run.trainer.predictive(samples, torch.Generator().manual_seed(0))  # a Laplace fit: linearised
+
+    def outputs_of(xb):
+        return predictive(xb)
+
+    outputs_of.network = network
     transform = run.dataset.extras.get("input_transform")
     return outputs_of, lik, noise, run.dataset.feature_shape, transform, "run", samples
 
@@ -111,7 +118,37 @@ def _from_compact(path):
     def outputs_of(xb):
         return module(xb).unsqueeze(0)
 
+    outputs_of.network = module
     return outputs_of, lik, noise, tuple(shape) if shape else None, info.get("input_transform"), "compact", 1
+
+
+def vocabulary(module) -> int | None:
+    """The number of token ids a network reads where its first module reading the input is a
+    token table (an embedding or a one-hot encoding: its ``num_tokens`` / ``num_embeddings``),
+    else None."""
+    from .recurrent import Embedding, OneHot, _OneHotModule
+
+    for m in module.modules():
+        if isinstance(m, nn.Embedding):
+            return m.num_embeddings
+        if isinstance(m, Embedding):
+            return m.num_tokens
+        if isinstance(m, (_OneHotModule, OneHot)):
+            return m.num_tokens if isinstance(m, _OneHotModule) else m.options["num_tokens"]
+    return None
+
+
+def check_tokens(x, vocab, data):
+    """DataError naming the first input that is not a token id of a network with ``vocab`` tokens
+    (a whole number in 0..vocab-1), its row and position; nothing for ``vocab`` None."""
+    if vocab is None:
+        return
+    bad = (x != x.round()) | (x < 0) | (x >= vocab)
+    if bool(bad.any()):
+        where = bad.reshape(len(x), -1).nonzero()[0].tolist()
+        value = x.reshape(len(x), -1)[where[0], where[1]].item()
+        raise DataError(f"{data}: token {value:g} at row {where[0]}, position {where[1]} is not in the network's "
+                        f"vocabulary (token ids 0..{vocab - 1}); {int(bad.sum())} input(s) like it")
 
 
 def predictions_table(outputs, likelihood, noise=None):

@@ -17,7 +17,7 @@
     eval_samples: 10               # posterior samples for the predictive on held-out data
     seed: 0
     device: cpu
-    num_threads: null              # torch CPU threads (null: torch's default)
+    num_threads: 1                 # torch CPU threads while fitting (null: torch's default, one per core)
     nan_retries: 3                 # numerical faults survived in a row before NumericalError
     nan_lr_factor: 0.5             # the learning rate is multiplied by this after each fault
     divergence_factor: 1000        # an exploding loss or held-out NLL is a fault too (fitting.SVITrainer)
@@ -68,7 +68,10 @@ RECIPE_FIELDS = {
     "eval_every": Field("int", 1, positive=True),
     "seed": Field("int", 0, nonneg=True, doc="in [0, 2**32)"),
     "device": Field("str", "cpu"),
-    "num_threads": Field("int", None, positive=True, allow_none=True),
+    "num_threads": Field("int", 1, positive=True, allow_none=True,
+                         doc="torch CPU threads while fitting (fit --threads); 1 by default: the networks here "
+                             "are small, and more threads than idle cores multiply the step time on a shared "
+                             "machine (bench/bench_threads.py); null: torch's default, one per core"),
     "reduction": Field("dict", None, allow_none=True),
     "nan_retries": Field("int", 3, nonneg=True),
     "nan_lr_factor": Field("float", 0.5, positive=True, doc="in (0, 1)"),
@@ -226,9 +229,8 @@ def parse_recipe(data: dict, source: str | None = None) -> dict:
     _check_schedule(recipe["schedule"], source)
     _dry_run(recipe["optimizer"], recipe["schedule"], source)
     check_seed(recipe["seed"], source, "seed")
-    if recipe["num_threads"] is not None and recipe["num_threads"] > MAX_THREADS:
-        raise SpecError(f"expected at most {MAX_THREADS} threads, got {recipe['num_threads']!r}", source,
-                        "num_threads")
+    if recipe["num_threads"] is not None:
+        check_threads(recipe["num_threads"], source, "num_threads")
     if not recipe["nan_lr_factor"] < 1:
         raise SpecError(f"expected a number in (0, 1) (the learning rate is multiplied by it after a NaN), "
                         f"got {recipe['nan_lr_factor']!r}", source, "nan_lr_factor")
@@ -245,6 +247,13 @@ def check_seed(seed, source=None, path="seed") -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
         raise SpecError(f"expected an integer in [0, 2**32), got {seed!r}", source, path)
     return seed
+
+
+def check_threads(threads, source=None, path="num_threads") -> int:
+    """A CPU thread count: an integer in [1, MAX_THREADS]."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise SpecError(f"expected a number of threads in [1, {MAX_THREADS}], got {threads!r}", source, path)
+    return threads
 
 
 def load_recipe(path: str) -> dict:

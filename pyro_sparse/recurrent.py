@@ -55,7 +55,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .compaction import Compaction, drop_entries, as_index
-from .layers import Layer, _Stateless, auto_size, scoped_params
+from .layers import Layer, _Stateless, auto_size, read_parameter, scoped_params
 from .local_reparam import realize, shared_weights
 from .priors import Gaussian, LogUniform, build_prior
 from .schema import Field
@@ -581,13 +581,25 @@ class Embedding(Layer):
         out = {"weight": self.weight_prior}
         if self.z_tokens:
             out["z_tokens"] = self.z_prior
+        if self.tied:
+            out = {k: v for k, v in out.items() if k not in self.tied}
         return out
 
     def sample_params(self) -> dict:
         """One draw of the table (and the token variables), shared by every position."""
         with shared_weights():
-            return {p: realize(prior.sample(f"{self.site}.{p}", getattr(self, f"{p}_init"), self.param_axes[p]))
-                    for p, prior in self.priors().items()}
+            params = {p: realize(prior.sample(f"{self.site}.{p}", getattr(self, f"{p}_init"), self.param_axes[p]))
+                      for p, prior in self.priors().items()}
+        if self.tied:
+            params.update(self._tied_values())
+        return params
+
+    readable = ("weight",)
+
+    def __getattr__(self, name):
+        if name == "weight" and "_modules" in self.__dict__:  # a direct read in the user's forward
+            return read_parameter(self, name)
+        return super().__getattr__(name)
 
     def forward(self, x):
         params = scoped_params(self, self.sample_params)
@@ -610,7 +622,8 @@ class Embedding(Layer):
 
     @torch.no_grad()
     def write_torch(self, module, params):
-        module.weight.copy_(embed_table(params["weight"], params.get("z_tokens")))
+        if "weight" in params:  # a table tied to another layer's weight is written by that layer
+            module.weight.copy_(embed_table(params["weight"], params.get("z_tokens")))
 
     def deterministic(self, params):
         weight = embed_table(params["weight"], params.get("z_tokens"))

@@ -15,7 +15,8 @@ registry       a name such as                                   maps to
 
 The modules that define these components register nothing themselves. The built-in ones are
 registered by one explicit loader, :func:`pyro_sparse.builtins.register_builtins`, which every
-registry runs the first time it is read (:func:`load`). This module imports nothing of the
+registry runs for itself the first time it is read (:meth:`Registry.load`), importing only its
+own components. This module imports nothing of the
 package and the loader is imported by name, so the import graph stays free of cycles: a
 component module may read a registry (``build_prior`` reads ``PRIORS``) without importing the
 modules that fill it.
@@ -31,23 +32,16 @@ import importlib
 from collections.abc import Mapping
 
 __all__ = ["Registry", "PRIORS", "LAYERS", "LIKELIHOODS", "GUIDES", "FITTERS", "RULES", "CONVERSIONS", "load",
-           "LOADER"]
+           "LOADER", "REGISTRIES"]
 
-#: the module whose ``register_builtins()`` fills the registries with the built-in components
+#: the module whose ``register_builtins(registry)`` fills a registry with its built-in components
 LOADER = "pyro_sparse.builtins"
-_state = {"loaded": False}
 
 
 def load():
-    """Register the built-in components (once). Every registry calls this before it is read."""
-    if _state["loaded"]:
-        return
-    _state["loaded"] = True
-    try:
-        importlib.import_module(LOADER).register_builtins()
-    except BaseException:
-        _state["loaded"] = False
-        raise
+    """Register the built-in components of every registry (each registry loads its own when read)."""
+    for registry in REGISTRIES.values():
+        registry.load()
 
 
 class Registry(Mapping):
@@ -62,6 +56,18 @@ class Registry(Mapping):
         #: class attributes every component must set (attribute -> what it is, for the message)
         self.declares = dict(declares or {})
         self._items: dict = {}
+        self.loaded = False
+
+    def load(self):
+        """Register this registry's built-in components (once), by the one loader."""
+        if self.loaded:
+            return
+        self.loaded = True
+        try:
+            importlib.import_module(LOADER).register_builtins(self)
+        except BaseException:
+            self.loaded = False
+            raise
 
     def register(self, obj=None, name: str | None = None):
         """Add ``obj`` under ``name`` (default: its ``spec_name`` or ``name``); returns ``obj``, so
@@ -83,19 +89,19 @@ class Registry(Mapping):
         return obj
 
     def __getitem__(self, name):
-        load()
+        self.load()
         return self._items[name]
 
     def __iter__(self):
-        load()
+        self.load()
         return iter(self._items)
 
     def __len__(self):
-        load()
+        self.load()
         return len(self._items)
 
     def __contains__(self, name):
-        load()
+        self.load()
         return name in self._items
 
     def names(self) -> list[str]:
@@ -124,3 +130,6 @@ GUIDES = Registry("guide")
 FITTERS = Registry("fitting method")
 RULES = Registry("reduction rule")
 CONVERSIONS = Registry("module conversion", declares={"curvature": _CURVATURE})
+
+#: kind -> registry
+REGISTRIES = {r.kind: r for r in (PRIORS, LAYERS, LIKELIHOODS, GUIDES, FITTERS, RULES, CONVERSIONS)}

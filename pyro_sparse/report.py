@@ -40,7 +40,7 @@ from . import evaluation, plots
 from .checkpoint import write_json_atomic, write_text_atomic
 from .errors import PyroSparseError
 from .reduction.compact import masked_module
-from .reduction.report import metric_key
+from .reduction.report import metric_key, reduction_report
 from .reduction.rules import applicable_rules, reduce
 from .registry import RULES
 
@@ -52,10 +52,30 @@ MAX_MAPS = 8
 
 
 def _sparsity(masks, summary) -> float:
-    """Fraction of the weights that ``masks`` remove."""
+    """``rule_sparsity``: the fraction of the weights that ``masks`` remove."""
     weights = summary.of_role("weight")
     total = sum(s.loc.numel() for s in weights.values())
     return 1.0 - sum(int(masks[k].sum()) for k in weights) / total
+
+
+def compact_sparsity(network, values: dict, decision) -> float:
+    """``sparsity``, the one definition every command reports: the fraction of the weights that
+    are zero in the compact network of ``decision`` (a unit compaction deletes takes its weights
+    with it), counted by :func:`~pyro_sparse.reduction.report.reduction_report`."""
+    if decision is None:
+        return 0.0
+    return reduction_report(network, values, decision)["sparsity"]
+
+
+def reduction_label(decision) -> str:
+    """The name of a reduced model: the stem ``reduce`` gives its files
+    (:func:`~pyro_sparse.reduction.workflow.output_base`: ``log-alpha-t3``, ``opd-s0.9``), so
+    ``compare DIR:<name>`` accepts the names of both commands."""
+    from .reduction.workflow import output_base
+
+    o = decision.options
+    return output_base(decision.method, o.get("sparsity"), o.get("threshold"), o.get("structured", False),
+                       o.get("scope", "global"), o.get("reduced_scale"))
 
 
 def report_rules(summary, recipe: dict | None = None) -> dict:
@@ -77,13 +97,13 @@ def report_rules(summary, recipe: dict | None = None) -> dict:
         rule = RULES[name]
         if threshold is None and sparsity is None:
             threshold = rule.threshold
-        label = (name if threshold is None and sparsity is None else
-                 f"{name}-{round(100 * sparsity)}" if sparsity is not None else f"{name}-{threshold:g}")
-        decisions[label] = reduce(summary, rule, threshold=threshold if rule.ranks else None, sparsity=sparsity)
+        decision = reduce(summary, rule, threshold=threshold if rule.ranks else None, sparsity=sparsity)
+        decisions[reduction_label(decision)] = decision
     if applies.get("opd") is None and own != "opd":
         first = next(iter(decisions.values()), None)
-        sparsity = _sparsity(first.masks, summary) if first is not None else 0.9
-        decisions[f"opd-{round(100 * sparsity)}"] = reduce(summary, "opd", sparsity=min(sparsity, 0.999))
+        sparsity = round(_sparsity(first.masks, summary), 2) if first is not None else 0.9
+        decision = reduce(summary, "opd", sparsity=min(sparsity, 0.99))
+        decisions[reduction_label(decision)] = decision
     return decisions
 
 
@@ -109,7 +129,8 @@ def point_metric(network, values: dict, masks, x, y, noise=None) -> float:
 
 def sparsity_sweep(run, summary, levels=SPARSITY_LEVELS, noise=None) -> dict:
     """Rule -> (sparsities, accuracy of the masked posterior-mean network) for every ranking
-    rule that applies, at each target sparsity."""
+    rule that applies, at each target sparsity (of the rule); the sparsity is
+    :func:`compact_sparsity`."""
     data = run.dataset
     values = summary.locs()
     curves = {}
@@ -118,8 +139,9 @@ def sparsity_sweep(run, summary, levels=SPARSITY_LEVELS, noise=None) -> dict:
             continue
         s_list, m_list = [], []
         for level in levels:
-            masks = reduce(summary, name, sparsity=level).masks if level > 0 else {}
-            s_list.append(_sparsity(masks, summary) if masks else 0.0)
+            decision = reduce(summary, name, sparsity=level) if level > 0 else None
+            masks = decision.masks if decision is not None else {}
+            s_list.append(compact_sparsity(run.network, values, decision))
             m_list.append(point_metric(run.network, values, masks, data.x_test, data.y_test, noise))
         curves[name] = (s_list, m_list)
     return curves
@@ -198,7 +220,7 @@ def _loo_row(name, idata, loo) -> dict:
     for key in ("test_accuracy", "test_rmse", "test_nll"):
         if key in a:
             row[key] = a[key]
-    row.update({"sparsity": a["sparsity"], "nonzero": a["num_nonzero"]})
+    row.update({"sparsity": a.get("sparsity"), "params_nonzero": a.get("params_nonzero")})
     return row
 
 
@@ -218,7 +240,7 @@ def write_report(directory: str, num_samples: int = 100, seed: int = 0, progress
     noise = run.guide.median().get("likelihood.noise") if getattr(net.likelihood, "learn_noise", False) else None
     key = metric_key(net.likelihood)
 
-    dense = D.run_inference_data(run, num_samples, seed=seed)
+    dense = D.run_inference_data(run, num_samples, seed=seed, extra_attrs={"sparsity": 0.0})
     D.save(dense, os.path.join(directory, "posterior.nc"))
     decisions = report_rules(summary, run.recipe)
     models = {"dense": dense}
@@ -229,14 +251,15 @@ def write_report(directory: str, num_samples: int = 100, seed: int = 0, progress
         if twin is None:  # the same masks give the same reduced model: build it once
             idata = D.run_inference_data(run, num_samples, masks=masks, seed=seed,
                                          extra_attrs={"reduction": label,
-                                                      "reduction_threshold": decision.options.get("threshold")})
+                                                      "reduction_threshold": decision.options.get("threshold"),
+                                                      "sparsity": compact_sparsity(net, values, decision)})
             D.save(D.slim(idata, list(summary)), os.path.join(directory, f"posterior-{label}.nc"))
             models[label] = idata
         a = D.attributes(models[twin or label])
         rule_info.append({"rule": label, "quantity": RULES[decision.method].quantity,
                           "threshold": decision.options.get("threshold"),
-                          "weight sparsity": _sparsity(masks, summary), "parameter sparsity": a["sparsity"],
-                          "nonzero": a["num_nonzero"],
+                          "sparsity": a["sparsity"], "rule_sparsity": a["rule_sparsity"],
+                          "params_nonzero": a["params_nonzero"],
                           f"{key} (posterior-mean network)":
                               point_metric(net, values, masks, data.x_test, data.y_test, noise),
                           f"{key} (predictive, {num_samples} draws)": a.get(f"test_{key}"),
@@ -252,7 +275,7 @@ def write_report(directory: str, num_samples: int = 100, seed: int = 0, progress
     figs = {}
     if history:
         figs["training"] = plots.plot_training(history, os.path.join(directory, FIGURES["training"]),
-                                               title=run.model_spec.get("name", "run"))
+                                               title=_run_name(run), figures_of=_test_figures(directory))
     panels = []
     for label, decision in decisions.items():
         rule = RULES[decision.method]
@@ -271,15 +294,16 @@ def write_report(directory: str, num_samples: int = 100, seed: int = 0, progress
         shown = {k: shown[k] for k in weights if k in shown}  # network order
         figs["sparsity"] = plots.plot_sparsity_maps(
             shown, os.path.join(directory, FIGURES["sparsity"]),
-            title=f"kept weights (black) under {first}: sparsity {_sparsity(decisions[first].masks, summary):.2%}"
+            title=f"kept weights (black) under {first}: rule_sparsity {_sparsity(decisions[first].masks, summary):.2%} "
+                  f"(the weights the rule removes)"
                   + (f" ({len(shown)} largest of {len(weights)} weight tensors)" if len(shown) < len(weights) else ""))
     ylabel = f"test {key} (posterior-mean network, masked)"
     curves = sparsity_sweep(run, summary, noise=noise)
     if curves:
-        points = {r["rule"]: (r["weight sparsity"], r[f"{key} (posterior-mean network)"]) for r in rule_info}
+        points = {r["rule"]: (r["sparsity"], r[f"{key} (posterior-mean network)"]) for r in rule_info}
         figs["accuracy_vs_sparsity"] = plots.plot_accuracy_vs_sparsity(
             curves, os.path.join(directory, FIGURES["accuracy_vs_sparsity"]), points, ylabel=ylabel,
-            title=f"{run.model_spec.get('name', 'run')} on {data.name}: pruning by each rule")
+            title=f"{_run_name(run)} on {data.name}: pruning by each rule")
     figs["forest"] = D.plot_forest(dense, os.path.join(directory, FIGURES["forest"]))
     seconds = time.perf_counter() - start
 
@@ -288,12 +312,27 @@ def write_report(directory: str, num_samples: int = 100, seed: int = 0, progress
               "attributes": D.attributes(dense), "loo": loo_rows, "importance_corrected_loo": corrected,
               "rules": rule_info, "figures": {k: os.path.basename(v) for k, v in figs.items()},
               "accuracy_vs_sparsity": {k: {"sparsity": s, "metric": m} for k, (s, m) in curves.items()},
-              "compare": ranking, "compare_note": ranking_note}
+              "compare": ranking, "compare_note": ranking_note,
+              "frozen_params": sum(net.frozen_parameters().values())}
     write_text_atomic(os.path.join(directory, "report.md"),
                       _report_markdown(run, result, summary, dense, history))
     write_json_atomic(os.path.join(directory, "report.json"), _jsonable(result))
     progress(f"report {directory}: {len(models)} models, {num_samples} draws, {seconds:.1f} s")
     return result
+
+
+def _run_name(run) -> str:
+    """The spec's name, or else the run directory's."""
+    return run.model_spec.get("name") or os.path.basename(os.path.normpath(run.directory or "run"))
+
+
+def _test_figures(directory):
+    """What a run's held-out figures are, as its metrics.json says (``test_figures``), or None."""
+    try:
+        with open(os.path.join(directory, "metrics.json")) as f:
+            return json.load(f).get("test_figures")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _jsonable(x):
@@ -318,7 +357,9 @@ def _report_markdown(run, result, summary, dense, history) -> str:
     figs = result["figures"]
     lines = [f"# Report: {os.path.basename(os.path.abspath(run.directory))}", "",
              f"Model `{a.get('model')}` on `{a.get('data')}`, fitted by `{a.get('method')}` "
-             f"({a.get('epochs', '?')} epochs); {a['num_weights']} parameters. "
+             f"({a.get('epochs', '?')} epochs); {a['params_total']} parameters ({a['weights_total']} weights)"
+             + (f" and {result['frozen_params']} frozen ones of modules left deterministic, which no rule judges "
+                "and no sparsity counts" if result.get("frozen_params") else "") + ". "
              f"Posterior summary: `{result['summary_method']}`. "
              f"Posterior draws: {result['num_samples']} (one chain of independent draws from the fitted posterior). "
              f"Report written in {result['seconds']:.1f} s.", ""]
@@ -376,10 +417,10 @@ def _report_markdown(run, result, summary, dense, history) -> str:
         rows = []
         levels = next(iter(curves.values()))["sparsity"]
         for i in range(len(levels)):
-            rows.append({"target sparsity": SPARSITY_LEVELS[i],
+            rows.append({"target rule_sparsity": SPARSITY_LEVELS[i],
                          **{m: v["metric"][i] for m, v in curves.items()}})
         lines += [f"Test {result['metric']} of the posterior-mean network, masked by each rule at each target "
-                  "sparsity:", "", markdown_table(rows), ""]
+                  "fraction of the weights the rule removes (rule_sparsity):", "", markdown_table(rows), ""]
     extra = _reduction_files(run.directory)
     if extra:
         lines += ["## Reduction results on disk", ""]
@@ -400,19 +441,33 @@ def _entry_name(entry, taken):
     return name if name not in taken else entry
 
 
+def reduced_models(directory) -> list[str]:
+    """The names of the reduced models of a run directory: those of ``report``
+    (``posterior-<name>.nc``) and of ``reduce`` (``reduction-<name>.json``), one vocabulary
+    (:func:`reduction_label`)."""
+    names = {os.path.basename(p)[len("posterior-"):-3] for p in glob.glob(os.path.join(directory, "posterior-*.nc"))}
+    names |= {os.path.basename(p)[len("reduction-"):-5] for p in glob.glob(os.path.join(directory, "reduction-*.json"))}
+    return sorted(names)
+
+
 def load_entry(entry: str, num_samples: int = 100, seed: int = 0):
     """InferenceData for a compare entry: ``DIR`` (its posterior.nc, or fresh draws when
-    missing), ``DIR:RULE`` (``DIR/posterior-RULE.nc``) or a ``.nc`` file."""
+    missing), ``DIR:NAME`` (a reduced model: ``DIR/posterior-NAME.nc`` of ``report``, or the
+    reduction ``reduce`` wrote as ``DIR/reduction-NAME.json``, drawn afresh) or a ``.nc`` file."""
     if os.path.isfile(entry):
         return D.load(entry)
     path, _, rule = entry.partition(":")
     if rule:
         nc = os.path.join(path, f"posterior-{rule}.nc")
-        if not os.path.exists(nc):
-            have = sorted(os.path.basename(p)[10:-3] for p in glob.glob(os.path.join(path, "posterior-*.nc")))
-            raise PyroSparseError(f"{entry}: no {nc}; run `pyro-sparse report {path}` first "
-                                  f"(reduced models there: {have or 'none'})")
-        return D.load(nc)
+        if os.path.exists(nc):
+            return D.load(nc)
+        reduction = os.path.join(path, f"reduction-{rule}.json")
+        if os.path.exists(reduction):
+            return _reduced_inference_data(path, reduction, rule, num_samples, seed)
+        have = reduced_models(path)
+        raise PyroSparseError(f"{entry}: {path} has no reduced model {rule!r} (reduced models there: "
+                              f"{', '.join(have) or 'none'}; `pyro-sparse reduce {path} --method ...` or "
+                              f"`pyro-sparse report {path}` make them)")
     if not os.path.isdir(path):
         raise PyroSparseError(f"{entry}: not a run directory or .nc file")
     nc = os.path.join(path, "posterior.nc")
@@ -421,6 +476,24 @@ def load_entry(entry: str, num_samples: int = 100, seed: int = 0):
     from .runs import load_run
 
     return D.run_inference_data(load_run(path), num_samples, seed=seed)
+
+
+def _reduced_inference_data(directory, reduction, name, num_samples, seed):
+    """The InferenceData of the reduced model a ``reduce`` report describes: its decision again
+    (the rule and options it records), the masked model's draws."""
+    from .checkpoint import read_json
+    from .runs import load_run
+
+    report = read_json(reduction, "reduction report")
+    options = dict(report.get("options") or {})
+    run = load_run(directory)
+    summary = run.trainer.posterior_summary()
+    try:
+        decision = reduce(summary, report["method"], **{k: v for k, v in options.items() if v is not None})
+    except (KeyError, TypeError, ValueError) as e:
+        raise PyroSparseError(f"{reduction}: cannot repeat this reduction ({e})") from None
+    return D.run_inference_data(run, num_samples, masks=decision.masks, seed=seed,
+                                extra_attrs={"reduction": name, "sparsity": report.get("sparsity")})
 
 
 def rank_models(models: dict, loos: dict | None = None) -> tuple[list[dict], str]:
@@ -476,13 +549,18 @@ def rank_models(models: dict, loos: dict | None = None) -> tuple[list[dict], str
     out = []
     for rank, name in enumerate(order):
         a = D.attributes(models[name])
-        row = {"model": name, "rank": rank, **{k: v for k, v in rows[name].items() if k not in ("model", "rank")}}
+        row = {"model": name, "rank": rank, "reference": "yes" if rank == 0 else "",
+               **{k: v for k, v in rows[name].items() if k not in ("model", "rank")}}
         for key in ("test_accuracy", "test_rmse", "test_nll"):
             if key in a:
                 row[key] = a[key]
-        row.update({"sparsity": a.get("sparsity"), "nonzero": a.get("num_nonzero"),
-                    "size_kb": a.get("num_nonzero", 0) * 4 / 1024})
+        row.update({"sparsity": a.get("sparsity"), "rule_sparsity": a.get("rule_sparsity"),
+                    "params_nonzero": a.get("params_nonzero"), "size_kb": a.get("params_nonzero", 0) * 4 / 1024})
         out.append(row)
+    note += (f" The differences (elpd_diff, dse{', elpd_test_diff, dse_test' if not reliable else ''}) are to the "
+             f"reference row, the best model ({order[0]}). test_accuracy is the posterior predictive of the draws; "
+             "sparsity the fraction of the weights zero in the compact network, rule_sparsity the fraction the "
+             "rule removed.")
     return out, note
 
 

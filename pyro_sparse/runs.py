@@ -26,12 +26,12 @@ from .checkpoint import load_safe, read_json, write_json_atomic, write_text_atom
 from .data import BUILTIN, Dataset, load_dataset
 from .errors import PyroSparseError, PyroSparseWarning, SpecError
 from .guides import build_guide
-from .recipe import RECIPE_FIELDS, check_device, check_seed, load_recipe, parse_recipe
+from .recipe import RECIPE_FIELDS, check_device, check_seed, check_threads, load_recipe, parse_recipe
 from .registry import FITTERS
 from .rundir import CHECKPOINT, check_out_dir, check_run_dir
 from .schema import short_repr
 from .spec import (build_network, data_task, init_is_state_dict, init_path, load_model_spec, parse_model_spec,
-                   recipe_of)
+                   recipe_of, spec_name)
 
 @dataclass
 class Run:
@@ -84,7 +84,8 @@ def start_from_run(network, model_spec: dict):
     if not os.path.isdir(path):
         raise SpecError(f"no such run directory (or state_dict file) {path!r}", source, "init")
     try:
-        values = load_run(path).trainer.posterior_summary().locs()
+        previous = load_run(path)
+        values = previous.trainer.posterior_summary().locs()
     except PyroSparseError as e:
         raise SpecError(f"cannot start from the run {path}: {e}", source, "init") from None
     sites = network.param_sites()
@@ -94,6 +95,9 @@ def start_from_run(network, model_spec: dict):
                         "layers", source, "init")
     try:
         network.start_at({k: values[k] for k in sites})
+        frozen = previous.network.frozen_state()  # e.g. the running statistics that fit left its batch norms
+        if frozen:
+            network.load_frozen_state(frozen)
     except ValueError as e:
         raise SpecError(f"the run {path} does not fit this network: {e}", source, "init") from None
 
@@ -103,11 +107,13 @@ def make_trainer(run: Run, out_dir=None, progress=True):
     return cls(run.network, run.guide, run.dataset, run.recipe, out_dir=out_dir, progress=progress)
 
 
-def _overrides(recipe: dict, epochs, seed, device) -> dict:
-    """Validated command-line overrides of a recipe's epochs, seed and device."""
+def _overrides(recipe: dict, epochs, seed, device, threads=None) -> dict:
+    """Validated command-line overrides of a recipe's epochs, seed, device and threads."""
     out = {}
     if epochs is not None:
         out["epochs"] = RECIPE_FIELDS["epochs"].check(epochs, "--epochs", None)
+    if threads is not None:
+        out["num_threads"] = check_threads(threads, None, "--threads")
     if seed is not None:
         out["seed"] = check_seed(seed, None, "--seed")
     if device is not None:
@@ -120,11 +126,12 @@ def _overrides(recipe: dict, epochs, seed, device) -> dict:
 
 def fit_run(model_path: str, recipe_path: str | None, data: str, out_dir: str, epochs=None, seed=None,
             device=None, resume=False, overwrite=False, target=None, progress=True,
-            distributed=None, init=None) -> tuple[Run, dict]:
+            distributed=None, threads=None, init=None) -> tuple[Run, dict]:
     """Fit a model spec with a recipe on data into ``out_dir``; returns (run, final metrics).
 
-    ``recipe_path`` None: the recipe the spec names (``recipe:``). ``init``: a state_dict file or a
-    run directory to start from, in place of the spec's own ``init:``.
+    ``recipe_path`` None: the recipe the spec names (``recipe:``). ``epochs``, ``seed``, ``device``
+    and ``threads`` (torch CPU threads, the recipe's ``num_threads``) override the recipe's.
+    ``init``: a state_dict file or a run directory to start from, in place of the spec's own ``init:``.
 
     Everything (specs, recipe, overrides, device, data, network) is validated before
     ``out_dir`` is created or, with ``overwrite``, removed; ``overwrite`` only replaces a
@@ -147,7 +154,7 @@ def fit_run(model_path: str, recipe_path: str | None, data: str, out_dir: str, e
         data, target = info.get("data"), info.get("target")
         if not isinstance(data, str):
             raise PyroSparseError(f"{os.path.join(out_dir, 'run.json')}: no data set recorded")
-        changes = _overrides(recipe, epochs, seed, device)
+        changes = _overrides(recipe, epochs, seed, device, threads)
         for key in ("seed",):
             if key in changes and changes[key] != recipe[key]:
                 raise PyroSparseError(f"--{key} {changes[key]} differs from this run's {key} {recipe[key]}; a "
@@ -161,7 +168,7 @@ def fit_run(model_path: str, recipe_path: str | None, data: str, out_dir: str, e
         if recipe_path is None:  # the spec's own recipe
             recipe_path = recipe_of(model_spec)
         recipe = load_recipe(recipe_path)
-        recipe.update(_overrides(recipe, epochs, seed, device))
+        recipe.update(_overrides(recipe, epochs, seed, device, threads))
         extension = None
     dataset = load_dataset(data, target=target, seed=0, options=model_spec.get("data"), task=data_task(model_spec))
     owner = False  # whether this call creates (and so ends) the process group
@@ -206,9 +213,12 @@ def fit_run(model_path: str, recipe_path: str | None, data: str, out_dir: str, e
         if main and not resume:
             _discard_unstarted_run(out_dir, created=not existed)
         raise
-    metrics.update({"model": model_spec.get("name"), "data": data, "method": recipe["method"],
+    metrics.update({"model": spec_name(model_spec), "data": data, "method": recipe["method"],
                     "guide": recipe["guide"]})
     if main:
+        if not os.path.exists(os.path.join(out_dir, "run.json")):
+            raise PyroSparseError(f"{out_dir}: the run directory (or its run.json) disappeared during the fit; "
+                                  "metrics.json is not written")
         write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
     if owner:
         ddp.shutdown()
@@ -257,7 +267,7 @@ def load_run(directory: str, data: str | None = None, device="cpu") -> Run:
 #: files fit writes before its first checkpoint (removed again if the fit fails before that)
 _RUN_FILES = ("model.yaml", "inference.yaml", "run.json", "metrics.jsonl", "metrics.json")
 #: recipe keys with their own command-line flags: overridden at fit time, so not compared on resume
-_FLAG_KEYS = ("epochs", "seed", "device")
+_FLAG_KEYS = ("epochs", "seed", "device", "num_threads")
 
 
 def _discard_unstarted_run(out_dir, created):

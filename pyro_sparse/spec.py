@@ -214,18 +214,38 @@ def init_path(spec: dict) -> str | None:
 
 def _state_dict(path, source):
     """A ``state_dict`` file's tensors (loaded with ``weights_only``); SpecError naming ``init``."""
+    from .checkpoint import load_error
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise SpecError(f"no such file {path!r}", source, "init") from None
     except Exception as e:
-        raise SpecError(f"{path}: not a state_dict file torch.load(weights_only=True) can read "
-                        f"({type(e).__name__}: {str(e)[:200]})", source, "init") from None
+        raise SpecError(load_error(path, e, "state_dict file"), source, "init") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise SpecError(f"{path}: expected a state_dict (parameter name -> tensor)", source, "init")
     return state
+
+
+def state_dict_mismatch(own: dict, state: dict) -> str | None:
+    """What keeps ``state`` from loading into a module whose ``state_dict`` is ``own``, naming the
+    first key of each kind (a tensor of another shape, a key the module lacks, a key the file
+    lacks) and how many there are; None when it fits."""
+    shapes = [(k, list(state[k].shape), list(own[k].shape)) for k in state if k in own
+              and tuple(state[k].shape) != tuple(own[k].shape)]
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state]
+    parts = []
+    if shapes:
+        k, theirs, mine = shapes[0]
+        more = f" (and {len(shapes) - 1} more tensors of other shapes)" if len(shapes) > 1 else ""
+        parts.append(f"{k} has shape {theirs} in the file but {mine} in the module{more}")
+    for what, keys in (("the module has no", unexpected), ("the file has no", missing)):
+        if keys:
+            parts.append(f"{what} {keys[0]}" + (f" (and {len(keys) - 1} more keys)" if len(keys) > 1 else ""))
+    return "; ".join(parts) or None
 
 
 def _build_module_network(spec, likelihood, input_shape, out_dim, num_outputs, source):
@@ -245,18 +265,21 @@ def _build_module_network(spec, likelihood, input_shape, out_dim, num_outputs, s
         raise SpecError(f"{spec['module']} made a {type(module).__name__}, not a torch.nn.Module", source, "module")
     path = init_path(spec)
     if init_is_state_dict(path):
-        try:
-            module.load_state_dict(_state_dict(path, source))
-        except RuntimeError as e:
-            raise SpecError(f"{path} does not fit {spec['module']} ({str(e).splitlines()[0][:300]})", source,
+        state = _state_dict(path, source)
+        mismatch = state_dict_mismatch(module.state_dict(), state)
+        if mismatch:
+            raise SpecError(f"{path} does not fit {spec['module']}(**{spec['kwargs']}): {mismatch}", source,
                             "init") from None
+        module.load_state_dict(state)
     try:
         network = BayesianModule(module, prior=spec["prior"], priors=spec["priors"], bias_prior=spec["bias_prior"],
                                  likelihood=likelihood, deterministic=spec["deterministic"], input_shape=input_shape,
                                  source={"module": spec["module"], "kwargs": spec["kwargs"]})
     except (ValueError, TypeError, RuntimeError) as e:
-        msg = (str(e).splitlines() or [type(e).__name__])[0][:300]
-        raise SpecError(f"{msg} (input shape {list(input_shape)})", source, "module") from None
+        msg = (str(e).splitlines() or [type(e).__name__])[0][:400]
+        field = next((f for f in ("priors", "deterministic") if msg.startswith(f"bayesian: {f} pattern")), "module")
+        raise SpecError(msg if field != "module" else f"{msg} (input shape {list(input_shape)})", source,
+                        field) from None
     with torch.no_grad():
         shape = tuple(network.deterministic({})(torch.zeros(1, *input_shape)).shape[1:])
     try:

@@ -76,6 +76,7 @@ __all__ = [
     "MultiHeadSelfAttention", "MLP", "TransformerBlock", "MixerBlock", "TokenPool", "ACTIVATIONS",
     "attention", "transformer_block", "mixer_block",
     "SplitHeads", "MergeHeads", "AttentionModule", "MLPModule", "TransformerBlockModule", "MixerBlockModule",
+    "TorchMultiheadAttention", "CompactMultiheadAttention", "multihead_attention",
 ]
 
 #: element-wise activations of the MLPs (``activation`` option); GELU is the exact (erf) one
@@ -152,6 +153,70 @@ def attention(q, k, v, scale):
     with ``scale = 1/sqrt(d)`` in a transformer. Zero heads give a ``(B, T, 0, d)`` result."""
     scores = torch.einsum("bthd,bshd->bhts", q, k) * scale
     return torch.einsum("bhts,bshd->bthd", scores.softmax(dim=-1), v)
+
+
+def multihead_attention(q, k, v, scale, attn_mask=None, key_padding_mask=None, is_causal=False, dropout=0.0,
+                        training=False, head_index=None):
+    r"""Scaled dot-product attention with the masks of ``torch.nn.MultiheadAttention``: ``q``
+    ``(B, L, H, d)``, ``k`` and ``v`` ``(B, S, H, d)`` -> heads ``(B, L, H, d)`` and the attention
+    weights ``(B, H, L, S)``,
+
+    .. math:: \mathrm{head}_h = \mathrm{dropout}\big(\mathrm{softmax}(q_h k_h^\top \cdot
+              \mathrm{scale} + M_h)\big)\, v_h
+
+    (Vaswani et al. 2017), ``M`` the sum of ``attn_mask`` (``(L, S)``, or ``(B * H0, L, S)`` per
+    head) and ``key_padding_mask`` (``(B, S)``): a boolean mask is ``-inf`` where True, a float
+    mask is added; ``is_causal`` without ``attn_mask`` masks the future. ``head_index``: the
+    original indices of these heads among the ``H0`` a per-head ``attn_mask`` was written for (a
+    compact attention with heads removed); ``dropout`` (on the weights) acts in ``training`` only."""
+    B, L, H, _ = q.shape
+    S = k.shape[1]
+    scores = torch.einsum("blhd,bshd->bhls", q, k) * scale
+    if attn_mask is None and is_causal:
+        attn_mask = torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1)
+    if attn_mask is not None:
+        mask = _additive(attn_mask, scores.dtype)
+        if mask.dim() == 3:
+            mask = mask.reshape(B, -1, L, S)
+            if head_index is not None:
+                mask = mask[:, head_index]
+        scores = scores + mask
+    if key_padding_mask is not None:
+        scores = scores + _additive(key_padding_mask, scores.dtype)[:, None, None, :]
+    weights = scores.softmax(dim=-1)
+    if dropout and training:
+        weights = F.dropout(weights, dropout, True)
+    return torch.einsum("bhls,bshd->blhd", weights, v), weights
+
+
+def _additive(mask, dtype):
+    """A boolean mask (True: not attended) as ``-inf``/0, a float mask as it is."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _mha_inputs(query, key, value, batch_first):
+    """``torch.nn.MultiheadAttention``'s inputs as batch-first ``(B, L, E)`` tensors, and whether they
+    came unbatched (``(L, E)``)."""
+    unbatched = query.dim() == 2
+    if unbatched:
+        return query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0), True
+    if not batch_first:
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    return query, key, value, False
+
+
+def _mha_outputs(out, weights, batch_first, unbatched, need_weights, average):
+    """``(output, weights or None)`` in the layout of ``torch.nn.MultiheadAttention``."""
+    if need_weights:
+        weights = weights.mean(dim=1) if average else weights
+        weights = weights.squeeze(0) if unbatched else weights
+    else:
+        weights = None
+    if unbatched:
+        return out.squeeze(0), weights
+    return (out if batch_first else out.transpose(0, 1)), weights
 
 
 def transformer_block(x, ln1, attn, ln2, mlp):
@@ -531,6 +596,14 @@ class Composite(Layer):
     def param_axes(self):
         return self._flat(lambda c: {p: c.param_axes[p] for p in c.priors()})
 
+    def set_prior(self, param: str, prior):
+        """Give the sub-layer's parameter ``param`` (``q.weight``) another prior."""
+        child, _, name = param.partition(".")
+        if child not in self.sublayers() or not name:
+            raise ValueError(f"{type(self).__name__} has no parameter {param!r} (parameters: {sorted(self.priors())})")
+        self.sublayers()[child].set_prior(name, prior)
+        return self
+
     def _own(self, params, child):
         """The parameters of sub-layer ``child`` from the composite's (relative names)."""
         return {p: params[f"{child}.{p}"] for p in getattr(self, child).priors()}
@@ -822,6 +895,7 @@ class QKVProjection(_Parametric):
 
     prefix = "q"
     param_axes = {"weight": {"head": 0, "input": 2}, "bias": {"head": 0}}
+    readable = ()  # its weight is (H, d, D), not a torch module's layout
 
     def __init__(self, dim, heads, head_dim, bias=True, prior=None, bias_prior=None):
         super().__init__(nn.Linear(dim, heads * head_dim, bias=bias), prior, bias_prior)
@@ -847,6 +921,7 @@ class OutProjection(_Parametric):
 
     prefix = "o"
     param_axes = {"weight": {"unit": 0, "head": 1}, "bias": {"unit": 0}}
+    readable = ()
 
     def __init__(self, dim, heads, head_dim, bias=True, prior=None, bias_prior=None):
         super().__init__(nn.Linear(heads * head_dim, dim, bias=bias), prior, bias_prior)
@@ -1139,3 +1214,181 @@ class MixerBlock(_Compactable, Composite):
     def flops(self, params, in_shape, sparse=False):
         tokens, dim = in_shape  # token mixing runs once per channel, channel mixing once per token
         return mlp_flops(params, "token_mlp", dim, sparse) + mlp_flops(params, "channel_mlp", tokens, sparse)
+
+
+# =========================================================================== torch.nn.MultiheadAttention
+
+
+class TorchMultiheadAttention(Composite):
+    r"""The Bayesian counterpart of ``torch.nn.MultiheadAttention`` (what
+    :func:`pyro_sparse.bayesian` puts in its place, so ``nn.TransformerEncoderLayer`` models convert),
+    with the torch interface: ``attn_output, attn_weights = self.attn(query, key, value,
+    key_padding_mask=None, need_weights=True, attn_mask=None, average_attn_weights=True,
+    is_causal=False)``, batch-first or not, batched or not, attention dropout in training mode.
+
+    Maths (:func:`multihead_attention`): H heads of width d = E / H, each projection a Bayesian
+    linear map under local reparameterisation. Sites: ``<path>.q.weight`` ``(H, d, E)`` and
+    ``q.bias`` ``(H, d)`` (k, v alike, of width ``kdim``/``vdim``), split from torch's
+    ``in_proj_weight``/``in_proj_bias`` (or ``q_proj_weight`` ...), and ``<path>.o.weight``
+    ``(E, H, d)``, ``o.bias`` ``(E,)`` from ``out_proj``. The head is an axis of every projection
+    (q, k, v: ``head`` 0, ``input`` 2; o: ``unit`` 0, ``head`` 1), so a prior may group by head
+    (``{type: group_log_uniform, group: head}``, whose rule ``group-log-alpha`` then removes
+    heads), as in :class:`MultiHeadSelfAttention`.
+
+    Compaction deletes the heads whose values are all pruned (their constant output folded into
+    ``o``'s bias) or that ``o`` no longer reads (:func:`attention_heads`), and the compact module
+    (:class:`CompactMultiheadAttention`) keeps the torch interface. ``add_bias_kv`` and
+    ``add_zero_attn`` have no counterpart (ValueError)."""
+
+    spec_name = "torch_multihead_attention"
+    prefix = "attn"
+    torch_types = (nn.MultiheadAttention,)
+
+    def __init__(self, embed_dim, num_heads, kdim=None, vdim=None, bias=True, dropout=0.0, batch_first=False,
+                 prior=None, bias_prior=None):
+        super().__init__()
+        head_dim = _resolve_head_dim("MultiheadAttention", embed_dim, num_heads, "auto")
+        kdim, vdim = kdim or embed_dim, vdim or embed_dim
+        for name, dim in (("q", embed_dim), ("k", kdim), ("v", vdim)):
+            setattr(self, name, QKVProjection(dim, num_heads, head_dim, bias, prior, bias_prior))
+        self.o = OutProjection(embed_dim, num_heads, head_dim, bias, prior, bias_prior)
+        self.embed_dim, self.num_heads, self.head_dim, self.kdim, self.vdim = embed_dim, num_heads, head_dim, kdim, vdim
+        self.has_bias, self.dropout, self.batch_first = bias, float(dropout), bool(batch_first)
+        self.scale = head_dim ** -0.5
+        self.site = self.site
+
+    @classmethod
+    def from_torch(cls, module, priors):
+        if module.bias_k is not None or module.add_zero_attn:
+            raise ValueError("nn.MultiheadAttention with add_bias_kv or add_zero_attn has no Bayesian counterpart; "
+                             "leave it deterministic")
+        bias = module.in_proj_bias is not None
+        if bias != (module.out_proj.bias is not None):
+            raise ValueError("nn.MultiheadAttention with a bias on only one of in_proj and out_proj has no Bayesian "
+                             "counterpart; leave it deterministic")
+        layer = cls(module.embed_dim, module.num_heads, module.kdim, module.vdim, bias, module.dropout,
+                    module.batch_first, priors.get("weight"), priors.get("bias"))
+        values = layer.torch_values(module)
+        for name, child in layer.sublayers().items():
+            child.start_at({p: values[f"{name}.{p}"] for p in child.priors()})
+        return layer
+
+    def torch_values(self, module):
+        H, d, E = self.num_heads, self.head_dim, self.embed_dim
+        if module._qkv_same_embed_dim:
+            weights = module.in_proj_weight.detach().chunk(3)
+        else:
+            weights = (module.q_proj_weight.detach(), module.k_proj_weight.detach(), module.v_proj_weight.detach())
+        out = {f"{n}.weight": w.reshape(H, d, -1) for n, w in zip("qkv", weights)}
+        out["o.weight"] = module.out_proj.weight.detach().reshape(E, H, d)
+        if self.has_bias:
+            out.update({f"{n}.bias": b.reshape(H, d) for n, b in zip("qkv", module.in_proj_bias.detach().chunk(3))})
+            out["o.bias"] = module.out_proj.bias.detach()
+        return {k: v for k, v in out.items() if k in self.priors()}
+
+    @torch.no_grad()
+    def write_torch(self, module, params):
+        E = self.embed_dim
+        w = [params[f"{n}.weight"].reshape(E, -1) for n in "qkv"]
+        if module._qkv_same_embed_dim:
+            module.in_proj_weight.copy_(torch.cat(w))
+        else:
+            for n, value in zip("qkv", w):
+                getattr(module, f"{n}_proj_weight").copy_(value)
+        module.out_proj.weight.copy_(params["o.weight"].reshape(E, E))
+        if self.has_bias:
+            module.in_proj_bias.copy_(torch.cat([params[f"{n}.bias"].reshape(E) for n in "qkv"]))
+            module.out_proj.bias.copy_(params["o.bias"])
+
+    def deterministic(self, params):
+        ref = params["q.weight"]
+        module = nn.MultiheadAttention(self.embed_dim, self.num_heads, self.dropout, self.has_bias, kdim=self.kdim,
+                                       vdim=self.vdim, batch_first=self.batch_first, device=ref.device,
+                                       dtype=ref.dtype)
+        self.write_torch(module, params)
+        return module
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        query, key, value, unbatched = _mha_inputs(query, key, value, self.batch_first)
+        heads, weights = multihead_attention(self.q(query), self.k(key), self.v(value), self.scale, attn_mask,
+                                             key_padding_mask, is_causal, self.dropout, self.training)
+        return _mha_outputs(self.o(heads), weights, self.batch_first, unbatched, need_weights, average_attn_weights)
+
+    def compact_module(self, values: dict, masks: dict, in_shape, out_shape):
+        """``(entry, module, info)``: the :class:`CompactMultiheadAttention` at point ``values`` with
+        keep ``masks`` (relative names), its heads planned by :func:`attention_heads`."""
+        values = {k: v.detach() * masks[k].to(v.dtype) if k in masks else v.detach() for k, v in values.items()}
+        plan = attention_heads(values, masks)
+        p = plan["params"]
+        module = CompactMultiheadAttention(SplitHeads(p["q.weight"], p.get("q.bias")),
+                                           SplitHeads(p["k.weight"], p.get("k.bias")),
+                                           SplitHeads(p["v.weight"], p.get("v.bias")),
+                                           MergeHeads(p["o.weight"], p.get("o.bias")), self.scale, self.num_heads,
+                                           plan["keep"], self.dropout, self.batch_first)
+        entry = {"type": self.spec_name, "embed_dim": self.embed_dim, "kdim": self.kdim, "vdim": self.vdim,
+                 "head_dim": self.head_dim, "heads_total": self.num_heads, "heads": len(plan["keep"]),
+                 "bias": self.has_bias, "out_bias": "o.bias" in p, "dropout": self.dropout,
+                 "batch_first": self.batch_first}
+        tokens = in_shape[0] if len(in_shape) == 2 else 1
+        info = {"heads_total": self.num_heads, "heads_kept": plan["keep"],
+                "heads_removed": sorted(set(range(self.num_heads)) - set(plan["keep"])),
+                "flops": attention_flops(p, tokens), "flops_sparse": attention_flops(p, tokens, sparse=True)}
+        if plan["folded"]:
+            info["folded"] = ["o"]
+        return entry, module.eval(), info
+
+    @classmethod
+    def build_compact(cls, entry):
+        return CompactMultiheadAttention.empty(entry)
+
+    def flops(self, params, in_shape, sparse=False):
+        return attention_flops(params, in_shape[0] if len(in_shape) == 2 else 1, sparse)
+
+
+class CompactMultiheadAttention(nn.Module):
+    """The compact form of a converted ``torch.nn.MultiheadAttention`` with the torch interface
+    (:class:`TorchMultiheadAttention`): the kept heads' q/k/v (:class:`SplitHeads`) and the output
+    projection over them (:class:`MergeHeads`); ``head_index`` the original indices of the kept
+    heads (a per-head ``attn_mask`` is read at those), ``num_heads`` how many are left. Its
+    ``in_proj_weight`` and ``in_proj_bias`` are None, which keeps ``nn.TransformerEncoderLayer``
+    off its fused fast path (it runs this module instead)."""
+
+    in_proj_weight = in_proj_bias = None
+    _qkv_same_embed_dim = False
+
+    def __init__(self, q, k, v, o, scale, heads_total, head_index, dropout=0.0, batch_first=False):
+        super().__init__()
+        self.q, self.k, self.v, self.o = q, k, v, o
+        self.scale, self.heads_total, self.dropout = float(scale), int(heads_total), float(dropout)
+        self.batch_first = bool(batch_first)
+        self.register_buffer("head_index", torch.as_tensor(list(head_index), dtype=torch.long))
+
+    @property
+    def num_heads(self):
+        return self.q.weight.shape[0]
+
+    @property
+    def embed_dim(self):
+        return self.o.weight.shape[0]
+
+    @classmethod
+    def empty(cls, entry: dict):
+        """Of the sizes of a compact entry (parameters uninitialised)."""
+        heads, hd, dim = entry["heads"], entry["head_dim"], entry["embed_dim"]
+        bias = entry["bias"]
+
+        def split(width):
+            return SplitHeads(torch.empty(heads, hd, width), torch.empty(heads, hd) if bias else None)
+
+        return cls(split(dim), split(entry["kdim"]), split(entry["vdim"]),
+                   MergeHeads(torch.empty(dim, heads, hd), torch.empty(dim) if entry["out_bias"] else None),
+                   hd ** -0.5, entry["heads_total"], range(heads), entry["dropout"], entry["batch_first"])
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        query, key, value, unbatched = _mha_inputs(query, key, value, self.batch_first)
+        index = self.head_index if self.num_heads != self.heads_total else None
+        heads, weights = multihead_attention(self.q(query), self.k(key), self.v(value), self.scale, attn_mask,
+                                             key_padding_mask, is_causal, self.dropout, self.training, index)
+        return _mha_outputs(self.o(heads), weights, self.batch_first, unbatched, need_weights, average_attn_weights)

@@ -300,3 +300,46 @@ def test_bad_arguments_name_the_argument():
         diag_ggn(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)), x, y)
     with pytest.raises(ValueError, match="no trainable layer with curvature"):
         kfac_ggn(nn.Sequential(nn.ReLU()), x, y)
+
+
+def test_a_new_layer_brings_its_curvature_or_says_it_has_none():
+    """The layers declare their curvature: a Conv3d counterpart built on the library's convolution
+    inherits the N-d patch backend and gets the exact diagonal GGN; a layer that declares nothing is
+    refused at registration, naming what is missing."""
+    from pyro_sparse.layers import Layer, _ConvNd
+    from pyro_sparse.registry import CONVERSIONS, LAYERS
+
+    class Conv3d(_ConvNd):
+        dims = 3
+        torch_cls = nn.Conv3d
+        torch_types = (nn.Conv3d,)
+
+    class Opaque(Layer):
+        param_axes = {"weight": {"unit": 0}}
+
+    try:
+        CONVERSIONS.register(Conv3d, "conv3d")
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Conv3d(2, 3, (2, 3, 2), padding=(1, 0, 1), stride=(1, 2, 1), dilation=(1, 1, 2)),
+                              nn.Tanh(), nn.Flatten(), nn.LazyLinear(4)).to(DT)
+        x = torch.randn(5, 2, 3, 5, 4, dtype=DT)
+        model(x)
+        params = {k: v.detach() for k, v in model.named_parameters()}
+
+        def f(p, xn):
+            return functional_call(model, p, (xn[None],))[0]
+
+        jac = vmap(jacrev(f), in_dims=(None, 0))(params, x)
+        with torch.no_grad():
+            prob = torch.softmax(model(x), -1)
+        lam = torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]
+        ggn = diag_ggn(model, x, None, "categorical")
+        for name, j in jac.items():
+            j = j.reshape(j.shape[0], j.shape[1], -1)
+            brute = torch.einsum("nkp,nkl,nlp->p", j, lam, j).reshape(params[name].shape)
+            torch.testing.assert_close(ggn[name], brute, rtol=1e-10, atol=1e-12)
+    finally:
+        CONVERSIONS._items.pop("conv3d", None)
+    with pytest.raises(ValueError, match="'Opaque' declares no 'curvature'.*None where the Laplace"):
+        LAYERS.register(Opaque, "opaque_layer")
+    assert "opaque_layer" not in LAYERS

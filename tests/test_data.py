@@ -109,7 +109,7 @@ def _npz(tmp_path, **arrays):
     ({"x_train": np.array([[1.0, np.nan]] * 4), "y_train": np.zeros(4, int)}, "NaN or infinite"),
     ({"x_train": np.array([[1.0, np.inf]] * 4), "y_train": np.zeros(4, int)}, "NaN or infinite"),
     ({"x_train": np.ones((4, 2)), "y_train": np.zeros(3, int)}, "4 rows but y_train has 3"),
-    ({"x_train": np.ones((4, 2)), "y_train": np.array([0, 1, -1, 0])}, "labels outside"),
+    ({"x_train": np.ones((4, 2)), "y_train": np.array([0, 1, -1, 0])}, "negative class label"),
     ({"x_train": np.ones((4, 2)), "y_train": np.array([0, 1, 5, 0]), "num_classes": np.array(3)}, "labels outside 0..2"),
     ({"x_train": np.ones((0, 2)), "y_train": np.zeros(0, int)}, "empty"),
     ({"y_train": np.zeros(4, int)}, "missing array 'x_train'"),

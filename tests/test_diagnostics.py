@@ -1,6 +1,7 @@
 """ArviZ diagnostics: InferenceData layout, log-likelihood against the network, PSIS-LOO against
 exact leave-one-out, shrinkage factors against the normal-means posterior, report and compare."""
 
+import json
 import math
 import os
 import subprocess
@@ -89,7 +90,8 @@ def test_posterior_nc_groups_dims_coords(runs):
     assert attrs["method"] == "svi-meanfield" and attrs["observations"] == "train"
     assert attrs["priors"]["fc1.weight"] == {"type": "gaussian_gamma", "concentration": 2.0, "rate": 2.0,
                                              "group": "unit"}
-    assert attrs["num_weights"] == 64 * 16 + 16 + 16 * 10 + 10 and attrs["sparsity"] == 0.0
+    assert attrs["params_total"] == 64 * 16 + 16 + 16 * 10 + 10 and attrs["weights_total"] == 64 * 16 + 16 * 10
+    assert attrs["rule_sparsity"] == 0.0 and attrs["sparsity"] == 0.0  # the dense model, as the report wrote it
 
 
 def test_loo_and_summary_on_the_saved_file(runs):
@@ -132,8 +134,8 @@ def test_masked_draws_are_zero_and_the_loglik_follows(runs):
     assert np.all(w1[:, ~masks["fc1.weight"].numpy()] == 0) and np.all(w1[:, masks["fc1.weight"].numpy()] != 0)
     a = D.attributes(idata)
     kept = int(masks["fc1.weight"].sum()) + 40
-    assert a["num_nonzero"] == kept + 16 + 10 and a["masked"] == 1
-    assert a["sparsity"] == pytest.approx(1 - a["num_nonzero"] / a["num_weights"])
+    assert a["params_nonzero"] == kept + 16 + 10 and a["weights_kept"] == kept and a["masked"] == 1
+    assert a["rule_sparsity"] == pytest.approx(1 - a["weights_kept"] / a["weights_total"])
     assert "lp" not in idata.sample_stats  # no joint density for a reduced model
     params = {k: torch.as_tensor(np.asarray(idata.posterior[k])[0, 2]) for k in run.network.param_sites()}
     with torch.no_grad():
@@ -269,12 +271,16 @@ def test_report_files_and_links(runs):
     for png in ("training.png", "scores.png", "sparsity.png", "accuracy_vs_sparsity.png", "forest.png"):
         assert os.path.getsize(os.path.join(d, png)) > 10_000, png
         assert f"]({png})" in text
-    assert os.path.exists(os.path.join(d, "posterior-log-alpha-3.nc"))
-    reduced = D.load(os.path.join(d, "posterior-log-alpha-3.nc"))
+    assert os.path.exists(os.path.join(d, "posterior-log-alpha-t3.nc"))  # the name reduce gives its files
+    reduced = D.load(os.path.join(d, "posterior-log-alpha-t3.nc"))
     la = np.asarray(D.load(os.path.join(d, "posterior.nc")).variational["fc1.weight.log_alpha"])
     w = np.asarray(reduced.posterior["fc1.weight"])[0]
     assert np.all(w[:, la > 3] == 0) and np.all(w[:, la <= 3] != 0)
-    assert "log-alpha-3" in text
+    assert "log-alpha-t3" in text
+    # one definition of sparsity: the report's is the one reduce writes for the same rule
+    assert main(["reduce", d, "--method", "log-alpha", "--overwrite"]) == 0
+    written = json.load(open(os.path.join(d, "reduction-log-alpha-t3.json")))
+    assert D.attributes(reduced)["sparsity"] == pytest.approx(written["sparsity"])
     # the ranking says what it rests on: PSIS-LOO only where every Pareto k-hat is at most 0.7
     unreliable = D.loo_reliability(D.loo(D.load(os.path.join(d, "posterior.nc")))) > 0
     assert ("PSIS-LOO is NOT reliable" in text) == unreliable and ("stacking weights): every Pareto" in text) != unreliable
@@ -282,10 +288,20 @@ def test_report_files_and_links(runs):
 
 def test_compare_two_runs(runs, tmp_path, capsys):
     out = tmp_path / "cmp.md"
-    entries = [runs["svd"], runs["gg"], f"{runs['svd']}:log-alpha-3"]
+    entries = [runs["svd"], runs["gg"], f"{runs['svd']}:log-alpha-t3"]
     assert main(["compare", *entries, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "svd:log-alpha-3" in printed and "test_accuracy" in printed and "sparsity" in printed
+    assert "svd:log-alpha-t3" in printed and "test_accuracy" in printed and "sparsity" in printed
+    assert "to the reference row, the best model" in printed
+    header, first = printed.splitlines()[1:3]
+    assert "reference" in header.split() and " yes " in first
+    # a reduction written by reduce (no report file of it) is a compare entry too
+    assert main(["reduce", runs["svd"], "--method", "opd", "--sparsity", "0.6", "--overwrite"]) == 0
+    capsys.readouterr()
+    assert main(["compare", runs["svd"], f"{runs['svd']}:opd-s0.6", "--samples", "4"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    written = json.load(open(os.path.join(runs["svd"], "reduction-opd-s0.6.json")))
+    assert any(r.startswith("svd:opd-s0.6") and f"{written['sparsity']:.4g}" in r for r in rows)
     models = {"svd": D.load(os.path.join(runs["svd"], "posterior.nc")),
               "gg": D.load(os.path.join(runs["gg"], "posterior.nc"))}
     with warnings.catch_warnings():
@@ -305,7 +321,7 @@ def test_compare_rejects_different_observations(runs, capsys):
     with pytest.raises(ValueError, match="share their observations"):
         D.compare({"train": train_obs, "test": test_obs})
     assert main(["compare", runs["gg"], runs["gg"] + ":nope"]) == 2
-    assert "posterior-nope.nc" in capsys.readouterr().err
+    assert "has no reduced model 'nope' (reduced models there: " in capsys.readouterr().err
 
 
 def test_import_is_quiet_about_arviz_future_warning(tmp_path):

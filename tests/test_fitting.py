@@ -34,9 +34,11 @@ def test_fit_writes_run_directory(tmp_path):
     for name in ("model.yaml", "inference.yaml", "metrics.jsonl", "checkpoint.pt", "metrics.json", "run.json"):
         assert os.path.exists(os.path.join(out, name)), name
     metrics = json.load(open(os.path.join(out, "metrics.json")))
-    for key in ("test_accuracy", "test_nll", "epochs", "steps", "train_seconds", "step_ms", "n_weights"):
+    for key in ("test_accuracy", "test_nll", "epochs", "steps", "train_wall_seconds", "step_wall_ms",
+                "train_cpu_seconds", "step_cpu_ms", "threads", "n_params"):
         assert key in metrics
-    assert metrics["epochs"] == 4 and metrics["steps"] == 4 * 12 and metrics["n_weights"] == 64 * 32 + 32 + 330
+    assert metrics["epochs"] == 4 and metrics["steps"] == 4 * 12 and metrics["n_params"] == 64 * 32 + 32 + 330
+    assert metrics["step_wall_ms"] == 1000 * metrics["train_wall_seconds"] / metrics["steps"]
     lines = open(os.path.join(out, "metrics.jsonl")).read().splitlines()
     assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3, 4]
     assert metrics["test_accuracy"] > 0.8

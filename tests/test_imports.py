@@ -99,11 +99,12 @@ for name in {names!r}:
         failures.append(f"{{name}}: {{type(e).__name__}}: {{e}}")
         continue
     registry = sys.modules["pyro_sparse.registry"] if "pyro_sparse.registry" in sys.modules else None
-    if registry is not None and name != "pyro_sparse.builtins" and (registry._state["loaded"] or any(
-            r._items for r in (registry.PRIORS, registry.LAYERS, registry.RULES, registry.FITTERS))):
+    if registry is not None and name != "pyro_sparse.builtins" and any(
+            r.loaded or r._items for r in registry.REGISTRIES.values()):
         failures.append(f"{{name}}: importing it filled a registry")
-from pyro_sparse.registry import PRIORS, RULES, FITTERS
-assert "horseshoe" in PRIORS and "opd" in RULES and "laplace" in FITTERS  # the first read loads them all
+from pyro_sparse.registry import PRIORS, RULES, FITTERS, CONVERSIONS
+assert "horseshoe" in PRIORS and not RULES.loaded  # the first read loads that registry alone
+assert "opd" in RULES and "laplace" in FITTERS and "linear" in CONVERSIONS
 print("\\n".join(failures) or "ok")
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)

@@ -232,7 +232,7 @@ def test_trainer_arguments(digits, tiny_net):
     guide = MeanFieldGuide(tiny_net.model)
     with pytest.raises(DataError, match="dataset must be a pyro_sparse.data.Dataset, got tuple"):
         SVITrainer(tiny_net, guide, (digits.x_train, digits.y_train), {})
-    with pytest.raises(SpecError, match="<recipe>: epochs: expected an integer > 0, got 0"):
+    with pytest.raises(SpecError, match="<recipe>: epochs: method svi trains for at least one epoch, got 0"):
         SVITrainer(tiny_net, guide, digits, {"epochs": 0})
     wrong = BayesianNetwork([Linear(5, 10)])
     with pytest.raises(DataError, match="digits: the network cannot run on these data"):

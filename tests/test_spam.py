@@ -74,11 +74,11 @@ def test_fit_writes_run_directory_and_resume_is_identical(tmp_path, interrupted_
     for name in ("model.yaml", "inference.yaml", "metrics.jsonl", "checkpoint.pt", "metrics.json", "run.json"):
         assert os.path.exists(tmp_path / "a" / name), name
     metrics = json.load(open(tmp_path / "a" / "metrics.json"))
-    for key in ("test_accuracy", "test_nll", "epochs", "steps", "train_seconds", "step_ms", "n_weights"):
+    for key in ("test_accuracy", "test_nll", "epochs", "steps", "train_wall_seconds", "step_wall_ms", "n_params"):
         assert key in metrics, key
     assert metrics["method"] == "laplace" and metrics["epochs"] == 4 and metrics["steps"] == 4 * 12
     assert "elbo_path" not in metrics  # SpaM fits no ELBO
-    assert metrics["n_weights"] == 64 * 32 + 32 + 32 * 16 + 16 + 16 * 10 + 10
+    assert metrics["n_params"] == 64 * 32 + 32 + 32 * 16 + 16 + 16 * 10 + 10
     assert metrics["test_accuracy"] > 0.85
     lines = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
     assert [x["epoch"] for x in lines] == [1, 2, 3, 4]

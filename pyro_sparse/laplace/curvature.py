@@ -188,6 +188,11 @@ def data_batches(x, y=None, batch_size=None, need_y=False):
         if y is not None and (not torch.is_tensor(y) or y.dim() < 1 or y.shape[0] != x.shape[0]):
             raise ValueError(f"y must be a tensor with the same first dimension as x ({x.shape[0]}), "
                              f"got y of shape {getattr(y, 'shape', None)}")
+        for name, t in (("x", x), ("y", y)):
+            if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                row = int(torch.nonzero(~torch.isfinite(t.reshape(len(t), -1)).any(1))[0])
+                raise ValueError(f"{name}: {int((~torch.isfinite(t)).sum())} NaN or infinite value(s), the first in "
+                                 f"row {row}")
         step = x.shape[0] if batch_size is None else batch_size
         return [(x[i:i + step], None if y is None else y[i:i + step]) for i in range(0, x.shape[0], step)]
     if y is not None:
@@ -501,22 +506,30 @@ def row_ggn(model, x, y=None, likelihood="categorical", noise=1.0, batch_size=No
         ``H_i = sum_n sum_m v_{n,m,i} v_{n,m,i}'``        (D+1, D+1) per unit,
 
     exact where KFAC factorises (no Kronecker assumption within a row) but blind to the
-    coupling between rows. Memory ``out (D+1)^2`` per layer.
+    coupling between rows. Memory ``out (D+1)^2`` per layer. The input factor ``A`` of
+    :func:`kfac_ggn` comes with it (the scale of the layer's inputs, which the compensated
+    reduction reads).
 
-    Returns dict layer name -> tensor ``(out, D+1, D+1)``.
+    Returns dict layer name -> ``(A, blocks)``, ``A`` ``(D+1, D+1)`` and ``blocks`` ``(out, D+1, D+1)``.
     """
     lik = as_likelihood(likelihood, noise)
     data = data_batches(x, y, batch_size)
     columns = _columns(lik, mc_samples, generator)
     targets = _targets(model, network)
-    out = {}
+    out, a_sums = {}, {}
     with _eval_mode(model), torch.enable_grad():
         for xb, _ in data:
+            first = True
             for layer_grads in _backprop_columns(model, targets, xb, columns):
                 for t, a, g in layer_grads:
-                    v = torch.einsum("nol,nil->noi", g, _with_ones(t, a))  # (N, out, D')
+                    a = _with_ones(t, a)
+                    if first:
+                        p = a.transpose(0, 1).reshape(a.shape[1], -1)
+                        a_sums[t.name] = a_sums.get(t.name, 0) + p @ p.T
+                    v = torch.einsum("nol,nil->noi", g, a)  # (N, out, D')
                     out[t.name] = out.get(t.name, 0) + torch.einsum("noi,noj->oij", v, v)
-    return {t.name: out[t.name].detach() for t in targets if t.name in out}
+                first = False
+    return {t.name: (a_sums[t.name].detach(), out[t.name].detach()) for t in targets if t.name in out}
 
 
 @torch.no_grad()

@@ -35,6 +35,8 @@ __all__ = [
     "log_marglik",
     "optimize_prior_precision",
     "fixed_point_prior_precision",
+    "fit_prior_precision",
+    "spectrum",
 ]
 
 
@@ -270,3 +272,78 @@ def fixed_point_prior_precision(log_lik, theta, curv, prior, iterations=200, tol
             break
     prior.log_delta.copy_(delta.log().reshape(prior.log_delta.shape))
     return torch.stack([torch.as_tensor(before).detach(), log_marglik_diag(log_lik, theta, curv, prior).detach()])
+
+
+def spectrum(curv, curvature):
+    """``[(parameter names, eigenvalues of H on them)]``: one entry per parameter (``diag``) or per
+    layer (``kfac``: :math:`\\lambda_{G,m}\\lambda_{A,k}`; ``rows``: every row block's). With a prior
+    precision constant on each entry's parameters, :math:`\\log\\det(H + \\delta I)` is
+    :math:`\\sum \\log(\\lambda + \\delta)` exactly."""
+    out = []
+    for name, value in curv.items():
+        prefix = f"{name}." if name else ""
+        if curvature == "diag":
+            out.append(((name,), value.detach().reshape(-1)))
+        elif curvature == "kfac":
+            la, _ = psd_eigvalsh(value[0], f"layer {name}: the KFAC input factor A")
+            lg, _ = psd_eigvalsh(value[1], f"layer {name}: the KFAC output factor G")
+            out.append(((f"{prefix}weight", f"{prefix}bias"), torch.outer(lg, la).reshape(-1)))
+        else:
+            vals, _ = psd_eigvalsh(value[1], f"layer {name}: the row blocks")
+            out.append(((f"{prefix}weight", f"{prefix}bias"), vals.reshape(-1)))
+    return out
+
+
+def _eigen_fixed_point(log_lik, theta, curv, curvature, prior, iterations=200, tol=1e-8):
+    r"""MacKay's fixed point :math:`\delta_g = \gamma_g / \lVert\theta_g\rVert^2`,
+    :math:`\gamma_g = \sum_k \lambda_k / (\lambda_k + \delta_g)` over the eigenvalues of ``H`` on the
+    parameters of group ``g`` (scalar: all; layer-wise: a layer's), for a kfac or rows curvature;
+    returns the log marginal likelihood before and after (exact for these priors)."""
+    names = prior.names
+    group = {n: 0 for n in names} if isinstance(prior, ScalarPrior) else dict(prior._index)
+    parts = [(list(ns), vals.to(torch.float64)) for ns, vals in spectrum(curv, curvature)]
+    k = int(prior.log_delta.numel())
+    norm = torch.zeros(k, dtype=torch.float64)
+    for n in names:
+        norm[group[n]] += theta[n].detach().to(torch.float64).square().sum()
+    norm = norm.clamp_min(1e-300)
+    count = torch.zeros(k, dtype=torch.float64)
+    for n in names:
+        count[group[n]] += theta[n].numel()
+
+    def value(delta):
+        logdet = sum((vals + delta[group[ns[0]]]).log().sum() for ns, vals in parts)
+        return float(log_lik) - 0.5 * (float(logdet) - float((count * delta.log()).sum()) + float((delta * norm).sum()))
+
+    delta = prior.log_delta.detach().to(torch.float64).exp().reshape(-1).clone()
+    before = value(delta)
+    for _ in range(iterations):
+        gamma = torch.zeros(k, dtype=torch.float64)
+        for ns, vals in parts:
+            g = group[ns[0]]
+            gamma[g] += (vals / (vals + delta[g])).sum()
+        new = (gamma / norm).clamp_min(1e-300)
+        done = bool(((new - delta).abs() <= tol * delta).all())
+        delta = new
+        if done:
+            break
+    with torch.no_grad():
+        prior.log_delta.copy_(delta.log().reshape(prior.log_delta.shape).to(prior.log_delta.dtype))
+    return torch.tensor([before, value(delta)], dtype=torch.float64)
+
+
+def fit_prior_precision(log_lik, theta, curv, curvature, prior, steps=200, lr=0.1):
+    """Fit ``prior`` to the Laplace marginal likelihood at ``theta``: MacKay's fixed point for
+    scalar and layer-wise precisions (any curvature), else ``steps`` Adam steps at rate ``lr`` on
+    ``log delta`` (diag, kfac). Returns the log marginal likelihood before and after."""
+    if steps == 0:
+        return torch.tensor([float("nan"), float("nan")])
+    if isinstance(prior, (ScalarPrior, LayerwisePrior)):
+        if curvature == "diag":
+            return fixed_point_prior_precision(log_lik, theta, curv, prior, steps)
+        return _eigen_fixed_point(log_lik, theta, curv, curvature, prior, steps)
+    if curvature == "rows":
+        raise ValueError("structure: the rows curvature fits scalar and layer-wise prior precisions; "
+                         f"got {type(prior).__name__}")
+    return optimize_prior_precision(log_lik, theta, curv, prior, torch.optim.Adam(prior.parameters(), lr=lr), steps,
+                                    curvature)

@@ -36,14 +36,14 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from ..distributions import log_alpha
-from ..kron import KroneckerPrecision, RowPrecision, psd_eigvalsh, rows_of
+from ..kron import KroneckerPrecision, RowPrecision, rows_of
 from ..summary import PosteriorSummary, SiteSummary
 from .curvature import as_likelihood, data_batches, diag_ef, diag_ggn, input_moment, kfac_ggn, row_ggn
-from .marglik import fixed_point_prior_precision, optimize_prior_precision
-from .prior import PRIOR_STRUCTURES, LayerwisePrior, ScalarPrior, make_prior_precision
+from .marglik import fit_prior_precision
+from .prior import PRIOR_STRUCTURES, make_prior_precision
 
 __all__ = ["CURVATURES", "HESSIANS", "PREDICTIVES", "curvature_of", "LaplacePosterior", "laplace_posterior",
-           "spectrum", "Calibration", "fit_prior_precision"]
+           "Calibration"]
 
 CURVATURES = ("diag", "kfac", "rows")
 HESSIANS = ("ggn", "ef")
@@ -55,7 +55,7 @@ def curvature_of(model, data, likelihood, curvature="diag", hessian="ggn", mc_sa
     """The curvature ``H`` of ``-log p(D | theta)`` summed over ``data`` (a list of ``(x, y)`` batches,
     :func:`~pyro_sparse.laplace.curvature.data_batches`): ``diag`` name -> ``H_ii`` (GGN, or the
     empirical Fisher with ``hessian="ef"``), ``kfac`` layer -> ``(A, G)``, ``rows`` layer ->
-    ``(out, D', D')``. ``mc_samples``: Monte Carlo output columns instead of one backward pass per
+    ``(A, blocks)`` with ``blocks`` ``(out, D', D')``. ``mc_samples``: Monte Carlo output columns instead of one backward pass per
     output (any GGN)."""
     if curvature not in CURVATURES:
         raise ValueError(f"curvature: expected one of {CURVATURES}, got {curvature!r}")
@@ -67,81 +67,6 @@ def curvature_of(model, data, likelihood, curvature="diag", hessian="ggn", mc_sa
         return diag_ef(model, data, None, likelihood, network=network)
     fn = {"diag": diag_ggn, "kfac": kfac_ggn, "rows": row_ggn}[curvature]
     return fn(model, data, None, likelihood, mc_samples=mc_samples, generator=generator, network=network)
-
-
-def spectrum(curv, curvature):
-    """``[(parameter names, eigenvalues of H on them)]``: one entry per parameter (``diag``) or per
-    layer (``kfac``: :math:`\\lambda_{G,m}\\lambda_{A,k}`; ``rows``: every row block's). With a prior
-    precision constant on each entry's parameters, :math:`\\log\\det(H + \\delta I)` is
-    :math:`\\sum \\log(\\lambda + \\delta)` exactly."""
-    out = []
-    for name, value in curv.items():
-        prefix = f"{name}." if name else ""
-        if curvature == "diag":
-            out.append(((name,), value.detach().reshape(-1)))
-        elif curvature == "kfac":
-            la, _ = psd_eigvalsh(value[0], f"layer {name}: the KFAC input factor A")
-            lg, _ = psd_eigvalsh(value[1], f"layer {name}: the KFAC output factor G")
-            out.append(((f"{prefix}weight", f"{prefix}bias"), torch.outer(lg, la).reshape(-1)))
-        else:
-            vals, _ = psd_eigvalsh(value, f"layer {name}: the row blocks")
-            out.append(((f"{prefix}weight", f"{prefix}bias"), vals.reshape(-1)))
-    return out
-
-
-def _eigen_fixed_point(log_lik, theta, curv, curvature, prior, iterations=200, tol=1e-8):
-    r"""MacKay's fixed point :math:`\delta_g = \gamma_g / \lVert\theta_g\rVert^2`,
-    :math:`\gamma_g = \sum_k \lambda_k / (\lambda_k + \delta_g)` over the eigenvalues of ``H`` on the
-    parameters of group ``g`` (scalar: all; layer-wise: a layer's), for a kfac or rows curvature;
-    returns the log marginal likelihood before and after (exact for these priors)."""
-    names = prior.names
-    group = {n: 0 for n in names} if isinstance(prior, ScalarPrior) else dict(prior._index)
-    parts = [(list(ns), vals.to(torch.float64)) for ns, vals in spectrum(curv, curvature)]
-    k = int(prior.log_delta.numel())
-    norm = torch.zeros(k, dtype=torch.float64)
-    for n in names:
-        norm[group[n]] += theta[n].detach().to(torch.float64).square().sum()
-    norm = norm.clamp_min(1e-300)
-    count = torch.zeros(k, dtype=torch.float64)
-    for n in names:
-        count[group[n]] += theta[n].numel()
-
-    def value(delta):
-        logdet = sum((vals + delta[group[ns[0]]]).log().sum() for ns, vals in parts)
-        return float(log_lik) - 0.5 * (float(logdet) - float((count * delta.log()).sum()) + float((delta * norm).sum()))
-
-    delta = prior.log_delta.detach().to(torch.float64).exp().reshape(-1).clone()
-    before = value(delta)
-    for _ in range(iterations):
-        gamma = torch.zeros(k, dtype=torch.float64)
-        for ns, vals in parts:
-            g = group[ns[0]]
-            gamma[g] += (vals / (vals + delta[g])).sum()
-        new = (gamma / norm).clamp_min(1e-300)
-        done = bool(((new - delta).abs() <= tol * delta).all())
-        delta = new
-        if done:
-            break
-    with torch.no_grad():
-        prior.log_delta.copy_(delta.log().reshape(prior.log_delta.shape).to(prior.log_delta.dtype))
-    return torch.tensor([before, value(delta)], dtype=torch.float64)
-
-
-def fit_prior_precision(log_lik, theta, curv, curvature, prior, steps=200, lr=0.1):
-    """Fit ``prior`` to the Laplace marginal likelihood at ``theta``: MacKay's fixed point for
-    scalar and layer-wise precisions (any curvature), else ``steps`` Adam steps at rate ``lr`` on
-    ``log delta`` (diag, kfac). Returns the log marginal likelihood before and after."""
-    if steps == 0:
-        return torch.tensor([float("nan"), float("nan")])
-    if isinstance(prior, (ScalarPrior, LayerwisePrior)):
-        if curvature == "diag":
-            return fixed_point_prior_precision(log_lik, theta, curv, prior, steps)
-        return _eigen_fixed_point(log_lik, theta, curv, curvature, prior, steps)
-    if curvature == "rows":
-        raise ValueError("structure: the rows curvature fits scalar and layer-wise prior precisions; "
-                         f"got {type(prior).__name__}")
-    return optimize_prior_precision(log_lik, theta, curv, prior, torch.optim.Adam(prior.parameters(), lr=lr), steps,
-                                    curvature)
 
 
 class Calibration:
@@ -227,9 +152,9 @@ class LaplacePosterior:
                 if self.curvature == "kfac":
                     s = KroneckerPrecision(layer, w, bias, theta[w].shape, value[0], value[1], delta)
                 else:
-                    blocks = value.detach().to(torch.float64).clone()
+                    blocks = value[1].detach().to(torch.float64).clone()
                     blocks.diagonal(dim1=1, dim2=2).add_(delta.to(torch.float64))
-                    s = RowPrecision(layer, w, bias, theta[w].shape, blocks, delta)
+                    s = RowPrecision(layer, w, bias, theta[w].shape, blocks, delta, input_moment=value[0])
                 variance = s.marginal_variance()
                 values = s.split(s.precision_diagonal() if variance is None else variance.reciprocal())
                 for site in s.sites():
@@ -318,6 +243,26 @@ class LaplacePosterior:
                 m.training = mode
 
 
+#: rows per chunk of the curvature pass over tensor data (the activations of one chunk are held)
+CURVATURE_BATCH = 128
+#: most outputs whose GGN columns are computed exactly (one backward pass each) by default
+MAX_EXACT_OUTPUTS = 16
+
+
+def _check_targets(likelihood, data, outputs):
+    """Class labels within the network's ``outputs`` classes (ValueError naming the label)."""
+    if likelihood.task not in ("classification", "binary"):
+        return
+    classes = outputs if likelihood.task == "classification" else 2
+    for _, yb in data:
+        if yb.is_floating_point() and not bool((yb == yb.round()).all()):
+            raise ValueError("y: class labels must be whole numbers")
+        low, high = int(yb.min()), int(yb.max())
+        if low < 0 or high >= classes:
+            bad = low if low < 0 else high
+            raise ValueError(f"y: label {bad} is outside 0..{classes - 1}, the classes the network predicts")
+
+
 def _without_curvature(module):
     """Module paths of ``module`` that ``bayesian()`` would convert to a layer declaring no
     curvature (recurrent, embedding, ...): the post-hoc posterior holds them fixed."""
@@ -333,7 +278,7 @@ def _without_curvature(module):
 
 def laplace_posterior(module: nn.Module, x, y=None, likelihood="categorical", noise=1.0, curvature="diag",
                       structure="scalar", prior_precision=1.0, hyper_steps=200, hyper_lr=0.1, exclude=(),
-                      input_shape=None, batch_size=None, mc_samples=None, seed=0) -> LaplacePosterior:
+                      input_shape=None, batch_size=None, mc_samples="auto", seed=0) -> LaplacePosterior:
     """The post-hoc Laplace posterior of a trained module, in one call (as laplace-torch's
     ``Laplace(model, ...).fit(loader)`` with ``optimize_prior_precision``).
 
@@ -341,14 +286,17 @@ def laplace_posterior(module: nn.Module, x, y=None, likelihood="categorical", no
     tensors or ``x`` an iterable of ``(x, y)`` batches (a ``DataLoader``, streamed).
     ``curvature``: ``diag`` (exact diagonal GGN), ``kfac`` or ``rows`` (see the module
     docstring); ``mc_samples``: Monte Carlo output columns (one backward pass each instead of one
-    per output; for networks with many outputs). ``structure``: the prior precisions (``scalar``,
+    per output), ``None`` for the exact columns, ``"auto"`` (default): exact up to
+    :data:`MAX_EXACT_OUTPUTS` outputs, one column above (a network with hundreds of outputs would
+    otherwise cost hundreds of backward passes per batch). ``structure``: the prior precisions (``scalar``,
     ``layerwise``, ``parameterwise``, ``unitwise``), fitted from ``prior_precision`` by MacKay's
     fixed point (scalar, layer-wise; at most ``hyper_steps`` iterations) or ``hyper_steps`` Adam
     steps at ``hyper_lr`` (``hyper_steps=0``: fixed). The default ``scalar`` (laplace-torch's
     too): with the weights fixed at a MAP of another objective, richer structures raise the
     marginal likelihood by driving the precision of weights the data do not constrain towards 0.
     ``exclude``: module-name patterns held fixed (with every layer that has no curvature).
-    ``batch_size``: chunk size of tensor data for the curvature pass (memory).
+    ``batch_size``: chunk size of tensor data for the curvature pass (memory; default
+    :data:`CURVATURE_BATCH`).
 
     Returns a :class:`LaplacePosterior`: ``.summary()`` (with the factors reachable per layer),
     ``.predictive(x, S)``, ``.network`` (the :class:`~pyro_sparse.convert.BayesianModule` naming the
@@ -365,7 +313,7 @@ def laplace_posterior(module: nn.Module, x, y=None, likelihood="categorical", no
     if isinstance(hyper_steps, bool) or not isinstance(hyper_steps, int) or hyper_steps < 0:
         raise ValueError(f"hyper_steps: expected an integer >= 0, got {hyper_steps!r}")
     lik = as_likelihood(likelihood, noise)
-    data = data_batches(x, y, batch_size)
+    data = data_batches(x, y, batch_size or CURVATURE_BATCH)
     if any(yb is None for _, yb in data):
         raise ValueError("y: the Laplace posterior needs the labels (targets) of the data")
     start = time.perf_counter()
@@ -378,6 +326,11 @@ def laplace_posterior(module: nn.Module, x, y=None, likelihood="categorical", no
     model = network.deterministic(network.starting_values())
     for name, p in model.named_parameters():
         p.requires_grad_(name in sites)
+    with torch.no_grad():
+        outputs = model(data[0][0]).reshape(len(data[0][0]), -1).shape[1]
+    _check_targets(lik, data, outputs)
+    if mc_samples == "auto":  # one backward pass per output up to MAX_EXACT_OUTPUTS outputs, else one column
+        mc_samples = None if outputs <= MAX_EXACT_OUTPUTS else 1
     generator = torch.Generator().manual_seed(seed)
     curv = curvature_of(model, data, lik, curvature, "ggn", mc_samples, generator)
     with torch.no_grad():

@@ -58,8 +58,8 @@ from ..recipe import make_optimizer, make_scheduler
 from ..schema import Field, validate
 from ..summary import PosteriorSummary
 from .curvature import check_supported, data_batches, log_likelihood
-from .marglik import log_marglik, optimize_prior_precision
-from .posterior import LaplacePosterior, curvature_of, fit_prior_precision
+from .marglik import fit_prior_precision, log_marglik, optimize_prior_precision
+from .posterior import LaplacePosterior, curvature_of
 from .prior import PRIOR_STRUCTURES, make_prior_precision
 
 __all__ = [
@@ -307,8 +307,12 @@ class LaplaceTrainer(SVITrainer):
 
     @torch.no_grad()
     def _sync_guide(self):
+        """The delta guide at the current weights, and the network's deterministic state (a batch
+        norm's running statistics) at the trained twin's, so every guide-based tool and the
+        checkpoint see the network being trained."""
         for name, p in self.site_parameters():
             self.guide.values[_key(name)].copy_(p)
+        self.network.load_frozen_state(self.network.twin_frozen_state(self.net))
 
     def values(self) -> dict:
         """Site -> current weight (detached), e.g. for ``compact()``."""
@@ -403,7 +407,7 @@ class LaplaceTrainer(SVITrainer):
             perm = distributed.shard(perm)  # same permutation on every rank; rank r takes r::W
         perm = perm.to(self.device)
         total = torch.zeros((), device=self.device)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         self.net.train()
         for b in range(self.steps_per_epoch):
             idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
@@ -434,7 +438,7 @@ class LaplaceTrainer(SVITrainer):
             figures.update(self.marglik_step())
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        figures["seconds"] = time.perf_counter() - start
+        figures["seconds"], figures["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
         self._sync_guide()
         return figures
 
@@ -448,9 +452,14 @@ class LaplaceTrainer(SVITrainer):
     def epoch_record(self, figures: dict) -> dict:
         record = {"epoch": self.epoch, "steps": self.steps, "loss": figures["loss"],
                   "neg_log_joint_per_datum": figures["loss"] / self.num_train,
-                  "epoch_seconds": figures["seconds"], "lr": self.optimizer.param_groups[0]["lr"]}
-        record.update({k: v for k, v in figures.items() if k not in ("loss", "seconds")})
+                  "epoch_wall_seconds": figures["seconds"], "epoch_cpu_seconds": figures["cpu_seconds"],
+                  "lr": self.optimizer.param_groups[0]["lr"]}
+        record.update({k: v for k, v in figures.items() if k not in ("loss", "seconds", "cpu_seconds")})
         return record
+
+    def summary(self) -> dict:
+        return {**super().summary(), "test_figures": "the MAP network (a point estimate); evaluate --samples S: the "
+                                                     "linearised Laplace predictive"}
 
     def evaluate(self, num_samples=None):
         """Held-out metrics: of the MAP network, or with ``num_samples`` of the posterior predictive
@@ -465,7 +474,7 @@ class LaplaceTrainer(SVITrainer):
     def fit(self, epochs=None, resume=False) -> dict:
         """Train to ``epochs`` (see :meth:`SVITrainer.fit <pyro_sparse.fitting.SVITrainer.fit>`). With
         ``epochs: 0`` nothing is trained: the prior precision is fitted once to the marginal
-        likelihood at the starting weights (:func:`~pyro_sparse.laplace.posterior.fit_prior_precision`,
+        likelihood at the starting weights (:func:`~pyro_sparse.laplace.marglik.fit_prior_precision`,
         ``hyper_steps`` iterations) and saved -- the post-hoc Laplace posterior of a spec's
         ``init:`` weights."""
         epochs = self.recipe["epochs"] if epochs is None else epochs

@@ -23,58 +23,35 @@ On top of them, reading a :class:`~pyro_sparse.summary.PosteriorSummary`:
 - :mod:`.transformer`: the evidence for removing whole attention heads (``remove_heads``).
 """
 
-from .bmr import (
-    bmr_diagonal_zero_mean,
-    bmr_gaussian,
-    group_delta_f,
-    savage_dickey,
-    spike_slab_decision,
-)
-from .compact import add_prune_masks, compact, compact_plan, export, masked_module, masked_predictive, masked_values
-from .report import reduction_report
-from .rules import Decision, Rule, applicable_rules, reduce, rule
-from .scores import (
-    group_scores,
-    magnitude_scores,
-    mask_by_sparsity,
-    mask_by_threshold,
-    opd_scores,
-    random_scores,
-    structured_mask,
-)
-from .transformer import head_evidence, remove_heads
-from .workflow import load_compact, reduce_run, save_compact, sweep_run
+import importlib
 
-__all__ = [
-    "Rule",
-    "Decision",
-    "reduce",
-    "rule",
-    "applicable_rules",
-    "head_evidence",
-    "remove_heads",
-    "compact",
-    "compact_plan",
-    "export",
-    "add_prune_masks",
-    "masked_module",
-    "masked_predictive",
-    "masked_values",
-    "reduction_report",
-    "reduce_run",
-    "sweep_run",
-    "save_compact",
-    "load_compact",
-    "bmr_gaussian",
-    "bmr_diagonal_zero_mean",
-    "savage_dickey",
-    "group_delta_f",
-    "spike_slab_decision",
-    "opd_scores",
-    "group_scores",
-    "magnitude_scores",
-    "random_scores",
-    "mask_by_sparsity",
-    "mask_by_threshold",
-    "structured_mask",
-]
+# the function shares its name with its module: bound here, or the submodule would shadow it
+from .compact import compact
+
+#: name -> the submodule that defines it (imported on first use, so importing one submodule -- the
+#: rules for a post-hoc prune -- does not import the run-directory workflow and the trainers)
+_LAZY = {
+    "bmr_gaussian": ".bmr", "bmr_diagonal_zero_mean": ".bmr", "savage_dickey": ".bmr", "group_delta_f": ".bmr",
+    "spike_slab_decision": ".bmr",
+    "add_prune_masks": ".compact", "compact_plan": ".compact", "export": ".compact",
+    "masked_module": ".compact", "masked_predictive": ".compact", "masked_values": ".compact",
+    "reduction_report": ".report",
+    "Decision": ".rules", "Rule": ".rules", "applicable_rules": ".rules", "reduce": ".rules", "rule": ".rules",
+    "group_scores": ".scores", "magnitude_scores": ".scores", "mask_by_sparsity": ".scores",
+    "mask_by_threshold": ".scores", "opd_scores": ".scores", "random_scores": ".scores",
+    "structured_mask": ".scores",
+    "head_evidence": ".transformer", "remove_heads": ".transformer",
+    "load_compact": ".workflow", "reduce_run": ".workflow", "save_compact": ".workflow", "sweep_run": ".workflow",
+}
+
+__all__ = ["compact", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'pyro_sparse.reduction' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

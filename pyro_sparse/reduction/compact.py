@@ -319,6 +319,8 @@ def _module_plan(network, values, masks, chains) -> CompactPlan:
     spec = {"format": FORMAT, "kind": "module", "source": network.source, "class": _class_path(network.template),
             "input_shape": list(network.input_shape) if network.input_shape is not None else None, "chains": {}}
     params, infos, folded, done = {}, {}, [], set()
+    # a tied parameter (one site) is read by every module that holds it, under each one's name
+    values, masks = network.tied_values(values), network.tied_values(masks)
     masked = masked_values(values, masks)
     for path, chain in chains:
         prefix = f"{path}." if path else ""
@@ -334,8 +336,13 @@ def _module_plan(network, values, masks, chains) -> CompactPlan:
     for path, layer in network.bayesian_layers():
         if path in done:
             continue
-        own = {p: masked[site_name(path, p)] for p in layer.priors() if site_name(path, p) in masked}
-        own_masks = {p: masks[site_name(path, p)] for p in layer.priors() if site_name(path, p) in masks}
+        names = [*layer.priors(), *layer.tied]
+        own = {p: masked[site_name(path, p)] for p in names if site_name(path, p) in masked}
+        own_masks = {p: masks[site_name(path, p)] for p in names if site_name(path, p) in masks}
+        if path not in shapes:  # the forward never called it (its weight is only read directly)
+            infos[path] = {"units": {}, "flops": 0, "flops_sparse": 0}
+            params.update({site_name(path, p): v for p, v in own.items()})
+            continue
         in_shape, out_shape = shapes[path]
         if hasattr(layer, "compact_module"):  # a converted LSTM/GRU: constant gates, unread neurons deleted
             entry, module, info = layer.compact_module(own, own_masks, in_shape, out_shape)

@@ -10,6 +10,9 @@ Counts (per layer and overall), read off the compact network that
   fraction the rule itself removed (before compaction deleted the units it left useless);
 * ``units_total`` / ``units_kept``: units of every unit group (neurons, channels, recurrent
   hidden neurons, embedding dimensions, transformer MLP units), and attention heads per block;
+* ``frozen_params``: the parameters of the modules a converted network left deterministic (batch
+  norms, modules without a Bayesian counterpart; ``network.frozen_parameters()``), which no rule
+  judges and no figure above counts; a tied parameter is one site, counted once;
 * ``params_dense`` (every parameter of the network, group variables included), ``params_compact``
   (the compact network's parameters, zeros included) and ``params_nonzero``, their bytes, and
   ``compression_ratio = params_dense / params_nonzero`` (Molchanov et al. 2017 report
@@ -129,8 +132,10 @@ def reduction_report(network, summary_or_values, decision, x_test=None, y_test=N
             "units_total", "params_dense", "params_nonzero", "params_compact", "flops_dense", "flops_compact",
             "flops_sparse"]
     layers, totals = {}, dict.fromkeys(keys, 0)
+    tied = set(getattr(network, "ties", {}))  # a tied parameter's other names: counted at its site only
+    params = {k: v for k, v in plan.params.items() if k not in tied}
     for name in plan.layers:  # the Bayesian layers, in network order
-        entry = _layer_entry(name, _own(values, name), _own(decision.masks, name), _own(plan.params, name),
+        entry = _layer_entry(name, _own(values, name), _own(decision.masks, name), _own(params, name),
                              plan.layers[name], dense.layers.get(name, {}))
         layers[name] = entry
         for key in totals:
@@ -149,6 +154,7 @@ def reduction_report(network, summary_or_values, decision, x_test=None, y_test=N
         "flops_ratio": totals["flops_dense"] / max(totals["flops_compact"], 1),
         "folded_biases": plan.folded,
         "compensated": bool(decision.values), "approximation": decision.approximation,
+        "frozen_params": sum(network.frozen_parameters().values()),
     })
     if decision.layers:  # the compensated reduction, layer by layer: removed, evidence change, path
         report["compensation"] = decision.summary()["layers"]

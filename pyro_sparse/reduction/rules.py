@@ -65,7 +65,7 @@ from ..summary import param_role
 from .bmr import bmr_diagonal_zero_mean, bmr_gaussian, group_delta_f, savage_dickey, spike_slab_decision
 from .scores import magnitude_scores, mask_by_sparsity, opd_scores, random_scores
 
-__all__ = ["Rule", "Decision", "reduce", "rule", "applicable_rules", "DEFAULT_SHRINK", "BUILTIN_RULES",
+__all__ = ["Rule", "Decision", "reduce", "rule", "applicable_rules", "DEFAULT_SHRINK",
            "BMR", "SavageDickey", "SpikeSlab", "LogAlpha", "OPD", "Magnitude", "Random", "GroupLogAlpha",
            "HorseshoeScale"]
 
@@ -385,11 +385,6 @@ class HorseshoeScale(_GroupRule):
     prunes = "below"
     threshold = 3.0
     plot = "log10"
-
-
-#: the built-in rules in the order the CLI lists them (registered by :mod:`pyro_sparse.builtins`)
-BUILTIN_RULES = (BMR(), SavageDickey(), SpikeSlab(), LogAlpha(), OPD(), Magnitude(), Random(), GroupLogAlpha(),
-                 HorseshoeScale())
 
 
 def rule(name) -> Rule:

@@ -23,7 +23,7 @@ import torch
 
 from .. import evaluation
 from ..checkpoint import load_safe, save_atomic, write_json_atomic, write_text_atomic
-from ..errors import CheckpointError, PyroSparseError, PyroSparseWarning, QualityError
+from ..errors import CheckpointError, PyroSparseError, PyroSparseWarning
 from ..registry import RULES
 from ..runs import load_run
 from .compact import FORMAT, build_module, compact, masked_module
@@ -209,37 +209,6 @@ def output_base(method, sparsity=None, threshold=None, structured=False, scope="
     return "-".join(parts)
 
 
-#: a reduced network this far below the dense one (accuracy points as a fraction; NLL per example
-#: for regression) is reported on stderr and in the reduction file
-WARN_DROP = 0.05
-
-
-def quality(report, key, summary_method, rule, max_drop=None) -> dict:
-    """How far the reduced network falls below the dense posterior-mean network on held-out data:
-    ``{"metric", "dense", "reduced", "drop", "warning"}`` (``drop`` in accuracy, or the NLL increase
-    for regression); a :class:`~pyro_sparse.errors.QualityError` (exit 3) past ``max_drop``."""
-    if key == "accuracy":
-        dense, reduced = report["test_accuracy_dense"], report["test_accuracy_reduced"]
-        metric, drop = "test_accuracy", dense - reduced
-        said = f"test accuracy {reduced:.4f} against {dense:.4f} for the dense posterior-mean network " \
-               f"({100 * drop:.1f} points lower)"
-    else:
-        dense, reduced = report["test_nll_dense"], report["test_nll_reduced"]
-        metric, drop = "test_nll", reduced - dense
-        said = f"test NLL {reduced:.4f} against {dense:.4f} for the dense posterior-mean network (+{drop:.4f} per example)"
-    warning = None
-    if drop > WARN_DROP:
-        advice = ""
-        if summary_method.startswith("svi") and rule in ("bmr", "savage-dickey", "spike-slab"):
-            advice = ("; one-shot evidence rules on a long mean-field fit over-prune (README, 'When one-shot "
-                      "reduction over-prunes'): use a target --sparsity, a Laplace posterior with curvature kfac, "
-                      "or iterative BMR")
-        warning = f"the reduced network lost quality: {said}{advice}"
-    if max_drop is not None and drop > max_drop:
-        raise QualityError(f"--max-drop {max_drop:g}: the reduced network's {said}; nothing was written")
-    return {"metric": metric, "dense": dense, "reduced": reduced, "drop": drop, "warning": warning}
-
-
 def _refuse_overwrite(paths, overwrite):
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not overwrite:
@@ -258,8 +227,9 @@ def reduce_run(directory, method=None, sparsity=None, threshold=None, structured
     ``calibration()``). The report holds at least ``sparsity`` (fraction of weights not in the
     compact network), ``rule_sparsity``, ``units_removed``, ``compression_ratio``,
     ``test_accuracy_dense`` and ``test_accuracy_reduced`` (RMSE for regression), ``quality``
-    (:func:`quality`: a warning when the reduced network falls more than :data:`WARN_DROP` below the
-    dense one, also printed), plus everything :func:`~.report.reduction_report` gives. Files
+    (:func:`~pyro_sparse.evaluation.quality`: a warning when the reduced network falls more than
+    :data:`~pyro_sparse.evaluation.WARN_DROP` below the dense one, also printed), plus everything
+    :func:`~.report.reduction_report` gives. Files
     ``reduction-<base>.json`` and ``compact-<base>.pt`` (:func:`output_base`) are never replaced
     without ``overwrite``; with ``max_drop`` a larger fall raises
     :class:`~pyro_sparse.errors.QualityError` and nothing is written.
@@ -288,7 +258,14 @@ def reduce_run(directory, method=None, sparsity=None, threshold=None, structured
                               num_samples=num_samples, noise=_noise(run), generator=generator)
     report.update({"run": os.path.abspath(directory), "summary_method": summary.method,
                    "weights_removed": report["weights_total"] - report["weights_kept"]})
-    report["quality"] = quality(report, metric_key(run.network.likelihood), summary.method, method, max_drop)
+    key = metric_key(run.network.likelihood)
+    advice = ""
+    if summary.method.startswith("svi") and method in ("bmr", "savage-dickey", "spike-slab"):
+        advice = ("; one-shot evidence rules on a long mean-field fit over-prune (README, 'When one-shot reduction "
+                  "over-prunes'): use a target --sparsity, a Laplace posterior with curvature kfac, or iterative BMR")
+    names = ("accuracy", "nll") if key == "accuracy" else ("nll",)
+    report["quality"] = evaluation.quality({k: report[f"test_{k}_dense"] for k in names},
+                                           {k: report[f"test_{k}_reduced"] for k in names}, max_drop, advice)
     if report["quality"]["warning"]:
         warnings.warn(report["quality"]["warning"], PyroSparseWarning, stacklevel=2)
     if write:
@@ -394,14 +371,17 @@ def _plot(result, path, title):
 
     key = result["metric"]
     fig, ax = plt.subplots(figsize=(6, 4))
+    from ..plots import coinciding
+
     methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
-    for method in methods:
-        rows = [r for r in result["rows"] if r["method"] == method]
-        ax.plot([r["sparsity"] for r in rows], [r[key] for r in rows], marker="o", label=method)
+    curves = {m: ([r["sparsity"] for r in result["rows"] if r["method"] == m],
+                  [r[key] for r in result["rows"] if r["method"] == m]) for m in methods}
+    for label, (xs, ys) in coinciding(curves).items():  # curves on top of each other drawn once, every name
+        ax.plot(xs, ys, marker="o", label=label)
     ax.axhline(result["dense"][key], color="gray", linestyle="--", label="dense posterior-mean network")
-    ax.set_xlabel("fraction of weights removed" if not result["structured"] else "fraction of weights removed "
-                  "(structured)")
-    ax.set_ylabel(key.replace("_", " "))
+    ax.set_xlabel("sparsity (fraction of the weights zero in the compact network)"
+                  + (", whole units removed" if result["structured"] else ""))
+    ax.set_ylabel(key.replace("_", " ") + " (compact posterior-mean network)")
     ax.set_title(os.path.basename(os.path.normpath(title)) + f" ({result['summary_method']})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
