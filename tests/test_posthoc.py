@@ -194,3 +194,24 @@ def test_prune_with_fine_tuning_keeps_pruned_weights_at_zero_and_any_rule(cnn):
     assert hasattr(masked.head[1], "weight_mask")
     with pytest.raises(ValueError, match="sparsity"):
         prune(model, loader, rule="opd")
+
+
+def test_prune_names_bad_labels_and_inputs_and_scores_held_out_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(60, 4), torch.randint(0, 3, (60,))
+    with pytest.raises(ValueError, match="y: label 3 is outside 0..2"):
+        prune(model, x, torch.where(y == 0, 3, y), rule="magnitude", sparsity=0.5)
+    with pytest.raises(ValueError, match="y: label -1 is outside"):
+        prune(model, x, y - 1, rule="magnitude", sparsity=0.5)
+    bad = x.clone()
+    bad[7, 2] = float("nan")
+    with pytest.raises(ValueError, match="x: NaN or infinite values, the first in row 7"):
+        prune(model, bad, y, rule="magnitude", sparsity=0.5)
+    r = prune(model, x, y, rule="random", sparsity=0.9, validation=(x, y))
+    q = r.info["quality"]
+    assert q["metric"] == "test_accuracy" and q["drop"] == pytest.approx(q["dense"] - q["reduced"])
+    from pyro_sparse.errors import QualityError
+
+    with pytest.raises(QualityError, match="--max-drop"):
+        prune(model, x, y, rule="random", sparsity=0.99, validation=(x, y), max_drop=-1.0)

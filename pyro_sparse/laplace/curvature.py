@@ -188,11 +188,6 @@ def data_batches(x, y=None, batch_size=None, need_y=False):
         if y is not None and (not torch.is_tensor(y) or y.dim() < 1 or y.shape[0] != x.shape[0]):
             raise ValueError(f"y must be a tensor with the same first dimension as x ({x.shape[0]}), "
                              f"got y of shape {getattr(y, 'shape', None)}")
-        for name, t in (("x", x), ("y", y)):
-            if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                row = int(torch.nonzero(~torch.isfinite(t.reshape(len(t), -1)).any(1))[0])
-                raise ValueError(f"{name}: {int((~torch.isfinite(t)).sum())} NaN or infinite value(s), the first in "
-                                 f"row {row}")
         step = x.shape[0] if batch_size is None else batch_size
         return [(x[i:i + step], None if y is None else y[i:i + step]) for i in range(0, x.shape[0], step)]
     if y is not None:

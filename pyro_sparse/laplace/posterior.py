@@ -250,7 +250,15 @@ MAX_EXACT_OUTPUTS = 16
 
 
 def _check_targets(likelihood, data, outputs):
-    """Class labels within the network's ``outputs`` classes (ValueError naming the label)."""
+    """Finite inputs and targets, and class labels within the network's ``outputs`` classes
+    (ValueError naming the value and the row)."""
+    seen = 0
+    for xb, yb in data:
+        for name, t in (("x", xb), ("y", yb)):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                row = seen + int(torch.nonzero((~torch.isfinite(t.reshape(len(t), -1))).any(1))[0])
+                raise ValueError(f"{name}: NaN or infinite values, the first in row {row}")
+        seen += len(xb)
     if likelihood.task not in ("classification", "binary"):
         return
     classes = outputs if likelihood.task == "classification" else 2
