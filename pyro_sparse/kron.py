@@ -47,12 +47,12 @@ MAX_EIGH = 4096
 
 
 def _clean(matrix, what):
-    m = matrix.detach().to(torch.float64)
+    m = matrix.detach().to(torch.float64)  # symmetric: LAPACK reads its lower triangle
     if not bool(torch.isfinite(m).all()):
         bad = int((~torch.isfinite(m)).sum())
         raise CurvatureError(f"{what}: {bad} NaN or infinite entries (non-finite activations or gradients: check "
                              "the inputs for NaN or values far from unit scale)")
-    return 0.5 * (m + m.transpose(-1, -2))
+    return m
 
 
 def _decompose(fn, matrix, what):
@@ -74,7 +74,7 @@ def _decompose(fn, matrix, what):
 def psd_eigh(matrix, what="matrix"):
     """``(eigenvalues, eigenvectors, jitter)`` of a symmetric positive semi-definite matrix.
 
-    Computed in float64 on the symmetrised matrix. A factor estimated from fewer rows than its
+    Computed in float64 (from the lower triangle). A factor estimated from fewer rows than its
     dimension is rank-deficient and, with activations spanning many orders of magnitude, badly
     scaled; float32 ``eigh`` may then not converge (LAPACK's "ill-conditioned or too many repeated
     eigenvalues"). Should float64 fail too, the smallest jitter that converges is added to the

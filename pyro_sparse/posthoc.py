@@ -40,6 +40,8 @@ recurrent layer, the modules named in ``exclude``) is held fixed and not pruned.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -57,6 +59,21 @@ from .reduction.rules import reduce
 from .summary import PosteriorSummary
 
 __all__ = ["prune", "PrunedModel"]
+
+
+def _peak_mb(reset=False):
+    """The process's peak resident memory in MB since the last reset (Linux: ``VmHWM``, which
+    ``reset`` sets back to the current size; elsewhere the peak since the start)."""
+    try:
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration, ValueError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @dataclass
@@ -92,7 +109,7 @@ def prune(module: nn.Module, x, y=None, rule="opd", sparsity=None, threshold=Non
           likelihood="categorical", noise=1.0, curvature="diag", structure="scalar", prior_precision=1.0,
           hyper_steps=200, hyper_lr=0.1, fine_tune_epochs=0, lr=1e-3, batch_size=64, seed=0, exclude=(),
           prune_masks=False, input_shape=None, curvature_batch_size=None, mc_samples="auto", validation=None,
-          max_drop=None, **rule_options) -> PrunedModel:
+          max_drop=None, verbose=None, **rule_options) -> PrunedModel:
     """Prune a trained ``module`` post hoc (see the module docstring): Laplace posterior
     (:func:`~pyro_sparse.laplace.posterior.laplace_posterior`: ``curvature``, ``structure``,
     ``prior_precision``, ``hyper_steps``, ``mc_samples``, ``curvature_batch_size``), the rule
@@ -105,16 +122,26 @@ def prune(module: nn.Module, x, y=None, rule="opd", sparsity=None, threshold=Non
     scored against the dense one there (``info["quality"]``, :func:`~pyro_sparse.evaluation.quality`)
     and a fall of more than 5 points (NLL 0.05 for regression) is warned about; with ``max_drop`` a
     larger fall raises :class:`~pyro_sparse.errors.QualityError`.
+
+    ``info`` records the seconds of each stage (``curvature_seconds``, ``marglik_seconds``,
+    ``rule_seconds``, ``fine_tune_seconds``, ``seconds``) and the peak resident memory in MB (``peak_mb``;
+    ``laplace_peak_mb`` up to the fitted posterior); with ``verbose`` (default: unless
+    ``PYRO_SPARSE_NO_PROGRESS`` is set) one line on stderr says them.
     """
+    if verbose is None:
+        verbose = not os.environ.get("PYRO_SPARSE_NO_PROGRESS")
     started = time.perf_counter()
+    _peak_mb(reset=True)
     posterior = laplace_posterior(module, x, y, likelihood, noise, curvature, structure, prior_precision, hyper_steps,
                                   hyper_lr, exclude, input_shape, curvature_batch_size, mc_samples, seed)
     network, summary, info = posterior.network, posterior.summary(), dict(posterior.info)
+    info["laplace_peak_mb"] = _peak_mb()
     start = time.perf_counter()
     rule_options.setdefault("calibration", posterior.calibration(x))  # layer by layer, where compensating
     decision = reduce(summary, rule, sparsity=sparsity, threshold=threshold, structured=structured, seed=seed,
                       **rule_options)
     info["rule_seconds"] = time.perf_counter() - start
+    info["peak_mb"] = _peak_mb()
     pruned = export(network, summary, decision)
     start = time.perf_counter()
     if fine_tune_epochs:
@@ -136,6 +163,12 @@ def prune(module: nn.Module, x, y=None, rule="opd", sparsity=None, threshold=Non
             total += p.numel()
     info.update({"rule": decision.method, "sparsity": 1.0 - kept / max(total, 1), "weights_total": total,
                  "weights_kept": kept, "seconds": time.perf_counter() - started})
+    if verbose:
+        print(f"prune: {info['seconds']:.1f} s (curvature {info['curvature_seconds']:.1f} s, prior precision "
+              f"{info['marglik_seconds']:.1f} s, {decision.method} {info['rule_seconds']:.1f} s"
+              + (f", fine-tune {info['fine_tune_seconds']:.1f} s" if fine_tune_epochs else "")
+              + f"); peak memory {info['peak_mb']:.0f} MB; {100 * info['sparsity']:.1f}% of {total} weights removed",
+              file=sys.stderr)
     if validation is not None:
         x_val, y_val = validation if isinstance(validation, (tuple, list)) else (validation, None)
         lik = posterior.likelihood

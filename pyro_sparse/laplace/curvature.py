@@ -94,6 +94,12 @@ class CurvatureBackend:
         """The gradient ``g`` of the layer output as ``(N, out, L)``, matching :meth:`patches`."""
         raise NotImplementedError
 
+    def columns(self, module, a) -> torch.Tensor:
+        """The patches as one matrix ``(D, N L)`` (a column per example and position), what the
+        input factor ``A`` is the Gram matrix of; by default from :meth:`patches`."""
+        p = self.patches(module, a)
+        return p.transpose(0, 1).reshape(p.shape[1], -1)
+
     def __repr__(self):
         return f"<curvature backend {self.name}>"
 
@@ -109,6 +115,9 @@ class LinearCurvature(CurvatureBackend):
 
     def out_grads(self, module, g):
         return g.reshape(g.shape[0], -1, g.shape[-1]).transpose(1, 2)
+
+    def columns(self, module, a):
+        return a.reshape(-1, a.shape[-1]).T  # a view: no copy of the inputs
 
 
 class ConvCurvature(CurvatureBackend):
@@ -126,7 +135,9 @@ class ConvCurvature(CurvatureBackend):
             raise ValueError(f"{type(module).__name__} needs numeric zero padding, got padding={module.padding!r}, "
                              f"padding_mode={module.padding_mode!r}")
 
-    def patches(self, module, a):
+    @staticmethod
+    def _unfolded(module, a):
+        """The input unfolded: ``(N, C, o_1..o_d, k_1..k_d)`` (a view of the padded input)."""
         dims = a.dim() - 2
         pad = [p for size in reversed(module.padding) for p in (size, size)]
         x = F.pad(a, pad) if any(module.padding) else a
@@ -135,10 +146,22 @@ class ConvCurvature(CurvatureBackend):
             x = x.unfold(2 + d, dil * (k - 1) + 1, s)
             if dil > 1:
                 x = x[..., ::dil]
+        return x, dims
+
+    def patches(self, module, a):
+        x, dims = self._unfolded(module, a)
         # (N, C, o_1..o_d, k_1..k_d) -> (N, C, k_1..k_d, o_1..o_d)
         order = [0, 1] + list(range(2 + dims, 2 + 2 * dims)) + list(range(2, 2 + dims))
         x = x.permute(order)
         return x.reshape(a.shape[0], -1, math.prod(x.shape[2 + dims:]))
+
+    def columns(self, module, a):
+        x, dims = self._unfolded(module, a)
+        # -> (C, k_1..k_d, N, o_1..o_d): one copy, in the layout of the Gram matrix
+        order = [1] + list(range(2 + dims, 2 + 2 * dims)) + [0] + list(range(2, 2 + dims))
+        x = x.permute(order)
+        rows = math.prod(x.shape[:1 + dims])
+        return x.reshape(rows, -1)
 
     def out_grads(self, module, g):
         return g.reshape(g.shape[0], g.shape[1], -1)
@@ -330,24 +353,25 @@ def _flat(f):
     return f.reshape(f.shape[0], -1)
 
 
-def _backprop_columns(model, targets, x, columns):
+def _backprop_columns(model, targets, x, columns, patches=True):
     """Yield, for each cotangent column of ``columns(f)`` (a tensor ``(M, N, K)`` from the detached
     flat output), the per-sample output gradients of every target layer: a list of
-    ``(target, patches (N, D, L), g (N, out, L))``. A layer applied several times has its
-    applications concatenated along ``L``."""
+    ``(target, inputs, g (N, out, L))``, ``inputs`` the patches ``(N, D, L)`` or, with
+    ``patches=False`` (KFAC reads their Gram matrix alone), the list of the layer's raw inputs. A
+    layer applied several times has its applications concatenated along ``L``."""
     f, records = _forward(model, targets, x)
     cols = columns(_flat(f.detach()))
     zs = [z for (_, _, z) in records]
-    patches = [t.backend.patches(t.module, a) for (t, a, _) in records]
+    inputs = [t.backend.patches(t.module, a) if patches else a for (t, a, _) in records]
     order = list(dict.fromkeys(t.name for t, _, _ in records))
     by_name = {t.name: t for t, _, _ in records}
     for m in range(cols.shape[0]):
         grads = torch.autograd.grad(f, zs, grad_outputs=cols[m].reshape(f.shape), retain_graph=m + 1 < cols.shape[0])
         per = {}
-        for (t, _, _), p, g in zip(records, patches, grads):
+        for (t, _, _), p, g in zip(records, inputs, grads):
             per.setdefault(t.name, []).append((p, t.backend.out_grads(t.module, g)))
-        yield [(by_name[n], torch.cat([p for p, _ in per[n]], -1), torch.cat([g for _, g in per[n]], -1))
-               for n in order]
+        yield [(by_name[n], torch.cat([p for p, _ in per[n]], -1) if patches else [p for p, _ in per[n]],
+                torch.cat([g for _, g in per[n]], -1)) for n in order]
 
 
 def _columns(lik, mc_samples, generator):
@@ -439,6 +463,25 @@ def _with_ones(t, a):
     return a
 
 
+def _gram(t, a, dtype=None):
+    """``sum_{n,l} a~ a~'`` of one application's input ``a`` (``a~`` with a one for a trainable bias),
+    from the backend's columns: the bias row and column are the column sums and the count, so the
+    ones are never materialised."""
+    p = t.backend.columns(t.module, a)
+    if dtype is not None:
+        p = p.to(dtype)
+    inner = p @ p.T
+    if not (t.module.bias is not None and t.module.bias.requires_grad):
+        return inner
+    out = inner.new_empty(inner.shape[0] + 1, inner.shape[1] + 1)
+    out[:-1, :-1] = inner
+    total = p.sum(1)
+    out[:-1, -1] = total
+    out[-1, :-1] = total
+    out[-1, -1] = p.shape[1]
+    return out
+
+
 def kfac_ggn(model, x, y=None, likelihood="categorical", noise=1.0, batch_size=None, mc_samples=None,
              generator=None, network=None):
     """Kronecker-factored GGN, one ``(A, G)`` pair per layer with curvature (KFAC-expand).
@@ -474,13 +517,11 @@ def kfac_ggn(model, x, y=None, likelihood="categorical", noise=1.0, batch_size=N
     with _eval_mode(model), torch.enable_grad():
         for xb, _ in data:
             first = True
-            for layer_grads in _backprop_columns(model, targets, xb, columns):
-                for t, a, g in layer_grads:
+            for layer_grads in _backprop_columns(model, targets, xb, columns, patches=False):
+                for t, inputs, g in layer_grads:
                     if first:
-                        a = _with_ones(t, a)
-                        p = a.transpose(0, 1).reshape(a.shape[1], -1)
-                        a_sums[t.name] = a_sums.get(t.name, 0) + p @ p.T
-                        counts[t.name] = counts.get(t.name, 0) + a.shape[0] * a.shape[-1]
+                        a_sums[t.name] = a_sums.get(t.name, 0) + sum(_gram(t, a) for a in inputs)
+                        counts[t.name] = counts.get(t.name, 0) + g.shape[0] * g.shape[-1]
                     q = g.transpose(0, 1).reshape(g.shape[1], -1)
                     g_sums[t.name] = g_sums.get(t.name, 0) + q @ q.T
                 first = False
@@ -544,9 +585,7 @@ def input_moment(model, x, layer, network=None, batch_size=None):
             for xb, *_ in data:
                 model(xb)
                 for a in inputs:
-                    p = _with_ones(target, target.backend.patches(target.module, a))
-                    p = p.transpose(0, 1).reshape(p.shape[1], -1).to(torch.float64)
-                    total = total + p @ p.T
+                    total = total + _gram(target, a).to(torch.float64)
                 inputs.clear()
     finally:
         hook.remove()

@@ -264,9 +264,11 @@ def _removed_from(order, k, width):
 # --------------------------------------------------------------------------- one layer, blockwise
 
 
-def _blockwise_layer(h, scale, mu, prior_precision, removable, delta_f, keep_counts=None, threshold=0.0, nm=None):
+def _blockwise_layer(hinv, var, scale, mu, prior_precision, removable, delta_f, keep_counts=None, threshold=0.0,
+                     nm=None):
     r"""SparseGPT's pass over one layer with the shared :math:`H` (rows' precisions
-    :math:`P_i \approx s_i H`, ``scale`` the ``s_i``): returns ``(values, removed, delta_f_total)``.
+    :math:`P_i \approx s_i H`, ``scale`` the ``s_i``; ``hinv`` its inverse, ``var`` the single-weight
+    variances, :func:`_shared`): returns ``(values, removed, delta_f_total)``.
 
     The removed set: with ``keep_counts`` (removals per row) chosen up front, each row's
     ``k_i`` largest single-weight :math:`\Delta F` under the shared :math:`H`; else per block of
@@ -276,13 +278,10 @@ def _blockwise_layer(h, scale, mu, prior_precision, removable, delta_f, keep_cou
     updates that make the pass :math:`O(d^3 + R d^2)`)."""
     rows, d = mu.shape
     tiny = torch.finfo(mu.dtype).tiny
-    chol = torch.linalg.cholesky(h)
-    u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)  # H^-1 = U' U
+    u = torch.linalg.cholesky(hinv, upper=True)  # H^-1 = U' U
     w = mu.clone()
     removed = torch.zeros_like(removable)
     if keep_counts is not None:
-        var = torch.minimum(torch.cholesky_inverse(chol).diagonal()[None, :] / scale.clamp_min(tiny)[:, None],
-                            prior_precision.reciprocal())
         df = torch.where(removable, delta_f(mu, var, prior_precision), torch.full_like(mu, -math.inf))
         ranked = torch.argsort(df, dim=1, descending=True)
         first = torch.arange(d)[None, :] < keep_counts[:, None]
@@ -401,12 +400,12 @@ def compensated_reduction(summary, delta_f, *, sparsity=None, threshold=0.0, sco
             scores = {}
             for s in layers:
                 mu, prior, removable = _row_inputs(s, summary)
-                p = _row_precisions(s, output_scale)
                 if s.width <= max_exact:
+                    p = _row_precisions(s, output_scale)
                     _, inc = _exact_layer(p, mu, prior, removable, delta_f, None, ALLOCATION_FRACTION)
                     scores[s.layer] = _prefix_scores(inc)
                 else:  # single-weight evidence on the shared H, sorted: a prefix score per row
-                    var = _shared(s, p)[0]
+                    var = _shared(s, output_scale)[0]
                     df = torch.where(removable, delta_f(mu, var, prior), torch.full_like(mu, -math.inf))
                     scores[s.layer] = df.sort(1, descending=True).values
             flat = torch.cat([v.reshape(-1) for v in scores.values()])
@@ -430,8 +429,8 @@ def compensated_reduction(summary, delta_f, *, sparsity=None, threshold=0.0, sco
     for s in layers:
         mu, prior, removable = _row_inputs(s, summary)
         a = calibration.input_moment(s.layer, current) if calibration is not None and s.kind == "kronecker" else None
-        p = _row_precisions(s, output_scale, a)
         if s.width <= max_exact:
+            p = _row_precisions(s, output_scale, a)
             order, inc = _exact_layer(p, mu, prior, removable, delta_f, nm, STEP_FRACTION)
             if nm is not None:
                 k = torch.isfinite(inc).sum(1)
@@ -445,13 +444,14 @@ def compensated_reduction(summary, delta_f, *, sparsity=None, threshold=0.0, sco
                                          torch.zeros_like(inc)).sum()) if inc.numel() else 0.0
             path = "exact"
         else:
-            var, h, row_scale = _shared(s, p)
+            var, hinv, row_scale = _shared(s, output_scale, a)
             keep_counts = None
             if s.layer in counts and nm is None:  # per-row counts from the sorted single-weight evidence
                 df = torch.where(removable, delta_f(mu, var, prior), torch.full_like(mu, -math.inf))
                 keep_counts = _cut(df.sort(1, descending=True).values, count=counts[s.layer])
-            new, removed, total_df = _blockwise_layer(h, row_scale, mu, prior, removable, delta_f, keep_counts,
-                                                      threshold, nm)
+            new, removed, total_df = _blockwise_layer(hinv, var, row_scale, mu, prior, removable, delta_f,
+                                                      keep_counts, threshold, nm)
+            del hinv
             total_df = float(total_df)
             path = "blockwise"
         for site, value in s.split(new).items():
@@ -465,15 +465,28 @@ def compensated_reduction(summary, delta_f, *, sparsity=None, threshold=0.0, sco
     return masks, values, info
 
 
-def _shared(structure, p):
-    r"""For the blockwise path: the shared :math:`H` with :math:`P_i \approx s_i H`, the per-row
-    ``s_i`` and the marginal variances of single weights under it, ``(var, H, s)``: from the
-    row blocks ``p``, :math:`s_i` the mean of :math:`P_i`'s diagonal and :math:`H` the mean of
-    :math:`P_i / s_i` (exact where the rows differ by a scale, as Kronecker rows do up to the
-    prior). A variance is never above the prior's (a row the data do not reach keeps its prior)."""
-    s = p.diagonal(dim1=1, dim2=2).mean(1)
-    h = (p / s.clamp_min(torch.finfo(s.dtype).tiny)[:, None, None]).mean(0)
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    var = torch.minimum(hinv.diagonal()[None, :] / s.clamp_min(torch.finfo(s.dtype).tiny)[:, None],
-                        structure.delta.reciprocal())
-    return var, h, s
+def _shared(structure, output_scale, input_moment=None):
+    r"""For the blockwise path, without forming the row blocks: the inverse of the shared :math:`H`
+    with :math:`P_i \approx s_i H`, the per-row ``s_i`` and the marginal variances of single weights
+    under it, ``(var, H^-1, s)``. Kronecker factors: :math:`H = A + \bar\delta I` with
+    :math:`\bar\delta = \mathrm{mean}(\delta) / \mathrm{mean}(s)` and :math:`s_i = G_{ii}` as
+    fitted, or :math:`s_i = 1` in unit output scale (exact but for the prior's spread); exact row
+    blocks: the mean of :math:`P_i / s_i`, :math:`s_i` the mean of :math:`P_i`'s diagonal. A variance
+    is never above the prior's (a row the data do not reach keeps its prior). Wide layers are the
+    point of this path, so no more than two matrices of the layer's width are held at once."""
+    tiny = torch.finfo(torch.float64).tiny
+    if structure.kind == "kronecker":
+        a = structure.A if input_moment is None else input_moment.detach().to(torch.float64)
+        s = torch.ones(structure.out, dtype=a.dtype) if output_scale == "unit" else structure.G.diagonal().clone()
+        h = a.clone()
+        h.diagonal().add_(float(structure.delta.mean()) / max(float(s.mean()), tiny))
+    else:
+        p = _row_precisions(structure, output_scale)
+        s = p.diagonal(dim1=1, dim2=2).mean(1)
+        h = (p / s.clamp_min(tiny)[:, None, None]).mean(0)
+    chol = torch.linalg.cholesky(h)
+    del h
+    hinv = torch.cholesky_inverse(chol)
+    del chol
+    var = torch.minimum(hinv.diagonal()[None, :] / s.clamp_min(tiny)[:, None], structure.delta.reciprocal())
+    return var, hinv, s
