@@ -142,6 +142,10 @@ def _add_reduce(sub):
     p.add_argument("--seed", type=int, default=0, help="seed of the random rule and the predictive draws")
     p.add_argument("--data", help="the run's data, if it moved (a different fingerprint is warned about)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of the same reduction")
+    p.add_argument("--storage", default="auto", help="auto | csr | dense: kept weights of Linear/Conv layers in CSR "
+                   "where smaller, computed sparsely where measured faster (auto), always sparsely (csr), or "
+                   "every layer dense")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement (batch 1 and 256)")
 
 
 @command("reduce", "reduce a fitted run")
@@ -150,13 +154,16 @@ def cmd_reduce(args):
         raise PyroSparseError(f"--scope: expected 'global' or 'layer', got {args.scope!r}")
     if args.samples < 0:
         raise PyroSparseError(f"--samples: must be >= 0, got {args.samples}")
+    if args.storage not in ("auto", "csr", "dense"):
+        raise PyroSparseError(f"--storage: expected auto, csr or dense, got {args.storage!r}")
     extra = {"reduced_scale": args.reduced_scale} if args.reduced_scale is not None else {}
     check_run_dir(args.dir)
     from .reduction.workflow import reduce_run
 
     report = reduce_run(args.dir, args.method, sparsity=args.sparsity, threshold=args.threshold,
                         structured=args.structured, scope=args.scope, num_samples=args.samples, seed=args.seed,
-                        overwrite=args.overwrite, data=args.data, **extra)
+                        overwrite=args.overwrite, data=args.data, storage=args.storage,
+                        latency=not args.no_latency, **extra)
     keys = [k for k in report if k.startswith("test_")] + [
         "sparsity", "rule_sparsity", "weights_kept", "weights_total", "units_removed", "compression_ratio",
         "compact_ratio", "flops_dense", "flops_compact", "param_bytes_dense", "param_bytes_compact",
@@ -173,6 +180,9 @@ def cmd_reduce(args):
             gates = ", ".join(f"{g} {v['kept']} ({v['constant']} constant)" for g, v in r["gates"].items())
             print(f"  {name}[{k}] {r['cell']}: hidden {r['hidden'][0]}/{r['hidden'][1]}, inputs "
                   f"{r['inputs'][0]}/{r['inputs'][1]}, gates computed {gates}")
+    from .reduction.report import format_deployment
+
+    print("\n".join("  " + line for line in format_deployment(report).splitlines()))
     print(f"  wrote {report['report_path']} and {report['compact_path']}")
     return 0
 
