@@ -63,7 +63,7 @@ import torch
 from ..registry import RULES
 from ..summary import param_role
 from .bmr import bmr_diagonal_zero_mean, bmr_gaussian, group_delta_f, savage_dickey, spike_slab_decision
-from .scores import magnitude_scores, mask_by_sparsity, opd_scores, random_scores
+from .scores import magnitude_scores, mask_by_sparsity, mask_n_m, opd_scores, parse_pattern, random_scores
 
 __all__ = ["Rule", "Decision", "reduce", "rule", "applicable_rules", "DEFAULT_SHRINK", "BUILTIN_RULES",
            "BMR", "SavageDickey", "SpikeSlab", "LogAlpha", "OPD", "Magnitude", "Random", "GroupLogAlpha",
@@ -565,7 +565,7 @@ def _natural(summary, r, context) -> dict:
 
 
 def reduce(summary, method, sparsity=None, threshold=None, structured=False, *, scope="global",
-           reduced_scale=None, shrink=DEFAULT_SHRINK, seed=0, generator=None) -> Decision:
+           reduced_scale=None, shrink=DEFAULT_SHRINK, seed=0, generator=None, pattern=None) -> Decision:
     r"""Decide which weights (or units) of a posterior summary to remove.
 
     Args:
@@ -585,10 +585,18 @@ def reduce(summary, method, sparsity=None, threshold=None, structured=False, *, 
         shrink: relative scale of the reduced prior when ``reduced_scale`` is not given (a shrunk
             copy of the full prior, Markovic et al. 2023), in (0, 1).
         seed, generator: the random stream of ``random``.
+        pattern: ``"N:M"`` (e.g. ``"2:4"``): of every M consecutive weights along a weight's input
+            axis keep at most the N the rule ranks highest (:func:`~.scores.mask_n_m`), on every
+            weight site the rule judges. Alone it is the whole decision (the rule's default
+            threshold is not applied); with ``sparsity`` or ``threshold`` a weight must pass both.
 
     Returns a :class:`Decision`.
     """
     r = rule(method)
+    n_m = parse_pattern(pattern) if pattern is not None else None
+    if n_m is not None and (structured or not r.ranks):
+        raise ValueError(f"pattern: an N:M pattern ranks single weights; not with "
+                         f"{'structured' if structured else f'the {r.name} rule (it decides its own threshold)'}")
     sparsity = _check_sparsity(sparsity)
     threshold = _check_threshold(threshold)
     if sparsity is not None and threshold is not None:
@@ -599,7 +607,7 @@ def reduce(summary, method, sparsity=None, threshold=None, structured=False, *, 
         bad = "sparsity" if sparsity is not None else "threshold"
         raise ValueError(f"{bad}: the {r.name} rule decides its own threshold; "
                          f"got {bad}={sparsity if sparsity is not None else threshold!r}")
-    if r.ranks and r.threshold is None and sparsity is None and threshold is None:
+    if r.ranks and r.threshold is None and sparsity is None and threshold is None and n_m is None:
         raise ValueError(f"sparsity: rule {r.name!r} ranks weights and needs a target sparsity "
                          "(or a threshold on its score)")
     if reduced_scale is not None and not (isinstance(reduced_scale, Real) and reduced_scale > 0):
@@ -610,10 +618,11 @@ def reduce(summary, method, sparsity=None, threshold=None, structured=False, *, 
         raise ValueError("summary: has no sites")
     if generator is None:
         generator = torch.Generator().manual_seed(int(seed))
-    if threshold is None and sparsity is None:
+    if threshold is None and sparsity is None and n_m is None:
         threshold = r.threshold
     options = {"sparsity": sparsity, "threshold": threshold, "structured": bool(structured), "scope": scope,
-               "reduced_scale": reduced_scale, "shrink": shrink if isinstance(r, BMR) else None, "seed": seed}
+               "reduced_scale": reduced_scale, "shrink": shrink if isinstance(r, BMR) else None, "seed": seed,
+               "pattern": None if n_m is None else f"{n_m[0]}:{n_m[1]}"}
     context = _context(r, reduced_scale, shrink, generator)
 
     weights = summary.of_role("weight")
@@ -633,8 +642,12 @@ def reduce(summary, method, sparsity=None, threshold=None, structured=False, *, 
             for k, v in natural.items():
                 keep, z = spike_slab_decision(v)
                 masks[k], zeta[k] = keep, float(z)
-        else:
+        elif threshold is not None:
             masks.update({k: r.keep(v, threshold) for k, v in natural.items()})
+        if n_m is not None:  # N:M along the input axis, by the rule's own ranking
+            for k, v in ranked.items():
+                if "input" in summary[k].axes and v.dim() > 1:
+                    masks[k] = masks[k] & mask_n_m(r.keep_score(v), *n_m, dim=summary[k].axes["input"])
     else:
         natural = {}
         hidden = {k: s for k, s in weights.items() if s.layer != output_layer and "unit" in s.axes}
