@@ -455,13 +455,17 @@ def _plan_entries(plan):
 
 
 @torch.no_grad()
-def apply_storage(plan: CompactPlan, storage: str = "auto") -> CompactPlan:
+def apply_storage(plan: CompactPlan, storage: str = "auto", pattern=None) -> CompactPlan:
     """Decide how each Linear / Conv layer of a compact plan stores its kept weights and computes
     with them (:func:`pyro_sparse.storage.decide`), in place: the spec entry of a layer that is not
     the plain torch layer gets ``storage`` (``csr`` or ``dense``; a Linear also ``kernels`` and
     ``switch_rows``), and ``plan.layers[name]["storage"]`` the record (density, bytes dense and
-    CSR, the measured timings). The plan's ``params`` stay the dense compact tensors."""
+    CSR, the measured timings). The plan's ``params`` stay the dense compact tensors. ``pattern``
+    (``"N:M"``, a decision's): each record says whether the compact weight still holds it along its
+    input axis (``pattern_holds``): deleting unread or constant units removes input columns, which
+    can shift the blocks."""
     from ..storage import decide
+    from .scores import parse_pattern
 
     for prefix, entry in _plan_entries(plan):
         kind = entry.get("type")
@@ -471,6 +475,14 @@ def apply_storage(plan: CompactPlan, storage: str = "auto") -> CompactPlan:
             continue
         info = plan.layers.setdefault(key, {})
         record = decide(kind, weight, plan.params.get(f"{key}.bias"), info.get("positions", 1), storage)
+        if pattern is not None:
+            n, m = parse_pattern(pattern)
+            w = weight.movedim(1, -1) != 0
+            pad = (-w.shape[-1]) % m
+            if pad:
+                w = torch.cat([w, w.new_zeros(*w.shape[:-1], pad)], -1)
+            record["pattern"] = f"{n}:{m}"
+            record["pattern_holds"] = bool((w.reshape(*w.shape[:-1], -1, m).sum(-1) <= n).all())
         info["storage"] = record
         for k in ("storage", "kernels", "switch_rows"):
             entry.pop(k, None)
@@ -516,7 +528,7 @@ def compact(network, summary_or_values, decision=None, input_shape=None, storage
     """
     values, masks = point_values(summary_or_values), _masks(decision)
     plan = compact_plan(network, values, masks, input_shape)
-    apply_storage(plan, storage)
+    apply_storage(plan, storage, getattr(decision, "options", {}).get("pattern"))
     if plan.spec.get("kind") == "module":
         module = build_module_network(network, plan, values, masks)
     else:

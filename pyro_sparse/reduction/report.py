@@ -234,7 +234,8 @@ def deployment_figures(dense_module, module, x=None, compact_bytes=None, batch_s
     plan = getattr(module, "plan", None)
     if plan is not None:
         out["storage"] = {name: {k: info["storage"][k] for k in ("layer", "storage", "density", "nnz", "kernels",
-                                                                   "switch_rows", "reason") if k in info["storage"]}
+                                                                   "switch_rows", "pattern", "pattern_holds", "reason")
+                                 if k in info["storage"]}
                           for name, info in plan.layers.items() if "storage" in info}
     if x is not None and len(x):
         inputs = {f"b{b}": _rows(x, b) for b in batch_sizes}
@@ -254,6 +255,8 @@ def _storage_text(s) -> str:
         small, large = s["kernels"]
         text += f", kernel {small}" if s.get("switch_rows") is None else \
             f", kernel {small} below {s['switch_rows']} rows, {large} from there"
+    if "pattern" in s:
+        text += f", {s['pattern']} {'holds' if s['pattern_holds'] else 'broken by deleted input units'}"
     return text + ")"
 
 

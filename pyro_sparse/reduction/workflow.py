@@ -91,7 +91,7 @@ def _decide(summary, method, **options):
         return reduce(summary, method, **options)
     except ValueError as e:
         head, _, rest = str(e).partition(": ")
-        if head in ("sparsity", "threshold", "structured", "scope", "reduced_scale"):
+        if head in ("sparsity", "threshold", "structured", "scope", "reduced_scale", "pattern"):
             raise PyroSparseError(f"--{head.replace('_', '-')}: {rest}") from None
         if head == f"rule {method!r}":
             raise PyroSparseError(f"--method {method}: {rest}") from None
@@ -192,10 +192,13 @@ def run_rule(run, method=None, threshold=None, sparsity=None, structured=False):
     return check_method(method), threshold, sparsity, structured
 
 
-def output_base(method, sparsity=None, threshold=None, structured=False, scope="global", reduced_scale=None):
+def output_base(method, sparsity=None, threshold=None, structured=False, scope="global", reduced_scale=None,
+                pattern=None):
     """The stem of a reduction's files, naming what distinguishes it: ``opd-s0.9``,
-    ``log-alpha-t3``, ``bmr-g0.01-structured``."""
+    ``log-alpha-t3``, ``bmr-g0.01-structured``, ``magnitude-2of4``."""
     parts = [method]
+    if pattern is not None:
+        parts.append(str(pattern).replace(":", "of"))
     if sparsity is not None:
         parts.append(f"s{sparsity:g}")
     if threshold is not None:
@@ -239,9 +242,10 @@ def reduce_run(directory, method=None, sparsity=None, threshold=None, structured
     sparsity = check_sparsity(sparsity)
     run = _load(directory, data)
     method, threshold, sparsity, structured = run_rule(run, method, threshold, sparsity, structured)
-    if threshold is None and sparsity is None:  # the rule's own threshold, named in the files
+    if threshold is None and sparsity is None and rule_options.get("pattern") is None:  # the rule's own threshold
         threshold = RULES[method].threshold
-    base = output_base(method, sparsity, threshold, structured, scope, rule_options.get("reduced_scale"))
+    base = output_base(method, sparsity, threshold, structured, scope, rule_options.get("reduced_scale"),
+                       rule_options.get("pattern"))
     paths = [os.path.join(directory, f"reduction-{base}.json"), os.path.join(directory, f"compact-{base}.pt")]
     if write:
         _refuse_overwrite(paths, overwrite)
