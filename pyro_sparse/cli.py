@@ -138,6 +138,8 @@ def _add_reduce(sub):
     p.add_argument("--structured", action="store_true", help="remove whole units / conv filters")
     p.add_argument("--scope", default="global", help="global | layer: rank weights over the network or per layer")
     p.add_argument("--reduced-scale", type=float, help="bmr: standard deviation of the reduced prior N(0, g^2)")
+    p.add_argument("--pattern", help="N:M, e.g. 2:4: keep at most N of every M consecutive weights along each weight's "
+                                     "input axis, ranked by the rule (alone, or with --threshold / --sparsity)")
     p.add_argument("--samples", type=int, default=0, help="also report the masked posterior predictive (draws)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random rule and the predictive draws")
     p.add_argument("--data", help="the run's data, if it moved (a different fingerprint is warned about)")
@@ -157,6 +159,11 @@ def cmd_reduce(args):
     if args.storage not in ("auto", "csr", "dense"):
         raise PyroSparseError(f"--storage: expected auto, csr or dense, got {args.storage!r}")
     extra = {"reduced_scale": args.reduced_scale} if args.reduced_scale is not None else {}
+    if args.pattern is not None:
+        n, sep, m = args.pattern.partition(":")
+        if not (sep and n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+            raise PyroSparseError(f"--pattern: expected N:M with 0 < N < M (e.g. 2:4), got {args.pattern!r}")
+        extra["pattern"] = args.pattern
     check_run_dir(args.dir)
     from .reduction.workflow import reduce_run
 
@@ -229,7 +236,7 @@ def build_parser():
 
 
 #: commands that build networks from model specs (which may name code to import)
-CODE_COMMANDS = ("fit", "evaluate", "reduce", "sweep", "report", "compare", "predict")
+CODE_COMMANDS = ("fit", "evaluate", "reduce", "sweep", "report", "compare", "predict", "export")
 
 
 ADDERS = [_add_fit, _add_evaluate, _add_reduce, _add_sweep]
@@ -311,7 +318,8 @@ ADDERS.extend([_add_report, _add_compare])
 def _add_predict(sub):
     p = sub.add_parser("predict", help="class probabilities (or predictive mean and sd) for new data, from a run or "
                                        "a compact network")
-    p.add_argument("source", help="run directory (posterior predictive) or compact-*.pt file (deterministic)")
+    p.add_argument("source", help="run directory (posterior predictive), compact-*.pt file (deterministic), or a "
+                                  "graph written by pyro-sparse export (TorchScript, or .onnx with onnxruntime)")
     p.add_argument("--data", required=True, help="PATH.npz (x [, y]) or PATH.csv (features [, target column]); "
                                                  "raw inputs: the run's input transform is applied")
     p.add_argument("--out", required=True, help="file to write: PATH.npz (one array per column) or CSV (one row "
@@ -333,8 +341,8 @@ def cmd_predict(args):
                               else f"{args.out}: exists and is not a file")
     result = predict(args.source, args.data, num_samples=args.samples, seed=args.seed, target=args.target)
     write_predictions(result, args.out, overwrite=args.overwrite)
-    what = (f"posterior predictive, {result['samples']} draw(s)" if result["source"] == "run"
-            else "compact network")
+    what = {"run": f"posterior predictive, {result['samples']} draw(s)", "compact": "compact network",
+            "graph": "exported graph"}[result["source"]]
     print(f"predicted {result['examples']} examples from {args.source} ({what})")
     for key, value in (result["figures"] or {}).items():
         print(f"  {key:<9} {value:.4f}")
@@ -343,6 +351,46 @@ def cmd_predict(args):
 
 
 ADDERS.append(_add_predict)
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="write a compact network (with its input transform) as a TorchScript or ONNX "
+                                      "graph that runs without pyro-sparse")
+    p.add_argument("source", help="compact-*.pt file, or a run directory (reduced with its recipe's rule, or --method)")
+    p.add_argument("--format", required=True, help="torchscript | onnx (onnx needs: pip install 'pyro-sparse[onnx]')")
+    p.add_argument("--out", required=True, help="file to write")
+    p.add_argument("--method", help="run directory: the reduction rule (default: the recipe's)")
+    p.add_argument("--threshold", type=float, help="run directory: the rule's threshold")
+    p.add_argument("--sparsity", type=float, help="run directory: target fraction of weights to remove")
+    p.add_argument("--data", help="PATH.npz or PATH.csv of raw inputs to check the graph on (default: the run's "
+                                  "test split)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+
+@command("export", "export a compact network as a graph")
+def cmd_export(args):
+    if args.format not in ("torchscript", "onnx"):  # pyro_sparse.deploy.FORMATS (imported after the checks)
+        raise PyroSparseError(f"--format: expected torchscript or onnx, got {args.format!r}")
+    if os.path.exists(args.out) and not (args.overwrite and os.path.isfile(args.out)):
+        raise PyroSparseError(f"{args.out}: exists; use --overwrite to replace it" if os.path.isfile(args.out)
+                              else f"{args.out}: exists and is not a file")
+    if not os.path.exists(args.source):
+        raise PyroSparseError(f"{args.source}: no such run directory or compact file")
+    if os.path.isdir(args.source):
+        check_run_dir(args.source)
+    _check_file("--data", args.data)
+    from .deploy import export_graph
+
+    result = export_graph(args.source, args.out, args.format, overwrite=args.overwrite, data=args.data,
+                          method=args.method, threshold=args.threshold, sparsity=args.sparsity)
+    diff = result["max_abs_diff"]
+    check = (f"outputs within {diff:.2g} of the compact network's on {result['checked_on']} ({result['examples']} "
+             "examples)" if diff is not None else "not checked: onnxruntime is not installed")
+    print(f"wrote {args.out} ({args.format}, {result['bytes']:,} bytes): {check}")
+    return 0
+
+
+ADDERS.append(_add_export)
 
 
 def main(argv=None) -> int:
