@@ -385,7 +385,8 @@ def cmd_export(args):
                           method=args.method, threshold=args.threshold, sparsity=args.sparsity)
     diff = result["max_abs_diff"]
     check = (f"outputs within {diff:.2g} of the compact network's on {result['checked_on']} ({result['examples']} "
-             "examples)" if diff is not None else "not checked: onnxruntime is not installed")
+             f"examples; largest |output| {result['max_abs_output']:.3g})" if diff is not None
+             else "not checked: onnxruntime is not installed")
     print(f"wrote {args.out} ({args.format}, {result['bytes']:,} bytes): {check}")
     return 0
 

@@ -514,7 +514,8 @@ class Linear(_Parametric):
     def build_compact(cls, entry):
         if "kernels" in entry:  # a layer where weights were removed (pyro_sparse.storage)
             return CompactLinear(entry["in"], entry["out"], bias=entry["bias"], csr_storage=entry["storage"] == "csr",
-                                 kernels=entry["kernels"], switch_rows=entry.get("switch_rows"))
+                                 kernels=entry["kernels"], switch_rows=entry.get("switch_rows"),
+                                 positions=entry.get("positions", 1))
         return nn.Linear(entry["in"], entry["out"], bias=entry["bias"])
 
     def deterministic(self, params):

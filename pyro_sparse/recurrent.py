@@ -936,6 +936,21 @@ class CompactRecurrent(nn.Module):
         ``.data``, which its cache cannot see)."""
         self.__dict__.pop("_plain_cache", None)
 
+    @torch.no_grad()
+    def plain_module(self) -> "PlainRecurrent":
+        """A :class:`PlainRecurrent` computing what this module computes, its torch layer built now
+        (what the exporters trace: building a torch layer inside a trace fails)."""
+        layer = None
+        if self.hidden_size:
+            w_ih, w_hh, bias, bias_hn = self.plain_weights()
+            layer = CELLS[self.cell]["torch"](w_ih.shape[1], self.hidden_size, batch_first=True, device=w_ih.device,
+                                              dtype=w_ih.dtype).requires_grad_(False)
+            for name, value in (("weight_ih_l0", w_ih), ("weight_hh_l0", w_hh), ("bias_ih_l0", bias),
+                                ("bias_hh_l0", _hidden_bias(self.cell, bias, bias_hn))):
+                getattr(layer, name).copy_(value)
+        return PlainRecurrent(self.cell, layer, self.input_index.clone(), self.output_scale.detach().clone(),
+                              self.return_sequence).eval()
+
     def plain_weights(self):
         r"""``(weight_ih, weight_hh, bias, bias_hn)`` of a plain LSTM/GRU layer of the kept units
         (``bias_hn`` None for an LSTM) that computes this module exactly, for torch's fused
@@ -966,6 +981,39 @@ class CompactRecurrent(nn.Module):
             n_constant = self.constant_index[gate == G - 1] - (G - 1) * H
             bias_hn = bias_hn.index_fill(0, n_constant, 0.0)
         return w_ih, w_hh, bias, bias_hn
+
+
+class PlainRecurrent(nn.Module):
+    """A :class:`CompactRecurrent` as plain torch modules, for export: the kept input features
+    (``input_index``; a zero column where none is kept), a ``torch.nn.LSTM``/``GRU`` (``layer``;
+    None without hidden units), the output scale; ``run`` and ``forward`` as
+    :class:`CompactRecurrent`'s."""
+
+    def __init__(self, cell, layer, input_index, output_scale, return_sequence=True):
+        super().__init__()
+        self.cell, self.layer, self.return_sequence = cell, layer, return_sequence
+        self.register_buffer("input_index", input_index)
+        self.register_buffer("output_scale", output_scale)
+
+    def forward(self, x):
+        out, _, _ = self.run(x)
+        return out if self.return_sequence else out[:, -1]
+
+    def run(self, x, h=None, c=None):
+        x = x.index_select(-1, self.input_index)
+        lstm = self.cell == "lstm"
+        if self.layer is None:  # no hidden unit: an empty output, the states as given
+            return x[..., :0], h, c
+        if self.input_index.numel() == 0:
+            x = F.pad(x, (0, 1))  # one zero column (torch's layers need an input)
+        state = None
+        if h is not None or c is not None:
+            h = torch.zeros_like(x[:, 0, :1]).expand(-1, self.output_scale.numel()) if h is None else h
+            c = torch.zeros_like(h) if c is None else c
+            state = (h.unsqueeze(0), c.unsqueeze(0)) if lstm else h.unsqueeze(0)
+        out, final = self.layer(x) if state is None else self.layer(x, state)
+        h_T, c_T = (final[0][0], final[1][0]) if lstm else (final[0], None)
+        return out * self.output_scale, h_T, c_T
 
 
 def compact_recurrent(cell, weight_ih, weight_hh, bias, masks: RecurrentMasks, z_input=None, z_hidden=None,

@@ -35,7 +35,8 @@ network (:func:`decide`, applied by :func:`pyro_sparse.reduction.compact.apply_s
   rows and the fastest at 256 from there on, ``switch_rows`` being where their costs, each taken
   as linear in ``R`` through the two measurements, cross. ``csr`` is not timed above 50% density
   (it never won there). Measurements are kept for the process (layers of the same size and
-  density are timed once). A fine-tune (gradients on the weight) always runs ``linear``.
+  density are timed once); :func:`tune` measures a loaded compact network again (another
+  machine, a quieter moment). A fine-tune (gradients on the weight) always runs ``linear``.
 * **Convolutions** (:class:`SparseConv1d`, :class:`SparseConv2d`) store CSR the same way and
   compute with the dense kernel: a sparse convolution through ``unfold`` (im2col) and a CSR
   product was 2-3x *slower* than the dense convolution on the 4x4 to 8x8 maps of the shipped specs
@@ -58,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["CompactLinear", "SparseConv1d", "SparseConv2d", "CSRState", "csr_parts", "to_csr", "storage_bytes",
-           "measure_kernels", "decide", "dense_twin", "STORAGES", "KERNELS", "TENSOR_OVERHEAD", "CSR_MAX_DENSITY"]
+           "measure_kernels", "decide", "dense_twin", "tune", "pattern_holds", "semi_structured", "STORAGES", "KERNELS", "TENSOR_OVERHEAD", "CSR_MAX_DENSITY"]
 
 #: the ``storage`` options of :func:`pyro_sparse.reduction.compact`: ``auto`` (CSR where smaller; kernels
 #: measured), ``csr`` (CSR where smaller; the ``csr`` kernel at every size: nothing timed), ``dense`` (every
@@ -165,12 +166,12 @@ class CSRState:
         state.pop("_csr_cache", None)
         return state
 
-    def plain(self) -> nn.Module:
-        """The plain torch layer holding the same weights."""
+    def plain_module(self) -> nn.Module:
+        """The plain torch layer holding the same weights (:func:`dense_twin`)."""
         base = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.nn"))
         m = copy.deepcopy(self)
         m.__class__ = base
-        for key in ("csr_storage", "kernel_small", "kernel_large", "switch_rows"):
+        for key in ("csr_storage", "kernel_small", "kernel_large", "switch_rows", "positions"):
             m.__dict__.pop(key, None)
         return m
 
@@ -186,8 +187,10 @@ class CompactLinear(CSRState, nn.Linear):
     changes). See the module docstring for how they are chosen."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, csr_storage: bool = True,
-                 kernels=("linear", "linear"), switch_rows=None, **kw):
+                 kernels=("linear", "linear"), switch_rows=None, positions: int = 1, **kw):
         super().__init__(in_features, out_features, bias, **kw)
+        #: positions per example the layer applies to (tokens of a sequence): rows = batch x positions
+        self.positions = int(positions)
         small, large = kernels
         for k in (small, large):
             if k not in KERNELS:
@@ -253,16 +256,62 @@ class SparseConv2d(CSRState, nn.Conv2d):
 
 
 def dense_twin(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` in which every layer of this module (:class:`CSRState`) is its plain
-    torch layer with the same weights: what the exporters trace (ONNX has no sparse product)."""
+    """A copy of ``module`` in which every submodule with a ``plain_module()`` method -- the layers
+    here (:class:`CSRState`), a compact recurrent layer
+    (:class:`~pyro_sparse.recurrent.CompactRecurrent`) -- is replaced by the plain torch module it
+    returns, computing the same: what the exporters trace (ONNX has no sparse product; a compact
+    recurrent layer builds its torch layer on first use, which a trace cannot)."""
     module = copy.deepcopy(module)
-    if isinstance(module, CSRState):
-        return module.plain()
+    if callable(getattr(module, "plain_module", None)):
+        return module.plain_module()
     for name, child in list(module.named_modules()):
-        if isinstance(child, CSRState):
+        if name and callable(getattr(child, "plain_module", None)):
             parent, _, attr = name.rpartition(".")
-            setattr(module.get_submodule(parent) if parent else module, attr, child.plain())
+            setattr(module.get_submodule(parent) if parent else module, attr, child.plain_module())
     return module
+
+
+def pattern_holds(weight: torch.Tensor, n: int, m: int) -> bool:
+    """Whether every block of ``m`` consecutive entries along the input axis (dim 1) of ``weight``
+    holds at most ``n`` non-zeros (a last, shorter block included)."""
+    w = weight.movedim(1, -1) != 0
+    pad = (-w.shape[-1]) % m
+    if pad:
+        w = torch.cat([w, w.new_zeros(*w.shape[:-1], pad)], -1)
+    return bool((w.reshape(*w.shape[:-1], -1, m).sum(-1) <= n).all())
+
+
+def semi_structured(module: nn.Module):
+    """Put the weight of every Linear layer of ``module`` whose kept weights hold the 2:4 pattern
+    (:func:`pattern_holds`; ``reduce(..., pattern="2:4")``) into
+    ``torch.sparse.to_sparse_semi_structured`` form, in place, where the device runs it: CUDA with
+    compute capability 8.0 or higher (sparse tensor cores; float16/bfloat16, torch's size limits).
+    On any other device nothing changes -- the CPU has no semi-structured kernels, and the layer
+    computes densely. Returns ``(module, {layer: what happened})``. (Not run on a GPU yet: the
+    development machine has none.)"""
+    notes = {}
+    params = list(module.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
+        for name, m in module.named_modules():
+            if isinstance(m, nn.Linear):
+                notes[name] = (f"{device}: no semi-structured sparse kernels (they need CUDA compute capability "
+                               "8.0+); computed densely")
+        return module, notes
+    from torch.sparse import to_sparse_semi_structured
+
+    for name, m in module.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        if not pattern_holds(m.weight, 2, 4):
+            notes[name] = "not 2:4: computed densely"
+            continue
+        try:
+            m.weight = nn.Parameter(to_sparse_semi_structured(m.weight.detach()), requires_grad=False)
+            notes[name] = "semi-structured 2:4"
+        except (RuntimeError, ValueError, TypeError) as e:
+            notes[name] = f"computed densely ({str(e).splitlines()[0][:160]})"
+    return module, notes
 
 
 # --------------------------------------------------------------------------- the decision
@@ -284,20 +333,21 @@ def _kernel_calls(weight, bias, x):
 
 @torch.no_grad()
 def measure_kernels(weight: torch.Tensor, bias=None, positions: int = 1, kernels=KERNELS, batches=(1, 256),
-                    repeats: int = 5) -> dict:
+                    repeats: int = 5, cache: bool = True) -> dict:
     r"""Time the kernels of a Linear layer's kept ``weight`` ``(out, in)`` at ``R = b * positions``
     rows for each batch size ``b`` of ``batches`` (interleaved blocks of about half a millisecond,
     one torch thread, median CPU time per call). Returns ``{"rows", "us": kernel -> [microseconds
     per row count], "small", "large", "switch_rows"}``: the fastest kernel at the first and at the
     last row count, and the row count from which the second is faster, the cost of each taken as
-    linear in ``R`` through the two measurements (None when one kernel is fastest at both)."""
+    linear in ``R`` through the two measurements (None when one kernel is fastest at both). Results
+    are kept for the process (``cache``) by shape, density (to 1%), positions and dtype."""
     from .timing import block_calls, interleaved
 
     weight = weight.detach()
     bias = bias.detach() if bias is not None else None
     key = (tuple(weight.shape), round(float((weight != 0).float().mean()), 2), int(positions), weight.dtype,
            tuple(kernels), tuple(batches), bias is not None)
-    if key in _MEASURED:
+    if cache and key in _MEASURED:
         return _MEASURED[key]
     gen = torch.Generator().manual_seed(0)
     rows = [max(1, int(b * positions)) for b in batches]
@@ -334,6 +384,25 @@ def _crossing(rows, small, large) -> int:
     return min(r1, max(r0 + 1, math.ceil((a_l - a_s) / (slope_s - slope_l))))
 
 
+def _timed_kernels(density):
+    return KERNELS if density <= CSR_MAX_DENSITY else ("linear", "t")
+
+
+def tune(module: nn.Module, repeats: int = 5) -> dict:
+    """Measure the kernels of every :class:`CompactLinear` in ``module`` again, on this machine and
+    now (not from the process's cache), and use the fastest (in place): a compact file decided on
+    another machine, or on a busy one. Returns ``name -> measure_kernels' result``."""
+    out = {}
+    for name, m in module.named_modules():
+        if isinstance(m, CompactLinear):
+            w = m.weight.detach()
+            t = measure_kernels(w, None if m.bias is None else m.bias.detach(), m.positions,
+                                _timed_kernels(float((w != 0).float().mean())), repeats=repeats, cache=False)
+            m.kernel_small, m.kernel_large, m.switch_rows = t["small"], t["large"], t["switch_rows"]
+            out[name] = t
+    return out
+
+
 def decide(kind: str, weight: torch.Tensor, bias=None, positions: int = 1, storage: str = "auto") -> dict:
     """How to store (and, for a Linear layer, compute with) a compact layer's ``weight``.
 
@@ -365,8 +434,7 @@ def decide(kind: str, weight: torch.Tensor, bias=None, positions: int = 1, stora
     if storage == "csr":
         record.update(kernels=["csr", "csr"], switch_rows=None, reason="storage: csr asked for (CSR kernel)")
         return record
-    kernels = KERNELS if record["density"] <= CSR_MAX_DENSITY else ("linear", "t")
-    timing = measure_kernels(weight, bias, positions, kernels)
+    timing = measure_kernels(weight, bias, positions, _timed_kernels(record["density"]))
     record.update(kernels=[timing["small"], timing["large"]], switch_rows=timing["switch_rows"], timing=timing,
                   reason="kernels measured at batch 1 and 256")
     return record

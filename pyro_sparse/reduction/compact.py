@@ -464,7 +464,7 @@ def apply_storage(plan: CompactPlan, storage: str = "auto", pattern=None) -> Com
     (``"N:M"``, a decision's): each record says whether the compact weight still holds it along its
     input axis (``pattern_holds``): deleting unread or constant units removes input columns, which
     can shift the blocks."""
-    from ..storage import decide
+    from ..storage import decide, pattern_holds
     from .scores import parse_pattern
 
     for prefix, entry in _plan_entries(plan):
@@ -477,19 +477,15 @@ def apply_storage(plan: CompactPlan, storage: str = "auto", pattern=None) -> Com
         record = decide(kind, weight, plan.params.get(f"{key}.bias"), info.get("positions", 1), storage)
         if pattern is not None:
             n, m = parse_pattern(pattern)
-            w = weight.movedim(1, -1) != 0
-            pad = (-w.shape[-1]) % m
-            if pad:
-                w = torch.cat([w, w.new_zeros(*w.shape[:-1], pad)], -1)
-            record["pattern"] = f"{n}:{m}"
-            record["pattern_holds"] = bool((w.reshape(*w.shape[:-1], -1, m).sum(-1) <= n).all())
+            record["pattern"], record["pattern_holds"] = f"{n}:{m}", pattern_holds(weight, n, m)
         info["storage"] = record
-        for k in ("storage", "kernels", "switch_rows"):
+        for k in ("storage", "kernels", "switch_rows", "positions"):
             entry.pop(k, None)
         if record["layer"] == "compact":
             entry["storage"] = record["storage"]
             if "kernels" in record:
                 entry["kernels"], entry["switch_rows"] = record["kernels"], record["switch_rows"]
+                entry["positions"] = int(info.get("positions", 1))
     return plan
 
 
