@@ -188,3 +188,18 @@ def test_hooks_on_a_compact_layer_still_run():
     handle.remove()
     small(torch.randn(3, 64))
     assert seen == [torch.Size([3, small.fc2.out_features])]
+
+
+def test_2_4_layers_stay_dense_where_the_device_has_no_semi_structured_kernels():
+    from pyro_sparse.reduction.scores import mask_n_m
+    from pyro_sparse.storage import pattern_holds, semi_structured
+
+    w = torch.randn(64, 128)
+    w = w * mask_n_m(w.abs(), 2, 4, dim=1)
+    assert pattern_holds(w, 2, 4) and not pattern_holds(torch.randn(4, 8), 2, 4)
+    layer = nn.Linear(128, 64)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    module, notes = semi_structured(nn.Sequential(layer))
+    assert module[0] is layer and torch.equal(layer.weight, w)  # the CPU: nothing changes, and it says so
+    assert "no semi-structured sparse kernels" in notes["0"]
