@@ -379,20 +379,33 @@ class MaxPool2d(_Pool2d):
 
 
 class StridedMaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` with ``kernel_size == stride`` of 2 or 3 and no padding, computed as the
-    element-wise maximum of the ``k * k`` strided views ``x[..., i::k, j::k]`` (rows and columns
-    beyond the last whole window dropped, as the pool does): exactly the pool's values. On the CPU
-    torch's pooling kernel works plane by plane, and a compact network's small maps are many
-    planes: on the 2-core development machine (one thread) it took 1.9 ms for a (256, 17, 8, 8)
-    input, this 0.26 ms -- a third of LeNet-5's compact network at batch 256 was its first pool."""
+    """``nn.MaxPool2d`` with ``kernel_size == stride`` of 2 or 3 and no padding, computed, for an
+    input of at least :attr:`STRIDED_FROM` elements, as the element-wise maximum of the ``k * k``
+    strided views ``x[..., i::k, j::k]`` (rows and columns beyond the last whole window dropped,
+    as the pool does): exactly the pool's values. On the CPU torch's pooling kernel works plane by
+    plane, and a compact network's small maps are many planes: on the 2-core development machine
+    (one thread) it took 1.9 ms for a (256, 17, 8, 8) input, this 0.26 ms -- a third of LeNet-5's
+    compact network at batch 256 was its first pool. Below about 2^14 elements torch's kernel was
+    faster (the views cost about 12 microseconds), so smaller inputs go to it. Exported graphs pool
+    with torch's operator (:meth:`plain_module`)."""
+
+    #: inputs with fewer elements use torch's pooling kernel (measured crossover, see the class docstring)
+    STRIDED_FROM = 2 ** 14
+
+    def plain_module(self):
+        return nn.MaxPool2d(self.kernel_size, self.stride, self.padding)
 
     @staticmethod
     def applies(module) -> bool:
+        if type(module) is not nn.MaxPool2d:
+            return False
         k, s, p = module.kernel_size, module.stride, module.padding
-        return (type(module) is nn.MaxPool2d and isinstance(k, int) and k in (2, 3) and s == k and p == 0
+        return (isinstance(k, int) and k in (2, 3) and s == k and p == 0
                 and module.dilation == 1 and not module.ceil_mode and not module.return_indices)
 
     def forward(self, x):
+        if x.numel() < self.STRIDED_FROM:
+            return super().forward(x)
         k = self.kernel_size
         h, w = x.shape[-2] // k * k, x.shape[-1] // k * k
         x = x[..., :h, :w]
