@@ -57,8 +57,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 
-__all__ = ["CompactLinear", "SparseConv1d", "SparseConv2d", "CSRState", "csr_parts", "to_csr", "storage_bytes",
+__all__ = ["CompactSequential", "CompactLinear", "SparseConv1d", "SparseConv2d", "CSRState", "csr_parts", "to_csr", "storage_bytes",
            "measure_kernels", "decide", "dense_twin", "tune", "pattern_holds", "semi_structured", "STORAGES", "KERNELS", "TENSOR_OVERHEAD", "CSR_MAX_DENSITY"]
 
 #: the ``storage`` options of :func:`pyro_sparse.reduction.compact`: ``auto`` (CSR where smaller; kernels
@@ -253,6 +254,32 @@ class SparseConv2d(CSRState, nn.Conv2d):
 
     def extra_repr(self):
         return super().extra_repr() + ", stored CSR"
+
+
+class CompactSequential(nn.Sequential):
+    """The ``nn.Sequential`` of a compact network: children named like the network's layers.
+
+    Its ``forward`` calls each child's ``forward`` directly, skipping ``nn.Module.__call__``'s
+    hook dispatch, which at batch 1 costs about as much as a small layer's arithmetic (the digits
+    MLP's compact network: 20 against 26 microseconds per call). Where any hook is registered --
+    on a child, or a global module hook -- it runs as a plain ``nn.Sequential`` instead, so hooks
+    behave as usual."""
+
+    def forward(self, x):
+        if _global_hooks():
+            return super().forward(x)
+        children = self._modules.values()
+        for m in children:
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                return super().forward(x)
+        for m in children:
+            x = m.forward(x)
+        return x
+
+
+def _global_hooks() -> bool:
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks)
 
 
 def dense_twin(module: nn.Module) -> nn.Module:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..compaction import as_index
+from ..storage import CompactSequential
 from ..layers import Reshape, _Parametric
 from ..registry import CONVERSIONS, LAYERS
 
@@ -411,34 +412,6 @@ def check_format(spec: dict):
                if found == 2 else "")
         raise ValueError(f"spec: compact format {found!r}; this version reads format {FORMAT}{why}: reduce the run "
                          "again to rebuild it")
-
-
-class CompactSequential(nn.Sequential):
-    """The ``nn.Sequential`` of a compact network: children named like the network's layers.
-
-    Its ``forward`` calls each child's ``forward`` directly, skipping ``nn.Module.__call__``'s
-    hook dispatch, which at batch 1 costs about as much as a small layer's arithmetic (the digits
-    MLP's compact network: 20 against 26 microseconds per call). Where any hook is registered --
-    on a child, or a global module hook -- it runs as a plain ``nn.Sequential`` instead, so hooks
-    behave as usual."""
-
-    def forward(self, x):
-        if _global_hooks():
-            return super().forward(x)
-        children = self._modules.values()
-        for m in children:
-            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-                return super().forward(x)
-        for m in children:
-            x = m.forward(x)
-        return x
-
-
-def _global_hooks() -> bool:
-    from torch.nn.modules import module as torch_module
-
-    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
-                or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks)
 
 
 #: the compact spec types whose weight storage :func:`apply_storage` decides
