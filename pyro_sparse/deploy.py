@@ -83,7 +83,7 @@ def _from_compact(path):
 
 def _from_run(directory, method=None, threshold=None, sparsity=None, structured=False, storage="auto",
               **rule_options):
-    from .reduction.compact import compact
+    from .reduction.compact import align_pattern, compact
     from .reduction.workflow import _decide, _load, _run_extras, run_rule
 
     run = _load(directory)
@@ -91,6 +91,8 @@ def _from_run(directory, method=None, threshold=None, sparsity=None, structured=
     summary = run.trainer.posterior_summary()
     decision = _decide(summary, method, sparsity=sparsity, threshold=threshold, structured=structured,
                        **rule_options)
+    if rule_options.get("pattern"):
+        decision = align_pattern(run.network, summary, decision)
     module = compact(run.network, summary, decision, storage=storage)
     info = {"method": method, "run": os.path.abspath(directory), "sparsity": decision.sparsity,
             "options": decision.summary()["options"], **_run_extras(run)}

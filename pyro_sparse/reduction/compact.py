@@ -34,7 +34,7 @@ _WEIGHT_LAYERS = (_Parametric,)
 
 __all__ = ["masked_values", "masked_module", "masked_predictive", "compact", "compact_plan", "CompactPlan",
            "build_module", "layer_shapes", "FORMAT", "export", "add_prune_masks", "replace_chains", "apply_storage",
-           "CompactSequential"]
+           "CompactSequential", "align_pattern"]
 
 #: version of the compact spec (format 2: children named like the network's layers; format 3: a Linear/Conv
 #: entry records its storage and kernels, :mod:`pyro_sparse.storage`)
@@ -79,7 +79,10 @@ def export(network, summary_or_values, decision=None, prune_masks=False) -> nn.M
 
     ``prune_masks=True`` attaches ``torch.nn.utils.prune`` masks (:func:`add_prune_masks`) so
     that further training keeps the pruned weights at 0 (its ``state_dict`` then holds
-    ``weight_orig`` and ``weight_mask``; ``torch.nn.utils.prune.remove`` folds them back)."""
+    ``weight_orig`` and ``weight_mask``; ``torch.nn.utils.prune.remove`` folds them back).
+
+    Not the command ``pyro-sparse export``, which writes the *compact* network as a TorchScript
+    or ONNX graph: that is :func:`pyro_sparse.deploy.export_graph` (``pyro_sparse.export_graph``)."""
     module = network.deterministic(masked_values(summary_or_values, decision))
     if prune_masks:
         add_prune_masks(module, _masks(decision))
@@ -480,6 +483,85 @@ def build_module(spec: dict) -> nn.Sequential:
             warnings.filterwarnings("ignore", "Initializing zero-element tensors")
             modules[entry.get("name", str(i))] = LAYERS[kind].build_compact(entry)
     return CompactSequential(modules)
+
+
+def _kept_columns(plan: CompactPlan, sites: dict) -> dict:
+    """Site -> the original input features its layer keeps in the compact network (in order), for
+    the weight sites of a chain whose producer is the Bayesian layer before it (the first keeps all
+    its inputs); a site whose columns cannot be told from the plan is left out."""
+    out, producer = {}, None
+    for name, info in plan.layers.items():
+        site = f"{name}.weight"
+        units = info.get("units", {}).get("")
+        if site in sites:
+            shape, dim = sites[site]
+            width = plan.params[site].shape[dim] if site in plan.params else None
+            if producer is None:
+                columns = torch.arange(shape[dim])
+            else:
+                kept, total = producer
+                block = shape[dim] // total if total and shape[dim] % total == 0 else None
+                columns = None if block is None else (
+                    torch.as_tensor(kept, dtype=torch.long)[:, None] * block + torch.arange(block)).reshape(-1)
+            if columns is not None and width == len(columns):
+                out[site] = columns
+        producer = (units["kept"], units["total"]) if units else None
+    return out
+
+
+@torch.no_grad()
+def align_pattern(network, summary, decision, input_shape=None, rounds=8):
+    """The decision with its N:M pattern (``reduce(..., pattern=...)``) laid over the input features
+    each layer keeps in the compact network, instead of over all of them: compaction deletes units
+    the pattern leaves unread, which removes input columns of the next layer and shifts its blocks.
+    The rule's own cut (threshold or sparsity; none with a pattern alone) is kept, and the N of
+    every M consecutive *kept* columns are chosen by the rule's ranking; this repeats until the
+    kept columns stop changing (at most ``rounds`` times). Sites whose kept columns the plan does
+    not tell (not in a Linear/Conv chain) keep the pattern over all their inputs. Returns a new
+    :class:`~.rules.Decision` (the same one without a pattern)."""
+    import dataclasses
+
+    from .rules import rule as find_rule
+    from .scores import mask_by_sparsity, mask_n_m, parse_pattern
+
+    pattern = decision.options.get("pattern")
+    if not pattern:
+        return decision
+    n, m = parse_pattern(pattern)
+    r = find_rule(decision.method)
+    values = point_values(summary)
+    sites = {k: (tuple(v.shape), summary[k].axes["input"]) for k, v in decision.scores.items()
+             if summary[k].role == "weight" and "input" in summary[k].axes and v.dim() > 1}
+    keep_score = {k: r.keep_score(decision.scores[k]) for k in sites}
+    threshold, sparsity = decision.options.get("threshold"), decision.options.get("sparsity")
+    if sparsity is not None:
+        ranked = {k: r.keep_score(v) for k, v in decision.scores.items() if summary[k].role == "weight"}
+        base = mask_by_sparsity(ranked, sparsity, scope=decision.options.get("scope", "global"))
+    elif threshold is not None:
+        base = {k: r.keep(decision.scores[k], threshold) for k in sites}
+    else:
+        base = {k: torch.ones(shape, dtype=torch.bool) for k, (shape, _) in sites.items()}
+    masks = dict(decision.masks)
+    for _ in range(rounds):
+        columns = _kept_columns(compact_plan(network, values, masks, input_shape), sites)
+        new = dict(masks)
+        for k, index in columns.items():
+            dim = sites[k][1]
+            chosen = torch.zeros(sites[k][0], dtype=torch.bool)
+            chosen.index_copy_(dim, index, mask_n_m(keep_score[k].index_select(dim, index), n, m, dim))
+            new[k] = base[k].to(chosen.device) & chosen
+        if all(torch.equal(new[k], masks[k]) for k in columns):
+            break
+        masks = new
+    output = list(decision.units)[-1] if decision.units else None  # the output layer keeps every unit
+    units = dict(decision.units)
+    for layer in decision.units:
+        site = f"{layer}.weight"
+        if site in sites and layer != output:
+            dims = tuple(d for d in range(masks[site].dim()) if d != summary[site].axes["unit"])
+            units[layer] = masks[site].any(dim=dims)
+    return dataclasses.replace(decision, masks=masks, units=units,
+                               options={**decision.options, "pattern_over": "kept inputs"})
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from ..checkpoint import load_safe, save_atomic, write_json_atomic, write_text_a
 from ..errors import CheckpointError, PyroSparseError
 from ..registry import RULES
 from ..runs import load_run
-from .compact import FORMAT, build_module, check_format, compact, masked_module
+from .compact import FORMAT, align_pattern, build_module, check_format, compact, masked_module
 from .report import deployment_figures, metric_key, reduction_report, saved_bytes
 from .rules import reduce
 
@@ -253,6 +253,8 @@ def reduce_run(directory, method=None, sparsity=None, threshold=None, structured
     options = {"sparsity": sparsity, "threshold": threshold, "structured": structured, "scope": scope,
                "seed": seed, **rule_options}
     decision = _decide(summary, method, **options)
+    if rule_options.get("pattern"):  # the N:M blocks over the inputs each compact layer keeps
+        decision = align_pattern(run.network, summary, decision)
     module = compact(run.network, summary, decision, storage=storage)
     data = run.dataset
     generator = torch.Generator().manual_seed(seed)
