@@ -528,7 +528,7 @@ class Linear(_Parametric):
         if "kernels" in entry:  # a layer where weights were removed (pyro_sparse.storage)
             return CompactLinear(entry["in"], entry["out"], bias=entry["bias"], csr_storage=entry["storage"] == "csr",
                                  kernels=entry["kernels"], switch_rows=entry.get("switch_rows"),
-                                 positions=entry.get("positions", 1))
+                                 positions=entry.get("positions", 1), contiguous=entry.get("contiguous", False))
         return nn.Linear(entry["in"], entry["out"], bias=entry["bias"])
 
     def deterministic(self, params):

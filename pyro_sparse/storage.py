@@ -172,7 +172,7 @@ class CSRState:
         base = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.nn"))
         m = copy.deepcopy(self)
         m.__class__ = base
-        for key in ("csr_storage", "kernel_small", "kernel_large", "switch_rows", "positions"):
+        for key in ("csr_storage", "kernel_small", "kernel_large", "switch_rows", "positions", "contiguous"):
             m.__dict__.pop(key, None)
         return m
 
@@ -188,8 +188,11 @@ class CompactLinear(CSRState, nn.Linear):
     changes). See the module docstring for how they are chosen."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, csr_storage: bool = True,
-                 kernels=("linear", "linear"), switch_rows=None, positions: int = 1, **kw):
+                 kernels=("linear", "linear"), switch_rows=None, positions: int = 1, contiguous: bool = False, **kw):
         super().__init__(in_features, out_features, bias, **kw)
+        #: return a contiguous output from the feature-major kernels (a layer inside code of the user's, which
+        #: may ``view`` it; in a compact network the next layer reads the transposed view as it is)
+        self.contiguous = bool(contiguous)
         #: positions per example the layer applies to (tokens of a sequence): rows = batch x positions
         self.positions = int(positions)
         small, large = kernels
@@ -226,7 +229,9 @@ class CompactLinear(CSRState, nn.Linear):
         flat = x.reshape(-1, self.in_features).t()
         matrix = self.csr() if kernel == "csr" else weight
         y = (torch.mm(matrix, flat) if bias is None else torch.addmm(bias.unsqueeze(1), matrix, flat)).t()
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+        if x.dim() != 2:
+            return y.reshape(*x.shape[:-1], self.out_features)
+        return y.contiguous() if self.contiguous else y
 
     def extra_repr(self):
         how = self.kernel_small if self.switch_rows is None else \
@@ -263,7 +268,8 @@ class CompactSequential(nn.Sequential):
     hook dispatch, which at batch 1 costs about as much as a small layer's arithmetic (the digits
     MLP's compact network: 20 against 26 microseconds per call). Where any hook is registered --
     on a child, or a global module hook -- it runs as a plain ``nn.Sequential`` instead, so hooks
-    behave as usual."""
+    behave as usual. Its output is contiguous (a :class:`CompactLinear` may hand the next layer a
+    transposed view)."""
 
     def forward(self, x):
         if _global_hooks():
@@ -274,7 +280,8 @@ class CompactSequential(nn.Sequential):
                 return super().forward(x)
         for m in children:
             x = m.forward(x)
-        return x
+        # a feature-major kernel's transposed view stays inside; the caller gets contiguous memory
+        return x.contiguous() if isinstance(x, torch.Tensor) else x
 
 
 def _global_hooks() -> bool:

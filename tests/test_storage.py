@@ -204,3 +204,19 @@ def test_2_4_layers_stay_dense_where_the_device_has_no_semi_structured_kernels()
     module, notes = semi_structured(nn.Sequential(layer))
     assert module[0] is layer and torch.equal(layer.weight, w)  # the CPU: nothing changes, and it says so
     assert "no semi-structured sparse kernels" in notes["0"]
+
+
+@torch.no_grad()  # inference (a fine-tune runs F.linear)
+def test_feature_major_outputs_are_contiguous_where_the_caller_sees_them():
+    from pyro_sparse.storage import CompactSequential
+
+    w = _sparse((10, 35), 0.3)
+    inner = CompactLinear(35, 10, kernels=("t", "t"))
+    inner.load_state_dict({"weight": w, "bias": torch.zeros(10)})
+    assert not inner(torch.randn(8, 35)).is_contiguous()  # inside a compact network: the view
+    mine = CompactLinear(35, 10, kernels=("t", "t"), contiguous=True)  # inside code of the user's
+    mine.load_state_dict({"weight": w, "bias": torch.zeros(10)})
+    assert mine(torch.randn(8, 35)).is_contiguous()
+    net = CompactSequential(inner, nn.ReLU())
+    assert net(torch.randn(8, 35)).is_contiguous()
+    assert net(torch.randn(8, 35)).view(-1).shape == (80,)

@@ -455,13 +455,15 @@ def apply_storage(plan: CompactPlan, storage: str = "auto", pattern=None) -> Com
             n, m = parse_pattern(pattern)
             record["pattern"], record["pattern_holds"] = f"{n}:{m}", pattern_holds(weight, n, m)
         info["storage"] = record
-        for k in ("storage", "kernels", "switch_rows", "positions"):
+        for k in ("storage", "kernels", "switch_rows", "positions", "contiguous"):
             entry.pop(k, None)
         if record["layer"] == "compact":
             entry["storage"] = record["storage"]
             if "kernels" in record:
                 entry["kernels"], entry["switch_rows"] = record["kernels"], record["switch_rows"]
                 entry["positions"] = int(info.get("positions", 1))
+                if plan.spec.get("kind") == "module":  # inside the user's code, which may view the output
+                    entry["contiguous"] = True
     return plan
 
 
