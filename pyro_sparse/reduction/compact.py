@@ -431,12 +431,13 @@ def _plan_entries(plan):
 
 
 @torch.no_grad()
-def apply_storage(plan: CompactPlan, storage: str = "auto", pattern=None) -> CompactPlan:
+def apply_storage(plan: CompactPlan, storage: str = "auto", pattern=None, values=None) -> CompactPlan:
     """Decide how each Linear / Conv layer of a compact plan stores its kept weights and computes
     with them (:func:`pyro_sparse.storage.decide`), in place: the spec entry of a layer that is not
     the plain torch layer gets ``storage`` (``csr`` or ``dense``; a Linear also ``kernels`` and
     ``switch_rows``), and ``plan.layers[name]["storage"]`` the record (density, bytes dense and
-    CSR, the measured timings). The plan's ``params`` stay the dense compact tensors. ``pattern``
+    CSR, the measured timings). The plan's ``params`` stay the dense compact tensors. ``values``
+    (site -> the network's tensors) tells which layers compaction reshaped. ``pattern``
     (``"N:M"``, a decision's): each record says whether the compact weight still holds it along its
     input axis (``pattern_holds``): deleting unread or constant units removes input columns, which
     can shift the blocks."""
@@ -450,7 +451,9 @@ def apply_storage(plan: CompactPlan, storage: str = "auto", pattern=None) -> Com
         if kind not in STORED_TYPES or weight is None:
             continue
         info = plan.layers.setdefault(key, {})
-        record = decide(kind, weight, plan.params.get(f"{key}.bias"), info.get("positions", 1), storage)
+        original = (values or {}).get(f"{key}.weight")
+        reshaped = original is not None and tuple(original.shape) != tuple(weight.shape)
+        record = decide(kind, weight, plan.params.get(f"{key}.bias"), info.get("positions", 1), storage, reshaped)
         if pattern is not None:
             n, m = parse_pattern(pattern)
             record["pattern"], record["pattern_holds"] = f"{n}:{m}", pattern_holds(weight, n, m)
@@ -581,7 +584,7 @@ def compact(network, summary_or_values, decision=None, input_shape=None, storage
     """
     values, masks = point_values(summary_or_values), _masks(decision)
     plan = compact_plan(network, values, masks, input_shape)
-    apply_storage(plan, storage, getattr(decision, "options", {}).get("pattern"))
+    apply_storage(plan, storage, getattr(decision, "options", {}).get("pattern"), values)
     if plan.spec.get("kind") == "module":
         module = build_module_network(network, plan, values, masks)
     else:
