@@ -340,9 +340,9 @@ def export_graph(source, out, format="onnx", overwrite=False, data=None, toleran
         write_graph(module, example, tmp, format, info.get("input_transform"), metadata)
         diff, scale = _check(tmp, format, module.eval(), info.get("input_transform"), x, tolerance)
         if diff is not None and not diff <= tolerance * max(1.0, scale):
-            raise PyroSparseError(f"{out}: the exported graph's outputs differ from the compact network's by {diff:.3g} "
-                                  f"(> {tolerance:g} x max(1, largest |output| {scale:.3g})) on {checked_on}; "
-                                  "nothing written")
+            raise PyroSparseError(f"{out}: the exported graph's outputs differ from the compact network's by "
+                                  f"{diff:.3g} (> {tolerance:g} x max(1, largest |output| {scale:.3g})) on "
+                                  f"{checked_on}; nothing written")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -60,8 +60,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-__all__ = ["CompactSequential", "CompactLinear", "SparseConv1d", "SparseConv2d", "CSRState", "csr_parts", "to_csr", "storage_bytes",
-           "measure_kernels", "decide", "dense_twin", "tune", "pattern_holds", "semi_structured", "STORAGES", "KERNELS", "TENSOR_OVERHEAD", "CSR_MAX_DENSITY"]
+__all__ = ["CompactSequential", "CompactLinear", "SparseConv1d", "SparseConv2d", "CSRState", "csr_parts", "to_csr",
+           "storage_bytes", "measure_kernels", "decide", "dense_twin", "tune", "pattern_holds", "semi_structured",
+           "STORAGES", "KERNELS", "TENSOR_OVERHEAD", "CSR_MAX_DENSITY"]
 
 #: the ``storage`` options of :func:`pyro_sparse.reduction.compact`: ``auto`` (CSR where smaller; kernels
 #: measured), ``csr`` (CSR where smaller; the ``csr`` kernel at every size: nothing timed), ``dense`` (every

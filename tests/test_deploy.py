@@ -27,7 +27,6 @@ RECIPE = {"method": "svi", "guide": "meanfield", "guide_options": {"init_scale":
           "optimizer": {"name": "Adam", "lr": 0.01}, "epochs": 3, "batch_size": 128, "eval_samples": 2,
           "reduction": {"method": "magnitude", "sparsity": 0.9}}
 TOL = 1e-5
-ONNX = pytest.importorskip  # noqa: E731 (used per test: ONNX checks need the [onnx] extras)
 
 
 @pytest.fixture(scope="module")

@@ -118,7 +118,8 @@ def _net_and_masks():
     values = {f"{name}.{p}": torch.randn(s) * 0.1 for name, layer in net.bayesian_layers()
               for p, s in layer.param_shapes().items()}
     g = torch.Generator().manual_seed(1)
-    masks = {"fc1.weight": torch.rand(120, 64, generator=g) < 0.05, "fc2.weight": torch.rand(60, 120, generator=g) < 0.1}
+    masks = {"fc1.weight": torch.rand(120, 64, generator=g) < 0.05,
+             "fc2.weight": torch.rand(60, 120, generator=g) < 0.1}
     return net, values, masks
 
 

@@ -245,7 +245,8 @@ def parse_pattern(pattern):
         except ValueError:
             n = m = None
         if not sep or n is None:
-            raise ValueError(f"pattern: expected 'N:M' with whole numbers (keep N of every M, e.g. 2:4), got {pattern!r}")
+            raise ValueError(f"pattern: expected 'N:M' with whole numbers (keep N of every M, e.g. 2:4), "
+                             f"got {pattern!r}")
     elif isinstance(pattern, (tuple, list)) and len(pattern) == 2 and all(
             isinstance(v, int) and not isinstance(v, bool) for v in pattern):
         n, m = pattern
