@@ -26,6 +26,43 @@ def _mean_std(values, fmt="{:.3f}", pct=False):
     return text
 
 
+def latency_section(lat) -> list:
+    """The markdown lines of the latency table (:func:`bench.speed.latency`'s rows)."""
+    onnx = any("onnx" in r["b1"] for r in lat)
+    lines = ["### Inference latency: compact vs dense network", "",
+             "Seed-0 networks of the quality section; `torch.inference_mode`, one thread, interleaved blocks (100 "
+             "calls at batch 1, 10 at batch 256), median CPU time per call. *Compact*: the compact network as "
+             "`reduce` writes it -- units removed, the kept weights of a Linear/Conv layer stored in CSR where "
+             "that is smaller (*storage*: layers in CSR of those with removed weights; `plain`: none removed "
+             "inside a layer), each Linear computed by the kernel measured fastest at the batch size "
+             "(`pyro_sparse.storage`; measured again in this process, alone on the machine). *TS*, *ONNX*: "
+             "the same network exported by `pyro-sparse export` (input transform included), run by TorchScript "
+             "and by ONNX Runtime (one intra-op thread) in the same blocks; speed-ups are against the dense "
+             "network. *File*: the compact file against `torch.save(dense.state_dict())`.", ""]
+    head = ["model", "method", "rule", "params compact / dense", "storage", "file KB compact / dense",
+            "b1 dense µs", "b1 compact µs", "b1 speed-up", "b1 TS"] + (["b1 ONNX"] if onnx else []) + [
+            "b256 dense µs", "b256 compact µs", "b256 speed-up", "b256 TS"] + (["b256 ONNX"] if onnx else [])
+
+    def graph(r, b, k):
+        return f"{r[b]['speedup_' + k]:.2f}x" if f"speedup_{k}" in r[b] else "–"
+
+    rows = []
+    for r in lat:
+        size = (f"{r['bytes_compact'] / 1024:.1f} / {r['bytes_dense'] / 1024:.1f}"
+                if r.get("bytes_compact") and r.get("bytes_dense") else "–")
+        row = [r["model"], METHODS[r["method"]].label, r["rule"], f"{r['params_compact']} / {r['params_dense']}",
+               r.get("storage", "–"), size]
+        for b in ("b1", "b256"):
+            row += [_us(r[b]["dense"]["cpu"]), _us(r[b]["compact"]["cpu"]), f"{r[b]['speedup']:.2f}x",
+                    graph(r, b, "torchscript")] + ([graph(r, b, "onnx")] if onnx else [])
+        rows.append(row)
+    lines += [_table(head, rows), ""]
+    notes = [f"{r['model']}/{r['method']}/{r['rule']}: {r['export_error']}" for r in lat if r.get("export_error")]
+    if notes:
+        lines += ["Export failed (the row has no exported columns): " + "; ".join(notes), ""]
+    return lines
+
+
 def _table(header, rows):
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -385,16 +422,7 @@ def write(results: dict, path: str, plot_dir: str, prefix: str) -> list:
                          [[r["rule"], _ms(r["cpu"]), _ms(r["cpu_min"])] for r in rules["rows"]]), ""]
     lat = speed.get("latency")
     if lat:
-        lines += ["### Inference latency: compact vs dense network", "",
-                  "Seed-0 networks of the quality section; `torch.inference_mode`, interleaved blocks (100 calls at "
-                  "batch 1, 10 at batch 256), median per call. Unstructured sparsity leaves the remaining matrices "
-                  "dense, so only removed units make a network faster.", ""]
-        rows = [[r["model"], METHODS[r["method"]].label, r["rule"], f"{r['params_compact']} / {r['params_dense']}",
-                 _us(r["b1"]["dense"]["cpu"]), _us(r["b1"]["compact"]["cpu"]), f"{r['b1']['speedup']:.2f}x",
-                 _us(r["b256"]["dense"]["cpu"]), _us(r["b256"]["compact"]["cpu"]), f"{r['b256']['speedup']:.2f}x"]
-                for r in lat]
-        lines += [_table(["model", "method", "rule", "params compact / dense", "b1 dense µs", "b1 compact µs",
-                          "b1 speed-up", "b256 dense µs", "b256 compact µs", "b256 speed-up"], rows), ""]
+        lines += latency_section(lat)
     scaling = results.get("scaling")
     if scaling:
         lines += ["## Scaling with width", "",

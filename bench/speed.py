@@ -12,8 +12,12 @@
    own and spread over the steps of a full run of the recipe ("amortised").
 2. **Reduction rules** on about one million weights: ``reduce(summary, method, ...)`` on the
    synthetic summary of ``bench/bench_reduction_rules.py``.
-3. **Inference latency** of each compact network (units physically removed) against the dense
-   network (every weight at its posterior mean) at batch 1 and batch 256, interleaved.
+3. **Inference latency** of each compact network (units physically removed, kept weights stored
+   as :mod:`pyro_sparse.storage` decided, kernels measured again here with :func:`pyro_sparse.storage.tune`
+   while nothing else runs) against the dense network (every weight at its posterior mean) at
+   batch 1 and batch 256, interleaved, with the same network exported (``pyro_sparse.deploy``) as
+   TorchScript and, where onnxruntime is installed, as ONNX run by ONNX Runtime (one intra-op
+   thread) in the same blocks; plus the compact file's bytes against the dense state dict's.
 """
 
 from __future__ import annotations
@@ -169,8 +173,54 @@ def reduction_rules(repeats=3, log=print) -> dict:
     return {"weights": summary.num_weights(), "sites": len(summary), "rows": rows}
 
 
+def _graphs(small, x, tmp):
+    """The compact network exported: ``{"torchscript": module, "onnx": callable}`` (ONNX where
+    onnx and onnxruntime are installed)."""
+    import os
+    import warnings
+
+    from pyro_sparse.deploy import write_graph
+
+    out = {}
+    path = os.path.join(tmp, "g.pt")
+    write_graph(small, x[:2], path, "torchscript")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out["torchscript"] = torch.jit.load(path).eval()
+    try:
+        import onnxruntime
+    except ImportError:
+        return out
+    path = os.path.join(tmp, "g.onnx")
+    write_graph(small, x[:2], path, "onnx")
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    out["onnx"] = lambda xb: session.run(None, {name: xb.numpy()})[0]
+    return out
+
+
+def _storage_summary(small) -> str:
+    """``csr 2/3``: layers whose kept weights are stored in CSR, of the Linear/Conv layers with
+    removed weights (``plain``: every layer the plain torch layer)."""
+    from pyro_sparse.storage import CSRState
+
+    compact = [m for m in small.modules() if isinstance(m, CSRState)]
+    if not compact:
+        return "plain"
+    return f"csr {sum(bool(getattr(m, 'csr_storage', True)) for m in compact)}/{len(compact)}"
+
+
 def latency(quality_results, repeats=15, log=print) -> list:
-    """Dense vs compact inference time at batch 1 and 256 for every seed-0 compact network."""
+    """Dense vs compact (and exported) inference time at batch 1 and 256 for every seed-0 compact
+    network, and the compact file's size."""
+    import tempfile
+
+    from pyro_sparse.reduction.report import saved_bytes
+    from pyro_sparse.reduction.workflow import compact_payload
+    from pyro_sparse.storage import tune
+
     torch.set_num_threads(1)
 
     def load_compact(path):  # written by this benchmark's own workers (bench.quality._save)
@@ -183,20 +233,33 @@ def latency(quality_results, repeats=15, log=print) -> list:
         data = dataset(MODELS[r["model"]].data)
         dense = load_compact(r["dense_path"])
         dense_params = sum(p.numel() for p in dense.parameters())
+        dense_bytes = saved_bytes(dense.state_dict())
         for rule_key, rule in r["rules"].items():
             if "compact_path" not in rule:
                 continue
             small = load_compact(rule["compact_path"])
+            tune(small)  # the kernels measured again here, alone on the machine
             row = {"model": r["model"], "method": r["method"], "rule": rule_key,
                    "params_dense": rule.get("params_dense", dense_params), "params_compact": rule["params_compact"],
-                   "not_compacted": rule.get("not_compacted", False)}
-            for b, calls in ((1, 100), (256, 10)):
-                x = data.x_test[:b]
-                with torch.inference_mode():
-                    t = interleaved({"dense": lambda: dense(x), "compact": lambda: small(x)}, repeats, calls)
-                row[f"b{b}"] = {"dense": t["dense"], "compact": t["compact"],
-                                "speedup": t["dense"]["cpu"] / t["compact"]["cpu"]}
+                   "not_compacted": rule.get("not_compacted", False), "storage": _storage_summary(small),
+                   "bytes_dense": dense_bytes,
+                   "bytes_compact": saved_bytes(compact_payload(small)) if hasattr(small, "spec") else None}
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    graphs = _graphs(small, data.x_test, tmp)
+                except Exception as e:  # an export that fails is a row note, not a lost table
+                    graphs, row["export_error"] = {}, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                for b, calls in ((1, 100), (256, 10)):
+                    x = data.x_test[:b]
+                    fns = {"dense": lambda: dense(x), "compact": lambda: small(x)}
+                    fns.update({k: (lambda g=g: g(x)) for k, g in graphs.items()})
+                    with torch.inference_mode():
+                        t = interleaved(fns, repeats, calls)
+                    row[f"b{b}"] = {k: t[k] for k in fns}
+                    row[f"b{b}"]["speedup"] = t["dense"]["cpu"] / t["compact"]["cpu"]
+                    for k in graphs:
+                        row[f"b{b}"][f"speedup_{k}"] = t["dense"]["cpu"] / t[k]["cpu"]
             rows.append(row)
             log(f"  latency {r['model']}/{r['method']}/{rule_key}: b1 {row['b1']['speedup']:.2f}x, "
-                f"b256 {row['b256']['speedup']:.2f}x")
+                f"b256 {row['b256']['speedup']:.2f}x ({row['storage']})")
     return rows

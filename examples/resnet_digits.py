@@ -56,7 +56,7 @@ class ResidualCNN(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(channels * 16, hidden), nn.ReLU(), nn.Linear(hidden, classes))
 
     def forward(self, x):
-        x = x.reshape(len(x), 1, 8, 8)
+        x = x.reshape(x.shape[0], 1, 8, 8)  # x.shape[0], not len(x): an exported graph keeps the batch size free
         h = self.block2(self.block1(F.relu(self.stem(x))))
         return self.head(F.max_pool2d(h, 2))
 

@@ -3,8 +3,10 @@
 The entry points for a network of your own (imported on first use, so ``import pyro_sparse``
 stays cheap): :func:`bayesian` (any ``torch.nn.Module`` -> a sparse Bayesian model,
 :mod:`pyro_sparse.convert`), :func:`prune` (a trained module pruned post hoc through a Laplace
-posterior, :mod:`pyro_sparse.posthoc`) and :func:`export` (a reduced model back as the user's
-class, :mod:`pyro_sparse.reduction.compact`).
+posterior, :mod:`pyro_sparse.posthoc`), :func:`export` (a reduced model back as the user's
+class, :mod:`pyro_sparse.reduction.compact`) and :func:`export_graph` (a compact network as a
+TorchScript or ONNX graph that runs without pyro-sparse, :mod:`pyro_sparse.deploy`; what the
+command ``pyro-sparse export`` does).
 """
 
 import importlib
@@ -13,7 +15,8 @@ __version__ = "0.1.0"
 
 #: name -> the module that defines it (imported when the name is first used)
 _LAZY = {"bayesian": "pyro_sparse.convert", "BayesianModule": "pyro_sparse.convert",
-         "prune": "pyro_sparse.posthoc", "export": "pyro_sparse.reduction.compact"}
+         "prune": "pyro_sparse.posthoc", "export": "pyro_sparse.reduction.compact",
+         "export_graph": "pyro_sparse.deploy"}
 
 
 def __getattr__(name):

@@ -145,10 +145,12 @@ def _add_reduce(sub):
     p.add_argument("--structured", action="store_true", help="remove whole units / conv filters")
     p.add_argument("--scope", default="global", help="global | layer: rank weights over the network or per layer")
     p.add_argument("--reduced-scale", type=float, help="bmr: standard deviation of the reduced prior N(0, g^2)")
+    p.add_argument("--pattern", help="N:M, e.g. 2:4: keep at most N of every M consecutive weights along each weight's "
+                                     "input axis (input channels at every kernel position), ranked by the rule (alone, "
+                                     "or with --threshold / --sparsity); compensated: the whole target")
     p.add_argument("--compensate", choices=("auto", "yes", "no"), default="auto",
                    help="bmr, savage-dickey: move the kept weights to the reduced posterior mean (default: where the "
                         "run's posterior has the structure, a Laplace fit with curvature kfac or rows)")
-    p.add_argument("--pattern", help="with compensation: keep n of every m consecutive inputs, e.g. 2:4")
     p.add_argument("--output-scale", choices=("unit", "posterior"),
                    help="with compensation: read each layer in unit output scale or as fitted (default: unit for a "
                         "classifier, posterior for a regression)")
@@ -159,6 +161,10 @@ def _add_reduce(sub):
     p.add_argument("--seed", type=int, default=0, help="seed of the random rule and the predictive draws")
     p.add_argument("--data", help="the run's data, if it moved (a different fingerprint is warned about)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of the same reduction")
+    p.add_argument("--storage", default="auto", help="auto | csr | dense: kept weights of Linear/Conv layers in CSR "
+                   "where smaller, computed sparsely where measured faster (auto), always sparsely (csr), or "
+                   "every layer dense")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement (batch 1 and 256)")
 
 
 #: what the figures of `reduce` are, in the words every command uses
@@ -175,15 +181,23 @@ def cmd_reduce(args):
         raise PyroSparseError(f"--samples: must be >= 0, got {args.samples}")
     if args.max_drop is not None and not args.max_drop >= 0:
         raise PyroSparseError(f"--max-drop: must be a number >= 0, got {args.max_drop}")
+    if args.storage not in ("auto", "csr", "dense"):
+        raise PyroSparseError(f"--storage: expected auto, csr or dense, got {args.storage!r}")
     extra = {"reduced_scale": args.reduced_scale} if args.reduced_scale is not None else {}
-    extra.update({"compensate": {"auto": None, "yes": True, "no": False}[args.compensate], "pattern": args.pattern,
+    extra.update({"compensate": {"auto": None, "yes": True, "no": False}[args.compensate],
                   "output_scale": args.output_scale})
+    if args.pattern is not None:
+        n, sep, m = args.pattern.partition(":")
+        if not (sep and n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+            raise PyroSparseError(f"--pattern: expected N:M with 0 < N < M (e.g. 2:4), got {args.pattern!r}")
+        extra["pattern"] = args.pattern
     check_run_dir(args.dir)
     from .reduction.workflow import reduce_run
 
     report = reduce_run(args.dir, args.method, sparsity=args.sparsity, threshold=args.threshold,
                         structured=args.structured, scope=args.scope, num_samples=args.samples, seed=args.seed,
-                        overwrite=args.overwrite, data=args.data, max_drop=args.max_drop, **extra)
+                        overwrite=args.overwrite, data=args.data, storage=args.storage,
+                        latency=not args.no_latency, max_drop=args.max_drop, **extra)
     keys = [k for k in report if k.startswith("test_")] + [
         "sparsity", "rule_sparsity", "weights_kept", "weights_total", "units_removed", "compression_ratio",
         "compact_ratio", "flops_dense", "flops_compact", "param_bytes_dense", "param_bytes_compact",
@@ -206,6 +220,9 @@ def cmd_reduce(args):
             gates = ", ".join(f"{g} {v['kept']} ({v['constant']} constant)" for g, v in r["gates"].items())
             print(f"  {name}[{k}] {r['cell']}: hidden {r['hidden'][0]}/{r['hidden'][1]}, inputs "
                   f"{r['inputs'][0]}/{r['inputs'][1]}, gates computed {gates}")
+    from .reduction.report import format_deployment
+
+    print("\n".join("  " + line for line in format_deployment(report).splitlines()))
     print(f"  wrote {report['report_path']} and {report['compact_path']}")
     return 0
 
@@ -252,7 +269,7 @@ def build_parser():
 
 
 #: commands that build networks from model specs (which may name code to import)
-CODE_COMMANDS = ("fit", "evaluate", "reduce", "sweep", "report", "compare", "predict")
+CODE_COMMANDS = ("fit", "evaluate", "reduce", "sweep", "report", "compare", "predict", "export")
 
 
 ADDERS = [_add_fit, _add_evaluate, _add_reduce, _add_sweep]
@@ -334,7 +351,8 @@ ADDERS.extend([_add_report, _add_compare])
 def _add_predict(sub):
     p = sub.add_parser("predict", help="class probabilities (or predictive mean and sd) for new data, from a run or "
                                        "a compact network")
-    p.add_argument("source", help="run directory (posterior predictive) or compact-*.pt file (deterministic)")
+    p.add_argument("source", help="run directory (posterior predictive), compact-*.pt file (deterministic), or a "
+                                  "graph written by pyro-sparse export (TorchScript, or .onnx with onnxruntime)")
     p.add_argument("--data", required=True, help="PATH.npz (x [, y]) or PATH.csv (features [, target column]); "
                                                  "raw inputs: the run's input transform is applied")
     p.add_argument("--out", required=True, help="file to write: PATH.npz (one array per column) or CSV (one row "
@@ -356,8 +374,8 @@ def cmd_predict(args):
                               else f"{args.out}: exists and is not a file")
     result = predict(args.source, args.data, num_samples=args.samples, seed=args.seed, target=args.target)
     write_predictions(result, args.out, overwrite=args.overwrite)
-    what = (f"posterior predictive, {result['samples']} draw(s)" if result["source"] == "run"
-            else "compact network")
+    what = {"run": f"posterior predictive, {result['samples']} draw(s)", "compact": "compact network",
+            "graph": "exported graph"}[result["source"]]
     print(f"predicted {result['examples']} examples from {args.source} ({what})")
     for key, value in (result["figures"] or {}).items():
         print(f"  {key:<9} {value:.4f}")
@@ -366,6 +384,47 @@ def cmd_predict(args):
 
 
 ADDERS.append(_add_predict)
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="write a compact network (with its input transform) as a TorchScript or ONNX "
+                                      "graph that runs without pyro-sparse")
+    p.add_argument("source", help="compact-*.pt file, or a run directory (reduced with its recipe's rule, or --method)")
+    p.add_argument("--format", required=True, help="torchscript | onnx (onnx needs: pip install 'pyro-sparse[onnx]')")
+    p.add_argument("--out", required=True, help="file to write")
+    p.add_argument("--method", help="run directory: the reduction rule (default: the recipe's)")
+    p.add_argument("--threshold", type=float, help="run directory: the rule's threshold")
+    p.add_argument("--sparsity", type=float, help="run directory: target fraction of weights to remove")
+    p.add_argument("--data", help="PATH.npz or PATH.csv of raw inputs to check the graph on (default: the run's "
+                                  "test split)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+
+@command("export", "export a compact network as a graph")
+def cmd_export(args):
+    if args.format not in ("torchscript", "onnx"):  # pyro_sparse.deploy.FORMATS (imported after the checks)
+        raise PyroSparseError(f"--format: expected torchscript or onnx, got {args.format!r}")
+    if os.path.exists(args.out) and not (args.overwrite and os.path.isfile(args.out)):
+        raise PyroSparseError(f"{args.out}: exists; use --overwrite to replace it" if os.path.isfile(args.out)
+                              else f"{args.out}: exists and is not a file")
+    if not os.path.exists(args.source):
+        raise PyroSparseError(f"{args.source}: no such run directory or compact file")
+    if os.path.isdir(args.source):
+        check_run_dir(args.source)
+    _check_file("--data", args.data)
+    from .deploy import export_graph
+
+    result = export_graph(args.source, args.out, args.format, overwrite=args.overwrite, data=args.data,
+                          method=args.method, threshold=args.threshold, sparsity=args.sparsity)
+    diff = result["max_abs_diff"]
+    check = (f"outputs within {diff:.2g} of the compact network's on {result['checked_on']} ({result['examples']} "
+             f"examples; largest |output| {result['max_abs_output']:.3g})" if diff is not None
+             else "not checked: onnxruntime is not installed")
+    print(f"wrote {args.out} ({args.format}, {result['bytes']:,} bytes): {check}")
+    return 0
+
+
+ADDERS.append(_add_export)
 
 
 def main(argv=None) -> int:

@@ -206,4 +206,4 @@ class WeightCompaction(Compaction):
         positions = math.prod(s for d, s in enumerate(self.out_shape) if d != self.out_axis)
         w = params["weight"]
         return entry, params, {"units": {"": self.units_info()}, "flops": 2 * w.numel() * positions,
-                               "flops_sparse": 2 * int((w != 0).sum()) * positions}
+                               "flops_sparse": 2 * int((w != 0).sum()) * positions, "positions": positions}

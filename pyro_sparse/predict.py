@@ -3,6 +3,9 @@ r"""Predictions on new data: what ``pyro-sparse predict`` does.
 From a **run directory**: the posterior predictive with ``S`` draws (the run's guide; a Laplace
 fit's Gaussian posterior), :math:`\bar p(y \mid x) = \frac1S\sum_s p(y \mid f_s(x))`. From a
 **compact file** (``reduce``'s ``compact-*.pt``): the deterministic compact network, one draw.
+From an **exported graph** (``pyro-sparse export``: TorchScript, or ONNX with onnxruntime): the
+same network as a graph, its metadata in place of the compact file's ``info``; the graph applies
+the input transform itself.
 
 Either way the inputs are raw data as the run was given them: the transform the run's inputs
 went through (``data: {inputs: center}``; :func:`~pyro_sparse.data.transform_inputs`) is applied
@@ -53,8 +56,12 @@ def predict(source: str, data: str, num_samples: int = 100, seed: int = 0, targe
     if not os.path.exists(source):
         raise PyroSparseError(f"{source}: no such run directory or compact file")
     torch.manual_seed(seed)
+    from .deploy import graph_kind
+
     if _is_run(source):
         outputs_of, likelihood, noise, shape, transform, kind, samples = _from_run(source, num_samples)
+    elif graph_kind(source) is not None:
+        outputs_of, likelihood, noise, shape, transform, kind, samples = _from_graph(source)
     else:
         outputs_of, likelihood, noise, shape, transform, kind, samples = _from_compact(source)
     labels = "regression" if likelihood.task == "regression" else "classification"
@@ -102,17 +109,22 @@ def _from_run(directory, num_samples):
     return outputs_of, lik, noise, run.dataset.feature_shape, transform, "run", samples
 
 
+def _likelihood(path, info, what):
+    if not info.get("likelihood"):
+        raise PyroSparseError(f"{path}: the {what} records no likelihood (reduce the run again to rebuild it)")
+    lik = build_likelihood(info["likelihood"])
+    if hasattr(lik, "set_target_transform"):
+        lik.set_target_transform(info.get("target_transform"))
+    noise = torch.tensor([info["noise"]]) if info.get("noise") is not None else None
+    return lik, noise
+
+
 def _from_compact(path):
     from .reduction.workflow import load_compact
 
     module = load_compact(path)
     info = getattr(module, "info", {}) or {}
-    if not info.get("likelihood"):
-        raise PyroSparseError(f"{path}: the compact file records no likelihood (reduce the run again to rebuild it)")
-    lik = build_likelihood(info["likelihood"])
-    if hasattr(lik, "set_target_transform"):
-        lik.set_target_transform(info.get("target_transform"))
-    noise = torch.tensor([info["noise"]]) if info.get("noise") is not None else None
+    lik, noise = _likelihood(path, info, "compact file")
     shape = info.get("feature_shape")
 
     def outputs_of(xb):
@@ -149,6 +161,21 @@ def check_tokens(x, vocab, data):
         value = x.reshape(len(x), -1)[where[0], where[1]].item()
         raise DataError(f"{data}: token {value:g} at row {where[0]}, position {where[1]} is not in the network's "
                         f"vocabulary (token ids 0..{vocab - 1}); {int(bad.sum())} input(s) like it")
+
+
+def _from_graph(path):
+    from .deploy import load_graph
+
+    run, info = load_graph(path)
+    lik, noise = _likelihood(path, info, "graph's metadata")
+    shape = info.get("feature_shape")
+    dtype = getattr(torch, (info.get("input") or {}).get("dtype", "float32"), torch.float32)
+
+    def outputs_of(xb):
+        return run(xb.to(dtype)).unsqueeze(0)
+
+    # the graph applies the input transform itself: the raw inputs go in as they are
+    return outputs_of, lik, noise, tuple(shape) if shape else None, None, "graph", 1
 
 
 def predictions_table(outputs, likelihood, noise=None):

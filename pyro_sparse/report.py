@@ -8,7 +8,11 @@ Laplace fit -- and writes into it
   ``posterior-<rule>.nc`` for each reduced model (pruned parameters fixed at 0);
 * PNG figures: ``training.png``, ``scores.png``, ``sparsity.png``, ``accuracy_vs_sparsity.png``,
   ``forest.png``;
-* ``report.md`` (tables + links to the figures) and ``report.json`` (the same numbers).
+* ``report.md`` (tables + links to the figures) and ``report.json`` (the same numbers), with the
+  deployment figures of the first rule's compact network (the recipe's own rule where it has one):
+  the compact file's size and stored floats against the dense network's ``state_dict``, each
+  layer's storage and the latency of both at batch 1 and 256, measured on the spot
+  (:func:`pyro_sparse.reduction.report.deployment_figures`).
 
 The reduced models come from the rules of :mod:`pyro_sparse.reduction.rules` that apply to the
 run's posterior summary (``trainer.posterior_summary()``), each at its own threshold (the
@@ -305,6 +309,7 @@ def write_report(directory: str, num_samples: int = 100, seed: int = 0, progress
             curves, os.path.join(directory, FIGURES["accuracy_vs_sparsity"]), points, ylabel=ylabel,
             title=f"{_run_name(run)} on {data.name}: pruning by each rule")
     figs["forest"] = D.plot_forest(dense, os.path.join(directory, FIGURES["forest"]))
+    deployment = _deployment(run, summary, decisions)
     seconds = time.perf_counter() - start
 
     result = {"directory": directory, "num_samples": num_samples, "seconds": seconds,
@@ -313,7 +318,7 @@ def write_report(directory: str, num_samples: int = 100, seed: int = 0, progress
               "rules": rule_info, "figures": {k: os.path.basename(v) for k, v in figs.items()},
               "accuracy_vs_sparsity": {k: {"sparsity": s, "metric": m} for k, (s, m) in curves.items()},
               "compare": ranking, "compare_note": ranking_note,
-              "frozen_params": sum(net.frozen_parameters().values())}
+              "frozen_params": sum(net.frozen_parameters().values()), "deployment": deployment}
     write_text_atomic(os.path.join(directory, "report.md"),
                       _report_markdown(run, result, summary, dense, history))
     write_json_atomic(os.path.join(directory, "report.json"), _jsonable(result))
@@ -333,6 +338,32 @@ def _test_figures(directory):
             return json.load(f).get("test_figures")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def _deployment(run, summary, decisions) -> dict | None:
+    """Size and latency of the first rule's compact network against the dense network."""
+    if not decisions:
+        return None
+    from .reduction.compact import compact
+    from .reduction.report import deployment_figures, saved_bytes
+    from .reduction.workflow import _run_extras, compact_payload
+
+    label, decision = next(iter(decisions.items()))
+    module = compact(run.network, summary, decision)
+    info = {"method": decision.method, **_run_extras(run)}
+    figures = deployment_figures(masked_module(run.network, summary), module, run.dataset.x_test,
+                                 saved_bytes(compact_payload(module, info)))
+    params_dense = sum(s.loc.numel() for s in summary.values())
+    return {"rule": label, "params_dense": params_dense, **figures}
+
+
+def _deployment_markdown(d) -> list:
+    from .reduction.report import format_deployment
+
+    lines = ["## Deployment", "", f"The compact network of `{d['rule']}`, as `pyro-sparse reduce` writes it "
+             "(`pyro-sparse export` turns it into a TorchScript or ONNX graph):", ""]
+    lines += [f"- {line}" for line in format_deployment(d).splitlines()]
+    return lines + [""]
 
 
 def _jsonable(x):
@@ -421,6 +452,8 @@ def _report_markdown(run, result, summary, dense, history) -> str:
                          **{m: v["metric"][i] for m, v in curves.items()}})
         lines += [f"Test {result['metric']} of the posterior-mean network, masked by each rule at each target "
                   "fraction of the weights the rule removes (rule_sparsity):", "", markdown_table(rows), ""]
+    if result.get("deployment"):
+        lines += _deployment_markdown(result["deployment"])
     extra = _reduction_files(run.directory)
     if extra:
         lines += ["## Reduction results on disk", ""]

@@ -18,7 +18,8 @@ from pyro_sparse.kron import KroneckerPrecision, RowPrecision
 from pyro_sparse.laplace.posterior import laplace_posterior
 from pyro_sparse.reduction import masked_module, reduce
 from pyro_sparse.reduction.bmr import savage_dickey
-from pyro_sparse.reduction.compensate import greedy_rows, parse_pattern, reduced_rows
+from pyro_sparse.reduction.compensate import greedy_rows, reduced_rows
+from pyro_sparse.reduction.scores import parse_pattern
 from pyro_sparse.reduction.compact import compact
 
 DT = torch.float64
@@ -148,7 +149,7 @@ def test_greedy_increments_add_up_to_the_joint_evidence_of_the_removed_set():
 
 
 def test_n_m_patterns_keep_n_of_every_m():
-    assert parse_pattern("2:4") == (2, 4) and parse_pattern(None) is None
+    assert parse_pattern("2:4") == (2, 4)
     for bad in ("4:2", "2-4", "0:4"):
         with pytest.raises(ValueError, match="pattern"):
             parse_pattern(bad)
@@ -160,8 +161,14 @@ def test_n_m_patterns_keep_n_of_every_m():
     for site in ("0.weight", "2.weight"):
         kept = d.masks[site].reshape(d.masks[site].shape[0], -1, 4).sum(-1)
         assert (kept == 2).all(), site
-    with pytest.raises(ValueError, match="pattern"):
-        reduce(posterior.summary(), "magnitude", sparsity=0.5, pattern="2:4")
+    # and a convolution is blocked along its input channels at every kernel position, as mask_n_m blocks
+    conv = nn.Sequential(nn.Conv2d(8, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3))
+    xc = torch.randn(100, 8, 4, 4)
+    d = reduce(laplace_posterior(conv, xc, y[:100], curvature="kfac").summary(), "bmr", pattern="2:4")
+    kept = d.masks["0.weight"].reshape(4, 2, 4, 3, 3).sum(2)  # (out, channel groups, kh, kw)
+    assert (kept == 2).all()
+    with pytest.raises(ValueError, match="pattern: with compensation"):
+        reduce(posterior.summary(), "bmr", sparsity=0.5, pattern="2:4")
 
 
 def test_compensated_decisions_compact_to_the_masked_network_and_move_the_kept_weights():

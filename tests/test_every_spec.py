@@ -1,9 +1,11 @@
 """Every shipped spec, with the recipe that fits it, through the command line as a user would run
 it: fit (the spec's own recipe, or another run type) -> reduce with every rule that applies ->
-the compact network equals the masked one -> sweep -> report -> compare. One epoch on small data
-(these check that every step works on every run type, not the figures; those are in bench/).
+the compact network equals the masked one -> export as TorchScript and ONNX (equal to the compact
+network on the test split; loaded at the end in one interpreter without pyro-sparse) -> sweep ->
+report -> compare. One epoch on small data (these check that every step works on every run type,
+not the figures; those are in bench/).
 
-A test per (spec, recipe); marked slow (about three minutes in all) but run by `make test`.
+A test per (spec, recipe); marked slow (about four minutes in all) but run by `make test`.
 """
 
 import contextlib
@@ -34,6 +36,16 @@ OTHER_RUNS = [
     ("lenet5_gaussian", "laplace_marglik"),
 ]
 TOL = 1e-5
+#: graphs exported by the spec tests: (graph, format, inputs .npy, the compact network's outputs .npy)
+EXPORTED = []
+
+
+def _has(module):
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +122,36 @@ def _walk(spec, recipe, data, tmp_path, capsys):
     # the class of a module spec (examples.resnet_digits:ResidualCNN) imports from the repository root
     with contextlib.chdir(ROOT):
         summary = _fit_and_summary(cli, spec, recipe, data, tmp_path, capsys, run)
-        return _reductions(cli, run, summary, capsys)
+        reports = _reductions(cli, run, summary, capsys)
+        if recipe is None:  # each spec's compact network as a graph
+            _export(cli, reports[0]["compact_path"], run, capsys)
+        return reports
+
+
+def _export(main, compact_path, run, capsys):
+    """Export as TorchScript and ONNX (export itself checks the graph against the compact network
+    on the run's test split, to 1e-5) and keep inputs and outputs for the interpreter without
+    pyro-sparse."""
+    import torch
+
+    from pyro_sparse.data import apply_input_transform
+    from pyro_sparse.reduction import load_compact
+
+    with allow_code():
+        module = load_compact(compact_path)
+        x = load_run(run).dataset.x_test[:20]
+    transform = module.info.get("input_transform")
+    if transform and x.is_floating_point():  # the run keeps its test inputs transformed: back to raw ones
+        x = x * torch.tensor(transform["scale"]) + torch.tensor(transform["mean"])
+    with torch.no_grad():
+        expected = module(apply_input_transform(x, transform) if x.is_floating_point() else x)
+    np.save(os.path.join(run, "x.npy"), x.numpy())
+    np.save(os.path.join(run, "expected.npy"), expected.numpy())
+    for fmt in ("torchscript", "onnx") if _has("onnxruntime") else ("torchscript",):
+        out = os.path.join(run, f"graph.{fmt}")
+        assert main(["export", compact_path, "--format", fmt, "--out", out]) == 0, capsys.readouterr().err
+        assert "of the compact network's on its run's test split" in capsys.readouterr().out
+        EXPORTED.append((out, fmt, os.path.join(run, "x.npy"), os.path.join(run, "expected.npy")))
 
 
 def _fit_and_summary(main, spec, recipe, data, tmp_path, capsys, run):
@@ -124,8 +165,9 @@ def _reductions(main, run, summary, capsys):
     applies = [name for name, why in applicable_rules(summary).items() if why is None]
     assert {"magnitude", "random"} <= set(applies)  # every posterior has means
     reports = []
-    for name in applies:
+    for i, name in enumerate(applies):
         options = ["--sparsity", "0.5"] if RULES[name].threshold is None and RULES[name].ranks else []
+        options += [] if i == 0 else ["--no-latency"]  # latency measured once per run
         assert main(["reduce", run, "--method", name, *options]) == 0, (name, capsys.readouterr().err)
         path = capsys.readouterr().out.strip().splitlines()[-1].split()[1]
         report = json.load(open(path))
@@ -164,3 +206,41 @@ def test_other_run_types_through_the_cli(spec, recipe, data, tmp_path, capsys):
         assert {r["method"] for r in reports} >= {"opd", "savage-dickey", "bmr", "magnitude"}
     if recipe == "map":  # a point estimate: no precision, no evidence
         assert {r["method"] for r in reports} == {"magnitude", "random"}
+
+
+@pytest.mark.slow
+def test_every_exported_graph_runs_in_an_interpreter_without_pyro_sparse(tmp_path):
+    """The graphs the spec tests above exported, run in one fresh, isolated interpreter (``-I``) in
+    which importing pyro_sparse fails: TorchScript with torch only, ONNX with onnxruntime only."""
+    if not EXPORTED:
+        pytest.skip("no spec test exported a graph in this session")
+    import subprocess
+    import sys
+
+    listing = tmp_path / "graphs.json"
+    listing.write_text(json.dumps(EXPORTED))
+    script = f"""
+import json, sys
+sys.modules["pyro_sparse"] = None  # importing pyro_sparse fails
+import numpy as np
+worst = {{}}
+for path, fmt, xs, expected in json.load(open({str(listing)!r})):
+    x, ref = np.load(xs), np.load(expected)
+    if fmt == "torchscript":
+        import torch
+        with torch.no_grad():
+            out = torch.jit.load(path)(torch.from_numpy(x)).numpy()
+    else:
+        import onnxruntime
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        out = session.run(None, {{"x": x}})[0]
+    worst[path] = float(np.abs(out - ref).max()) / max(1.0, float(np.abs(ref).max()))  # float32 rounding scales
+print(json.dumps(worst))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    done = subprocess.run([sys.executable, "-I", "-W", "ignore", "-c", script], capture_output=True, text=True,
+                          cwd=str(tmp_path), env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    worst = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(worst) == len(EXPORTED)
+    assert max(worst.values()) <= TOL, {k: v for k, v in worst.items() if v > TOL}  # relative to max(1, |output|)

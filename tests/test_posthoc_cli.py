@@ -76,8 +76,8 @@ def test_reduce_compensates_on_the_laplace_run_with_a_target_and_by_the_evidence
     assert main(["reduce", posthoc, "--method", "savage-dickey", "--pattern", "2:4"]) == 0
     nm = json.load(open(os.path.join(posthoc, "reduction-savage-dickey-2of4.json")))
     assert nm["rule_sparsity"] == pytest.approx(0.5, abs=0.01)
-    assert main(["reduce", posthoc, "--method", "opd", "--sparsity", "0.5", "--pattern", "2:4"]) == 2
-    assert "pattern" in capsys.readouterr().err
+    assert main(["reduce", posthoc, "--method", "bmr", "--sparsity", "0.5", "--pattern", "2:4"]) == 2
+    assert "--pattern: with compensation an n:m pattern is the whole target" in capsys.readouterr().err
 
 
 def test_evaluate_samples_uses_the_laplace_predictive(runs, capsys):

@@ -281,3 +281,46 @@ def test_opd_reads_the_precision_diagonal_of_a_block():
     p_diag = torch.linalg.inv(cov).diagonal().reshape(6, 5)
     assert torch.allclose(d.scores["fc1.weight"], p_diag * s["fc1.weight"].loc ** 2, rtol=1e-9)
     assert bool((p_diag > s["fc1.weight"].precision).all())  # P_ii >= 1 / Sigma_ii, strictly here
+
+
+# --------------------------------------------------------------------------- N:M patterns
+
+
+def test_mask_n_m_keeps_the_n_highest_of_every_m_along_the_axis():
+    from pyro_sparse.reduction.scores import mask_n_m
+
+    scores = torch.tensor([[1.0, 4, 2, 3, 5, 5, 5, 0, 9, 1], [0, 0, 0, 0, 1, 2, 3, 4, 1, 1]])
+    keep = mask_n_m(scores, 2, 4, dim=1)
+    # blocks [0:4], [4:8], a last block of 2; ties go to the earlier entry
+    assert keep.int().tolist() == [[0, 1, 0, 1, 1, 1, 0, 0, 1, 1], [1, 1, 0, 0, 0, 0, 1, 1, 1, 1]]
+    conv = torch.randn(6, 8, 3, 3)
+    k = mask_n_m(conv, 1, 4, dim=1)  # input channels at every kernel position
+    assert (k.reshape(6, 2, 4, 3, 3).sum(2) == 1).all()
+    for bad in ("2", "4:2", "a:b", (0, 4), (2, 2)):
+        with pytest.raises(ValueError, match="pattern:"):
+            mask_n_m(conv, *(bad if isinstance(bad, tuple) else (bad, 4)))
+
+
+@pytest.mark.parametrize("method,kwargs", [("magnitude", {}), ("opd", {}), ("savage-dickey", {}),
+                                           ("opd", {"sparsity": 0.8}), ("savage-dickey", {"threshold": 0.0})])
+def test_a_2_4_pattern_is_ranked_by_the_rule_and_combines_with_its_cut(method, kwargs):
+    s = make_summary(shapes=(("fc1", (30, 24)), ("fc2", (10, 30))))
+    d = reduce(s, method, pattern="2:4", **kwargs)
+    plain = reduce(s, method, **kwargs) if kwargs else None
+    for k in weights(s):
+        w = d.masks[k]
+        blocks = torch.cat([w, w.new_zeros(w.shape[0], (-w.shape[1]) % 4)], 1).reshape(w.shape[0], -1, 4)
+        assert (blocks.sum(-1) <= 2).all()
+        if plain is not None:
+            assert not (w & ~plain.masks[k]).any()  # both cuts apply
+        else:  # the pattern alone: 2 of every full block kept, the two the rule ranks highest
+            assert (blocks[:, : w.shape[1] // 4].sum(-1) == 2).all()
+            keep_score = reduce(s, method, sparsity=0.5).scores[k]
+            keep_score = -keep_score if method == "savage-dickey" else keep_score
+            first = keep_score[0, :4]
+            assert w[0, :4].tolist() == [bool(v) for v in (first >= first.sort().values[2])]
+    assert d.options["pattern"] == "2:4"
+    with pytest.raises(ValueError, match="pattern: an N:M pattern ranks single weights"):
+        reduce(s, "spike-slab", pattern="2:4")
+    with pytest.raises(ValueError, match="pattern: an N:M pattern ranks single weights; not with structured"):
+        reduce(s, "opd", sparsity=0.5, structured=True, pattern="2:4")

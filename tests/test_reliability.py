@@ -521,6 +521,12 @@ def test_output_directories_are_never_overwritten_without_overwrite(tmp_path, ca
     assert main(["predict", str(run), "--data", str(inputs), "--out", str(predictions)]) == 2
     assert "pred.csv: exists; use --overwrite to replace it" in capsys.readouterr().err
     assert predictions.read_text() == "mine"
+    # export --out never replaces an existing file without --overwrite
+    graph = tmp_path / "net.pt"
+    graph.write_text("mine")
+    assert main(["export", str(run), "--format", "torchscript", "--out", str(graph)]) == 2
+    assert "net.pt: exists; use --overwrite to replace it" in capsys.readouterr().err
+    assert graph.read_text() == "mine"
     # report adds its own files to a run directory and never modifies the run's files
     before = {f: (run / f).read_bytes() for f in os.listdir(run)}
     assert main(["report", str(run), "--samples", "4", "--threads", "1"]) == 0
@@ -530,7 +536,7 @@ def test_output_directories_are_never_overwritten_without_overwrite(tmp_path, ca
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     writers = {name for name, p in sub.choices.items() if any("--out" in a.option_strings for a in p._actions)}
-    covered = {"fit", "compare", "predict"}
+    covered = {"fit", "compare", "predict", "export"}
     assert writers == covered, f"new writing commands {writers - covered} need a test here"
 
 

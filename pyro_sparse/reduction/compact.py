@@ -26,16 +26,19 @@ from torch import nn
 
 from ..compaction import as_index
 from ..layers import Reshape, _Parametric, site_name
+from ..storage import CompactSequential
 from ..registry import CONVERSIONS, LAYERS
 
 #: layers whose compaction with masks only changes the non-zero count (nothing deleted on its own)
 _WEIGHT_LAYERS = (_Parametric,)
 
 __all__ = ["masked_values", "masked_module", "masked_predictive", "compact", "compact_plan", "CompactPlan",
-           "build_module", "layer_shapes", "FORMAT", "export", "add_prune_masks", "replace_chains"]
+           "build_module", "layer_shapes", "FORMAT", "export", "add_prune_masks", "replace_chains", "apply_storage",
+           "CompactSequential", "align_pattern"]
 
-#: version of the compact spec (format 2: children named like the network's layers)
-FORMAT = 2
+#: version of the compact spec (format 2: children named like the network's layers; format 3: a Linear/Conv
+#: entry records its storage and kernels, :mod:`pyro_sparse.storage`)
+FORMAT = 3
 
 
 # --------------------------------------------------------------------------- masked network
@@ -81,7 +84,10 @@ def export(network, summary_or_values, decision=None, prune_masks=False) -> nn.M
 
     ``prune_masks=True`` attaches ``torch.nn.utils.prune`` masks (:func:`add_prune_masks`) so
     that further training keeps the pruned weights at 0 (its ``state_dict`` then holds
-    ``weight_orig`` and ``weight_mask``; ``torch.nn.utils.prune.remove`` folds them back)."""
+    ``weight_orig`` and ``weight_mask``; ``torch.nn.utils.prune.remove`` folds them back).
+
+    Not the command ``pyro-sparse export``, which writes the *compact* network as a TorchScript
+    or ONNX graph: that is :func:`pyro_sparse.deploy.export_graph` (``pyro_sparse.export_graph``)."""
     module = network.deterministic(masked_values(summary_or_values, decision))
     if prune_masks:
         add_prune_masks(module, _masks(decision))
@@ -383,6 +389,10 @@ def build_module_network(network, plan: CompactPlan, values: dict, masks: dict) 
     for key, value in plan.params.items():
         if key in state:
             state[key] = value
+        elif key.endswith(".weight") and f"{key}_values" in state:  # a member stored in CSR: its dense weight
+            for suffix in ("_values", "_col", "_crow"):
+                state.pop(key + suffix)
+            state[key] = value
     ref = next((v for v in plan.params.values() if v.is_floating_point()), None)
     if ref is not None:
         module.to(device=ref.device)
@@ -410,14 +420,76 @@ def replace_chains(module: nn.Module, spec: dict) -> nn.Module:
     return module
 
 
+def check_format(spec: dict):
+    """ValueError unless ``spec`` is of this version's compact format :data:`FORMAT`."""
+    found = spec.get("format")
+    if found != FORMAT:
+        why = (" (format 2 stored every kept matrix dense; format 3 records each layer's storage)"
+               if found == 2 else "")
+        raise ValueError(f"spec: compact format {found!r}; this version reads format {FORMAT}{why}: reduce the run "
+                         "again to rebuild it")
+
+
+#: the compact spec types whose weight storage :func:`apply_storage` decides
+STORED_TYPES = ("linear", "conv1d", "conv2d")
+
+
+def _plan_entries(plan):
+    """``(prefix, entry)`` for every layer entry of a compact plan's spec (module chains included)."""
+    for entry in plan.spec.get("layers", []):
+        yield "", entry
+    for path, chain in plan.spec.get("chains", {}).items():
+        for entry in chain["layers"]:
+            yield (f"{path}." if path else ""), entry
+
+
+@torch.no_grad()
+def apply_storage(plan: CompactPlan, storage: str = "auto", pattern=None, values=None) -> CompactPlan:
+    """Decide how each Linear / Conv layer of a compact plan stores its kept weights and computes
+    with them (:func:`pyro_sparse.storage.decide`), in place: the spec entry of a layer that is not
+    the plain torch layer gets ``storage`` (``csr`` or ``dense``; a Linear also ``kernels`` and
+    ``switch_rows``), and ``plan.layers[name]["storage"]`` the record (density, bytes dense and
+    CSR, the measured timings). The plan's ``params`` stay the dense compact tensors. ``values``
+    (site -> the network's tensors) tells which layers compaction reshaped. ``pattern``
+    (``"N:M"``, a decision's): each record says whether the compact weight still holds it along its
+    input axis (``pattern_holds``): deleting unread or constant units removes input columns, which
+    can shift the blocks."""
+    from ..storage import decide, pattern_holds
+    from .scores import parse_pattern
+
+    for prefix, entry in _plan_entries(plan):
+        kind = entry.get("type")
+        key = prefix + entry.get("name", "")
+        weight = plan.params.get(f"{key}.weight")
+        if kind not in STORED_TYPES or weight is None:
+            continue
+        info = plan.layers.setdefault(key, {})
+        original = (values or {}).get(f"{key}.weight")
+        reshaped = original is not None and tuple(original.shape) != tuple(weight.shape)
+        record = decide(kind, weight, plan.params.get(f"{key}.bias"), info.get("positions", 1), storage, reshaped)
+        if pattern is not None:
+            n, m = parse_pattern(pattern)
+            record["pattern"], record["pattern_holds"] = f"{n}:{m}", pattern_holds(weight, n, m)
+        info["storage"] = record
+        for k in ("storage", "kernels", "switch_rows", "positions", "contiguous"):
+            entry.pop(k, None)
+        if record["layer"] == "compact":
+            entry["storage"] = record["storage"]
+            if "kernels" in record:
+                entry["kernels"], entry["switch_rows"] = record["kernels"], record["switch_rows"]
+                entry["positions"] = int(info.get("positions", 1))
+                if plan.spec.get("kind") == "module":  # inside the user's code, which may view the output
+                    entry["contiguous"] = True
+    return plan
+
+
 def build_module(spec: dict) -> nn.Sequential:
-    """A plain ``torch.nn.Sequential`` from a compact spec (parameters uninitialised): children
-    named like the layers, each built by its class's ``build_compact(entry)``."""
+    """A :class:`CompactSequential` (a ``torch.nn.Sequential``) from a compact spec (parameters
+    uninitialised): children named like the layers, each built by its class's
+    ``build_compact(entry)``."""
     if not isinstance(spec, dict) or not isinstance(spec.get("layers"), list):
         raise ValueError(f"spec: not a compact network spec (a layer list), got {type(spec).__name__}")
-    if spec.get("format") != FORMAT:
-        raise ValueError(f"spec: compact format {spec.get('format')!r}; this version reads format {FORMAT} "
-                         "(reduce the run again to rebuild it)")
+    check_format(spec)
     modules = OrderedDict()
     if spec.get("input_shape"):
         modules["input"] = Reshape(spec["input_shape"])
@@ -428,21 +500,104 @@ def build_module(spec: dict) -> nn.Sequential:
         with warnings.catch_warnings():  # a layer whose units were all removed has no weights
             warnings.filterwarnings("ignore", "Initializing zero-element tensors")
             modules[entry.get("name", str(i))] = LAYERS[kind].build_compact(entry)
-    return nn.Sequential(modules)
+    return CompactSequential(modules)
+
+
+def _kept_columns(plan: CompactPlan, sites: dict) -> dict:
+    """Site -> the original input features its layer keeps in the compact network (in order), for
+    the weight sites of a chain whose producer is the Bayesian layer before it (the first keeps all
+    its inputs); a site whose columns cannot be told from the plan is left out."""
+    out, producer = {}, None
+    for name, info in plan.layers.items():
+        site = f"{name}.weight"
+        units = info.get("units", {}).get("")
+        if site in sites:
+            shape, dim = sites[site]
+            width = plan.params[site].shape[dim] if site in plan.params else None
+            if producer is None:
+                columns = torch.arange(shape[dim])
+            else:
+                kept, total = producer
+                block = shape[dim] // total if total and shape[dim] % total == 0 else None
+                columns = None if block is None else (
+                    torch.as_tensor(kept, dtype=torch.long)[:, None] * block + torch.arange(block)).reshape(-1)
+            if columns is not None and width == len(columns):
+                out[site] = columns
+        producer = (units["kept"], units["total"]) if units else None
+    return out
 
 
 @torch.no_grad()
-def compact(network, summary_or_values, decision=None, input_shape=None) -> nn.Sequential:
+def align_pattern(network, summary, decision, input_shape=None, rounds=8):
+    """The decision with its N:M pattern (``reduce(..., pattern=...)``) laid over the input features
+    each layer keeps in the compact network, instead of over all of them: compaction deletes units
+    the pattern leaves unread, which removes input columns of the next layer and shifts its blocks.
+    The rule's own cut (threshold or sparsity; none with a pattern alone) is kept, and the N of
+    every M consecutive *kept* columns are chosen by the rule's ranking; this repeats until the
+    kept columns stop changing (at most ``rounds`` times). Sites whose kept columns the plan does
+    not tell (not in a Linear/Conv chain) keep the pattern over all their inputs. Returns a new
+    :class:`~.rules.Decision` (the same one without a pattern)."""
+    import dataclasses
+
+    from .rules import rule as find_rule
+    from .scores import mask_by_sparsity, mask_n_m, parse_pattern
+
+    pattern = decision.options.get("pattern")
+    if not pattern:
+        return decision
+    n, m = parse_pattern(pattern)
+    r = find_rule(decision.method)
+    values = point_values(summary)
+    sites = {k: (tuple(v.shape), summary[k].axes["input"]) for k, v in decision.scores.items()
+             if summary[k].role == "weight" and "input" in summary[k].axes and v.dim() > 1}
+    keep_score = {k: r.keep_score(decision.scores[k]) for k in sites}
+    threshold, sparsity = decision.options.get("threshold"), decision.options.get("sparsity")
+    if sparsity is not None:
+        ranked = {k: r.keep_score(v) for k, v in decision.scores.items() if summary[k].role == "weight"}
+        base = mask_by_sparsity(ranked, sparsity, scope=decision.options.get("scope", "global"))
+    elif threshold is not None:
+        base = {k: r.keep(decision.scores[k], threshold) for k in sites}
+    else:
+        base = {k: torch.ones(shape, dtype=torch.bool) for k, (shape, _) in sites.items()}
+    masks = dict(decision.masks)
+    for _ in range(rounds):
+        columns = _kept_columns(compact_plan(network, values, masks, input_shape), sites)
+        new = dict(masks)
+        for k, index in columns.items():
+            dim = sites[k][1]
+            chosen = torch.zeros(sites[k][0], dtype=torch.bool)
+            chosen.index_copy_(dim, index, mask_n_m(keep_score[k].index_select(dim, index), n, m, dim))
+            new[k] = base[k].to(chosen.device) & chosen
+        if all(torch.equal(new[k], masks[k]) for k in columns):
+            break
+        masks = new
+    output = list(decision.units)[-1] if decision.units else None  # the output layer keeps every unit
+    units = dict(decision.units)
+    for layer in decision.units:
+        site = f"{layer}.weight"
+        if site in sites and layer != output:
+            dims = tuple(d for d in range(masks[site].dim()) if d != summary[site].axes["unit"])
+            units[layer] = masks[site].any(dim=dims)
+    return dataclasses.replace(decision, masks=masks, units=units,
+                               options={**decision.options, "pattern_over": "kept inputs"})
+
+
+@torch.no_grad()
+def compact(network, summary_or_values, decision=None, input_shape=None, storage="auto") -> nn.Sequential:
     """The deterministic compact network (inference mode) of a decision.
 
     ``summary_or_values``: a posterior summary (its means are used) or ``site -> tensor``;
     ``decision``: a :class:`~.rules.Decision` or a dict of keep-masks. The result predicts as
     :func:`masked_module` does (up to float rounding from the folded biases) and carries
     ``.spec`` (layer list with sizes, see :func:`build_module`) and ``.plan`` (:class:`CompactPlan`).
-    ``input_shape``: the per-example input shape where the network declares none.
+    ``input_shape``: the per-example input shape where the network declares none. ``storage``:
+    how the kept weights of its Linear and Conv layers are stored and computed with
+    (:func:`apply_storage`): ``auto`` (CSR where smaller, the CSR product where measured faster),
+    ``csr`` (CSR where smaller, always the CSR product: no timing) or ``dense`` (plain layers).
     """
     values, masks = point_values(summary_or_values, decision), _masks(decision)
     plan = compact_plan(network, values, masks, input_shape)
+    apply_storage(plan, storage, getattr(decision, "options", {}).get("pattern"), values)
     if plan.spec.get("kind") == "module":
         module = build_module_network(network, plan, values, masks)
     else:

@@ -38,7 +38,8 @@ to its right.
 **How many.** With a target ``sparsity`` the rows' removal sequences are cut where their prefix
 scores (the running minimum of the increments) cross one threshold, chosen over all layers
 (``scope="global"``: the evidence is one currency across layers) or per layer; with an ``n:m``
-``pattern`` every block of ``m`` consecutive inputs of a row keeps ``n``; with neither, the
+``pattern`` every block of ``m`` consecutive inputs of a row (input channels at every kernel
+position of a convolution, as :func:`~pyro_sparse.reduction.scores.mask_n_m` blocks) keeps ``n``; with neither, the
 evidence decides: each row stops where its cumulative :math:`\Delta F` (less ``threshold`` per
 weight) is largest -- where removing more lowers the evidence.
 
@@ -65,13 +66,13 @@ linear-Gaussian model. The decision records which.
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 
 from ..kron import rows_of
+from .scores import parse_pattern
 
-__all__ = ["compensated_reduction", "parse_pattern", "MAX_EXACT", "OUTPUT_SCALES", "greedy_rows",
+__all__ = ["compensated_reduction", "MAX_EXACT", "OUTPUT_SCALES", "greedy_rows",
            "reduced_rows"]
 
 #: widest row (entries, bias included) reduced greedily and exactly; wider rows go blockwise
@@ -86,20 +87,10 @@ OUTPUT_SCALES = ("unit", "posterior")
 _ROW_BUDGET = 1 << 24  # float64 entries of the row covariances held at once (128 MiB)
 
 
-def parse_pattern(pattern):
-    """``"2:4"`` -> ``(2, 4)`` (keep ``n`` of every ``m`` consecutive inputs), or None."""
-    if pattern is None:
-        return None
-    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
-    if not match or not 0 < int(match.group(1)) < int(match.group(2)):
-        raise ValueError(f"pattern: expected 'n:m' with 0 < n < m (keep n of every m inputs, e.g. 2:4), got {pattern!r}")
-    return int(match.group(1)), int(match.group(2))
-
-
 # --------------------------------------------------------------------------- one layer, exact
 
 
-def greedy_rows(sigma, mu, prior_precision, removable, delta_f, nm=None, fraction=1 / 16):
+def greedy_rows(sigma, mu, prior_precision, removable, delta_f, nm=None, fraction=1 / 16, blocks=None):
     r"""Greedy removal per row under full row covariances (ExactOBS with the rule's evidence).
 
     ``sigma`` ``(R, d, d)``, ``mu`` ``(R, d)``, ``prior_precision`` ``(R, d)``, ``removable``
@@ -113,8 +104,9 @@ def greedy_rows(sigma, mu, prior_precision, removable, delta_f, nm=None, fractio
     still in play whenever a quarter of them has gone, so the work falls with the cube of what is
     left.
 
-    ``nm = (n, m)``: only weights whose block of ``m`` consecutive columns still keeps more than
-    ``n`` may go, one at a time, and the sequence ends when every block keeps ``n``.
+    ``nm = (n, m)``: only weights whose block (``blocks``, a block id per column; default ``m``
+    consecutive columns) still keeps more than ``n`` may go, one at a time, and the sequence ends
+    when every block keeps ``n``.
 
     Returns ``(order, increments)`` ``(R, k)``: the removal order (column indices) and each
     removal's :math:`\Delta F` (``-inf`` padding where a row ran out of removable weights).
@@ -130,7 +122,7 @@ def greedy_rows(sigma, mu, prior_precision, removable, delta_f, nm=None, fractio
     n_rem = int(removable.sum(1).max())
     if nm is not None:
         n, m = nm
-        block = active // m
+        block = (active // m) if blocks is None else blocks.to(active.device)[active]
         kept = torch.zeros(rows, int(block.max()) + 1, dtype=torch.long).scatter_add_(1, block, can.long())
         n_rem = int((kept - n).clamp_min(0).sum(1).max())
     orders, incs = [], []
@@ -209,13 +201,13 @@ def _chunks(rows, width):
     return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
 
 
-def _exact_layer(precision, mu, prior_precision, removable, delta_f, nm, fraction=1 / 16):
+def _exact_layer(precision, mu, prior_precision, removable, delta_f, nm, fraction=1 / 16, blocks=None):
     """Greedy trajectories of a layer's rows, in chunks of rows: ``(order, increments)``."""
     orders, incs = [], []
     for sl in _chunks(mu.shape[0], mu.shape[1]):
         chol = torch.linalg.cholesky(precision[sl])
         order, inc = greedy_rows(torch.cholesky_inverse(chol), mu[sl], prior_precision[sl], removable[sl], delta_f, nm,
-                                 fraction)
+                                 fraction, blocks)
         orders.append(order)
         incs.append(inc)
     k = max(o.shape[1] for o in orders)
@@ -265,15 +257,15 @@ def _removed_from(order, k, width):
 
 
 def _blockwise_layer(hinv, var, scale, mu, prior_precision, removable, delta_f, keep_counts=None, threshold=0.0,
-                     nm=None):
+                     nm=None, blocks=None):
     r"""SparseGPT's pass over one layer with the shared :math:`H` (rows' precisions
     :math:`P_i \approx s_i H`, ``scale`` the ``s_i``; ``hinv`` its inverse, ``var`` the single-weight
     variances, :func:`_shared`): returns ``(values, removed, delta_f_total)``.
 
-    The removed set: with ``keep_counts`` (removals per row) chosen up front, each row's
-    ``k_i`` largest single-weight :math:`\Delta F` under the shared :math:`H`; else per block of
-    columns, at the block's start, by ``nm`` (``m - n`` of every ``m``) or where
-    :math:`\Delta F >` ``threshold``. Columns are then eliminated left to right, each removal's
+    The removed set: chosen up front by the single-weight :math:`\Delta F` under the shared
+    :math:`H`, each row's ``keep_counts`` largest, or with ``nm`` all but the ``n`` smallest of every
+    block (``blocks``: a block id per column); else per block of columns, at the block's start,
+    where :math:`\Delta F >` ``threshold``. Columns are then eliminated left to right, each removal's
     error pushed onto the columns to its right (earlier columns stay as they are: the lazy
     updates that make the pass :math:`O(d^3 + R d^2)`)."""
     rows, d = mu.shape
@@ -281,11 +273,14 @@ def _blockwise_layer(hinv, var, scale, mu, prior_precision, removable, delta_f, 
     u = torch.linalg.cholesky(hinv, upper=True)  # H^-1 = U' U
     w = mu.clone()
     removed = torch.zeros_like(removable)
-    if keep_counts is not None:
+    if keep_counts is not None or nm is not None:  # the removed set chosen up front
         df = torch.where(removable, delta_f(mu, var, prior_precision), torch.full_like(mu, -math.inf))
-        ranked = torch.argsort(df, dim=1, descending=True)
-        first = torch.arange(d)[None, :] < keep_counts[:, None]
-        removed.scatter_(1, ranked, first)
+        if nm is not None:  # in every block, the ones beyond its n with the largest evidence for removal
+            removed = ~_keep_per_block(-df, removable, nm, blocks)
+        else:
+            ranked = torch.argsort(df, dim=1, descending=True)
+            first = torch.arange(d)[None, :] < keep_counts[:, None]
+            removed.scatter_(1, ranked, first)
         removed &= removable
     total = torch.zeros((), dtype=mu.dtype)
     for i1 in range(0, d, BLOCK):
@@ -297,17 +292,8 @@ def _blockwise_layer(hinv, var, scale, mu, prior_precision, removable, delta_f, 
         df = delta_f(w1, var.expand_as(w1), prior_precision[:, i1:i2])
         can = removable[:, i1:i2]
         df = torch.where(can, df, torch.full_like(df, -math.inf))
-        if keep_counts is not None:
+        if keep_counts is not None or nm is not None:
             cut = removed[:, i1:i2]
-        elif nm is not None:
-            n, m = nm
-            cut = torch.zeros_like(can)
-            for j in range(0, i2 - i1, m):
-                drop = max(int(can[:, j:j + m].sum(1).max()) - n, 0)
-                if drop:
-                    idx = torch.topk(df[:, j:j + m], min(drop, df[:, j:j + m].shape[1]), dim=1).indices
-                    cut[:, j:j + m].scatter_(1, idx, True)
-            cut &= can
         else:
             cut = can & (df > threshold)
         total = total + df[cut].sum()
@@ -322,6 +308,38 @@ def _blockwise_layer(hinv, var, scale, mu, prior_precision, removable, delta_f, 
         w[:, i2:] -= errors @ u[i1:i2, i2:]
         removed[:, i1:i2] = cut
     return w, removed, total
+
+
+def _keep_per_block(keep_score, removable, nm, blocks):
+    """``(R, d)`` bool: in every row and block (``blocks``, a block id per column) the ``n`` removable
+    entries of highest ``keep_score`` are kept (True), the other removable ones not; the rest True."""
+    n, _ = nm
+    rows, d = keep_score.shape
+    score = torch.where(removable, keep_score, torch.full_like(keep_score, math.inf))  # non-removable first
+    order = torch.argsort(score, dim=1, descending=True)
+    keep = torch.ones(rows, d, dtype=torch.bool)
+    counted = torch.zeros(rows, int(blocks.max()) + 1, dtype=torch.long)
+    for j in range(d):  # walk each row from its highest score down, a block keeps n removable entries
+        col = order[:, j]
+        b = blocks[col]
+        can = removable[torch.arange(rows), col]
+        full = counted[torch.arange(rows), b] >= n
+        keep[torch.arange(rows), col] = ~(can & full)
+        counted[torch.arange(rows), b] += can.long()
+    return keep
+
+
+def pattern_blocks(structure, m):
+    """A block id per entry of a layer's row for an n:m pattern: ``m`` consecutive input features
+    (for a convolution, input channels at every kernel position), as
+    :func:`~pyro_sparse.reduction.scores.mask_n_m` blocks a weight's input axis; the bias its own."""
+    shape = structure.weight_shape
+    taps = math.prod(shape[2:]) if len(shape) > 2 else 1
+    j = torch.arange(math.prod(shape[1:]))
+    blocks = (j // taps // m) * taps + j % taps
+    if structure.has_bias:
+        blocks = torch.cat([blocks, blocks.max().reshape(1) + 1])
+    return blocks
 
 
 # --------------------------------------------------------------------------- the network
@@ -389,7 +407,7 @@ def compensated_reduction(summary, delta_f, *, sparsity=None, threshold=0.0, sco
     """
     if output_scale not in OUTPUT_SCALES:
         raise ValueError(f"output_scale: expected one of {OUTPUT_SCALES}, got {output_scale!r}")
-    nm = parse_pattern(pattern)
+    nm = parse_pattern(pattern) if pattern is not None else None
     max_exact = MAX_EXACT if max_exact is None else max_exact
     layers = _layers(summary)
     counts = {}
@@ -431,7 +449,8 @@ def compensated_reduction(summary, delta_f, *, sparsity=None, threshold=0.0, sco
         a = calibration.input_moment(s.layer, current) if calibration is not None and s.kind == "kronecker" else None
         if s.width <= max_exact:
             p = _row_precisions(s, output_scale, a)
-            order, inc = _exact_layer(p, mu, prior, removable, delta_f, nm, STEP_FRACTION)
+            order, inc = _exact_layer(p, mu, prior, removable, delta_f, nm, STEP_FRACTION,
+                                      pattern_blocks(s, nm[1]) if nm is not None else None)
             if nm is not None:
                 k = torch.isfinite(inc).sum(1)
             elif s.layer in counts:
@@ -450,7 +469,8 @@ def compensated_reduction(summary, delta_f, *, sparsity=None, threshold=0.0, sco
                 df = torch.where(removable, delta_f(mu, var, prior), torch.full_like(mu, -math.inf))
                 keep_counts = _cut(df.sort(1, descending=True).values, count=counts[s.layer])
             new, removed, total_df = _blockwise_layer(hinv, var, row_scale, mu, prior, removable, delta_f,
-                                                      keep_counts, threshold, nm)
+                                                      keep_counts, threshold, nm,
+                                                      pattern_blocks(s, nm[1]) if nm is not None else None)
             del hinv
             total_df = float(total_df)
             path = "blockwise"

@@ -22,6 +22,12 @@ Counts (per layer and overall), read off the compact network that
   ``flops_compact`` of the dense compact network, ``flops_sparse`` counting only its non-zero
   weights (what a sparse kernel would do).
 
+Deployment figures (:func:`deployment_figures`, which ``reduce`` adds): the bytes of the compact
+file against those of the dense network's ``state_dict`` saved with ``torch.save``, the floats the
+compact file stores (``params_stored``: kept weights of CSR layers, every entry of dense ones),
+each Linear/Conv layer's storage (:mod:`pyro_sparse.storage`), and the latency of the compact and
+the dense network at batch 1 and 256 measured on the spot.
+
 Test figures (:mod:`pyro_sparse.evaluation`): ``test_<accuracy|rmse>_dense`` and ``_reduced``
 are those of the *posterior-mean network* (dense, and compact); with ``num_samples > 0``
 ``test_<...>_predictive_dense`` / ``_reduced`` are those of the *posterior predictive* with that
@@ -38,7 +44,7 @@ from ..summary import param_role
 from .compact import compact as build_compact
 from .compact import compact_plan, masked_module, masked_predictive, point_values
 
-__all__ = ["reduction_report", "format_blocks", "metric_key"]
+__all__ = ["reduction_report", "format_blocks", "metric_key", "deployment_figures", "saved_bytes", "format_deployment"]
 
 
 def metric_key(likelihood) -> str:
@@ -196,3 +202,82 @@ def _max_diff(a, b, x, batch_size=1024):
         xb = x[start:start + batch_size]
         out = max(out, (a(xb) - b(xb)).abs().max().item())
     return out
+
+
+def saved_bytes(obj) -> int:
+    """The size of ``torch.save(obj)`` in bytes."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return len(buf.getvalue())
+
+
+def _rows(x, n):
+    """``n`` examples of ``x``, its rows repeated where it has fewer."""
+    if len(x) >= n:
+        return x[:n]
+    reps = -(-n // len(x))
+    return x.repeat(reps, *([1] * (x.dim() - 1)))[:n]
+
+
+def deployment_figures(dense_module, module, x=None, compact_bytes=None, batch_sizes=(1, 256), repeats=7) -> dict:
+    """What the compact network ``module`` gains on the dense network ``dense_module``.
+
+    * ``file_bytes_dense``: ``torch.save(dense_module.state_dict())``; ``file_bytes_compact``: the
+      compact file's size (``compact_bytes``; default its state dict's), and their ratio
+      ``file_ratio``; ``params_stored``: the floats of the compact state dict;
+    * ``storage``: per Linear/Conv layer its storage record (:func:`pyro_sparse.storage.decide`:
+      ``dense`` or ``csr``, density, ``sparse_from``);
+    * with inputs ``x`` (rows repeated up to the batch size where there are fewer), ``latency``:
+      ``b<N> -> {dense_us, compact_us, speedup, dense_wall_us, compact_wall_us}``, medians of
+      interleaved blocks with one torch thread (:func:`pyro_sparse.timing.compare_latency`).
+    """
+    from ..timing import compare_latency
+
+    state = module.state_dict()
+    out = {"file_bytes_dense": saved_bytes(dense_module.state_dict()),
+           "file_bytes_compact": int(compact_bytes) if compact_bytes is not None else saved_bytes(state),
+           "params_stored": sum(t.numel() for t in state.values() if t.is_floating_point())}
+    out["file_ratio"] = out["file_bytes_dense"] / max(out["file_bytes_compact"], 1)
+    plan = getattr(module, "plan", None)
+    if plan is not None:
+        out["storage"] = {name: {k: info["storage"][k] for k in ("layer", "storage", "density", "nnz", "kernels",
+                                                                   "switch_rows", "pattern", "pattern_holds", "reason")
+                                 if k in info["storage"]}
+                          for name, info in plan.layers.items() if "storage" in info}
+    if x is not None and len(x):
+        inputs = {f"b{b}": _rows(x, b) for b in batch_sizes}
+        measured = compare_latency({"dense": dense_module.eval(), "compact": module.eval()}, inputs, repeats=repeats)
+        out["latency"] = {label: {"dense_us": t["dense"], "compact_us": t["compact"],
+                                  "speedup": t["dense"] / max(t["compact"], 1e-9),
+                                  "dense_wall_us": t["dense_wall"], "compact_wall_us": t["compact_wall"]}
+                          for label, t in measured.items()}
+    return out
+
+
+def _storage_text(s) -> str:
+    if s["layer"] == "plain":
+        return "plain"
+    text = f"{s['storage']} ({100 * s['density']:.1f}% kept"
+    if "kernels" in s:
+        small, large = s["kernels"]
+        text += f", kernel {small}" if s.get("switch_rows") is None else \
+            f", kernel {small} below {s['switch_rows']} rows, {large} from there"
+    if "pattern" in s:
+        text += f", {s['pattern']} {'holds' if s['pattern_holds'] else 'broken by deleted input units'}"
+    return text + ")"
+
+
+def format_deployment(report) -> str:
+    """Lines for the command line: file size, parameters, storage and latency."""
+    lines = [f"compact file {report['file_bytes_compact']:,} bytes against {report['file_bytes_dense']:,} of the "
+             f"dense network's state_dict ({report['file_ratio']:.1f}x smaller); {report['params_stored']:,} floats "
+             f"stored against {report['params_dense']:,} parameters"]
+    storage = report.get("storage") or {}
+    if storage:
+        lines.append("storage: " + ", ".join(f"{name} {_storage_text(s)}" for name, s in storage.items()))
+    for label, t in (report.get("latency") or {}).items():
+        lines.append(f"latency at batch {label[1:]}: dense {t['dense_us']:.0f} us, compact {t['compact_us']:.0f} us "
+                     f"({t['speedup']:.2f}x; one thread, median of interleaved blocks)")
+    return "\n".join(lines)

@@ -63,7 +63,7 @@ import torch
 from ..registry import RULES
 from ..summary import param_role
 from .bmr import bmr_diagonal_zero_mean, bmr_gaussian, group_delta_f, savage_dickey, spike_slab_decision
-from .scores import magnitude_scores, mask_by_sparsity, opd_scores, random_scores
+from .scores import magnitude_scores, mask_by_sparsity, mask_n_m, opd_scores, parse_pattern, random_scores
 
 __all__ = ["Rule", "Decision", "reduce", "rule", "applicable_rules", "DEFAULT_SHRINK",
            "BMR", "SavageDickey", "SpikeSlab", "LogAlpha", "OPD", "Magnitude", "Random", "GroupLogAlpha",
@@ -639,14 +639,22 @@ def reduce(summary, method, sparsity=None, threshold=None, structured=False, *, 
         calibration: with compensation, an object whose ``input_moment(layer, values)`` gives a
             layer's input second moment on the reduced network: the layers are then reduced in
             order on the reduced network's own inputs (a Laplace fit's ``calibration(data)``).
-        pattern: with compensation, ``"n:m"``: keep ``n`` of every ``m`` consecutive inputs.
         output_scale: with compensation, ``"unit"`` (each layer in its own output units) or
             ``"posterior"`` (as fitted); see :mod:`.compensate`. Default: the summary's own
             (``unit`` for a classifier's Laplace posterior, ``posterior`` for a regression's).
+        pattern: ``"N:M"`` (e.g. ``"2:4"``): of every M consecutive weights along a weight's input
+            axis keep at most the N the rule ranks highest (:func:`~.scores.mask_n_m`), on every
+            weight site the rule judges. Alone it is the whole decision (the rule's default
+            threshold is not applied); with ``sparsity`` or ``threshold`` a weight must pass both.
+            With compensation the pattern is the whole target, and the kept weights move.
 
     Returns a :class:`Decision`.
     """
     r = rule(method)
+    n_m = parse_pattern(pattern) if pattern is not None else None
+    if n_m is not None and (structured or not r.ranks):
+        raise ValueError(f"pattern: an N:M pattern ranks single weights; not with "
+                         f"{'structured' if structured else f'the {r.name} rule (it decides its own threshold)'}")
     sparsity = _check_sparsity(sparsity)
     threshold = _check_threshold(threshold)
     if sparsity is not None and threshold is not None:
@@ -657,7 +665,7 @@ def reduce(summary, method, sparsity=None, threshold=None, structured=False, *, 
         bad = "sparsity" if sparsity is not None else "threshold"
         raise ValueError(f"{bad}: the {r.name} rule decides its own threshold; "
                          f"got {bad}={sparsity if sparsity is not None else threshold!r}")
-    if r.ranks and r.threshold is None and sparsity is None and threshold is None:
+    if r.ranks and r.threshold is None and sparsity is None and threshold is None and n_m is None:
         raise ValueError(f"sparsity: rule {r.name!r} ranks weights and needs a target sparsity "
                          "(or a threshold on its score)")
     if reduced_scale is not None and not (isinstance(reduced_scale, Real) and reduced_scale > 0):
@@ -668,10 +676,11 @@ def reduce(summary, method, sparsity=None, threshold=None, structured=False, *, 
         raise ValueError("summary: has no sites")
     if generator is None:
         generator = torch.Generator().manual_seed(int(seed))
-    if threshold is None and sparsity is None:
+    if threshold is None and sparsity is None and n_m is None:
         threshold = r.threshold
     options = {"sparsity": sparsity, "threshold": threshold, "structured": bool(structured), "scope": scope,
-               "reduced_scale": reduced_scale, "shrink": shrink if isinstance(r, BMR) else None, "seed": seed}
+               "reduced_scale": reduced_scale, "shrink": shrink if isinstance(r, BMR) else None, "seed": seed,
+               "pattern": None if n_m is None else f"{n_m[0]}:{n_m[1]}"}
     context = _context(r, reduced_scale, shrink, generator)
 
     weights = summary.of_role("weight")
@@ -689,13 +698,16 @@ def reduce(summary, method, sparsity=None, threshold=None, structured=False, *, 
     if compensate:
         from .compensate import compensated_reduction
 
+        if n_m is not None and (sparsity is not None or threshold is not None):
+            raise ValueError("pattern: with compensation an n:m pattern is the whole target; give no sparsity or "
+                             "threshold with it")
+
         natural = _natural(summary, r, context)
         found, values, layer_info = compensated_reduction(
             summary, r.compensated_delta_f(context), sparsity=sparsity, threshold=threshold or 0.0, scope=scope,
             pattern=pattern, calibration=calibration, output_scale=output_scale)
         masks.update(found)
-        options.update({"compensate": True, "pattern": pattern, "output_scale": output_scale,
-                        "layer_by_layer": calibration is not None})
+        options.update({"compensate": True, "output_scale": output_scale, "layer_by_layer": calibration is not None})
     elif not structured:
         natural = _natural(summary, r, context)
         ranked = {k: v for k, v in natural.items() if summary[k].role == "weight"}
@@ -705,8 +717,12 @@ def reduce(summary, method, sparsity=None, threshold=None, structured=False, *, 
             for k, v in natural.items():
                 keep, z = spike_slab_decision(v)
                 masks[k], zeta[k] = keep, float(z)
-        else:
+        elif threshold is not None:
             masks.update({k: r.keep(v, threshold) for k, v in natural.items()})
+        if n_m is not None:  # N:M along the input axis, by the rule's own ranking
+            for k, v in ranked.items():
+                if "input" in summary[k].axes and v.dim() > 1:
+                    masks[k] = masks[k] & mask_n_m(r.keep_score(v), *n_m, dim=summary[k].axes["input"])
     else:
         natural = {}
         hidden = {k: s for k, s in weights.items() if s.layer != output_layer and "unit" in s.axes}
@@ -766,9 +782,6 @@ def _compensates(summary, weights, r, structured, compensate, pattern) -> bool:
                                 "summary); fit the Laplace posterior with curvature kfac or rows, or compensate=False")
         if any(bool((s.prior_loc != 0).any()) for s in weights.values()):
             raise NotApplicable("compensate: the reduced posterior mean is computed for zero-mean priors")
-    elif pattern is not None:
-        raise NotApplicable("pattern: n:m patterns are selected by the compensated reduction (a Laplace fit with "
-                            "curvature kfac or rows, rule bmr or savage-dickey)")
     return bool(compensate)
 
 

@@ -11,6 +11,10 @@ element-wise passes, never a per-weight Python loop.
   saliency with the Laplace posterior precision in place of the Hessian; for a group
   :math:`S_g = \sum_{i \in g} s_i`.
 - Magnitude :math:`|\theta_i|` and uniform random scores as baselines.
+- N:M patterns (:func:`mask_n_m`): keep the N highest-scoring of every M consecutive weights along
+  the input dimension (2:4 is what sparse tensor cores execute: Mishra et al. 2021, "Accelerating
+  Sparse Deep Neural Networks", arXiv:2104.08378; Zhou et al. 2021, "Learning N:M Fine-grained
+  Structured Sparse Neural Networks From Scratch").
 """
 
 import math
@@ -28,6 +32,8 @@ __all__ = [
     "mask_by_sparsity",
     "mask_by_threshold",
     "structured_mask",
+    "mask_n_m",
+    "parse_pattern",
 ]
 
 
@@ -224,3 +230,55 @@ def structured_mask(group_scores_dict, fraction, shapes=None):
                 f"onto the parameter shape {tuple(shape)}"
             ) from exc
     return out
+
+
+# --------------------------------------------------------------------------- N:M patterns
+
+
+def parse_pattern(pattern):
+    """``"2:4"`` (or ``(2, 4)``) -> ``(2, 4)``: keep N of every M, ``0 < N < M``; ValueError naming
+    the value otherwise."""
+    if isinstance(pattern, str):
+        head, sep, tail = pattern.partition(":")
+        try:
+            n, m = int(head), int(tail)
+        except ValueError:
+            n = m = None
+        if not sep or n is None:
+            raise ValueError(f"pattern: expected 'N:M' with whole numbers (keep N of every M, e.g. 2:4), "
+                             f"got {pattern!r}")
+    elif isinstance(pattern, (tuple, list)) and len(pattern) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in pattern):
+        n, m = pattern
+    else:
+        raise ValueError(f"pattern: expected 'N:M' (e.g. '2:4'), got {pattern!r}")
+    if not 0 < n < m:
+        raise ValueError(f"pattern: N:M must have 0 < N < M (keep N of every M weights), got {n}:{m}")
+    return n, m
+
+
+def mask_n_m(keep_scores, n, m, dim=-1):
+    r"""Keep the ``n`` highest ``keep_scores`` of every ``m`` consecutive entries along ``dim`` (an
+    N:M pattern; for a weight ``(out, in)`` ``dim=1`` blocks the inputs of every unit, for a
+    convolution ``(out, in, kh, kw)`` ``dim=1`` blocks the input channels at every kernel position).
+    A last block of fewer than ``m`` entries keeps at most ``n`` of them. Ties are broken by
+    position (the earlier entry is kept). Returns a bool tensor shaped like ``keep_scores``
+    (True = keep): every block holds exactly ``min(n, block size)`` kept entries."""
+    scores = torch.as_tensor(keep_scores)
+    if not scores.is_floating_point():
+        scores = scores.float()
+    check_no_nan("keep_scores", scores)
+    n, m = parse_pattern((n, m))
+    if scores.dim() == 0:
+        raise ValueError("keep_scores: needs at least one dimension to block")
+    dim = dim % scores.dim()
+    moved = scores.movedim(dim, -1)
+    size = moved.shape[-1]
+    pad = (-size) % m
+    if pad:  # padding ranks below every real entry, and is dropped afterwards
+        moved = torch.cat([moved, moved.new_full((*moved.shape[:-1], pad), -math.inf)], -1)
+    blocks = moved.reshape(*moved.shape[:-1], -1, m)
+    order = torch.argsort(-blocks, dim=-1, stable=True)  # highest first, ties in position order
+    keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(-1, order[..., :n], True)
+    keep = keep.reshape(*moved.shape[:-1], -1)[..., :size]
+    return keep.movedim(-1, dim).contiguous()

@@ -26,11 +26,12 @@ from ..checkpoint import load_safe, save_atomic, write_json_atomic, write_text_a
 from ..errors import CheckpointError, PyroSparseError, PyroSparseWarning
 from ..registry import RULES
 from ..runs import load_run
-from .compact import FORMAT, build_module, compact, masked_module
-from .report import metric_key, reduction_report
+from .compact import FORMAT, align_pattern, build_module, check_format, compact, masked_module
+from .report import deployment_figures, metric_key, reduction_report, saved_bytes
 from .rules import reduce
 
-__all__ = ["reduce_run", "sweep_run", "save_compact", "load_compact", "DEFAULT_SPARSITIES", "output_base", "run_rule"]
+__all__ = ["reduce_run", "sweep_run", "save_compact", "load_compact", "compact_payload", "DEFAULT_SPARSITIES",
+           "output_base", "run_rule"]
 
 DEFAULT_SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
 
@@ -102,10 +103,15 @@ def _decide(summary, method, **options):
 # --------------------------------------------------------------------------- compact on disk
 
 
+def compact_payload(module, info=None) -> dict:
+    """What a compact file holds: ``{"format", "spec", "state_dict", "info"}``."""
+    return {"format": FORMAT, "spec": module.spec, "state_dict": module.state_dict(), "info": info or {}}
+
+
 def save_compact(path, module, info=None):
-    """Write a compact network as ``{"format", "spec", "state_dict", "info"}`` (atomically)."""
-    save_atomic({"format": FORMAT, "spec": module.spec, "state_dict": module.state_dict(), "info": info or {}},
-                path, keep_previous=False)
+    """Write a compact network as ``{"format", "spec", "state_dict", "info"}`` (atomically); a
+    layer stored in CSR (:mod:`pyro_sparse.storage`) saves its kept weights only."""
+    save_atomic(compact_payload(module, info), path, keep_previous=False)
 
 
 def load_compact(path, map_location="cpu") -> torch.nn.Module:
@@ -120,6 +126,10 @@ def load_compact(path, map_location="cpu") -> torch.nn.Module:
     if not isinstance(data, dict) or "spec" not in data or "state_dict" not in data:
         raise CheckpointError(f"{path}: not a compact network (expected keys 'spec' and 'state_dict')")
     if isinstance(data["spec"], dict) and data["spec"].get("kind") == "module":
+        try:
+            check_format(data["spec"])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         module = _user_module(path, data["spec"])
         try:
             module.load_state_dict(data["state_dict"])
@@ -187,17 +197,17 @@ def run_rule(run, method=None, threshold=None, sparsity=None, structured=False):
 def output_base(method, sparsity=None, threshold=None, structured=False, scope="global", reduced_scale=None,
                 pattern=None, compensate=None, output_scale=None):
     """The stem of a reduction's files, naming what distinguishes it: ``opd-s0.9``,
-    ``log-alpha-t3``, ``bmr-g0.01-structured``, ``savage-dickey-2of4``, ``bmr-s0.9-plain`` (no
+    ``log-alpha-t3``, ``bmr-g0.01-structured``, ``magnitude-2of4``, ``bmr-s0.9-plain`` (no
     compensation asked), ``bmr-s0.9-posterior`` (the posterior's own output scale asked)."""
     parts = [method]
+    if pattern is not None:
+        parts.append(str(pattern).replace(":", "of"))
     if sparsity is not None:
         parts.append(f"s{sparsity:g}")
     if threshold is not None:
         parts.append(f"t{threshold:g}")
     if reduced_scale is not None:
         parts.append(f"g{reduced_scale:g}")
-    if pattern is not None:
-        parts.append(str(pattern).replace(":", "of").replace(" ", ""))
     if scope != "global":
         parts.append(scope)
     if structured:
@@ -217,7 +227,8 @@ def _refuse_overwrite(paths, overwrite):
 
 
 def reduce_run(directory, method=None, sparsity=None, threshold=None, structured=False, scope="global",
-               num_samples=0, seed=0, write=True, overwrite=False, data=None, max_drop=None, **rule_options) -> dict:
+               num_samples=0, seed=0, write=True, overwrite=False, data=None, storage="auto", latency=True,
+               max_drop=None, **rule_options) -> dict:
     """Reduce a fitted run: returns the report (and writes the JSON and the compact network).
 
     ``method``: a rule of :data:`pyro_sparse.registry.RULES`; default the recipe's
@@ -233,7 +244,14 @@ def reduce_run(directory, method=None, sparsity=None, threshold=None, structured
     ``reduction-<base>.json`` and ``compact-<base>.pt`` (:func:`output_base`) are never replaced
     without ``overwrite``; with ``max_drop`` a larger fall raises
     :class:`~pyro_sparse.errors.QualityError` and nothing is written.
+
+    ``storage``: how the compact network stores its kept weights (:func:`~.compact.compact`);
+    the report adds the compact file's size against the dense network's ``state_dict``, the
+    floats it stores, each layer's storage and (``latency``) the latency of both networks at
+    batch 1 and 256, measured on the test inputs (:func:`~.report.deployment_figures`).
     """
+    if storage not in ("auto", "csr", "dense"):
+        raise PyroSparseError(f"--storage: expected auto, csr or dense, got {storage!r}")
     sparsity = check_sparsity(sparsity)
     rule_options = {k: v for k, v in rule_options.items() if v is not None}
     run = _load(directory, data)
@@ -251,7 +269,9 @@ def reduce_run(directory, method=None, sparsity=None, threshold=None, structured
     options = {"sparsity": sparsity, "threshold": threshold, "structured": structured, "scope": scope,
                "seed": seed, **rule_options}
     decision = _decide(summary, method, **options)
-    module = compact(run.network, summary, decision)
+    if rule_options.get("pattern") and not decision.values:  # the N:M blocks over the inputs each compact
+        decision = align_pattern(run.network, summary, decision)  # layer keeps (a compensated one is final)
+    module = compact(run.network, summary, decision, storage=storage)
     data = run.dataset
     generator = torch.Generator().manual_seed(seed)
     report = reduction_report(run.network, summary, decision, data.x_test, data.y_test, module=module,
@@ -268,11 +288,17 @@ def reduce_run(directory, method=None, sparsity=None, threshold=None, structured
                                            {k: report[f"test_{k}_reduced"] for k in names}, max_drop, advice)
     if report["quality"]["warning"]:
         warnings.warn(report["quality"]["warning"], PyroSparseWarning, stacklevel=2)
+    info = {"method": method, "run": os.path.abspath(directory), "sparsity": report["sparsity"],
+            "options": report["options"], **_run_extras(run)}
     if write:
         report["report_path"], report["compact_path"] = paths
-        save_compact(report["compact_path"], module,
-                     {"method": method, "run": os.path.abspath(directory), "sparsity": report["sparsity"],
-                      "options": report["options"], **_run_extras(run)})
+        save_compact(report["compact_path"], module, info)
+        compact_bytes = os.path.getsize(report["compact_path"])
+    else:
+        compact_bytes = saved_bytes(compact_payload(module, info))
+    report.update(deployment_figures(masked_module(run.network, summary), module,
+                                     data.x_test if latency else None, compact_bytes))
+    if write:
         write_json_atomic(report["report_path"], report)
     return report
 
@@ -327,7 +353,7 @@ def sweep_run(directory, methods, sparsities=DEFAULT_SPARSITIES, structured=Fals
     for method in methods:
         for q in sparsities:
             decision = _decide(summary, method, sparsity=q, structured=structured, scope=scope, seed=seed)
-            module = compact(run.network, summary, decision)
+            module = compact(run.network, summary, decision, storage="dense")  # accuracy only: no timing
             figures = evaluation.evaluate(evaluation.point_predictive(module), data.x_test, data.y_test, lik, noise)
             kept = sum(int((t != 0).sum()) for k, t in module.plan.params.items()
                        if t.is_floating_point() and k.rsplit(".", 1)[-1].startswith("weight"))
