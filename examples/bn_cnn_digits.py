@@ -38,7 +38,7 @@ class BatchNormCNN(nn.Module):
                                   nn.Dropout(p), nn.Linear(hidden, classes))
 
     def forward(self, x):
-        return self.head(self.features(x.reshape(len(x), 1, 8, 8)))
+        return self.head(self.features(x.reshape(x.shape[0], 1, 8, 8)))
 
 
 def train_map(model, x, y, epochs=30, lr=2e-3, batch_size=64, seed=0):
