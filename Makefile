@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine; each creates .venv on first use.
 #   make demo   fit a sparse Bayesian MLP on the bundled digits data, prune it, print a table
-#   make test   run the test suite
+#   make test   lint (ruff, pyproject.toml's [tool.ruff]) and run the test suite
 # torch is pinned to the local CPU build by constraints.txt (an unpinned torch pulls CUDA wheels).
 
 PYTHON ?= python3
@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -37,7 +37,7 @@ import time
 import torch
 
 from . import quality, report, scaling, speed
-from .registry import MODELS, METHODS, ROOT
+from .registry import METHODS, MODELS, ROOT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

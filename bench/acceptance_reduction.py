@@ -25,7 +25,8 @@ import time
 import torch
 import yaml
 
-from pyro_sparse.reduction import compact, masked_module, reduce
+from pyro_sparse.rebuild import compact, masked_module
+from pyro_sparse.reduction import reduce
 from pyro_sparse.runs import fit_run
 from pyro_sparse.summary import summarize
 

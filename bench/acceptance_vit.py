@@ -26,8 +26,8 @@ import time
 import torch
 import yaml
 
-from pyro_sparse.reduction.report import format_blocks
-from pyro_sparse.reduction.workflow import reduce_run
+from pyro_sparse.outcome import format_blocks
+from pyro_sparse.reduced_runs import reduce_run
 from pyro_sparse.runs import fit_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

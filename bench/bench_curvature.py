@@ -36,7 +36,8 @@ def brute_force_diag(model, x):
     out = {}
     for k, j in jac.items():  # diag(J' (diag(p) - p p') J) = sum_c p_c J_c^2 - (sum_c p_c J_c)^2
         j = j.reshape(x.shape[0], p.shape[1], -1)
-        out[k] = (torch.einsum("nc,ncp->p", p, j.square()) - torch.einsum("nc,ncp->np", p, j).square().sum(0)).reshape(params[k].shape)
+        diag = torch.einsum("nc,ncp->p", p, j.square()) - torch.einsum("nc,ncp->np", p, j).square().sum(0)
+        out[k] = diag.reshape(params[k].shape)
     return out
 
 

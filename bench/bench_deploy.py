@@ -14,7 +14,7 @@ prints, in one process:
   compact network was before issue 24); the TorchScript and ONNX exports (ONNX Runtime, one
   thread);
 * the like-for-like figure: the dense network run with the compact network's layer loop and
-  pooling (:class:`~pyro_sparse.reduction.compact.CompactSequential`,
+  pooling (:class:`~pyro_sparse.rebuild.CompactSequential`,
   :class:`~pyro_sparse.layers.StridedMaxPool2d`), so the ratio counts only what the kept weights
   save.
 
@@ -64,7 +64,7 @@ def _plain_loop(module):
 def _compact_loop(module):
     """The dense network with the compact network's layer loop and pooling."""
     from pyro_sparse.layers import StridedMaxPool2d
-    from pyro_sparse.reduction.compact import CompactSequential
+    from pyro_sparse.rebuild import CompactSequential
 
     children = OrderedDict()
     for name, child in module.named_children():
@@ -77,9 +77,9 @@ def _compact_loop(module):
 
 def measure(run_dir, repeats=21, log=print) -> dict:
     from pyro_sparse.deploy import write_graph
-    from pyro_sparse.reduction.compact import compact, masked_module
-    from pyro_sparse.reduction.report import saved_bytes
-    from pyro_sparse.reduction.workflow import _decide, compact_payload, run_rule
+    from pyro_sparse.outcome import saved_bytes
+    from pyro_sparse.rebuild import compact, masked_module
+    from pyro_sparse.reduced_runs import _decide, compact_payload, run_rule
     from pyro_sparse.runs import load_run
     from pyro_sparse.timing import interleaved
 

@@ -237,9 +237,11 @@ def main():
                              "prune_seconds": seconds, "epoch_seconds": epoch_seconds, "epochs_trained": epochs,
                              **details})
                 r = rows[-1]
-                print(f"{name:7} seed {seed} {method:12} {str(sparsity):>5}: acc {r['accuracy']:.4f} (dense {dense:.4f}) "
+                print(f"{name:7} seed {seed} {method:12} {str(sparsity):>5}: acc {r['accuracy']:.4f} "
+                      f"(dense {dense:.4f}) "
                       f"sparsity {achieved:.4f} prune {seconds:.2f} s = {seconds / epoch_seconds:.1f} x epoch "
-                      f"({epoch_seconds:.3f} s)" + (f" layers {json.dumps({k: round(v, 3) for k, v in details['layer_sparsity'].items()})}"
+                      f"({epoch_seconds:.3f} s)" + (
+                          f" layers {json.dumps({k: round(v, 3) for k, v in details['layer_sparsity'].items()})}"
                                                      if "layer_sparsity" in details else ""), flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -17,7 +17,6 @@ import time
 
 import torch
 
-from pyro_sparse.reduction import reduce
 from pyro_sparse.reduction import (
     bmr_gaussian,
     group_scores,
@@ -26,6 +25,7 @@ from pyro_sparse.reduction import (
     mask_by_threshold,
     opd_scores,
     random_scores,
+    reduce,
     savage_dickey,
     spike_slab_decision,
     structured_mask,

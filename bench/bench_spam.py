@@ -25,8 +25,8 @@ sys.path.insert(0, ROOT)
 
 
 def fit_seconds(spec, recipe, data, **laplace):
-    from pyro_sparse.runs import build, parse_specs
     from pyro_sparse.laplace.trainer import LaplaceTrainer
+    from pyro_sparse.runs import build, parse_specs
 
     r = dict(recipe, laplace=dict(recipe["laplace"], **laplace), eval_every=10_000)
     m, r = parse_specs(spec, r)

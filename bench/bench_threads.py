@@ -75,7 +75,8 @@ def main():
                                "busy_loops": args.load,
                                **fit(spec, recipe, epochs, threads, os.path.join(tmp, "run"))}
                         rows.append(row)
-                        print(f"{model:9} threads {str(threads):7} load {load:4.2f}: {row['step_wall_ms']:7.2f} ms/step "
+                        print(f"{model:9} threads {str(threads):7} load {load:4.2f}: "
+                              f"{row['step_wall_ms']:7.2f} ms/step "
                               f"wall, {row['step_cpu_ms']:7.2f} ms/step CPU (all threads)", flush=True)
     finally:
         for p in loops:

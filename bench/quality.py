@@ -6,8 +6,8 @@ trainer, summarise the posterior (``trainer.posterior_summary()``: the guide's, 
 posterior of SpaM), and for every rule of the method
 
 * decide (:func:`pyro_sparse.reduction.reduce`), build the compact network
-  (:func:`~pyro_sparse.reduction.compact`, units physically removed) and count what went
-  (:func:`~pyro_sparse.reduction.reduction_report`);
+  (:func:`~pyro_sparse.rebuild`, units physically removed) and count what went
+  (:func:`~pyro_sparse.outcome.reduction_report`);
 * measure test accuracy, NLL and ECE of the compact network (posterior means: the network one
   deploys) and, for sampled posteriors, of the masked posterior predictive (``S`` draws).
 
@@ -25,7 +25,7 @@ import traceback
 import torch
 
 from .metrics import classification_metrics
-from .registry import MODELS, METHODS, SPARSITIES, resolve, scale_recipe
+from .registry import METHODS, MODELS, SPARSITIES, resolve, scale_recipe
 
 _DATA = {}
 
@@ -81,7 +81,7 @@ def run_task(task: dict) -> dict:
 def _run(task):
     import pyro
 
-    from pyro_sparse.reduction import masked_module, masked_predictive
+    from pyro_sparse.rebuild import masked_module, masked_predictive
     from pyro_sparse.runs import Run, build, make_trainer, parse_specs
 
     entry = resolve(MODELS[task["model"]], METHODS[task["method"]])
@@ -112,7 +112,8 @@ def _run(task):
             dense_pred = dense_point
     result = {
         "spec": entry.spec_source, "recipe": entry.recipe_source, "epochs": recipe["epochs"],
-        "fit_cpu_s": fit_cpu, "fit_wall_s": fit_wall, "steps": fit.get("steps"), "step_wall_ms": fit.get("step_wall_ms"),
+        "fit_cpu_s": fit_cpu, "fit_wall_s": fit_wall, "steps": fit.get("steps"),
+        "step_wall_ms": fit.get("step_wall_ms"),
         "n_params": network.num_weights(), "dense_point": dense_point, "dense_predictive": dense_pred,
         "trainer_metrics": {k: v for k, v in fit.items() if isinstance(v, (int, float))},
         "sampled": sampled, "rules": {}, "curves": {},
@@ -165,7 +166,8 @@ def _save(module, directory, entry, name):
 def _reduce(rule, network, summary, recipe, seed):
     """(compact network, counts) of a rule: compaction handles every layer family (recurrent
     neurons and gates, attention heads, MLP units), so the counts are read off the compact network."""
-    from pyro_sparse.reduction import compact, reduction_report
+    from pyro_sparse.outcome import reduction_report
+    from pyro_sparse.rebuild import compact
 
     decision = decide(rule, summary, recipe, seed=seed)
     module = compact(network, summary, decision)

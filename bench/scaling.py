@@ -8,7 +8,8 @@ cross-entropy + ``torch.optim.Adam`` of the same architecture.
 
 Each (width, network) runs in its own child process, forked from a freshly spawned interpreter
 that has only imported the library and loaded the data, so one measurement's memory cannot hide
-in pages another measurement (or the rest of the benchmark) freed. **Peak memory** is the growth of the child's anonymous memory at its peak: the child resets
+in pages another measurement (or the rest of the benchmark) freed. **Peak memory** is the growth of
+the child's anonymous memory at its peak: the child resets
 its high-water mark (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0), reads ``RssAnon``,
 builds the network, guide and optimiser, runs the warm-up and the timed steps, and reports
 ``VmHWM - RssFile - RssShmem - RssAnon_before`` from ``/proc/self/status``. That counts what the
@@ -16,7 +17,8 @@ step allocates and keeps or touches at its peak (parameters, gradients, optimise
 activations, temporaries, allocator slack) but not the pages of the shared libraries' code the
 child faults in as it runs (about 20 MiB of libtorch, which ``VmHWM - VmRSS_before`` would
 include; that figure is kept as ``rss_growth_bytes``). torch's CPU allocator hands large blocks
-back to the OS, so ``tracemalloc`` would see none of this. **Step time** is the median CPU time of single steps (see :mod:`bench.timing`).
+back to the OS, so ``tracemalloc`` would see none of this. **Step time** is the median CPU time of
+single steps (see :mod:`bench.timing`).
 """
 
 from __future__ import annotations

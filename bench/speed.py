@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .quality import dataset
-from .registry import MODELS, METHODS, resolve, scale_recipe
+from .registry import METHODS, MODELS, resolve, scale_recipe
 from .timing import interleaved, timed
 
 
@@ -217,8 +217,8 @@ def latency(quality_results, repeats=15, log=print) -> list:
     network, and the compact file's size."""
     import tempfile
 
-    from pyro_sparse.reduction.report import saved_bytes
-    from pyro_sparse.reduction.workflow import compact_payload
+    from pyro_sparse.outcome import saved_bytes
+    from pyro_sparse.reduced_runs import compact_payload
     from pyro_sparse.storage import tune
 
     torch.set_num_threads(1)

@@ -16,8 +16,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pyro_sparse.data import load_dataset  # noqa: E402
 from pyro_sparse.fitting import SVITrainer  # noqa: E402
+from pyro_sparse.outcome import reduction_report  # noqa: E402
+from pyro_sparse.rebuild import compact  # noqa: E402
 from pyro_sparse.recipe import load_recipe  # noqa: E402
-from pyro_sparse.reduction import compact, reduce, reduction_report  # noqa: E402
+from pyro_sparse.reduction import reduce  # noqa: E402
 from pyro_sparse.runs import build  # noqa: E402
 from pyro_sparse.spec import load_model_spec  # noqa: E402
 from pyro_sparse.summary import summarize  # noqa: E402
@@ -78,5 +80,6 @@ def prune_and_report(net, guide, data, metrics, rule, threshold=None):
     print(f"weights removed {figures['weights_removed']:.2%} ({report['weights_total'] - report['weights_kept']} of "
           f"{report['weights_total']}); hidden units removed {figures['hidden_units_removed']:.2%} "
           f"({units - alive} of {units}, alive {alive})")
-    print(f"{metrics['epochs']} epochs, {metrics['train_wall_seconds']:.1f} s training, {metrics['step_wall_ms']:.2f} ms/step")
+    print(f"{metrics['epochs']} epochs, {metrics['train_wall_seconds']:.1f} s training, "
+          f"{metrics['step_wall_ms']:.2f} ms/step")
     return figures, decision

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from pyro_sparse.reduction import reduce_run
+from pyro_sparse.reduced_runs import reduce_run
 from pyro_sparse.runs import fit_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +37,8 @@ def main():
     print()
     print("Sparse VD MLP on digits (64-300-100-10), log alpha > 3 pruned")
     print(f"{'':28}{'dense':>10}{'compact':>10}")
-    print(f"{'test accuracy (mean net)':28}{report['test_accuracy_dense']:>10.4f}{report['test_accuracy_reduced']:>10.4f}")
+    print(f"{'test accuracy (mean net)':28}{report['test_accuracy_dense']:>10.4f}"
+          f"{report['test_accuracy_reduced']:>10.4f}")
     print(f"{'weights':28}{report['weights_total']:>10d}{report['weights_kept']:>10d}")
     print(f"{'fraction of weights removed':28}{'':>10}{report['sparsity']:>10.4f}")
     print(f"{'compression':28}{'':>10}{report['compression_ratio']:>9.1f}x")

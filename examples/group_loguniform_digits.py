@@ -8,7 +8,6 @@ the accuracy, the fraction of hidden units removed and of weights removed.
 """
 
 import torch
-
 from _common import fit, parse_args, prune_and_report
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-
 from _common import ROOT, fit, parse_args, prune_and_report  # noqa: E402
 
 #: where the figure goes unless --out says otherwise (git-ignored, like every run directory)

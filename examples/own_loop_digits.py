@@ -28,8 +28,9 @@ from pyro_sparse import evaluation
 from pyro_sparse.data import load_digits
 from pyro_sparse.fitting import SVITrainer
 from pyro_sparse.guides import MeanFieldGuide
+from pyro_sparse.outcome import reduction_report
 from pyro_sparse.recipe import parse_recipe
-from pyro_sparse.reduction import reduce, reduction_report
+from pyro_sparse.reduction import reduce
 
 LR, BATCH, CLIP, INIT_SCALE = 2e-3, 64, 100.0, 0.0067  # inference/svi_sparsevd.yaml
 

@@ -97,8 +97,9 @@ def main():
     from pyro_sparse.fitting import SVITrainer
     from pyro_sparse.guides import MeanFieldGuide
     from pyro_sparse.posthoc import prune
+    from pyro_sparse.rebuild import compact, export
     from pyro_sparse.recipe import load_recipe
-    from pyro_sparse.reduction import compact, export, reduce
+    from pyro_sparse.reduction import reduce
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30, help="MAP training epochs")

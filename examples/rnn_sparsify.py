@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from pyro_sparse.guides import DeltaGuide  # noqa: E402
-from pyro_sparse.reduction import reduce_run  # noqa: E402
+from pyro_sparse.reduced_runs import reduce_run  # noqa: E402
 from pyro_sparse.runs import fit_run, load_run  # noqa: E402
 
 EXPERIMENTS = {
@@ -102,7 +102,8 @@ def main():
     rows = []
     for config in (args.configs or exp["configs"]).split(","):
         model = os.path.join(ROOT, "models", exp["model"] + ("" if config == "map" else f"_{config}") + ".yaml")
-        recipe = os.path.join(ROOT, "inference", (exp["map_recipe"] if config == "map" else exp["svi_recipe"]) + ".yaml")
+        recipe_name = exp["map_recipe"] if config == "map" else exp["svi_recipe"]
+        recipe = os.path.join(ROOT, "inference", recipe_name + ".yaml")
         out = os.path.join(args.out, f"{args.experiment}_{config}")
         start = time.perf_counter()
         if args.reuse and os.path.exists(os.path.join(out, "metrics.json")):

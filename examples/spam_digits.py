@@ -32,8 +32,8 @@ RANDOM_DRAWS = 5
 
 
 def train(name, spec, recipe, data, **laplace):
-    from pyro_sparse.runs import build, parse_specs
     from pyro_sparse.laplace.trainer import LaplaceTrainer
+    from pyro_sparse.runs import build, parse_specs
 
     r = dict(recipe, laplace=dict(recipe["laplace"], **laplace), eval_every=10_000)
     m, r = parse_specs(spec, r)
@@ -60,7 +60,8 @@ def main(argv=None):
     torch.set_num_threads(1)
 
     from pyro_sparse.data import load_digits
-    from pyro_sparse.reduction import compact, reduce
+    from pyro_sparse.rebuild import compact
+    from pyro_sparse.reduction import reduce
 
     data = load_digits()
     spec = yaml.safe_load(open(os.path.join(ROOT, "models", "mlp_gaussian.yaml")))

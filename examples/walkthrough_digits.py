@@ -22,7 +22,7 @@ import time
 import torch
 
 from pyro_sparse import diagnostics as D
-from pyro_sparse import reduction
+from pyro_sparse import reduced_runs, reduction
 from pyro_sparse.report import compare_entries, rank_models, text_table, write_report
 from pyro_sparse.runs import fit_run
 
@@ -64,7 +64,7 @@ rules = {svd_dir: [("log-alpha", None)],
          gauss_dir: [("savage-dickey", None), ("opd", 0.95), ("magnitude", 0.95), ("random", 0.95)]}
 for directory, todo in rules.items():
     for rule, sparsity in todo:
-        r = reduction.reduce_run(directory, rule, sparsity=sparsity, overwrite=True)
+        r = reduced_runs.reduce_run(directory, rule, sparsity=sparsity, overwrite=True)
         print(f"{os.path.basename(directory):>10} {rule:>14}: weight sparsity {r['sparsity']:.3f}, "
               f"units removed {r['units_removed']}, compact posterior-mean network accuracy "
               f"{r['test_accuracy_reduced']:.4f}")

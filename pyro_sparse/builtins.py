@@ -2,7 +2,8 @@
 reduction rule and module conversion that ships with pyro-sparse, registered in
 :mod:`pyro_sparse.registry`.
 
-This is the one place that names them all, as a table of names and ``"module:attr"`` strings:
+This is the one place that names them all, as a table of names and ``"module:attr"`` strings
+(the module conversions are the layers that declare the torch types they convert):
 reading it imports nothing (not even torch), so the command line can list the names at once, and
 a registry imports only its own components, the first time it is read
 (:meth:`pyro_sparse.registry.Registry.load`): a post-hoc ``prune`` never imports the SVI trainers.
@@ -38,6 +39,9 @@ BUILTIN = {
         "self_attention": "pyro_sparse.transformer:MultiHeadSelfAttention",
         "transformer_block": "pyro_sparse.transformer:TransformerBlock",
         "mixer_block": "pyro_sparse.transformer:MixerBlock",
+        # layers with the interface of a torch module, what bayesian(module) converts it to
+        "torch_lstm": "pyro_sparse.recurrent:TorchLSTM", "torch_gru": "pyro_sparse.recurrent:TorchGRU",
+        "torch_multihead_attention": "pyro_sparse.transformer:TorchMultiheadAttention",
     },
     "likelihood": {
         "categorical": "pyro_sparse.likelihoods:Categorical", "bernoulli": "pyro_sparse.likelihoods:Bernoulli",
@@ -51,7 +55,7 @@ BUILTIN = {
     },
     "fitting method": {
         "svi": "pyro_sparse.fitting:SVITrainer", "laplace": "pyro_sparse.laplace.trainer:LaplaceTrainer",
-        "svi_bmr": "pyro_sparse.reduction.iterative:IterativeBMRTrainer",
+        "svi_bmr": "pyro_sparse.iterative:IterativeBMRTrainer",
     },
     "reduction rule": {
         "bmr": "pyro_sparse.reduction.rules:BMR", "savage-dickey": "pyro_sparse.reduction.rules:SavageDickey",
@@ -60,19 +64,12 @@ BUILTIN = {
         "random": "pyro_sparse.reduction.rules:Random", "group-log-alpha": "pyro_sparse.reduction.rules:GroupLogAlpha",
         "horseshoe-scale": "pyro_sparse.reduction.rules:HorseshoeScale",
     },
-    # the Bayesian counterparts of torch modules that bayesian(module) converts (by their torch_types)
-    "module conversion": {
-        "linear": "pyro_sparse.layers:Linear", "conv1d": "pyro_sparse.layers:Conv1d",
-        "conv2d": "pyro_sparse.layers:Conv2d", "torch_lstm": "pyro_sparse.recurrent:TorchLSTM",
-        "torch_gru": "pyro_sparse.recurrent:TorchGRU", "embedding": "pyro_sparse.recurrent:Embedding",
-        "layernorm": "pyro_sparse.transformer:LayerNorm",
-        "torch_multihead_attention": "pyro_sparse.transformer:TorchMultiheadAttention",
-    },
 }
 
 
 def names(kind: str) -> list[str]:
-    """The built-in names of a registry kind, without importing anything."""
+    """The built-in names of a registry kind, without importing anything (a module conversion's
+    need the layer classes: ask the registry)."""
     return list(BUILTIN[kind])
 
 
@@ -84,6 +81,12 @@ def _resolve(target: str):
 def register_builtins(registry):
     """Register the built-in components of ``registry`` (its ``kind`` names the table) under their
     names; a rule class is registered as an instance."""
+    if registry.kind == "module conversion":  # no list of its own: every layer that declares torch_types
+        for name, target in BUILTIN["layer"].items():
+            obj = _resolve(target)
+            if getattr(obj, "torch_types", ()):
+                registry.register(obj, name)
+        return
     for name, target in BUILTIN.get(registry.kind, {}).items():
         obj = _resolve(target)
         if registry.kind == "reduction rule" and isinstance(obj, type):

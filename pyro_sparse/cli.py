@@ -14,12 +14,13 @@ import os
 import sys
 import warnings
 
+from .builtins import BUILTIN, names
 from .errors import PyroSparseError, PyroSparseWarning
 from .rundir import check_out_dir, check_run_dir
 
-# Only the standard library and the checks of pyro_sparse.rundir are imported here: flags, files and
-# directories are checked before a command imports torch, Pyro or a model (`--help` and a wrong
-# flag answer at once).
+# Only the standard library, the checks of pyro_sparse.rundir and the table of built-in names
+# (pyro_sparse.builtins, which imports nothing) are imported here: flags, files and directories are
+# checked before a command imports torch, Pyro or a model (`--help` and a wrong flag answer at once).
 
 COMMANDS = {}
 
@@ -138,8 +139,8 @@ def cmd_evaluate(args):
 def _add_reduce(sub):
     p = sub.add_parser("reduce", help="prune a fitted run with one rule and save the compact network")
     p.add_argument("dir", help="run directory (from pyro-sparse fit)")
-    p.add_argument("--method", help="reduction rule: bmr, savage-dickey, spike-slab, log-alpha, opd, magnitude, random, "
-                                    "group-log-alpha, horseshoe-scale (default: the recipe's reduction.method)")
+    p.add_argument("--method", help=f"reduction rule: {', '.join(names('reduction rule'))}, or a plugin's "
+                                    "(pyro-sparse list rules; default: the recipe's reduction.method)")
     p.add_argument("--sparsity", type=float, help="target fraction of weights (structured: units per layer) to remove")
     p.add_argument("--threshold", type=float, help="the rule's threshold (default: the rule's own, or the recipe's)")
     p.add_argument("--structured", action="store_true", help="remove whole units / conv filters")
@@ -192,7 +193,7 @@ def cmd_reduce(args):
             raise PyroSparseError(f"--pattern: expected N:M with 0 < N < M (e.g. 2:4), got {args.pattern!r}")
         extra["pattern"] = args.pattern
     check_run_dir(args.dir)
-    from .reduction.workflow import reduce_run
+    from .reduced_runs import reduce_run
 
     report = reduce_run(args.dir, args.method, sparsity=args.sparsity, threshold=args.threshold,
                         structured=args.structured, scope=args.scope, num_samples=args.samples, seed=args.seed,
@@ -205,14 +206,15 @@ def cmd_reduce(args):
     _print_metrics({k: report[k] for k in keys}, f"reduced {args.dir} with {report['method']}")
     print(REDUCE_LEGEND)
     if report.get("compensation"):
-        print("  compensated (kept weights moved to the reduced posterior mean); per layer: " + ", ".join(
-            f"{k or '(root)'} {v['sparsity']:.3f} removed, dF {v['delta_f']:.1f}" for k, v in report["compensation"].items()))
+        per_layer = ", ".join(f"{k or '(root)'} {v['sparsity']:.3f} removed, dF {v['delta_f']:.1f}"
+                              for k, v in report["compensation"].items())
+        print(f"  compensated (kept weights moved to the reduced posterior mean); per layer: {per_layer}")
     if report.get("approximation"):
         print(f"  approximation: {report['approximation']}")
     print("  units kept per layer: " + ", ".join(f"{k} {v['units_kept']}/{v['units_total']}"
                                                  for k, v in report["layers"].items() if v["units_total"]))
     if report.get("blocks"):
-        from .reduction.report import format_blocks
+        from .outcome import format_blocks
 
         print("\n".join("  " + line for line in format_blocks(report).splitlines()))
     for name, layer in report["layers"].items():
@@ -220,7 +222,7 @@ def cmd_reduce(args):
             gates = ", ".join(f"{g} {v['kept']} ({v['constant']} constant)" for g, v in r["gates"].items())
             print(f"  {name}[{k}] {r['cell']}: hidden {r['hidden'][0]}/{r['hidden'][1]}, inputs "
                   f"{r['inputs'][0]}/{r['inputs'][1]}, gates computed {gates}")
-    from .reduction.report import format_deployment
+    from .outcome import format_deployment
 
     print("\n".join("  " + line for line in format_deployment(report).splitlines()))
     print(f"  wrote {report['report_path']} and {report['compact_path']}")
@@ -230,8 +232,8 @@ def cmd_reduce(args):
 def _add_sweep(sub):
     p = sub.add_parser("sweep", help="accuracy against sparsity for ranking rules (table, JSON, CSV, PNG)")
     p.add_argument("dir", help="run directory")
-    p.add_argument("--method", required=True, help="opd, magnitude, random, bmr, savage-dickey, log-alpha, ... "
-                                                   "(comma-separated for several curves)")
+    p.add_argument("--method", required=True, help=f"reduction rules, comma-separated for several curves: "
+                                                   f"{', '.join(names('reduction rule'))}, or a plugin's")
     p.add_argument("--sparsities", default="0.5,0.8,0.9,0.95,0.98,0.99", help="comma-separated fractions")
     p.add_argument("--structured", action="store_true", help="remove whole units (fractions of units per layer)")
     p.add_argument("--scope", default="global", help="global | layer")
@@ -246,7 +248,7 @@ def cmd_sweep(args):
     if args.scope not in ("global", "layer"):
         raise PyroSparseError(f"--scope: expected 'global' or 'layer', got {args.scope!r}")
     check_run_dir(args.dir)
-    from .reduction.workflow import format_sweep, sweep_run
+    from .reduced_runs import format_sweep, sweep_run
 
     result = sweep_run(args.dir, args.method, args.sparsities, structured=args.structured, scope=args.scope,
                        seed=args.seed, plot=not args.no_plot, overwrite=args.overwrite, data=args.data)
@@ -269,7 +271,7 @@ def build_parser():
 
 
 #: commands that build networks from model specs (which may name code to import)
-CODE_COMMANDS = ("fit", "evaluate", "reduce", "sweep", "report", "compare", "predict", "export")
+CODE_COMMANDS = ("fit", "evaluate", "reduce", "sweep", "report", "compare", "predict", "export", "list")
 
 
 ADDERS = [_add_fit, _add_evaluate, _add_reduce, _add_sweep]
@@ -425,6 +427,57 @@ def cmd_export(args):
 
 
 ADDERS.append(_add_export)
+
+#: the words `pyro-sparse list` takes for each registry kind
+LIST_KINDS = {"priors": "prior", "layers": "layer", "likelihoods": "likelihood", "guides": "guide",
+              "methods": "fitting method", "rules": "reduction rule", "conversions": "module conversion"}
+
+
+def _add_list(sub):
+    p = sub.add_parser("list", help="the registered priors, layers, likelihoods, guides, methods, rules and "
+                                    "module conversions (built-in and from plugins)")
+    p.add_argument("kind", nargs="?", choices=sorted(LIST_KINDS), help="one registry (default: all)")
+    p.add_argument("--plugins", help="comma-separated plugin modules or .py files to load first (needs --allow-code)")
+
+
+def _first_sentence(doc, limit=100) -> str:
+    """The first sentence of a docstring on one line (at most ``limit`` characters)."""
+    import re
+
+    paragraph = " ".join((doc or "").strip().split("\n\n")[0].split())
+    paragraph = re.sub(r":(?:math|class|func|mod|meth):`~?([^`]*)`", r"\1", paragraph).replace("``", "")
+    end = re.search(r"(?<!\bal)(?<!e\.g)(?<!i\.e)\.\s+(?=[A-Z(])", paragraph)
+    text = paragraph[: end.start() + 1] if end else paragraph
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@command("list", "list the registries")
+def cmd_list(args):
+    from .plugins import load_plugins
+    from .registry import REGISTRIES
+
+    if args.plugins:
+        load_plugins([r.strip() for r in args.plugins.split(",") if r.strip()], None, "--plugins")
+    kinds = [LIST_KINDS[args.kind]] if args.kind else list(LIST_KINDS.values())
+    for kind in kinds:
+        registry = REGISTRIES[kind]
+        print(f"{kind}s:" if not kind.endswith("s") else f"{kind}:")
+        for name, obj in registry.items():
+            cls = obj if isinstance(obj, type) else type(obj)
+            doc = _first_sentence(cls.__doc__)
+            extra = ""
+            if kind == "reduction rule":
+                extra = (f" [threshold {obj.threshold}]" if obj.threshold is not None else
+                         " [ranks to a sparsity]" if obj.ranks else " [decides alone]")
+            elif kind == "module conversion":
+                extra = " [converts " + ", ".join(t.__name__ for t in obj.torch_types) + "]"
+            builtin = BUILTIN["layer" if kind == "module conversion" else kind]
+            origin = "" if name in builtin else f" (plugin {cls.__module__})"
+            print(f"  {name:<26}{doc}{extra}{origin}")
+    return 0
+
+
+ADDERS.append(_add_list)
 
 
 def main(argv=None) -> int:

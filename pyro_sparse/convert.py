@@ -63,11 +63,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import layers as L
-from .layers import Layer, evaluation_mode, param_scope, site_name
+from .errors import PyroSparseWarning
+from .evaluation import evaluation_mode
+from .layers import Layer, param_scope, site_name
 from .likelihoods import build_likelihood
 from .network import PyroNetwork, check_input_shape
 from .priors import Gaussian, build_prior
-from .errors import PyroSparseWarning
 from .registry import CONVERSIONS
 
 __all__ = ["bayesian", "BayesianModule", "conversion_for", "stateless_layer", "reshaping_inputs",
@@ -231,7 +232,8 @@ class BayesianModule(PyroNetwork):
         names.update(site_name(path, p) for path, layer in self.converted.items() for p in layer.priors())
         for pattern in patterns:
             if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                raise ValueError(f"bayesian: priors pattern {pattern!r} matches no converted module, parameter or site, "
+                raise ValueError(f"bayesian: priors pattern {pattern!r} matches no converted module, parameter or "
+                                 "site, "
                                  f"so it would change nothing; converted: {', '.join(list(self.converted)[:8])}"
                                  f"{', ...' if len(self.converted) > 8 else ''} (sites are <module>.weight, "
                                  "<module>.bias, ...)")
@@ -239,7 +241,8 @@ class BayesianModule(PyroNetwork):
         for pattern in keep:
             if not any(fnmatch.fnmatchcase(path, pattern) for path in paths):
                 raise ValueError(f"bayesian: deterministic pattern {pattern!r} matches no module of "
-                                 f"{type(module).__name__} (modules: {', '.join(paths[:8])}{', ...' if len(paths) > 8 else ''})")
+                                 f"{type(module).__name__} (modules: {', '.join(paths[:8])}"
+                                 f"{', ...' if len(paths) > 8 else ''})")
 
     def _tie(self, layer, name, owner_layer, owner):
         """``layer.<name>`` is the same parameter as ``owner`` = (path, name) of an earlier converted
@@ -426,7 +429,8 @@ class BayesianModule(PyroNetwork):
         if unknown or missing:
             raise ValueError(f"the deterministic state does not fit this module: "
                              f"{'unexpected ' + ', '.join(unknown[:3]) if unknown else ''}"
-                             f"{'; ' if unknown and missing else ''}{'missing ' + ', '.join(missing[:3]) if missing else ''}")
+                             f"{'; ' if unknown and missing else ''}"
+                             f"{'missing ' + ', '.join(missing[:3]) if missing else ''}")
         own = self.module.state_dict()
         for k, v in state.items():
             if tuple(v.shape) != tuple(own[k].shape):
@@ -473,11 +477,11 @@ class BayesianModule(PyroNetwork):
             members = OrderedDict()
             for name, child in seq.named_children():
                 full = f"{path}.{name}" if path else name
-                if isinstance(child, (L.Linear, L._ConvNd)) and full not in fixed:
+                if isinstance(child, (L.Linear, L.ConvNd)) and full not in fixed:
                     members[name] = child
                 else:
                     members[name] = stateless_layer(child, self.template.get_submodule(full))
-            if sum(isinstance(m, (L.Linear, L._ConvNd)) for m in members.values()) >= 1:
+            if sum(isinstance(m, (L.Linear, L.ConvNd)) for m in members.values()) >= 1:
                 chains.append((path, _Chain(members, self._shapes[path])))
         return chains
 
@@ -514,7 +518,8 @@ class _DirectReads(TorchFunctionMode):
 
     def __init__(self, modules: dict):
         super().__init__()
-        self.owner = {id(p): (path, name) for path, m in modules.items() for name, p in m.named_parameters(recurse=False)}
+        self.owner = {id(p): (path, name) for path, m in modules.items()
+                      for name, p in m.named_parameters(recurse=False)}
         self.paths = {}  # id(parameter) -> every converted path holding it (tied ones: several)
         for path, m in modules.items():
             for p in m.parameters(recurse=False):

@@ -26,8 +26,8 @@ import gzip
 import hashlib
 import math
 import os
-from collections import Counter
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -140,6 +140,63 @@ class Batches:
     def to(self, device):
         """Batches are moved to the device one at a time, as they are used."""
         return self
+
+
+def index_batches(n: int, batch_size: int, generator: torch.Generator | None = None, steps: int | None = None,
+                  device=None, shard=None, shuffle: bool = True) -> list:
+    """The mini-batches of one epoch as index tensors: a random permutation of ``range(n)`` drawn
+    from ``generator`` (``None``: torch's global one; ``shuffle=False``: in order), cut into
+    ``steps`` consecutive slices of ``batch_size`` (default: enough to cover it; the last may be
+    shorter). ``shard`` (e.g.
+    :func:`pyro_sparse.distributed.shard`) takes this rank's part of the permutation first, which
+    is the same on every rank. The library's one shuffle-and-batch: every trainer, the pretraining
+    of a deterministic twin and the masked fine-tune draw their epochs here."""
+    perm = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if shard is not None:
+        perm = shard(perm)
+    if device is not None:
+        perm = perm.to(device)
+    steps = math.ceil(len(perm) / batch_size) if steps is None else steps
+    return [perm[b * batch_size:(b + 1) * batch_size] for b in range(steps)]
+
+
+def _check_batch_size(batch_size):
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got batch_size={batch_size!r}")
+
+
+def data_batches(x, y=None, batch_size=None, need_y=False) -> list:
+    """``(x, y)`` batches in order (what a curvature or a predictive streams): chunks of
+    ``batch_size`` rows of tensors ``x`` (and ``y``), or the batches of an iterable (a
+    ``DataLoader``; then ``y`` is None). A list, so it can be walked twice."""
+    _check_batch_size(batch_size)
+    if torch.is_tensor(x):
+        if x.dim() < 1 or x.shape[0] < 1:
+            raise ValueError(f"x must be a tensor with a non-empty batch dimension, got x of shape {tuple(x.shape)}")
+        if y is None and need_y:
+            raise ValueError("y is required (got y=None)")
+        if y is not None and (not torch.is_tensor(y) or y.dim() < 1 or y.shape[0] != x.shape[0]):
+            raise ValueError(f"y must be a tensor with the same first dimension as x ({x.shape[0]}), "
+                             f"got y of shape {getattr(y, 'shape', None)}")
+        step = x.shape[0] if batch_size is None else batch_size
+        return [(x[i:i + step], None if y is None else y[i:i + step]) for i in range(0, x.shape[0], step)]
+    if y is not None:
+        raise ValueError("data: give tensors x and y, or one iterable of (x, y) batches (a DataLoader) and no y")
+    out = []
+    try:
+        items = iter(x)
+    except TypeError:
+        raise ValueError(f"x must be a tensor or an iterable of (x, y) batches, got {type(x).__name__}") from None
+    for item in items:
+        if not (isinstance(item, (tuple, list)) and len(item) >= 2 and torch.is_tensor(item[0])):
+            raise ValueError(f"data: expected (x, y) batches, got {type(item).__name__}")
+        if batch_size is None or len(item[0]) <= batch_size:
+            out.append((item[0], item[1]))
+        else:
+            out.extend(data_batches(item[0], item[1], batch_size))
+    if not out:
+        raise ValueError("data: no batches")
+    return out
 
 
 def first_batch(batches, name="data"):

@@ -4,7 +4,7 @@ What ``pyro-sparse export RUN_OR_COMPACT --format torchscript|onnx --out FILE`` 
 :func:`export_graph`; not to be confused with :func:`pyro_sparse.export`, which returns the
 reduced network as a module of your own class):
 
-* the graph of the compact network (:func:`pyro_sparse.reduction.compact`; a run directory is
+* the graph of the compact network (:func:`pyro_sparse.rebuild`; a run directory is
   reduced first with its recipe's rule, or ``method`` and its options) preceded by the run's
   input transform, so it takes **raw inputs** shaped like the data's examples, ``(batch,
   *feature_shape)`` (float32; token ids as int64 for a language model), and returns the compact
@@ -36,18 +36,16 @@ from __future__ import annotations
 import json
 import os
 import warnings
-import zipfile
 
 import torch
 from torch import nn
 
 from .errors import PyroSparseError
+from .graphs import METADATA_KEY, graph_kind, load_graph
 
 __all__ = ["export_graph", "write_graph", "load_graph", "graph_kind", "DeployedNetwork", "FORMATS", "METADATA_KEY"]
 
 FORMATS = ("torchscript", "onnx")
-#: the metadata's name: TorchScript extra file ``pyro_sparse.json``, ONNX ``metadata_props`` key ``pyro_sparse``
-METADATA_KEY = "pyro_sparse"
 #: opset of the ONNX files
 OPSET = 17
 
@@ -74,7 +72,7 @@ class DeployedNetwork(nn.Module):
 
 
 def _from_compact(path):
-    from .reduction.workflow import load_compact
+    from .reduced_runs import load_compact
 
     module = load_compact(path)
     info = dict(getattr(module, "info", {}) or {})
@@ -83,8 +81,8 @@ def _from_compact(path):
 
 def _from_run(directory, method=None, threshold=None, sparsity=None, structured=False, storage="auto",
               **rule_options):
-    from .reduction.compact import align_pattern, compact
-    from .reduction.workflow import _decide, _load, _run_extras, run_rule
+    from .rebuild import align_pattern, compact
+    from .reduced_runs import _decide, _load, _run_extras, run_rule
 
     run = _load(directory)
     method, threshold, sparsity, structured = run_rule(run, method, threshold, sparsity, structured)
@@ -211,66 +209,6 @@ def write_graph(module: nn.Module, example: torch.Tensor, path, format: str, tra
     (_write_torchscript if format == "torchscript" else _write_onnx)(deployed, example, path, metadata or {})
 
 
-# --------------------------------------------------------------------------- reading
-
-
-def graph_kind(path) -> str | None:
-    """``onnx`` or ``torchscript`` for an exported graph, None for anything else (a compact file)."""
-    if not os.path.isfile(path):
-        return None
-    if str(path).lower().endswith(".onnx"):
-        return "onnx"
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return None
-    if any(n.endswith(f"/extra/{METADATA_KEY}.json") for n in names) and any("/code/" in n for n in names):
-        return "torchscript"
-    return None
-
-
-def load_graph(path, kind=None):
-    """``(run, metadata)``: a function of raw inputs (a tensor) returning the graph's outputs (a
-    tensor), and the graph's metadata, for a TorchScript or ONNX file written by
-    :func:`export_graph` (``kind``: ``torchscript`` or ``onnx``; default: read off the file).
-    ONNX needs ``onnxruntime``."""
-    kind = kind or graph_kind(path)
-    if kind == "torchscript":
-        extra = {f"{METADATA_KEY}.json": ""}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load's notice (torch 2.13)
-            module = torch.jit.load(path, map_location="cpu", _extra_files=extra)
-        module.eval()
-        metadata = json.loads(extra[f"{METADATA_KEY}.json"] or "{}")
-
-        def run(x):
-            with torch.no_grad():
-                return module(x)
-
-        return run, metadata
-    if kind == "onnx":
-        try:
-            import onnxruntime
-        except ImportError:
-            raise PyroSparseError(f"{path}: running an ONNX graph needs onnxruntime (pip install "
-                                  "'pyro-sparse[onnx]')") from None
-        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-        meta = session.get_modelmeta().custom_metadata_map
-        if METADATA_KEY not in meta:
-            raise PyroSparseError(f"{path}: an ONNX file without pyro-sparse's metadata (not written by "
-                                  "pyro-sparse export)")
-        metadata = json.loads(meta[METADATA_KEY])
-        name = session.get_inputs()[0].name
-
-        def run(x):
-            return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
-
-        return run, metadata
-    raise PyroSparseError(f"{path}: not a graph written by pyro-sparse export (TorchScript with "
-                          f"{METADATA_KEY}.json, or .onnx)")
-
-
 def _check(path, fmt, module, transform, x, tolerance, batch_size=256):
     """``(largest difference between the graph's outputs on raw x and the compact network's, largest
     |output| of the compact network)``; ONNX unchecked (None, None) without onnxruntime."""
@@ -299,8 +237,9 @@ def _check(path, fmt, module, transform, x, tolerance, batch_size=256):
     return worst, scale
 
 
-def export_graph(source, out, format="onnx", overwrite=False, data=None, tolerance=1e-5, method=None,
-                 threshold=None, sparsity=None, structured=False, **rule_options) -> dict:
+def export_graph(source: str, out: str, format: str = "onnx", overwrite: bool = False, data: str | None = None,
+                 tolerance: float = 1e-5, method: str | None = None, threshold: float | None = None,
+                 sparsity: float | None = None, structured: bool = False, **rule_options) -> dict:
     """Write the compact network of ``source`` (a compact file, or a run directory reduced with
     ``method``/``threshold``/``sparsity``, default its recipe's rule) as a ``format`` graph
     (``torchscript`` or ``onnx``) at ``out``, with the input transform in the graph (see the module

@@ -76,7 +76,7 @@ with warnings.catch_warnings():
 import xarray as xr
 
 from .distributions import LogUniform
-from .layers import evaluation_mode
+from .evaluation import evaluation_mode
 
 __all__ = [
     "to_inference_data",
@@ -476,7 +476,8 @@ def to_inference_data(network, guide, data, num_samples: int = 100, masks: dict 
 
     dims = site_dims(network, shapes)
     roles = {name: trace.nodes[name]["infer"].get("ps_role", "") for name in draws if name in trace.nodes}
-    improper = [name for name in draws if name in trace.nodes and isinstance(_base(trace.nodes[name]["fn"]), LogUniform)]
+    improper = [name for name in draws
+                if name in trace.nodes and isinstance(_base(trace.nodes[name]["fn"]), LogUniform)]
 
     posterior, post_dims = {}, {}
     for name, value in draws.items():

@@ -12,12 +12,11 @@ nodes of the ELBO core) are in :mod:`pyro_sparse.kl`.
 
 import math
 
+import pyro.distributions as dist
 import torch
+from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 from torch.distributions.utils import lazy_property
-
-import pyro.distributions as dist
-from pyro.distributions import TorchDistribution
 
 __all__ = ["LogUniform", "LogScaleNormal", "clamp", "log_alpha", "LOG_ALPHA_MIN", "LOG_ALPHA_MAX"]
 

@@ -34,8 +34,20 @@ from pyro.infer import ELBO
 from pyro.poutine.messenger import Messenger
 from torch.distributions import kl_divergence
 
-from .kl import (HyperLayout, NormalKLTerms, hyper_terms, kl_terms_for, local_terms, neg_log_density_for, point_terms,
-                 pruning_factors, reduced_normal)
+from .kl import (
+    KERNELS,
+    HyperLayout,
+    NormalKLTerms,
+    family,
+    hyper_terms,
+    kernel_for,
+    kl_terms_for,
+    local_terms,
+    neg_log_density_for,
+    point_terms,
+    pruning_factors,
+    reduced_normal,
+)
 from .local_reparam import GaussianWeight, LocalReparameterization
 from .priors import Prior, Values, provided
 
@@ -151,7 +163,8 @@ class _Site:
 
     def __init__(self, name, prior=None, owner=None):
         self.name, self.prior, self.owner = name, prior, owner
-        self.fixed = prior if owner is None else None if owner[0].conditional else owner[0].site_prior(name, owner[1], {})
+        self.fixed = (prior if owner is None else None if owner[0].conditional
+                      else owner[0].site_prior(name, owner[1], {}))
         self.local = self.fused = False
         self.point = None  # a point mass's -log p(w), where the prior is fixed
 
@@ -255,7 +268,7 @@ class CoreELBO(_Loss):
        (``s * eps`` for non-centred priors, one shared draw for a recurrent layer, ...), then the
        likelihood's :meth:`~pyro_sparse.likelihoods.Likelihood.log_likelihood` times N/B.
 
-    Pruned weights (iterative BMR, :class:`~pyro_sparse.reduction.iterative.PrunedWeights`):
+    Pruned weights (iterative BMR, :class:`~pyro_sparse.iterative.PrunedWeights`):
     ``masks`` (site -> bool tensor, True = keep, read at every call) replace the posterior and the
     prior of a masked element by ``N(0, g_0^2)`` (:func:`~pyro_sparse.kl.reduced_normal`; in the
     fused node by 0/1 factors, :func:`~pyro_sparse.kl.pruning_factors`), as the handler does on the
@@ -308,6 +321,49 @@ class CoreELBO(_Loss):
         missing = sorted(declared - set(guide.sites))
         return f"the guide has no site {missing[0]!r}" if missing else None
 
+    @classmethod
+    def explain(cls, network, guide, local_reparam: bool = True) -> dict[str, str]:
+        """Site -> the path its KL takes on the core, in the guide's order:
+
+        * ``fused local: q || p (kernel)`` -- a layer's Gaussian weights in one node with their
+          derivatives (:func:`~pyro_sparse.kl.local_terms`);
+        * ``fused hyper: q || p (kernel)`` -- a hyper-site of the flat node
+          (:func:`~pyro_sparse.kl.hyper_terms`);
+        * ``closed form: q || p (kernel)`` -- ``kl_divergence`` of the site's distributions;
+        * ``monte carlo: q || p`` -- ``log q(v) - log p(v)`` at the draw (no closed form known);
+        * ``point mass: -log p(w)`` -- a MAP guide (``fused`` when one node takes it).
+
+        ``q`` and ``p`` are the canonical families (:func:`~pyro_sparse.kl.family`; an
+        ``Exponential(r)`` prior is ``gamma``), the kernel their entry of
+        :data:`~pyro_sparse.kl.KERNELS`. The drawn sites' paths come from one evaluation of the
+        prior terms with a draw of its own (the random state is restored), so they are the paths a
+        step takes. ValueError (naming what is missing) when the pair does not run on the core."""
+        reason = cls.supports(network, guide)
+        if reason is not None:
+            raise ValueError(f"CoreELBO does not apply: {reason}")
+        plan = _Plan(network, guide, local_reparam)
+
+        def pair(q_family, prior):
+            p_family = family(prior)[0]
+            kernel = KERNELS.get((q_family, p_family))
+            return f"{q_family} || {p_family}" + (f" ({kernel.name})" if kernel else "")
+
+        if plan.point_mass:
+            return {s.name: "point mass: -log p(w)" + (" (fused)" if s.fused else "") for s in plan.sites}
+        out = {}
+        flat = set(plan.layout.names) if plan.layout is not None else set()
+        for s in plan.sites:
+            if s.name in flat:
+                q_family = "lognormal" if guide.sites[s.name]["family"] == "lognormal" else "normal"
+                out[s.name] = "fused hyper: " + pair(q_family, s.prior)
+            elif s.fused:
+                out[s.name] = "fused local: " + pair("normal", s.fixed)
+        record = {}
+        with torch.random.fork_rng(), torch.no_grad():
+            cls(local_reparam=local_reparam).mean_field_terms(plan, guide, {}, record)
+        out.update(record)
+        return {s.name: out[s.name] for s in plan.sites if s.name in out}
+
     def plan(self, network, guide) -> _Plan:
         """The :class:`_Plan` of ``(network, guide)``, cached; ValueError when not supported."""
         plan = self._plan
@@ -333,8 +389,9 @@ class CoreELBO(_Loss):
     def _reduced(self, fn, mask, name):
         return fn if mask is None else reduced_normal(fn, mask, self.pruned_scale, name)
 
-    def mean_field_terms(self, plan, guide, masks):
-        """``(values, [KL terms])`` of a guide that draws (steps 1-3 of the class docstring)."""
+    def mean_field_terms(self, plan, guide, masks, record=None):
+        """``(values, [KL terms])`` of a guide that draws (steps 1-3 of the class docstring);
+        ``record`` (a dict) receives the path of each site not fused (:meth:`explain`)."""
         values, kls, drawn = Values(), [], []
         layout = plan.layout
         for s in plan.draw_order:  # 1. draws in the guide's order
@@ -354,8 +411,14 @@ class CoreELBO(_Loss):
             p = self._reduced(s.prior_given(values), masks.get(s.name), s.name)
             try:
                 kls.append(kl_divergence(q, p).sum())
+                path = "closed form"
             except NotImplementedError:  # no closed form: the one-sample estimate, as Pyro's
                 kls.append((q.log_prob(v) - p.log_prob(v)).sum())
+                path = "monte carlo"
+            if record is not None:
+                kernel = kernel_for(q, p)
+                named = f" ({kernel.name})" if kernel and path == "closed form" else ""
+                record[s.name] = f"{path}: {family(q)[0]} || {family(p)[0]}{named}"
         if plan.fused_local:
             names = [name for name, _ in plan.fused_local]
             locs = [guide.posterior(name, values).loc if name in plan.conditional_loc
@@ -374,7 +437,12 @@ class CoreELBO(_Loss):
             mask = masks.get(s.name)
             q = self._reduced(guide.posterior(s.name, values), mask, s.name)
             values[s.name] = GaussianWeight(q.loc, q.variance)
-            kls.append(kl_divergence(q, self._reduced(s.prior_given(values), mask, s.name)).sum())
+            p = self._reduced(s.prior_given(values), mask, s.name)
+            kls.append(kl_divergence(q, p).sum())
+            if record is not None:
+                kernel = kernel_for(q, p)
+                named = f" ({kernel.name})" if kernel else ""
+                record[s.name] = f"closed form: {family(q)[0]} || {family(p)[0]}{named}"
         return values, kls
 
     @staticmethod

@@ -156,3 +156,31 @@ def quality(dense: dict, reduced: dict, max_drop=None, advice: str = "") -> dict
         raise QualityError(f"--max-drop {max_drop:g}: the reduced network's {said}; nothing was written")
     warning = f"the reduced network lost quality: {said}{advice}" if drop > WARN_DROP else None
     return {"metric": metric, "dense": d, "reduced": r, "drop": drop, "warning": warning}
+
+
+class evaluation_mode:
+    """Within the block ``module`` (any ``torch.nn.Module``, or None: nothing) is in ``eval`` mode:
+    dropout is the identity and a batch norm uses (and does not update) its running statistics,
+    as in the deterministic twin. Predictions, the guide's prototype run and the trainer's
+    reference loss run so; the previous mode of every submodule is restored afterwards.
+
+    Training mode is the other one: :class:`~pyro_sparse.fitting.SVITrainer` fits with the network
+    in training mode (dropout on, batch norms on batch statistics, updating the running ones), as
+    the user's module would train."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        if self.module is None:
+            return self
+        self.modes = [m.training for m in self.module.modules()]
+        self.module.eval()
+        return self
+
+    def __exit__(self, *exc):
+        if self.module is None:
+            return False
+        for m, mode in zip(self.module.modules(), self.modes):
+            m.training = mode
+        return False

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from .data import index_batches
+from .descent import descend
+
 __all__ = ["apply_masks", "masked_fine_tune"]
 
 
@@ -25,7 +28,9 @@ def masked_fine_tune(model, masks, x, y, likelihood, prior=None, epochs=5, batch
     """Retrain the kept weights of ``model`` in place on the MAP objective, the pruned ones held at 0.
 
     ``(x, y)``: tensors, or ``x`` an iterable of ``(x, y)`` batches (a ``DataLoader``) and ``y``
-    None; ``likelihood`` a :class:`~pyro_sparse.likelihoods.Likelihood`. Parameters that do not require gradients stay as they are. Adam on
+    None; ``likelihood`` a :class:`~pyro_sparse.likelihoods.Likelihood`. Parameters that do not
+    require gradients stay as they are. Adam, through the library's one optimiser loop
+    (:func:`~pyro_sparse.descent.descend`), on
     ``-(N/|B|) sum log p(y | f(x)) + 0.5 sum_i delta_i theta_i^2`` (``delta`` from
     ``prior``, fixed; no prior term with ``prior=None``). The masked weights start at 0, their
     gradients are multiplied by the mask before every step (so Adam's moments stay 0 for them),
@@ -48,27 +53,31 @@ def masked_fine_tune(model, masks, x, y, likelihood, prior=None, epochs=5, batch
         batch_size = min(batch_size, n)
 
         def epoch_batches():
-            perm = torch.randperm(n, generator=generator).to(x.device)
-            for start in range(0, n, batch_size):
-                idx = perm[start:start + batch_size]
-                yield x[idx], y[idx]
+            return ((x[idx], y[idx]) for idx in index_batches(n, batch_size, generator, device=x.device))
     else:  # an iterable of (x, y) batches (a DataLoader), in its own order
         n = len(x.dataset) if hasattr(x, "dataset") else sum(len(b[0]) for b in x)
 
         def epoch_batches():
-            for item in x:
-                yield item[0], item[1]
+            return ((item[0], item[1]) for item in x)
+
+    def loss_of(batch):
+        xb, yb = batch
+        loss = -(n / len(xb)) * likelihood.log_likelihood(model(xb), yb)
+        for name, delta in deltas.items():
+            loss = loss + 0.5 * (delta * params[name].square()).sum()
+        return loss
+
+    def masked_gradients():
+        for name, m in keep.items():
+            params[name].grad.mul_(m)
+
+    def fault(what, b, loss):
+        return FloatingPointError(f"masked fine-tune: non-finite {what} at step {b + 1} of an epoch; lower lr "
+                                  f"(now {lr:g})")
+
     model.train()
-    for _ in range(epochs):
-        for xb, yb in epoch_batches():
-            loss = -(n / len(xb)) * likelihood.log_likelihood(model(xb), yb)
-            for name, delta in deltas.items():
-                loss = loss + 0.5 * (delta * params[name].square()).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for name, m in keep.items():
-                params[name].grad.mul_(m)
-            optimizer.step()
-            apply_masks(model, masks)
+    for _ in range(epochs):  # the library's one optimiser loop, the mask as its hooks
+        descend(loss_of, epoch_batches(), optimizer, list(params.values()), after_backward=masked_gradients,
+                after_step=lambda: apply_masks(model, masks), fault=fault)
     model.eval()
     return model

@@ -26,11 +26,10 @@ import torch
 from pyro.distributions import constraints
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
 from torch import nn
-from torch.distributions import kl_divergence
 
 from .distributions import LOG_SCALE_MAX, LOG_SCALE_MIN, LogScaleNormal, clamp, log_alpha
+from .evaluation import evaluation_mode
 from .kl import HyperLayout, has_closed_form
-from .layers import evaluation_mode
 from .registry import GUIDES
 
 

@@ -16,6 +16,14 @@ The ELBO's prior term is ``sum_sites KL(q(site) || p(site | parents))``. This mo
   log-uniform); :func:`neg_log_density_for` is a point mass's (the MAP prior term);
 * the reduced Gaussians of weights pruned during training (iterative BMR).
 
+Which path a site's KL takes is decided by one table, :data:`KERNELS`, keyed by the canonical
+families of the posterior and the prior (:func:`family`), so a distribution written another way
+takes the same path: ``Exponential(r)`` *is* ``Gamma(1, r)`` here (and ``Chi2(k)``, a torch
+subclass of Gamma, ``Gamma(k/2, 1/2)``). A pair in the table has a closed form, and where its
+parameters allow (one value per site, not learned) a fused node of the ELBO core; any other pair
+is estimated by Monte Carlo at the draw. :meth:`CoreELBO.explain <pyro_sparse.elbo.CoreELBO.explain>`
+reports each site's path.
+
 Registrations are on the torch base classes, which also covers Pyro's wrappers
 (``pyro.distributions.Normal`` subclasses ``torch.distributions.Normal`` and so on), and
 ``Independent``/``Independent`` sums them through ``.to_event``.
@@ -24,15 +32,76 @@ Registrations are on the torch base classes, which also covers Pyro's wrappers
 import math
 from dataclasses import dataclass
 
+import pyro.distributions as dist
 import torch
-from torch.distributions import Gamma, Independent, InverseGamma, LogNormal, Normal, kl_divergence
+from torch.distributions import Exponential, Gamma, Independent, InverseGamma, LogNormal, Normal, kl_divergence
 from torch.distributions.kl import register_kl
 
-import pyro.distributions as dist
-
-from .distributions import (_HALF_LOG_2PI, _K1, _K2, _K3, _LOG2E, _THETA2_EPS, LOG_ALPHA_MAX, LOG_ALPHA_MIN,
-                            LOG_SCALE_MAX, LOG_SCALE_MIN, LogScaleNormal, LogUniform, _constants)
+from .distributions import (
+    _HALF_LOG_2PI,
+    _K1,
+    _K2,
+    _K3,
+    _LOG2E,
+    _THETA2_EPS,
+    LOG_ALPHA_MAX,
+    LOG_ALPHA_MIN,
+    LOG_SCALE_MAX,
+    LOG_SCALE_MIN,
+    LogScaleNormal,
+    LogUniform,
+    _constants,
+)
 from .local_reparam import GaussianWeight
+
+
+def family(d) -> tuple[str, dict]:
+    """``(family, parameters)`` of a distribution in the canonical form the KL kernels are keyed by
+    (:data:`KERNELS`), through ``Independent``: ``normal`` (loc, scale), ``lognormal`` (loc, scale),
+    ``log_uniform``, ``gamma`` (concentration, rate; also ``Exponential(r)`` as ``Gamma(1, r)``),
+    ``inverse_gamma`` (concentration, rate); any other distribution is its class name and no
+    parameters (no closed form known here)."""
+    while isinstance(d, Independent):
+        d = d.base_dist
+    if isinstance(d, LogUniform):
+        return "log_uniform", {}
+    if isinstance(d, Exponential):
+        return "gamma", {"concentration": d.rate.new_ones(()).expand(d.rate.shape), "rate": d.rate}
+    if isinstance(d, Gamma):
+        return "gamma", {"concentration": d.concentration, "rate": d.rate}
+    if isinstance(d, InverseGamma):
+        return "inverse_gamma", {"concentration": d.concentration, "rate": d.rate}
+    if isinstance(d, LogNormal):
+        return "lognormal", {"loc": d.loc, "scale": d.scale}
+    if isinstance(d, Normal):
+        return "normal", {"loc": d.loc, "scale": d.scale}
+    return type(d).__name__, {}
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One entry of :data:`KERNELS`: the closed-form KL of a (posterior, prior) family pair and
+    the fused node of the ELBO core that computes it with its derivatives, where one exists
+    (``local``: a layer's Gaussian weights, :func:`local_terms`; ``hyper``: the flat hyper-sites,
+    :func:`hyper_terms`)."""
+
+    name: str
+    fused: str | None  # "local", "hyper" or None
+    citation: str = ""
+
+
+#: (posterior family, prior family) -> its kernel; every other pair is estimated by Monte Carlo
+KERNELS = {
+    ("normal", "log_uniform"): Kernel("Sparse VD KL (Molchanov et al. 2017, eq. 14)", "local"),
+    ("normal", "normal"): Kernel("Gaussian KL", "local"),
+    ("lognormal", "gamma"): Kernel("log-normal || Gamma KL", "hyper"),
+    ("lognormal", "inverse_gamma"): Kernel("log-normal || inverse-gamma KL", "hyper"),
+}
+
+
+def kernel_for(q, p) -> Kernel | None:
+    """The :data:`KERNELS` entry of posterior ``q`` and prior ``p`` (by canonical family), or None."""
+    return KERNELS.get((family(q)[0], family(p)[0]))
 
 
 def has_closed_form(q, p) -> bool:
@@ -156,11 +225,12 @@ def kl_terms_for(prior):
     KL of a Gaussian posterior against the fixed prior distribution ``prior`` and its partial
     derivatives (for fused gradients), or None where no such closed form is known here. Known:
     the log-uniform prior (:class:`SparseVDKLTerms`) and Gaussian priors with one mean and one
-    scale for every element (:class:`NormalKLTerms`)."""
-    if isinstance(prior, LogUniform):
+    scale for every element (:class:`NormalKLTerms`): the ``local`` kernels of :data:`KERNELS`."""
+    kind, params = family(prior)
+    if kind == "log_uniform":
         return SparseVDKLTerms()
-    if type(prior) in (Normal, dist.Normal):
-        loc0, scale0 = _single_value(prior.loc), _single_value(prior.scale)
+    if kind == "normal" and not isinstance(prior, Independent):
+        loc0, scale0 = _single_value(params["loc"]), _single_value(params["scale"])
         if loc0.dim() == 0 and scale0.dim() == 0 and not (loc0.requires_grad or scale0.requires_grad):
             return NormalKLTerms(float(loc0), float(scale0))
     return None
@@ -301,6 +371,12 @@ def _kl_normal_loguniform(p, q):
 @register_kl(LogNormal, Gamma)
 def _kl_lognormal_gamma(p, q):
     return kl_lognormal_gamma(p.loc, p.scale, q.concentration, q.rate)
+
+
+@register_kl(LogNormal, Exponential)
+def _kl_lognormal_exponential(p, q):
+    """``Exponential(r)`` is ``Gamma(1, r)`` (:func:`family`)."""
+    return kl_lognormal_gamma(p.loc, p.scale, q.rate.new_ones(()).expand(q.rate.shape), q.rate)
 
 
 @register_kl(LogNormal, InverseGamma)
@@ -485,9 +561,9 @@ class _LocalTerms(torch.autograd.Function):
 
 # ---------------------------------------------------------------------------- hyper-sites, fused
 def _lognormal_sign(prior):
-    """The sign s of a Gamma (1) or inverse-gamma (-1) prior in the log-normal KL of
-    :class:`HyperLayout`, None for other priors (Pyro's classes subclass torch's)."""
-    return 1.0 if isinstance(prior, Gamma) else -1.0 if isinstance(prior, InverseGamma) else None
+    """The sign s of a Gamma (1; ``Exponential(r)`` is ``Gamma(1, r)``) or inverse-gamma (-1) prior
+    in the log-normal KL of :class:`HyperLayout`, None for other priors (by :func:`family`)."""
+    return {"gamma": 1.0, "inverse_gamma": -1.0}.get(family(prior)[0])
 
 
 class HyperLayout:
@@ -529,7 +605,8 @@ class HyperLayout:
         a, b, sign, const = [], [], [], 0.0
         for name in lognormal:
             prior, n = priors[name], guide.hyper[name][1]
-            ai, bi = float(_single_value(prior.concentration)), float(_single_value(prior.rate))
+            params = family(prior)[1]
+            ai, bi = float(_single_value(params["concentration"])), float(_single_value(params["rate"]))
             a.append(torch.full((n,), ai, dtype=torch.float64))
             b.append(torch.full((n,), bi, dtype=torch.float64))
             sign.append(torch.full((n,), _lognormal_sign(prior), dtype=torch.float64))
@@ -552,7 +629,8 @@ class HyperLayout:
             return type(q) is LogScaleNormal
         if _lognormal_sign(prior) is None or type(q) is not dist.LogNormal:
             return False
-        a, b = _single_value(prior.concentration), _single_value(prior.rate)
+        params = family(prior)[1]
+        a, b = _single_value(params["concentration"]), _single_value(params["rate"])
         return a.dim() == 0 and b.dim() == 0 and not (a.requires_grad or b.requires_grad)
 
     def draw(self, name):

@@ -10,7 +10,7 @@ variational parameters live in the guide. Each layer also knows
   so priors and reduction rules can act on groups;
 * ``deterministic(params)``: the plain ``torch.nn`` module with given parameter values,
   used for MAP/Laplace training and masked predictions;
-* the compaction protocol (:mod:`pyro_sparse.compaction`): ``compaction(...)`` (a Bayesian
+* the compaction protocol (:mod:`pyro_sparse.compaction_protocol`): ``compaction(...)`` (a Bayesian
   layer's units and features for the unit-chain algorithm), ``route_units`` (how a
   parameter-free layer passes units on), ``compact_spec`` and the class method
   ``build_compact(entry)`` that rebuilds the compact module from its spec entry;
@@ -36,9 +36,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .compaction import WeightCompaction
-from .laplace.curvature import CONV, LINEAR
-from .local_reparam import gaussian_conv1d, gaussian_conv2d, gaussian_linear, realize, shared_weights
+from .compaction_protocol import WeightCompaction
+from .curvature_protocol import CONV, LINEAR
+from .local_reparam import gaussian_conv, gaussian_linear, realize, shared_weights
 from .priors import Gaussian, build_prior
 from .schema import Field, validate
 from .storage import CompactLinear, SparseConv1d, SparseConv2d
@@ -145,34 +145,6 @@ def _check_ints(layer, name, value, n, minimum):
 def _plain(t: tuple):
     """A tuple of equal ints as one int (how specs write sizes), else a list."""
     return t[0] if len(set(t)) == 1 else list(t)
-
-
-class evaluation_mode:
-    """Within the block ``module`` (any ``torch.nn.Module``, or None: nothing) is in ``eval`` mode:
-    dropout is the identity and a batch norm uses (and does not update) its running statistics,
-    as in the deterministic twin. Predictions, the guide's prototype run and the trainer's
-    reference loss run so; the previous mode of every submodule is restored afterwards.
-
-    Training mode is the other one: :class:`~pyro_sparse.fitting.SVITrainer` fits with the network
-    in training mode (dropout on, batch norms on batch statistics, updating the running ones), as
-    the user's module would train."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __enter__(self):
-        if self.module is None:
-            return self
-        self.modes = [m.training for m in self.module.modules()]
-        self.module.eval()
-        return self
-
-    def __exit__(self, *exc):
-        if self.module is None:
-            return False
-        for m, mode in zip(self.module.modules(), self.modes):
-            m.training = mode
-        return False
 
 
 class Reshape(nn.Module):
@@ -300,7 +272,8 @@ class Layer(nn.Module):
                 raise ValueError(f"{self.site}: no parameter {name!r} (parameters: {sorted(shapes)})")
             value = torch.as_tensor(value).detach()
             if tuple(value.shape) != tuple(shapes[name]):
-                raise ValueError(f"{site_name(self.site, name)}: expected shape {list(shapes[name])}, got {list(value.shape)}")
+                raise ValueError(f"{site_name(self.site, name)}: expected shape {list(shapes[name])}, "
+                                 f"got {list(value.shape)}")
             setattr(self, f"{name}_init", value.clone())
         return self
 
@@ -329,7 +302,7 @@ class Layer(nn.Module):
 
     # ------------------------------------------------------------------ compaction protocol
     def compaction(self, name: str, values: dict, masks: dict, in_shape: tuple, out_shape: tuple):
-        """The layer's :class:`~pyro_sparse.compaction.Compaction` at point ``values`` with keep
+        """The layer's :class:`~pyro_sparse.compaction_protocol.Compaction` at point ``values`` with keep
         ``masks`` (parameter name -> tensor); None for a parameter-free layer."""
         raise NotImplementedError(f"{type(self).__name__} does not implement the compaction protocol")
 
@@ -518,6 +491,10 @@ class AvgPool2d(_Pool2d):
 class _Parametric(Layer):
     """Shared machinery of layers with a Bayesian weight and an optional Bayesian bias."""
 
+    #: the torch class a compact network stores this layer's kept weights in as CSR
+    #: (:mod:`pyro_sparse.storage`); None: always the dense torch layer
+    sparse_cls = None
+
     def __init__(self, torch_layer: nn.Module, prior, bias_prior):
         super().__init__()
         self.weight_prior = build_prior(prior if prior is not None else Gaussian())
@@ -579,7 +556,8 @@ class _Parametric(Layer):
     conv = False
 
     def compaction(self, name, values, masks, in_shape, out_shape):
-        """Units are the weight's rows, features its columns (:class:`~pyro_sparse.compaction.WeightCompaction`)."""
+        """Units are the weight's rows, features its columns
+        (:class:`~pyro_sparse.compaction_protocol.WeightCompaction`)."""
         in_axis = len(in_shape) - 1 if self.feature_axis is None else self.feature_axis
         out_axis = len(out_shape) - 1 if self.unit_axis is None else self.unit_axis
         return WeightCompaction(name, self, values, masks, in_shape, out_shape, in_axis, out_axis, self.conv)
@@ -592,6 +570,7 @@ class Linear(_Parametric):
 
     prefix = "fc"
     curvature = LINEAR
+    sparse_cls = CompactLinear
     fields = {"in": Field("size", "auto"), "out": Field("size"), "bias": Field("bool", True),
               "prior": Field("any", None, allow_none=True), "bias_prior": Field("any", None, allow_none=True)}
     param_axes = {"weight": {"unit": 0, "input": 1}, "bias": {"unit": 0}}
@@ -648,14 +627,21 @@ class Linear(_Parametric):
         return m
 
 
-class _ConvNd(_Parametric):
-    """Shared machinery of the Bayesian 1-D and 2-D convolutions (``groups=1``, zero padding);
-    ``kernel_size``, ``stride``, ``padding`` and ``dilation`` may be ints or tuples."""
+#: the names of a convolution's spatial axes, by their number (shape errors name them)
+SPATIAL_AXES = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}
+
+
+class ConvNd(_Parametric):
+    """Shared machinery of the Bayesian convolutions over ``dims`` spatial axes (``groups=1``,
+    zero padding); ``kernel_size``, ``stride``, ``padding`` and ``dilation`` may be ints or tuples.
+    A subclass names ``dims``, its torch class and ``spec_name``: the forward pass
+    (:func:`~pyro_sparse.local_reparam.gaussian_conv`), shapes, conversion, compaction and the
+    Laplace curvature (the N-d ``CONV`` backend) are all here."""
 
     dims = 2
     torch_cls = nn.Conv2d
     curvature = CONV
-    sparse_cls = SparseConv2d
+    prefix = "conv"
     fields = {"in": Field("size", "auto"), "out": Field("size"), "kernel_size": Field("int", positive=True),
               "stride": Field("int", 1, positive=True), "padding": Field("int", 0, nonneg=True),
               "dilation": Field("int", 1, positive=True), "bias": Field("bool", True),
@@ -691,7 +677,7 @@ class _ConvNd(_Parametric):
     def out_shape(self, in_shape):
         n = self.dims
         if len(in_shape) != n + 1 or in_shape[0] != self.in_channels:
-            where = "length" if n == 1 else "height, width"
+            where = ", ".join(SPATIAL_AXES.get(n, [f"size {i + 1}" for i in range(n)]))
             raise ValueError(f"expects input of shape ({self.in_channels}, {where}), got {tuple(in_shape)}")
         kernel, stride, padding, dilation = self._geometry
         out = [(size + 2 * p - d * (k - 1) - 1) // s + 1
@@ -703,6 +689,17 @@ class _ConvNd(_Parametric):
     def _conv_options(self):
         _, stride, padding, dilation = self._geometry
         return {"stride": stride, "padding": padding, "dilation": dilation}
+
+    @classmethod
+    def from_config(cls, cfg, in_shape):
+        cfg = dict(cfg)
+        axes = SPATIAL_AXES[cls.dims]
+        size = auto_size(cfg.pop("in"), in_shape, ("channels", *axes), 0, cls.spec_name,
+                         f"set input_shape: [C, {', '.join(a[0].upper() for a in axes)}] in the spec")
+        return cls(size, cfg.pop("out"), **cfg)
+
+    def compute(self, x, weight, bias):
+        return gaussian_conv(x, weight, bias, **self._conv_options())
 
     feature_axis = unit_axis = 0  # channels
     conv = True
@@ -719,7 +716,7 @@ class _ConvNd(_Parametric):
         def t(v):
             return tuple(v) if isinstance(v, list) else v
 
-        kind = cls.sparse_cls if entry.get("storage") == "csr" else cls.torch_cls  # pyro_sparse.storage
+        kind = cls.sparse_cls if entry.get("storage") == "csr" and cls.sparse_cls else cls.torch_cls  # .storage
         return kind(entry["in"], entry["out"], t(entry["kernel_size"]), t(entry["stride"]),
                     t(entry["padding"]), t(entry.get("dilation", 1)), bias=entry["bias"])
 
@@ -748,14 +745,14 @@ class _ConvNd(_Parametric):
         return cls._converted(module, priors, layer)
 
 
-class Conv2d(_ConvNd):
+class Conv2d(ConvNd):
     """Bayesian 2-D convolution; weight (out_channels, in_channels, kh, kw)."""
 
     spec_name = "conv2d"
 
-    prefix = "conv"
     dims = 2
     torch_cls = nn.Conv2d
+    sparse_cls = SparseConv2d
     torch_types = (nn.Conv2d,)
 
     @classmethod
@@ -763,29 +760,15 @@ class Conv2d(_ConvNd):
         cfg = dict(cfg)
         return cls(image_channels(cfg.pop("in"), in_shape, "conv2d"), cfg.pop("out"), **cfg)
 
-    def compute(self, x, weight, bias):
-        return gaussian_conv2d(x, weight, bias, **self._conv_options())
 
-
-class Conv1d(_ConvNd):
+class Conv1d(ConvNd):
     """Bayesian 1-D convolution over ``(channels, length)`` inputs; weight (out_channels,
     in_channels, k). Under local reparameterisation the pre-activations are drawn with
-    :func:`~pyro_sparse.local_reparam.gaussian_conv1d` (Kingma, Salimans & Welling 2015)."""
+    :func:`~pyro_sparse.local_reparam.gaussian_conv` (Kingma, Salimans & Welling 2015)."""
 
     spec_name = "conv1d"
 
-    prefix = "conv"
     dims = 1
     torch_cls = nn.Conv1d
     sparse_cls = SparseConv1d
     torch_types = (nn.Conv1d,)
-
-    @classmethod
-    def from_config(cls, cfg, in_shape):
-        cfg = dict(cfg)
-        size = auto_size(cfg.pop("in"), in_shape, ("channels", "length"), 0, "conv1d",
-                         "set input_shape: [C, L] in the spec")
-        return cls(size, cfg.pop("out"), **cfg)
-
-    def compute(self, x, weight, bias):
-        return gaussian_conv1d(x, weight, bias, **self._conv_options())

@@ -19,7 +19,6 @@ from .priors import HyperSite, given_values, sample_hyper
 from .registry import LIKELIHOODS
 from .schema import Configurable, Field, build_registered
 
-
 #: the site of a learned observation noise scale
 NOISE_SITE = "likelihood.noise"
 

@@ -17,8 +17,8 @@ How it works here. While :class:`LocalReparameterization` is active,
   the ELBO takes the KL of such a site in closed form from the distributions alone;
 * the prior that owns the site asks :func:`gaussian_posterior` for that record and hands the
   layer a :class:`GaussianWeight` (mean and variance) instead of a tensor, and the layer then
-  samples the pre-activations with :func:`gaussian_linear` / :func:`gaussian_conv2d` /
-  :func:`gaussian_conv1d`.
+  samples the pre-activations with :func:`gaussian_linear` / :func:`gaussian_conv` (1-, 2- or
+  3-D).
 
 When the handler is not active (plain ``TraceMeanField_ELBO``, predictions with fixed weights)
 everything falls back to ordinary weight samples.
@@ -166,7 +166,15 @@ def gaussian_linear(x, weight, bias=None):
     return _sample_preactivation(mean, var)
 
 
-def _gaussian_conv(conv, x, weight, bias, conv_kwargs):
+#: spatial dimensions -> torch's convolution
+_CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def gaussian_conv(x, weight, bias=None, **conv_kwargs):
+    """``F.conv1d`` / ``conv2d`` / ``conv3d`` (by the weight's dimensions) for weights and biases
+    that may be :class:`GaussianWeight`, the rule of :func:`gaussian_linear`: mean
+    ``conv(x, mu_W) + mu_b``, variance ``conv(x^2, sigma_W^2) + sigma_b^2``, one draw per output."""
+    conv = _CONVOLUTIONS[len(weight.shape) - 2]
     w_mean, w_var = _split(weight)
     b_mean, b_var = _split(bias)
     mean = conv(x, w_mean, b_mean, **conv_kwargs)
@@ -177,17 +185,6 @@ def _gaussian_conv(conv, x, weight, bias, conv_kwargs):
     else:
         var = torch.zeros_like(mean) + b_var.view(1, -1, *([1] * (mean.dim() - 2)))
     return _sample_preactivation(mean, var)
-
-
-def gaussian_conv2d(x, weight, bias=None, **conv_kwargs):
-    """``F.conv2d`` for weights and biases that may be :class:`GaussianWeight` (same rule:
-    mean ``conv(x, mu_W) + mu_b``, variance ``conv(x^2, sigma_W^2) + sigma_b^2``)."""
-    return _gaussian_conv(F.conv2d, x, weight, bias, conv_kwargs)
-
-
-def gaussian_conv1d(x, weight, bias=None, **conv_kwargs):
-    """``F.conv1d`` for weights and biases that may be :class:`GaussianWeight` (same rule)."""
-    return _gaussian_conv(F.conv1d, x, weight, bias, conv_kwargs)
 
 
 class shared_weights(Messenger):

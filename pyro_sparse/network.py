@@ -14,7 +14,8 @@ import pyro.poutine as poutine
 import torch
 from torch import nn
 
-from .layers import Layer, Reshape, evaluation_mode, site_name
+from .evaluation import evaluation_mode
+from .layers import Layer, Reshape, site_name
 from .likelihoods import Likelihood, build_likelihood
 from .local_reparam import LocalReparameterization
 
@@ -32,7 +33,7 @@ class PyroNetwork(nn.Module):
     * :meth:`deterministic`: its deterministic twin, a plain ``torch.nn`` module holding given
       parameter values, with parameters named like the sample sites;
     * :meth:`unit_chains`: the sequential runs of layers whose units compaction may delete
-      (:func:`pyro_sparse.reduction.compact.compact`).
+      (:func:`pyro_sparse.rebuild.compact`).
 
     Two kinds exist: :class:`BayesianNetwork` (a sequential layer list, what specs build) and
     :class:`~pyro_sparse.convert.BayesianModule` (any ``torch.nn.Module`` converted by

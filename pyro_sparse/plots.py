@@ -213,7 +213,8 @@ def plot_score_histogram(scores, threshold: float, path: str, label: str = "scor
 
 def plot_score_histograms(panels: list[dict], path: str) -> str:
     """Several score histograms side by side; each panel is a dict with the arguments of
-    :func:`plot_score_histogram` (``scores``, ``threshold``, ``label``, ``prune``, ``log10``, ``symlog``) and an optional ``title``."""
+    :func:`plot_score_histogram` (``scores``, ``threshold``, ``label``, ``prune``, ``log10``,
+    ``symlog``) and an optional ``title``."""
     if not panels:
         raise ValueError("panels: nothing to plot")
     for p in panels:

@@ -54,7 +54,7 @@ from .convert import BayesianModule
 from .errors import PyroSparseWarning
 from .finetune import masked_fine_tune
 from .laplace.posterior import laplace_posterior
-from .reduction.compact import add_prune_masks, compact, export
+from .rebuild import add_prune_masks, compact, export
 from .reduction.rules import reduce
 from .summary import PosteriorSummary
 
@@ -101,15 +101,17 @@ class PrunedModel:
 
     def compact(self):
         """The physically smaller module where the structure allows (the unit chains of
-        :func:`~pyro_sparse.reduction.compact.compact`), of the user's class."""
+        :func:`~pyro_sparse.rebuild.compact`), of the user's class."""
         return compact(self.network, self.values(), self.decision)
 
 
-def prune(module: nn.Module, x, y=None, rule="opd", sparsity=None, threshold=None, structured=False,
-          likelihood="categorical", noise=1.0, curvature="diag", structure="scalar", prior_precision=1.0,
-          hyper_steps=200, hyper_lr=0.1, fine_tune_epochs=0, lr=1e-3, batch_size=64, seed=0, exclude=(),
-          prune_masks=False, input_shape=None, curvature_batch_size=None, mc_samples="auto", validation=None,
-          max_drop=None, verbose=None, **rule_options) -> PrunedModel:
+def prune(module: nn.Module, x, y: torch.Tensor | None = None, rule: str = "opd", sparsity: float | None = None,
+          threshold: float | None = None, structured: bool = False, likelihood: str = "categorical",
+          noise: float = 1.0, curvature: str = "diag", structure: str = "scalar", prior_precision: float = 1.0,
+          hyper_steps: int = 200, hyper_lr: float = 0.1, fine_tune_epochs: int = 0, lr: float = 1e-3,
+          batch_size: int = 64, seed: int = 0, exclude=(), prune_masks: bool = False, input_shape=None,
+          curvature_batch_size: int | None = None, mc_samples: int | str | None = "auto", validation=None,
+          max_drop: float | None = None, verbose: bool | None = None, **rule_options) -> PrunedModel:
     """Prune a trained ``module`` post hoc (see the module docstring): Laplace posterior
     (:func:`~pyro_sparse.laplace.posterior.laplace_posterior`: ``curvature``, ``structure``,
     ``prior_precision``, ``hyper_steps``, ``mc_samples``, ``curvature_batch_size``), the rule

@@ -56,7 +56,7 @@ def predict(source: str, data: str, num_samples: int = 100, seed: int = 0, targe
     if not os.path.exists(source):
         raise PyroSparseError(f"{source}: no such run directory or compact file")
     torch.manual_seed(seed)
-    from .deploy import graph_kind
+    from .graphs import graph_kind
 
     if _is_run(source):
         outputs_of, likelihood, noise, shape, transform, kind, samples = _from_run(source, num_samples)
@@ -67,7 +67,8 @@ def predict(source: str, data: str, num_samples: int = 100, seed: int = 0, targe
     labels = "regression" if likelihood.task == "regression" else "classification"
     x, y = load_inputs(data, target, shape, labels)
     x = apply_input_transform(x, transform)
-    check_tokens(x, vocabulary(outputs_of.network), data)
+    network = getattr(outputs_of, "network", None)  # an exported graph cannot be inspected
+    check_tokens(x, vocabulary(network) if network is not None else None, data)
     outs = []
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
@@ -120,7 +121,7 @@ def _likelihood(path, info, what):
 
 
 def _from_compact(path):
-    from .reduction.workflow import load_compact
+    from .reduced_runs import load_compact
 
     module = load_compact(path)
     info = getattr(module, "info", {}) or {}
@@ -164,7 +165,7 @@ def check_tokens(x, vocab, data):
 
 
 def _from_graph(path):
-    from .deploy import load_graph
+    from .graphs import load_graph
 
     run, info = load_graph(path)
     lik, noise = _likelihood(path, info, "graph's metadata")

@@ -16,6 +16,8 @@ declares which tensor dimension each axis lives on.
 
 from __future__ import annotations
 
+import math
+from abc import abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -26,6 +28,7 @@ import torch
 from .distributions import LogUniform as LogUniformDistribution
 from .distributions import log_alpha
 from .local_reparam import GaussianWeight, gaussian_posterior
+from .reduction.rules import GroupLogAlpha, HorseshoeScale, LogAlpha
 from .registry import PRIORS
 from .schema import Configurable, Field, build_registered
 
@@ -171,6 +174,9 @@ class Prior(Configurable):
 
     #: the prior of the parameter's own site depends on hyper-values (else it is fixed)
     conditional = False
+    #: the prior's own reduction rule (a :class:`~pyro_sparse.reduction.rules.Rule` class), which
+    #: reads :meth:`group_summary`; None for a prior whose weights the generic rules judge
+    rule = None
 
     # ------------------------------------------------------------------ declarations
     def hyper_sites(self, site: str, init: torch.Tensor, axes: dict) -> dict:
@@ -178,10 +184,11 @@ class Prior(Configurable):
         for a prior without any."""
         return {}
 
+    @abstractmethod
     def site_prior(self, site: str, init: torch.Tensor, values: dict):
         """``p(<site> | hyper-values)``, batch shape ``init.shape``; ``values`` maps at least this
-        prior's hyper-sites to values (ignored unless ``conditional``)."""
-        raise NotImplementedError(f"{type(self).__name__} does not declare the prior of its site")
+        prior's hyper-sites to values (ignored unless ``conditional``). Required: the registry
+        refuses a prior class that does not define it."""
 
     def site_init(self, site: str, init: torch.Tensor, values: dict) -> torch.Tensor:
         """Where the site ``<site>`` starts, given the parameter's initial value ``init`` and the
@@ -219,8 +226,12 @@ class Prior(Configurable):
         sites. For hierarchical priors this is the conditional prior given those values; the
         reduction module reads it as the "full prior" of Bayesian model reduction. Tensors or
         floats broadcastable to the parameter.
+
+        The default, ``(0, inf)``, is "not applicable": a prior that is not conditionally
+        Gaussian has prior precision 0 in the summary, and the rules that need a Gaussian prior
+        (BMR, Savage-Dickey) say so for its sites (``NotApplicable``) while the others apply.
         """
-        raise NotImplementedError(f"{type(self).__name__} is not conditionally Gaussian")
+        return 0.0, math.inf
 
     def parameter_posterior(self, site: str, loc, var, values: dict):
         """Gaussian marginals ``(loc, var)`` of the *parameter* from those of its sample site.
@@ -243,12 +254,18 @@ class Prior(Configurable):
                              f"this parameter; expected one of {['weight', 'layer', *axes]}")
 
     def group_summary(self, site: str, guide, values: dict) -> dict:
-        """What the prior's own reduction rule reads (:mod:`pyro_sparse.reduction.rules`):
-        ``{rule name: one value per group}`` (group shape, broadcastable to the parameter), from
-        the fitted guide and the posterior medians ``values``; ``{}`` for a prior without a rule
-        of its own (a Gaussian). It goes into the posterior summary
+        """What the prior's own reduction rule (:attr:`rule`) reads: ``{rule.name: one value per
+        group}`` (group shape, broadcastable to the parameter) of :meth:`group_values`, from the
+        fitted guide and the posterior medians ``values``; ``{}`` for a prior without a rule of its
+        own (a Gaussian). It goes into the posterior summary
         (:attr:`~pyro_sparse.summary.SiteSummary.groups`)."""
-        return {}
+        if self.rule is None or not self.rule.reads_groups:
+            return {}
+        return {self.rule.name: self.group_values(site, guide, values)}
+
+    def group_values(self, site: str, guide, values: dict) -> torch.Tensor:
+        """The per-group quantity :attr:`rule` reads (required where ``rule`` reads groups)."""
+        raise NotImplementedError(f"{type(self).__name__} names rule {self.rule.name!r} but defines no group_values")
 
 
 class Gaussian(Prior):
@@ -313,20 +330,18 @@ class LogUniform(Prior):
 
     With a Gaussian posterior N(theta, sigma^2) the KL is the registered closed-form
     approximation in :mod:`pyro_sparse.distributions`, so local reparameterisation applies.
-    Its rule is ``log-alpha`` (:mod:`pyro_sparse.reduction.rules`): prune where
+    Its rule is :class:`~pyro_sparse.reduction.rules.LogAlpha` (``log-alpha``): prune where
     ``log alpha = log sigma^2 - log theta^2`` exceeds 3. As a Gaussian the prior is the flat
     limit (precision 0), which is what :meth:`gaussian_prior` reports.
     """
 
     spec_name = "log_uniform"
+    rule = LogAlpha  # reads the summary's per-weight log alpha
 
     fields = {}
 
     def site_prior(self, site, init, values):
         return LogUniformDistribution(init.shape)
-
-    def gaussian_prior(self, site, values):
-        return 0.0, float("inf")
 
 
 #: group axes a group prior accepts; a layer checks the axis exists (``Prior.check_axes``)
@@ -475,9 +490,11 @@ class GroupLogUniform(Prior):
         loc, var = guide.site_posterior(self.z_site(site))
         return log_alpha(loc, var.sqrt())
 
-    def group_summary(self, site, guide, values):
-        """``{"group-log-alpha": log alpha_z}`` per group."""
-        return {"group-log-alpha": self.group_log_alpha(site, guide)}
+    rule = GroupLogAlpha
+
+    def group_values(self, site, guide, values):
+        """``log alpha_z`` per group."""
+        return self.group_log_alpha(site, guide)
 
 
 def _scale_block(block, scale):
@@ -664,9 +681,11 @@ class Horseshoe(Prior):
         C+(0, 1) scale."""
         return self.group_scale(site, values) / self.global_scale(site, values)
 
-    def group_summary(self, site, guide, values):
-        """``{"horseshoe-scale": lambda~_g}``, the relative scale per group at the posterior medians."""
-        return {"horseshoe-scale": self.relative_scale(site, values)}
+    rule = HorseshoeScale
+
+    def group_values(self, site, guide, values):
+        """``lambda~_g``, the relative scale per group at the posterior medians."""
+        return self.relative_scale(site, values)
 
 
 def build_prior(spec) -> Prior:

@@ -35,8 +35,9 @@ import warnings
 import torch
 
 from .errors import PyroSparseError, SpecError
+from .plugins import parse_plugins
 from .registry import FITTERS, GUIDES, RULES
-from .schema import Field, validate
+from .schema import Field, load_yaml, validate
 
 SCHEDULES = {
     "none": None,
@@ -49,7 +50,9 @@ SCHEDULES = {
 RECIPE_FIELDS = {
     "name": Field("str", None, allow_none=True),
     "description": Field("str", None, allow_none=True),
-    "method": Field("choice", "svi", choices=("svi",)),
+    "method": Field("choice", "svi", choices=lambda: tuple(FITTERS), doc="a fitting method (svi, laplace, ...)"),
+    "plugins": Field("list", None, allow_none=True, doc="plugin modules (names or .py paths) whose fitting methods, "
+                                                       "guides and rules the recipe uses; needs --allow-code"),
     "guide": Field("str", "meanfield"),
     "guide_options": Field("dict", {}),
     "local_reparam": Field("bool", True),
@@ -83,6 +86,7 @@ RECIPE_FIELDS = {
 
 MAX_SEED = 2**32  # numpy's and Python's seeders accept [0, 2**32); torch's more
 MAX_THREADS = 1024
+
 
 def _numeric_strings(cfg: dict) -> dict:
     """PyYAML reads ``1e-3`` (no dot) as a string: turn numeric strings into floats."""
@@ -209,11 +213,12 @@ def reduction_fields() -> dict:
 
 def parse_recipe(data: dict, source: str | None = None) -> dict:
     """Validate an inference recipe; return it with defaults filled in."""
+    plugins = parse_plugins(data, source)  # first: the rest may name what they register
     fields = dict(RECIPE_FIELDS)
-    fields["method"] = Field("choice", "svi", choices=tuple(FITTERS))  # svi, laplace, svi_bmr, ...
     for trainer in FITTERS.values():  # the sections the fitting methods read (laplace: {...})
         fields.update(trainer.recipe_sections)
     recipe = validate(fields, data, "", source)
+    recipe["plugins"] = plugins
     section = recipe["reduction"]
     if section is not None:
         own = getattr(FITTERS[recipe["method"]], "reduction_fields", None)
@@ -257,7 +262,6 @@ def check_threads(threads, source=None, path="num_threads") -> int:
 
 
 def load_recipe(path: str) -> dict:
-    from .spec import load_yaml
 
     recipe = parse_recipe(load_yaml(path), path)
     recipe["_source"] = path

@@ -54,12 +54,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .compaction import Compaction, drop_entries, as_index
+from .compaction_protocol import Compaction, as_index, drop_entries
 from .layers import Layer, _Stateless, auto_size, read_parameter, scoped_params
-from .storage import CompactSequential
 from .local_reparam import realize, shared_weights
 from .priors import Gaussian, LogUniform, build_prior
 from .schema import Field
+from .storage import CompactSequential
 
 __all__ = [
     "LSTM",
@@ -521,7 +521,8 @@ class RecurrentStack(nn.Module):
             self.rnns.append(rnn)
             z_h = p.get("z_hidden")
             self.register_buffer(f"output_scale_{k}",
-                                 z_h.detach().clone() if z_h is not None else torch.ones_like(p["bias"][:w_hh.shape[1]]))
+                                 z_h.detach().clone() if z_h is not None
+                                 else torch.ones_like(p["bias"][:w_hh.shape[1]]))
 
     def forward(self, x):
         for k, rnn in enumerate(self.rnns):
@@ -1115,8 +1116,8 @@ class RecurrentCompaction(Compaction):
             self.stack.append(entry)
         self.read = None  # the next layer's reads of our units (None: every unit is read)
         #: per stacked layer, the dense sizes: weights, hidden neurons, input neurons
-        self.dense = [(e["weight_ih"].numel() + e["weight_hh"].numel(), e["weight_hh"].shape[1], e["weight_ih"].shape[1])
-                      for e in self.stack]
+        self.dense = [(e["weight_ih"].numel() + e["weight_hh"].numel(), e["weight_hh"].shape[1],
+                       e["weight_ih"].shape[1]) for e in self.stack]
 
     # ---------------------------------------------------------------- the structure
     def masks(self, read=None) -> list:

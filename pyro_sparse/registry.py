@@ -9,8 +9,9 @@ registry       a name such as                                   maps to
 ``GUIDES``     ``guide: structured``                            a :class:`~pyro_sparse.guides.Guide` class
 ``FITTERS``    ``method: laplace``                              a trainer class (``SVITrainer``, ...)
 ``RULES``      ``pyro-sparse reduce --method opd``              a :class:`~pyro_sparse.reduction.rules.Rule`
-``CONVERSIONS`` ``bayesian(module)`` on an ``nn.Linear``         the Bayesian layer class whose ``torch_types``
-                                                                it converts (:mod:`pyro_sparse.convert`)
+``CONVERSIONS`` ``bayesian(module)`` on an ``nn.Linear``         the layer class whose ``torch_types`` it
+                                                                converts (:mod:`pyro_sparse.convert`): every
+                                                                layer that declares ``torch_types``
 =============  ==============================================  ===============================
 
 The modules that define these components register nothing themselves. The built-in ones are
@@ -22,13 +23,16 @@ component module may read a registry (``build_prior`` reads ``PRIORS``) without 
 modules that fill it.
 
 Users add their own components with ``PRIORS.register(MyPrior)`` (the name is the class's
-``spec_name``) or ``PRIORS.register(MyPrior, "name")``, also usable as a class decorator
-``@PRIORS.register``.
+``spec_name``) or ``PRIORS.register(MyPrior, "name")``; a module of components (one class per
+new prior, layer or rule) is registered by the plugin loader, :mod:`pyro_sparse.plugins`, from
+an installed package's entry point or a spec's ``plugins:``. Registering checks the contract:
+the class attributes a registry ``declares`` and the base class's abstract methods.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Mapping
 
 __all__ = ["Registry", "PRIORS", "LAYERS", "LIKELIHOODS", "GUIDES", "FITTERS", "RULES", "CONVERSIONS", "load",
@@ -36,12 +40,23 @@ __all__ = ["Registry", "PRIORS", "LAYERS", "LIKELIHOODS", "GUIDES", "FITTERS", "
 
 #: the module whose ``register_builtins(registry)`` fills a registry with its built-in components
 LOADER = "pyro_sparse.builtins"
+#: the module that loads the plugins installed packages declare (entry points)
+PLUGINS = "pyro_sparse.plugins"
 
 
 def load():
     """Register the built-in components of every registry (each registry loads its own when read)."""
     for registry in REGISTRIES.values():
         registry.load()
+
+
+def abstract_methods(obj) -> list[str]:
+    """The methods of ``obj``'s class (or of ``obj``, a class) still abstract (``@abstractmethod`` in
+    a base class and not defined by a subclass): the contract a component must fill."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    names = {name for klass in cls.__mro__ for name in vars(klass)}
+    return sorted(name for name in names
+                  if getattr(inspect.getattr_static(cls, name, None), "__isabstractmethod__", False))
 
 
 class Registry(Mapping):
@@ -59,12 +74,14 @@ class Registry(Mapping):
         self.loaded = False
 
     def load(self):
-        """Register this registry's built-in components (once), by the one loader."""
+        """Register this registry's built-in components (once), by the one loader, then the plugin
+        modules installed packages declare (:func:`pyro_sparse.plugins.load_entry_points`)."""
         if self.loaded:
             return
         self.loaded = True
         try:
             importlib.import_module(LOADER).register_builtins(self)
+            importlib.import_module(PLUGINS).load_entry_points()
         except BaseException:
             self.loaded = False
             raise
@@ -83,6 +100,11 @@ class Registry(Mapping):
             if getattr(obj, attr, NotImplemented) is NotImplemented:
                 raise ValueError(f"{self.kind} registry: {getattr(obj, '__name__', obj)!r} declares no {attr!r}: set "
                                  f"the class attribute {attr} to {what}")
+        missing = abstract_methods(obj)
+        if missing:
+            raise ValueError(f"{self.kind} registry: {getattr(obj, '__name__', type(obj).__name__)!r} does not define "
+                             f"the required method{'s' if len(missing) > 1 else ''} {', '.join(missing)} of its base "
+                             "class (see its docstring)")
         if isinstance(obj, type):
             obj.spec_name = key
         self._items[key] = obj
@@ -119,7 +141,7 @@ class Registry(Mapping):
 
 
 #: what a layer must say about the Laplace approximation (pyro_sparse.laplace.curvature)
-_CURVATURE = ("a curvature backend of pyro_sparse.laplace.curvature (LINEAR for an affine map of the last axis, "
+_CURVATURE = ("a curvature backend of pyro_sparse.curvature_protocol (LINEAR for an affine map of the last axis, "
               "CONV for a convolution, or a CurvatureBackend of your own that cuts the input into patches), or to "
               "None where the Laplace approximation cannot cover the layer's parameters")
 

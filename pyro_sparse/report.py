@@ -12,12 +12,12 @@ Laplace fit -- and writes into it
   deployment figures of the first rule's compact network (the recipe's own rule where it has one):
   the compact file's size and stored floats against the dense network's ``state_dict``, each
   layer's storage and the latency of both at batch 1 and 256, measured on the spot
-  (:func:`pyro_sparse.reduction.report.deployment_figures`).
+  (:func:`pyro_sparse.outcome.deployment_figures`).
 
 The reduced models come from the rules of :mod:`pyro_sparse.reduction.rules` that apply to the
 run's posterior summary (``trainer.posterior_summary()``), each at its own threshold (the
 recipe's ``reduction: {method, threshold}`` sets the threshold of its rule): the rules with a
-threshold (``log-alpha``, ``savage-dickey``, ``bmr``, ``group-log-alpha``, ``horseshoe-scale``),
+threshold (a rule's ``threshold``: ``pyro-sparse rules`` lists each with its default),
 ``spike-slab``, and ``opd`` at the sparsity of the first of them (or 90%), so OPD is compared
 at equal size; rules whose masks coincide share one reduced model. Every parameter tensor the
 rules judge (weights of every layer, recurrent group variables) is pruned; biases stay.
@@ -43,9 +43,9 @@ from . import diagnostics as D
 from . import evaluation, plots
 from .checkpoint import write_json_atomic, write_text_atomic
 from .errors import PyroSparseError
-from .reduction.compact import masked_module
-from .reduction.report import metric_key, reduction_report
-from .reduction.rules import applicable_rules, reduce
+from .outcome import metric_key, reduction_report
+from .rebuild import masked_module
+from .reduction.rules import OPD, applicable_rules, reduce
 from .registry import RULES
 
 SPARSITY_LEVELS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.985, 0.99, 0.993, 0.995, 0.998, 0.999)
@@ -65,7 +65,7 @@ def _sparsity(masks, summary) -> float:
 def compact_sparsity(network, values: dict, decision) -> float:
     """``sparsity``, the one definition every command reports: the fraction of the weights that
     are zero in the compact network of ``decision`` (a unit compaction deletes takes its weights
-    with it), counted by :func:`~pyro_sparse.reduction.report.reduction_report`."""
+    with it), counted by :func:`~pyro_sparse.outcome.reduction_report`."""
     if decision is None:
         return 0.0
     return reduction_report(network, values, decision)["sparsity"]
@@ -73,9 +73,9 @@ def compact_sparsity(network, values: dict, decision) -> float:
 
 def reduction_label(decision) -> str:
     """The name of a reduced model: the stem ``reduce`` gives its files
-    (:func:`~pyro_sparse.reduction.workflow.output_base`: ``log-alpha-t3``, ``opd-s0.9``), so
+    (:func:`~pyro_sparse.reduced_runs.output_base`: ``log-alpha-t3``, ``opd-s0.9``), so
     ``compare DIR:<name>`` accepts the names of both commands."""
-    from .reduction.workflow import output_base
+    from .reduced_runs import output_base
 
     o = decision.options
     return output_base(decision.method, o.get("sparsity"), o.get("threshold"), o.get("structured", False),
@@ -103,10 +103,11 @@ def report_rules(summary, recipe: dict | None = None) -> dict:
             threshold = rule.threshold
         decision = reduce(summary, rule, threshold=threshold if rule.ranks else None, sparsity=sparsity)
         decisions[reduction_label(decision)] = decision
-    if applies.get("opd") is None and own != "opd":
+    equal_size = OPD.name  # the ranking rule compared at the size of the first decision
+    if equal_size in applies and applies[equal_size] is None and own != equal_size:
         first = next(iter(decisions.values()), None)
         sparsity = round(_sparsity(first.masks, summary), 2) if first is not None else 0.9
-        decision = reduce(summary, "opd", sparsity=min(sparsity, 0.99))
+        decision = reduce(summary, equal_size, sparsity=min(sparsity, 0.99))
         decisions[reduction_label(decision)] = decision
     return decisions
 
@@ -344,9 +345,9 @@ def _deployment(run, summary, decisions) -> dict | None:
     """Size and latency of the first rule's compact network against the dense network."""
     if not decisions:
         return None
-    from .reduction.compact import compact
-    from .reduction.report import deployment_figures, saved_bytes
-    from .reduction.workflow import _run_extras, compact_payload
+    from .outcome import deployment_figures, saved_bytes
+    from .rebuild import compact
+    from .reduced_runs import _run_extras, compact_payload
 
     label, decision = next(iter(decisions.items()))
     module = compact(run.network, summary, decision)
@@ -358,7 +359,7 @@ def _deployment(run, summary, decisions) -> dict | None:
 
 
 def _deployment_markdown(d) -> list:
-    from .reduction.report import format_deployment
+    from .outcome import format_deployment
 
     lines = ["## Deployment", "", f"The compact network of `{d['rule']}`, as `pyro-sparse reduce` writes it "
              "(`pyro-sparse export` turns it into a TorchScript or ONNX graph):", ""]

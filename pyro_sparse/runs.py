@@ -30,8 +30,17 @@ from .recipe import RECIPE_FIELDS, check_device, check_seed, check_threads, load
 from .registry import FITTERS
 from .rundir import CHECKPOINT, check_out_dir, check_run_dir
 from .schema import short_repr
-from .spec import (build_network, data_task, init_is_state_dict, init_path, load_model_spec, parse_model_spec,
-                   recipe_of, spec_name)
+from .spec import (
+    build_network,
+    data_task,
+    init_is_state_dict,
+    init_path,
+    load_model_spec,
+    parse_model_spec,
+    recipe_of,
+    spec_name,
+)
+
 
 @dataclass
 class Run:
@@ -204,7 +213,9 @@ def fit_run(model_path: str, recipe_path: str | None, data: str, out_dir: str, e
             "seed": recipe["seed"], "versions": versions(),
             "model_source": os.path.abspath(model_path), "inference_source": os.path.abspath(recipe_path),
             "model_spec": _strip(model_spec), "recipe": _strip(recipe),
-            "feature_shape": list(dataset.feature_shape), "num_outputs": dataset.num_outputs})
+            "feature_shape": list(dataset.feature_shape), "num_outputs": dataset.num_outputs,
+            # the objective as it runs: which ELBO and, per site, which KL path (CoreELBO.explain)
+            "elbo_path": getattr(run.trainer, "elbo_path", None), "kl_paths": getattr(run.trainer, "kl_paths", None)})
     if resume and main and extension:
         _record_extension(out_dir, *extension)
     try:
@@ -231,7 +242,7 @@ def data_reference(data: str) -> str:
     return data if data in BUILTIN or not os.path.exists(data) else os.path.abspath(data)
 
 
-def load_run(directory: str, data: str | None = None, device="cpu") -> Run:
+def load_run(directory: str, data: str | None = None, device: str = "cpu") -> Run:
     """Rebuild the fitted network and guide of a run directory (on ``device``)."""
     directory = check_run_dir(directory)
     model_spec = load_model_spec(os.path.join(directory, "model.yaml"))
@@ -295,7 +306,8 @@ def _differences(a, b, path="") -> list[str]:
         for key in sorted(set(a) | set(b), key=str):
             sub = f"{path}.{key}" if path else str(key)
             if key not in a or key not in b:
-                out.append(f"{sub}: {short_repr(a.get(key, '(absent)'), 40)} vs {short_repr(b.get(key, '(absent)'), 40)}")
+                out.append(f"{sub}: {short_repr(a.get(key, '(absent)'), 40)} vs "
+                           f"{short_repr(b.get(key, '(absent)'), 40)}")
             else:
                 out += _differences(a[key], b[key], sub)
         return out
@@ -337,7 +349,8 @@ def _check_resume_inputs(out_dir, model_spec, recipe, info, model_path, recipe_p
         if not same:
             refuse("--data", data, f"data {saved_data!r} ({run_json})", [f"{saved_data!r} vs {data!r}"])
     if target is not None and target != info.get("target"):
-        refuse("--target", target, f"target {info.get('target')!r} ({run_json})", [f"{info.get('target')!r} vs {target!r}"])
+        refuse("--target", target, f"target {info.get('target')!r} ({run_json})",
+               [f"{info.get('target')!r} vs {target!r}"])
 
 
 def _epochs_done(out_dir):
@@ -407,4 +420,3 @@ def _fit_data_to_run(directory, info, dataset, data):
 def parse_specs(model: dict, recipe: dict) -> tuple[dict, dict]:
     """Parse in-memory spec and recipe mappings (the Python API's equivalent of the YAML files)."""
     return parse_model_spec(model, "<model>"), parse_recipe(recipe, "<inference>")
-

@@ -9,8 +9,12 @@ A :class:`Field` says what a value must be (type, sign, choices) and its default
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import yaml
 
 from .errors import SpecError
 
@@ -32,13 +36,17 @@ class Field:
     default: Any = REQUIRED
     positive: bool = False  # > 0
     nonneg: bool = False  # >= 0
-    choices: tuple = ()
+    choices: tuple | Callable[[], tuple] = ()  # a callable: read when checked (a registry's names)
     allow_none: bool = False
     doc: str = ""
 
+    def options(self) -> tuple:
+        """The allowed values of a choice (a callable ``choices`` is read now)."""
+        return tuple(self.choices()) if callable(self.choices) else self.choices
+
     def expected(self) -> str:
         if self.kind == "choice":
-            return "one of " + ", ".join(repr(c) for c in self.choices)
+            return "one of " + ", ".join(repr(c) for c in self.options())
         if self.kind == "size":
             return "a positive integer or 'auto'"
         sign = " > 0" if self.positive else (" >= 0" if self.nonneg else "")
@@ -75,7 +83,7 @@ class Field:
                 bad()
             return value
         if kind == "choice":
-            if value not in self.choices:
+            if value not in self.options():
                 bad()
             return value
         if kind == "size":
@@ -194,3 +202,27 @@ def registrar(registry: dict):
         return wrap
 
     return register
+
+
+def load_yaml(path: str) -> dict:
+    """Read a YAML mapping with the safe loader; errors name the file."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise SpecError(f"expected a path to a YAML file, got {short_repr(path)}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise SpecError("no such file", path) from None
+    except IsADirectoryError:
+        raise SpecError("is a directory, expected a YAML file", path) from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"invalid YAML: {e}", path) from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"not a text file ({e})", path) from None
+    except (ValueError, RecursionError) as e:  # e.g. an integer with thousands of digits, deep nesting
+        raise SpecError(f"invalid YAML: {type(e).__name__}: {str(e)[:200]}", path) from None
+    except OSError as e:
+        raise SpecError(f"cannot read: {e.strerror or e}", path) from None
+    if not isinstance(data, dict):
+        raise SpecError(f"expected a mapping at the top level, got {type(data).__name__}", path)
+    return data

@@ -44,13 +44,13 @@ import math
 import os
 
 import torch
-import yaml
 
 from .data import INPUT_FIELDS, TEXT_FIELDS
 from .errors import SpecError
 from .network import BayesianNetwork
+from .plugins import parse_plugins
 from .registry import LAYERS, LIKELIHOODS, PRIORS
-from .schema import Field, short_repr, validate
+from .schema import Field, load_yaml, short_repr, validate
 
 MODEL_FIELDS = {
     "name": Field("str", None, allow_none=True),
@@ -67,33 +67,11 @@ MODEL_FIELDS = {
                                                     "relative to the spec file"),
     "likelihood": Field("any", "categorical"),
     "data": Field("dict", None, allow_none=True),  # loader options: data.INPUT_FIELDS, or data.TEXT_FIELDS for a corpus
+    "plugins": Field("list", None, allow_none=True, doc="plugin modules (names or .py paths) whose priors, layers and "
+                                                       "rules the spec uses; needs --allow-code (pyro_sparse.plugins)"),
     "recipe": Field("str", None, allow_none=True, doc="the inference recipe that fits this spec, relative to the spec "
                                                       "file (what `fit` uses without --inference)"),
 }
-
-
-def load_yaml(path: str) -> dict:
-    """Read a YAML mapping with the safe loader; errors name the file."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise SpecError(f"expected a path to a YAML file, got {short_repr(path)}")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise SpecError("no such file", path) from None
-    except IsADirectoryError:
-        raise SpecError("is a directory, expected a YAML file", path) from None
-    except yaml.YAMLError as e:
-        raise SpecError(f"invalid YAML: {e}", path) from None
-    except UnicodeDecodeError as e:
-        raise SpecError(f"not a text file ({e})", path) from None
-    except (ValueError, RecursionError) as e:  # e.g. an integer with thousands of digits, deep nesting
-        raise SpecError(f"invalid YAML: {type(e).__name__}: {str(e)[:200]}", path) from None
-    except OSError as e:
-        raise SpecError(f"cannot read: {e.strerror or e}", path) from None
-    if not isinstance(data, dict):
-        raise SpecError(f"expected a mapping at the top level, got {type(data).__name__}", path)
-    return data
 
 
 def _typed(registry, value, path, source, what):
@@ -118,7 +96,9 @@ def parse_prior(value, path, source=None) -> dict:
 
 def parse_model_spec(data: dict, source: str | None = None) -> dict:
     """Check a model spec's structure and values; return it normalised (defaults filled in)."""
+    plugins = parse_plugins(data, source)  # first: the rest may name what they register
     spec = validate(MODEL_FIELDS, data, "", source)
+    spec["plugins"] = plugins
     shape = spec["input_shape"]
     if not (shape in ("auto", "image") or (isinstance(shape, list) and shape and all(
             isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape))):

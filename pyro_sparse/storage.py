@@ -1,9 +1,9 @@
 r"""How a compact layer stores its kept weights and which kernel computes with them.
 
-A compact network (:func:`pyro_sparse.reduction.compact`) has its removed units deleted, but the
+A compact network (:func:`pyro_sparse.rebuild`) has its removed units deleted, but the
 matrices over the kept units still hold the weights the rule removed inside them (Sparse VD on the
 digits MLP keeps 405 weights in matrices of 3,564 entries). Per Linear / Conv layer of a compact
-network (:func:`decide`, applied by :func:`pyro_sparse.reduction.compact.apply_storage`):
+network (:func:`decide`, applied by :func:`pyro_sparse.rebuild.apply_storage`):
 
 * **A layer where nothing was removed** is the plain ``torch.nn`` layer (a Linear that only lost
   units keeps dense storage but has its kernels measured, see below).
@@ -64,7 +64,7 @@ __all__ = ["CompactSequential", "CompactLinear", "SparseConv1d", "SparseConv2d",
            "storage_bytes", "measure_kernels", "decide", "dense_twin", "tune", "pattern_holds", "semi_structured",
            "STORAGES", "KERNELS", "TENSOR_OVERHEAD", "CSR_MAX_DENSITY"]
 
-#: the ``storage`` options of :func:`pyro_sparse.reduction.compact`: ``auto`` (CSR where smaller; kernels
+#: the ``storage`` options of :func:`pyro_sparse.rebuild`: ``auto`` (CSR where smaller; kernels
 #: measured), ``csr`` (CSR where smaller; the ``csr`` kernel at every size: nothing timed), ``dense`` (every
 #: layer the plain torch layer)
 STORAGES = ("auto", "csr", "dense")

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 
-import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import TorchDistribution, constraints

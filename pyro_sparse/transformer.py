@@ -52,8 +52,8 @@ instead (exact, noisier). The position embedding and the class token are used on
 example, so for them per-example draws are exact.
 
 Compaction: each layer here compacts itself (:class:`SelfCompaction`, its part of the protocol
-of :mod:`pyro_sparse.compaction`): attention heads and MLP hidden units go by the rules in
-:mod:`pyro_sparse.reduction.transformer`, and ``build_compact`` rebuilds the compact module.
+of :mod:`pyro_sparse.compaction_protocol`): attention heads and MLP hidden units go by the rules in
+:mod:`pyro_sparse.reduction.heads`, and ``build_compact`` rebuilds the compact module.
 """
 
 from __future__ import annotations
@@ -65,9 +65,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .compaction import Compaction
+from .compaction_protocol import Compaction
 from .layers import Layer, Linear, _Parametric, _Stateless, image_channels, last_dim
-from .local_reparam import GaussianWeight, _sample_preactivation, _split, gaussian_conv2d, gaussian_linear
+from .local_reparam import GaussianWeight, _sample_preactivation, _split, gaussian_conv, gaussian_linear
 from .priors import Gaussian, build_prior
 from .schema import Field
 
@@ -394,7 +394,7 @@ def _mask(masks, name, like):
 
 @torch.no_grad()
 def attention_heads(values: dict, masks: dict) -> dict:
-    r"""Plan the removal of attention heads (see :mod:`pyro_sparse.reduction.transformer`).
+    r"""Plan the removal of attention heads (see :mod:`pyro_sparse.reduction.heads`).
 
     ``values``/``masks``: relative names ``q.weight`` ``(H, d, D)``, ``q.bias`` ``(H, d)``, k, v
     alike, ``o.weight`` ``(D, H, d)``, ``o.bias`` ``(D,)`` (biases optional). Returns ``{"keep"``
@@ -429,7 +429,7 @@ def attention_heads(values: dict, masks: dict) -> dict:
 
 @torch.no_grad()
 def mlp_units(values: dict, masks: dict, activation: str = "gelu") -> dict:
-    r"""Plan the removal of hidden units of ``fc2(act(fc1 x))`` (see :mod:`pyro_sparse.reduction.transformer`).
+    r"""Plan the removal of hidden units of ``fc2(act(fc1 x))`` (see :mod:`pyro_sparse.reduction.heads`).
 
     ``values``/``masks``: ``fc1.weight`` ``(M, in)``, ``fc1.bias`` ``(M,)``, ``fc2.weight``
     ``(out, M)``, ``fc2.bias`` ``(out,)`` (biases optional). Returns ``{"keep", "constant",
@@ -481,7 +481,7 @@ def _n(w, sparse):
 
 def attention_flops(params: dict, tokens: int, sparse=False) -> int:
     """FLOPs per example of self-attention with parameters ``params`` (relative names) on
-    ``tokens`` tokens (:mod:`pyro_sparse.reduction.transformer`)."""
+    ``tokens`` tokens (:mod:`pyro_sparse.reduction.heads`)."""
     h, d, _ = params["q.weight"].shape
     proj = sum(_n(params[f"{p}.weight"], sparse) for p in "qkvo")
     return 2 * tokens * proj + 4 * tokens * tokens * h * d
@@ -509,7 +509,7 @@ class SelfCompaction(Compaction):
 
 
 class _Compactable:
-    """The compaction protocol of the layers here (:mod:`pyro_sparse.compaction`): each compacts
+    """The compaction protocol of the layers here (:mod:`pyro_sparse.compaction_protocol`): each compacts
     only itself (:class:`SelfCompaction`); ``compact_parts`` gives ``(entry, params, info)``
     (default: the same shape, the masked values), the class method ``build_compact(entry)``
     rebuilds the plain module and ``flops`` counts its cost."""
@@ -734,7 +734,7 @@ class PatchEmbed(_Compactable, _Parametric):
     def compute(self, x, weight, bias):
         p = self.patch_size
         if self.mode == "conv":
-            return gaussian_conv2d(x, weight, bias, stride=p).flatten(2).transpose(1, 2)
+            return gaussian_conv(x, weight, bias, stride=p).flatten(2).transpose(1, 2)
         patches = F.unfold(x, p, stride=p).transpose(1, 2)  # (B, T, C*p*p)
         return gaussian_linear(patches, _reshape(weight, (self.dim, -1)), bias)
 
@@ -1051,7 +1051,8 @@ def _mlp_from_entry(entry, key):
 
 
 _NORM_FIELDS = {"eps": Field("float", 1e-5, positive=True),
-                "norm_prior": Field("any", None, allow_none=True), "norm_bias_prior": Field("any", None, allow_none=True)}
+                "norm_prior": Field("any", None, allow_none=True),
+                "norm_bias_prior": Field("any", None, allow_none=True)}
 
 
 def _norm(dim, eps, norm_prior, norm_bias_prior):

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 from .errors import SpecError
 
-__all__ = ["allow_code", "code_allowed", "import_object", "check_reference"]
+__all__ = ["allow_code", "code_allowed", "import_object", "import_module", "check_reference"]
 
 _ALLOWED = [False]
 
@@ -52,22 +52,32 @@ def check_reference(ref, source=None, path="module") -> str:
 def import_object(ref: str, source=None, path="module"):
     """The object ``package.module:Name`` names (imported; needs :func:`allow_code`)."""
     check_reference(ref, source, path)
-    if not code_allowed():
-        raise SpecError(f"importing {ref!r} runs its code; allow it with --allow-code (Python: "
-                        "`with pyro_sparse.usercode.allow_code(): ...`)", source, path)
     module_name, _, name = ref.partition(":")
+    obj = import_module(module_name, source, path, what=ref)
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            raise SpecError(f"module {module_name!r} has no {name!r}", source, path)
+        obj = getattr(obj, part)
+    return obj
+
+
+def import_module(module_name: str, source=None, path="module", what: str | None = None):
+    """The module ``module_name``, imported (needs :func:`allow_code`); not on ``sys.path`` as it
+    stands, it is looked for beside the spec file ``source`` and in the current directory."""
+    if not code_allowed():
+        raise SpecError(f"importing {what or module_name!r} runs its code; allow it with --allow-code (Python: "
+                        "`with pyro_sparse.usercode.allow_code(): ...`)", source, path)
     extra = [os.path.dirname(os.path.abspath(source))] if isinstance(source, str) else []
     extra.append(os.getcwd())
-    module = None
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name is None or not module_name.startswith(e.name):
             raise SpecError(f"importing {module_name!r} failed: {e}", source, path) from None
         added = [d for d in extra if d not in sys.path]
         sys.path[:0] = added
         try:
-            module = importlib.import_module(module_name)
+            return importlib.import_module(module_name)
         except ModuleNotFoundError:
             raise SpecError(f"no module named {module_name!r} (looked on sys.path, beside the spec and in "
                             f"{os.getcwd()})", source, path) from None
@@ -79,9 +89,3 @@ def import_object(ref: str, source=None, path="module"):
                     sys.path.remove(d)
     except Exception as e:
         raise SpecError(f"importing {module_name!r} failed: {type(e).__name__}: {e}", source, path) from None
-    obj = module
-    for part in name.split("."):
-        if not hasattr(obj, part):
-            raise SpecError(f"module {module_name!r} has no {name!r}", source, path)
-        obj = getattr(obj, part)
-    return obj

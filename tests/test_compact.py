@@ -8,16 +8,10 @@ import torch
 from pyro_sparse.guides import MeanFieldGuide
 from pyro_sparse.layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sigmoid, Tanh
 from pyro_sparse.network import BayesianNetwork
-from pyro_sparse.reduction import (
-    Decision,
-    compact,
-    load_compact,
-    masked_module,
-    masked_predictive,
-    reduce,
-    reduction_report,
-    save_compact,
-)
+from pyro_sparse.outcome import reduction_report
+from pyro_sparse.rebuild import compact, masked_module, masked_predictive
+from pyro_sparse.reduced_runs import load_compact, save_compact
+from pyro_sparse.reduction import Decision, reduce
 from pyro_sparse.summary import summarize
 
 TOL = 1e-5
@@ -244,7 +238,7 @@ def test_save_and_load_compact_round_trip(tmp_path):
 def test_a_pattern_is_laid_over_the_inputs_the_compact_layers_keep():
     """reduce(..., pattern="2:4") blocks every layer's inputs; compaction then deletes units nothing
     reads, which shifts the next layer's blocks. align_pattern lays the blocks over the kept inputs."""
-    from pyro_sparse.reduction.compact import align_pattern
+    from pyro_sparse.rebuild import align_pattern
     from pyro_sparse.storage import pattern_holds
 
     net = BayesianNetwork([Linear(16, 24), ReLU(), Linear(24, 20), ReLU(), Linear(20, 4)])

@@ -16,11 +16,11 @@ from torch import nn
 
 from pyro_sparse.kron import KroneckerPrecision, RowPrecision
 from pyro_sparse.laplace.posterior import laplace_posterior
-from pyro_sparse.reduction import masked_module, reduce
+from pyro_sparse.rebuild import compact, masked_module
+from pyro_sparse.reduction import reduce
 from pyro_sparse.reduction.bmr import savage_dickey
 from pyro_sparse.reduction.compensate import greedy_rows, reduced_rows
 from pyro_sparse.reduction.scores import parse_pattern
-from pyro_sparse.reduction.compact import compact
 
 DT = torch.float64
 SIGMA, DELTA = 0.5, 2.0

@@ -22,11 +22,12 @@ from pyro_sparse.elbo import CoreELBO, MeanFieldELBO
 from pyro_sparse.fitting import SVITrainer
 from pyro_sparse.guides import DeltaGuide, MeanFieldGuide, latent_sites, prototype_trace
 from pyro_sparse.layers import Conv1d
-from pyro_sparse.local_reparam import GaussianWeight, gaussian_conv1d
+from pyro_sparse.local_reparam import GaussianWeight, gaussian_conv
 from pyro_sparse.priors import Gaussian, LogUniform
+from pyro_sparse.rebuild import compact, export, masked_module
 from pyro_sparse.recipe import parse_recipe
 from pyro_sparse.recurrent import TorchGRU, TorchLSTM
-from pyro_sparse.reduction import compact, export, masked_module, reduce
+from pyro_sparse.reduction import reduce
 from pyro_sparse.summary import PosteriorSummary, SiteSummary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -354,7 +355,7 @@ def test_bayesian_conv1d_matches_torch_and_draws_its_preactivations():
     with torch.no_grad():
         torch.testing.assert_close(layer.compute(x, layer.weight_init, layer.bias_init), module(x))
     mean_w, var_w = module.weight.detach(), torch.rand_like(module.weight) * 0.1
-    draws = torch.stack([gaussian_conv1d(x, GaussianWeight(mean_w, var_w), None, stride=2, padding=1)
+    draws = torch.stack([gaussian_conv(x, GaussianWeight(mean_w, var_w), None, stride=2, padding=1)
                          for _ in range(4000)])
     mean = F.conv1d(x, mean_w, stride=2, padding=1)
     var = F.conv1d(x * x, var_w, stride=2, padding=1)  # Kingma et al. 2015: the pre-activation's variance
@@ -380,8 +381,8 @@ def test_dataloader_training_scales_the_data_term_to_the_dataset_size():
         assert trainer.num_train == len(data.x_train) == 1437
         idx = torch.arange(100, 132)
         torch.manual_seed(4)
-        subsample = idx if kind == "memory" else None  # a streamed batch: N / batch size
-        losses[kind] = trainer._step_on(data.x_train[idx], data.y_train[idx], subsample, 1.0)
+        batch = (0, idx, None) if kind == "memory" else (0, None, (data.x_train[idx], data.y_train[idx]))
+        losses[kind] = trainer.step(batch)  # the loss of one step: rows of the set, or a streamed batch
     torch.testing.assert_close(losses["memory"], losses["loader"], rtol=0, atol=0)
     # a whole fit on batches, evaluated batch by batch on a held-out loader
     net = bayesian(user, prior="log_uniform")
@@ -429,8 +430,8 @@ def test_compact_of_a_converted_recurrent_layer_deletes_gates_and_hidden_units(c
 
 
 def test_the_laplace_trainer_fits_a_converted_module_with_fixed_other_parameters():
-    from pyro_sparse.recipe import load_recipe
     from pyro_sparse.laplace.trainer import LaplaceTrainer
+    from pyro_sparse.recipe import load_recipe
 
     class WithNorm(nn.Module):
         def __init__(self):

@@ -14,23 +14,28 @@ import math
 import os
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from torch.distributions import kl_divergence
 
-import pyro.distributions as dist
-
 from pyro_sparse.distributions import LogUniform
-from pyro_sparse.kl import (NormalKLTerms, SparseVDKLTerms, kl_terms_for, neg_log_density_for, normal_kl_terms,
-                            sparse_vd_kl_terms)
 from pyro_sparse.elbo import CoreELBO, MeanFieldELBO
 from pyro_sparse.errors import SpecError
 from pyro_sparse.guides import DeltaGuide, MeanFieldGuide
+from pyro_sparse.kl import (
+    NormalKLTerms,
+    SparseVDKLTerms,
+    kl_terms_for,
+    local_terms,
+    neg_log_density_for,
+    normal_kl_terms,
+    sparse_vd_kl_terms,
+)
 from pyro_sparse.layers import Linear, ReLU
 from pyro_sparse.likelihoods import Bernoulli, Categorical, Gaussian
 from pyro_sparse.network import BayesianNetwork
 from pyro_sparse.priors import Gaussian as GaussianPrior
-from pyro_sparse.kl import local_terms
 from pyro_sparse.priors import HyperSite, Prior, sample_hyper, sample_weight
 from pyro_sparse.recipe import load_recipe, parse_recipe
 from pyro_sparse.runs import build
@@ -273,7 +278,8 @@ def test_point_mass_same_loss_and_gradients(digits, model, beta):
     idx = torch.arange(100, 164)
     x, y = digits.x_train[idx], digits.y_train[idx]
     (l_ref, g_ref, t_ref), (l_dir, g_dir, t_dir) = estimates(
-        ((MeanFieldELBO(kl_weight=beta, local_reparam=False), net.model, guide), (CoreELBO(kl_weight=beta), net, guide)),
+        ((MeanFieldELBO(kl_weight=beta, local_reparam=False), net.model, guide),
+         (CoreELBO(kl_weight=beta), net, guide)),
         x, y, n, idx, list(guide.parameters()))
     torch.testing.assert_close(l_dir, l_ref, rtol=1e-5, atol=0.0)
     for key in ("loglik", "kl"):
@@ -674,7 +680,7 @@ def test_a_trainer_that_wraps_the_objective_otherwise_takes_the_pyro_path(digits
     """Overriding ``objective`` without ``pruned_weights`` (an unknown wrapping) keeps the Pyro
     path, with a warning, for a subclass of SVITrainer and for one of IterativeBMRTrainer alike."""
     from pyro_sparse.fitting import CoreFallbackWarning, SVITrainer
-    from pyro_sparse.reduction.iterative import IterativeBMRTrainer
+    from pyro_sparse.iterative import IterativeBMRTrainer
 
     class Wrapped(SVITrainer):
         def objective(self):
@@ -709,7 +715,8 @@ def _fit_on_both_paths(digits, spec, recipe, **overrides):
 
 
 @pytest.mark.parametrize("case", [CASES[k] for k in ("mlp_sparsevd", "mlp_group_loguniform", "mlp_horseshoe",
-                                                     "gaussian_gamma", "horseshoe_structured", "lstm_wgn")], ids=case_id)
+                                                     "gaussian_gamma", "horseshoe_structured", "lstm_wgn")],
+                         ids=case_id)
 def test_two_epochs_on_either_path_give_the_same_run(digits, case):
     """Same seed: the same mini-batches, the same noise, so the same history and parameters
     (KL warm-up, gradient clipping and the schedule included)."""
@@ -768,7 +775,7 @@ def test_pruned_weights_same_seed_same_loss_and_gradients(digits, case, beta):
     """Iterative BMR's masks: the direct path reduces masked elements to N(0, g0^2) in posterior
     and prior as ``PrunedWeights`` does on the Pyro path: same loss, terms and gradients, and
     exactly zero gradient for every pruned element on both paths."""
-    from pyro_sparse.reduction.iterative import PrunedWeights
+    from pyro_sparse.iterative import PrunedWeights
 
     g0 = 1e-6
     model, recipe, overrides = case
@@ -816,7 +823,7 @@ def test_pruned_weights_under_a_log_uniform_prior_fail_on_both_paths(digits):
     """PrunedWeights can only reduce Gaussian priors: with the log-uniform prior both paths
     raise the same error naming the site."""
     from pyro_sparse.errors import PyroSparseError
-    from pyro_sparse.reduction.iterative import PrunedWeights
+    from pyro_sparse.iterative import PrunedWeights
 
     net, guide, _ = built(digits, "mlp_sparsevd.yaml")
     masks = pruning_masks(guide)

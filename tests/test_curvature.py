@@ -22,7 +22,8 @@ NOISE = 0.7
 
 def mlp(k_out):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.Tanh(), nn.Dropout(0.5), nn.Linear(4, k_out)).to(DT)
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.Tanh(), nn.Dropout(0.5),
+                         nn.Linear(4, k_out)).to(DT)
 
 
 def convnet(k_out):
@@ -133,7 +134,8 @@ def test_diag_ggn_monte_carlo_is_unbiased(likelihood):
     exact = as_vector(diag_ggn(model, x, y, likelihood, noise=NOISE), model)
     gen = torch.Generator().manual_seed(4)
     draws = torch.stack(
-        [as_vector(diag_ggn(model, x, y, likelihood, noise=NOISE, mc_samples=1, generator=gen), model) for _ in range(400)]
+        [as_vector(diag_ggn(model, x, y, likelihood, noise=NOISE, mc_samples=1, generator=gen), model)
+         for _ in range(400)]
     )
     mean, se = draws.mean(0), draws.std(0) / math.sqrt(draws.shape[0])
     assert torch.all((mean - exact).abs() <= 5 * se + 1e-12)
@@ -153,7 +155,8 @@ def test_diag_ef_equals_sum_of_squared_per_sample_gradients(make, likelihood):
     params = {k: v.detach() for k, v in model.named_parameters()}
 
     def nll(p, xn, yn):
-        return -log_likelihood(lambda inp: functional_call(model, p, (inp,)), xn.unsqueeze(0), yn.unsqueeze(0), likelihood, NOISE)
+        return -log_likelihood(lambda inp: functional_call(model, p, (inp,)), xn.unsqueeze(0), yn.unsqueeze(0),
+                               likelihood, NOISE)
 
     per_sample = vmap(grad(nll), in_dims=(None, 0, 0))(params, x, y)
     got = diag_ef(model, x, y, likelihood, noise=NOISE)
@@ -166,13 +169,16 @@ def test_log_likelihood_matches_torch_distributions():
     model.eval()
     x, y = data(model, 5, "categorical", 3)
     f = model(x)
-    torch.testing.assert_close(log_likelihood(model, x, y, "categorical"), torch.distributions.Categorical(logits=f).log_prob(y).sum())
+    torch.testing.assert_close(log_likelihood(model, x, y, "categorical"),
+                               torch.distributions.Categorical(logits=f).log_prob(y).sum())
     x, y = data(model, 5, "gaussian", 3)
     torch.testing.assert_close(
-        log_likelihood(model, x, y, "gaussian", noise=NOISE), torch.distributions.Normal(model(x), NOISE).log_prob(y).sum()
+        log_likelihood(model, x, y, "gaussian", noise=NOISE),
+        torch.distributions.Normal(model(x), NOISE).log_prob(y).sum()
     )
     x, y = data(model, 5, "bernoulli", 3)
-    torch.testing.assert_close(log_likelihood(model, x, y, "bernoulli"), torch.distributions.Bernoulli(logits=model(x)).log_prob(y).sum())
+    torch.testing.assert_close(log_likelihood(model, x, y, "bernoulli"),
+                               torch.distributions.Bernoulli(logits=model(x)).log_prob(y).sum())
 
 
 # ----------------------------------------------------------------------------- KFAC
@@ -306,10 +312,10 @@ def test_a_new_layer_brings_its_curvature_or_says_it_has_none():
     """The layers declare their curvature: a Conv3d counterpart built on the library's convolution
     inherits the N-d patch backend and gets the exact diagonal GGN; a layer that declares nothing is
     refused at registration, naming what is missing."""
-    from pyro_sparse.layers import Layer, _ConvNd
+    from pyro_sparse.layers import ConvNd, Layer
     from pyro_sparse.registry import CONVERSIONS, LAYERS
 
-    class Conv3d(_ConvNd):
+    class Conv3d(ConvNd):
         dims = 3
         torch_cls = nn.Conv3d
         torch_types = (nn.Conv3d,)

@@ -16,7 +16,7 @@ from pyro_sparse.cli import main
 from pyro_sparse.data import apply_input_transform
 from pyro_sparse.deploy import export_graph, graph_kind, load_graph
 from pyro_sparse.errors import PyroSparseError
-from pyro_sparse.reduction import load_compact
+from pyro_sparse.reduced_runs import load_compact
 from pyro_sparse.runs import fit_run, load_run
 
 MODEL = {"name": "tiny", "input_shape": "auto", "data": {"inputs": "standardize"},

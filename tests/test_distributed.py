@@ -123,11 +123,8 @@ def _gradient_worker():
         padded = torch.cat([perm, perm[:1]])
         local = padded[r::world]
         # the epoch's batches as the trainer forms them
-        seen = []
-        real_step = trainer._step
-        trainer._step = lambda idx, beta: seen.append(idx.clone()) or torch.zeros(())
-        trainer.train_epoch()
-        trainer._step = real_step
+        seen = [idx.clone() for _, idx, _ in trainer.epoch_batches()]
+        trainer.recipe = {**trainer.recipe, "kl_warmup_epochs": 0}  # the full KL weight, as the reference
         assert torch.equal(torch.cat(seen), local) and [len(s) for s in seen] == [50] * 14 + [19]
         elbo = MeanFieldELBO(kl_weight=1.0, local_reparam=False)
         params = list(guide.parameters())
@@ -142,7 +139,7 @@ def _gradient_worker():
                                             dataset_size=n, subsample=union)
             expected = torch.autograd.grad(loss, params)
             torch.manual_seed(11)
-            trainer._step(mine, 1.0)
+            trainer.step((0, mine, None))
             for p, e in zip(params, expected):
                 scale = e.abs().max().item()
                 assert torch.allclose(p.grad, e, rtol=1e-5, atol=1e-6 * scale), \
@@ -164,13 +161,13 @@ def test_averaged_gradient_equals_single_process_gradient_on_the_union():
 
 def _resume_worker(tmp):
     """fit_run under a process group: rank 1 never writes; 2 epochs + resume = 4 straight epochs."""
-    from pyro_sparse import fitting, runs
+    from pyro_sparse import runs, training
 
     if ddp.rank() == 1:
         def forbidden(*args, **kwargs):
             raise AssertionError(f"rank 1 wrote a file: {args[1] if len(args) > 1 else args}")
 
-        for module, names in ((fitting, ("save_atomic", "write_text_atomic")),
+        for module, names in ((training, ("save_atomic", "write_text_atomic")),
                               (runs, ("write_json_atomic", "write_text_atomic"))):
             for name in names:
                 setattr(module, name, forbidden)
@@ -249,8 +246,8 @@ def even_digits():
 def _laplace_statistics_worker():
     """All-reduced statistics of 2 shards == the single-process statistics of the whole set (float64):
     diagonal GGN and EF, KFAC (A adds up, G is a count-weighted mean), subsets, log-likelihood."""
-    from pyro_sparse.data import load_digits
-    from pyro_sparse.laplace.curvature import data_batches, log_likelihood
+    from pyro_sparse.data import data_batches, load_digits
+    from pyro_sparse.laplace.curvature import log_likelihood
     from pyro_sparse.laplace.posterior import curvature_of
     from pyro_sparse.laplace.trainer import laplace_statistics
     from pyro_sparse.likelihoods import Categorical
@@ -294,8 +291,8 @@ def test_laplace_statistics_summed_over_shards_equal_the_full_set():
 
 
 def _laplace_fit(data, out_dir=None, epochs=None, resume=False):
-    from pyro_sparse.runs import build, parse_specs
     from pyro_sparse.laplace.trainer import LaplaceTrainer
+    from pyro_sparse.runs import build, parse_specs
 
     spec, recipe = parse_specs(SMALL, LAPLACE)
     network, guide = build(spec, recipe, data)
@@ -311,13 +308,13 @@ def _laplace_log_delta(trainer):
 def _laplace_fit_worker(tmp):
     """A 2-epoch data-parallel Laplace fit (a marglik step after each epoch); rank 1 never writes;
     1 epoch + resume = 2 straight epochs."""
-    from pyro_sparse import fitting
+    from pyro_sparse import training
 
     if ddp.rank() == 1:
         def forbidden(*args, **kwargs):
             raise AssertionError(f"rank 1 wrote a file: {args[1] if len(args) > 1 else args}")
 
-        fitting.save_atomic = fitting.write_text_atomic = forbidden
+        training.save_atomic = training.write_text_atomic = forbidden
     data = even_digits()
     straight = _laplace_fit(data, os.path.join(tmp, "a"))
     assert (straight.num_local, straight.batch_size, straight.steps_per_epoch) == (718, 64, 12)

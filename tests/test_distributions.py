@@ -9,16 +9,15 @@ import math
 import warnings
 
 import numpy as np
+import pyro
+import pyro.distributions as dist
 import pytest
 import scipy.integrate
 import scipy.special
 import scipy.stats
 import torch
-from torch.distributions import kl_divergence
-
-import pyro
-import pyro.distributions as dist
 from pyro.infer import TraceMeanField_ELBO
+from torch.distributions import kl_divergence
 
 from pyro_sparse.distributions import LOG_ALPHA_MAX, LogUniform, log_alpha
 from pyro_sparse.kl import kl_lognormal_gamma, kl_lognormal_inverse_gamma, kl_normal_loguniform

@@ -135,7 +135,7 @@ def _export(main, compact_path, run, capsys):
     import torch
 
     from pyro_sparse.data import apply_input_transform
-    from pyro_sparse.reduction import load_compact
+    from pyro_sparse.reduced_runs import load_compact
 
     with allow_code():
         module = load_compact(compact_path)

@@ -109,7 +109,8 @@ def test_diag_marglik_is_not_exact_for_correlated_design():
     assert (lml - exact_log_evidence(x, y, delta)).abs() > 1e-3
 
 
-@pytest.mark.parametrize("orthogonal,structure", [(False, "scalar"), (False, "layerwise"), (True, "parameterwise"), (True, "unitwise")])
+@pytest.mark.parametrize("orthogonal,structure",
+                         [(False, "scalar"), (False, "layerwise"), (True, "parameterwise"), (True, "unitwise")])
 def test_kfac_marglik_is_exact_evidence(orthogonal, structure):
     """KFAC is exact here; the eigenbasis projection of a non-scalar prior is exact when A is diagonal."""
     x, y, model, prior, delta = at_map(orthogonal, structure)
@@ -298,7 +299,8 @@ def test_bad_arguments_name_the_argument():
         log_marglik_kfac(torch.tensor(0.0), model, kfac, prior)
     small = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     with pytest.raises(ValueError, match="no Kronecker factors"):
-        log_marglik_kfac(torch.tensor(0.0), small, {"0": (torch.eye(3), torch.eye(2))}, make_prior_precision("scalar", small))
+        log_marglik_kfac(torch.tensor(0.0), small, {"0": (torch.eye(3), torch.eye(2))},
+                         make_prior_precision("scalar", small))
 
 
 def test_kronecker_factors_of_low_rank_and_wide_range_decompose_and_fit_the_prior():

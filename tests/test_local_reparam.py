@@ -5,7 +5,7 @@ import torch
 
 from pyro_sparse.guides import MeanFieldGuide
 from pyro_sparse.layers import Conv2d, Linear
-from pyro_sparse.local_reparam import GaussianWeight, LocalReparameterization, gaussian_conv2d, gaussian_linear
+from pyro_sparse.local_reparam import GaussianWeight, LocalReparameterization, gaussian_conv, gaussian_linear
 from pyro_sparse.network import BayesianNetwork
 
 
@@ -39,7 +39,7 @@ def test_conv_preactivation_moments():
     loc = torch.randn(3, 2, 3, 3, dtype=torch.float64)
     scale = 0.5 * torch.rand(3, 2, 3, 3, dtype=torch.float64)
     S = 20000
-    lr = torch.stack([gaussian_conv2d(x, GaussianWeight(loc, scale**2), padding=1) for _ in range(S)])
+    lr = torch.stack([gaussian_conv(x, GaussianWeight(loc, scale**2), padding=1) for _ in range(S)])
     exact_mean = torch.nn.functional.conv2d(x, loc, padding=1)
     exact_var = torch.nn.functional.conv2d(x**2, scale**2, padding=1)
     w = loc + scale * torch.randn(2000, *loc.shape, dtype=torch.float64)

@@ -392,6 +392,9 @@ def test_progress_is_one_line_per_epoch_when_stderr_is_not_a_terminal(tmp_path, 
     args = ["fit", "--model", m, "--inference", r, "--data", "digits", "--out"]
     assert main([*args, str(tmp_path / "a")]) == 0
     lines = capsys.readouterr().err.splitlines()
+    # one start-up line saying how each site's KL is computed, then one line per epoch
+    assert lines[0].startswith("fit: KL paths: ") and "fused local" in lines[0]
+    lines = lines[1:]
     assert [line.split("  ")[0] for line in lines] == ["fit: epoch 1/2", "fit: epoch 2/2"]
     assert "test_accuracy" in lines[1] and "\r" not in "".join(lines)
     for flag in ("--quiet", "--no-progress"):
@@ -480,7 +483,8 @@ def test_reduction_files_name_their_options_and_are_not_replaced(tmp_path, capsy
         assert main(["reduce", run, "--method", "opd", "--sparsity", q]) == 0
     assert os.path.exists(os.path.join(run, "reduction-opd-s0.9.json"))
     assert os.path.exists(os.path.join(run, "compact-opd-s0.99.pt"))
-    assert json.load(open(os.path.join(run, "reduction-opd-s0.9.json")))["rule_sparsity"] == pytest.approx(0.9, abs=1e-3)
+    report = json.load(open(os.path.join(run, "reduction-opd-s0.9.json")))
+    assert report["rule_sparsity"] == pytest.approx(0.9, abs=1e-3)
     before = open(os.path.join(run, "reduction-opd-s0.9.json")).read()
     capsys.readouterr()
     assert main(["reduce", run, "--method", "opd", "--sparsity", "0.9", "--seed", "3"]) == 2

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pyro_sparse.laplace.curvature import diag_ef, diag_ggn, kfac_ggn
 from pyro_sparse.posthoc import laplace_posterior, prune
-from pyro_sparse.reduction import masked_module
+from pyro_sparse.rebuild import masked_module
 
 
 class Residual(nn.Module):

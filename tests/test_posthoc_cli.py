@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from pyro_sparse.cli import main
-from pyro_sparse.reduction import load_compact
+from pyro_sparse.reduced_runs import load_compact
 from pyro_sparse.runs import load_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,7 +13,7 @@ import yaml
 
 from pyro_sparse.cli import main
 from pyro_sparse.data import load_dataset, load_digits
-from pyro_sparse.reduction.workflow import load_compact
+from pyro_sparse.reduced_runs import load_compact
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,8 +7,8 @@ import torch
 
 from pyro_sparse.elbo import MeanFieldELBO
 from pyro_sparse.errors import SpecError
-from pyro_sparse.guides import MeanFieldGuide, prototype_trace, latent_sites
-from pyro_sparse.layers import Conv2d, Linear, ReLU, Flatten
+from pyro_sparse.guides import MeanFieldGuide, latent_sites, prototype_trace
+from pyro_sparse.layers import Conv2d, Flatten, Linear, ReLU
 from pyro_sparse.network import BayesianNetwork
 from pyro_sparse.priors import GroupLogUniform, Horseshoe, LogUniform
 from pyro_sparse.reduction import reduce

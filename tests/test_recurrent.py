@@ -8,18 +8,27 @@ import pytest
 import torch
 from torch import nn
 
+from pyro_sparse.data import load_text
 from pyro_sparse.elbo import MeanFieldELBO
 from pyro_sparse.errors import DataError
+from pyro_sparse.fitting import evaluate
 from pyro_sparse.guides import DeltaGuide, MeanFieldGuide
 from pyro_sparse.layers import Linear, ReLU
+from pyro_sparse.likelihoods import SequenceCategorical
 from pyro_sparse.local_reparam import LocalReparameterization
 from pyro_sparse.network import BayesianNetwork
-from pyro_sparse.data import load_text
-from pyro_sparse.fitting import evaluate
-from pyro_sparse.likelihoods import SequenceCategorical
-from pyro_sparse.recurrent import (GRU, LSTM, Embedding, LastStep, OneHot, compact_recurrent, recurrent_masks,
-                                   recurrent_sequence)
-from pyro_sparse.reduction import compact, masked_values, reduce
+from pyro_sparse.rebuild import compact, masked_values
+from pyro_sparse.recurrent import (
+    GRU,
+    LSTM,
+    Embedding,
+    LastStep,
+    OneHot,
+    compact_recurrent,
+    recurrent_masks,
+    recurrent_sequence,
+)
+from pyro_sparse.reduction import reduce
 from pyro_sparse.spec import build_network, load_model_spec
 from pyro_sparse.summary import PosteriorSummary, SiteSummary
 
@@ -290,7 +299,8 @@ def test_compact_lstm_under_an_input_shape_with_magnitude_pruning():
 def test_compact_gru_single_layer_function():
     g = torch.Generator().manual_seed(7)
     H, F = 6, 3
-    w_ih, w_hh, b = torch.randn(3 * H, F, generator=g), torch.randn(3 * H, H, generator=g), torch.randn(3 * H, generator=g)
+    w_ih, w_hh = torch.randn(3 * H, F, generator=g), torch.randn(3 * H, H, generator=g)
+    b = torch.randn(3 * H, generator=g)
     keep_ih = torch.rand(3 * H, F, generator=g) < 0.5
     keep_hh = torch.rand(3 * H, H, generator=g) < 0.3
     z_h = torch.ones(H)

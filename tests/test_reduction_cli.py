@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from pyro_sparse.cli import main
-from pyro_sparse.reduction import load_compact
+from pyro_sparse.reduced_runs import load_compact
 from pyro_sparse.runs import fit_run, load_run
 
 MODEL = {"name": "tiny", "input_shape": "auto", "prior": {"type": "gaussian", "scale": 1.0},

@@ -114,7 +114,8 @@ X = np.random.default_rng(0).random((10, 3))
 @pytest.mark.parametrize("arrays,why", [
     ({"x_train": X, "y_train": np.r_[np.arange(9.0), np.nan]}, "contains 1 NaN or infinite"),
     ({"x_train": X, "y_train": np.r_[np.arange(9.0), np.inf]}, "contains 1 NaN or infinite"),
-    ({"x_train": X, "y_train": np.arange(10) + 0.5j}, "y_train must be numeric (bool, integer or float), got dtype complex"),
+    ({"x_train": X, "y_train": np.arange(10) + 0.5j},
+     "y_train must be numeric (bool, integer or float), got dtype complex"),
     ({"x_train": X, "y_train": np.arange(10).astype("M8[D]")}, "y_train must be numeric"),
     ({"x_train": X, "y_train": np.array(list("abcdefghij"))}, "y_train must be numeric"),
     ({"x_train": X, "y_train": np.zeros((10, 2), int)}, "vector of class labels"),

@@ -13,21 +13,22 @@ import pytest
 import torch
 import yaml
 
-from pyro_sparse.laplace.curvature import diag_ef, diag_ggn
 from pyro_sparse.data import Dataset, load_digits
 from pyro_sparse.errors import SpecError
+from pyro_sparse.finetune import masked_fine_tune
 from pyro_sparse.fitting import evaluate
 from pyro_sparse.guides import DeltaGuide, MeanFieldGuide
-from pyro_sparse.finetune import masked_fine_tune
+from pyro_sparse.laplace.curvature import diag_ef, diag_ggn
 from pyro_sparse.laplace.marglik import log_marglik_diag, optimize_prior_precision
 from pyro_sparse.laplace.prior import make_prior_precision
+from pyro_sparse.laplace.trainer import LaplaceTrainer, laplace_statistics
 from pyro_sparse.layers import Conv2d, Flatten, Linear, ReLU
 from pyro_sparse.likelihoods import Gaussian
 from pyro_sparse.network import BayesianNetwork
+from pyro_sparse.rebuild import compact
 from pyro_sparse.recipe import parse_recipe
-from pyro_sparse.reduction import bmr_diagonal_zero_mean, compact, reduce, savage_dickey
+from pyro_sparse.reduction import bmr_diagonal_zero_mean, reduce, savage_dickey
 from pyro_sparse.runs import build, fit_run, load_run, parse_specs
-from pyro_sparse.laplace.trainer import LaplaceTrainer, laplace_statistics
 from pyro_sparse.summary import PosteriorSummary, SiteSummary
 
 SMALL = {"layers": [{"type": "linear", "in": "auto", "out": 32}, {"type": "relu"},
@@ -127,7 +128,8 @@ def test_a_network_without_curvature_is_refused_at_start_up():
     spec = {"input_shape": [5, 3], "layers": [{"type": "lstm", "hidden_size": 4}, {"type": "linear", "out": 2}]}
     spec, recipe = parse_specs(spec, small_recipe())
     network, guide = build(spec, recipe, seq)
-    with pytest.raises(SpecError, match=r"method: the Laplace curvature cannot be computed.*lstm1.*declares no curvature"):
+    with pytest.raises(SpecError,
+                       match=r"method: the Laplace curvature cannot be computed.*lstm1.*declares no curvature"):
         LaplaceTrainer(network, guide, seq, recipe, progress=False)
 
 

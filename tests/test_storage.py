@@ -10,9 +10,18 @@ from torch import nn
 
 from pyro_sparse.layers import Linear, MaxPool2d, ReLU, StridedMaxPool2d
 from pyro_sparse.network import BayesianNetwork
-from pyro_sparse.reduction import compact, load_compact, masked_module, save_compact
-from pyro_sparse.storage import (KERNELS, CompactLinear, SparseConv2d, csr_parts, decide, dense_twin, measure_kernels,
-                                 storage_bytes)
+from pyro_sparse.rebuild import compact, masked_module
+from pyro_sparse.reduced_runs import load_compact, save_compact
+from pyro_sparse.storage import (
+    KERNELS,
+    CompactLinear,
+    SparseConv2d,
+    csr_parts,
+    decide,
+    dense_twin,
+    measure_kernels,
+    storage_bytes,
+)
 
 TOL = 1e-5
 

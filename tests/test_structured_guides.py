@@ -96,7 +96,8 @@ def test_lowrank_block_kl_is_the_exact_gaussian_kl():
         guide.block_log_diag["fc1"].uniform_(-3, -1)
     loc, f, d = (t.detach().double() for t in guide.block_params("fc1"))
     cov = f @ f.T + torch.diag(d)
-    p = torch.distributions.MultivariateNormal(torch.zeros(18, dtype=torch.float64), 0.25 * torch.eye(18, dtype=torch.float64))
+    p = torch.distributions.MultivariateNormal(torch.zeros(18, dtype=torch.float64),
+                                               0.25 * torch.eye(18, dtype=torch.float64))
     exact = torch.distributions.kl_divergence(torch.distributions.MultivariateNormal(loc, cov), p)
     elbo = MeanFieldELBO()
     elbo.differentiable_loss(net.model, guide, X, Y)

@@ -19,10 +19,13 @@ from pyro_sparse.guides import MeanFieldGuide, prototype_trace
 from pyro_sparse.layers import Linear
 from pyro_sparse.local_reparam import GaussianWeight, LocalReparameterization
 from pyro_sparse.network import BayesianNetwork
+from pyro_sparse.outcome import reduction_report
 from pyro_sparse.priors import GaussianGamma
-from pyro_sparse.reduction import compact, load_compact, masked_module, reduce, reduction_report, save_compact
+from pyro_sparse.rebuild import compact, masked_module
+from pyro_sparse.reduced_runs import load_compact, save_compact
+from pyro_sparse.reduction import reduce
+from pyro_sparse.reduction.heads import head_evidence, remove_heads
 from pyro_sparse.reduction.rules import Decision
-from pyro_sparse.reduction.transformer import head_evidence, remove_heads
 from pyro_sparse.spec import build_network, load_model_spec
 from pyro_sparse.summary import summarize
 from pyro_sparse.transformer import (
@@ -468,7 +471,7 @@ def test_mixer_digits_map_then_iterative_bmr(tmp_path):
     faster) removes most weights at a small cost; compact == masked, units reported per block."""
     import yaml
 
-    from pyro_sparse.reduction.workflow import reduce_run
+    from pyro_sparse.reduced_runs import reduce_run
     from pyro_sparse.runs import fit_run
 
     def recipe(name, **changes):

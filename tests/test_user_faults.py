@@ -1,7 +1,6 @@
 """The faults a new user met (issue 23), each through the command line: exit status 2 and one line
 on stderr naming the file, key, shape or token at fault."""
 
-import os
 
 import numpy as np
 import pytest

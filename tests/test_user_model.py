@@ -17,8 +17,10 @@ from pyro_sparse.data import Dataset
 from pyro_sparse.elbo import CoreELBO, MeanFieldELBO
 from pyro_sparse.fitting import SVITrainer
 from pyro_sparse.guides import MeanFieldGuide
+from pyro_sparse.outcome import reduction_report
+from pyro_sparse.rebuild import compact, export, masked_module
 from pyro_sparse.recipe import parse_recipe
-from pyro_sparse.reduction import compact, export, masked_module, reduce, reduction_report
+from pyro_sparse.reduction import reduce
 from pyro_sparse.transformer import CompactMultiheadAttention, TorchMultiheadAttention
 
 TOL = 1e-5
@@ -333,7 +335,7 @@ def test_a_transformer_encoder_layer_converts_reduces_by_head_and_compacts_to_fe
 
 
 def test_a_saved_compact_transformer_loads_into_the_users_class(tmp_path, digits):
-    from pyro_sparse.reduction.workflow import load_compact, save_compact
+    from pyro_sparse.reduced_runs import load_compact, save_compact
     from pyro_sparse.usercode import allow_code
 
     torch.manual_seed(0)

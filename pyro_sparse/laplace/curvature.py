@@ -25,7 +25,8 @@ never a per-sample copy of a fully connected weight. The empirical Fisher uses t
 and the exact row blocks use the same ``a`` and ``g``.
 
 **Which modules get curvature is declared by the layers.** Every Bayesian layer class names a
-curvature backend (its ``curvature`` attribute: :data:`LINEAR`, :data:`CONV`) or ``None``
+curvature backend (its ``curvature`` attribute, :mod:`pyro_sparse.curvature_protocol`: ``LINEAR``,
+``CONV``) or ``None``
 (recurrent, attention, embedding and normalisation layers: the registry refuses a layer with
 parameters that declares neither, :mod:`pyro_sparse.registry`). A backend turns a module's
 input into *patches* ``(N, D, L)`` with ``z[:, :, l] = W.reshape(out, -1) @ patches[:, :, l] + b``
@@ -52,8 +53,10 @@ import contextlib
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..curvature_protocol import CONV, LINEAR, ConvCurvature, CurvatureBackend, LinearCurvature
+from ..data import data_batches
 
 __all__ = [
     "CurvatureBackend",
@@ -62,7 +65,6 @@ __all__ = [
     "LINEAR",
     "CONV",
     "as_likelihood",
-    "data_batches",
     "check_supported",
     "curvature_targets",
     "log_likelihood",
@@ -73,103 +75,6 @@ __all__ = [
     "kfac_layer_names",
     "input_moment",
 ]
-
-
-# --------------------------------------------------------------------------- backends
-
-
-class CurvatureBackend:
-    """How one kind of layer enters the curvature: its inputs as patches and its output gradients."""
-
-    name = "backend"
-
-    def check(self, module) -> None:
-        """Raise ValueError (naming what) where this module's configuration is not covered."""
-
-    def patches(self, module, a) -> torch.Tensor:
-        """The layer input ``a`` as ``(N, D, L)`` with ``z[:, :, l] = W_mat @ patches[:, :, l] + b``."""
-        raise NotImplementedError
-
-    def out_grads(self, module, g) -> torch.Tensor:
-        """The gradient ``g`` of the layer output as ``(N, out, L)``, matching :meth:`patches`."""
-        raise NotImplementedError
-
-    def columns(self, module, a) -> torch.Tensor:
-        """The patches as one matrix ``(D, N L)`` (a column per example and position), what the
-        input factor ``A`` is the Gram matrix of; by default from :meth:`patches`."""
-        p = self.patches(module, a)
-        return p.transpose(0, 1).reshape(p.shape[1], -1)
-
-    def __repr__(self):
-        return f"<curvature backend {self.name}>"
-
-
-class LinearCurvature(CurvatureBackend):
-    """``z = a W' + b`` on the last dimension: ``(N, in)`` gives ``L = 1``, ``(N, ..., in)`` one
-    position per leading index."""
-
-    name = "linear"
-
-    def patches(self, module, a):
-        return a.reshape(a.shape[0], -1, a.shape[-1]).transpose(1, 2)
-
-    def out_grads(self, module, g):
-        return g.reshape(g.shape[0], -1, g.shape[-1]).transpose(1, 2)
-
-    def columns(self, module, a):
-        return a.reshape(-1, a.shape[-1]).T  # a view: no copy of the inputs
-
-
-class ConvCurvature(CurvatureBackend):
-    """An N-d convolution (``groups=1``, zero padding) as a linear map of its patches (Grosse &
-    Martens 2016): the input padded, each spatial axis unfolded by the kernel's reach with the
-    stride, every ``dilation``-th tap kept; rows ordered (channel, kernel position) like
-    ``weight.reshape(out, -1)``. For 2-D this is ``F.unfold``."""
-
-    name = "conv"
-
-    def check(self, module):
-        if module.groups != 1:
-            raise ValueError(f"{type(module).__name__} with groups={module.groups} is not covered (groups=1 only)")
-        if isinstance(module.padding, str) or module.padding_mode != "zeros":
-            raise ValueError(f"{type(module).__name__} needs numeric zero padding, got padding={module.padding!r}, "
-                             f"padding_mode={module.padding_mode!r}")
-
-    @staticmethod
-    def _unfolded(module, a):
-        """The input unfolded: ``(N, C, o_1..o_d, k_1..k_d)`` (a view of the padded input)."""
-        dims = a.dim() - 2
-        pad = [p for size in reversed(module.padding) for p in (size, size)]
-        x = F.pad(a, pad) if any(module.padding) else a
-        for d in range(dims):
-            k, s, dil = module.kernel_size[d], module.stride[d], module.dilation[d]
-            x = x.unfold(2 + d, dil * (k - 1) + 1, s)
-            if dil > 1:
-                x = x[..., ::dil]
-        return x, dims
-
-    def patches(self, module, a):
-        x, dims = self._unfolded(module, a)
-        # (N, C, o_1..o_d, k_1..k_d) -> (N, C, k_1..k_d, o_1..o_d)
-        order = [0, 1] + list(range(2 + dims, 2 + 2 * dims)) + list(range(2, 2 + dims))
-        x = x.permute(order)
-        return x.reshape(a.shape[0], -1, math.prod(x.shape[2 + dims:]))
-
-    def columns(self, module, a):
-        x, dims = self._unfolded(module, a)
-        # -> (C, k_1..k_d, N, o_1..o_d): one copy, in the layout of the Gram matrix
-        order = [1] + list(range(2 + dims, 2 + 2 * dims)) + [0] + list(range(2, 2 + dims))
-        x = x.permute(order)
-        rows = math.prod(x.shape[:1 + dims])
-        return x.reshape(rows, -1)
-
-    def out_grads(self, module, g):
-        return g.reshape(g.shape[0], g.shape[1], -1)
-
-
-#: the backends the built-in layers declare
-LINEAR = LinearCurvature()
-CONV = ConvCurvature()
 
 
 # --------------------------------------------------------------------------- checks and data
@@ -192,44 +97,6 @@ def as_likelihood(likelihood, noise=1.0):
         raise ValueError(f"likelihood: expected a pyro_sparse likelihood or its name, got {likelihood!r}")
     check()
     return likelihood
-
-
-def _check_batch_size(batch_size):
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive int or None, got batch_size={batch_size!r}")
-
-
-def data_batches(x, y=None, batch_size=None, need_y=False):
-    """``(x, y)`` batches: chunks of ``batch_size`` rows of tensors ``x`` (and ``y``), or the batches
-    of an iterable (a ``DataLoader``; then ``y`` is None). A list, so it can be walked twice."""
-    _check_batch_size(batch_size)
-    if torch.is_tensor(x):
-        if x.dim() < 1 or x.shape[0] < 1:
-            raise ValueError(f"x must be a tensor with a non-empty batch dimension, got x of shape {tuple(x.shape)}")
-        if y is None and need_y:
-            raise ValueError("y is required (got y=None)")
-        if y is not None and (not torch.is_tensor(y) or y.dim() < 1 or y.shape[0] != x.shape[0]):
-            raise ValueError(f"y must be a tensor with the same first dimension as x ({x.shape[0]}), "
-                             f"got y of shape {getattr(y, 'shape', None)}")
-        step = x.shape[0] if batch_size is None else batch_size
-        return [(x[i:i + step], None if y is None else y[i:i + step]) for i in range(0, x.shape[0], step)]
-    if y is not None:
-        raise ValueError("data: give tensors x and y, or one iterable of (x, y) batches (a DataLoader) and no y")
-    out = []
-    try:
-        items = iter(x)
-    except TypeError:
-        raise ValueError(f"x must be a tensor or an iterable of (x, y) batches, got {type(x).__name__}") from None
-    for item in items:
-        if not (isinstance(item, (tuple, list)) and len(item) >= 2 and torch.is_tensor(item[0])):
-            raise ValueError(f"data: expected (x, y) batches, got {type(item).__name__}")
-        if batch_size is None or len(item[0]) <= batch_size:
-            out.append((item[0], item[1]))
-        else:
-            out.extend(data_batches(item[0], item[1], batch_size))
-    if not out:
-        raise ValueError("data: no batches")
-    return out
 
 
 class _Target:

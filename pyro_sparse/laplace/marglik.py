@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from ..descent import descend
 from ..kron import psd_eigh, psd_eigvalsh, rows_of
 from .prior import LayerwisePrior, PriorPrecision, ScalarPrior, as_theta
 
@@ -203,6 +204,7 @@ def optimize_prior_precision(log_lik, theta, curv, prior, optimizer, steps, curv
     ``H`` and ``theta^2`` concatenated once -- the formula of :func:`log_marglik_diag`, with
     fewer tensor operations per step. The KFAC factors are decomposed once for all steps.
 
+    The steps are those of the library's one optimiser loop (:func:`~pyro_sparse.descent.descend`).
     Returns the trajectory of the log marginal likelihood, a tensor of ``steps + 1`` values:
     before each step, and after the last (the last by the general formula).
     """
@@ -220,13 +222,12 @@ def optimize_prior_precision(log_lik, theta, curv, prior, optimizer, steps, curv
             delta = log_delta.exp()
             return log_lik - 0.5 * ((h + delta).log().sum() - log_delta.sum() + (delta * theta2).sum())
 
-    values = []
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        lml = objective()
-        (-lml).backward()
-        optimizer.step()
-        values.append(lml.detach())
+    # the library's one optimiser loop, on -log p(D | delta); a non-finite value stops it before its update
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    _, _, losses = descend(lambda _: -objective(), range(steps), optimizer, params, record=True,
+                           fault=lambda what, b, loss: FloatingPointError(
+                               f"non-finite log marginal likelihood ({what}) at prior-precision step {b + 1}"))
+    values = [-loss for loss in losses]
     with torch.no_grad():
         values.append(log_marglik(log_lik, theta, curv, prior, curvature).detach())
     return torch.stack(values)

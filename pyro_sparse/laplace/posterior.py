@@ -35,10 +35,11 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
+from ..data import data_batches
 from ..distributions import log_alpha
 from ..kron import KroneckerPrecision, RowPrecision, rows_of
 from ..summary import PosteriorSummary, SiteSummary
-from .curvature import as_likelihood, data_batches, diag_ef, diag_ggn, input_moment, kfac_ggn, row_ggn
+from .curvature import as_likelihood, diag_ef, diag_ggn, input_moment, kfac_ggn, row_ggn
 from .marglik import fit_prior_precision
 from .prior import PRIOR_STRUCTURES, make_prior_precision
 
@@ -55,8 +56,8 @@ def curvature_of(model, data, likelihood, curvature="diag", hessian="ggn", mc_sa
     """The curvature ``H`` of ``-log p(D | theta)`` summed over ``data`` (a list of ``(x, y)`` batches,
     :func:`~pyro_sparse.laplace.curvature.data_batches`): ``diag`` name -> ``H_ii`` (GGN, or the
     empirical Fisher with ``hessian="ef"``), ``kfac`` layer -> ``(A, G)``, ``rows`` layer ->
-    ``(A, blocks)`` with ``blocks`` ``(out, D', D')``. ``mc_samples``: Monte Carlo output columns instead of one backward pass per
-    output (any GGN)."""
+    ``(A, blocks)`` with ``blocks`` ``(out, D', D')``. ``mc_samples``: Monte Carlo output columns
+    instead of one backward pass per output (any GGN)."""
     if curvature not in CURVATURES:
         raise ValueError(f"curvature: expected one of {CURVATURES}, got {curvature!r}")
     if hessian not in HESSIANS:
@@ -169,7 +170,8 @@ class LaplacePosterior:
             loc = theta[name].clone()
             precision = precisions[name].to(loc.dtype)
             delta = deltas[name].expand(loc.shape).clone()
-            out[name] = SiteSummary(layer.site, param, loc, precision, torch.zeros((), dtype=loc.dtype, device=loc.device),
+            zero = torch.zeros((), dtype=loc.dtype, device=loc.device)
+            out[name] = SiteSummary(layer.site, param, loc, precision, zero,
                                     delta, dict(layer.param_axes[param]), log_alpha(loc, precision.rsqrt()),
                                     structure=structures.get(name), marginal=marginal[name])
         self._summary = out

@@ -25,8 +25,8 @@ starting weights (a spec's ``init:`` trained weights) -- the post-hoc Laplace po
 command line.
 
 **Data-parallel.** Inside a ``torch.distributed`` process group (``torchrun``) the MAP steps run
-like :class:`~pyro_sparse.fitting.SVITrainer`'s (each rank's shard of the epoch's permutation,
-``batch_size`` the global batch, gradients averaged over the ranks), and the marglik step's
+through the one loop of :class:`~pyro_sparse.training.Trainer` (each rank's shard of the epoch's
+permutation, ``batch_size`` the global batch, gradients averaged over the ranks), and the marglik step's
 statistics -- the curvature and ``log p(D | theta)``, sums over the data -- are computed on a
 partition of the rows and added with one all-reduce (:func:`laplace_statistics`); every rank
 then takes the same steps on ``log delta``. Only rank 0 evaluates and writes.
@@ -50,14 +50,15 @@ from dataclasses import dataclass
 import torch
 
 from .. import distributed, evaluation
+from ..data import data_batches
 from ..errors import SpecError
 from ..finetune import apply_masks, masked_fine_tune
-from ..fitting import SVITrainer
 from ..guides import DeltaGuide, GaussianPosterior, _key
-from ..recipe import make_optimizer, make_scheduler
+from ..recipe import make_optimizer
 from ..schema import Field, validate
 from ..summary import PosteriorSummary
-from .curvature import check_supported, data_batches, log_likelihood
+from ..training import Trainer
+from .curvature import check_supported, log_likelihood
 from .marglik import fit_prior_precision, log_marglik, optimize_prior_precision
 from .posterior import LaplacePosterior, curvature_of
 from .prior import PRIOR_STRUCTURES, make_prior_precision
@@ -207,18 +208,18 @@ def laplace_statistics(model, x, y, likelihood, curvature="diag", hessian="ggn",
 # --------------------------------------------------------------------------- the trainer
 
 
-class LaplaceTrainer(SVITrainer):
+class LaplaceTrainer(Trainer):
     """Online marginal-likelihood training (SpaM) of a network's deterministic twin.
 
-    Same interface and files as :class:`~pyro_sparse.fitting.SVITrainer` (``fit(epochs,
-    resume)``, ``metrics.jsonl`` each epoch, atomic checkpoints that resume bit-for-bit, NaN
-    recovery, ``summary()``), whose loop it reuses; one epoch is the MAP pass over mini-batches
-    followed, when due, by a marglik step (:meth:`marglik_step`), whose time counts as training
-    time. The recipe needs ``method: laplace``, ``guide: delta`` and reads its ``laplace:``
-    section (:data:`LAPLACE_FIELDS`). The delta guide is kept equal to the current weights, so
+    A :class:`~pyro_sparse.training.Trainer` (``fit(epochs, resume)``, ``metrics.jsonl`` each
+    epoch, atomic checkpoints that resume bit-for-bit, NaN recovery, ``summary()``): one epoch is
+    the MAP pass over mini-batches (:meth:`step_loss`) followed, when due, by a marglik step
+    (:meth:`after_epoch`, :meth:`marglik_step`), whose time counts as training time. The recipe
+    needs ``method: laplace``, ``guide: delta`` and reads its ``laplace:`` section
+    (:data:`LAPLACE_FIELDS`). The delta guide is kept equal to the current weights, so
     :func:`~pyro_sparse.runs.load_run` and every guide-based tool see the MAP network.
     Held-out figures are those of the MAP network. Inside a process group it trains
-    data-parallel (see :meth:`train_epoch` and :meth:`statistics`); only rank 0 writes.
+    data-parallel (see :meth:`step_loss` and :meth:`statistics`); only rank 0 writes.
 
     Attributes: ``net`` (the deterministic twin being trained, parameters named like sites),
     ``prior`` (a :class:`~pyro_sparse.laplace.prior.PriorPrecision`), ``options`` (the laplace section).
@@ -227,10 +228,15 @@ class LaplaceTrainer(SVITrainer):
     spec_name = "laplace"
     recipe_sections = {"laplace": LAPLACE_SECTION}
 
-    def __init__(self, network, guide, dataset, recipe, out_dir=None, progress=True):
+    allows_no_epochs = True  # epochs: 0 is the post-hoc Laplace posterior of the starting weights
+    fits_standardised_targets = False
+
+    def setup(self):
+        """Check the recipe's ``laplace:`` section and the guide; build the deterministic twin
+        (its parameters named like the sites), the prior precisions and the two optimisers
+        (weights; ``log delta`` for the marglik steps)."""
+        recipe, network, guide = self.recipe, self.network, self.guide
         source = recipe.get("_source")
-        self.network, self.guide, self.data, self.recipe = network, guide, dataset, recipe
-        self.out_dir, self.progress = out_dir, progress
         self.options = _check_options(validate(LAPLACE_FIELDS, recipe.get("laplace") or {}, "laplace", source),
                                       source)
         if not isinstance(guide, DeltaGuide):
@@ -240,17 +246,16 @@ class LaplaceTrainer(SVITrainer):
             raise SpecError("pretrain starts an SVI posterior at a MAP network; method laplace trains the MAP "
                             "network itself: remove the pretrain section", source, "pretrain")
         self.likelihood = _likelihood_of(network, source)
-        self._place(recipe, progress)
         rows = min(self.options["curvature_subset"] or self.num_train, self.num_train)
         if rows < self.world:
             raise SpecError(f"the curvature is fitted on {rows} rows, fewer than the {self.world} ranks; "
                             "raise laplace.curvature_subset or use fewer processes", source,
                             "laplace.curvature_subset")
         self.x_train, self.x_test = self.data.x_train, self.data.x_test
-        self.guide.setup(self.data.x_train[: self.batch_size], self.data.y_train[: self.batch_size],
-                         dataset_size=self.num_train)
-        self.guide.to(self.device)
-        init = self.guide.median()
+        guide.setup(self.data.x_train[: self.batch_size], self.data.y_train[: self.batch_size],
+                    dataset_size=self.num_train)
+        guide.to(self.device)
+        init = guide.median()
         missing = [name for name in network.param_sites() if name not in init]
         if missing:
             raise SpecError(f"method laplace needs centred priors whose sample sites are the layer parameters; "
@@ -268,11 +273,6 @@ class LaplaceTrainer(SVITrainer):
                                           init=self.options["prior_precision"]).to(self.device)
         self.optimizer = make_optimizer([p for _, p in self.site_parameters()], recipe["optimizer"])
         self.hyper_optimizer = torch.optim.Adam(self.prior.parameters(), lr=self.options["hyper_lr"])
-        self.scheduler = make_scheduler(self.optimizer, recipe["schedule"], max(recipe["epochs"], 1))
-        self.generator = torch.Generator().manual_seed(recipe["seed"])
-        self.epoch, self.steps, self.train_seconds = 0, 0, 0.0
-        self.history: list[dict] = []
-        self._good_state = None
         self._posterior = None
         if self.world > 1:  # the same starting point on every rank
             distributed.broadcast_parameters(list(self.net.parameters()) + list(self.prior.parameters()))
@@ -394,72 +394,42 @@ class LaplaceTrainer(SVITrainer):
         return {"log_marglik": last, "log_marglik_start": first, "log_marglik_per_datum": last / self.num_train,
                 "log_prior_precision_mean": log_delta.mean().item(), "marglik_seconds": time.perf_counter() - start}
 
-    def train_epoch(self):
-        """One MAP pass over the training data in a random order, then a marglik step when due.
+    def step_loss(self, batch):
+        """The MAP loss of one mini-batch (:meth:`map_loss`). Data-parallel, rank ``r`` steps on its
+        shard ``perm[r::W]`` of the shared permutation and the loop averages the gradients over the
+        ranks after ``backward``, which makes each step the single-process step on the union batch
+        (the prior term is the same on every rank and its average is itself)."""
+        return self.map_loss(batch[1])
 
-        Data-parallel as :meth:`SVITrainer.train_epoch <pyro_sparse.fitting.SVITrainer.train_epoch>`:
-        rank ``r`` steps on its shard ``perm[r::W]`` of the shared permutation, and the gradients
-        of the weights are averaged over the ranks after ``backward`` (before clipping), which
-        makes each step the single-process step on the union batch (the prior term is the same on
-        every rank and its average is itself)."""
-        perm = torch.randperm(self.num_train, generator=self.generator)
-        if self.world > 1:
-            perm = distributed.shard(perm)  # same permutation on every rank; rank r takes r::W
-        perm = perm.to(self.device)
-        total = torch.zeros((), device=self.device)
-        start, cpu = time.perf_counter(), time.process_time()
+    def trained_parameters(self):
+        return self.net.named_parameters()
+
+    def before_epoch(self):
         self.net.train()
-        for b in range(self.steps_per_epoch):
-            idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
-            loss = self.map_loss(idx)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.world > 1:
-                distributed.average_gradients(self.net.parameters())
-            # the gradient norm (clipped or not) doubles as the finiteness check of this step
-            norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.recipe["grad_clip"] or math.inf)
-            # data-parallel: decide on the averaged gradient's norm, the same on every rank (a
-            # non-finite local loss shows in the all-reduced epoch loss below)
-            ok = torch.isfinite(norm) if self.world > 1 else torch.isfinite(loss) & torch.isfinite(norm)
-            if self.check_each_step and not bool(ok):
-                raise self._fault("loss" if not torch.isfinite(loss) else "gradient", b)  # before the update
-            self.optimizer.step()
-            total = total + loss.detach()
-        if self.world > 1:
-            total = distributed.all_reduce_sum(total) / self.world  # the global estimate, on every rank
-        total = total.item()
-        if not math.isfinite(total):
-            raise FloatingPointError("non-finite loss")
-        for p in self.net.parameters():
-            if not torch.isfinite(p).all():
-                raise FloatingPointError("non-finite parameter")
-        figures = {"loss": total / self.steps_per_epoch}
-        if self.marglik_due(self.epoch + 1):
-            figures.update(self.marglik_step())
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        figures["seconds"], figures["cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
+
+    def after_epoch(self) -> dict:
+        """The marglik step when due (:meth:`marglik_step`, timed as training); the delta guide and
+        the network's deterministic state follow the trained twin."""
+        figures = self.marglik_step() if self.marglik_due(self.epoch + 1) else {}
         self._sync_guide()
         return figures
 
+    def output_width(self) -> int:
+        with torch.no_grad():
+            return int(self.net(self.x_train[:1]).shape[-1])
+
     def _recover(self, retries):
-        """SVITrainer's recovery (last good state, lower weight learning rate), and the same
+        """The loop's recovery (last good state, lower weight learning rate), and the same
         reduction of the log-delta learning rate: a marglik step can diverge too."""
         super()._recover(retries)
         for group in self.hyper_optimizer.param_groups:
             group["lr"] *= self.recipe["nan_lr_factor"] ** (retries + 1)
 
     def epoch_record(self, figures: dict) -> dict:
-        record = {"epoch": self.epoch, "steps": self.steps, "loss": figures["loss"],
-                  "neg_log_joint_per_datum": figures["loss"] / self.num_train,
-                  "epoch_wall_seconds": figures["seconds"], "epoch_cpu_seconds": figures["cpu_seconds"],
-                  "lr": self.optimizer.param_groups[0]["lr"]}
-        record.update({k: v for k, v in figures.items() if k not in ("loss", "seconds", "cpu_seconds")})
-        return record
+        return {**super().epoch_record(figures), "neg_log_joint_per_datum": figures["loss"] / self.num_train}
 
-    def summary(self) -> dict:
-        return {**super().summary(), "test_figures": "the MAP network (a point estimate); evaluate --samples S: the "
-                                                     "linearised Laplace predictive"}
+    def test_figures(self):
+        return "the MAP network (a point estimate); evaluate --samples S: the linearised Laplace predictive"
 
     def evaluate(self, num_samples=None):
         """Held-out metrics: of the MAP network, or with ``num_samples`` of the posterior predictive
@@ -472,7 +442,7 @@ class LaplaceTrainer(SVITrainer):
         return self.evaluate_model(self.net) if self.world == 1 else distributed.on_main(self.evaluate_model, self.net)
 
     def fit(self, epochs=None, resume=False) -> dict:
-        """Train to ``epochs`` (see :meth:`SVITrainer.fit <pyro_sparse.fitting.SVITrainer.fit>`). With
+        """Train to ``epochs`` (see :meth:`Trainer.fit <pyro_sparse.training.Trainer.fit>`). With
         ``epochs: 0`` nothing is trained: the prior precision is fitted once to the marginal
         likelihood at the starting weights (:func:`~pyro_sparse.laplace.marglik.fit_prior_precision`,
         ``hyper_steps`` iterations) and saved -- the post-hoc Laplace posterior of a spec's
@@ -552,14 +522,7 @@ class LaplaceTrainer(SVITrainer):
         apply_masks(model, masks)
         if fine_tune_epochs:
             generator = torch.Generator().manual_seed(self.recipe["seed"] if seed is None else seed)
+            lr = lr or self.recipe["optimizer"].get("lr", 1e-3)
             masked_fine_tune(model, masks, self.x_train, self.data.y_train, self.likelihood, self.prior,
-                             fine_tune_epochs, self.batch_size, lr or self.recipe["optimizer"].get("lr", 1e-3), generator)
+                             fine_tune_epochs, self.batch_size, lr, generator)
         return model.eval()
-
-    def evaluate_model(self, model) -> dict:
-        """Held-out ``test_*`` metrics of a deterministic twin (the MAP network, a pruned copy)."""
-        was_training = model.training
-        figures = evaluation.evaluate(evaluation.point_predictive(model), self.x_test, self.data.y_test,
-                                      self.network.likelihood)
-        model.train(was_training)
-        return evaluation.prefixed(figures)

@@ -1,5 +1,5 @@
-"""Reduction: turn a Gaussian posterior summary into evidence, scores and masks, and a network
-into a smaller one.
+"""Reduction: turn a Gaussian posterior summary into evidence, scores and masks -- the pure maths,
+which knows nothing about networks.
 
 The maths reads only posterior/prior summaries (tensors of means and precisions) and knows
 nothing about networks:
@@ -14,37 +14,32 @@ On top of them, reading a :class:`~pyro_sparse.summary.PosteriorSummary`:
 - :mod:`.rules`: one registered :class:`~.rules.Rule` per reduction rule and
   ``reduce(summary, rule, sparsity=None, threshold=None, structured=False)`` ->
   :class:`~.rules.Decision` (masks, evidence/scores, units removed);
-- :mod:`.compact`: the masked network, the masked posterior predictive and ``compact()``, the
-  deterministic network with removed units, gates and heads physically deleted (the protocol
-  is :mod:`pyro_sparse.compaction`);
-- :mod:`.report`: counts, FLOPs, bytes, accuracy and NLL before and after;
-- :mod:`.workflow`: reduce / sweep a run directory, ``save_compact`` / ``load_compact``;
-- :mod:`.iterative`: iterative BMR during training (recipe ``method: svi_bmr``);
-- :mod:`.transformer`: the evidence for removing whole attention heads (``remove_heads``).
+- :mod:`.compensate`: the reduced posterior mean of a structured posterior (the Optimal Brain
+  Surgeon update), which moves the kept weights;
+- :mod:`.heads`: the evidence for removing whole attention heads (``remove_heads``).
+
+What is done with a decision lives beside this package: the network rebuilt smaller
+(:mod:`pyro_sparse.rebuild`: the masked network and ``compact()``, units, gates and heads
+physically deleted by the layers' :mod:`pyro_sparse.compaction_protocol`), the figures before and
+after (:mod:`pyro_sparse.outcome`), run directories (:mod:`pyro_sparse.reduced_runs`) and
+iterative BMR during training (:mod:`pyro_sparse.iterative`, a trainer).
 """
 
 import importlib
 
-# the function shares its name with its module: bound here, or the submodule would shadow it
-from .compact import compact
-
 #: name -> the submodule that defines it (imported on first use, so importing one submodule -- the
-#: rules for a post-hoc prune -- does not import the run-directory workflow and the trainers)
+#: rules for a post-hoc prune -- does not import the others)
 _LAZY = {
     "bmr_gaussian": ".bmr", "bmr_diagonal_zero_mean": ".bmr", "savage_dickey": ".bmr", "group_delta_f": ".bmr",
     "spike_slab_decision": ".bmr",
-    "add_prune_masks": ".compact", "compact_plan": ".compact", "export": ".compact",
-    "masked_module": ".compact", "masked_predictive": ".compact", "masked_values": ".compact",
-    "reduction_report": ".report",
     "Decision": ".rules", "Rule": ".rules", "applicable_rules": ".rules", "reduce": ".rules", "rule": ".rules",
     "group_scores": ".scores", "magnitude_scores": ".scores", "mask_by_sparsity": ".scores",
     "mask_by_threshold": ".scores", "opd_scores": ".scores", "random_scores": ".scores",
     "structured_mask": ".scores",
-    "head_evidence": ".transformer", "remove_heads": ".transformer",
-    "load_compact": ".workflow", "reduce_run": ".workflow", "save_compact": ".workflow", "sweep_run": ".workflow",
+    "head_evidence": ".heads", "remove_heads": ".heads",
 }
 
-__all__ = ["compact", *_LAZY]
+__all__ = list(_LAZY)
 
 
 def __getattr__(name):

@@ -37,10 +37,10 @@ import torch
 
 from ._common import (
     as_float,
-    first_bad,
     check_no_nan,
     check_positive,
     common_dtype_device,
+    first_bad,
     sum_over_groups,
 )
 

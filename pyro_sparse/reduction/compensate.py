@@ -58,7 +58,8 @@ row's output precision is set to one -- unit Gaussian noise on every pre-activat
 reconstruction objective of layer-wise OBS, ExactOBS and SparseGPT, with the prior of the fit in
 the place of their damping -- so the rows of a layer are equally important and the evidence is a
 currency across layers (measured: 0.97, 0.98 and 0.95 at 90% of the MLP, LeNet-5 and the residual
-CNN, where keeping the shape of ``G`` in each layer gave 0.97, 0.98 and 0.75). ``"posterior"`` (a regression's default: a Gaussian likelihood's
+CNN, where keeping the shape of ``G`` in each layer gave 0.97, 0.98 and 0.75). ``"posterior"`` (a
+regression's default: a Gaussian likelihood's
 curvature does not saturate) keeps the posterior as fitted, and the evidence is then exact for a
 linear-Gaussian model. The decision records which.
 """

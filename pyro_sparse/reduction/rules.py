@@ -35,7 +35,7 @@ read (:meth:`~pyro_sparse.priors.Prior.group_summary`) and keep the rest. With `
 the lowest-ranked ``round(Q * N)`` weights are removed, ranked globally (``scope="global"``) or
 within each tensor (``scope="layer"``); evidence rules rank by ``-dF`` / ``-log alpha``. A unit
 whose incoming weights are all removed outputs the constant ``act(b)``, and compaction
-(:mod:`pyro_sparse.compaction`) deletes it, folding that constant into the next layer's bias;
+(:mod:`pyro_sparse.compaction_protocol`) deletes it, folding that constant into the next layer's bias;
 it also turns removed recurrent group variables into removed neurons and constant gates.
 
 **Structured** rules (``structured=True``) remove whole units (output neurons / conv filters):
@@ -55,6 +55,7 @@ New rules subclass :class:`Rule` and are registered in :data:`pyro_sparse.regist
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from dataclasses import dataclass, field
 from numbers import Real
 
@@ -103,6 +104,11 @@ class Rule:
     #: removes weights by the evidence with the reduced posterior mean on a structured summary
     #: (:meth:`compensated_delta_f`)
     compensates = False
+    #: decides by the evidence (a change in free energy) of a Gaussian posterior against a Gaussian
+    #: prior: the rules iterative BMR can prune with during training
+    evidence = False
+    #: reads a per-group quantity a prior puts into the summary (``site.groups[name]``)
+    reads_groups = False
 
     def compensated_delta_f(self, context):
         """``delta_f(mu, var, prior_precision)``: the rule's single-weight evidence change on a
@@ -110,6 +116,7 @@ class Rule:
         what the compensated reduction (:mod:`.compensate`) removes by."""
         raise NotImplementedError
 
+    @abstractmethod
     def scores(self, site, context) -> torch.Tensor | None:
         """The quantity per element of ``site`` (broadcastable to ``site.loc``), or None where the
         rule does not judge this site (it is kept). Raise :class:`NotApplicable` where it should
@@ -168,6 +175,7 @@ class _Evidence(Rule):
     threshold = 0.0
     plot = "symlog"
     reads_marginal = True
+    evidence = True
 
     def judges(self, site):
         return site.role in ("weight", "group")
@@ -340,7 +348,10 @@ class Random(Rule):
 
 class _GroupRule(Rule):
     """A prior's own rule: it reads the per-group quantity the prior put into the summary
-    (``site.groups[name]``) and judges only the weights of that prior."""
+    (``site.groups[name]``, :meth:`~pyro_sparse.priors.Prior.group_values` of a prior whose
+    ``rule`` it is) and judges only the weights of that prior."""
+
+    reads_groups = True
 
     def scores(self, site, context):
         value = site.groups.get(self.name)
@@ -609,9 +620,11 @@ def _natural(summary, r, context) -> dict:
 # =========================================================================== the interface
 
 
-def reduce(summary, method, sparsity=None, threshold=None, structured=False, *, scope="global",
-           reduced_scale=None, shrink=DEFAULT_SHRINK, seed=0, generator=None, compensate=None, calibration=None,
-           pattern=None, output_scale=None) -> Decision:
+def reduce(summary, method: str | Rule, sparsity: float | None = None, threshold: float | None = None,
+           structured: bool = False, *, scope: str = "global", reduced_scale: float | None = None,
+           shrink: float = DEFAULT_SHRINK, seed: int = 0, generator: torch.Generator | None = None,
+           compensate: bool | None = None, calibration=None, pattern: str | None = None,
+           output_scale: str | None = None) -> Decision:
     r"""Decide which weights (or units) of a posterior summary to remove.
 
     Args:

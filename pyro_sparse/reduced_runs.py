@@ -21,14 +21,14 @@ import warnings
 
 import torch
 
-from .. import evaluation
-from ..checkpoint import load_safe, save_atomic, write_json_atomic, write_text_atomic
-from ..errors import CheckpointError, PyroSparseError, PyroSparseWarning
-from ..registry import RULES
-from ..runs import load_run
-from .compact import FORMAT, align_pattern, build_module, check_format, compact, masked_module
-from .report import deployment_figures, metric_key, reduction_report, saved_bytes
-from .rules import reduce
+from . import evaluation
+from .checkpoint import load_safe, save_atomic, write_json_atomic, write_text_atomic
+from .errors import CheckpointError, PyroSparseError, PyroSparseWarning
+from .outcome import deployment_figures, metric_key, reduction_report, saved_bytes
+from .rebuild import FORMAT, align_pattern, build_module, check_format, compact, masked_module
+from .reduction.rules import reduce
+from .registry import RULES
+from .runs import load_run
 
 __all__ = ["reduce_run", "sweep_run", "save_compact", "load_compact", "compact_payload", "DEFAULT_SPARSITIES",
            "output_base", "run_rule"]
@@ -108,13 +108,13 @@ def compact_payload(module, info=None) -> dict:
     return {"format": FORMAT, "spec": module.spec, "state_dict": module.state_dict(), "info": info or {}}
 
 
-def save_compact(path, module, info=None):
+def save_compact(path: str, module: torch.nn.Module, info: dict | None = None) -> None:
     """Write a compact network as ``{"format", "spec", "state_dict", "info"}`` (atomically); a
     layer stored in CSR (:mod:`pyro_sparse.storage`) saves its kept weights only."""
     save_atomic(compact_payload(module, info), path, keep_previous=False)
 
 
-def load_compact(path, map_location="cpu") -> torch.nn.Module:
+def load_compact(path: str, map_location="cpu") -> torch.nn.Module:
     """Rebuild a compact network saved by :func:`save_compact` (loaded with ``weights_only=True``).
 
     The module is in inference mode and carries ``.spec`` and ``.info``. A compact network of a
@@ -156,9 +156,9 @@ def load_compact(path, map_location="cpu") -> torch.nn.Module:
 def _user_module(path, spec):
     """An instance of the user's class named by a compact module spec, with the compact chains in
     place (parameters still to be loaded) and the input reshaping of its network."""
-    from ..convert import reshaping_inputs
-    from ..usercode import import_object
-    from .compact import replace_chains
+    from .convert import reshaping_inputs
+    from .rebuild import replace_chains
+    from .usercode import import_object
 
     source = spec.get("source") or {"module": spec.get("class"), "kwargs": {}}
     cls = import_object(source["module"], None, f"{path}: module")
@@ -226,9 +226,11 @@ def _refuse_overwrite(paths, overwrite):
                               "use --overwrite to replace it")
 
 
-def reduce_run(directory, method=None, sparsity=None, threshold=None, structured=False, scope="global",
-               num_samples=0, seed=0, write=True, overwrite=False, data=None, storage="auto", latency=True,
-               max_drop=None, **rule_options) -> dict:
+def reduce_run(directory: str, method: str | None = None, sparsity: float | None = None,
+               threshold: float | None = None, structured: bool = False, scope: str = "global",
+               num_samples: int = 0, seed: int = 0, write: bool = True, overwrite: bool = False,
+               data: str | None = None, storage: str = "auto", latency: bool = True, max_drop: float | None = None,
+               **rule_options) -> dict:
     """Reduce a fitted run: returns the report (and writes the JSON and the compact network).
 
     ``method``: a rule of :data:`pyro_sparse.registry.RULES`; default the recipe's
@@ -280,7 +282,7 @@ def reduce_run(directory, method=None, sparsity=None, threshold=None, structured
                    "weights_removed": report["weights_total"] - report["weights_kept"]})
     key = metric_key(run.network.likelihood)
     advice = ""
-    if summary.method.startswith("svi") and method in ("bmr", "savage-dickey", "spike-slab"):
+    if summary.method.startswith("svi") and RULES[method].evidence:
         advice = ("; one-shot evidence rules on a long mean-field fit over-prune (README, 'When one-shot reduction "
                   "over-prunes'): use a target --sparsity, a Laplace posterior with curvature kfac, or iterative BMR")
     names = ("accuracy", "nll") if key == "accuracy" else ("nll",)
@@ -321,8 +323,9 @@ def _run_extras(run) -> dict:
 # --------------------------------------------------------------------------- sweep
 
 
-def sweep_run(directory, methods, sparsities=DEFAULT_SPARSITIES, structured=False, scope="global", seed=0,
-              write=True, plot=True, overwrite=False, data=None) -> dict:
+def sweep_run(directory: str, methods, sparsities=DEFAULT_SPARSITIES, structured: bool = False,
+              scope: str = "global", seed: int = 0, write: bool = True, plot: bool = True, overwrite: bool = False,
+              data: str | None = None) -> dict:
     """Accuracy (RMSE) and NLL of the compact posterior-mean network against target sparsity.
 
     ``methods``: one rule or a list (comma-separated string accepted), each a rule that ranks
@@ -397,7 +400,7 @@ def _plot(result, path, title):
 
     key = result["metric"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    from ..plots import coinciding
+    from .plots import coinciding
 
     methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
     curves = {m: ([r["sparsity"] for r in result["rows"] if r["method"] == m],
@@ -415,6 +418,6 @@ def _plot(result, path, title):
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    from ..checkpoint import _atomic_write
+    from .checkpoint import _atomic_write
 
     _atomic_write(path, lambda f: f.write(buf.getvalue()))

@@ -20,7 +20,8 @@ changes. The last layer keeps all its outputs; a convolution keeps at least one 
 
 The protocol. Every Bayesian layer implements ``compaction(name, values, masks, in_shape,
 out_shape)`` and returns a :class:`Compaction` (or ``None`` for a parameter-free layer), so the
-algorithm (:func:`pyro_sparse.reduction.compact.compact_plan`) names no layer type. A compaction object exposes its layer's units to its neighbours:
+algorithm (:func:`pyro_sparse.rebuild.compact_plan`) names no layer type. A compaction
+object exposes its layer's units to its neighbours:
 
 * as a **producer**: its units (along ``out_axis`` of its per-example output), which of them
   are constant and with what output (:meth:`Compaction.constant_units`), which unread ones it

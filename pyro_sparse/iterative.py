@@ -40,19 +40,20 @@ import math
 import torch
 from pyro.poutine.messenger import Messenger
 
-from ..kl import reduced_normal
-from ..errors import SpecError
-from ..fitting import SVITrainer, evaluate
-from ..guides import LOG_SCALE_MIN
-from ..schema import Field, validate
-from .rules import DEFAULT_SHRINK, reduce
+from .errors import SpecError
+from .fitting import SVITrainer, evaluate
+from .guides import LOG_SCALE_MIN
+from .kl import reduced_normal
+from .reduction.rules import DEFAULT_SHRINK, reduce
+from .registry import RULES
+from .schema import Field, validate
 
 __all__ = ["PrunedWeights", "IterativeBMRTrainer", "ITERATIVE_FIELDS"]
 
 #: the recipe's ``reduction`` section for ``method: svi_bmr``
 ITERATIVE_FIELDS = {
-    "method": Field("choice", "savage-dickey", choices=("savage-dickey", "bmr", "spike-slab"),
-                    doc="the rule of each pruning step"),
+    "method": Field("choice", "savage-dickey", choices=lambda: evidence_rules(),
+                    doc="the rule of each pruning step: a registered rule that decides by the evidence"),
     "warmup_epochs": Field("int", 10, nonneg=True, doc="SVI epochs before the first pruning step"),
     "every": Field("int", 5, positive=True, doc="SVI epochs between pruning steps"),
     "threshold": Field("float", 0.0, doc="prune where delta F > threshold (bmr, savage-dickey)"),
@@ -65,8 +66,10 @@ ITERATIVE_FIELDS = {
 }
 
 
-#: kept under its old name: :func:`~pyro_sparse.distributions.reduced_normal`
-_reduced_normal = reduced_normal
+def evidence_rules() -> tuple:
+    """The registered rules that decide by the evidence (``Rule.evidence``): what a pruning step
+    may use (the built-ins ``bmr``, ``savage-dickey``, ``spike-slab``, and any registered since)."""
+    return tuple(name for name, r in RULES.items() if r.evidence)
 
 
 class PrunedWeights(Messenger):
@@ -85,7 +88,7 @@ class PrunedWeights(Messenger):
         mask = self.masks.get(msg["name"])
         if mask is None or msg["is_observed"]:
             return
-        msg["fn"] = _reduced_normal(msg["fn"], mask, self.scale, msg["name"])
+        msg["fn"] = reduced_normal(msg["fn"], mask, self.scale, msg["name"])
 
 
 class IterativeBMRTrainer(SVITrainer):
@@ -130,13 +133,15 @@ class IterativeBMRTrainer(SVITrainer):
         out["bmr_sparsity"] = self.sparsity()
         return out
 
-    def train_epoch(self):
-        figures = super().train_epoch()
+    def after_epoch(self) -> dict:
+        """The pruning step when due: after epoch ``warmup_epochs`` and every ``every`` epochs after
+        it (not after the last epoch unless ``last_step``), timed as training."""
+        figures = super().after_epoch()
         epoch = self.epoch + 1  # the epoch just trained
         cfg, last = self.config, self.recipe["epochs"]
         due = epoch >= cfg["warmup_epochs"] and (epoch - cfg["warmup_epochs"]) % cfg["every"] == 0
         if due and (epoch < last or cfg["last_step"]):
-            self.bmr_step(epoch)
+            figures["bmr_removed"] = self.bmr_step(epoch)["removed"]
         return figures
 
     def state_dict(self):
@@ -167,7 +172,7 @@ class IterativeBMRTrainer(SVITrainer):
     @torch.no_grad()
     def bmr_step(self, epoch=None) -> dict:
         """Prune where the reduced model has more evidence; pruned weights stay pruned."""
-        from ..summary import summarize
+        from .summary import summarize
 
         cfg = self.config
         summary = summarize(self.network, self.guide)

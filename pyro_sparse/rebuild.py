@@ -10,7 +10,7 @@ r"""Applying a decision: the masked network, its predictive, and the compact net
   recurrent neurons and gates, attention heads and MLP units are physically deleted, predicting
   as the masked network does; for a converted module (:mod:`pyro_sparse.convert`) a module of the
   user's own class, masked, with its ``nn.Sequential`` unit chains physically smaller.
-  :func:`compact_plan` runs the unit-chain algorithm of :mod:`pyro_sparse.compaction` over the
+  :func:`compact_plan` runs the unit-chain algorithm of :mod:`pyro_sparse.compaction_protocol` over the
   layers' own compaction objects (it names no layer type); :func:`build_module` rebuilds a
   compact network from its spec.
 """
@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..compaction import as_index
-from ..layers import Reshape, _Parametric, site_name
-from ..storage import CompactSequential
-from ..registry import CONVERSIONS, LAYERS
+from .compaction_protocol import as_index
+from .layers import Reshape, _Parametric, site_name
+from .registry import CONVERSIONS, LAYERS
+from .storage import CompactSequential
 
 #: layers whose compaction with masks only changes the non-zero count (nothing deleted on its own)
 _WEIGHT_LAYERS = (_Parametric,)
@@ -75,7 +75,7 @@ def masked_module(network, summary_or_values, decision=None) -> nn.Sequential:
     return network.deterministic(masked_values(summary_or_values, decision)).eval()
 
 
-def export(network, summary_or_values, decision=None, prune_masks=False) -> nn.Module:
+def export(network, summary_or_values, decision=None, prune_masks: bool = False) -> nn.Module:
     """The reduced network as a plain module of the user's kind: for a converted module
     (:func:`~pyro_sparse.convert.bayesian`) a copy of the user's module, of its own class, whose
     ``state_dict`` loads into a fresh instance of that class; for a spec-built network its
@@ -431,9 +431,6 @@ def check_format(spec: dict):
 
 
 #: the compact spec types whose weight storage :func:`apply_storage` decides
-STORED_TYPES = ("linear", "conv1d", "conv2d")
-
-
 def _plan_entries(plan):
     """``(prefix, entry)`` for every layer entry of a compact plan's spec (module chains included)."""
     for entry in plan.spec.get("layers", []):
@@ -454,14 +451,14 @@ def apply_storage(plan: CompactPlan, storage: str = "auto", pattern=None, values
     (``"N:M"``, a decision's): each record says whether the compact weight still holds it along its
     input axis (``pattern_holds``): deleting unread or constant units removes input columns, which
     can shift the blocks."""
-    from ..storage import decide, pattern_holds
-    from .scores import parse_pattern
+    from .reduction.scores import parse_pattern
+    from .storage import decide, pattern_holds
 
     for prefix, entry in _plan_entries(plan):
         kind = entry.get("type")
         key = prefix + entry.get("name", "")
         weight = plan.params.get(f"{key}.weight")
-        if kind not in STORED_TYPES or weight is None:
+        if weight is None or getattr(LAYERS.get(kind), "sparse_cls", None) is None:  # no CSR form: dense
             continue
         info = plan.layers.setdefault(key, {})
         original = (values or {}).get(f"{key}.weight")
@@ -539,8 +536,8 @@ def align_pattern(network, summary, decision, input_shape=None, rounds=8):
     :class:`~.rules.Decision` (the same one without a pattern)."""
     import dataclasses
 
-    from .rules import rule as find_rule
-    from .scores import mask_by_sparsity, mask_n_m, parse_pattern
+    from .reduction.rules import rule as find_rule
+    from .reduction.scores import mask_by_sparsity, mask_n_m, parse_pattern
 
     pattern = decision.options.get("pattern")
     if not pattern:
@@ -583,7 +580,7 @@ def align_pattern(network, summary, decision, input_shape=None, rounds=8):
 
 
 @torch.no_grad()
-def compact(network, summary_or_values, decision=None, input_shape=None, storage="auto") -> nn.Sequential:
+def compact(network, summary_or_values, decision=None, input_shape=None, storage: str = "auto") -> nn.Sequential:
     """The deterministic compact network (inference mode) of a decision.
 
     ``summary_or_values``: a posterior summary (its means are used) or ``site -> tensor``;

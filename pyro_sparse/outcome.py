@@ -39,10 +39,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import evaluation
-from ..summary import param_role
-from .compact import compact as build_compact
-from .compact import compact_plan, masked_module, masked_predictive, point_values
+from . import evaluation
+from .rebuild import compact as build_compact
+from .rebuild import compact_plan, masked_module, masked_predictive, point_values
+from .summary import param_role
 
 __all__ = ["reduction_report", "format_blocks", "metric_key", "deployment_figures", "saved_bytes", "format_deployment"]
 
@@ -233,7 +233,7 @@ def deployment_figures(dense_module, module, x=None, compact_bytes=None, batch_s
       ``b<N> -> {dense_us, compact_us, speedup, dense_wall_us, compact_wall_us}``, medians of
       interleaved blocks with one torch thread (:func:`pyro_sparse.timing.compare_latency`).
     """
-    from ..timing import compare_latency
+    from .timing import compare_latency
 
     state = module.state_dict()
     out = {"file_bytes_dense": saved_bytes(dense_module.state_dict()),

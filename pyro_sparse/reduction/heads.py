@@ -1,7 +1,7 @@
 r"""Reduction of transformer and MLP-Mixer layers: attention heads and MLP hidden units.
 
 The layers of :mod:`pyro_sparse.transformer` compact themselves (their part of the compaction
-protocol, :mod:`pyro_sparse.compaction`): given the masked parameter values of a layer (pruned
+protocol, :mod:`pyro_sparse.compaction_protocol`): given the masked parameter values of a layer (pruned
 entries exactly 0) and the decision's keep-masks they build their compact form -- fewer heads,
 narrower MLPs, the same outputs as the masked layer -- by the rules below; the width of the
 residual stream D is never changed (every block reads and writes it). This module adds the
@@ -31,7 +31,7 @@ Both folds are exact in exact arithmetic; in floating point the compact outputs 
 the masked ones by rounding only (the tests bound the difference by 1e-5).
 
 FLOPs (:func:`attention_flops`, :func:`block_flops`) count multiply-adds as 2 operations, as
-:mod:`.report` does: per example with T tokens, ``2 T D (3 H d)`` for q, k, v, ``2 T H d D`` for
+:mod:`.outcome` does: per example with T tokens, ``2 T D (3 H d)`` for q, k, v, ``2 T H d D`` for
 o, ``2 T^2 H d`` each for the scores and the weighted values, ``2 T (D M + M D)`` for an MLP
 (token mixing: ``2 D (T M + M T)``). Normalisation, softmax, activations and biases are not
 counted. ``sparse=True`` counts only the non-zero weights of the parametric maps.
@@ -47,10 +47,13 @@ __all__ = ["head_evidence", "remove_heads"]
 # --------------------------------------------------------------------------- structured: heads
 
 
-def _attention_layers(network):
-    from ..transformer import MultiHeadSelfAttention
-
-    return [m for m in network.modules() if isinstance(m, MultiHeadSelfAttention)]
+def _attention_layers(network, scores):
+    """The attention layers of ``network`` the decision judged: modules with heads (``heads``, or
+    ``num_heads`` for the torch interface) whose value and output projection sites
+    (``<site>.v.weight``, ``<site>.o.weight``) are among ``scores``."""
+    return [m for m in network.modules() if (getattr(m, "heads", None) or getattr(m, "num_heads", None))
+            and isinstance(getattr(m, "site", None), str)
+            and f"{m.site}.v.weight" in scores and f"{m.site}.o.weight" in scores]
 
 
 def head_evidence(network, decision) -> dict:
@@ -73,7 +76,7 @@ def head_evidence(network, decision) -> dict:
         raise ValueError(f"decision: head evidence sums per-weight delta F; method {decision.method!r} gives "
                          f"{decision.score_name!r} (use bmr, savage-dickey or spike-slab)")
     out = {}
-    for attn in _attention_layers(network):
+    for attn in _attention_layers(network, decision.scores):
         v, o = decision.scores[f"{attn.site}.v.weight"], decision.scores[f"{attn.site}.o.weight"]
         out[attn.site] = (v.reshape(v.shape[0], -1).sum(1), o.transpose(0, 1).reshape(o.shape[1], -1).sum(1))
     return out
@@ -82,7 +85,7 @@ def head_evidence(network, decision) -> dict:
 def remove_heads(network, decision, threshold: float = 0.0):
     r"""The decision with whole attention heads removed where :math:`\Delta F_h > ` ``threshold``
     (:func:`head_evidence`): the head's value weights (or, where that side has more evidence,
-    its output columns) are masked, so :func:`~.compact.compact` deletes the head. Weights the
+    its output columns) are masked, so :func:`~pyro_sparse.rebuild.compact` deletes the head. Weights the
     decision already removed stay removed. Returns a new :class:`~.rules.Decision` whose
     ``group_scores`` hold ``<attention site>.heads`` -> :math:`\Delta F_h`."""
     from dataclasses import replace
