@@ -98,7 +98,8 @@ def descend(
         loss.backward()
         if after_backward is not None:
             after_backward()
-        grads = [p.grad for p in params if p.grad is not None]
+        stepped = [p for p in params if p.grad is not None]
+        grads = [p.grad for p in stepped]
         norm = total_norm(grads) if grads else torch.zeros((), device=loss.device)
         loss = loss.detach()
         if check_host:  # CPU: host reads are free, decide here, before the update
@@ -107,7 +108,7 @@ def descend(
             # read the norm on the host; skipping a factor surely equal to 1 saves a pass over every
             # gradient (the same update, bit for bit)
             if clip and not (value + 1e-6) * (1 + 1e-6) < clip:
-                torch.nn.utils.clip_grads_with_norm_(grads, clip, norm)
+                torch.nn.utils.clip_grads_with_norm_(stepped, clip, norm)  # parameters: it scales their .grad
             local = float(loss) if check_loss else 0.0
             if not (math.isfinite(value) and math.isfinite(local)):
                 raise fault("loss" if not math.isfinite(local) else "gradient", b, loss)
@@ -115,7 +116,7 @@ def descend(
                 raise divergent(local, b)
         else:
             if clip:
-                torch.nn.utils.clip_grads_with_norm_(grads, clip, norm)
+                torch.nn.utils.clip_grads_with_norm_(stepped, clip, norm)  # parameters: it scales their .grad
             ok = torch.isfinite(norm) & torch.isfinite(loss) if check_loss else torch.isfinite(norm)
             if limit is not None and check_loss:
                 ok = ok & (loss <= limit)
